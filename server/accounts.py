@@ -1,0 +1,51 @@
+"""Account operations shared by the CLI, in-band registration and admin commands.
+
+Passwords are turned into SCRAM salted keys for every supported hash at once and never stored.
+"""
+
+from __future__ import annotations
+
+from server.jid import JID, JIDError
+from server.sasl.scram import HASHES, derive_credentials
+from server.storage import Storage
+
+
+class AccountError(ValueError):
+    """A user-facing reason why an account operation was refused."""
+
+
+def prepare_username(username: str, host: str) -> str:
+    try:
+        local = JID.make(username, host).local
+    except JIDError as exc:
+        raise AccountError(f"invalid username {username!r}: {exc}") from None
+    if local is None:
+        raise AccountError("a username is required")
+    return local
+
+
+def check_password(password: str) -> None:
+    if not password:
+        raise AccountError("the password must not be empty")
+    if len(password.encode()) > 1023:
+        raise AccountError("the password is too long")
+
+
+def credentials_for(password: str, iterations: int) -> list:
+    try:
+        return [derive_credentials(password, h, iterations=iterations) for h in HASHES]
+    except ValueError as exc:
+        raise AccountError(f"invalid password: {exc}") from None
+
+
+async def create_account(storage: Storage, host: str, username: str, password: str, iterations: int) -> bool:
+    """False when the account exists already."""
+    check_password(password)
+    user = prepare_username(username, host)
+    return await storage.accounts.create(host, user, credentials_for(password, iterations))
+
+
+async def set_password(storage: Storage, host: str, username: str, password: str, iterations: int) -> bool:
+    check_password(password)
+    user = prepare_username(username, host)
+    return await storage.accounts.set_credentials(host, user, credentials_for(password, iterations))

@@ -1,0 +1,505 @@
+"""Client-to-server connections: the asyncio edge around the sans-IO parser and SASL machines.
+
+One C2SConnection per TCP connection. Negotiation follows RFC 6120: stream header, STARTTLS (or Direct
+TLS from the start, XEP-0368), SASL, stream restart, resource binding. After binding, stanzas get the
+session's full JID stamped as 'from' and go to the router.
+
+Input is processed in order by one task per burst of data, so a slow database lookup for one stanza
+never reorders the next. Output is coalesced: everything written during one loop iteration goes out
+in one transport write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element, SubElement
+
+from server import ns
+from server.jid import JID, JIDError
+from server.limits import TokenBucket
+from server.router import parse_jid_attr
+from server.sasl import SaslFailure
+from server.sasl.channel_binding import tls_exporter, tls_server_end_point
+from server.sasl.plain import parse_plain
+from server.sasl.scram import ScramServer, verify_password
+from server.sessions import Session
+from server.stanza import IQ, KINDS, Stanza, error_reply, reply
+from server.stream.errors import StanzaError, StreamError
+from server.stream.parser import StreamClose, StreamOpen, StreamParser
+from server.stream.writer import STREAM_FOOTER, serialize, stream_header
+
+if TYPE_CHECKING:
+    from server.host import Host
+    from server.server import Server
+
+log = logging.getLogger("parley.c2s")
+
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
+MAX_SASL_FAILURES = 3
+MAX_RESOURCES = 10
+WRITE_BUFFER_LIMIT = 16 * 1024 * 1024
+BIND = ns.qname(ns.BIND, "bind")
+SESSION = ns.qname(ns.SESSION, "session")
+
+
+def _sasl(name: str, text: str | None = None) -> Element:
+    el = Element(ns.qname(ns.SASL, name))
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _b64decode(text: str | None) -> bytes:
+    if not text or text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise SaslFailure("incorrect-encoding") from None
+
+
+class C2SConnection(asyncio.Protocol):
+    def __init__(self, server: Server, direct_tls: bool) -> None:
+        self.server = server
+        self.limits = server.config.limits
+        self.secure = direct_tls
+        self.transport: asyncio.Transport | None = None
+        self.remote_ip = ""
+        self.parser = StreamParser(ns.CLIENT, self.limits.max_stanza_size, self.limits.max_depth)
+        self.bucket = TokenBucket(self.limits.c2s_rate, self.limits.c2s_burst)
+        self.host: Host | None = None
+        self.stream_id = ""
+        self.header_sent = False
+        self.lang = "en"
+        self.username: str | None = None
+        self.session: Session | None = None
+        self.created = time.monotonic()
+        self.last_write = self.created
+        self.closing = False
+        self._counted_ip = False
+        self._scram: ScramServer | None = None
+        self._sasl_failures = 0
+        self._channel_bindings: dict[str, bytes] = {}
+        self._events: deque[object] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._out: list[str] = []
+        self._flush_pending = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.remote_ip = peer[0] if peer else ""
+        if not self.server.admit(self):
+            transport.abort()
+            self.closing = True
+            return
+        self._counted_ip = True
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        if self._counted_ip:
+            self.server.ip_counter.release(self.remote_ip)
+            self._counted_ip = False
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.closed = True
+            asyncio.get_running_loop().create_task(self.server.end_session(session))
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        delay = self.bucket.consume(len(data))
+        if delay > 0 and self.transport is not None:
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_later(delay, self._resume_reading)
+        try:
+            events = self.parser.feed(data)
+        except StreamError as exc:
+            self.stream_error(exc)
+            return
+        if events:
+            self._events.extend(events)
+            if self._worker is None:
+                self._worker = asyncio.get_running_loop().create_task(self._drain())
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    async def _drain(self) -> None:
+        try:
+            while self._events and not self.closing:
+                event = self._events.popleft()
+                try:
+                    await self._handle(event)
+                except StreamError as exc:
+                    self.stream_error(exc)
+                except SaslFailure as exc:
+                    self._sasl_fail(exc)
+                except Exception:
+                    log.exception("internal error on connection from %s", self.remote_ip)
+                    self.stream_error(StreamError("internal-server-error"))
+        finally:
+            self._worker = None
+
+    # --- output -----------------------------------------------------------------------------------
+
+    def write(self, data: str) -> None:
+        if self.closing:
+            return
+        self._out.append(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write("".join(self._out).encode())
+            self.last_write = time.monotonic()
+            if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+                log.warning("closing %s: client does not read (%d bytes queued)", self.remote_ip,
+                            self.transport.get_write_buffer_size())
+                self._out.clear()
+                self.transport.abort()
+        self._out.clear()
+
+    def send(self, el: Element) -> None:
+        self.write(serialize(el))
+
+    def _send_header(self) -> None:
+        if not self.header_sent:
+            self.header_sent = True
+            self.stream_id = secrets.token_hex(8)
+            self.write(stream_header(content_ns=ns.CLIENT, from_=self.host.name if self.host else None,
+                                     to=None, stream_id=self.stream_id, lang=self.lang))
+
+    def stream_error(self, exc: StreamError) -> None:
+        """Send a stream error and close (RFC 6120 4.9: header first if none was sent yet)."""
+        if self.closing:
+            return
+        log.info("stream error %s to %s: %s", exc.condition, self.remote_ip, exc.text or "")
+        self._send_header()
+        self.write(serialize(exc.to_element()) + STREAM_FOOTER)
+        self.close()
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.flush()
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_session(self, condition: str | None) -> None:
+        if condition:
+            self.stream_error(StreamError(condition))
+        else:
+            self.write(STREAM_FOOTER)
+            self.close()
+
+    # --- negotiation ------------------------------------------------------------------------------
+
+    async def _handle(self, event: object) -> None:
+        if isinstance(event, Element):
+            if self.session is not None and event.tag in KINDS:
+                await self._stanza(event)
+            else:
+                await self._element(event)
+        elif isinstance(event, StreamOpen):
+            self._stream_open(event)
+        elif isinstance(event, StreamClose):
+            self.write(STREAM_FOOTER)
+            self.close()
+
+    def _stream_open(self, header: StreamOpen) -> None:
+        self.lang = header.get(ns.LANG) or self.lang
+        to = header.get("to")
+        host = None
+        if to:
+            try:
+                host = self.server.hosts.get(JID.parse(to).domain)
+            except JIDError:
+                host = None
+        if self.host is None:
+            self.host = host
+        self.header_sent = False
+        self._send_header()
+        if host is None or host is not self.host:
+            raise StreamError("host-unknown", "this server does not serve that domain")
+        if header.content_ns != ns.CLIENT:
+            raise StreamError("invalid-namespace", "expected jabber:client")
+        if header.get("version") is None or not header.get("version", "").startswith("1."):
+            raise StreamError("unsupported-version", "XMPP 1.0 streams only")
+        if self.secure:
+            self._tls_established()
+        self.send(self._features())
+
+    def _tls_available(self) -> bool:
+        return not self.secure and self.server.tls is not None
+
+    def _features(self) -> Element:
+        features = Element(ns.qname(ns.STREAM, "features"))
+        if self.username is None:
+            if self._tls_available():
+                tls = SubElement(features, ns.qname(ns.TLS, "starttls"))
+                if self.server.config.require_encryption:
+                    SubElement(tls, ns.qname(ns.TLS, "required"))
+                    return features
+            mechs = SubElement(features, ns.qname(ns.SASL, "mechanisms"))
+            for mech in self._mechanisms():
+                SubElement(mechs, ns.qname(ns.SASL, "mechanism")).text = mech
+            if self._channel_bindings:
+                cb = SubElement(features, ns.qname(ns.SASL_CB, "sasl-channel-binding"))
+                for cb_type in self._channel_bindings:
+                    SubElement(cb, ns.qname(ns.SASL_CB, "channel-binding"), {"type": cb_type})
+            self.server.fire_features(self, features, "pre-auth")
+        else:
+            SubElement(features, BIND)
+            SubElement(SubElement(features, SESSION), ns.qname(ns.SESSION, "optional"))
+            self.server.fire_features(self, features, "post-auth")
+        return features
+
+    def _mechanisms(self) -> list[str]:
+        mechs: list[str] = []
+        if self._channel_bindings:
+            mechs += [m + "-PLUS" for m in SCRAM_MECHANISMS]
+        mechs += SCRAM_MECHANISMS
+        if self.secure:
+            mechs.append("PLAIN")
+        return mechs
+
+    async def _element(self, el: Element) -> None:
+        tag = el.tag
+        if tag == ns.qname(ns.TLS, "starttls"):
+            await self._starttls()
+        elif tag == ns.qname(ns.SASL, "auth"):
+            await self._sasl_auth(el)
+        elif tag == ns.qname(ns.SASL, "response"):
+            await self._sasl_response(el)
+        elif tag == ns.qname(ns.SASL, "abort"):
+            self._scram = None
+            raise SaslFailure("aborted")
+        elif tag == IQ and self.username is not None:
+            await self._bind_stage_iq(el)
+        elif tag == IQ and await self.host.hooks.fire("c2s/unauthenticated-iq", self, el) is not None:
+            return
+        elif tag in KINDS:
+            raise StreamError("not-authorized", "authenticate first")
+        elif self.session is None or await self.host.hooks.fire("c2s/nonza", self.session, el) is None:
+            raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+
+    async def _starttls(self) -> None:
+        if not self._tls_available() or self.username is not None:
+            self.write(serialize(Element(ns.qname(ns.TLS, "failure"))) + STREAM_FOOTER)
+            self.close()
+            return
+        self.write(serialize(Element(ns.qname(ns.TLS, "proceed"))))
+        self.flush()
+        loop = asyncio.get_running_loop()
+        context = self.server.tls.context(self.host.name)
+        try:
+            transport = await loop.start_tls(self.transport, self, context, server_side=True,
+                                             ssl_handshake_timeout=self.limits.unauthenticated_timeout)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.remote_ip, exc)
+            self.closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if transport is None:
+            self.closing = True
+            return
+        self.transport = transport
+        self.secure = True
+        self.parser.reset()
+        self.header_sent = False
+
+    def _tls_established(self) -> None:
+        """Channel-binding data for SCRAM-*-PLUS (RFC 5929, RFC 9266), once the host is known."""
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None or self.host is None or self._channel_bindings:
+            return
+        bindings = {}
+        exporter = tls_exporter(ssl_object)
+        if exporter is not None:
+            bindings["tls-exporter"] = exporter
+        bindings["tls-server-end-point"] = tls_server_end_point(self.server.tls.cert_der(self.host.name))
+        self._channel_bindings = bindings
+
+    # --- SASL -------------------------------------------------------------------------------------
+
+    def _throttle_keys(self, user: str | None) -> list[str]:
+        keys = [f"ip:{self.remote_ip}"]
+        if user:
+            keys.append(f"ip:{self.remote_ip}|{user}@{self.host.name}")
+        return keys
+
+    def _check_throttle(self, user: str | None) -> None:
+        throttle = self.server.auth_throttle
+        wait = max((throttle.blocked_for(k) for k in self._throttle_keys(user)), default=0.0)
+        if wait > 0:
+            raise SaslFailure("temporary-auth-failure",
+                              f"too many failed attempts; try again in {int(wait) + 1} s")
+
+    async def _sasl_auth(self, el: Element) -> None:
+        if self.username is not None:
+            raise StreamError("policy-violation", "already authenticated")
+        if self.host is None:
+            raise StreamError("host-unknown")
+        mechanism = el.get("mechanism", "")
+        if not self.secure and self._tls_available() and self.server.config.require_encryption:
+            raise SaslFailure("encryption-required")
+        if mechanism not in self._mechanisms():
+            raise SaslFailure("invalid-mechanism")
+        self._check_throttle(None)
+        initial = _b64decode(el.text)
+        if mechanism == "PLAIN":
+            authzid, authcid, password = parse_plain(initial)
+            user = self._prepare_user(authcid)
+            self._check_authzid(authzid, user)
+            self._check_throttle(user)
+            account = await self.server.storage.accounts.get(self.host.name, user)
+            creds = account.credentials.get("SHA-256") or account.credentials.get("SHA-1") if account else None
+            if creds is None or not verify_password(creds, password):
+                self._auth_failed(user)
+                raise SaslFailure("not-authorized")
+            self._auth_succeeded(user, account.disabled, b"")
+            return
+        scram = ScramServer(mechanism, self._channel_bindings, bool(self._channel_bindings), self.server.secret)
+        user = self._prepare_user(scram.start(initial))
+        self._check_authzid(scram.authzid, user)
+        self._check_throttle(user)
+        account = await self.server.storage.accounts.get(self.host.name, user)
+        hash_name = "SHA-256" if "SHA-256" in mechanism else "SHA-1"
+        creds = account.credentials.get(hash_name) if account else None
+        self._scram = scram
+        self._scram_account = (user, account.disabled if account else False)
+        self.send(_sasl("challenge", base64.b64encode(scram.challenge(creds)).decode()))
+
+    async def _sasl_response(self, el: Element) -> None:
+        scram, self._scram = self._scram, None
+        if scram is None:
+            raise SaslFailure("malformed-request", "no authentication in progress")
+        user, disabled = self._scram_account
+        try:
+            final = scram.finish(_b64decode(el.text))
+        except SaslFailure:
+            self._auth_failed(user)
+            raise
+        self._auth_succeeded(user, disabled, final)
+
+    def _prepare_user(self, authcid: str) -> str:
+        try:
+            local = JID.make(authcid, self.host.name).local
+        except JIDError:
+            raise SaslFailure("not-authorized") from None
+        if not local:
+            raise SaslFailure("not-authorized")
+        return local
+
+    def _check_authzid(self, authzid: str | None, user: str) -> None:
+        if authzid and authzid not in (user, f"{user}@{self.host.name}"):
+            raise SaslFailure("invalid-authzid")
+
+    def _auth_failed(self, user: str) -> None:
+        for key in self._throttle_keys(user):
+            self.server.auth_throttle.failed(key)
+        log.info("authentication failed for %s@%s from %s", user, self.host.name, self.remote_ip)
+
+    def _auth_succeeded(self, user: str, disabled: bool, additional: bytes) -> None:
+        if disabled:
+            raise SaslFailure("account-disabled")
+        for key in self._throttle_keys(user):
+            self.server.auth_throttle.succeeded(key)
+        self.send(_sasl("success", base64.b64encode(additional).decode() if additional else None))
+        self.username = user
+        self.parser.reset()
+        self.header_sent = False
+        log.info("%s@%s authenticated from %s", user, self.host.name, self.remote_ip)
+
+    def _sasl_fail(self, exc: SaslFailure) -> None:
+        self._scram = None
+        failure = _sasl("failure")
+        SubElement(failure, ns.qname(ns.SASL, exc.condition))
+        if exc.text:
+            SubElement(failure, ns.qname(ns.SASL, "text")).text = exc.text
+        self.send(failure)
+        self._sasl_failures += 1
+        if self._sasl_failures >= MAX_SASL_FAILURES:
+            self.stream_error(StreamError("policy-violation", "too many failed authentication attempts"))
+
+    # --- resource binding -------------------------------------------------------------------------
+
+    async def _bind_stage_iq(self, el: Element) -> None:
+        payload = el[0] if len(el) == 1 else None
+        if el.get("type") == "set" and payload is not None and payload.tag == BIND and self.session is None:
+            try:
+                jid = self._bind(payload)
+            except StanzaError as exc:
+                self.send(error_reply(el, exc))
+                return
+            answer = reply(el)
+            SubElement(SubElement(answer, BIND), ns.qname(ns.BIND, "jid")).text = str(jid)
+            self.send(answer)
+            await self.host.hooks.fire("session/bound", self.session)
+        elif self.session is None:
+            raise StreamError("not-authorized", "bind a resource first")
+
+    def _bind(self, payload: Element) -> JID:
+        requested = (payload.findtext(ns.qname(ns.BIND, "resource")) or "").strip()
+        try:
+            jid = JID.make(self.username, self.host.name, requested or f"parley-{secrets.token_hex(6)}")
+        except JIDError as exc:
+            raise StanzaError("bad-request", f"invalid resource: {exc}") from None
+        sessions = self.server.sessions
+        existing = sessions.get(jid)
+        if existing is not None:
+            log.info("resource conflict for %s: replacing the older session", jid)
+            sessions.remove(existing)
+            existing.close("conflict")
+        elif len(sessions.of(jid.bare)) >= MAX_RESOURCES:
+            raise StanzaError("resource-constraint", f"at most {MAX_RESOURCES} resources per account")
+        self.session = Session(jid, self.host, self.write, self.close_session, self.remote_ip)
+        sessions.add(self.session)
+        return jid
+
+    # --- stanzas ----------------------------------------------------------------------------------
+
+    async def _stanza(self, el: Element) -> None:
+        session = self.session
+        session.last_active = time.monotonic()
+        claimed = el.get("from")
+        if claimed and claimed != str(session.jid):
+            try:
+                ok = JID.parse(claimed) in (session.jid, session.bare)
+            except JIDError:
+                ok = False
+            if not ok:
+                raise StreamError("invalid-from", "'from' does not match your address")
+        el.set("from", str(session.jid))
+        kind = KINDS[el.tag]
+        if kind == "iq" and len(el) == 1 and el[0].tag == SESSION and el.get("type") == "set" \
+                and el.get("to") in (None, self.host.name):
+            self.send(reply(el))
+            return
+        try:
+            to = parse_jid_attr(el.get("to"))
+        except StanzaError as exc:
+            if el.get("type") != "error":
+                session.send(error_reply(el, exc))
+            return
+        await self.server.router.route(Stanza(el, kind, session.jid, to, session))

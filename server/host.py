@@ -1,0 +1,53 @@
+"""A virtual host: an isolated tenant with its own users, modules, features and handlers."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from server.hooks import Hooks
+from server.jid import JID
+from server.module import IqHandler, Module
+
+if TYPE_CHECKING:
+    from server.config import HostConfig
+    from server.server import Server
+
+log = logging.getLogger("parley.host")
+
+
+class Host:
+    def __init__(self, server: Server, config: HostConfig) -> None:
+        self.server = server
+        self.config = config
+        self.name = config.name
+        self.jid = JID.make(None, config.name)
+        self.hooks = Hooks()
+        self.iq_handlers: dict[tuple[str, str, str], IqHandler] = {}
+        self.features: dict[str, list[str]] = {"host": [], "account": []}
+        self.identities: dict[str, list[Any]] = {"host": [], "account": []}
+        self.modules: dict[str, Module] = {}
+        self.config_options: dict[str, Any] = {}
+        self.admins = {JID.parse(a) for a in config.admins}
+
+    def load_modules(self, names: list[str]) -> None:
+        from server.registry import resolve
+
+        for cls in resolve(names):
+            module = cls(self)
+            module.setup()
+            self.modules[cls.name] = module
+            log.debug("loaded module %s on %s", cls.name, self.name)
+
+    async def start(self) -> None:
+        for module in self.modules.values():
+            await module.start()
+
+    async def stop(self) -> None:
+        for module in reversed(list(self.modules.values())):
+            await module.stop()
+            module.unload()
+        self.modules.clear()
+
+    def is_admin(self, jid: JID) -> bool:
+        return jid.bare in self.admins

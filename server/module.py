@@ -1,0 +1,96 @@
+"""The extension mechanism: a module declares what it adds in `setup()`, the core records it.
+
+The shape follows Prosody: a module adds disco features and identities, iq handlers by (type, payload)
+and hooks with priorities. Every registration goes through the module, so unloading a module removes
+exactly what it added. Modules are found by name in `extensions/` (see `server.registry`).
+
+Iq handlers are keyed by the address they serve:
+- "host": iqs to the domain itself (e.g. version, time, disco of the server);
+- "account": iqs to a local user's bare JID, including a client's iq with no 'to' (RFC 6120 10.3.3),
+  e.g. roster or vCard.
+A handler receives the Stanza and returns the result's payload Element, None for an empty result,
+or `HANDLED` when it replied itself; raising StanzaError answers with that error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+from xml.etree.ElementTree import Element
+
+if TYPE_CHECKING:
+    from server.host import Host
+    from server.stanza import Stanza
+
+IqHandler = Callable[["Stanza"], Awaitable[Element | None | object]]
+TARGETS = ("host", "account")
+
+
+@dataclass(frozen=True)
+class Identity:
+    category: str
+    type: str
+    name: str | None = None
+
+
+class Module:
+    """Base class of extension modules. Subclasses set `name` and register everything in `setup()`."""
+
+    name: ClassVar[str]
+    # Names of modules this one needs loaded first (e.g. presence needs roster).
+    depends: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.server = host.server
+        self.log = logging.getLogger(f"parley.{self.name}")
+        self._undo: list[Callable[[], None]] = []
+
+    def setup(self) -> None:
+        """Register features, handlers and hooks. Runs once when the module loads on a host."""
+
+    async def start(self) -> None:
+        """Asynchronous start-up work (after every module of the host has run setup)."""
+
+    async def stop(self) -> None:
+        """Release what start() acquired."""
+
+    # Registration API: each call records how to undo itself.
+    def add_feature(self, var: str, target: str = "host") -> None:
+        features = self.host.features[target]
+        features.append(var)
+        self._undo.append(lambda: features.remove(var))
+
+    def add_identity(self, category: str, type: str, name: str | None = None, target: str = "host") -> None:
+        identity = Identity(category, type, name)
+        identities = self.host.identities[target]
+        identities.append(identity)
+        self._undo.append(lambda: identities.remove(identity))
+
+    def iq(self, type: str, payload: str, handler: IqHandler, target: str = "host") -> None:
+        """Serve iqs of `type` ('get' or 'set') whose child has tag `payload` (Clark notation)."""
+        if type not in ("get", "set") or target not in TARGETS:
+            raise ValueError(f"bad iq registration {type!r} {target!r}")
+        key = (type, target, payload)
+        if key in self.host.iq_handlers:
+            raise ValueError(f"iq handler for {key} already registered")
+        self.host.iq_handlers[key] = handler
+        self._undo.append(lambda: self.host.iq_handlers.pop(key, None))
+
+    def hook(self, event: str, handler: Callable[..., Any], priority: int = 0) -> None:
+        self.host.hooks.add(event, handler, priority)
+        self._undo.append(lambda: self.host.hooks.remove(event, handler))
+
+    def hook_global(self, event: str, handler: Callable[..., Any], priority: int = 0) -> None:
+        """Hook a server-wide event (fired once for all hosts, e.g. 'server/started')."""
+        self.server.hooks.add(event, handler, priority)
+        self._undo.append(lambda: self.server.hooks.remove(event, handler))
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return self.host.config_options.get(f"{self.name}.{name}", default)
+
+    def unload(self) -> None:
+        while self._undo:
+            self._undo.pop()()

@@ -1,0 +1,156 @@
+"""The server: configuration, storage, hosts, listeners and the periodic housekeeping that ties them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import time
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from server.c2s import C2SConnection
+from server.config import Config
+from server.hooks import Hooks
+from server.host import Host
+from server.limits import AuthThrottle, ConnectionCounter
+from server.router import Router
+from server.sessions import Session, SessionRegistry
+from server.storage import Storage, open_storage
+from server.stream.errors import StreamError
+from server.tls import TlsContexts, ensure_certificate
+
+if TYPE_CHECKING:
+    from server.config import ListenerConfig
+
+log = logging.getLogger("parley.server")
+
+KEEPALIVE_INTERVAL = 60.0
+SWEEP_INTERVAL = 5.0
+FD_RESERVE = 64  # descriptors kept back for the database, logs and certificates
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one; return the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        limits = config.limits
+        self.hooks = Hooks()
+        self.sessions = SessionRegistry()
+        self.router = Router(self)
+        self.hosts: dict[str, Host] = {}
+        self.storage: Storage = None  # type: ignore[assignment]  # set by start()
+        self.tls: TlsContexts | None = None
+        self.secret = os.urandom(32)
+        self.connections: set[C2SConnection] = set()
+        self.auth_throttle = AuthThrottle(limits.auth_max_failures, lockout=limits.auth_lockout)
+        self.ip_counter = ConnectionCounter(limits.max_connections_per_ip)
+        self.max_connections = limits.max_connections
+        self.listeners: list[asyncio.base_events.Server] = []
+        self.started = time.time()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._last_refusal_log = 0.0
+
+    async def start(self) -> None:
+        config = self.config
+        fd_limit = raise_fd_limit()
+        if not self.max_connections:
+            self.max_connections = max(16, fd_limit - FD_RESERVE)
+        self.storage = await open_storage(config.storage.url)
+        certs = {}
+        for name, hc in config.hosts.items():
+            if ensure_certificate(name, hc.certificate, hc.key):
+                log.info("generated a self-signed certificate for %s at %s", name, hc.certificate)
+            certs[name] = (hc.certificate, hc.key)
+        self.tls = TlsContexts(certs)
+        for name, hc in config.hosts.items():
+            host = Host(self, hc)
+            host.load_modules(hc.modules)
+            self.hosts[name] = host
+        for host in self.hosts.values():
+            await host.start()
+        for listener in config.listeners:
+            if listener.type == "c2s":
+                await self._listen_c2s(listener)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        await self.hooks.fire("server/started", self)
+        log.info("Parley started: hosts %s, connection limit %d", ", ".join(self.hosts), self.max_connections)
+
+    async def _listen_c2s(self, listener: ListenerConfig) -> None:
+        loop = asyncio.get_running_loop()
+        direct = listener.tls == "direct"
+        ssl = self.tls.direct_tls_context(["xmpp-client"]) if direct else None
+        srv = await loop.create_server(lambda: C2SConnection(self, direct), listener.address, listener.port,
+                                       ssl=ssl, reuse_address=True, backlog=1024,
+                                       ssl_handshake_timeout=self.config.limits.unauthenticated_timeout if direct else None)
+        self.listeners.append(srv)
+        log.info("listening for clients on %s:%d (%s)", listener.address, listener.port, listener.tls)
+
+    async def stop(self) -> None:
+        """Graceful shutdown: stop accepting, tell every client 'system-shutdown', then stop modules."""
+        for srv in self.listeners:
+            srv.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.stream_error(StreamError("system-shutdown"))
+        await asyncio.sleep(0.1)
+        for session in self.sessions.all():
+            await self.end_session(session)
+        for host in self.hosts.values():
+            await host.stop()
+        if self.storage is not None:
+            await self.storage.close()
+        log.info("Parley stopped")
+
+    def admit(self, conn: C2SConnection) -> bool:
+        """Refuse a connection past the descriptor budget or the per-address limit, keeping the rest served."""
+        if len(self.connections) >= self.max_connections:
+            self._log_refusal("connection limit (%d) reached: refusing %s", self.max_connections, conn.remote_ip)
+            return False
+        if not self.ip_counter.acquire(conn.remote_ip):
+            self._log_refusal("too many connections from %s: refusing", conn.remote_ip)
+            return False
+        return True
+
+    def _log_refusal(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_log > 1.0:
+            self._last_refusal_log = now
+            log.warning(msg, *args)
+
+    def fire_features(self, conn: C2SConnection, features: Element, stage: str) -> None:
+        conn.host.hooks.notify("c2s/features", conn, features, stage)
+
+    async def end_session(self, session: Session) -> None:
+        session.closed = True
+        if self.sessions.get(session.jid) is session:
+            self.sessions.remove(session)
+        try:
+            await session.host.hooks.fire("session/closed", session)
+        except Exception:
+            log.exception("error while closing session %s", session.jid)
+
+    async def _sweep(self) -> None:
+        """Whitespace keepalives and the unauthenticated-connection timeout, for all connections at once."""
+        timeout = self.config.limits.unauthenticated_timeout
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.session is None and now - conn.created > timeout:
+                    conn.stream_error(StreamError("connection-timeout", "authenticate and bind sooner"))
+                elif now - conn.last_write > KEEPALIVE_INTERVAL:
+                    conn.write(" ")

@@ -1,0 +1,105 @@
+"""Client sessions and the registry of who is connected.
+
+A Session is what routing sees of a logged-in resource. It is kept apart from the TCP connection
+so that a session can outlive its connection (stream management resumption) and so that routing
+code never touches a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from server.jid import JID
+from server.stream.writer import serialize
+
+if TYPE_CHECKING:
+    from server.host import Host
+
+log = logging.getLogger("parley.sessions")
+
+
+class Session:
+    """One bound resource of one account."""
+
+    def __init__(self, jid: JID, host: Host, write: Callable[[str], None], close: Callable[[str | None], None],
+                 remote_ip: str = "") -> None:
+        self.jid = jid
+        self.bare = jid.bare
+        self.host = host
+        self.remote_ip = remote_ip
+        self.priority = 0
+        self.presence: Element | None = None  # last broadcast available presence; None while unavailable
+        self.interested = False  # requested the roster, so gets roster pushes and subscription requests
+        self.directed: set[JID] = set()  # JIDs that got directed presence from this session
+        self.started = time.time()
+        self.last_active = time.monotonic()
+        self.closed = False
+        self.data: dict[str, object] = {}  # per-session state owned by modules, keyed by module name
+        self._write = write
+        self._close = close
+
+    @property
+    def available(self) -> bool:
+        return self.presence is not None
+
+    def send(self, el: Element) -> None:
+        if not self.closed:
+            self._write(serialize(el))
+
+    def send_raw(self, data: str) -> None:
+        """Send pre-serialized XML, for fan-out that serializes a stanza once for many sessions."""
+        if not self.closed:
+            self._write(data)
+
+    def close(self, condition: str | None = None) -> None:
+        """End the session, with a stream error condition if given."""
+        self._close(condition)
+
+    def __repr__(self) -> str:
+        return f"<Session {self.jid}>"
+
+
+class SessionRegistry:
+    """All bound sessions of the server, keyed by bare JID then resource."""
+
+    def __init__(self) -> None:
+        self._by_bare: dict[JID, dict[str, Session]] = {}
+
+    def add(self, session: Session) -> None:
+        self._by_bare.setdefault(session.bare, {})[session.jid.resource or ""] = session
+
+    def remove(self, session: Session) -> None:
+        resources = self._by_bare.get(session.bare)
+        if resources and resources.get(session.jid.resource or "") is session:
+            del resources[session.jid.resource or ""]
+            if not resources:
+                del self._by_bare[session.bare]
+
+    def get(self, jid: JID) -> Session | None:
+        resources = self._by_bare.get(jid.bare)
+        return resources.get(jid.resource or "") if resources else None
+
+    def of(self, bare: JID) -> list[Session]:
+        resources = self._by_bare.get(bare)
+        return list(resources.values()) if resources else []
+
+    def available(self, bare: JID) -> list[Session]:
+        resources = self._by_bare.get(bare)
+        return [s for s in resources.values() if s.presence is not None] if resources else []
+
+    def interested(self, bare: JID) -> list[Session]:
+        resources = self._by_bare.get(bare)
+        return [s for s in resources.values() if s.interested] if resources else []
+
+    def all(self) -> list[Session]:
+        return [s for resources in self._by_bare.values() for s in resources.values()]
+
+    def count(self) -> int:
+        return sum(len(r) for r in self._by_bare.values())
+
+    def users(self, domain: str | None = None) -> list[JID]:
+        return [b for b in self._by_bare if domain is None or b.domain == domain]

@@ -1,0 +1,80 @@
+"""Stanza objects and reply helpers shared by the router and every module."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from server import ns
+from server.jid import JID
+from server.stream.errors import StanzaError
+
+if TYPE_CHECKING:
+    from server.sessions import Session
+
+MESSAGE = ns.qname(ns.CLIENT, "message")
+PRESENCE = ns.qname(ns.CLIENT, "presence")
+IQ = ns.qname(ns.CLIENT, "iq")
+KINDS = {MESSAGE: "message", PRESENCE: "presence", IQ: "iq"}
+
+# Sent when a handler answered an iq itself and the router must not add a reply.
+HANDLED = object()
+
+
+class Stanza:
+    """A routed stanza: the element plus what the router already worked out about it.
+
+    `origin` is the local client session it came from (None for server-generated or remote stanzas).
+    """
+
+    __slots__ = ("el", "kind", "type", "from_", "to", "origin")
+
+    def __init__(self, el: Element, kind: str, from_: JID, to: JID | None, origin: Session | None = None) -> None:
+        self.el = el
+        self.kind = kind
+        self.type = el.get("type")
+        self.from_ = from_
+        self.to = to
+        self.origin = origin
+
+    @property
+    def id(self) -> str | None:
+        return self.el.get("id")
+
+    def __repr__(self) -> str:
+        return f"<Stanza {self.kind} type={self.type} from={self.from_} to={self.to}>"
+
+
+def element(kind: str, **attrs: str | None) -> Element:
+    """A new stanza element; attributes whose value is None are left out."""
+    return Element(ns.qname(ns.CLIENT, kind), {k.rstrip("_"): v for k, v in attrs.items() if v is not None})
+
+
+def reply(el: Element, type: str = "result") -> Element:
+    """An answer addressed back to the sender, with the same id."""
+    out = Element(el.tag, {"type": type})
+    if el.get("id") is not None:
+        out.set("id", el.get("id"))
+    if el.get("from"):
+        out.set("to", el.get("from"))
+    if el.get("to"):
+        out.set("from", el.get("to"))
+    return out
+
+
+def error_reply(el: Element, error: StanzaError) -> Element:
+    """RFC 6120 8.3.1: the error stanza carries the original payload of an iq, then the error."""
+    out = reply(el, "error")
+    if el.tag == IQ and len(el):
+        out.append(el[0])
+    out.append(error.to_element())
+    return out
+
+
+def child(el: Element, tag: str) -> Element | None:
+    return el.find(tag)
+
+
+def text_of(el: Element, tag: str) -> str | None:
+    found = el.find(tag)
+    return found.text if found is not None else None
