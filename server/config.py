@@ -1,0 +1,379 @@
+"""Server configuration: a TOML file validated into dataclasses.
+
+Validation happens once at start-up so that the rest of the server can trust every value; any problem
+is reported as a single ConfigError that names the offending key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.jid import JID, JIDError
+
+DEFAULT_MODULES: list[str] = [
+    "roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "register", "vcard",
+]
+
+LISTENER_TYPES = ("c2s", "s2s", "component", "http")
+TLS_MODES = ("starttls", "direct", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+STORAGE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+DEFAULT_STORAGE_URL = "sqlite+aiosqlite:///{data_dir}/parley.db"
+# XEP-0114 components and plain HTTP have no STARTTLS; the XMPP stream listeners do.
+_DEFAULT_TLS = {"c2s": "starttls", "s2s": "starttls", "component": "none", "http": "none"}
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid; `key` is its path, e.g. 'listeners[1].port'."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"config key '{key}': {reason}" if key else reason)
+
+
+@dataclass
+class ListenerConfig:
+    type: str
+    address: str
+    port: int
+    tls: str
+
+
+@dataclass
+class LimitsConfig:
+    max_stanza_size: int = 262144
+    max_depth: int = 64
+    c2s_rate: int = 65536  # bytes/s per connection
+    c2s_burst: int = 262144
+    max_connections_per_ip: int = 64
+    max_connections: int = 0  # 0 = derive from RLIMIT_NOFILE minus a reserve
+    unauthenticated_timeout: float = 30.0
+    auth_max_failures: int = 5
+    auth_lockout: float = 60.0
+    offline_quota: int = 1000
+
+
+@dataclass
+class HostConfig:
+    name: str
+    certificate: Path
+    key: Path
+    registration: bool = False
+    admins: list[str] = field(default_factory=list)
+    modules: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES))  # effective list for this host
+
+
+@dataclass
+class StorageConfig:
+    url: str
+
+
+@dataclass
+class LoggingConfig:
+    level: str = "info"
+    file: Path | None = None
+
+
+@dataclass
+class Config:
+    data_dir: Path
+    hosts: dict[str, HostConfig]
+    listeners: list[ListenerConfig]
+    storage: StorageConfig
+    limits: LimitsConfig
+    logging: LoggingConfig
+    require_encryption: bool = True
+    scram_iterations: int = 4096
+    source: Path | None = None
+
+
+def load_config(path: Path | None, known_modules: set[str] | None = None) -> Config:
+    """Read and validate a config file; None gives the built-in defaults."""
+    if path is None:
+        return parse_config({}, None, known_modules)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"config file {path} is not valid TOML: {exc}") from None
+    return parse_config(data, Path(path), known_modules)
+
+
+def parse_config(data: dict[str, Any], source: Path | None = None,
+                 known_modules: set[str] | None = None) -> Config:
+    """Validate already-decoded TOML; relative paths resolve against the folder of `source` (or the cwd)."""
+    base = Path(os.path.abspath(source)).parent if source is not None else Path.cwd()
+    top = _Table(data, "")
+    data_dir = _resolve(base, top.string("data_dir", "./parley-data"))
+    require_encryption = top.boolean("require_encryption", True)
+    scram_iterations = top.integer("scram_iterations", 4096, minimum=1)
+    modules = _module_list(top, "modules", list(DEFAULT_MODULES), known_modules)
+
+    storage = _storage(top.table("storage"), data_dir)
+    logging = _logging(top.table("logging"), base)
+    limits = _limits(top.table("limits"))
+    listeners = _listeners(top)
+    hosts = _hosts(top, base, data_dir, modules, known_modules)
+    top.finish()
+    return Config(
+        data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
+        require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
+    )
+
+
+class _Table:
+    """One TOML table being validated: remembers its key path and which keys were read."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(path, "must be a table")
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def table(self, name: str) -> _Table:
+        value = self.get(name)
+        return _Table({} if value is None else value, self.key(name))
+
+    def string(self, name: str, default: str | None) -> str:
+        value = self.get(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(self.key(name), "is required")
+            return default
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(name), "must be a non-empty string")
+        return value
+
+    def choice(self, name: str, default: str | None, choices: tuple[str, ...]) -> str:
+        value = self.string(name, default)
+        if value not in choices:
+            raise ConfigError(self.key(name), f"must be one of {', '.join(choices)}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), "must be true or false")
+        return value
+
+    def integer(self, name: str, default: int | None, minimum: int, maximum: int | None = None) -> int:
+        value = self.get(name)
+        if value is None:
+            if default is None:
+                raise ConfigError(self.key(name), "is required")
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum or \
+                (maximum is not None and value > maximum):
+            span = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+            raise ConfigError(self.key(name), f"must be an integer {span}")
+        return value
+
+    def seconds(self, name: str, default: float, minimum: float) -> float:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > minimum:
+            raise ConfigError(self.key(name), f"must be a number of seconds greater than {minimum:g}")
+        return float(value)
+
+    def strings(self, name: str, default: list[str]) -> list[str]:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), "must be a list of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise ConfigError(f"{self.key(name)}[{i}]", "must be a non-empty string")
+        return list(value)
+
+    def finish(self) -> None:
+        """Reject keys nobody asked for: they are almost always typos."""
+        for name in self.data:
+            if name not in self.seen:
+                raise ConfigError(self.key(_toml_key(name)), "unknown key")
+
+
+def _toml_key(name: str) -> str:
+    """Quote a key the way it must be written in TOML when it is not a bare key."""
+    if name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return Path(os.path.normpath(base / Path(value).expanduser()))
+
+
+def _module_list(table: _Table, name: str, default: list[str], known: set[str] | None) -> list[str]:
+    given = name in table.data
+    modules = table.strings(name, default)
+    if known is not None:
+        for i, module in enumerate(modules):
+            if module not in known:
+                valid = ", ".join(sorted(known))
+                reason = (f"unknown module {module!r} (valid: {valid})" if given else
+                          f"built-in default module {module!r} is not installed; set '{table.key(name)}' "
+                          f"to the modules wanted (valid: {valid})")
+                raise ConfigError(f"{table.key(name)}[{i}]", reason)
+    return list(dict.fromkeys(modules))
+
+
+def _storage(table: _Table, data_dir: Path) -> StorageConfig:
+    url = table.string("url", DEFAULT_STORAGE_URL)
+    table.finish()
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme not in STORAGE_SCHEMES:
+        raise ConfigError(table.key("url"), f"must be a URL with scheme {' or '.join(STORAGE_SCHEMES)}")
+    return StorageConfig(url=url.replace("{data_dir}", str(data_dir)))
+
+
+def _logging(table: _Table, base: Path) -> LoggingConfig:
+    level = table.string("level", "info").lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(table.key("level"), f"must be one of {', '.join(LOG_LEVELS)}")
+    file = table.get("file")
+    if file is not None and (not isinstance(file, str) or not file):
+        raise ConfigError(table.key("file"), "must be a non-empty string")
+    table.finish()
+    return LoggingConfig(level=level, file=_resolve(base, file) if file else None)
+
+
+def _limits(table: _Table) -> LimitsConfig:
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        max_stanza_size=table.integer("max_stanza_size", d.max_stanza_size, minimum=1),
+        max_depth=table.integer("max_depth", d.max_depth, minimum=1),
+        c2s_rate=table.integer("c2s_rate", d.c2s_rate, minimum=1),
+        c2s_burst=table.integer("c2s_burst", d.c2s_burst, minimum=1),
+        max_connections_per_ip=table.integer("max_connections_per_ip", d.max_connections_per_ip, minimum=1),
+        max_connections=table.integer("max_connections", d.max_connections, minimum=0),
+        unauthenticated_timeout=table.seconds("unauthenticated_timeout", d.unauthenticated_timeout, 0),
+        auth_max_failures=table.integer("auth_max_failures", d.auth_max_failures, minimum=1),
+        auth_lockout=table.seconds("auth_lockout", d.auth_lockout, 0),
+        offline_quota=table.integer("offline_quota", d.offline_quota, minimum=1),
+    )
+    table.finish()
+    return limits
+
+
+def _default_listeners() -> list[dict[str, Any]]:
+    return [
+        {"type": "c2s", "address": "127.0.0.1", "port": 5222, "tls": "starttls"},
+        {"type": "c2s", "address": "127.0.0.1", "port": 5223, "tls": "direct"},
+    ]
+
+
+def _listeners(top: _Table) -> list[ListenerConfig]:
+    raw = top.get("listeners")
+    if raw is None:
+        raw = _default_listeners()
+    if not isinstance(raw, list):
+        raise ConfigError("listeners", "must be an array of tables ([[listeners]])")
+    if not raw:
+        raise ConfigError("listeners", "at least one listener is required")
+    listeners: list[ListenerConfig] = []
+    bound: dict[tuple[str, int], int] = {}
+    for i, item in enumerate(raw):
+        table = _Table(item, f"listeners[{i}]")
+        kind = table.choice("type", None, LISTENER_TYPES)
+        address = table.string("address", None)
+        if not _valid_address(address):
+            raise ConfigError(table.key("address"), "must be an IP address or a host name")
+        port = table.integer("port", None, minimum=1, maximum=65535)
+        tls = table.choice("tls", _DEFAULT_TLS[kind], TLS_MODES)
+        table.finish()
+        if (address, port) in bound:
+            other = bound[address, port]
+            raise ConfigError(table.path, f"{address} port {port} is already used by listeners[{other}]")
+        bound[address, port] = i
+        listeners.append(ListenerConfig(type=kind, address=address, port=port, tls=tls))
+    return listeners
+
+
+def _valid_address(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return _HOSTNAME.fullmatch(address) is not None
+    return True
+
+
+def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str],
+           known: set[str] | None) -> dict[str, HostConfig]:
+    raw = top.get("hosts")
+    if raw is None:
+        raw = {"localhost": {}}
+    if not isinstance(raw, dict):
+        raise ConfigError("hosts", 'must be a table of hosts ([hosts."example.org"])')
+    if not raw:
+        raise ConfigError("hosts", "at least one host is required")
+    hosts: dict[str, HostConfig] = {}
+    for given, item in raw.items():
+        table = _Table(item, f"hosts.{_toml_key(given)}")
+        try:
+            host = JID.make(None, given)
+        except JIDError as exc:
+            raise ConfigError(table.path, f"invalid host name: {exc}") from None
+        name = str(host)
+        if name in hosts:
+            raise ConfigError(table.path, f"same host as another entry ({name})")
+        hosts[name] = HostConfig(
+            name=name,
+            certificate=_host_path(table, "certificate", base, data_dir / "certs" / f"{name}.crt"),
+            key=_host_path(table, "key", base, data_dir / "certs" / f"{name}.key"),
+            registration=table.boolean("registration", False),
+            admins=_admins(table, host),
+            modules=_host_modules(table, modules, known),
+        )
+        table.finish()
+    return hosts
+
+
+def _host_path(table: _Table, name: str, base: Path, default: Path) -> Path:
+    value = table.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value:
+        raise ConfigError(table.key(name), "must be a non-empty string (a file path)")
+    return _resolve(base, value)
+
+
+def _admins(table: _Table, host: JID) -> list[str]:
+    admins: list[str] = []
+    for i, text in enumerate(table.strings("admins", [])):
+        key = f"{table.key('admins')}[{i}]"
+        try:
+            jid = JID.parse(text)
+        except JIDError as exc:
+            raise ConfigError(key, f"invalid JID {text!r}: {exc}") from None
+        if jid.local is None or jid.resource is not None or jid.domain != host.domain:
+            raise ConfigError(key, f"must be a bare JID user@{host} (got {text!r})")
+        admins.append(str(jid))
+    return admins
+
+
+def _host_modules(table: _Table, modules: list[str], known: set[str] | None) -> list[str]:
+    enabled = _module_list(table, "modules_enabled", [], known)
+    disabled = set(_module_list(table, "modules_disabled", [], known))
+    return [m for m in dict.fromkeys(modules + enabled) if m not in disabled]
