@@ -242,7 +242,7 @@ class C2SConnection(asyncio.Protocol):
             raise StreamError("host-unknown", "this server does not serve that domain")
         if header.content_ns != ns.CLIENT:
             raise StreamError("invalid-namespace", "expected jabber:client")
-        if header.get("version") is None or not header.get("version", "").startswith("1."):
+        if not (header.get("version") or "").startswith("1."):
             raise StreamError("unsupported-version", "XMPP 1.0 streams only")
         if self.secure:
             self._tls_established()
@@ -309,6 +309,9 @@ class C2SConnection(asyncio.Protocol):
             return
         self.write(serialize(Element(ns.qname(ns.TLS, "proceed"))))
         self.flush()
+        # The client's new stream header can arrive before start_tls() returns.
+        self.parser.reset()
+        self.header_sent = False
         loop = asyncio.get_running_loop()
         context = self.server.tls.context(self.host.name)
         try:
@@ -325,8 +328,6 @@ class C2SConnection(asyncio.Protocol):
             return
         self.transport = transport
         self.secure = True
-        self.parser.reset()
-        self.header_sent = False
 
     def _tls_established(self) -> None:
         """Channel-binding data for SCRAM-*-PLUS (RFC 5929, RFC 9266), once the host is known."""

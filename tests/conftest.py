@@ -1,0 +1,245 @@
+"""Shared fixtures: an in-process Parley on free loopback ports, and real clients that talk to it.
+
+`server` starts Parley with two hosts ('localhost' with in-band registration, 'example.test'),
+a STARTTLS listener and a Direct TLS listener, on SQLite by default. Parametrize it indirectly
+with 'postgresql' to run a test on PostgreSQL (a fresh schema, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from slixmpp import ClientXMPP
+
+from server.accounts import create_account
+from server.config import parse_config
+from server.registry import available
+from server.server import Server
+from server.stream.parser import StreamParser
+
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+IN_CI = os.environ.get("CI") == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def insecure_context() -> ssl.SSLContext:
+    """Test clients accept the server's self-signed certificate."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def postgres_available() -> bool:
+    try:
+        import asyncpg
+
+        conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test", timeout=3)
+        await conn.close()
+        return True
+    except Exception:
+        return False
+
+
+async def make_pg_schema() -> str:
+    """A private schema for one test; fails (not skips) under CI when PostgreSQL is missing."""
+    if not await postgres_available():
+        if IN_CI:
+            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required under CI")
+        pytest.skip("PostgreSQL not reachable")
+    return f"parley_t_{uuid.uuid4().hex[:12]}"
+
+
+async def drop_pg_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+class Harness:
+    """A running server plus helpers to create accounts and connect clients to it."""
+
+    def __init__(self, server: Server, port: int, direct_port: int, data_dir: Path) -> None:
+        self.server = server
+        self.port = port
+        self.direct_port = direct_port
+        self.data_dir = data_dir
+        self.host = "localhost"
+        self._clients: list[ClientXMPP] = []
+        self._raw: list[RawClient] = []
+
+    async def add_user(self, name: str, password: str = "secret", host: str = "localhost") -> str:
+        await create_account(self.server.storage, host, name, password, self.server.config.scram_iterations)
+        return f"{name}@{host}"
+
+    async def client(self, jid: str, password: str = "secret", resource: str | None = None, *,
+                     direct: bool = False, plugins: tuple[str, ...] = (), timeout: float = 10.0,
+                     **kwargs: Any) -> ClientXMPP:
+        """A slixmpp client logged in over STARTTLS (or Direct TLS), session started."""
+        client = ClientXMPP(f"{jid}/{resource}" if resource else jid, password, **kwargs)
+        client.ssl_context = insecure_context()
+        client.enable_direct_tls = direct
+        client.enable_starttls = not direct
+        client.enable_plaintext = False
+        for plugin in plugins:
+            client.register_plugin(plugin)
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[bool] = loop.create_future()
+
+        def on_start(_: object) -> None:
+            if not started.done():
+                started.set_result(True)
+
+        def on_failure(event: object) -> None:
+            if not started.done():
+                started.set_exception(AssertionError(f"login failed for {jid}: {event}"))
+
+        client.add_event_handler("session_start", on_start)
+        client.add_event_handler("failed_all_auth", on_failure)
+        self._clients.append(client)
+        client.connect("127.0.0.1", self.direct_port if direct else self.port)
+        await asyncio.wait_for(started, timeout)
+        return client
+
+    async def raw(self, *, tls: bool = False) -> RawClient:
+        """A raw socket for protocol-level and hostile-input tests."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        raw = RawClient(reader, writer)
+        self._raw.append(raw)
+        return raw
+
+    async def close(self) -> None:
+        for client in self._clients:
+            try:
+                client.disconnect(wait=0.5)
+                await asyncio.wait_for(client.disconnected, 3)
+            except Exception:
+                client.abort()
+        for raw in self._raw:
+            raw.writer.close()
+        await asyncio.sleep(0)
+
+
+class RawClient:
+    """Speaks bytes to the server and parses what comes back with Parley's own stream parser."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.parser = StreamParser(max_stanza_size=10_000_000)
+        self.events: list[object] = []
+        self.raw = b""
+
+    async def send(self, data: bytes | str) -> None:
+        self.writer.write(data.encode() if isinstance(data, str) else data)
+        await self.writer.drain()
+
+    async def open(self, to: str = "localhost") -> None:
+        await self.send(f"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+                        f"xmlns:stream='http://etherx.jabber.org/streams' to='{to}' version='1.0'>")
+
+    async def starttls(self, to: str = "localhost") -> None:
+        """Open a stream and upgrade it to TLS, leaving a fresh stream to open."""
+        await self.open(to)
+        await self.expect("{http://etherx.jabber.org/streams}features")
+        await self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await self.expect("{urn:ietf:params:xml:ns:xmpp-tls}proceed")
+        await self.writer.start_tls(insecure_context(), server_hostname=to)
+        self.parser.reset()
+
+    async def next(self, timeout: float = 5.0) -> object:
+        while not self.events:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.raw += data
+            self.events.extend(self.parser.feed(data))
+        return self.events.pop(0)
+
+    async def expect(self, tag: str, timeout: float = 5.0) -> Any:
+        """Skip events until an element with `tag` arrives."""
+        while True:
+            event = await self.next(timeout)
+            if getattr(event, "tag", None) == tag:
+                return event
+
+    async def closed(self, timeout: float = 5.0) -> bytes:
+        """Read until the server closes the connection; return everything received."""
+        try:
+            while True:
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+                if not data:
+                    return self.raw
+                self.raw += data
+        except ConnectionResetError:
+            return self.raw
+
+
+def make_config(data_dir: Path, port: int, direct_port: int, storage_url: str, **overrides: Any) -> Any:
+    data: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "storage": {"url": storage_url},
+        "limits": {"auth_lockout": 2.0, "auth_max_failures": 3, "unauthenticated_timeout": 10.0},
+        "listeners": [
+            {"type": "c2s", "address": "127.0.0.1", "port": port, "tls": "starttls"},
+            {"type": "c2s", "address": "127.0.0.1", "port": direct_port, "tls": "direct"},
+        ],
+        "hosts": {
+            "localhost": {"registration": True, "admins": ["admin@localhost"]},
+            "example.test": {},
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return parse_config(data, known_modules=available())
+
+
+@pytest.fixture
+async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    backend = getattr(request, "param", "sqlite")
+    overrides: dict[str, Any] = {}
+    marker = request.node.get_closest_marker("parley_config")
+    if marker is not None:
+        overrides = marker.kwargs
+    schema = None
+    if backend == "postgresql":
+        schema = await make_pg_schema()
+        url = f"{PG_URL}?schema={schema}"
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
+    port, direct_port = free_port(), free_port()
+    config = make_config(tmp_path, port, direct_port, url, **overrides)
+    srv = Server(config)
+    await srv.start()
+    harness = Harness(srv, port, direct_port, tmp_path)
+    try:
+        yield harness
+    finally:
+        await harness.close()
+        await srv.stop()
+        if schema:
+            await drop_pg_schema(schema)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "parley_config(**overrides): top-level config keys for the server fixture")
