@@ -323,7 +323,7 @@ def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str],
            known: set[str] | None) -> dict[str, HostConfig]:
     raw = top.get("hosts")
     if raw is None:
-        raw = {"localhost": {}}
+        raw = {"localhost": {"admins": ["admin@localhost"]}}
     if not isinstance(raw, dict):
         raise ConfigError("hosts", 'must be a table of hosts ([hosts."example.org"])')
     if not raw:

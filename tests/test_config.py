@@ -21,7 +21,7 @@ def test_defaults_without_file(tmp_path, monkeypatch):
     host = config.hosts["localhost"]
     assert host.certificate == tmp_path / "parley-data" / "certs" / "localhost.crt"
     assert host.key == tmp_path / "parley-data" / "certs" / "localhost.key"
-    assert host.modules == DEFAULT_MODULES and host.admins == [] and not host.registration
+    assert host.modules == DEFAULT_MODULES and host.admins == ["admin@localhost"] and not host.registration
     assert [(lst.type, lst.address, lst.port, lst.tls) for lst in config.listeners] == [
         ("c2s", "127.0.0.1", 5222, "starttls"), ("c2s", "127.0.0.1", 5223, "direct")]
     assert config.storage.url == f"sqlite+aiosqlite:///{tmp_path}/parley-data/parley.db"
