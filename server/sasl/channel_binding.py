@@ -1,0 +1,167 @@
+"""Channel-binding data for SCRAM -PLUS mechanisms.
+
+``tls-server-end-point`` (RFC 5929 §4.1) only needs the server certificate.
+``tls-exporter`` (RFC 9266) needs TLS keying-material export, which Python's
+``ssl`` module does not expose; it is reached through ctypes in the libssl
+that ``_ssl`` already loaded, after checking at import that the CPython
+object layout matches what we read. Anything unexpected makes it return None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import ssl
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+
+__all__ = ["EXPORTER_AVAILABLE", "tls_exporter", "tls_server_end_point"]
+
+_EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
+_EXPORTER_LENGTH = 32
+
+# RFC 5929 §4.1: MD5 and SHA-1 are upgraded to SHA-256; others are used as is.
+_UPGRADED_HASHES = {"md5", "sha1"}
+
+
+def tls_server_end_point(cert_der: bytes) -> bytes:
+    """Hash the server certificate with its signature hash (RFC 5929 §4.1).
+
+    Raises ValueError when the binding is undefined for this certificate
+    (e.g. Ed25519/Ed448 signatures, which use no separate hash function),
+    so the caller knows not to offer tls-server-end-point.
+    """
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm as exc:
+        raise ValueError(f"unsupported certificate signature algorithm: {exc}") from exc
+    if algorithm is None:
+        raise ValueError("tls-server-end-point is undefined for signatures without a hash")
+    name = algorithm.name.lower()
+    if name in _UPGRADED_HASHES:
+        return hashlib.sha256(cert_der).digest()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert_der)
+    return digest.finalize()
+
+
+class _Exporter:
+    """Calls SSL_export_keying_material on the SSL* behind a stdlib SSL object.
+
+    CPython 3.8-3.13 lay out ``_ssl._SSLSocket`` as PyObject_HEAD, then
+    ``PyObject *Socket``, ``SSL *ssl``, ``PySSLContext *ctx``. The layout is
+    cross-checked against three independent facts before any use.
+    """
+
+    def __init__(self) -> None:
+        import _ssl  # the module whose libssl we must use
+
+        self._ptr = ctypes.sizeof(ctypes.c_void_p)
+        self._head = object.__basicsize__
+        self._ssl_offset = self._head + self._ptr
+        self._ctx_offset = self._head + 2 * self._ptr
+        self._socket_type = _ssl._SSLSocket
+        if _ssl._SSLSocket.__basicsize__ < self._ctx_offset + self._ptr:
+            raise RuntimeError("unexpected _SSLSocket size")
+        if _ssl._SSLContext.__basicsize__ < self._head + self._ptr:
+            raise RuntimeError("unexpected _SSLContext size")
+        # dlsym on the _ssl handle also searches its dependencies (libssl).
+        lib = ctypes.CDLL(_ssl.__file__)
+        self._export = lib.SSL_export_keying_material
+        self._export.restype = ctypes.c_int
+        self._export.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+        ]
+        self._get_ex_data = lib.SSL_get_ex_data
+        self._get_ex_data.restype = ctypes.c_void_p
+        self._get_ex_data.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self._get_ssl_ctx = lib.SSL_get_SSL_CTX
+        self._get_ssl_ctx.restype = ctypes.c_void_p
+        self._get_ssl_ctx.argtypes = [ctypes.c_void_p]
+        self._self_test()
+
+    def _read(self, address: int) -> int | None:
+        return ctypes.c_void_p.from_address(address).value
+
+    def _ssl_pointer(self, inner: Any) -> int | None:
+        """The SSL* of an ``_ssl._SSLSocket``, or None if the layout disagrees."""
+        if type(inner) is not self._socket_type:
+            return None
+        # A pure memory read inside the object: ctx must be the context object.
+        if self._read(id(inner) + self._ctx_offset) != id(inner.context):
+            return None
+        pointer = self._read(id(inner) + self._ssl_offset)
+        if not pointer:
+            return None
+        # CPython stores the _SSLSocket as the SSL's app data (ex_data index 0).
+        if self._get_ex_data(pointer, 0) != id(inner):
+            return None
+        return pointer
+
+    def _self_test(self) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="selftest.invalid")
+        pointer = self._ssl_pointer(probe._sslobj)
+        if pointer is None:
+            raise RuntimeError("_SSLSocket layout mismatch")
+        if self._get_ssl_ctx(pointer) != self._read(id(context) + self._head):
+            raise RuntimeError("_SSLContext layout mismatch")
+
+    def export(self, ssl_object: Any) -> bytes | None:
+        inner = ssl_object if type(ssl_object) is self._socket_type else getattr(ssl_object, "_sslobj", None)
+        if inner is None:
+            return None
+        try:
+            # RFC 9266 §3: TLS 1.2 would need extended master secret; only 1.3 is safe.
+            if inner.version() != "TLSv1.3":
+                return None
+            pointer = self._ssl_pointer(inner)
+        except (ValueError, OSError):
+            return None
+        if pointer is None:
+            return None
+        out = ctypes.create_string_buffer(_EXPORTER_LENGTH)
+        ok = self._export(pointer, out, _EXPORTER_LENGTH, _EXPORTER_LABEL, len(_EXPORTER_LABEL), b"", 0, 1)
+        if ok != 1:
+            return None
+        return out.raw
+
+
+def _load_exporter() -> _Exporter | None:
+    import platform
+
+    if platform.python_implementation() != "CPython":
+        return None
+    try:
+        return _Exporter()
+    except (ImportError, AttributeError, OSError, RuntimeError, ssl.SSLError):
+        return None
+
+
+_EXPORTER = _load_exporter()
+
+#: Whether tls_exporter() can return data on this interpreter at all.
+EXPORTER_AVAILABLE = _EXPORTER is not None
+
+
+def tls_exporter(ssl_object: Any) -> bytes | None:
+    """RFC 9266 tls-exporter data for a finished TLS 1.3 handshake.
+
+    Accepts an ``ssl.SSLObject`` or ``ssl.SSLSocket`` (server or client side).
+    Returns None when unsupported here, before the handshake, or on TLS < 1.3,
+    so the caller simply does not offer the tls-exporter binding.
+    """
+    if _EXPORTER is None:
+        return None
+    return _EXPORTER.export(ssl_object)
