@@ -1,0 +1,55 @@
+"""Persistent storage over SQLAlchemy Core: SQLite for small servers, PostgreSQL for the rest.
+
+``open_storage(url)`` creates the engine (URL forms in :mod:`server.storage.engine`), applies the
+migrations of :mod:`server.storage.schema` and returns a :class:`Storage` grouping the stores.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.storage.accounts import Account, AccountStore, Credentials, StoredCredentials
+from server.storage.engine import make_engine
+from server.storage.kv import KeyValueStore
+from server.storage.offline import OfflineStore, QuotaExceeded
+from server.storage.roster import RosterItem, RosterStore
+from server.storage.schema import migrate
+
+__all__ = [
+    "Account",
+    "AccountStore",
+    "Credentials",
+    "KeyValueStore",
+    "OfflineStore",
+    "QuotaExceeded",
+    "RosterItem",
+    "RosterStore",
+    "Storage",
+    "StoredCredentials",
+    "open_storage",
+]
+
+
+class Storage:
+    """All of the server's persistent state, sharing one engine (and its connection pool)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.accounts = AccountStore(engine)
+        self.roster = RosterStore(engine)
+        self.offline = OfflineStore(engine)
+        self.kv = KeyValueStore(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def open_storage(url: str) -> Storage:
+    """Connect to ``url``, migrate the schema to the latest version and return the stores."""
+    engine, schema = make_engine(url)
+    try:
+        await migrate(engine, schema)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return Storage(engine)

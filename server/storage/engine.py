@@ -1,0 +1,121 @@
+"""Engine creation and the transaction helpers every store shares.
+
+Supported URLs:
+
+* ``sqlite+aiosqlite:///path/to/parley.db`` (``sqlite:///`` is accepted too). The parent folder is
+  created. Every connection runs with ``journal_mode=WAL``, ``synchronous=NORMAL`` and
+  ``foreign_keys=ON``.
+* ``postgresql+asyncpg://user@host:5432/db`` (``postgresql://`` is accepted too). An optional
+  ``?schema=NAME`` query parameter (lower-case letters, digits and ``_``) puts all of Parley's tables
+  in that schema: it is removed from the URL, applied as the connection's ``search_path`` and
+  created by the migration when missing. Use it to share one database between several servers or
+  test runs.
+
+SQLite transactions are started by us rather than by the sqlite3 module, so DDL is transactional
+and writers take the database lock up front (``BEGIN IMMEDIATE``): two writers can then never both
+hold a read snapshot and deadlock while upgrading to a write lock.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, Table, event, make_url, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+_WRITE_OPTION = "parley_write"
+_SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON")
+# Seconds a SQLite writer waits for the database lock before failing with "database is locked".
+_SQLITE_BUSY_TIMEOUT = 30
+
+
+def make_engine(url: str) -> tuple[AsyncEngine, str | None]:
+    """Create the engine for ``url``; also return the PostgreSQL schema it names, if any."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed), None
+    if backend == "postgresql":
+        return _postgresql_engine(parsed)
+    raise ValueError(f"unsupported storage backend {backend!r}: use sqlite or postgresql")
+
+
+def _sqlite_engine(url: URL) -> AsyncEngine:
+    if "schema" in url.query:
+        raise ValueError("the schema parameter is only supported on PostgreSQL")
+    url = url.set(drivername="sqlite+aiosqlite")
+    database = url.database or ""
+    if database not in ("", ":memory:") and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        for pragma in _SQLITE_PRAGMAS:
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _postgresql_engine(url: URL) -> tuple[AsyncEngine, str | None]:
+    schema = url.query.get("schema")
+    if schema is not None and (not isinstance(schema, str) or not _SCHEMA_NAME.match(schema)):
+        raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits and _")
+    url = url.difference_update_query(["schema"]).set(drivername="postgresql+asyncpg")
+    connect_args: dict[str, Any] = {}
+    if schema is not None:
+        connect_args["server_settings"] = {"search_path": schema}
+    return create_async_engine(url, connect_args=connect_args, pool_pre_ping=True), schema
+
+
+def writer(engine: AsyncEngine) -> AsyncEngine:
+    """A view of ``engine`` whose ``begin()`` opens a write transaction (BEGIN IMMEDIATE on SQLite)."""
+    return engine.execution_options(**{_WRITE_OPTION: True})
+
+
+def dialect_insert(conn: AsyncConnection, table: Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT supporting ON CONFLICT for the connection's backend (both spell it the same)."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def upsert(
+    conn: AsyncConnection, table: Table, key: dict[str, Any], values: dict[str, Any]
+) -> postgresql.Insert | sqlite.Insert:
+    """INSERT the row ``key | values``, or UPDATE ``values`` on the row with that primary ``key``."""
+    stmt = dialect_insert(conn, table).values(**key, **values)
+    return stmt.on_conflict_do_update(
+        index_elements=list(key), set_={name: stmt.excluded[name] for name in values}
+    )
+
+
+def user_rows(table: Table, host: str, username: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """WHERE clauses selecting one user's rows of ``table``."""
+    return table.c.host == host, table.c.username == username
+
+
+async def lock_user(conn: AsyncConnection, purpose: int, host: str, user: str) -> None:
+    """Serialise read-then-write transactions on one user's data until the transaction ends.
+
+    PostgreSQL's READ COMMITTED would otherwise let concurrent transactions act on the same stale
+    read; SQLite writers already hold the whole-database lock from BEGIN IMMEDIATE.
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(:purpose, hashtext(:key))"),
+            {"purpose": purpose, "key": f"{user}@{host}"},
+        )

@@ -1,0 +1,52 @@
+"""Generic JSON documents per user (or per host, with user ''), so modules need no tables of their own.
+
+Documents are addressed by ``store`` (the module's name, e.g. 'vcard' or 'private') and a ``key``
+inside it ('' when a store keeps one document per user).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.storage.engine import upsert, user_rows, writer
+from server.storage.schema import kv
+
+
+class KeyValueStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+
+    async def get(self, host: str, user: str, store: str, key: str = "") -> Any | None:
+        async with self._engine.begin() as conn:
+            return await conn.scalar(
+                select(kv.c.value).where(*user_rows(kv, host, user), kv.c.store == store, kv.c.key == key)
+            )
+
+    async def set(self, host: str, user: str, store: str, key: str, value: Any) -> None:
+        """Store a JSON-serialisable ``value``; None deletes the document."""
+        async with self._writer.begin() as conn:
+            if value is None:
+                await conn.execute(
+                    delete(kv).where(*user_rows(kv, host, user), kv.c.store == store, kv.c.key == key)
+                )
+            else:
+                await conn.execute(
+                    upsert(
+                        conn,
+                        kv,
+                        {"host": host, "username": user, "store": store, "key": key},
+                        {"value": value},
+                    )
+                )
+
+    async def keys(self, host: str, user: str, store: str) -> list[str]:
+        """Keys present in the store, sorted by code point."""
+        async with self._engine.begin() as conn:
+            found = await conn.scalars(
+                select(kv.c.key).where(*user_rows(kv, host, user), kv.c.store == store)
+            )
+            return sorted(found)

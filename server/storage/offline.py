@@ -1,0 +1,61 @@
+"""Offline message storage (RFC 6121 section 8.5.2.2, XEP-0160)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.storage.engine import lock_user, user_rows, writer
+from server.storage.schema import offline
+
+# First key of the advisory lock serialising pushes to one user's offline store.
+_PUSH_LOCK = 1
+
+
+class QuotaExceeded(Exception):
+    """The user's offline store is full; the caller bounces the stanza instead."""
+
+
+class OfflineStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+
+    async def push(self, host: str, user: str, stanza_xml: str, stamp: datetime, quota: int) -> None:
+        """Store a message for later delivery; raise QuotaExceeded if ``quota`` are stored already.
+
+        Concurrent pushes are serialised per user, so the quota holds exactly.
+        """
+        async with self._writer.begin() as conn:
+            await lock_user(conn, _PUSH_LOCK, host, user)
+            stored = await conn.scalar(
+                select(func.count()).select_from(offline).where(*user_rows(offline, host, user))
+            )
+            if (stored or 0) >= quota:
+                raise QuotaExceeded(f"{user}@{host} has {stored} offline messages (quota {quota})")
+            await conn.execute(
+                offline.insert().values(host=host, username=user, stamp=stamp, stanza_xml=stanza_xml)
+            )
+
+    async def pop_all(self, host: str, user: str) -> list[tuple[datetime, str]]:
+        """Remove and return the stored messages, oldest first.
+
+        A single DELETE ... RETURNING, so concurrent pops never deliver a message twice.
+        """
+        async with self._writer.begin() as conn:
+            rows = await conn.execute(
+                delete(offline)
+                .where(*user_rows(offline, host, user))
+                .returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
+            )
+            popped = sorted(rows, key=lambda row: row.id)
+        return [(row.stamp, row.stanza_xml) for row in popped]
+
+    async def count(self, host: str, user: str) -> int:
+        async with self._engine.begin() as conn:
+            stored = await conn.scalar(
+                select(func.count()).select_from(offline).where(*user_rows(offline, host, user))
+            )
+        return int(stored or 0)

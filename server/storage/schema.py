@@ -1,0 +1,207 @@
+"""Table definitions and versioned migrations.
+
+The ``schema_version`` table holds one row per applied step. :func:`migrate` (run by
+``open_storage``) applies the missing steps in order inside one transaction, holding a
+PostgreSQL advisory lock (SQLite: the database write lock) so that servers starting at the same time
+do not migrate twice.
+
+Adding a step (say, step 2):
+
+1. Write ``_step_2(conn: Connection) -> None`` taking the database from version 1 to 2 with plain
+   DDL on the synchronous ``conn`` (``conn.execute(text("ALTER TABLE ..."))``,
+   ``new_table.create(conn)``, data fixes...). It must work on SQLite and PostgreSQL.
+2. Append it to :data:`STEPS`; never edit or reorder released steps.
+3. Update the ``Table`` definitions below to the new shape. Step 1 builds its tables from these
+   definitions, so when a step alters a table step 1 created, first freeze step 1: give it a
+   private ``MetaData`` copy of that table as it was at version 1, so that fresh databases still
+   pass through every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.types import TypeDecorator
+
+from server.storage.engine import writer
+
+# Key of the PostgreSQL advisory lock held while migrating (any constant unique to Parley).
+_MIGRATION_LOCK = 0x5061726C6579
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware datetimes, stored in UTC and always returned aware on both backends.
+
+    SQLite has no timezone type, so values are stored there as naive UTC; naive input is refused
+    because its zone is unknown.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("applied", UTCDateTime, nullable=False),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Column("disabled", Boolean, nullable=False),
+    Column("last_logout", UTCDateTime),
+    Column("last_status", Text),
+    PrimaryKeyConstraint("host", "username"),
+)
+
+# SCRAM verifiers, one row per hash function; they live and die with their account.
+account_credentials = Table(
+    "account_credentials",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("hash_name", String, nullable=False),
+    Column("salt", LargeBinary, nullable=False),
+    Column("iterations", Integer, nullable=False),
+    Column("stored_key", LargeBinary, nullable=False),
+    Column("server_key", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("host", "username", "hash_name"),
+    ForeignKeyConstraint(["host", "username"], ["accounts.host", "accounts.username"], ondelete="CASCADE"),
+)
+
+roster = Table(
+    "roster",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("jid", String, nullable=False),
+    Column("name", Text),
+    Column("subscription", String, nullable=False),
+    Column("ask", Boolean, nullable=False),
+    Column("approved", Boolean, nullable=False),
+    Column("groups", JSON, nullable=False),
+    PrimaryKeyConstraint("host", "username", "jid"),
+)
+
+roster_versions = Table(
+    "roster_versions",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    PrimaryKeyConstraint("host", "username"),
+)
+
+pending_subscriptions = Table(
+    "pending_subscriptions",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("jid", String, nullable=False),
+    Column("stanza_xml", Text, nullable=False),
+    PrimaryKeyConstraint("host", "username", "jid"),
+)
+
+offline = Table(
+    "offline",
+    metadata,
+    # SQLite only autoincrements a column declared exactly INTEGER PRIMARY KEY.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("stamp", UTCDateTime, nullable=False),
+    Column("stanza_xml", Text, nullable=False),
+    Index("ix_offline_user", "host", "username", "id"),
+)
+
+kv = Table(
+    "kv",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("store", String, nullable=False),
+    Column("key", String, nullable=False),
+    Column("value", JSON, nullable=False),
+    PrimaryKeyConstraint("host", "username", "store", "key"),
+)
+
+
+def _step_1(conn: Connection) -> None:
+    """Initial tables."""
+    metadata.create_all(
+        conn,
+        tables=[accounts, account_credentials, roster, roster_versions, pending_subscriptions, offline, kv],
+        checkfirst=False,
+    )
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1]
+
+
+async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:
+    """Bring the database up to the latest version, creating PostgreSQL ``schema`` if given; return it."""
+    async with writer(engine).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+            if schema is not None:
+                await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        return await conn.run_sync(_apply_steps)
+
+
+def _apply_steps(conn: Connection) -> int:
+    schema_version.create(conn, checkfirst=True)
+    current: int = conn.scalar(select(func.coalesce(func.max(schema_version.c.version), 0)))
+    if current > len(STEPS):
+        raise RuntimeError(
+            f"database schema version {current} is newer than this server supports ({len(STEPS)})"
+        )
+    for number, step in enumerate(STEPS[current:], start=current + 1):
+        step(conn)
+        conn.execute(insert(schema_version).values(version=number, applied=datetime.now(UTC)))
+    return len(STEPS)
