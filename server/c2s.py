@@ -278,7 +278,7 @@ class C2SConnection(asyncio.Protocol):
         if self._channel_bindings:
             mechs += [m + "-PLUS" for m in SCRAM_MECHANISMS]
         mechs += SCRAM_MECHANISMS
-        if self.secure:
+        if self.secure or self.server.config.allow_unencrypted_plain:
             mechs.append("PLAIN")
         return mechs
 

@@ -92,6 +92,7 @@ class Config:
     logging: LoggingConfig
     require_encryption: bool = True
     scram_iterations: int = 4096
+    allow_unencrypted_plain: bool = False
     source: Path | None = None
 
 
@@ -117,6 +118,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     data_dir = _resolve(base, top.string("data_dir", "./parley-data"))
     require_encryption = top.boolean("require_encryption", True)
     scram_iterations = top.integer("scram_iterations", 4096, minimum=1)
+    allow_unencrypted_plain = top.boolean("allow_unencrypted_plain", False)
     modules = _module_list(top, "modules", list(DEFAULT_MODULES), known_modules)
 
     storage = _storage(top.table("storage"), data_dir)
@@ -128,6 +130,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     return Config(
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
+        allow_unencrypted_plain=allow_unencrypted_plain,
     )
 
 

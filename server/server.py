@@ -146,8 +146,9 @@ class Server:
     async def _sweep(self) -> None:
         """Whitespace keepalives and the unauthenticated-connection timeout, for all connections at once."""
         timeout = self.config.limits.unauthenticated_timeout
+        interval = min(SWEEP_INTERVAL, timeout / 2)
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
+            await asyncio.sleep(interval)
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.session is None and now - conn.created > timeout:
