@@ -296,3 +296,26 @@ async def test_connection_limit_refuses_new_and_keeps_existing(server: Harness) 
     assert refused == [b""] * 5
     alice.send_message(mto="bob@localhost/r", mbody="over the limit", mtype="chat")
     assert (await asyncio.wait_for(received.get(), 5))["body"] == "over the limit"
+
+
+async def test_scram_plus_with_tls_exporter(server: Harness) -> None:
+    from server.sasl.channel_binding import EXPORTER_AVAILABLE, tls_exporter
+
+    if not EXPORTER_AVAILABLE:
+        pytest.fail("tls-exporter is expected to work on this Python/OpenSSL")
+    await server.add_user("alice", "pencil")
+    raw = await tls_raw(server)
+    await raw.open()
+    features = await raw.expect(f"{{{STREAMS}}}features")
+    types = {cb.get("type") for cb in features.iter("{urn:xmpp:sasl-cb:0}channel-binding")}
+    assert "tls-exporter" in types
+    exporter = tls_exporter(raw.writer.get_extra_info("ssl_object"))
+    client = ScramClient("SCRAM-SHA-256-PLUS", "alice", "pencil", cb_type="tls-exporter", cb_data=exporter,
+                         plus_supported_by_server=True)
+    await raw.send(f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256-PLUS'>"
+                   f"{base64.b64encode(client.first()).decode()}</auth>")
+    challenge = await raw.expect(f"{{{SASL}}}challenge")
+    await raw.send(f"<response xmlns='{SASL}'>"
+                   f"{base64.b64encode(client.final(base64.b64decode(challenge.text))).decode()}</response>")
+    success = await raw.expect(f"{{{SASL}}}success")
+    client.verify(base64.b64decode(success.text))
