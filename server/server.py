@@ -135,6 +135,9 @@ class Server:
         conn.host.hooks.notify("c2s/features", conn, features, stage)
 
     async def end_session(self, session: Session) -> None:
+        if session.ended:
+            return
+        session.ended = True
         session.closed = True
         if self.sessions.get(session.jid) is session:
             self.sessions.remove(session)

@@ -37,7 +37,8 @@ class Session:
         self.directed: set[JID] = set()  # JIDs that got directed presence from this session
         self.started = time.time()
         self.last_active = time.monotonic()
-        self.closed = False
+        self.closed = False  # no more output: the connection is gone or going
+        self.ended = False  # 'session/closed' has run
         self.data: dict[str, object] = {}  # per-session state owned by modules, keyed by module name
         self._write = write
         self._close = close
