@@ -124,7 +124,7 @@ class StreamParser:
             raise StreamError("policy-violation", "elements nested too deeply")
         if self._rewrite:
             tag = self._name(name)
-        if attrs and any("}" in k for k in attrs):
+        if attrs and "}" in "".join(attrs):
             attrs = {self._name(k): v for k, v in attrs.items()}
         if depth == 1:
             if "}" not in tag:

@@ -51,12 +51,21 @@ def _attrs(el: Element, out: list[str]) -> None:
             out.append(f' xmlns:a{extra}="{escape_attr(uri)}" a{extra}:{local}="{escape_attr(value)}"')
 
 
+_split_cache: dict[str, tuple[str, str]] = {}
+
+
+def _split(tag: str) -> tuple[str, str]:
+    """(namespace, local name) of a Clark-notation tag; memoised because stanzas reuse a few tags."""
+    parts = _split_cache.get(tag)
+    if parts is None:
+        parts = tuple(tag[1:].split("}", 1)) if tag[0] == "{" else ("", tag)  # type: ignore[assignment]
+        if len(_split_cache) < 4096:
+            _split_cache[tag] = parts
+    return parts
+
+
 def _write(el: Element, default_ns: str, out: list[str]) -> None:
-    tag = el.tag
-    if tag[0] == "{":
-        uri, local = tag[1:].split("}", 1)
-    else:
-        uri, local = "", tag
+    uri, local = _split(el.tag)
     if uri == ns.STREAM:
         name = "stream:" + local
         out.append("<" + name)
