@@ -317,7 +317,7 @@ class C2SConnection(asyncio.Protocol):
         try:
             transport = await loop.start_tls(self.transport, self, context, server_side=True,
                                              ssl_handshake_timeout=self.limits.unauthenticated_timeout)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             log.info("TLS handshake with %s failed: %s", self.remote_ip, exc)
             self.closing = True
             if self.transport is not None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from server.host import Host
     from server.stanza import Stanza
 
-IqHandler = Callable[["Stanza"], Awaitable[Element | None | object]]
+IqHandler = Callable[["Stanza"], Awaitable[Element | object | None]]
 TARGETS = ("host", "account")
 
 
@@ -87,6 +87,13 @@ class Module:
         """Hook a server-wide event (fired once for all hosts, e.g. 'server/started')."""
         self.server.hooks.add(event, handler, priority)
         self._undo.append(lambda: self.server.hooks.remove(event, handler))
+
+    def add_service(self, domain: str, handler: Callable[[Stanza], Awaitable[None]]) -> None:
+        """Serve every stanza addressed to `domain` (a subdomain such as conference.<host>)."""
+        if domain in self.server.services or domain in self.server.hosts:
+            raise ValueError(f"domain {domain} is already served")
+        self.server.services[domain] = handler
+        self._undo.append(lambda: self.server.services.pop(domain, None))
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.host.config_options.get(f"{self.name}.{name}", default)

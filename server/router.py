@@ -53,7 +53,10 @@ class Router:
             to = st.to = st.from_.bare
         host = self.server.hosts.get(to.domain)
         if host is None:
-            if await self.server.hooks.fire("route/remote", st) is None:
+            service = self.server.services.get(to.domain)
+            if service is not None:
+                await service(st)
+            elif await self.server.hooks.fire("route/remote", st) is None:
                 await self.bounce(st, StanzaError("remote-server-not-found"))
             return
         target = target_of(to)

@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
@@ -23,6 +24,7 @@ from server.tls import TlsContexts, ensure_certificate
 
 if TYPE_CHECKING:
     from server.config import ListenerConfig
+    from server.stanza import Stanza
 
 log = logging.getLogger("parley.server")
 
@@ -51,6 +53,8 @@ class Server:
         self.sessions = SessionRegistry()
         self.router = Router(self)
         self.hosts: dict[str, Host] = {}
+        # Service domains (e.g. conference.example.org) served in-process: domain -> stanza handler.
+        self.services: dict[str, Callable[[Stanza], Awaitable[None]]] = {}
         self.storage: Storage = None  # type: ignore[assignment]  # set by start()
         self.tls: TlsContexts | None = None
         self.secret = os.urandom(32)
@@ -92,9 +96,10 @@ class Server:
         loop = asyncio.get_running_loop()
         direct = listener.tls == "direct"
         ssl = self.tls.direct_tls_context(["xmpp-client"]) if direct else None
+        handshake_timeout = self.config.limits.unauthenticated_timeout if direct else None
         srv = await loop.create_server(lambda: C2SConnection(self, direct), listener.address, listener.port,
                                        ssl=ssl, reuse_address=True, backlog=1024,
-                                       ssl_handshake_timeout=self.config.limits.unauthenticated_timeout if direct else None)
+                                       ssl_handshake_timeout=handshake_timeout)
         self.listeners.append(srv)
         log.info("listening for clients on %s:%d (%s)", listener.address, listener.port, listener.tls)
 

@@ -27,7 +27,7 @@ class Stanza:
     `origin` is the local client session it came from (None for server-generated or remote stanzas).
     """
 
-    __slots__ = ("el", "kind", "type", "from_", "to", "origin")
+    __slots__ = ("el", "from_", "kind", "origin", "to", "type")
 
     def __init__(self, el: Element, kind: str, from_: JID, to: JID | None, origin: Session | None = None) -> None:
         self.el = el

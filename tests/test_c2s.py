@@ -234,7 +234,8 @@ async def test_spoofed_from_never_reaches_anyone(server: Harness) -> None:
     received: asyncio.Queue = asyncio.Queue()
     bob.add_event_handler("message", received.put_nowait)
     raw = await logged_in_raw(server)
-    await raw.send("<message from='admin@localhost/x' to='bob@localhost/desk' type='chat'><body>trust me</body></message>")
+    await raw.send("<message from='admin@localhost/x' to='bob@localhost/desk' type='chat'>"
+                   "<body>trust me</body></message>")
     assert stream_error_condition(await raw.closed()) == "invalid-from"
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(received.get(), 0.5)
