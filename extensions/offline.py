@@ -1,0 +1,93 @@
+"""XEP-0160 offline messages: keep chat and normal messages for users who are not online.
+
+Messages are stored with a XEP-0203 delay stamp and delivered, oldest first, when the user's first
+available presence has a non-negative priority. Chat-state-only messages are dropped (XEP-0160 says
+not to store them, and bouncing them would only make noise); a XEP-0334 <no-store/> hint is honoured
+by bouncing the message, so the sender learns it was not delivered. <no-permanent-store/> does not
+forbid offline storage: XEP-0334 allows keeping such a message temporarily until delivery.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from datetime import UTC, datetime
+from xml.etree.ElementTree import Element, fromstring
+
+from extensions.time import xmpp_datetime
+from server import ns
+from server.module import Module
+from server.sessions import Session
+from server.stanza import Stanza
+from server.storage import QuotaExceeded
+from server.stream.errors import StanzaError
+from server.stream.writer import serialize
+
+HINTS = "urn:xmpp:hints"
+CHATSTATES = "http://jabber.org/protocol/chatstates"
+NO_STORE = ns.qname(HINTS, "no-store")
+STORE = ns.qname(HINTS, "store")
+THREAD = ns.qname(ns.CLIENT, "thread")
+FULL = "offline storage full"
+
+
+def has_content(el: Element) -> bool:
+    """Whether a message carries something for the user, not just a chat state, hints or a thread id."""
+    return any(
+        child.tag != THREAD and not child.tag.startswith((f"{{{HINTS}}}", f"{{{CHATSTATES}}}"))
+        for child in el
+    )
+
+
+def parse_stored(xml: str) -> Element:
+    """Stored stanzas are serialized inside jabber:client, so their top element has no xmlns."""
+    return fromstring(f'<w xmlns="{ns.CLIENT}">{xml}</w>')[0]
+
+
+class Offline(Module):
+    name = "offline"
+
+    def setup(self) -> None:
+        self.add_feature(ns.OFFLINE)
+        self.hook("message/offline", self.store)
+        self.hook("presence/initial", self.deliver)
+
+    async def store(self, stanza: Stanza) -> bool | None:
+        """Take a chat or normal message for a user without an available resource.
+
+        True when the message was stored (or bounced for the quota, or dropped as content-free); None
+        lets the router bounce it as service-unavailable.
+        """
+        el = stanza.el
+        if el.find(NO_STORE) is not None:
+            return None
+        if el.find(STORE) is None and not has_content(el):
+            return True
+        now = datetime.now(UTC)
+        stored = copy.copy(el)
+        delay = Element(ns.qname(ns.DELAY, "delay"), {"from": self.host.name, "stamp": xmpp_datetime(now)})
+        delay.text = "Offline Storage"
+        stored.append(delay)
+        user = stanza.to.bare
+        try:
+            await self.server.storage.offline.push(user.domain, user.local, serialize(stored), now,
+                                                   self.server.config.limits.offline_quota)
+        except QuotaExceeded:
+            self.log.info("offline storage of %s is full; bouncing a message from %s", user, stanza.from_)
+            await self.server.router.bounce(stanza, StanzaError("resource-constraint", FULL))
+        return True
+
+    async def deliver(self, session: Session) -> None:
+        if session.priority < 0:
+            return
+        bare = session.bare
+        offline = self.server.storage.offline
+        messages = await offline.pop_all(bare.domain, bare.local)
+        if session.closed:
+            # The session ended while the database answered: keep the messages for the next login,
+            # past the quota, since they were accepted already.
+            for stamp, xml in messages:
+                await offline.push(bare.domain, bare.local, xml, stamp, sys.maxsize)
+            return
+        for _, xml in messages:
+            session.send(parse_stored(xml))
