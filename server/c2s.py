@@ -88,6 +88,7 @@ class C2SConnection(asyncio.Protocol):
         self._sasl_failures = 0
         self._channel_bindings: dict[str, bytes] = {}
         self._events: deque[object] = deque()
+        self._held: list[bytes] = []  # input received over the read-rate budget, not yet parsed
         self._worker: asyncio.Task[None] | None = None
         self._out: list[str] = []
         self._flush_pending = False
@@ -121,10 +122,27 @@ class C2SConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self._held:
+            self._held.append(data)
+            return
         delay = self.bucket.consume(len(data))
         if delay > 0 and self.transport is not None:
+            # Over budget: this chunk waits, unparsed, until the bucket has paid for it.
             self.transport.pause_reading()
-            asyncio.get_running_loop().call_later(delay, self._resume_reading)
+            self._held.append(data)
+            asyncio.get_running_loop().call_later(delay, self._release_held)
+            return
+        self._feed(data)
+
+    def _release_held(self) -> None:
+        held, self._held = b"".join(self._held), []
+        if self.closing:
+            return
+        self._feed(held)
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def _feed(self, data: bytes) -> None:
         try:
             events = self.parser.feed(data)
         except StreamError as exc:
@@ -134,10 +152,6 @@ class C2SConnection(asyncio.Protocol):
             self._events.extend(events)
             if self._worker is None:
                 self._worker = asyncio.get_running_loop().create_task(self._drain())
-
-    def _resume_reading(self) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
 
     async def _drain(self) -> None:
         try:

@@ -320,3 +320,33 @@ async def test_scram_plus_with_tls_exporter(server: Harness) -> None:
                    f"{base64.b64encode(client.final(base64.b64decode(challenge.text))).decode()}</response>")
     success = await raw.expect(f"{{{SASL}}}success")
     client.verify(base64.b64decode(success.text))
+
+
+@pytest.mark.parley_config(limits={"c2s_rate": 2000, "c2s_burst": 2000})
+async def test_read_rate_is_limited_per_connection(server: Harness) -> None:
+    """8 KB against a 2 KB/s budget cannot be processed in under about 3 seconds."""
+    raw = await logged_in_raw(server)
+    padding = "x" * 150
+    pings = "".join(f"<iq type='get' id='p{i}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>"
+                    f"<message to='nobody@localhost' type='headline'><body>{padding}</body></message>"
+                    for i in range(40))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await raw.send(pings)
+    for _ in range(40):
+        await raw.expect("{jabber:client}iq", timeout=15)
+    assert loop.time() - start > 2.5
+
+
+@pytest.mark.parley_config(limits={"max_connections_per_ip": 3})
+async def test_connections_per_address_are_capped(server: Harness) -> None:
+    conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert await asyncio.wait_for(reader.read(100), 5) == b""
+    for _, w in conns:
+        w.close()
+    writer.close()
+    await asyncio.sleep(0.2)
+    raw = await server.raw()
+    await raw.open()
+    await raw.expect(f"{{{STREAMS}}}features")
