@@ -1,0 +1,1 @@
+"""Load benchmarks: Parley against Prosody and ejabberd on loopback (see docs/benchmarks.md)."""

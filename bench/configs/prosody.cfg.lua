@@ -1,0 +1,29 @@
+-- Prosody for benchmarks, written out by bench/servers.py (the @NAMES@ are filled in there).
+-- The hot path matches Parley's: roster, presence, offline; no archive unless the profile asks;
+-- no TLS requirement, PLAIN allowed in the clear, no rate limits, SCRAM with 4,096 iterations.
+interfaces = { "@ADDRESS@" }
+c2s_ports = { @PORT@ }
+s2s_ports = {}
+http_ports = {}
+https_ports = {}
+network_backend = "epoll"
+data_path = "@DIR@/data"
+pidfile = "@DIR@/prosody.pid"
+daemonize = false
+modules_enabled = {
+  "roster"; "saslauth"; "tls"; "disco"; "version"; "time"; "lastactivity"; "ping"; "vcard"; "register";
+  @EXTRA_MODULES@
+}
+modules_disabled = { "posix" }
+allow_registration = true
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+authentication = "internal_hashed"
+default_iteration_count = 4096
+storage = "internal"
+limits = {}
+archive_expires_after = "never"
+log = { warn = "@DIR@/prosody.log" }
+certificates = "@DIR@"
+ssl = { certificate = "@DIR@/@DOMAIN@.crt"; key = "@DIR@/@DOMAIN@.key"; }
+VirtualHost "@DOMAIN@"

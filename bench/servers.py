@@ -1,0 +1,377 @@
+"""The servers under test: Parley, Prosody and ejabberd, each with its own config in a work directory.
+
+Each server is configured for the same hot path (roster, presence, offline storage, no archive unless the
+profile asks for one, no rate limits, TLS offered but not required, SCRAM with 4,096 iterations) on its own
+loopback address, started as a child process, measured through its pid and stopped again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.client import Target, register
+from bench.procstat import find_descendant
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = Path(__file__).resolve().parent / "configs"
+SCRAM_ITERATIONS = 4096
+FD_LIMIT = 65536
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+SETTLE = 1.0  # seconds a freshly started server gets to finish starting up before any load
+# Parley's modules on the hot path and around it, as in its default configuration (less registration).
+PARLEY_MODULES = ["roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "vcard"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Server features that change the cost of the hot path; scenarios run under one profile at a time."""
+
+    archive: bool = False
+
+    @property
+    def name(self) -> str:
+        return "archive-on" if self.archive else "archive-off"
+
+
+class ServerUnavailable(Exception):
+    """The server cannot be benchmarked here (not installed, or lacks a feature the profile needs)."""
+
+
+def _raise_fd_limit() -> None:
+    """In the child before exec: servers inherit a descriptor limit big enough for thousands of clients
+    (ejabberd's own user otherwise gets 1,024, and its node dies near that many connections)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = FD_LIMIT if hard == resource.RLIM_INFINITY else min(FD_LIMIT, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+def _port_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace(f"@{key}@", value)
+    return template
+
+
+class BenchServer:
+    """One server under test. Subclasses write its config, create its users and start and stop it."""
+
+    name = ""
+    default_address = ""
+
+    def __init__(self, workdir: Path, profile: Profile, address: str | None = None, port: int = 5222) -> None:
+        self.address = address or self.default_address
+        self.port = port
+        self.domain = f"{self.name}.bench"
+        self.profile = profile
+        self.dir = workdir / self.name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notes: list[str] = []
+        self._log = self.dir / "stdout.log"
+
+    @property
+    def target(self) -> Target:
+        return Target(self.address, self.port, self.domain)
+
+    @property
+    def pid(self) -> int:
+        """The process whose CPU and memory are measured."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check(self) -> None:
+        """Raise ServerUnavailable with the reason when this server cannot run here."""
+
+    async def setup(self, users: list[str], password: str) -> None:
+        """Write the configuration and create the users (servers may be started for that and stopped)."""
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def cwd(self) -> Path:
+        return self.dir
+
+    async def start(self) -> None:
+        if _port_open(self.address, self.port):
+            raise ServerUnavailable(f"{self.address}:{self.port} is already in use by another process")
+        with open(self._log, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                         start_new_session=True, preexec_fn=_raise_fd_limit)
+        await self._wait_ready()
+        await asyncio.sleep(SETTLE)
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _port_open(self.address, self.port):
+            if self.proc.poll() is not None:
+                raise ServerUnavailable(f"{self.name} exited with status {self.proc.returncode}; "
+                                        f"see {self._log}")
+            if time.monotonic() > deadline:
+                await self.stop()
+                raise ServerUnavailable(f"{self.name} did not listen within {START_TIMEOUT:.0f} s")
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        await self._reap(proc)
+
+    async def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for our child to exit; past the time-out, kill its process group (ours alone)."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+class Parley(BenchServer):
+    name = "parley"
+    default_address = "127.0.1.4"
+
+    def check(self) -> None:
+        from server.registry import available
+
+        if self.profile.archive and "mam" not in available():
+            raise ServerUnavailable("no archive (mam) module yet")
+
+    def _modules(self) -> list[str]:
+        from server.registry import available
+
+        installed = available()
+        wanted = [*PARLEY_MODULES, "mam"] if self.profile.archive else PARLEY_MODULES
+        missing = [m for m in wanted if m not in installed]
+        if missing:
+            self.notes.append(f"modules not in this checkout: {', '.join(missing)}")
+        return [m for m in wanted if m in installed]
+
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "parley.toml"
+
+    def _write_config(self) -> None:
+        modules = ", ".join(f'"{m}"' for m in self._modules())
+        self.config_file.write_text(f"""\
+data_dir = "{self.dir / 'data'}"
+require_encryption = false
+allow_unencrypted_plain = true
+scram_iterations = {SCRAM_ITERATIONS}
+modules = [{modules}]
+
+[logging]
+level = "warning"
+file = "{self.dir / 'parley.log'}"
+
+[limits]
+c2s_rate = 1000000000
+c2s_burst = 1000000000
+max_connections_per_ip = 1000000
+unauthenticated_timeout = 120.0
+auth_max_failures = 1000000
+offline_quota = 1000000
+
+[[listeners]]
+type = "c2s"
+address = "{self.address}"
+port = {self.port}
+tls = "starttls"
+
+[hosts."{self.domain}"]
+""")
+
+    async def setup(self, users: list[str], password: str) -> None:
+        from server.accounts import credentials_for
+        from server.config import load_config
+        from server.registry import available
+        from server.storage import open_storage
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        config = load_config(self.config_file, known_modules=available())
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        storage = await open_storage(config.storage.url)
+        loop = asyncio.get_running_loop()
+        try:
+            # PBKDF2 releases the GIL: derive the keys on both cores, store them one by one.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                pending = [loop.run_in_executor(pool, credentials_for, password, SCRAM_ITERATIONS)
+                           for _ in users]
+                for user, creds in zip(users, await asyncio.gather(*pending), strict=True):
+                    await storage.accounts.create(self.domain, user, creds)
+        finally:
+            await storage.close()
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "server.cli", "serve", "--config", str(self.config_file)]
+
+    @property
+    def cwd(self) -> Path:
+        """The repository root, so that this checkout's server package is the one imported."""
+        return REPO
+
+
+def _self_signed(domain: str, directory: Path) -> tuple[Path, Path]:
+    from server.tls import ensure_certificate
+
+    cert, key = directory / f"{domain}.crt", directory / f"{domain}.key"
+    ensure_certificate(domain, cert, key)
+    return cert, key
+
+
+class Prosody(BenchServer):
+    name = "prosody"
+    default_address = "127.0.1.2"
+
+    def check(self) -> None:
+        if shutil.which("prosody") is None:
+            raise ServerUnavailable("not installed (apt-get install prosody lua-unbound)")
+
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "prosody.cfg.lua"
+
+    async def setup(self, users: list[str], password: str) -> None:
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        _self_signed(self.domain, self.dir)
+        template = (CONFIGS / "prosody.cfg.lua").read_text()
+        self.config_file.write_text(_fill(template, {
+            "ADDRESS": self.address, "PORT": str(self.port), "DIR": str(self.dir), "DOMAIN": self.domain,
+            "EXTRA_MODULES": '"mam";' if self.profile.archive else "",
+        }))
+        await self.start()
+        try:
+            await _register_all(self.target, users, password)
+        finally:
+            await self.stop()
+
+    def command(self) -> list[str]:
+        return ["prosody", "--config", str(self.config_file)]
+
+
+async def _register_all(target: Target, users: list[str], password: str, concurrency: int = 20) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(user: str) -> None:
+        async with gate:
+            await register(target, user, password)
+
+    await asyncio.gather(*(one(u) for u in users))
+
+
+class Ejabberd(BenchServer):
+    name = "ejabberd"
+    default_address = "127.0.1.3"
+    http_port = 5280
+    node = "parley-bench-ejabberd@localhost"
+
+    def check(self) -> None:
+        if shutil.which("ejabberdctl") is None:
+            raise ServerUnavailable("not installed (apt-get install ejabberd)")
+
+    def _ctl(self, *args: str) -> list[str]:
+        d = self.dir
+        return ["ejabberdctl", "--config-dir", str(d), "--ctl-config", str(d / "ejabberdctl.cfg"),
+                "--spool", str(d / "spool"), "--logs", str(d / "logs"), "--config", str(d / "ejabberd.yml"),
+                "--node", self.node, *args]
+
+    @property
+    def pid(self) -> int:
+        # ejabberdctl runs su, a shell and erl; the Erlang VM (beam.smp) is what does the work.
+        assert self.proc is not None
+        return find_descendant(self.proc.pid, "beam.smp") or self.proc.pid
+
+    async def setup(self, users: list[str], password: str) -> None:
+        d = self.dir
+        for sub in ("spool", "logs"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        cert, key = _self_signed(self.domain, d)
+        (d / f"{self.domain}.pem").write_text(cert.read_text() + key.read_text())
+        extra = "  mod_mam:\n    assume_mam_usage: true\n    default: always\n" if self.profile.archive else ""
+        (d / "ejabberd.yml").write_text(_fill((CONFIGS / "ejabberd.yml").read_text(), {
+            "ADDRESS": self.address, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "DIR": str(d),
+            "DOMAIN": self.domain, "EXTRA_MODULES": extra,
+        }))
+        # Our own ejabberdctl.cfg: Debian's sets EJABBERD_CONFIG_PATH, which would override --config.
+        (d / "ejabberdctl.cfg").write_text('ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\nERL_MAX_PORTS=65536\n')
+        shutil.copy("/etc/ejabberd/inetrc", d / "inetrc")
+        account = pwd.getpwnam("ejabberd")
+        for path in (d.parent, d):
+            path.chmod(0o755)
+        for path in [d, *d.rglob("*")]:
+            os.chown(path, account.pw_uid, account.pw_gid)
+        await self.start()
+        try:
+            await self._register_all(users, password)
+        finally:
+            await self.stop()
+
+    async def _register_all(self, users: list[str], password: str) -> None:
+        """Bulk accounts through the HTTP API: in-band registration is throttled per address."""
+        import aiohttp
+
+        url = f"http://{self.address}:{self.http_port}/api/register"
+        gate = asyncio.Semaphore(20)
+        async with aiohttp.ClientSession() as http:
+
+            async def one(user: str) -> None:
+                async with gate:
+                    body = {"user": user, "host": self.domain, "password": password}
+                    async with http.post(url, json=body) as response:
+                        if response.status != 200 and "already" not in await response.text():
+                            raise ServerUnavailable(f"ejabberd could not register {user}: "
+                                                    f"{response.status} {await response.text()}")
+
+            await asyncio.gather(*(one(u) for u in users))
+
+    def command(self) -> list[str]:
+        return self._ctl("foreground")
+
+    async def _wait_ready(self) -> None:
+        """The c2s port opens before every module is up; `ejabberdctl started` waits for all of them."""
+        await super()._wait_ready()
+        waiter = await asyncio.create_subprocess_exec(*self._ctl("started"), stdout=subprocess.DEVNULL,
+                                                      stderr=subprocess.DEVNULL, cwd=self.dir)
+        try:
+            await asyncio.wait_for(waiter.wait(), START_TIMEOUT)
+        except TimeoutError:
+            waiter.kill()
+            await waiter.wait()
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        stopper = await asyncio.create_subprocess_exec(*self._ctl("stop"), stdout=subprocess.DEVNULL,
+                                                       stderr=subprocess.DEVNULL, cwd=self.dir)
+        try:
+            await asyncio.wait_for(stopper.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            stopper.kill()
+        await self._reap(proc)
+
+
+SERVERS: dict[str, type[BenchServer]] = {"parley": Parley, "prosody": Prosody, "ejabberd": Ejabberd}
