@@ -1,0 +1,164 @@
+"""RFC 6121 section 2: the roster, with versioning (XEP-0237, RFC 6121 2.6) and roster pushes.
+
+The roster is where subscription state lives, so the presence module changes it through `update()`
+here: every change is stored, gets a new roster version and is pushed to the interested resources.
+Read-modify-write changes of one roster hold `locked(user)` so concurrent stanzas cannot lose updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import weakref
+from dataclasses import replace
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element, SubElement
+
+from server import ns
+from server.jid import JID, JIDError
+from server.module import Module
+from server.stanza import Stanza, element
+from server.storage import RosterItem
+from server.stream.errors import StanzaError
+
+if TYPE_CHECKING:
+    from server.c2s import C2SConnection
+
+QUERY = ns.qname(ns.ROSTER, "query")
+ITEM = ns.qname(ns.ROSTER, "item")
+GROUP = ns.qname(ns.ROSTER, "group")
+# RFC 6121 2.3.3 lets the server limit the length of names and group names.
+MAX_TEXT = 1023
+
+
+def item_element(item: RosterItem) -> Element:
+    el = Element(ITEM, {"jid": item.jid, "subscription": item.subscription})
+    if item.name:
+        el.set("name", item.name)
+    if item.ask:
+        el.set("ask", "subscribe")
+    if item.approved:
+        el.set("approved", "true")
+    for group in item.groups:
+        SubElement(el, GROUP).text = group
+    return el
+
+
+def parse_item(query: Element) -> tuple[JID, Element]:
+    """The one item of a roster set and its JID, or the stanza error RFC 6121 2.3.3 asks for."""
+    if len(query) != 1 or query[0].tag != ITEM:
+        raise StanzaError("bad-request", "a roster set carries exactly one item")
+    item = query[0]
+    jid = item.get("jid")
+    if not jid:
+        raise StanzaError("bad-request", "the item has no 'jid'")
+    try:
+        return JID.parse(jid), item
+    except JIDError as exc:
+        raise StanzaError("jid-malformed", str(exc)) from None
+
+
+def parse_groups(item: Element) -> tuple[str, ...]:
+    groups = tuple(group.text or "" for group in item.findall(GROUP))
+    if not all(groups):
+        raise StanzaError("not-acceptable", "a group name cannot be empty")
+    if len(set(groups)) != len(groups):
+        raise StanzaError("bad-request", "duplicate group")
+    if any(len(group) > MAX_TEXT for group in groups):
+        raise StanzaError("not-acceptable", f"group names are limited to {MAX_TEXT} characters")
+    return groups
+
+
+class Roster(Module):
+    name = "roster"
+
+    def setup(self) -> None:
+        self._locks: weakref.WeakValueDictionary[JID, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.iq("get", QUERY, self.roster_get, target="account")
+        self.iq("set", QUERY, self.roster_set, target="account")
+        self.hook("c2s/features", self.stream_features)
+
+    # --- API for the presence module -------------------------------------------------------------
+
+    def locked(self, user: JID) -> asyncio.Lock:
+        """The lock serialising changes of one user's roster and pending requests.
+
+        Never route a stanza while holding it: the recipient's processing may need its own roster's lock.
+        """
+        lock = self._locks.get(user)
+        if lock is None:
+            lock = self._locks[user] = asyncio.Lock()
+        return lock
+
+    async def items(self, user: JID) -> dict[str, RosterItem]:
+        return (await self.server.storage.roster.get(user.domain, user.local or ""))[1]
+
+    async def item(self, user: JID, contact: JID) -> RosterItem | None:
+        return await self.server.storage.roster.get_item(user.domain, user.local or "", str(contact))
+
+    async def update(self, user: JID, item: RosterItem) -> None:
+        """Store the item and push it to the user's interested resources (RFC 6121 2.1.6)."""
+        version = await self.server.storage.roster.put(user.domain, user.local or "", item)
+        self._push(user, item_element(item), version)
+
+    # --- the roster protocol ---------------------------------------------------------------------
+
+    def _owner(self, stanza: Stanza) -> JID:
+        """Only the account itself may read or change its roster (RFC 6121 2.3.3)."""
+        user = stanza.to.bare
+        if stanza.from_.bare != user:
+            raise StanzaError("forbidden", "only the account itself may use its roster")
+        return user
+
+    async def roster_get(self, stanza: Stanza) -> Element | None:
+        user = self._owner(stanza)
+        if stanza.origin is not None:
+            stanza.origin.interested = True
+        version, items = await self.server.storage.roster.get(user.domain, user.local or "")
+        ver = str(version)
+        if stanza.el[0].get("ver") == ver:
+            # RFC 6121 2.6.3: the client's cached copy is current, so an empty result is the answer.
+            return None
+        query = Element(QUERY, {"ver": ver})
+        query.extend(item_element(items[jid]) for jid in sorted(items))
+        return query
+
+    async def roster_set(self, stanza: Stanza) -> None:
+        user = self._owner(stanza)
+        contact, el = parse_item(stanza.el[0])
+        # RFC 6121 2.1.2.5: any 'subscription' other than "remove" is ignored, as are 'ask' and 'approved'.
+        if el.get("subscription") == "remove":
+            await self._remove(user, contact)
+            return
+        name = el.get("name") or None
+        if name is not None and len(name) > MAX_TEXT:
+            raise StanzaError("not-acceptable", f"names are limited to {MAX_TEXT} characters")
+        groups = parse_groups(el)
+        async with self.locked(user):
+            old = await self.item(user, contact)
+            new = RosterItem(str(contact)) if old is None else old
+            await self.update(user, replace(new, name=name, groups=groups))
+
+    async def _remove(self, user: JID, contact: JID) -> None:
+        """RFC 6121 2.5: the item goes, and the 'roster/removed' event cancels its subscriptions."""
+        store = self.server.storage.roster
+        async with self.locked(user):
+            old = await self.item(user, contact)
+            if old is None:
+                raise StanzaError("item-not-found", "no such roster item")
+            version = await store.remove(user.domain, user.local or "", old.jid)
+            pending = await store.remove_pending(user.domain, user.local or "", old.jid)
+            self._push(user, Element(ITEM, {"jid": old.jid, "subscription": "remove"}), version)
+        await self.host.hooks.fire("roster/removed", user, old, pending)
+
+    def _push(self, user: JID, item: Element, version: int) -> None:
+        for session in self.server.sessions.interested(user):
+            iq = element("iq", type="set", id=f"push-{secrets.token_hex(6)}", from_=str(user),
+                         to=str(session.jid))
+            SubElement(iq, QUERY, {"ver": str(version)}).append(item)
+            session.send(iq)
+
+    def stream_features(self, conn: C2SConnection, features: Element, stage: str) -> None:
+        if stage == "post-auth":
+            SubElement(features, ns.qname(ns.ROSTERVER, "ver"))
+            SubElement(features, ns.qname(ns.PRE_APPROVAL, "sub"))
