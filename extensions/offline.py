@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import sys
 from datetime import UTC, datetime
-from xml.etree.ElementTree import Element, fromstring
+from xml.etree.ElementTree import Element
 
-from extensions.time import xmpp_datetime
 from server import ns
 from server.module import Module
 from server.sessions import Session
-from server.stanza import Stanza
+from server.stanza import Stanza, add_delay, parse_stored
 from server.storage import QuotaExceeded
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
@@ -37,11 +36,6 @@ def has_content(el: Element) -> bool:
         child.tag != THREAD and not child.tag.startswith((f"{{{HINTS}}}", f"{{{CHATSTATES}}}"))
         for child in el
     )
-
-
-def parse_stored(xml: str) -> Element:
-    """Stored stanzas are serialized inside jabber:client, so their top element has no xmlns."""
-    return fromstring(f'<w xmlns="{ns.CLIENT}">{xml}</w>')[0]
 
 
 class Offline(Module):
@@ -65,9 +59,7 @@ class Offline(Module):
             return True
         now = datetime.now(UTC)
         stored = copy.copy(el)
-        delay = Element(ns.qname(ns.DELAY, "delay"), {"from": self.host.name, "stamp": xmpp_datetime(now)})
-        delay.text = "Offline Storage"
-        stored.append(delay)
+        add_delay(stored, self.host.name, now, "Offline Storage")
         user = stanza.to.bare
         try:
             await self.server.storage.offline.push(user.domain, user.local, serialize(stored), now,

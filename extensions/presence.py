@@ -15,22 +15,19 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import cast
-from xml.etree.ElementTree import Element, SubElement
+from xml.etree.ElementTree import Element
 
-from extensions.offline import parse_stored
 from extensions.roster import Roster
-from extensions.time import xmpp_datetime
 from server import ns
 from server.jid import JID
 from server.module import Module
 from server.sessions import Session
-from server.stanza import Stanza, element, error_reply
+from server.stanza import Stanza, add_delay, element, error_reply, parse_stored
 from server.storage import RosterItem
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
 
 PRIORITY = ns.qname(ns.CLIENT, "priority")
-DELAY = ns.qname(ns.DELAY, "delay")
 SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
 LAST_UNAVAILABLE = "last-unavailable"  # kv key of the last unavailable presence, for probes
 
@@ -80,11 +77,10 @@ class Presence(Module):
     depends = ("roster",)
 
     def setup(self) -> None:
-        # Ahead of other modules, so that the outbound step sees a client's presence before anyone claims it.
+        self.hook("presence/outbound", self.outbound, priority=100)
         for target in ("bare", "full", "host"):
-            self.hook(f"presence/{target}", self.routed, priority=100)
+            self.hook(f"presence/{target}", self.inbound, priority=100)
         self.hook("presence/self", self.broadcast, priority=100)
-        self.hook_global("route/remote", self.remote, priority=100)
         self.hook("session/closed", self.session_closed)
         self.hook("roster/removed", self.roster_removed)
 
@@ -111,29 +107,11 @@ class Presence(Module):
         return [element("presence", type="unavailable", from_=str(s.jid), to=str(to))
                 for s in self.server.sessions.available(user)]
 
-    # --- routing entry points ---------------------------------------------------------------------
-
-    async def routed(self, stanza: Stanza) -> bool | None:
-        """Presence to a local address: outbound first if a local client sent it, else inbound."""
-        if stanza.origin is not None:
-            sender = stanza.origin.host.modules.get(self.name)
-            if sender is None:
-                return None
-            await cast(Presence, sender).outbound(stanza.origin, stanza)
-            return True
-        return await self.inbound(stanza)
-
-    async def remote(self, stanza: Stanza) -> bool | None:
-        """Presence from a local client to another server gets its outbound step before leaving."""
-        if stanza.kind != "presence" or stanza.origin is None or stanza.origin.host is not self.host:
-            return None
-        await self.outbound(stanza.origin, stanza)
-        return True
-
     # --- the user's server: presence a local client addressed to someone --------------------------
 
-    async def outbound(self, session: Session, stanza: Stanza) -> None:
-        kind, to = stanza.type, stanza.to
+    async def outbound(self, stanza: Stanza) -> bool:
+        """Presence a local client addressed to anyone, local, remote or a service such as a room."""
+        session, kind, to = stanza.origin, stanza.type, stanza.to
         if kind in SUBSCRIPTION_TYPES:
             await self._outbound_subscription(session.bare, to.bare, stanza.el, kind)
         elif kind in (None, "unavailable"):
@@ -143,6 +121,7 @@ class Presence(Module):
         else:
             error = StanzaError("bad-request", f"unknown presence type {kind!r}")
             session.send(error_reply(stanza.el, error))
+        return True
 
     async def _directed(self, session: Session, to: JID, el: Element) -> None:
         """RFC 6121 4.6: delivered as is; non-subscribers are remembered to get unavailable presence later."""
@@ -329,7 +308,7 @@ class Presence(Module):
     async def _remember_unavailable(self, user: JID, el: Element) -> None:
         """Kept with a XEP-0203 stamp, to answer probes while the user is offline (RFC 6121 4.3.2)."""
         last = copy_of(el)
-        SubElement(last, DELAY, {"from": self.host.name, "stamp": xmpp_datetime(datetime.now(UTC))})
+        add_delay(last, self.host.name, datetime.now(UTC))
         await self.server.storage.kv.set(user.domain, user.local or "", self.name, LAST_UNAVAILABLE,
                                          serialize(last))
 

@@ -7,14 +7,9 @@ from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
 from server.module import Module
-from server.stanza import Stanza
+from server.stanza import Stanza, xmpp_datetime
 
 TIME = ns.qname(ns.TIME, "time")
-
-
-def xmpp_datetime(when: datetime) -> str:
-    """XEP-0082 DateTime of an aware datetime, in UTC to the millisecond: '2024-05-01T12:00:00.000Z'."""
-    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def tzo(when: datetime) -> str:

@@ -83,6 +83,32 @@ class LoggingConfig:
 
 
 @dataclass
+class StaticRoute:
+    """Where to reach a remote domain without DNS: address, port, and STARTTLS or Direct TLS."""
+
+    address: str
+    port: int
+    tls: str = "starttls"
+
+
+@dataclass
+class S2SConfig:
+    """Federation policy (the [s2s] table); domains are stored in their prepared form."""
+
+    require_encryption: bool = True
+    require_valid_certificates: bool = True
+    ca_bundle: Path | None = None  # None: the system's trusted CAs
+    accept_self_signed: list[str] = field(default_factory=list)
+    allow: list[str] = field(default_factory=list)  # empty: every domain not denied
+    deny: list[str] = field(default_factory=list)
+    static: dict[str, StaticRoute] = field(default_factory=dict)
+    connect_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    rate: int = 262144  # bytes/s read per server-to-server connection
+    burst: int = 1048576
+
+
+@dataclass
 class Config:
     data_dir: Path
     hosts: dict[str, HostConfig]
@@ -94,6 +120,7 @@ class Config:
     scram_iterations: int = 4096
     allow_unencrypted_plain: bool = False
     source: Path | None = None
+    s2s: S2SConfig = field(default_factory=S2SConfig)
 
 
 def load_config(path: Path | None, known_modules: set[str] | None = None) -> Config:
@@ -126,11 +153,12 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     limits = _limits(top.table("limits"))
     listeners = _listeners(top)
     hosts = _hosts(top, base, data_dir, modules, known_modules)
+    s2s = _s2s(top.table("s2s"), base)
     top.finish()
     return Config(
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
-        allow_unencrypted_plain=allow_unencrypted_plain,
+        allow_unencrypted_plain=allow_unencrypted_plain, s2s=s2s,
     )
 
 
@@ -278,6 +306,54 @@ def _limits(table: _Table) -> LimitsConfig:
     )
     table.finish()
     return limits
+
+
+def _s2s(table: _Table, base: Path) -> S2SConfig:
+    d = S2SConfig()
+    ca_bundle = table.get("ca_bundle")
+    if ca_bundle is not None and (not isinstance(ca_bundle, str) or not ca_bundle):
+        raise ConfigError(table.key("ca_bundle"), "must be a non-empty string (a file path)")
+    config = S2SConfig(
+        require_encryption=table.boolean("require_encryption", d.require_encryption),
+        require_valid_certificates=table.boolean("require_valid_certificates", d.require_valid_certificates),
+        ca_bundle=_resolve(base, ca_bundle) if ca_bundle else None,
+        accept_self_signed=_domains(table, "accept_self_signed"),
+        allow=_domains(table, "allow"),
+        deny=_domains(table, "deny"),
+        static=_static_routes(table.table("static")),
+        connect_timeout=table.seconds("connect_timeout", d.connect_timeout, 0),
+        idle_timeout=table.seconds("idle_timeout", d.idle_timeout, 0),
+        rate=table.integer("rate", d.rate, minimum=1),
+        burst=table.integer("burst", d.burst, minimum=1),
+    )
+    table.finish()
+    return config
+
+
+def _domain(key: str, text: str) -> str:
+    try:
+        jid = JID.make(None, text)
+    except JIDError as exc:
+        raise ConfigError(key, f"invalid domain {text!r}: {exc}") from None
+    return str(jid)
+
+
+def _domains(table: _Table, name: str) -> list[str]:
+    return [_domain(f"{table.key(name)}[{i}]", text) for i, text in enumerate(table.strings(name, []))]
+
+
+def _static_routes(table: _Table) -> dict[str, StaticRoute]:
+    routes: dict[str, StaticRoute] = {}
+    for given in list(table.data):
+        entry = table.table(given)
+        address = entry.string("address", None)
+        if not _valid_address(address):
+            raise ConfigError(entry.key("address"), "must be an IP address or a host name")
+        route = StaticRoute(address=address, port=entry.integer("port", 5269, minimum=1, maximum=65535),
+                            tls=entry.choice("tls", "starttls", ("starttls", "direct")))
+        entry.finish()
+        routes[_domain(entry.path, given)] = route
+    return routes
 
 
 def _default_listeners() -> list[dict[str, Any]]:

@@ -28,6 +28,9 @@ OFFLINE = "msgoffline"
 DATA_FORMS = "jabber:x:data"
 VCARD = "vcard-temp"
 SASL_CB = "urn:xmpp:sasl-cb:0"
+HINTS = "urn:xmpp:hints"
+FORWARD = "urn:xmpp:forward:0"
+CARBONS = "urn:xmpp:carbons:2"
 
 LANG = f"{{{XML}}}lang"
 

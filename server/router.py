@@ -1,7 +1,9 @@
 """Routing: where a stanza goes, by its kind and the address it is sent to.
 
-The router fires events named by kind and target (`message/bare`, `presence/full`, `iq` handlers by
-payload) on the destination host; modules answer them. What no module claims falls through to the
+A stanza a local client sent first fires `<kind>/outbound` on the sender's host, wherever it goes (the
+sender's side of a protocol: presence subscriptions, carbons of sent messages). Then the router fires
+events named by kind and target (`message/bare`, `presence/full`, `iq` handlers by payload) on the
+destination host; modules answer them. What no module claims falls through to the
 default delivery rules of RFC 6121 8.5, implemented here because every stanza needs them.
 """
 
@@ -51,6 +53,9 @@ class Router:
                 return
             # RFC 6120 10.3: no 'to' means the sender's own account handles it.
             to = st.to = st.from_.bare
+        if st.origin is not None and \
+                await st.origin.host.hooks.fire(f"{st.kind}/outbound", st) is not None:
+            return
         host = self.server.hosts.get(to.domain)
         if host is None:
             service = self.server.services.get(to.domain)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
-from xml.etree.ElementTree import Element
+from xml.etree.ElementTree import Element, SubElement, fromstring
 
 from server import ns
 from server.jid import JID
@@ -78,3 +79,21 @@ def child(el: Element, tag: str) -> Element | None:
 def text_of(el: Element, tag: str) -> str | None:
     found = el.find(tag)
     return found.text if found is not None else None
+
+
+def xmpp_datetime(when: datetime) -> str:
+    """XEP-0082 DateTime of an aware datetime, in UTC to the millisecond: '2024-05-01T12:00:00.000Z'."""
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def add_delay(el: Element, from_: str, when: datetime, reason: str | None = None) -> Element:
+    """Stamp a stanza kept for later delivery with XEP-0203 delayed delivery."""
+    delay = SubElement(el, ns.qname(ns.DELAY, "delay"), {"from": from_, "stamp": xmpp_datetime(when)})
+    if reason:
+        delay.text = reason
+    return delay
+
+
+def parse_stored(xml: str) -> Element:
+    """Stored stanzas are serialized inside jabber:client, so their top element has no xmlns."""
+    return fromstring(f'<w xmlns="{ns.CLIENT}">{xml}</w>')[0]

@@ -127,9 +127,10 @@ class Harness:
 
     async def close(self) -> None:
         for client in self._clients:
+            if client.transport is None:
+                continue  # already gone: disconnect() would wait on a future that never completes
             try:
-                client.disconnect(wait=0.5)
-                await asyncio.wait_for(client.disconnected, 3)
+                await asyncio.wait_for(client.disconnect(wait=0.5), 3)
             except Exception:
                 client.abort()
         for raw in self._raw:
