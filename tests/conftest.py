@@ -118,6 +118,13 @@ class Harness:
         await asyncio.wait_for(started, timeout)
         return client
 
+    @staticmethod
+    def inbox(client: ClientXMPP) -> asyncio.Queue:
+        """A queue of the messages with a body that `client` receives."""
+        queue: asyncio.Queue = asyncio.Queue()
+        client.add_event_handler("message", queue.put_nowait)
+        return queue
+
     async def raw(self, *, tls: bool = False) -> RawClient:
         """A raw socket for protocol-level and hostile-input tests."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)

@@ -25,8 +25,7 @@ async def test_aioxmpp_chats_with_slixmpp(server: Harness, direct: bool) -> None
     await server.add_user("alice")
     await server.add_user("bob")
     bob = await server.client("bob@localhost", resource="desk")
-    to_bob: asyncio.Queue = asyncio.Queue()
-    bob.add_event_handler("message", to_bob.put_nowait)
+    to_bob = server.inbox(bob)
     alice = aioxmpp_client(server, "alice@localhost", direct)
     to_alice: asyncio.Queue = asyncio.Queue()
     async with alice.connected():

@@ -183,8 +183,7 @@ async def logged_in_raw(server: Harness, user: str = "mallory") -> RawClient:
 async def test_bad_input_kills_only_that_stream(server: Harness, payload: bytes, condition: str) -> None:
     await server.add_user("bob")
     bob = await server.client("bob@localhost", resource="desk")
-    received: asyncio.Queue = asyncio.Queue()
-    bob.add_event_handler("message", received.put_nowait)
+    received = server.inbox(bob)
     raw = await logged_in_raw(server)
     await raw.send(payload)
     assert stream_error_condition(await raw.closed()) == condition
@@ -231,8 +230,7 @@ async def test_malformed_to_gets_jid_malformed(server: Harness) -> None:
 async def test_spoofed_from_never_reaches_anyone(server: Harness) -> None:
     await server.add_user("bob")
     bob = await server.client("bob@localhost", resource="desk")
-    received: asyncio.Queue = asyncio.Queue()
-    bob.add_event_handler("message", received.put_nowait)
+    received = server.inbox(bob)
     raw = await logged_in_raw(server)
     await raw.send("<message from='admin@localhost/x' to='bob@localhost/desk' type='chat'>"
                    "<body>trust me</body></message>")
@@ -244,8 +242,7 @@ async def test_spoofed_from_never_reaches_anyone(server: Harness) -> None:
 async def test_from_is_stamped_by_the_server(server: Harness) -> None:
     await server.add_user("bob")
     bob = await server.client("bob@localhost", resource="desk")
-    received: asyncio.Queue = asyncio.Queue()
-    bob.add_event_handler("message", received.put_nowait)
+    received = server.inbox(bob)
     raw = await logged_in_raw(server)
     await raw.send("<message from='mallory@localhost' to='bob@localhost/desk' type='chat'><body>hi</body></message>")
     msg = await asyncio.wait_for(received.get(), 5)
@@ -274,8 +271,7 @@ async def test_login_and_chat_on_postgresql(server: Harness) -> None:
     await server.add_user("alice")
     await server.add_user("bob")
     bob = await server.client("bob@localhost", resource="r")
-    received: asyncio.Queue = asyncio.Queue()
-    bob.add_event_handler("message", received.put_nowait)
+    received = server.inbox(bob)
     alice = await server.client("alice@localhost")
     alice.send_message(mto="bob@localhost/r", mbody="on postgres", mtype="chat")
     assert (await asyncio.wait_for(received.get(), 5))["body"] == "on postgres"
@@ -285,8 +281,7 @@ async def test_connection_limit_refuses_new_and_keeps_existing(server: Harness) 
     await server.add_user("alice")
     await server.add_user("bob")
     bob = await server.client("bob@localhost", resource="r")
-    received: asyncio.Queue = asyncio.Queue()
-    bob.add_event_handler("message", received.put_nowait)
+    received = server.inbox(bob)
     alice = await server.client("alice@localhost")
     server.server.max_connections = len(server.server.connections)
     refused = []

@@ -132,8 +132,7 @@ async def test_descriptor_limit_refuses_new_connections_and_keeps_sessions(tmp_p
     sockets = []
     try:
         bob = await harness.client("bob@localhost", "pw", resource="r")
-        received: asyncio.Queue = asyncio.Queue()
-        bob.add_event_handler("message", received.put_nowait)
+        received = harness.inbox(bob)
         alice = await harness.client("alice@localhost", "pw")
         for _ in range(200):
             try:
