@@ -205,7 +205,7 @@ class C2SConnection(asyncio.Protocol):
         """Send a stream error and close (RFC 6120 4.9: header first if none was sent yet)."""
         if self.closing:
             return
-        log.info("stream error %s to %s: %s", exc.condition, self.remote_ip, exc.text or "")
+        log.info("stream error %s to %s%s", exc.condition, self.remote_ip, f": {exc.text}" if exc.text else "")
         self._send_header()
         self.write(serialize(exc.to_element()) + STREAM_FOOTER)
         self.close()
