@@ -10,6 +10,17 @@ Iq handlers are keyed by the address they serve:
   e.g. roster or vCard.
 A handler receives the Stanza and returns the result's payload Element, None for an empty result,
 or `HANDLED` when it replied itself; raising StanzaError answers with that error.
+
+Routing events (see `server.router`); a handler that returns a value has taken the stanza, and nothing
+after it sees it:
+- `<kind>/outbound` (stanza), on the sender's host: a stanza a local client sent, before it is routed;
+- `<kind>/inbound` (stanza), on the recipient's host: any stanza to a local account, before the
+  `<kind>/<target>` events (`message/bare`, `presence/full`...);
+- `message/deliver` (stanza, sessions), on the recipient's host: the default delivery chose `sessions`
+  (an empty list: offline storage, 'message/offline', is next). Fired once per message, so a module
+  that copies or archives what the user receives sees each message exactly once.
+Blocking hooks the first two at a high priority to drop or bounce; carbons and the archive hook
+'message/outbound' and 'message/deliver'.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ sender's side of a protocol: presence subscriptions, carbons of sent messages). 
 events named by kind and target (`message/bare`, `presence/full`, `iq` handlers by payload) on the
 destination host; modules answer them. What no module claims falls through to the
 default delivery rules of RFC 6121 8.5, implemented here because every stanza needs them.
+
+Two more events let modules see a local account's traffic whatever its route: `<kind>/inbound` on the
+recipient's host for every stanza to a local account, from anyone, before the events above (blocking),
+and `message/deliver` when the default delivery has chosen the sessions a message goes to, none
+meaning offline storage (carbons, the archive).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from server.stream.errors import StanzaError
 if TYPE_CHECKING:
     from server.host import Host
     from server.server import Server
+    from server.sessions import Session
 
 log = logging.getLogger("parley.router")
 
@@ -63,6 +69,8 @@ class Router:
                 await service(st)
             elif await self.server.hooks.fire("route/remote", st) is None:
                 await self.bounce(st, StanzaError("remote-server-not-found"))
+            return
+        if to.local is not None and await host.hooks.fire(f"{st.kind}/inbound", st) is not None:
             return
         target = target_of(to)
         if st.kind == "iq":
@@ -137,7 +145,7 @@ class Router:
         if target == "full":
             session = self.sessions.get(st.to)
             if session is not None:
-                session.send(st.el)
+                await self._deliver(host, st, [session])
                 return
             if mtype == "groupchat":
                 await self.bounce(st, StanzaError("service-unavailable"))
@@ -160,16 +168,21 @@ class Router:
             await self.bounce(st, StanzaError("service-unavailable"))
             return
         if mtype == "headline":
-            for session in sessions:
-                session.send(st.el)
+            if sessions:
+                await self._deliver(host, st, sessions)
             return
         if sessions:
             top = max(s.priority for s in sessions)
-            for session in sessions:
-                if session.priority == top:
-                    session.send(st.el)
+            sessions = [s for s in sessions if s.priority == top]
+        await self._deliver(host, st, sessions)
+
+    async def _deliver(self, host: Host, st: Stanza, sessions: list[Session]) -> None:
+        """Give a message to the chosen sessions of a local account, or to offline storage if there are none."""
+        if await host.hooks.fire("message/deliver", st, sessions) is not None:
             return
-        if await host.hooks.fire("message/offline", st) is None:
+        for session in sessions:
+            session.send(st.el)
+        if not sessions and await host.hooks.fire("message/offline", st) is None:
             await self.bounce(st, StanzaError("service-unavailable"))
 
     def _presence(self, st: Stanza, target: str) -> None:
