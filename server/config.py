@@ -346,7 +346,7 @@ def _domains(table: _Table, name: str) -> list[str]:
 def _static_routes(table: _Table) -> dict[str, StaticRoute]:
     routes: dict[str, StaticRoute] = {}
     for given in list(table.data):
-        entry = table.table(given)
+        entry = _Table(table.get(given), f"{table.path}.{_toml_key(given)}")
         address = entry.string("address", None)
         if not _valid_address(address):
             raise ConfigError(entry.key("address"), "must be an IP address or a host name")

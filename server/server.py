@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
+from s2s.manager import S2SManager
 from server.c2s import C2SConnection
 from server.config import Config
 from server.hooks import Hooks
@@ -63,6 +64,7 @@ class Server:
         self.ip_counter = ConnectionCounter(limits.max_connections_per_ip)
         self.max_connections = limits.max_connections
         self.listeners: list[asyncio.base_events.Server] = []
+        self.s2s: S2SManager | None = None  # federation; on when an s2s listener is configured
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._last_refusal_log = 0.0
@@ -88,6 +90,10 @@ class Server:
         for listener in config.listeners:
             if listener.type == "c2s":
                 await self._listen_c2s(listener)
+        s2s_listeners = [listener for listener in config.listeners if listener.type == "s2s"]
+        if s2s_listeners:
+            self.s2s = S2SManager(self)
+            await self.s2s.start(s2s_listeners)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         await self.hooks.fire("server/started", self)
         log.info("Parley started: hosts %s, connection limit %d", ", ".join(self.hosts), self.max_connections)
@@ -114,6 +120,8 @@ class Server:
         await asyncio.sleep(0.1)
         for session in self.sessions.all():
             await self.end_session(session)
+        if self.s2s is not None:
+            await self.s2s.stop()
         for host in self.hosts.values():
             await host.stop()
         if self.storage is not None:

@@ -1,0 +1,169 @@
+"""Federation: routes stanzas for remote domains over outgoing links and keeps track of every s2s stream.
+
+The router fires 'route/remote' for a domain that is neither a local host nor a service; the manager
+takes the stanza, finds (or starts) the outgoing link for its (local domain, remote domain) pair and
+queues it there until the link is authenticated. A link that fails bounces what it holds with
+remote-server-not-found (the domain does not resolve) or remote-server-timeout (resolved, but no
+authenticated stream), so nothing is dropped silently.
+
+Links are keyed by domain pair. A second local domain (another virtual host, or a service such as
+conference.<host>) shares a link to the same remote domain when that link is up and speaks dialback
+(XEP-0220 sender multiplexing); otherwise it gets its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from s2s.certs import S2STls
+from s2s.incoming import S2SIncoming
+from s2s.outgoing import S2SOutgoing
+from s2s.policy import Policy
+from server.jid import JID
+from server.stanza import KINDS, Stanza
+from server.stream.errors import StanzaError
+
+if TYPE_CHECKING:
+    from server.config import ListenerConfig
+    from server.server import Server
+
+log = logging.getLogger("parley.s2s")
+
+SWEEP_INTERVAL = 5.0
+
+
+class S2SManager:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.config = server.config.s2s
+        self.policy = Policy(self.config)
+        self.tls = S2STls(server.config)
+        self.links: dict[tuple[str, str], S2SOutgoing] = {}
+        self.incoming: set[S2SIncoming] = set()
+        self.listeners: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    async def start(self, listeners: list[ListenerConfig]) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in listeners:
+            direct = listener.tls == "direct"
+            ssl = self.tls.server_direct(next(iter(self.server.hosts)), self.host_of) if direct else None
+            timeout = self.server.config.limits.unauthenticated_timeout if direct else None
+            srv = await loop.create_server(lambda d=direct: S2SIncoming(self, d), listener.address, listener.port,
+                                           ssl=ssl, reuse_address=True, backlog=256, ssl_handshake_timeout=timeout)
+            self.listeners.append(srv)
+            log.info("listening for servers on %s:%d (%s)", listener.address, listener.port, listener.tls)
+        self.server.hooks.add("route/remote", self.route)
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        """Stop accepting, close every stream, and bounce what was still waiting for a link."""
+        self.server.hooks.remove("route/remote", self.route)
+        for srv in self.listeners:
+            srv.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for link in set(self.links.values()):
+            link.fail("remote-server-timeout")
+        for stream in list(self.incoming):
+            stream.end()
+        await asyncio.sleep(0)
+
+    def spawn(self, coro: object) -> asyncio.Task[None]:
+        """A task the manager cancels at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- domains ----------------------------------------------------------------------------------
+
+    def is_local(self, domain: str) -> bool:
+        return domain in self.server.hosts or domain in self.server.services
+
+    def host_of(self, domain: str) -> str:
+        """The host whose certificate stands for a local domain (a service uses its parent host's)."""
+        if domain in self.server.hosts:
+            return domain
+        parent = domain.partition(".")[2]
+        return parent if parent in self.server.hosts else next(iter(self.server.hosts))
+
+    # --- outgoing ---------------------------------------------------------------------------------
+
+    async def route(self, st: Stanza) -> bool | None:
+        """'route/remote': take a stanza from a local domain to a remote one."""
+        local, remote = st.from_.domain, st.to.domain
+        if not self.is_local(local):
+            return None
+        if not self.policy.allowed(remote):
+            await self.server.router.bounce(st, StanzaError("not-allowed", f"no federation with {remote}"))
+            return True
+        if not self.link(local, remote).submit(local, st.el):
+            await self.server.router.bounce(st, StanzaError("resource-constraint", "too many stanzas queued"))
+        return True
+
+    def link(self, local: str, remote: str) -> S2SOutgoing:
+        """The outgoing link for a domain pair, multiplexed on an existing one or newly started."""
+        link = self.links.get((local, remote))
+        if link is not None and not link.closing:
+            return link
+        for (_, other_remote), other in self.links.items():
+            if other_remote == remote and other.can_multiplex():
+                other.add_local(local)
+                self.links[local, remote] = other
+                return other
+        link = S2SOutgoing(self, local, remote)
+        self.links[local, remote] = link
+        link.task = self.spawn(link.run())
+        return link
+
+    def link_lost(self, link: S2SOutgoing, queued: dict[str, list[Element]], condition: str) -> None:
+        """Forget a link and bounce the stanzas it never sent."""
+        for key in [key for key, value in self.links.items() if value is link]:
+            del self.links[key]
+        for stanzas in queued.values():
+            for el in stanzas:
+                self.spawn(self.bounce(el, condition))
+
+    async def bounce(self, el: Element, condition: str) -> None:
+        sender, to = el.get("from"), el.get("to")
+        if not sender or not to:
+            return
+        st = Stanza(el, KINDS[el.tag], JID.parse(sender), JID.parse(to))
+        await self.server.router.bounce(st, StanzaError(condition))
+
+    async def verify(self, local: str, remote: str, stream_id: str, key: str) -> str:
+        """Ask `remote`'s authoritative server about a dialback key: 'valid', 'invalid' or an error condition."""
+        if not self.policy.allowed(remote):
+            return "not-allowed"
+        link = self.link(local, remote)
+        try:
+            return await asyncio.wait_for(link.request_verify(local, stream_id, key),
+                                          self.server.config.limits.unauthenticated_timeout)
+        except TimeoutError:
+            return "remote-server-timeout"
+
+    # --- housekeeping -----------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        """Close idle links, and incoming streams that never authenticated."""
+        idle = self.config.idle_timeout
+        unauthenticated = self.server.config.limits.unauthenticated_timeout
+        while True:
+            await asyncio.sleep(min(SWEEP_INTERVAL, idle / 2, unauthenticated / 2))
+            now = time.monotonic()
+            for link in set(self.links.values()):
+                if link.idle() and now - link.last_active > idle:
+                    log.info("closing idle link %r", link)
+                    link.end()
+            for stream in list(self.incoming):
+                stream.sweep(now, idle, unauthenticated)

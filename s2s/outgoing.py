@@ -1,0 +1,287 @@
+"""Outgoing server-to-server links: we connect to another server to deliver stanzas to it.
+
+A link connects to the first reachable candidate from the resolver, negotiates STARTTLS (or starts with
+Direct TLS), checks the peer's certificate as the policy demands, then authenticates each local domain it
+carries: SASL EXTERNAL with our certificate when the peer offers it, else Server Dialback. Stanzas wait
+in a queue per local domain until that domain is authenticated. The link also carries our <db:verify/>
+requests when we check a dialback key this domain's server gave us on an incoming stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import socket
+import ssl
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from s2s import dialback
+from s2s.certs import a_label, acceptable
+from s2s.resolver import resolve
+from s2s.stream import S2SStream
+from server import ns
+from server.stanza import KINDS
+from server.stream.errors import StreamError
+from server.stream.parser import StreamClose, StreamOpen
+from server.stream.writer import serialize
+
+if TYPE_CHECKING:
+    from s2s.manager import S2SManager
+
+log = logging.getLogger("parley.s2s.out")
+
+QUEUE_LIMIT = 10000  # stanzas waiting for one domain pair while its link comes up
+FEATURES = ns.qname(ns.STREAM, "features")
+STREAM_ERROR = ns.qname(ns.STREAM, "error")
+
+
+class S2SOutgoing(S2SStream):
+    direction = "out"
+
+    def __init__(self, manager: S2SManager, local: str, remote: str) -> None:
+        super().__init__(manager)
+        self.local = local  # the stream's 'from': the domain whose certificate we present
+        self.remote = remote
+        self.mode = manager.policy.certificate_mode(remote)
+        self.task: asyncio.Task[None] | None = None
+        self.stream_id: str | None = None  # the peer's, which dialback keys are bound to
+        self.queues: dict[str, list[Element]] = {local: []}  # stanzas per local domain, until authenticated
+        self.methods: dict[str, str] = {}  # authenticated local domain -> "external" or "dialback"
+        self.requested: set[str] = set()  # local domains whose <db:result/> awaits an answer
+        self.verifies: dict[tuple[str, str], asyncio.Future[str]] = {}  # (local, stream id) -> result
+        self.unsent: list[tuple[str, str, str]] = []  # verification requests waiting for settled()
+        self.dialback = False  # the peer offered dialback
+        self.settled = False  # TLS and SASL are over: dialback elements may flow
+        self.sasl: str | None = None  # SASL EXTERNAL: None, "attempting", "succeeded" or "failed"
+        self.failure = "remote-server-timeout"
+
+    def describe(self) -> str:
+        return f"{self.local} -> {self.remote} at {self.remote_ip or '?'}"
+
+    # --- what the manager asks of a link ----------------------------------------------------------
+
+    def submit(self, local: str, el: Element) -> bool:
+        """Send now if `local` is authenticated here, else queue; False when the queue is full."""
+        if local in self.methods and not self.closing:
+            self.send_stanza(el)
+            return True
+        queue = self.queues.setdefault(local, [])
+        if len(queue) >= QUEUE_LIMIT:
+            return False
+        queue.append(el)
+        return True
+
+    def can_multiplex(self) -> bool:
+        return self.settled and self.dialback and not self.closing
+
+    def add_local(self, local: str) -> None:
+        """Carry another local domain (sender multiplexing): authenticate it with dialback."""
+        self.queues.setdefault(local, [])
+        self._request(local)
+
+    def request_verify(self, local: str, stream_id: str, key: str) -> asyncio.Future[str]:
+        future = self.verifies.get((local, stream_id))
+        if future is None:
+            future = self.verifies[local, stream_id] = asyncio.get_running_loop().create_future()
+            self.unsent.append((local, stream_id, key))
+            if self.settled:
+                self._send_verifies()
+        return future
+
+    def idle(self) -> bool:
+        return bool(self.methods) and not any(self.queues.values()) and not self.verifies
+
+    # --- connecting -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        config = self.server.config
+        loop = asyncio.get_running_loop()
+        resolved = False
+        for target in await resolve(self.remote, config.s2s.static):
+            context = self.manager.tls.client(self.manager.host_of(self.local), self.mode, direct=True) \
+                if target.direct_tls else None
+            try:
+                await asyncio.wait_for(
+                    loop.create_connection(lambda: self, target.host, target.port, ssl=context,
+                                           server_hostname=a_label(self.remote) if context else None),
+                    config.s2s.connect_timeout)
+            except socket.gaierror as exc:
+                log.info("cannot resolve %s for %s: %s", target.host, self.remote, exc)
+                continue
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                resolved = True
+                log.info("cannot connect to %s:%d for %s: %s", target.host, target.port, self.remote, exc)
+                continue
+            break
+        else:
+            self.fail("remote-server-timeout" if resolved else "remote-server-not-found")
+            return
+        if self.secure and not self._certificate_ok():
+            return
+        self.send_header(self.local, self.remote)
+        loop.call_later(config.limits.unauthenticated_timeout, self._deadline)
+
+    def _deadline(self) -> None:
+        if not self.methods and not self.closing:
+            log.info("link %r: not authenticated in time", self)
+            self.fail("remote-server-timeout")
+
+    def _certificate_ok(self) -> bool:
+        if acceptable(self.peer_certificate(), self.remote, self.mode):
+            return True
+        log.warning("link %r: the certificate does not prove %s (policy %s)", self, self.remote, self.mode)
+        self.fail("remote-server-timeout")
+        return False
+
+    def fail(self, condition: str) -> None:
+        """Give up: close, and let lost() bounce the queues with `condition`."""
+        self.failure = condition
+        if self.transport is None:
+            self._gone()
+        elif not self.closing:
+            self.end()
+
+    def lost(self) -> None:
+        if self.task is not None and not self.task.done() and self.task is not asyncio.current_task():
+            self.task.cancel()
+        condition = self.failure
+        for future in self.verifies.values():
+            if not future.done():
+                future.set_result("remote-server-not-found" if condition == "remote-server-not-found"
+                                  else "remote-connection-failed")
+        self.verifies.clear()
+        queued, self.queues = self.queues, {}
+        if any(queued.values()):
+            log.info("link %r failed (%s): bouncing %d stanzas", self, condition, sum(map(len, queued.values())))
+        self.manager.link_lost(self, queued, condition)
+
+    # --- negotiation ------------------------------------------------------------------------------
+
+    async def handle(self, event: object) -> None:
+        if isinstance(event, Element):
+            await self._element(event)
+        elif isinstance(event, StreamOpen):
+            if event.content_ns != ns.SERVER:
+                raise StreamError("invalid-namespace", "expected jabber:server")
+            self.stream_id = event.get("id")
+        elif isinstance(event, StreamClose):
+            self.end()
+
+    async def _element(self, el: Element) -> None:
+        tag = el.tag
+        if tag == FEATURES:
+            await self._features(el)
+        elif tag == dialback.RESULT:
+            self._dialback_result(el)
+        elif tag == dialback.VERIFY:
+            self._dialback_verify(el)
+        elif tag == ns.qname(ns.TLS, "proceed"):
+            await self._tls()
+        elif tag == ns.qname(ns.SASL, "success") and self.sasl == "attempting":
+            self.sasl = "succeeded"  # stanzas wait for the restarted stream's features
+            self.parser.reset()
+            self.send_header(self.local, self.remote)
+        elif tag == ns.qname(ns.SASL, "failure") and self.sasl == "attempting":
+            self.sasl = "failed"
+            log.info("link %r: SASL EXTERNAL refused; trying dialback", self)
+            self._choose_dialback()
+        elif tag == STREAM_ERROR:
+            condition = next((c.tag.partition("}")[2] for c in el if c.tag.startswith("{" + ns.STREAMS_ERR)),
+                             "undefined-condition")
+            log.info("link %r: stream error from the peer: %s", self, condition)
+            self.fail("remote-server-not-found" if condition == "host-unknown" else "remote-server-timeout")
+        elif tag in KINDS:
+            raise StreamError("unsupported-stanza-type", "stanzas do not flow this way on this stream")
+        else:
+            raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+
+    async def _features(self, features: Element) -> None:
+        if not self.secure:
+            if features.find(ns.qname(ns.TLS, "starttls")) is not None:
+                self.write(serialize(Element(ns.qname(ns.TLS, "starttls"))))
+                return
+            if self.manager.policy.require_encryption:
+                log.warning("link %r: the peer does not offer TLS", self)
+                self.fail("remote-server-timeout")
+                return
+        self.dialback = features.find(ns.qname(dialback.FEATURE_NS, "dialback")) is not None
+        if self.sasl == "succeeded" and self.local not in self.methods:
+            self._authenticated(self.local, "external")
+        elif self.sasl is None:
+            mechanisms = features.find(ns.qname(ns.SASL, "mechanisms"))
+            offered = [m.text for m in mechanisms] if mechanisms is not None else []
+            if "EXTERNAL" in offered:
+                self.sasl = "attempting"
+                auth = Element(ns.qname(ns.SASL, "auth"), {"mechanism": "EXTERNAL"})
+                auth.text = base64.b64encode(self.local.encode()).decode()
+                self.send(auth)
+                return
+        self._choose_dialback()
+
+    def _choose_dialback(self) -> None:
+        """Past TLS and SASL: dialback for whatever local domain is not authenticated yet."""
+        self.settled = True
+        missing = [local for local in self.queues if local not in self.methods]
+        if missing and not self.dialback:
+            log.warning("link %r: no way to authenticate (no EXTERNAL, no dialback)", self)
+            self.fail("remote-server-timeout")
+            return
+        for local in missing:
+            self._request(local)
+        self._send_verifies()
+
+    async def _tls(self) -> None:
+        context = self.manager.tls.client(self.manager.host_of(self.local), self.mode)
+        if not await self.start_tls(context, server_side=False, server_hostname=a_label(self.remote)):
+            return
+        if self._certificate_ok():
+            self.send_header(self.local, self.remote)
+
+    def _request(self, local: str) -> None:
+        if local in self.requested or local in self.methods or self.stream_id is None or not self.settled:
+            return
+        self.requested.add(local)
+        key = dialback.make_key(self.server.secret, self.remote, local, self.stream_id)
+        self.write(dialback.element("result", local, self.remote, key=key))
+
+    def _send_verifies(self) -> None:
+        unsent, self.unsent = self.unsent, []
+        for local, stream_id, key in unsent:
+            self.write(dialback.element("verify", local, self.remote, id=stream_id, key=key))
+
+    def _authenticated(self, local: str, method: str) -> None:
+        self.methods[local] = method
+        self.requested.discard(local)
+        log.info("link %r: %s authenticated (%s)", self, local, method)
+        for el in self.queues.pop(local, []):
+            self.send_stanza(el)
+
+    def _dialback_result(self, el: Element) -> None:
+        local = el.get("to") or ""
+        if el.get("from") != self.remote or local not in self.requested:
+            log.warning("link %r: unsolicited dialback result for %s", self, local)
+            return
+        kind = el.get("type")
+        if kind == "valid":
+            self._authenticated(local, "dialback")
+            return
+        self.requested.discard(local)
+        condition = "internal-server-error" if kind == "invalid" else "remote-server-timeout"
+        log.warning("link %r: dialback for %s failed: %s", self, local,
+                    kind if kind == "invalid" else dialback.error_condition(el))
+        for queued in self.queues.pop(local, []):
+            self.manager.spawn(self.manager.bounce(queued, condition))
+        if self.manager.links.get((local, self.remote)) is self:
+            del self.manager.links[local, self.remote]
+        if not self.methods:
+            self.fail(condition)
+
+    def _dialback_verify(self, el: Element) -> None:
+        future = self.verifies.pop((el.get("to") or "", el.get("id") or ""), None)
+        if future is None or el.get("from") != self.remote or future.done():
+            log.warning("link %r: unsolicited dialback verification", self)
+            return
+        kind = el.get("type")
+        future.set_result(kind if kind in ("valid", "invalid") else "remote-server-timeout")

@@ -1,0 +1,234 @@
+"""The asyncio edge of a server-to-server stream, shared by both directions.
+
+Shaped like the c2s edge: bytes go through the sans-IO parser (in jabber:server mode, so stanzas reach
+the router in the canonical jabber:client namespace), events are handled in order by one task per burst,
+output written during one loop iteration leaves in one transport write, and input over the read-rate
+budget waits unparsed until it has been paid for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from s2s import dialback
+from server import ns
+from server.limits import TokenBucket
+from server.stream.errors import StreamError
+from server.stream.parser import StreamParser
+from server.stream.writer import STREAM_FOOTER, serialize, stream_header
+
+if TYPE_CHECKING:
+    from s2s.manager import S2SManager
+
+log = logging.getLogger("parley.s2s")
+
+WRITE_BUFFER_LIMIT = 16 * 1024 * 1024
+XML_DECLARATION = "<?xml version='1.0'?>"
+
+
+class S2SStream(asyncio.Protocol):
+    """One TCP connection to or from another server. Subclasses implement `handle()` and `lost()`."""
+
+    direction = ""
+
+    def __init__(self, manager: S2SManager) -> None:
+        self.manager = manager
+        self.server = manager.server
+        limits = self.server.config.limits
+        s2s = self.server.config.s2s
+        self.parser = StreamParser(ns.SERVER, limits.max_stanza_size, limits.max_depth)
+        self.bucket = TokenBucket(s2s.rate, s2s.burst)
+        self.transport: asyncio.Transport | None = None
+        self.remote_ip = ""
+        self.secure = False
+        self.closing = False
+        self.created = time.monotonic()
+        self.last_active = self.created  # last stanza either way, for the idle timeout
+        self.last_write = self.created
+        self._headers_sent = 0
+        self._lost = False
+        self._events: deque[object] = deque()
+        self._held: list[bytes] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._out: list[str] = []
+        self._flush_pending = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+    def describe(self) -> str:
+        return self.remote_ip
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.remote_ip = peer[0] if peer else ""
+        self.secure = transport.get_extra_info("ssl_object") is not None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+
+    def _gone(self) -> None:
+        self.closing = True
+        if self._worker is not None and not self._worker.done() and self._worker is not asyncio.current_task():
+            self._worker.cancel()
+        if not self._lost:
+            self._lost = True
+            self.lost()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self._held:
+            self._held.append(data)
+            return
+        delay = self.bucket.consume(len(data))
+        if delay > 0 and self.transport is not None:
+            self.transport.pause_reading()
+            self._held.append(data)
+            asyncio.get_running_loop().call_later(delay, self._release_held)
+            return
+        self._feed(data)
+
+    def _release_held(self) -> None:
+        held, self._held = b"".join(self._held), []
+        if self.closing:
+            return
+        self._feed(held)
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            events = self.parser.feed(data)
+        except StreamError as exc:
+            self.stream_error(exc)
+            return
+        if events:
+            self._events.extend(events)
+            if self._worker is None:
+                self._worker = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._events and not self.closing:
+                event = self._events.popleft()
+                try:
+                    await self.handle(event)
+                except StreamError as exc:
+                    self.stream_error(exc)
+                except Exception:
+                    log.exception("internal error on s2s stream %r", self)
+                    self.stream_error(StreamError("internal-server-error"))
+        finally:
+            self._worker = None
+
+    async def handle(self, event: object) -> None:
+        raise NotImplementedError
+
+    def lost(self) -> None:
+        """The connection is gone: give back what depended on it."""
+
+    # --- output -----------------------------------------------------------------------------------
+
+    def write(self, data: str) -> None:
+        if self.closing:
+            return
+        self._out.append(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write("".join(self._out).encode())
+            self.last_write = time.monotonic()
+            if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+                log.warning("closing %r: the peer does not read", self)
+                self._out.clear()
+                self.transport.abort()
+        self._out.clear()
+
+    def send(self, el: Element) -> None:
+        self.write(serialize(el))
+
+    def send_stanza(self, el: Element) -> None:
+        self.last_active = time.monotonic()
+        self.write(serialize(el))
+
+    def send_header(self, from_: str | None, to: str | None, stream_id: str | None = None) -> None:
+        """Our stream header; the XML declaration only opens the connection, since ejabberd rejects it on
+        a restarted stream."""
+        header = stream_header(content_ns=ns.SERVER, from_=from_, to=to, stream_id=stream_id,
+                               extra=dialback.DECLARATION)
+        if self._headers_sent and header.startswith(XML_DECLARATION):
+            header = header[len(XML_DECLARATION):]
+        self._headers_sent += 1
+        self.write(header)
+
+    def stream_error(self, exc: StreamError) -> None:
+        """Send a stream error and close; subclasses that may not have sent a header yet send one first."""
+        if self.closing:
+            return
+        log.info("s2s stream error %s to %r: %s", exc.condition, self, exc.text or "")
+        self.before_error()
+        self.write(serialize(exc.to_element()) + STREAM_FOOTER)
+        self.close()
+
+    def before_error(self) -> None:
+        """Make the stream well-formed enough to carry an error (a header, on the receiving side)."""
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.flush()
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def end(self) -> None:
+        """Close politely: our footer, then the connection."""
+        self.write(STREAM_FOOTER)
+        self.close()
+
+    # --- TLS --------------------------------------------------------------------------------------
+
+    async def start_tls(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None) -> bool:
+        """Upgrade the connection after <proceed/>; False (connection dropped) when the handshake fails."""
+        self.flush()
+        self.parser.reset()  # the peer's next header can arrive before start_tls() returns
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
+                                             server_hostname=server_hostname,
+                                             ssl_handshake_timeout=self.server.config.limits.unauthenticated_timeout)
+        except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as exc:
+            log.info("TLS handshake with %r failed: %s", self, exc)
+            if self.transport is not None:
+                self.transport.abort()
+            self._gone()
+            return False
+        if transport is None:
+            self._gone()
+            return False
+        self.transport = transport
+        self.secure = True
+        return True
+
+    def peer_certificate(self) -> bytes | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        return ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+
+
+def new_stream_id() -> str:
+    return secrets.token_hex(8)

@@ -1,0 +1,235 @@
+"""Helpers for federation tests: a test CA, certificates, Parley instances with an s2s listener, and
+waiting for what a client receives."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from xml.etree.ElementTree import Element
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from slixmpp import ClientXMPP
+
+from server import ns
+from server.config import parse_config
+from server.registry import available
+from server.server import Server
+from server.stream.parser import StreamOpen, StreamParser
+from tests.conftest import Harness, free_port, insecure_context
+
+
+def free_port_on(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+class TestCA:
+    """A certificate authority for one test run; peers that trust it can use SASL EXTERNAL."""
+
+    __test__ = False
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Parley test CA")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = directory / "ca.crt"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, domain: str, directory: Path | None = None) -> tuple[Path, Path]:
+        """A certificate for `domain` and its subdomains, good for TLS servers and clients."""
+        directory = directory or self.dir
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)]))
+            .issuer_name(self.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain), x509.DNSName(f"*.{domain}")]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        crt, key_path = directory / f"{domain}.crt", directory / f"{domain}.key"
+        crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key, key_path)
+        return crt, key_path
+
+
+class Parley:
+    """An in-process Parley serving some domains, with c2s on 127.0.0.1 and s2s on its own address."""
+
+    def __init__(self, server: Server, harness: Harness, address: str, s2s_port: int) -> None:
+        self.server = server
+        self.harness = harness
+        self.address = address
+        self.s2s_port = s2s_port
+
+    @property
+    def manager(self) -> Any:
+        return self.server.s2s
+
+    async def user(self, jid: str, password: str = "secret", available: bool = True, **kwargs: Any) -> ClientXMPP:
+        """A new account, logged in; available (so that messages to its bare JID reach it) unless told."""
+        local, _, domain = jid.partition("@")
+        await self.harness.add_user(local, password, host=domain)
+        client = await self.harness.client(jid, password, **kwargs)
+        if available:
+            await online(client)
+        return client
+
+    async def stop(self) -> None:
+        await self.harness.close()
+        await self.server.stop()
+
+
+async def start_parley(directory: Path, domains: dict[str, dict[str, Any]], address: str, *, s2s_port: int = 0,
+                       s2s: dict[str, Any] | None = None, s2s_tls: str = "starttls",
+                       unauthenticated_timeout: float = 5.0) -> Parley:
+    """Start Parley for `domains` (each with its host config) listening for servers on `address`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port, direct_port = free_port(), free_port()
+    s2s_port = s2s_port or free_port_on(address)
+    config = parse_config({
+        "data_dir": str(directory),
+        "storage": {"url": f"sqlite+aiosqlite:///{directory}/parley.db"},
+        "limits": {"unauthenticated_timeout": unauthenticated_timeout},
+        "listeners": [
+            {"type": "c2s", "address": "127.0.0.1", "port": port},
+            {"type": "c2s", "address": "127.0.0.1", "port": direct_port, "tls": "direct"},
+            {"type": "s2s", "address": address, "port": s2s_port, "tls": s2s_tls},
+        ],
+        "hosts": domains,
+        "s2s": s2s or {},
+    }, known_modules=available())
+    server = Server(config)
+    await server.start()
+    return Parley(server, Harness(server, port, direct_port, directory), address, s2s_port)
+
+
+async def online(client: ClientXMPP) -> None:
+    """Send initial presence and wait until the server reflected it back."""
+    reflected = Inbox(client, "presence")
+    client.send_presence()
+    await reflected.wait(lambda p: p["from"] == client.boundjid)
+
+
+class Inbox:
+    """Stanzas of one kind a client received, to wait for by what they say."""
+
+    def __init__(self, client: ClientXMPP, event: str = "message") -> None:
+        self.received: list[Any] = []
+        self._arrived = asyncio.Event()
+        client.add_event_handler(event, self._add)
+
+    def _add(self, stanza: Any) -> None:
+        self.received.append(stanza)
+        self._arrived.set()
+
+    async def wait(self, match: Callable[[Any], bool] = lambda _: True, timeout: float = 10.0) -> Any:
+        async def first() -> Any:
+            while True:
+                for stanza in self.received:
+                    if match(stanza):
+                        self.received.remove(stanza)
+                        return stanza
+                self._arrived.clear()
+                await self._arrived.wait()
+
+        try:
+            return await asyncio.wait_for(first(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"not received; got {[str(s) for s in self.received]}") from None
+
+
+class RawPeer:
+    """A hand-driven server connecting to Parley's s2s port: for hostile and protocol-level tests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.parser = StreamParser(ns.SERVER)
+        self.events: list[object] = []
+        self.stream_id = ""
+
+    @classmethod
+    async def connect(cls, address: str, port: int) -> RawPeer:
+        reader, writer = await asyncio.open_connection(address, port)
+        return cls(reader, writer)
+
+    async def send(self, data: str) -> None:
+        self.writer.write(data.encode())
+        await self.writer.drain()
+
+    async def open(self, from_: str, to: str) -> Element:
+        """Send a stream header; return the features that answer it."""
+        await self.send(f"<stream:stream xmlns='jabber:server' xmlns:db='jabber:server:dialback' "
+                        f"xmlns:stream='http://etherx.jabber.org/streams' from='{from_}' to='{to}' version='1.0'>")
+        header = await self.next()
+        assert isinstance(header, StreamOpen), header
+        self.stream_id = header.get("id") or ""
+        return await self.expect(f"{{{ns.STREAM}}}features")
+
+    async def starttls(self, from_: str, to: str) -> Element:
+        await self.open(from_, to)
+        await self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await self.expect(f"{{{ns.TLS}}}proceed")
+        await self.writer.start_tls(insecure_context())
+        self.parser.reset()
+        return await self.open(from_, to)
+
+    async def next(self, timeout: float = 10.0) -> object:
+        while not self.events:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                raise EOFError("the server closed the connection")
+            self.events.extend(self.parser.feed(data))
+        return self.events.pop(0)
+
+    async def expect(self, tag: str, timeout: float = 10.0) -> Any:
+        while True:
+            event = await self.next(timeout)
+            if getattr(event, "tag", None) == tag:
+                return event
+
+    async def closed(self, timeout: float = 10.0) -> bytes:
+        """Everything the server sends until it closes the connection."""
+        received = b""
+        try:
+            while data := await asyncio.wait_for(self.reader.read(65536), timeout):
+                received += data
+        except ConnectionResetError:
+            pass
+        return received
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,360 @@
+"""Federation between in-process Parley servers over loopback (s2s/), and hostile peers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from slixmpp.exceptions import IqError
+
+from s2s.dialback import make_key
+from server.jid import JID
+from tests.s2s_support import Inbox, Parley, RawPeer, TestCA, free_port_on, start_parley
+
+pytestmark = pytest.mark.timeout(60)
+
+A_ADDR, B_ADDR = "127.0.0.5", "127.0.0.6"
+
+
+async def pair(tmp_path: Path, a_s2s: dict[str, Any] | None = None, b_s2s: dict[str, Any] | None = None, *,
+               certs: str = "ca", a_domains: tuple[str, ...] = ("a.test",), b_listener: str = "starttls",
+               **options: Any) -> tuple[Parley, Parley]:
+    """Parley A (a.test) and Parley B (b.test), each reaching the other's domains through the static map.
+
+    certs="ca": certificates from a CA both trust, so SASL EXTERNAL works; certs="self-signed": each
+    server generates its own, which the other cannot verify.
+    """
+    hosts: dict[str, dict[str, Any]] = {domain: {} for domain in (*a_domains, "b.test")}
+    trust: dict[str, Any] = {}
+    if certs == "ca":
+        ca = TestCA(tmp_path / "ca")
+        for domain in hosts:
+            crt, key = ca.issue(domain)
+            hosts[domain] = {"certificate": str(crt), "key": str(key)}
+        trust = {"ca_bundle": str(ca.path)}
+    a_port, b_port = free_port_on(A_ADDR), free_port_on(B_ADDR)
+    to_b = {"b.test": {"address": B_ADDR, "port": b_port, "tls": b_listener}}
+    to_a = {domain: {"address": A_ADDR, "port": a_port} for domain in a_domains}
+    a = await start_parley(tmp_path / "a", {d: hosts[d] for d in a_domains}, A_ADDR, s2s_port=a_port,
+                           s2s={**trust, "static": to_b, **(a_s2s or {})}, **options)
+    b = await start_parley(tmp_path / "b", {"b.test": hosts["b.test"]}, B_ADDR, s2s_port=b_port,
+                           s2s={**trust, "static": to_a, **(b_s2s or {})}, s2s_tls=b_listener, **options)
+    return a, b
+
+
+@pytest.fixture
+async def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The pair; a test changes its options with `@options(...)`."""
+    a, b = await pair(tmp_path, **getattr(request, "param", {}))
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def options(**kwargs: Any) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("servers", [kwargs], indirect=True, ids=[""])
+
+
+def incoming_methods(server: Parley) -> dict[tuple[str, str], str]:
+    return {pair: method for stream in server.manager.incoming for pair, method in stream.methods.items()}
+
+
+async def chat(sender: Any, inbox: Inbox, to: str, body: str) -> Any:
+    sender.send_message(mto=to, mbody=body, mtype="chat")
+    return await inbox.wait(lambda m: m["body"] == body)
+
+
+async def test_messages_both_ways_with_sasl_external(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    alice_inbox, bob_inbox = Inbox(alice), Inbox(bob)
+    got = await chat(alice, bob_inbox, "bob@b.test", "hello from a")
+    assert got["from"].bare == "alice@a.test" and got["type"] == "chat"
+    got = await chat(bob, alice_inbox, "alice@a.test", "hello from b")
+    assert got["from"].bare == "bob@b.test"
+    assert a.manager.links["a.test", "b.test"].methods == {"a.test": "external"}
+    assert b.manager.links["b.test", "a.test"].methods == {"b.test": "external"}
+    assert incoming_methods(b) == {("a.test", "b.test"): "external"}
+
+
+async def test_stanzas_queued_while_the_link_comes_up_arrive_in_order(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    bob_inbox = Inbox(bob)
+    for i in range(20):
+        alice.send_message(mto="bob@b.test", mbody=f"m{i}")
+    await bob_inbox.wait(lambda m: m["body"] == "m19")
+    assert [m["body"] for m in bob_inbox.received] == [f"m{i}" for i in range(19)]
+    assert len({id(link) for link in a.manager.links.values()}) == 1  # one connection carried them all
+
+
+@options(certs="self-signed", a_s2s={"accept_self_signed": ["b.test"]},
+                  b_s2s={"accept_self_signed": ["a.test"]})
+async def test_dialback_when_certificates_cannot_be_verified(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    alice_inbox, bob_inbox = Inbox(alice), Inbox(bob)
+    await chat(alice, bob_inbox, "bob@b.test", "over dialback")
+    await chat(bob, alice_inbox, "alice@a.test", "and back")
+    assert a.manager.links["a.test", "b.test"].methods == {"a.test": "dialback"}
+    assert b.manager.links["b.test", "a.test"].methods == {"b.test": "dialback"}
+    assert incoming_methods(a) == {("b.test", "a.test"): "dialback"}
+
+
+@options(certs="self-signed", a_s2s={"require_valid_certificates": False},
+                  b_s2s={"require_valid_certificates": False})
+async def test_dialback_without_certificate_checks(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    await chat(alice, Inbox(bob), "bob@b.test", "unchecked")
+    assert a.manager.links["a.test", "b.test"].methods == {"a.test": "dialback"}
+
+
+@options(certs="self-signed")
+async def test_untrusted_certificate_is_refused_and_the_stanza_bounced(servers: tuple[Parley, Parley]) -> None:
+    a, _ = servers
+    alice = await a.user("alice@a.test")
+    errors = Inbox(alice, "message_error")
+    alice.send_message(mto="bob@b.test", mbody="not trusted")
+    error = await errors.wait(lambda m: m["type"] == "error")
+    assert error["error"]["condition"] == "remote-server-timeout" and error["from"] == "bob@b.test"
+    assert not a.manager.links
+
+
+async def test_subscription_handshake_and_presence_across_servers(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    alice_presence, bob_presence = Inbox(alice, "presence"), Inbox(bob, "presence")
+    # slixmpp answers a subscription request with 'subscribed' and subscribes back: the full handshake.
+    alice.send_presence(pto="bob@b.test", ptype="subscribe")
+    await alice_presence.wait(lambda p: p["from"].bare == "bob@b.test" and p["type"] == "available")
+    await bob_presence.wait(lambda p: p["from"].bare == "alice@a.test" and p["type"] == "available")
+
+    async def subscription(server: Parley, user: str, contact: str) -> str | None:
+        local, _, domain = user.partition("@")
+        item = await server.server.storage.roster.get_item(domain, local, contact)
+        return item.subscription if item else None
+
+    for _ in range(50):
+        if await subscription(a, "alice@a.test", "bob@b.test") == "both" and \
+                await subscription(b, "bob@b.test", "alice@a.test") == "both":
+            break
+        await asyncio.sleep(0.1)
+    assert await subscription(a, "alice@a.test", "bob@b.test") == "both"
+    assert await subscription(b, "bob@b.test", "alice@a.test") == "both"
+    alice.send_presence(pstatus="away for lunch", pshow="away")
+    got = await bob_presence.wait(lambda p: p["status"] == "away for lunch")
+    assert got["show"] == "away" and got["from"] == alice.boundjid
+
+
+async def test_vcard_fetch_across_servers(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice = await a.user("alice@a.test", plugins=("xep_0054",))
+    bob = await b.user("bob@b.test", plugins=("xep_0054",))
+    card = bob.plugin["xep_0054"].make_vcard()
+    card["FN"] = "Bob of B"
+    await bob.plugin["xep_0054"].publish_vcard(card)
+    result = await alice.plugin["xep_0054"].get_vcard(JID.parse("bob@b.test").__str__(), timeout=10)
+    assert result["vcard_temp"]["FN"] == "Bob of B"
+    with pytest.raises(IqError) as info:
+        await alice.plugin["xep_0054"].get_vcard("nobody@b.test", timeout=10)
+    assert info.value.condition == "service-unavailable"
+
+
+async def test_unreachable_peer_bounces_remote_server_timeout(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice = await a.user("alice@a.test")
+    await b.stop()
+    errors = Inbox(alice, "message_error")
+    alice.send_message(mto="bob@b.test", mbody="anyone there?")
+    error = await errors.wait(lambda m: m["type"] == "error")
+    assert error["error"]["condition"] == "remote-server-timeout"
+    assert error["error"]["type"] == "wait"
+
+
+async def test_unknown_domain_bounces_remote_server_not_found(servers: tuple[Parley, Parley]) -> None:
+    a, _ = servers
+    alice = await a.user("alice@a.test")
+    errors = Inbox(alice, "message_error")
+    alice.send_message(mto="someone@nowhere.invalid", mbody="hello?")
+    error = await errors.wait(lambda m: m["type"] == "error")
+    assert error["error"]["condition"] == "remote-server-not-found"
+    assert error["from"] == "someone@nowhere.invalid"
+
+
+@options(unauthenticated_timeout=1.0)
+async def test_silent_peer_bounces_remote_server_timeout(servers: tuple[Parley, Parley], tmp_path: Path) -> None:
+    a, _ = servers
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.7", 0)
+    port = silent.sockets[0].getsockname()[1]
+    a.server.config.s2s.static["silent.test"] = type(a.server.config.s2s.static["b.test"])("127.0.0.7", port)
+    try:
+        alice = await a.user("alice@a.test")
+        errors = Inbox(alice, "message_error")
+        alice.send_message(mto="x@silent.test", mbody="hello?")
+        error = await errors.wait(lambda m: m["type"] == "error", timeout=5)
+        assert error["error"]["condition"] == "remote-server-timeout"
+    finally:
+        silent.close()
+
+
+@options(a_s2s={"deny": ["b.test"]})
+async def test_denied_domain(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    errors = Inbox(alice, "message_error")
+    alice.send_message(mto="bob@b.test", mbody="blocked")
+    error = await errors.wait(lambda m: m["type"] == "error")
+    assert error["error"]["condition"] == "not-allowed"
+    bob_errors = Inbox(bob, "message_error")
+    bob.send_message(mto="alice@a.test", mbody="refused at a's door")
+    error = await bob_errors.wait(lambda m: m["type"] == "error")
+    assert error["error"]["condition"] == "remote-server-timeout"
+
+
+@options(a_domains=("a.test", "a2.test"))
+async def test_second_domain_multiplexed_on_the_same_link(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, carol = await a.user("alice@a.test"), await a.user("carol@a2.test")
+    bob = await b.user("bob@b.test")
+    bob_inbox = Inbox(bob)
+    await chat(alice, bob_inbox, "bob@b.test", "from a.test")
+    await chat(carol, bob_inbox, "bob@b.test", "from a2.test")
+    link = a.manager.links["a.test", "b.test"]
+    assert a.manager.links["a2.test", "b.test"] is link
+    assert link.methods == {"a.test": "external", "a2.test": "dialback"}
+    assert incoming_methods(b) == {("a.test", "b.test"): "external", ("a2.test", "b.test"): "dialback"}
+
+
+@options(a_s2s={"idle_timeout": 0.5})
+async def test_idle_link_is_closed_and_reopened(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    bob_inbox = Inbox(bob)
+    await chat(alice, bob_inbox, "bob@b.test", "first")
+    first = a.manager.links["a.test", "b.test"]
+    for _ in range(40):
+        if first.closing:
+            break
+        await asyncio.sleep(0.1)
+    assert first.closing and ("a.test", "b.test") not in a.manager.links
+    await chat(alice, bob_inbox, "bob@b.test", "second")
+    assert a.manager.links["a.test", "b.test"] is not first
+
+
+@options(certs="self-signed", b_listener="direct", a_s2s={"accept_self_signed": ["b.test"]},
+                  b_s2s={"accept_self_signed": ["a.test"]})
+async def test_direct_tls(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    await chat(alice, Inbox(bob), "bob@b.test", "xep-0368")
+    link = a.manager.links["a.test", "b.test"]
+    assert link.secure and link.methods == {"a.test": "dialback"}
+
+
+async def authenticated_raw_peer(a: Parley, b: Parley) -> RawPeer:
+    """A raw connection to B claiming a.test, authenticated by dialback with a key A really vouches for
+    (computed here with A's secret, as A's own outgoing link would)."""
+    peer = await RawPeer.connect(B_ADDR, b.s2s_port)
+    await peer.starttls("a.test", "b.test")
+    key = make_key(a.server.secret, "b.test", "a.test", peer.stream_id)
+    await peer.send(f"<db:result from='a.test' to='b.test'>{key}</db:result>")
+    result = await peer.expect("{jabber:server:dialback}result")
+    assert result.get("type") == "valid"
+    return peer
+
+
+async def test_forged_from_is_rejected_and_the_link_carries_on(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    bob = await b.user("bob@b.test")
+    inbox = Inbox(bob)
+    peer = await authenticated_raw_peer(a, b)
+    try:
+        await peer.send("<message from='alice@a.test/x' to='bob@b.test' type='chat'><body>one</body></message>")
+        await inbox.wait(lambda m: m["body"] == "one")
+        await peer.send("<message from='mallory@evil.test' to='bob@b.test' type='chat'><body>forged</body></message>"
+                        "<message from='x@a.test' to='bob@elsewhere.test'><body>relay</body></message>"
+                        "<message from='alice@a.test/x' to='bob@b.test' type='chat'><body>two</body></message>")
+        await inbox.wait(lambda m: m["body"] == "two")
+        assert [m["body"] for m in inbox.received] == []
+        (stream,) = [s for s in b.manager.incoming if s.rejected]
+        assert stream.rejected == 2 and not stream.closing
+    finally:
+        peer.close()
+
+
+async def test_bad_dialback_key_ends_the_stream(servers: tuple[Parley, Parley]) -> None:
+    _, b = servers
+    peer = await RawPeer.connect(B_ADDR, b.s2s_port)
+    try:
+        await peer.starttls("a.test", "b.test")
+        await peer.send("<db:result from='a.test' to='b.test'>0123456789abcdef</db:result>")
+        result = await peer.expect("{jabber:server:dialback}result")
+        assert result.get("type") == "invalid"
+        await peer.closed()
+    finally:
+        peer.close()
+
+
+async def test_garbage_ends_only_that_stream(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    inbox = Inbox(bob)
+    peer = await authenticated_raw_peer(a, b)
+    try:
+        await peer.send("<message from='alice@a.test/x' to='bob@b.test'><body>fine</body></message>")
+        await inbox.wait(lambda m: m["body"] == "fine")
+        await peer.send("<message from='alice@a.test/x' to='bob@b.test'><body>broken</bod></message>")
+        assert b"not-well-formed" in await peer.closed()
+    finally:
+        peer.close()
+    await chat(alice, inbox, "bob@b.test", "the real link still works")
+
+
+async def test_stanzas_before_authentication_end_the_stream(servers: tuple[Parley, Parley]) -> None:
+    _, b = servers
+    peer = await RawPeer.connect(B_ADDR, b.s2s_port)
+    try:
+        await peer.starttls("a.test", "b.test")
+        await peer.send("<message from='alice@a.test' to='bob@b.test'><body>sneaky</body></message>")
+        assert b"not-authorized" in await peer.closed()
+    finally:
+        peer.close()
+
+
+async def test_encryption_is_required_before_dialback(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    peer = await RawPeer.connect(B_ADDR, b.s2s_port)
+    try:
+        features = await peer.open("a.test", "b.test")
+        assert features.find("{urn:ietf:params:xml:ns:xmpp-tls}starttls/{urn:ietf:params:xml:ns:xmpp-tls}required") \
+            is not None
+        key = make_key(a.server.secret, "b.test", "a.test", peer.stream_id)
+        await peer.send(f"<db:result from='a.test' to='b.test'>{key}</db:result>")
+        result = await peer.expect("{jabber:server:dialback}result")
+        assert result.get("type") == "error"
+        assert result.find("{jabber:client}error/{urn:ietf:params:xml:ns:xmpp-stanzas}policy-violation") is not None
+    finally:
+        peer.close()
+
+
+async def test_unknown_target_domain_is_a_dialback_error(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    bob = await b.user("bob@b.test")
+    inbox = Inbox(bob)
+    peer = await authenticated_raw_peer(a, b)
+    try:
+        key = make_key(a.server.secret, "c.test", "a.test", peer.stream_id)
+        await peer.send(f"<db:result from='a.test' to='c.test'>{key}</db:result>")
+        result = await peer.expect("{jabber:server:dialback}result")
+        assert result.get("type") == "error" and result.get("from") == "c.test"
+        assert result.find("{jabber:client}error/{urn:ietf:params:xml:ns:xmpp-stanzas}item-not-found") is not None
+        # A dialback error is not a stream error: the pair authenticated before still works.
+        await peer.send("<message from='alice@a.test/x' to='bob@b.test'><body>still here</body></message>")
+        await inbox.wait(lambda m: m["body"] == "still here")
+    finally:
+        peer.close()
