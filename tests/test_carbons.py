@@ -83,6 +83,7 @@ async def test_received_messages_are_copied_to_the_other_enabled_resources(serve
 async def test_sent_messages_are_copied_to_the_other_enabled_resources(server: Harness) -> None:
     d = await devices(server)
     chat(d["phone"], "bob@localhost", "from the phone")
+    await sync(d["phone"])  # routed before the next one, sent on another connection
     chat(d["web"], "bob@localhost/desk", "from the web")
     assert await d.arrivals() == {
         "phone": [("sent", "from the web")],
