@@ -6,9 +6,11 @@ keys are checked with the sender's authoritative server over our own outgoing li
 peer's verified certificate already names the domain (XEP-0344). Dialback requests run as tasks, so the
 stream keeps answering <db:verify/> meanwhile: the peer may verify our key over this very stream.
 
-A stanza is routed only when its 'from' and 'to' domains are a pair authenticated on this stream. One
-that is not is dropped and logged, never answered: an error would go to an address nobody proved, and
-the stream's legitimate traffic carries on. Input that is not XML ends the stream, as it must.
+A stanza is routed only when its 'from' and 'to' domains are a pair authenticated on this stream (see
+S2SStream.deliver). Input that is not XML ends the stream, as it must.
+
+When the peer asks for XEP-0288 bidirectionality, the manager sends our stanzas for each authenticated
+pair back over this stream instead of opening a connection of its own.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import time
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
 from s2s import dialback
 from s2s.certs import names_domain
 from s2s.policy import VERIFY
-from s2s.stream import S2SStream, new_stream_id
+from s2s.stream import BIDI, BIDI_FEATURE, S2SStream, new_stream_id
 from server import ns
 from server.jid import JID, JIDError
-from server.stanza import KINDS, Stanza
+from server.stanza import KINDS
 from server.stream.errors import StreamError
 from server.stream.parser import StreamClose, StreamOpen
 from server.stream.writer import serialize
@@ -64,7 +65,6 @@ class S2SIncoming(S2SStream):
         self.sasl_done = False
         self.pairs: set[tuple[str, str]] = set()  # (remote, local) domain pairs allowed to send
         self.methods: dict[tuple[str, str], str] = {}  # pair -> "external" or "dialback"
-        self.rejected = 0
 
     def describe(self) -> str:
         return f"{self.remote or '?'} -> {self.local or '?'} from {self.remote_ip}"
@@ -75,6 +75,7 @@ class S2SIncoming(S2SStream):
 
     def lost(self) -> None:
         self.manager.incoming.discard(self)
+        self.manager.forget_bidi(self)
 
     def before_error(self) -> None:
         if not self.header_sent:
@@ -123,6 +124,8 @@ class S2SIncoming(S2SStream):
 
     def _features(self) -> Element:
         features = Element(ns.qname(ns.STREAM, "features"))
+        if not self.pairs and self.manager.config.bidi:
+            SubElement(features, BIDI_FEATURE)
         if not self.secure:
             tls = SubElement(features, ns.qname(ns.TLS, "starttls"))
             if self.manager.policy.require_encryption:
@@ -153,6 +156,8 @@ class S2SIncoming(S2SStream):
             await self._starttls()
         elif tag == AUTH:
             self._sasl_external(el)
+        elif tag == BIDI and not self.pairs and self.manager.config.bidi:
+            self.bidi = True
         else:
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
 
@@ -195,7 +200,10 @@ class S2SIncoming(S2SStream):
     def _authorize(self, remote: str, local: str, method: str) -> None:
         self.pairs.add((remote, local))
         self.methods[remote, local] = method
-        log.info("%s authenticated for %s -> %s (%s) from %s", remote, remote, local, method, self.remote_ip)
+        log.info("%s authenticated for %s -> %s (%s%s) from %s", remote, remote, local, method,
+                 ", bidirectional" if self.bidi else "", self.remote_ip)
+        if self.bidi:
+            self.manager.bidi[local, remote] = self
 
     # --- dialback ---------------------------------------------------------------------------------
 
@@ -249,17 +257,4 @@ class S2SIncoming(S2SStream):
     async def _stanza(self, el: Element) -> None:
         if not self.pairs:
             raise StreamError("not-authorized", "authenticate first")
-        try:
-            sender, to = JID.parse(el.get("from") or ""), JID.parse(el.get("to") or "")
-        except JIDError:
-            self._reject(el, "unparsable 'from' or 'to'")
-            return
-        if (sender.domain, to.domain) not in self.pairs:
-            self._reject(el, "domain pair not authenticated on this stream")
-            return
-        self.last_active = time.monotonic()
-        await self.server.router.route(Stanza(el, KINDS[el.tag], sender, to))
-
-    def _reject(self, el: Element, reason: str) -> None:
-        self.rejected += 1
-        log.warning("rejected a stanza from %r (%s): from=%r to=%r", self, reason, el.get("from"), el.get("to"))
+        await self.deliver(el, self.pairs)

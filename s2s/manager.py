@@ -43,6 +43,7 @@ class S2SManager:
         self.policy = Policy(self.config)
         self.tls = S2STls(server.config)
         self.links: dict[tuple[str, str], S2SOutgoing] = {}
+        self.bidi: dict[tuple[str, str], S2SIncoming] = {}  # (local, remote) -> incoming stream we may send on
         self.incoming: set[S2SIncoming] = set()
         self.listeners: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -107,7 +108,10 @@ class S2SManager:
         if not self.policy.allowed(remote):
             await self.server.router.bounce(st, StanzaError("not-allowed", f"no federation with {remote}"))
             return True
-        if not self.link(local, remote).submit(local, st.el):
+        stream = self.bidi.get((local, remote))
+        if stream is not None and not stream.closing:
+            stream.send_stanza(st.el)
+        elif not self.link(local, remote).submit(local, st.el):
             await self.server.router.bounce(st, StanzaError("resource-constraint", "too many stanzas queued"))
         return True
 
@@ -125,6 +129,10 @@ class S2SManager:
         self.links[local, remote] = link
         link.task = self.spawn(link.run())
         return link
+
+    def forget_bidi(self, stream: S2SIncoming) -> None:
+        for key in [key for key, value in self.bidi.items() if value is stream]:
+            del self.bidi[key]
 
     def link_lost(self, link: S2SOutgoing, queued: dict[str, list[Element]], condition: str) -> None:
         """Forget a link and bounce the stanzas it never sent."""

@@ -1,9 +1,10 @@
 """Outgoing server-to-server links: we connect to another server to deliver stanzas to it.
 
 A link connects to the first reachable candidate from the resolver, negotiates STARTTLS (or starts with
-Direct TLS), checks the peer's certificate as the policy demands, then authenticates each local domain it
-carries: SASL EXTERNAL with our certificate when the peer offers it, else Server Dialback. Stanzas wait
-in a queue per local domain until that domain is authenticated. The link also carries our <db:verify/>
+Direct TLS), checks the peer's certificate as the policy demands, asks for XEP-0288 bidirectionality when
+offered (the peer then answers on this stream rather than connecting back), then authenticates each local
+domain it carries: SASL EXTERNAL with our certificate when the peer offers it, else Server Dialback.
+Stanzas wait in a queue per local domain until that domain is authenticated. The link also carries our <db:verify/>
 requests when we check a dialback key this domain's server gave us on an incoming stream.
 """
 
@@ -20,7 +21,7 @@ from xml.etree.ElementTree import Element
 from s2s import dialback
 from s2s.certs import a_label, acceptable
 from s2s.resolver import resolve
-from s2s.stream import S2SStream
+from s2s.stream import BIDI, BIDI_FEATURE, S2SStream
 from server import ns
 from server.stanza import KINDS
 from server.stream.errors import StreamError
@@ -192,6 +193,9 @@ class S2SOutgoing(S2SStream):
                              "undefined-condition")
             log.info("link %r: stream error from the peer: %s", self, condition)
             self.fail("remote-server-not-found" if condition == "host-unknown" else "remote-server-timeout")
+        elif tag in KINDS and self.bidi:
+            # The peer may send back what we may send to it: from its domain to the ones we authenticated.
+            await self.deliver(el, {(self.remote, local) for local in self.methods})
         elif tag in KINDS:
             raise StreamError("unsupported-stanza-type", "stanzas do not flow this way on this stream")
         else:
@@ -207,6 +211,9 @@ class S2SOutgoing(S2SStream):
                 self.fail("remote-server-timeout")
                 return
         self.dialback = features.find(ns.qname(dialback.FEATURE_NS, "dialback")) is not None
+        if not self.bidi and not self.methods and self.manager.config.bidi and features.find(BIDI_FEATURE) is not None:
+            self.bidi = True  # XEP-0288: before authenticating, so the peer may answer on this stream
+            self.write(serialize(Element(BIDI)))
         if self.sasl == "succeeded" and self.local not in self.methods:
             self._authenticated(self.local, "external")
         elif self.sasl is None:
@@ -260,6 +267,9 @@ class S2SOutgoing(S2SStream):
 
     def _dialback_result(self, el: Element) -> None:
         local = el.get("to") or ""
+        if el.get("type") is None:  # a request: the peer would authenticate more domains over bidi
+            self.write(dialback.element("result", local, el.get("from") or "", error="feature-not-implemented"))
+            return
         if el.get("from") != self.remote or local not in self.requested:
             log.warning("link %r: unsolicited dialback result for %s", self, local)
             return

@@ -14,12 +14,15 @@ import secrets
 import ssl
 import time
 from collections import deque
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
 from s2s import dialback
 from server import ns
+from server.jid import JID, JIDError
 from server.limits import TokenBucket
+from server.stanza import KINDS, Stanza
 from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("parley.s2s")
 
 WRITE_BUFFER_LIMIT = 16 * 1024 * 1024
+BIDI = ns.qname("urn:xmpp:bidi", "bidi")
+BIDI_FEATURE = ns.qname("urn:xmpp:features:bidi", "bidi")
 XML_DECLARATION = "<?xml version='1.0'?>"
 
 
@@ -59,6 +64,8 @@ class S2SStream(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._out: list[str] = []
         self._flush_pending = False
+        self.bidi = False  # XEP-0288: stanzas flow both ways on this stream
+        self.rejected = 0  # stanzas dropped for addresses this stream was not authenticated for
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
@@ -137,6 +144,27 @@ class S2SStream(asyncio.Protocol):
 
     def lost(self) -> None:
         """The connection is gone: give back what depended on it."""
+
+    async def deliver(self, el: Element, pairs: Collection[tuple[str, str]]) -> None:
+        """Route a stanza the peer sent, if its (from, to) domains are a pair authenticated on this stream.
+
+        Anything else is dropped and logged, never answered: an error would go to an address nobody proved,
+        and the stream's legitimate traffic carries on.
+        """
+        try:
+            sender, to = JID.parse(el.get("from") or ""), JID.parse(el.get("to") or "")
+        except JIDError:
+            self._reject(el, "unparsable 'from' or 'to'")
+            return
+        if (sender.domain, to.domain) not in pairs:
+            self._reject(el, "domain pair not authenticated on this stream")
+            return
+        self.last_active = time.monotonic()
+        await self.server.router.route(Stanza(el, KINDS[el.tag], sender, to))
+
+    def _reject(self, el: Element, reason: str) -> None:
+        self.rejected += 1
+        log.warning("rejected a stanza on %r (%s): from=%r to=%r", self, reason, el.get("from"), el.get("to"))
 
     # --- output -----------------------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ class S2SConfig:
     allow: list[str] = field(default_factory=list)  # empty: every domain not denied
     deny: list[str] = field(default_factory=list)
     static: dict[str, StaticRoute] = field(default_factory=dict)
+    bidi: bool = True  # XEP-0288: one connection carries stanzas both ways when the peer agrees
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
     rate: int = 262144  # bytes/s read per server-to-server connection
@@ -322,6 +323,7 @@ def _s2s(table: _Table, base: Path) -> S2SConfig:
         allow=_domains(table, "allow"),
         deny=_domains(table, "deny"),
         static=_static_routes(table.table("static")),
+        bidi=table.boolean("bidi", d.bidi),
         connect_timeout=table.seconds("connect_timeout", d.connect_timeout, 0),
         idle_timeout=table.seconds("idle_timeout", d.idle_timeout, 0),
         rate=table.integer("rate", d.rate, minimum=1),

@@ -20,20 +20,21 @@ A_ADDR, B_ADDR = "127.0.0.5", "127.0.0.6"
 
 async def pair(tmp_path: Path, a_s2s: dict[str, Any] | None = None, b_s2s: dict[str, Any] | None = None, *,
                certs: str = "ca", a_domains: tuple[str, ...] = ("a.test",), b_listener: str = "starttls",
-               **options: Any) -> tuple[Parley, Parley]:
+               bidi: bool = False, **options: Any) -> tuple[Parley, Parley]:
     """Parley A (a.test) and Parley B (b.test), each reaching the other's domains through the static map.
 
     certs="ca": certificates from a CA both trust, so SASL EXTERNAL works; certs="self-signed": each
-    server generates its own, which the other cannot verify.
+    server generates its own, which the other cannot verify. Without bidi (XEP-0288) each server opens
+    its own connection to the other, so both directions authenticate.
     """
     hosts: dict[str, dict[str, Any]] = {domain: {} for domain in (*a_domains, "b.test")}
-    trust: dict[str, Any] = {}
+    trust: dict[str, Any] = {"bidi": bidi}
     if certs == "ca":
         ca = TestCA(tmp_path / "ca")
         for domain in hosts:
             crt, key = ca.issue(domain)
             hosts[domain] = {"certificate": str(crt), "key": str(key)}
-        trust = {"ca_bundle": str(ca.path)}
+        trust["ca_bundle"] = str(ca.path)
     a_port, b_port = free_port_on(A_ADDR), free_port_on(B_ADDR)
     to_b = {"b.test": {"address": B_ADDR, "port": b_port, "tls": b_listener}}
     to_a = {domain: {"address": A_ADDR, "port": a_port} for domain in a_domains}
@@ -79,6 +80,30 @@ async def test_messages_both_ways_with_sasl_external(servers: tuple[Parley, Parl
     assert a.manager.links["a.test", "b.test"].methods == {"a.test": "external"}
     assert b.manager.links["b.test", "a.test"].methods == {"b.test": "external"}
     assert incoming_methods(b) == {("a.test", "b.test"): "external"}
+
+
+@options(bidi=True)
+async def test_bidirectional_link_carries_both_ways(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    alice_inbox, bob_inbox = Inbox(alice), Inbox(bob)
+    await chat(alice, bob_inbox, "bob@b.test", "one connection")
+    await chat(bob, alice_inbox, "alice@a.test", "answered on it")
+    assert a.manager.links["a.test", "b.test"].bidi and not a.manager.incoming
+    assert not b.manager.links and set(b.manager.bidi) == {("b.test", "a.test")}
+
+
+@options(bidi=True, certs="self-signed", a_s2s={"accept_self_signed": ["b.test"]},
+         b_s2s={"accept_self_signed": ["a.test"]})
+async def test_bidirectional_link_with_dialback(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    alice_inbox, bob_inbox = Inbox(alice), Inbox(bob)
+    await chat(bob, alice_inbox, "alice@a.test", "b starts")
+    await chat(alice, bob_inbox, "bob@b.test", "a answers on b's connection")
+    assert b.manager.links["b.test", "a.test"].methods == {"b.test": "dialback"}
+    # A connected to B only to check B's dialback key; A's stanzas take B's connection.
+    assert set(a.manager.bidi) == {("a.test", "b.test")}
 
 
 async def test_stanzas_queued_while_the_link_comes_up_arrive_in_order(servers: tuple[Parley, Parley]) -> None:

@@ -1,0 +1,187 @@
+"""Federation with real Prosody and ejabberd, both ways (see tests/s2s_peers.py for how they run).
+
+Prosody's certificate comes from a CA both sides trust: the pair authenticates with SASL EXTERNAL.
+ejabberd's is self-signed, which Parley accepts for that domain only (accept_self_signed) and ejabberd
+does not accept of Parley's: the pair authenticates with Server Dialback.
+These tests need root and the Debian packages; under CI=true they fail when the peers cannot run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from slixmpp import ClientXMPP
+
+from tests.conftest import IN_CI
+from tests.s2s_peers import (
+    EJABBERD,
+    PARLEY,
+    PROSODY,
+    Ejabberd,
+    Peer,
+    PeerUnavailable,
+    Prosody,
+    check_environment,
+    ensure_hosts_entries,
+    peer_client,
+)
+from tests.s2s_support import Inbox, Parley, TestCA, start_parley
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"federation peers cannot run: {reason}")
+    pytest.skip(f"federation peers cannot run: {reason}")
+
+
+@pytest.fixture(scope="module")
+def ca() -> Iterator[TestCA]:
+    directory = Path(tempfile.mkdtemp(prefix="parley-s2s-ca-"))
+    try:
+        yield TestCA(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run(peer: Peer) -> Iterator[Peer]:
+    try:
+        check_environment()
+        ensure_hosts_entries()
+        peer.start()
+    except PeerUnavailable as exc:
+        peer.stop()
+        peer.cleanup()
+        unavailable(str(exc))
+    try:
+        yield peer
+    finally:
+        peer.stop()
+        peer.cleanup()
+
+
+@pytest.fixture(scope="module")
+def prosody(ca: TestCA) -> Iterator[Peer]:
+    yield from _run(Prosody(*PROSODY, ca))
+
+
+@pytest.fixture(scope="module")
+def ejabberd(ca: TestCA) -> Iterator[Peer]:
+    yield from _run(Ejabberd(*EJABBERD, ca))
+
+
+@pytest.fixture(params=["prosody", "ejabberd"])
+def peer(request: pytest.FixtureRequest) -> Peer:
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+async def parley(peer: Peer, ca: TestCA, tmp_path: Path) -> AsyncIterator[Parley]:
+    address, domain = PARLEY
+    crt, key = ca.issue(domain, tmp_path)
+    server = await start_parley(tmp_path / "parley", {domain: {"certificate": str(crt), "key": str(key)}}, address,
+                                s2s_port=5269, s2s={"ca_bundle": str(ca.path), "accept_self_signed": [EJABBERD[1]]},
+                                unauthenticated_timeout=15.0)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[ClientXMPP]]:
+    """Peer-side clients, disconnected after the test."""
+    opened: list[ClientXMPP] = []
+    yield opened
+    for client in opened:
+        client.disconnect(wait=0.5)
+    await asyncio.sleep(0.2)
+
+
+async def remote_user(peer: Peer, clients: list[ClientXMPP], *, plugins: tuple[str, ...] = (),
+                      available: bool = True) -> ClientXMPP:
+    jid = await peer.new_user()
+    client = await peer_client(jid, "secret", peer.address, plugins)
+    clients.append(client)
+    if available:
+        reflected = Inbox(client, "presence")
+        client.send_presence()
+        await reflected.wait(lambda p: p["from"] == client.boundjid)
+    return client
+
+
+def incoming_pairs(parley: Parley) -> dict[tuple[str, str], str]:
+    return {pair: method for stream in parley.manager.incoming for pair, method in stream.methods.items()}
+
+
+@pytest.mark.parametrize("first", ["parley", "peer"])
+async def test_messages_both_ways(parley: Parley, peer: Peer, clients: list[ClientXMPP], first: str) -> None:
+    """Whoever writes first opens the connection; the other direction reuses it if the peer does XEP-0288."""
+    alice = await parley.user(f"alice@{PARLEY[1]}")
+    remote = await remote_user(peer, clients)
+    alice_inbox, remote_inbox = Inbox(alice), Inbox(remote)
+    turns = [(alice, remote.boundjid.bare, remote_inbox), (remote, alice.boundjid.bare, alice_inbox)]
+    for sender, to, inbox in turns if first == "parley" else reversed(turns):
+        sender.send_message(mto=to, mbody=f"hello from {sender.boundjid.domain}", mtype="chat")
+        got = await inbox.wait(lambda m, s=sender: m["body"] == f"hello from {s.boundjid.domain}")
+        assert got["from"] == sender.boundjid and got["type"] == "chat"
+    ours, theirs = (PARLEY[1], peer.domain), (peer.domain, PARLEY[1])
+    link = parley.manager.links.get(ours)
+    if not peer.bidi:
+        assert link.methods == {PARLEY[1]: peer.method} and incoming_pairs(parley) == {theirs: peer.method}
+    elif first == "parley":
+        assert link.bidi and link.methods == {PARLEY[1]: peer.method} and not incoming_pairs(parley)
+    else:
+        assert link is None and incoming_pairs(parley) == {theirs: peer.method} and ours in parley.manager.bidi
+
+
+async def test_subscription_handshake_ends_in_both_and_presence_flows(parley: Parley, peer: Peer,
+                                                                      clients: list[ClientXMPP]) -> None:
+    alice = await parley.user(f"alice@{PARLEY[1]}")
+    remote = await remote_user(peer, clients)
+    contact = remote.boundjid.bare
+    alice_presence, remote_presence = Inbox(alice, "presence"), Inbox(remote, "presence")
+    # slixmpp accepts a request and subscribes back, so one 'subscribe' runs the whole handshake.
+    alice.send_presence(pto=contact, ptype="subscribe")
+    await alice_presence.wait(lambda p: p["from"].bare == contact and p["type"] == "available", timeout=15)
+    await remote_presence.wait(lambda p: p["from"].bare == alice.boundjid.bare and p["type"] == "available",
+                               timeout=15)
+
+    async def settled() -> bool:
+        item = await parley.server.storage.roster.get_item(PARLEY[1], "alice", contact)
+        await remote.get_roster(timeout=10)
+        theirs = remote.client_roster[alice.boundjid.bare]
+        return item is not None and item.subscription == "both" and not item.ask and \
+            theirs["subscription"] == "both" and not theirs["pending_out"]
+
+    for _ in range(30):
+        if await settled():
+            break
+        await asyncio.sleep(0.1)
+    assert await settled()
+    remote.send_presence(pshow="dnd", pstatus="in a meeting")
+    got = await alice_presence.wait(lambda p: p["status"] == "in a meeting")
+    assert got["show"] == "dnd" and got["from"] == remote.boundjid
+    alice.send_presence(pshow="away", pstatus="gone fishing")
+    got = await remote_presence.wait(lambda p: p["status"] == "gone fishing")
+    assert got["from"] == alice.boundjid
+
+
+async def test_vcard_fetch_both_ways(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0054",))
+    remote = await remote_user(peer, clients, plugins=("xep_0054",))
+    for client, name in ((alice, "Alice of Parley"), (remote, f"Someone at {peer.name}")):
+        card = client.plugin["xep_0054"].make_vcard()
+        card["FN"] = name
+        await client.plugin["xep_0054"].publish_vcard(card, timeout=10)
+    got: Any = await alice.plugin["xep_0054"].get_vcard(remote.boundjid.bare, timeout=15)
+    assert got["vcard_temp"]["FN"] == f"Someone at {peer.name}"
+    got = await remote.plugin["xep_0054"].get_vcard(alice.boundjid.bare, timeout=15)
+    assert got["vcard_temp"]["FN"] == "Alice of Parley"
