@@ -153,12 +153,8 @@ class S2SManager:
         """Ask `remote`'s authoritative server about a dialback key: 'valid', 'invalid' or an error condition."""
         if not self.policy.allowed(remote):
             return "not-allowed"
-        link = self.link(local, remote)
-        try:
-            return await asyncio.wait_for(link.request_verify(local, stream_id, key),
-                                          self.server.config.limits.unauthenticated_timeout)
-        except TimeoutError:
-            return "remote-server-timeout"
+        return await self.link(local, remote).verify(local, stream_id, key,
+                                                     self.server.config.limits.unauthenticated_timeout)
 
     # --- housekeeping -----------------------------------------------------------------------------
 

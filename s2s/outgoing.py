@@ -4,8 +4,8 @@ A link connects to the first reachable candidate from the resolver, negotiates S
 Direct TLS), checks the peer's certificate as the policy demands, asks for XEP-0288 bidirectionality when
 offered (the peer then answers on this stream rather than connecting back), then authenticates each local
 domain it carries: SASL EXTERNAL with our certificate when the peer offers it, else Server Dialback.
-Stanzas wait in a queue per local domain until that domain is authenticated. The link also carries our <db:verify/>
-requests when we check a dialback key this domain's server gave us on an incoming stream.
+Stanzas wait in a queue per local domain until that domain is authenticated. The link also carries our
+<db:verify/> requests when we check a dialback key this domain's server gave us on an incoming stream.
 """
 
 from __future__ import annotations
@@ -82,14 +82,20 @@ class S2SOutgoing(S2SStream):
         self.queues.setdefault(local, [])
         self._request(local)
 
-    def request_verify(self, local: str, stream_id: str, key: str) -> asyncio.Future[str]:
+    async def verify(self, local: str, stream_id: str, key: str, timeout: float) -> str:
+        """Ask the peer, as authoritative server, about a key: 'valid', 'invalid' or an error condition."""
         future = self.verifies.get((local, stream_id))
         if future is None:
             future = self.verifies[local, stream_id] = asyncio.get_running_loop().create_future()
             self.unsent.append((local, stream_id, key))
             if self.settled:
                 self._send_verifies()
-        return future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if self.verifies.get((local, stream_id)) is future:
+                del self.verifies[local, stream_id]
+            return "remote-server-timeout"
 
     def idle(self) -> bool:
         return bool(self.methods) and not any(self.queues.values()) and not self.verifies
@@ -289,9 +295,9 @@ class S2SOutgoing(S2SStream):
             self.fail(condition)
 
     def _dialback_verify(self, el: Element) -> None:
-        future = self.verifies.pop((el.get("to") or "", el.get("id") or ""), None)
-        if future is None or el.get("from") != self.remote or future.done():
+        key = (el.get("to") or "", el.get("id") or "")
+        if el.get("from") != self.remote or key not in self.verifies:
             log.warning("link %r: unsolicited dialback verification", self)
             return
         kind = el.get("type")
-        future.set_result(kind if kind in ("valid", "invalid") else "remote-server-timeout")
+        self.verifies.pop(key).set_result(kind if kind in ("valid", "invalid") else "remote-server-timeout")

@@ -8,6 +8,7 @@ address on port 5269 is used; that lookup is left to the system resolver when co
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass
@@ -67,8 +68,8 @@ async def resolve(domain: str, static: dict[str, StaticRoute]) -> list[Target]:
     if route is not None:
         return [Target(route.address, route.port, route.tls == "direct")]
     ascii_domain = a_label(domain)
-    direct = await _srv(f"_xmpps-server._tcp.{ascii_domain}.")
-    starttls = await _srv(f"_xmpp-server._tcp.{ascii_domain}.")
+    direct, starttls = await asyncio.gather(_srv(f"_xmpps-server._tcp.{ascii_domain}."),
+                                            _srv(f"_xmpp-server._tcp.{ascii_domain}."))
     if direct is None and starttls is None:
         return [Target(ascii_domain, DEFAULT_PORT, False)]
     records = [(r, True) for r in direct or []] + [(r, False) for r in starttls or []]

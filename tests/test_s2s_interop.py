@@ -185,3 +185,21 @@ async def test_vcard_fetch_both_ways(parley: Parley, peer: Peer, clients: list[C
     assert got["vcard_temp"]["FN"] == f"Someone at {peer.name}"
     got = await remote.plugin["xep_0054"].get_vcard(alice.boundjid.bare, timeout=15)
     assert got["vcard_temp"]["FN"] == "Alice of Parley"
+
+
+async def test_parley_user_joins_a_room_on_the_peer(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
+    """The room lives at conference.<peer>, a domain of its own: another link, through /etc/hosts."""
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0045",))
+    remote = await remote_user(peer, clients, plugins=("xep_0045",))
+    room = f"lobby@conference.{peer.domain}"
+    await remote.plugin["xep_0045"].join_muc_wait(room, "host", timeout=15)
+    joined, _, occupants, _ = await alice.plugin["xep_0045"].join_muc_wait(room, "alice", timeout=15)
+    assert joined["from"] == f"{room}/alice"
+    assert {str(p["from"]) for p in occupants} == {f"{room}/host", f"{room}/alice"}
+    alice_inbox, remote_inbox = Inbox(alice, "groupchat_message"), Inbox(remote, "groupchat_message")
+    remote.send_message(mto=room, mbody="welcome", mtype="groupchat")
+    got = await alice_inbox.wait(lambda m: m["body"] == "welcome")
+    assert got["from"] == f"{room}/host"
+    alice.send_message(mto=room, mbody="thanks", mtype="groupchat")
+    got = await remote_inbox.wait(lambda m: m["body"] == "thanks")
+    assert got["from"] == f"{room}/alice"

@@ -27,3 +27,5 @@ certificates = "@DIR@/certs"
 ssl = { certificate = "@DIR@/certs/@DOMAIN@.crt"; key = "@DIR@/certs/@DOMAIN@.key"; cafile = "@DIR@/certs/ca.crt"; }
 VirtualHost "@DOMAIN@"
   ssl = { certificate = "@DIR@/certs/@DOMAIN@.crt"; key = "@DIR@/certs/@DOMAIN@.key"; cafile = "@DIR@/certs/ca.crt"; }
+Component "conference.@DOMAIN@" "muc"
+  muc_room_locking = false
