@@ -300,46 +300,10 @@ def _ignore(data: bytes) -> None:
 # --- presence fan-out -----------------------------------------------------------------------------
 
 
-def _contacts(i: int, users: int, half: int) -> list[int]:
+def ring_contacts(i: int, users: int, half: int) -> list[int]:
+    """User i's contacts: the `half` users before it and after it on a ring, all mutually subscribed.
+    bench.run has the servers store these rosters before the fan-out scenario starts."""
     return [(i + d) % users for d in range(-half, half + 1) if d != 0]
-
-
-async def _build_rosters(run: Run, names: list[str], half: int, timeout: float) -> None:
-    """Untimed setup over XMPP: everyone subscribes to its ring neighbours and approves whoever asks."""
-    domain = run.target.domain
-    conns = await run.login_many(names, LoginOptions(roster=False), concurrency=50, resource="setup")
-    if len(conns) < len(names):
-        for conn in conns:
-            conn.close()
-        raise LoginError(f"roster setup: only {len(conns)} of {len(names)} users logged in")
-    approved: dict[str, set[str]] = {name: set() for name in names}
-
-    def handler(conn: Connection, me: str) -> Callable[[Element], None]:
-        def on_element(el: Element) -> None:
-            if el.tag != PRESENCE:
-                return
-            kind, sender = el.get("type"), bare(el.get("from", ""))
-            if kind == "subscribe":
-                conn.send(f"<presence to='{sender}' type='subscribed'/>")
-            elif kind == "subscribed":
-                approved[me].add(sender)
-        return on_element
-
-    for conn in conns:
-        me = bare(conn.jid).split("@")[0]
-        conn.on_element = handler(conn, me)
-    for i, conn in enumerate(conns):
-        conn.send("".join(f"<presence to='{names[j]}@{domain}' type='subscribe'/>"
-                          for j in _contacts(i, len(names), half)))
-    deadline = time.monotonic() + timeout
-    want = 2 * half
-    while time.monotonic() < deadline and any(len(v) < want for v in approved.values()):
-        await asyncio.sleep(0.25)
-    for conn in conns:
-        conn.close()
-    missing = sum(want - len(v) for v in approved.values() if len(v) < want)
-    if missing:
-        raise LoginError(f"roster setup incomplete after {timeout:.0f} s: {missing} approvals missing")
 
 
 def _roster_both(conn: Connection) -> int:
@@ -355,10 +319,6 @@ async def fanout(run: Run) -> dict[str, Any]:
     if users % 2 or users <= 2 * half:
         raise ValueError("fan-out needs an even number of users larger than the roster size")
     names = [run.user("f", i) for i in range(users)]
-    setup_started = time.monotonic()
-    await _build_rosters(run, names, half, spec["setup_timeout"])
-    setup_seconds = time.monotonic() - setup_started
-    await asyncio.sleep(1.0)
     totals = {"all": 0, "watchers": 0}
 
     def counter(me: str, watcher: bool) -> Callable[[Element], None]:
@@ -413,7 +373,7 @@ async def fanout(run: Run) -> dict[str, Any]:
         },
         "counts": {"users": users, "contacts": 2 * half, "loggers": len(loggers), "watchers": len(watchers),
                    "presences": totals["all"], "presences_at_watchers": totals["watchers"],
-                   "expected_at_watchers": expected_at_watchers, "setup_seconds": round(setup_seconds, 1)},
+                   "expected_at_watchers": expected_at_watchers},
         "cpu": cpu,
         "server_rss_kib": rss,
     }

@@ -7,6 +7,7 @@ s2s_ports = {}
 http_ports = {}
 https_ports = {}
 network_backend = "epoll"
+network_settings = { tcp_backlog = 1024 } -- as Parley's listen backlog; the default 128 drops SYNs in a storm
 data_path = "@DIR@/data"
 pidfile = "@DIR@/prosody.pid"
 daemonize = false
