@@ -39,6 +39,7 @@ log = logging.getLogger("parley.s2s.in")
 
 STARTTLS = ns.qname(ns.TLS, "starttls")
 AUTH = ns.qname(ns.SASL, "auth")
+MAX_CHECKS = 8  # dialback keys checked at once for one incoming stream
 
 
 def _domain(text: str | None) -> str | None:
@@ -65,6 +66,7 @@ class S2SIncoming(S2SStream):
         self.sasl_done = False
         self.pairs: set[tuple[str, str]] = set()  # (remote, local) domain pairs allowed to send
         self.methods: dict[tuple[str, str], str] = {}  # pair -> "external" or "dialback"
+        self.checking = 0  # dialback keys being checked with their authoritative servers
 
     def describe(self) -> str:
         return f"{self.remote or '?'} -> {self.local or '?'} from {self.remote_ip}"
@@ -219,11 +221,18 @@ class S2SIncoming(S2SStream):
             self.write(dialback.element("result", local, remote, error="not-allowed"))
         elif (remote, local) in self.pairs or self._certified(remote):
             self._dialback_valid(remote, local)
+        elif self.checking >= MAX_CHECKS:
+            # Each check may open a connection to the claimed domain: a peer must not make us open many.
+            self.write(dialback.element("result", local, remote, error="resource-constraint"))
         else:
+            self.checking += 1
             self.manager.spawn(self._check_key(remote, local, el.text or ""))
 
     async def _check_key(self, remote: str, local: str, key: str) -> None:
-        result = await self.manager.verify(local, remote, self.stream_id, key)
+        try:
+            result = await self.manager.verify(local, remote, self.stream_id, key)
+        finally:
+            self.checking -= 1
         if self.closing:
             return
         if result == "valid":

@@ -383,3 +383,25 @@ async def test_unknown_target_domain_is_a_dialback_error(servers: tuple[Parley, 
         await inbox.wait(lambda m: m["body"] == "still here")
     finally:
         peer.close()
+
+
+async def test_dialback_checks_per_stream_are_capped(servers: tuple[Parley, Parley]) -> None:
+    from s2s.incoming import MAX_CHECKS
+
+    _, b = servers
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.8", 0)
+    port = silent.sockets[0].getsockname()[1]
+    peer = await RawPeer.connect(B_ADDR, b.s2s_port)
+    try:
+        await peer.starttls("a.test", "b.test")
+        # Each claimed domain's server accepts the connection and says nothing: every check hangs.
+        route = type(b.server.config.s2s.static["a.test"])
+        b.server.config.s2s.static.update({f"x{i}.test": route("127.0.0.8", port) for i in range(MAX_CHECKS + 1)})
+        await peer.send("".join(f"<db:result from='x{i}.test' to='b.test'>00</db:result>"
+                                for i in range(MAX_CHECKS + 1)))
+        refused = await peer.expect("{jabber:server:dialback}result")
+        assert refused.get("from") == "b.test" and refused.get("to") == f"x{MAX_CHECKS}.test"
+        assert refused.find("{jabber:client}error/{urn:ietf:params:xml:ns:xmpp-stanzas}resource-constraint") is not None
+    finally:
+        peer.close()
+        silent.close()

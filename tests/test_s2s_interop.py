@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from slixmpp import ClientXMPP
 
+from server.registry import available
 from tests.conftest import IN_CI
 from tests.s2s_peers import (
     EJABBERD,
@@ -82,11 +83,15 @@ def peer(request: pytest.FixtureRequest) -> Peer:
     return request.getfixturevalue(request.param)
 
 
+MUC = "muc" in available()
+
+
 @pytest.fixture
 async def parley(peer: Peer, ca: TestCA, tmp_path: Path) -> AsyncIterator[Parley]:
     address, domain = PARLEY
     crt, key = ca.issue(domain, tmp_path)
-    server = await start_parley(tmp_path / "parley", {domain: {"certificate": str(crt), "key": str(key)}}, address,
+    host = {"certificate": str(crt), "key": str(key), "modules_enabled": ["muc"] if MUC else []}
+    server = await start_parley(tmp_path / "parley", {domain: host}, address,
                                 s2s_port=5269, s2s={"ca_bundle": str(ca.path), "accept_self_signed": [EJABBERD[1]]},
                                 unauthenticated_timeout=15.0)
     try:
@@ -203,3 +208,24 @@ async def test_parley_user_joins_a_room_on_the_peer(parley: Parley, peer: Peer, 
     alice.send_message(mto=room, mbody="thanks", mtype="groupchat")
     got = await remote_inbox.wait(lambda m: m["body"] == "thanks")
     assert got["from"] == f"{room}/alice"
+
+
+@pytest.mark.skipif(not MUC, reason="Parley has no MUC module")
+async def test_peer_user_joins_a_room_on_parley(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
+    """conference.parley.test is a service domain: it authenticates on its own, multiplexed where it can."""
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0045", "xep_0004"))
+    remote = await remote_user(peer, clients, plugins=("xep_0045",))
+    room = f"garden@conference.{PARLEY[1]}"
+    await alice.plugin["xep_0045"].join_muc_wait(room, "alice", timeout=15)
+    # An empty configuration form makes it an instant room, open to others.
+    await alice.plugin["xep_0045"].set_room_config(room, alice.plugin["xep_0004"].make_form(), timeout=10)
+    joined, _, occupants, _ = await remote.plugin["xep_0045"].join_muc_wait(room, "visitor", timeout=15)
+    assert joined["from"] == f"{room}/visitor"
+    assert {str(p["from"]) for p in occupants} == {f"{room}/alice", f"{room}/visitor"}
+    alice_inbox, remote_inbox = Inbox(alice, "groupchat_message"), Inbox(remote, "groupchat_message")
+    alice.send_message(mto=room, mbody="welcome to parley", mtype="groupchat")
+    got = await remote_inbox.wait(lambda m: m["body"] == "welcome to parley")
+    assert got["from"] == f"{room}/alice"
+    remote.send_message(mto=room, mbody="nice room", mtype="groupchat")
+    got = await alice_inbox.wait(lambda m: m["body"] == "nice room")
+    assert got["from"] == f"{room}/visitor"
