@@ -19,6 +19,7 @@ from server.jid import JID, JIDError
 DEFAULT_MODULES: list[str] = [
     "roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "register", "vcard",
     "carbons", "blocking",
+    "pep", "pubsub",
 ]
 
 LISTENER_TYPES = ("c2s", "s2s", "component", "http")

@@ -27,6 +27,7 @@ class Field:
     label: str | None = None
     values: tuple[str, ...] = ()
     required: bool = False
+    options: tuple[str, ...] = ()  # the choices of a list-single or list-multi field
 
 
 def build_form(type: str, fields: Iterable[Field], *, form_type: str | None = None, title: str | None = None,
@@ -55,6 +56,8 @@ def _field(field: Field) -> Element:
         SubElement(el, ns.qname(ns.DATA_FORMS, "required"))
     for value in field.values:
         SubElement(el, VALUE).text = value
+    for option in field.options:
+        SubElement(SubElement(el, ns.qname(ns.DATA_FORMS, "option")), VALUE).text = option
     return el
 
 

@@ -94,15 +94,17 @@ async def test_disco_info_of_the_host(server: Harness) -> None:
 async def test_disco_items_of_the_host_come_from_the_registry(server: Harness) -> None:
     await server.add_user("alice")
     alice = await server.client("alice@localhost")
-    query = query_of(await send_iq(alice, "get", f"<query xmlns='{ITEMS}'/>", "localhost"), ITEMS)
-    assert len(query) == 0
+
+    async def listed() -> list[tuple[str | None, str | None]]:
+        query = query_of(await send_iq(alice, "get", f"<query xmlns='{ITEMS}'/>", "localhost"), ITEMS)
+        return [(i.get("jid"), i.get("name")) for i in query]
+
+    services = await listed()  # what the default modules registered, e.g. pubsub.localhost
     disco = server.server.hosts["localhost"].modules["disco"]
-    disco.add_item("conference.localhost", "Chatrooms")
-    query = query_of(await send_iq(alice, "get", f"<query xmlns='{ITEMS}'/>", "localhost"), ITEMS)
-    assert [(i.get("jid"), i.get("name")) for i in query] == [("conference.localhost", "Chatrooms")]
-    disco.remove_item("conference.localhost")
-    query = query_of(await send_iq(alice, "get", f"<query xmlns='{ITEMS}'/>", "localhost"), ITEMS)
-    assert len(query) == 0
+    disco.add_item("news.localhost", "News")
+    assert await listed() == [*services, ("news.localhost", "News")]
+    disco.remove_item("news.localhost")
+    assert await listed() == services
 
 
 async def test_disco_unknown_node_is_item_not_found(server: Harness) -> None:
@@ -119,7 +121,7 @@ async def test_disco_of_an_account_is_answered_by_the_server(server: Harness) ->
     alice = await server.client("alice@localhost")
     for who in ("alice@localhost", "bob@localhost"):
         query = query_of(await send_iq(alice, "get", f"<query xmlns='{INFO}'/>", who), INFO)
-        assert identities_of(query) == [("account", "registered", None)]
+        assert ("account", "registered", None) in identities_of(query)
         features = features_of(query)
         assert features == sorted(set(features))
         assert INFO in features and ITEMS in features

@@ -12,6 +12,7 @@ from server.storage.accounts import Account, AccountStore, Credentials, StoredCr
 from server.storage.engine import make_engine
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
+from server.storage.pubsub import PubSubStore, StoredItem
 from server.storage.roster import RosterItem, RosterStore
 from server.storage.schema import migrate
 
@@ -21,11 +22,13 @@ __all__ = [
     "Credentials",
     "KeyValueStore",
     "OfflineStore",
+    "PubSubStore",
     "QuotaExceeded",
     "RosterItem",
     "RosterStore",
     "Storage",
     "StoredCredentials",
+    "StoredItem",
     "open_storage",
 ]
 
@@ -39,6 +42,7 @@ class Storage:
         self.roster = RosterStore(engine)
         self.offline = OfflineStore(engine)
         self.kv = KeyValueStore(engine)
+        self.pubsub = PubSubStore(engine)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -17,6 +17,10 @@ from server.storage.schema import (
     kv,
     offline,
     pending_subscriptions,
+    pubsub_affiliations,
+    pubsub_items,
+    pubsub_nodes,
+    pubsub_subscriptions,
     roster,
     roster_versions,
 )
@@ -138,7 +142,8 @@ class AccountStore:
             gone = await conn.execute(delete(accounts).where(*user_rows(accounts, host, username)))
             if gone.rowcount == 0:
                 return False
-            for table in (roster, pending_subscriptions, offline, kv):
+            for table in (roster, pending_subscriptions, offline, kv, pubsub_items, pubsub_subscriptions,
+                          pubsub_affiliations, pubsub_nodes):
                 await conn.execute(delete(table).where(*user_rows(table, host, username)))
             await conn.execute(
                 update(roster_versions)

@@ -172,6 +172,56 @@ kv = Table(
 )
 
 
+# Publish-subscribe (server.storage.pubsub): a PEP service is (host, username), a pubsub domain (domain, '').
+pubsub_nodes = Table(
+    "pubsub_nodes",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("node", String, nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("host", "username", "node"),
+)
+
+pubsub_items = Table(
+    "pubsub_items",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("node", String, nullable=False),
+    Column("item_id", String, nullable=False),
+    Column("publisher", String, nullable=False),
+    Column("stamp", UTCDateTime, nullable=False),
+    Column("payload", Text, nullable=False),
+    Index("ix_pubsub_items_node", "host", "username", "node", "item_id", unique=True),
+)
+
+pubsub_subscriptions = Table(
+    "pubsub_subscriptions",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("node", String, nullable=False),
+    Column("jid", String, nullable=False),
+    Column("subid", String, nullable=False),
+    Column("state", String, nullable=False),
+    PrimaryKeyConstraint("host", "username", "node", "jid"),
+)
+
+pubsub_affiliations = Table(
+    "pubsub_affiliations",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("node", String, nullable=False),
+    Column("jid", String, nullable=False),
+    Column("affiliation", String, nullable=False),
+    PrimaryKeyConstraint("host", "username", "node", "jid"),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -181,7 +231,14 @@ def _step_1(conn: Connection) -> None:
     )
 
 
-STEPS: list[Callable[[Connection], None]] = [_step_1]
+def _step_2(conn: Connection) -> None:
+    """Publish-subscribe nodes, items, subscriptions and affiliations (PEP and pubsub.<host>)."""
+    metadata.create_all(
+        conn, tables=[pubsub_nodes, pubsub_items, pubsub_subscriptions, pubsub_affiliations], checkfirst=False
+    )
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2]
 
 
 async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:
