@@ -129,6 +129,8 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
     except ServerUnavailable as exc:
         return {"skipped": str(exc)}
     report: dict[str, Any] = {"address": f"{server.address}:{server.port}", "scenarios": {}}
+    if server.name != "parley":
+        report["version"] = server.version()
     users = _users_needed(scenarios, size)
     started = time.monotonic()
     try:
@@ -184,6 +186,10 @@ def _cell(result: dict[str, Any] | None, key: str, source: str) -> float | None:
 def render_table(results: dict[str, Any], scenarios: list[str]) -> str:
     """One text table: each server's figures side by side, then Parley's ratio to each other server."""
     names = list(results["servers"])
+    checkout = results["parley_checkout"]
+    versions = [f"parley {checkout['commit']}" + (f" (+{checkout['uncommitted_server_files']} uncommitted "
+                                                   "server files)" if checkout["uncommitted_server_files"] else "")]
+    versions += [f"{n} {results['servers'][n]['version']}" for n in names if "version" in results["servers"][n]]
     others = [n for n in names if n != "parley"] if "parley" in names else []
     header = ["scenario", "metric", *names, *(f"parley/{o}" for o in others)]
     rows: list[list[str]] = []
@@ -224,12 +230,13 @@ def render_table(results: dict[str, Any], scenarios: list[str]) -> str:
             notes.append(f"{n}: skipped: {server['skipped']}")
         notes += [f"{n}: {text}" for text in server.get("notes", [])]
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    out = ["  ".join(h.ljust(w) if c < 2 else h.rjust(w) for c, (h, w) in enumerate(zip(header, widths,
-                                                                                      strict=True)))]
+    def line(cells: list[str]) -> str:
+        return "  ".join(v.ljust(w) if c < 2 else v.rjust(w)
+                         for c, (v, w) in enumerate(zip(cells, widths, strict=True)))
+
+    out = ["versions: " + ", ".join(versions), line(header)]
     out.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        out.append("  ".join(v.ljust(w) if c < 2 else v.rjust(w)
-                             for c, (v, w) in enumerate(zip(r, widths, strict=True))))
+    out += [line(r) for r in rows]
     out.append("* generator at or above 90% of a core: that figure may be the generator's limit.")
     out += [f"note: {n}" for n in notes]
     return "\n".join(out)

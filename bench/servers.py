@@ -105,6 +105,11 @@ class BenchServer:
     def check(self) -> None:
         """Raise ServerUnavailable with the reason when this server cannot run here."""
 
+    def version(self) -> str:
+        """The Debian package version of a peer (Parley's checkout is recorded by bench.run)."""
+        found = subprocess.run(["dpkg-query", "-W", "-f=${Version}", self.name], capture_output=True, text=True)
+        return found.stdout.strip() or "unknown"
+
     async def setup(self, users: list[str], password: str, rosters: dict[str, list[str]]) -> None:
         """Write the configuration, create the users and store their rosters (user -> contacts, every
         subscription mutual). Servers may be started for that, and are stopped again afterwards."""
