@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from tests.s2s_peers import (
     ensure_hosts_entries,
     peer_client,
 )
-from tests.s2s_support import Inbox, Parley, TestCA, start_parley
+from tests.s2s_support import Inbox, Parley, TestCA, online, start_parley
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -84,13 +85,17 @@ def peer(request: pytest.FixtureRequest) -> Peer:
 
 
 MUC = "muc" in available()
+PEP = "pep" in available()
+OMEMO = "urn:xmpp:omemo:2"
+OMEMO_DEVICES = f"{OMEMO}:devices"
 
 
 @pytest.fixture
 async def parley(peer: Peer, ca: TestCA, tmp_path: Path) -> AsyncIterator[Parley]:
     address, domain = PARLEY
     crt, key = ca.issue(domain, tmp_path)
-    host = {"certificate": str(crt), "key": str(key), "modules_enabled": ["muc"] if MUC else []}
+    extras = [name for name, present in (("muc", MUC), ("pep", PEP)) if present]
+    host = {"certificate": str(crt), "key": str(key), "modules_enabled": extras}
     server = await start_parley(tmp_path / "parley", {domain: host}, address,
                                 s2s_port=5269, s2s={"ca_bundle": str(ca.path), "accept_self_signed": [EJABBERD[1]]},
                                 unauthenticated_timeout=15.0)
@@ -147,36 +152,93 @@ async def test_messages_both_ways(parley: Parley, peer: Peer, clients: list[Clie
         assert link is None and incoming_pairs(parley) == {theirs: peer.method} and ours in parley.manager.bidi
 
 
-async def test_subscription_handshake_ends_in_both_and_presence_flows(parley: Parley, peer: Peer,
-                                                                      clients: list[ClientXMPP]) -> None:
-    alice = await parley.user(f"alice@{PARLEY[1]}")
-    remote = await remote_user(peer, clients)
-    contact = remote.boundjid.bare
+async def befriend(parley: Parley, alice: ClientXMPP, remote: ClientXMPP) -> None:
+    """Alice asks for remote's presence; slixmpp accepts and asks back: the whole handshake, across servers.
+    Returns once both rosters say 'both' with nothing pending and each side saw the other's presence."""
+    contact, user = remote.boundjid.bare, alice.boundjid.bare
     alice_presence, remote_presence = Inbox(alice, "presence"), Inbox(remote, "presence")
-    # slixmpp accepts a request and subscribes back, so one 'subscribe' runs the whole handshake.
     alice.send_presence(pto=contact, ptype="subscribe")
     await alice_presence.wait(lambda p: p["from"].bare == contact and p["type"] == "available", timeout=15)
-    await remote_presence.wait(lambda p: p["from"].bare == alice.boundjid.bare and p["type"] == "available",
-                               timeout=15)
+    await remote_presence.wait(lambda p: p["from"].bare == user and p["type"] == "available", timeout=15)
 
     async def settled() -> bool:
-        item = await parley.server.storage.roster.get_item(PARLEY[1], "alice", contact)
+        item = await parley.server.storage.roster.get_item(alice.boundjid.domain, alice.boundjid.user, contact)
         await remote.get_roster(timeout=10)
-        theirs = remote.client_roster[alice.boundjid.bare]
+        theirs = remote.client_roster[user]
         return item is not None and item.subscription == "both" and not item.ask and \
             theirs["subscription"] == "both" and not theirs["pending_out"]
 
     for _ in range(30):
         if await settled():
-            break
+            return
         await asyncio.sleep(0.1)
     assert await settled()
+
+
+async def test_subscription_handshake_ends_in_both_and_presence_flows(parley: Parley, peer: Peer,
+                                                                      clients: list[ClientXMPP]) -> None:
+    alice = await parley.user(f"alice@{PARLEY[1]}")
+    remote = await remote_user(peer, clients)
+    await befriend(parley, alice, remote)
+    alice_presence, remote_presence = Inbox(alice, "presence"), Inbox(remote, "presence")
     remote.send_presence(pshow="dnd", pstatus="in a meeting")
     got = await alice_presence.wait(lambda p: p["status"] == "in a meeting")
     assert got["show"] == "dnd" and got["from"] == remote.boundjid
     alice.send_presence(pshow="away", pstatus="gone fishing")
     got = await remote_presence.wait(lambda p: p["status"] == "gone fishing")
     assert got["from"] == alice.boundjid
+
+
+PEP_PLUGINS = ("xep_0030", "xep_0060", "xep_0115", "xep_0163")
+
+
+async def interested(client: ClientXMPP) -> Inbox:
+    """Advertise '+notify' for OMEMO device lists in caps, go online; the inbox of PEP notifications."""
+    client.plugin["xep_0030"].add_feature(f"{OMEMO_DEVICES}+notify")
+    await client.plugin["xep_0115"].update_caps(broadcast=False)
+    notifications = Inbox(client, "pubsub_publish")
+    await online(client)
+    return notifications
+
+
+async def devices_arrive(owner: ClientXMPP, notifications: Inbox) -> list[str | None]:
+    """Publish the owner's device list until a notification brings it: the owner's server learns of the
+    contact's interest asynchronously (a disco#info of its caps, itself over s2s), and a publication that
+    comes first is not resent by every server; that race is the PEP service's, not federation's."""
+    for attempt in range(5):
+        devices = ET.Element(f"{{{OMEMO}}}devices")
+        ET.SubElement(devices, f"{{{OMEMO}}}device", {"id": str(1000 + attempt)})
+        await owner.plugin["xep_0060"].publish(owner.boundjid.bare, OMEMO_DEVICES, id="current", payload=devices,
+                                               timeout=10)
+        try:
+            got = await notifications.wait(lambda m: m["pubsub_event"]["items"]["node"] == OMEMO_DEVICES, timeout=3)
+        except AssertionError:
+            continue
+        assert got["from"] == owner.boundjid.bare
+        return [d.get("id") for d in got["pubsub_event"]["items"]["item"]["payload"].iter(f"{{{OMEMO}}}device")]
+    raise AssertionError("no PEP notification reached the contact")
+
+
+async def test_pep_devicelist_reaches_a_contact_on_parley(parley: Parley, peer: Peer,
+                                                         clients: list[ClientXMPP]) -> None:
+    """An OMEMO device list published on the peer's PEP service reaches a Parley contact that asked for it
+    with '+notify' in its caps, which the peer looked up by asking the contact's client over s2s."""
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=PEP_PLUGINS, available=False)
+    notifications = await interested(alice)
+    remote = await remote_user(peer, clients, plugins=PEP_PLUGINS)
+    await befriend(parley, alice, remote)
+    assert len(await devices_arrive(remote, notifications)) == 1
+
+
+@pytest.mark.skipif(not PEP, reason="Parley has no PEP module")
+async def test_pep_devicelist_reaches_a_contact_on_the_peer(parley: Parley, peer: Peer,
+                                                           clients: list[ClientXMPP]) -> None:
+    """The other way: Parley's PEP service asks the peer's client over s2s whether it wants the node."""
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=PEP_PLUGINS)
+    remote = await remote_user(peer, clients, plugins=PEP_PLUGINS, available=False)
+    notifications = await interested(remote)
+    await befriend(parley, alice, remote)
+    assert len(await devices_arrive(alice, notifications)) == 1
 
 
 async def test_vcard_fetch_both_ways(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
