@@ -53,15 +53,12 @@ def _domain(text: str | None) -> str | None:
 
 
 class S2SIncoming(S2SStream):
-    direction = "in"
-
-    def __init__(self, manager: S2SManager, direct_tls: bool) -> None:
+    def __init__(self, manager: S2SManager) -> None:
         super().__init__(manager)
         self.local: str | None = None  # the 'to' of the stream header
         self.remote: str | None = None  # the 'from' of the stream header, when given
         self.stream_id = ""
         self.header_sent = False
-        self.direct_tls = direct_tls
         self.certificate: bytes | None = None  # the peer's, verified against our trust store
         self.sasl_done = False
         self.pairs: set[tuple[str, str]] = set()  # (remote, local) domain pairs allowed to send

@@ -57,7 +57,7 @@ class S2SManager:
             direct = listener.tls == "direct"
             ssl = self.tls.server_direct(next(iter(self.server.hosts)), self.host_of) if direct else None
             timeout = self.server.config.limits.unauthenticated_timeout if direct else None
-            srv = await loop.create_server(lambda d=direct: S2SIncoming(self, d), listener.address, listener.port,
+            srv = await loop.create_server(lambda: S2SIncoming(self), listener.address, listener.port,
                                            ssl=ssl, reuse_address=True, backlog=256, ssl_handshake_timeout=timeout)
             self.listeners.append(srv)
             log.info("listening for servers on %s:%d (%s)", listener.address, listener.port, listener.tls)

@@ -39,8 +39,6 @@ STREAM_ERROR = ns.qname(ns.STREAM, "error")
 
 
 class S2SOutgoing(S2SStream):
-    direction = "out"
-
     def __init__(self, manager: S2SManager, local: str, remote: str) -> None:
         super().__init__(manager)
         self.local = local  # the stream's 'from': the domain whose certificate we present

@@ -41,8 +41,6 @@ XML_DECLARATION = "<?xml version='1.0'?>"
 class S2SStream(asyncio.Protocol):
     """One TCP connection to or from another server. Subclasses implement `handle()` and `lost()`."""
 
-    direction = ""
-
     def __init__(self, manager: S2SManager) -> None:
         self.manager = manager
         self.server = manager.server
@@ -56,7 +54,6 @@ class S2SStream(asyncio.Protocol):
         self.closing = False
         self.created = time.monotonic()
         self.last_active = self.created  # last stanza either way, for the idle timeout
-        self.last_write = self.created
         self._headers_sent = 0
         self._lost = False
         self._events: deque[object] = deque()
@@ -180,7 +177,6 @@ class S2SStream(asyncio.Protocol):
         self._flush_pending = False
         if self._out and self.transport is not None and not self.transport.is_closing():
             self.transport.write("".join(self._out).encode())
-            self.last_write = time.monotonic()
             if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
                 log.warning("closing %r: the peer does not read", self)
                 self._out.clear()

@@ -291,3 +291,15 @@ async def test_peer_user_joins_a_room_on_parley(parley: Parley, peer: Peer, clie
     remote.send_message(mto=room, mbody="nice room", mtype="groupchat")
     got = await alice_inbox.wait(lambda m: m["body"] == "nice room")
     assert got["from"] == f"{room}/visitor"
+
+
+async def test_ping_and_disco_across_servers(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0030", "xep_0199"))
+    remote = await remote_user(peer, clients, plugins=("xep_0030", "xep_0199"))
+    assert await alice.plugin["xep_0199"].ping(peer.domain, timeout=10) >= 0
+    assert await remote.plugin["xep_0199"].ping(PARLEY[1], timeout=10) >= 0
+    assert await remote.plugin["xep_0199"].ping(alice.boundjid, timeout=10) >= 0
+    info = await remote.plugin["xep_0030"].get_info(PARLEY[1], timeout=10)
+    assert "urn:xmpp:ping" in info["disco_info"]["features"]
+    info = await alice.plugin["xep_0030"].get_info(peer.domain, timeout=10)
+    assert "urn:xmpp:ping" in info["disco_info"]["features"]
