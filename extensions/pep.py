@@ -10,6 +10,9 @@ To know who those are, the module watches available presence arriving at the own
 sent by the owner (its resources), resolves the caps hash with a disco#info query when it is unknown,
 verifies it (XEP-0115 5.4) and caches it, in memory and in the host's key-value store. A resource that
 becomes available or starts advertising '+notify' gets the node's last item (XEP-0163 4.3.4).
+
+Modules that mirror PEP data in older protocols hook 'pep/published' (owner, node, item, payload), fired
+after a client's publication, and publish on a user's behalf with `service.publish_item`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from server.module import Module
 from server.pubsub import OWNER_QUERY, PUBSUB, PUBSUB_QUERY, NodeConfig, PubSubService
 from server.sessions import Session
 from server.stanza import Stanza, element
-from server.storage import RosterItem
+from server.storage import RosterItem, StoredItem
 from server.stream.errors import StanzaError
 
 CAPS = ns.qname(ns.CAPS, "c")
@@ -65,6 +68,10 @@ class PepService(PubSubService):
 
     async def roster_item(self, service: JID, requester: JID) -> RosterItem | None:
         return await self.module.roster.item(service, requester.bare)
+
+    async def published(self, service: JID, node: str, item: StoredItem, payload: Element | None) -> None:
+        """Tell modules that convert between PEP and older protocols (vCard avatars, bookmarks)."""
+        await self.module.host.hooks.fire("pep/published", service, node, item, payload)
 
     async def interested(self, service: JID, node: str) -> Iterable[JID]:
         wanted = node + NOTIFY

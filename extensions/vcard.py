@@ -1,38 +1,88 @@
-"""XEP-0054 vcard-temp: each user's vCard, readable by anyone, writable by its owner.
+"""XEP-0054 vcard-temp, kept in step with the profile data clients publish through PEP.
 
-The vCard is kept as XML text in the key-value store; it is opaque to the server, which only bounds
-its size so that one account cannot fill the database.
+Each user's vCard is XML text in the key-value store, readable by anyone, writable by its owner, bounded
+in size so one account cannot fill the database. Older and newer clients see the same profile:
+- avatars (XEP-0398): a vCard PHOTO is published as User Avatar data and metadata (XEP-0084), and a
+  client's avatar metadata publication puts the image into the vCard PHOTO; the hash of the photo is
+  written into the user's available presence, broadcast or directed (XEP-0153's vcard-temp:x:update);
+- vCard4 (XEP-0292): a vcard-temp is published to the 'urn:xmpp:vcard4' node and a vCard4 published there
+  updates the vcard-temp (`server.vcards` maps the fields both formats have).
+Conversions run only for what clients send, never for what this module publishes itself, so they do not loop.
 """
 
 from __future__ import annotations
 
-from xml.etree.ElementTree import Element, fromstring
+from typing import TYPE_CHECKING, cast
+from xml.etree.ElementTree import Element, SubElement, fromstring
 
 from server import ns
+from server.jid import JID
 from server.module import Module
-from server.stanza import Stanza
+from server.stanza import Stanza, parse_stored
+from server.storage import StoredItem
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
+from server.vcards import (
+    AVATAR_DATA,
+    AVATAR_METADATA,
+    VCARD4,
+    Avatar,
+    avatar_data,
+    avatar_metadata,
+    decode_data,
+    embedded_info,
+    photo_of,
+    temp_to_vcard4,
+    vcard4_to_temp,
+    with_photo,
+)
+
+if TYPE_CHECKING:
+    from extensions.pep import Pep
 
 VCARD = ns.qname(ns.VCARD, "vCard")
 STORE = "vcard"
 MAX_SIZE = 65536
+CONVERSION = "urn:xmpp:pep-vcard-conversion:0"
+VCARD4_NODE = "urn:xmpp:vcard4"
+UPDATE = "vcard-temp:x:update"
+UPDATE_X = ns.qname(UPDATE, "x")
+UPDATE_PHOTO = ns.qname(UPDATE, "photo")
 
 
 class VCard(Module):
     name = "vcard"
+    depends = ("pep",)
 
     def setup(self) -> None:
+        self._hashes: dict[JID, str | None] = {}  # avatar id of each user's vCard photo, once read
         self.add_feature(ns.VCARD)
+        self.add_feature(CONVERSION, target="account")
         self.iq("get", VCARD, self.get_vcard, target="account")
         self.iq("set", VCARD, self.set_vcard, target="account")
+        self.hook("pep/published", self.pep_published)
+        self.hook("presence/self", self.stamp_presence, priority=150)
+        self.hook("presence/outbound", self.stamp_presence, priority=150)
+
+    @property
+    def pep(self) -> Pep:
+        return cast("Pep", self.host.modules["pep"])
+
+    async def load(self, user: JID) -> Element | None:
+        stored = await self.server.storage.kv.get(user.domain, user.local or "", STORE)
+        return fromstring(stored) if stored is not None else None
+
+    async def save(self, user: JID, vcard: Element) -> None:
+        await self.server.storage.kv.set(user.domain, user.local or "", STORE, "", serialize(vcard))
+        photo = photo_of(vcard)
+        self._hashes[user] = photo.id if photo else None
 
     async def get_vcard(self, stanza: Stanza) -> Element:
         user = stanza.to.bare
-        stored = await self.server.storage.kv.get(user.domain, user.local, STORE)
+        stored = await self.load(user)
         if stored is not None:
-            return fromstring(stored)
-        if not await self.server.storage.accounts.exists(user.domain, user.local):
+            return stored
+        if not await self.server.storage.accounts.exists(user.domain, user.local or ""):
             raise StanzaError("service-unavailable")
         return Element(VCARD)
 
@@ -40,8 +90,87 @@ class VCard(Module):
         user = stanza.to.bare
         if stanza.from_.bare != user:
             raise StanzaError("forbidden", "only the owner can change a vCard")
-        xml = serialize(stanza.el[0])
+        vcard = stanza.el[0]
         limit = self.option("max_size", MAX_SIZE)
-        if len(xml.encode()) > limit:
+        if len(serialize(vcard).encode()) > limit:
             raise StanzaError("not-acceptable", f"the vCard is larger than {limit} bytes")
-        await self.server.storage.kv.set(user.domain, user.local, STORE, "", xml)
+        old = await self.load(user)
+        await self.save(user, vcard)
+        await self._publish(user, old, vcard)
+
+    # --- vcard-temp -> PEP ----------------------------------------------------------------------------
+
+    async def _publish(self, user: JID, old: Element | None, new: Element) -> None:
+        """XEP-0398 3.2: a changed photo becomes avatar data then metadata; the fields become the vCard4."""
+        service = self.pep.service
+        photo, before = photo_of(new), photo_of(old) if old is not None else None
+        if (photo and photo.id) != (before and before.id):
+            if photo is not None:
+                await service.publish_item(user, user, AVATAR_DATA, photo.id, avatar_data(photo))
+            await service.publish_item(user, user, AVATAR_METADATA, photo.id if photo else None,
+                                       avatar_metadata(photo))
+        current = await self._payload(user, VCARD4_NODE)
+        await service.publish_item(user, user, VCARD4_NODE, "current", temp_to_vcard4(new, current))
+
+    async def _payload(self, user: JID, node: str, item_id: str | None = None) -> Element | None:
+        """The payload of an item of one of the user's nodes: `item_id`, or the newest."""
+        key = self.pep.service.key(user)
+        if await self.server.storage.pubsub.node(*key, node) is None:
+            return None
+        found = await self.server.storage.pubsub.items(*key, node, [item_id] if item_id else None,
+                                                       None if item_id else 1)
+        return parse_stored(found[-1].payload) if found and found[-1].payload else None
+
+    # --- PEP -> vcard-temp ----------------------------------------------------------------------------
+
+    async def pep_published(self, user: JID, node: str, item: StoredItem, payload: Element | None) -> None:
+        if node == AVATAR_METADATA and payload is not None:
+            await self._avatar_to_vcard(user, payload)
+        elif node == VCARD4_NODE and payload is not None and payload.tag == ns.qname(VCARD4, "vcard"):
+            current = await self.load(user)
+            await self.save(user, vcard4_to_temp(payload, current))
+
+    async def _avatar_to_vcard(self, user: JID, metadata: Element) -> None:
+        """XEP-0398 3.1: the image the metadata names, from the data node, into the vCard PHOTO."""
+        avatar = None
+        info = embedded_info(metadata)
+        if info is not None:
+            item_id, type_ = info
+            data = decode_data(await self._payload(user, AVATAR_DATA, item_id))
+            if data is None or Avatar(type_, data).id != item_id:
+                self.log.info("avatar metadata of %s names no matching data item %s", user, item_id)
+                return
+            avatar = Avatar(type_, data)
+        elif len(metadata):
+            return  # only images at external URLs: nothing to put in a vCard
+        current = await self.load(user)
+        await self.save(user, with_photo(current if current is not None else Element(VCARD), avatar))
+
+    # --- XEP-0153 presence ------------------------------------------------------------------------------
+
+    async def photo_hash(self, user: JID) -> str | None:
+        if user not in self._hashes:
+            vcard = await self.load(user)
+            photo = photo_of(vcard) if vcard is not None else None
+            self._hashes[user] = photo.id if photo else None
+        return self._hashes[user]
+
+    async def stamp_presence(self, stanza: Stanza) -> None:
+        """XEP-0398 4: the avatar hash in every available presence a user sends, unless it says <photo/>."""
+        if stanza.origin is None or stanza.type is not None:
+            return
+        el = stanza.el
+        x = el.find(UPDATE_X)
+        photo = x.find(UPDATE_PHOTO) if x is not None else None
+        if photo is not None and not (photo.text or "").strip():
+            return  # the client says it has no avatar right now
+        known = await self.photo_hash(stanza.origin.bare)
+        if x is None:
+            if known is None:
+                return
+            x = SubElement(el, UPDATE_X)
+        elif photo is not None and known is None:
+            return  # a hash the client computed, of a photo the server does not have
+        for child in list(x):
+            x.remove(child)
+        SubElement(x, UPDATE_PHOTO).text = known

@@ -248,21 +248,34 @@ class PubSubService:
         if len(item) > 1:
             raise pubsub_error("bad-request", "invalid-payload", "an item has at most one payload")
         options = self._options(query, "publish-options", PUBLISH_OPTIONS)
-        config = await self._node_for_publish(service, requester, node, options)
-        if not await self._may_publish(service, node, config, requester):
-            raise pubsub_error("forbidden", text="not a publisher of this node")
-        if config.deliver_payloads and not len(item) and config.persist_items:
-            raise pubsub_error("bad-request", "item-required" if not items else "payload-required")
-        stored = StoredItem(item.get("id") or uuid.uuid4().hex, str(requester.bare), datetime.now(UTC),
-                            serialize(item[0]) if len(item) else "")
-        limit = config.limit(self.max_items)
-        if limit:
-            await self.store.publish(*self.key(service), node, stored, limit)
-        await self.notify(service, node, config, self._items_event(node, [self.item_element(EVENT, stored, config)]))
+        payload = item[0] if len(item) else None
+        stored = await self.publish_item(service, requester, node, item.get("id"), payload, options,
+                                         has_item=bool(items))
+        await self.published(service, node, stored, payload)
         out = Element(PUBSUB_QUERY)
         SubElement(SubElement(out, ns.qname(PUBSUB, "publish"), {"node": node}), ns.qname(PUBSUB, "item"),
                    {"id": stored.id})
         return out
+
+    async def publish_item(self, service: JID, requester: JID, node: str, item_id: str | None,
+                           payload: Element | None, options: dict[str, list[str]] | None = None,
+                           has_item: bool = True) -> StoredItem:
+        """Publish as `requester` (a client, or a module on a user's behalf): check, store, notify."""
+        config = await self._node_for_publish(service, requester, node, options)
+        if not await self._may_publish(service, node, config, requester):
+            raise pubsub_error("forbidden", text="not a publisher of this node")
+        if config.deliver_payloads and payload is None and config.persist_items:
+            raise pubsub_error("bad-request", "payload-required" if has_item else "item-required")
+        stored = StoredItem(item_id or uuid.uuid4().hex, str(requester.bare), datetime.now(UTC),
+                            serialize(payload) if payload is not None else "")
+        limit = config.limit(self.max_items)
+        if limit:
+            await self.store.publish(*self.key(service), node, stored, limit)
+        await self.notify(service, node, config, self._items_event(node, [self.item_element(EVENT, stored, config)]))
+        return stored
+
+    async def published(self, service: JID, node: str, item: StoredItem, payload: Element | None) -> None:
+        """Called after a client's publication (not a module's), for services that react to some nodes."""
 
     async def _node_for_publish(self, service: JID, requester: JID, node: str,
                                 options: dict[str, list[str]] | None) -> NodeConfig:
