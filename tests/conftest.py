@@ -132,6 +132,16 @@ class Harness:
         self._raw.append(raw)
         return raw
 
+    async def restart(self) -> None:
+        """Disconnect every client and replace the server with a new one on the same configuration, storage
+        and ports: what a test finds afterwards is what survives a restart."""
+        await self.close()
+        self._clients.clear()
+        self._raw.clear()
+        await self.server.stop()
+        self.server = Server(self.server.config)
+        await self.server.start()
+
     async def close(self) -> None:
         for client in self._clients:
             if client.transport is None:
@@ -244,7 +254,7 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         yield harness
     finally:
         await harness.close()
-        await srv.stop()
+        await harness.server.stop()
         if schema:
             await drop_pg_schema(schema)
 

@@ -222,6 +222,32 @@ pubsub_affiliations = Table(
 )
 
 
+# Multi-user chat (server.storage.muc): persistent rooms of a service domain, and their affiliations.
+muc_rooms = Table(
+    "muc_rooms",
+    metadata,
+    Column("service", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("subject_from", String),
+    PrimaryKeyConstraint("service", "name"),
+)
+
+muc_affiliations = Table(
+    "muc_affiliations",
+    metadata,
+    Column("service", String, nullable=False),
+    Column("room", String, nullable=False),
+    Column("jid", String, nullable=False),
+    Column("affiliation", String, nullable=False),
+    Column("nick", String),
+    Column("reason", Text),
+    PrimaryKeyConstraint("service", "room", "jid"),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -238,7 +264,12 @@ def _step_2(conn: Connection) -> None:
     )
 
 
-STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2]
+def _step_3(conn: Connection) -> None:
+    """Multi-user chat rooms and affiliations."""
+    metadata.create_all(conn, tables=[muc_rooms, muc_affiliations], checkfirst=False)
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3]
 
 
 async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:

@@ -1,0 +1,87 @@
+"""Service discovery of the MUC service and its rooms (XEP-0045 6).
+
+A room's features state its configuration (muc_persistent, muc_membersonly...), which is how clients
+learn, before joining, whether their real JID will be shown; XEP-0128 extended information (the
+muc#roominfo form) adds the description, subject and number of occupants.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element, SubElement
+
+from extensions.muc.protocol import MUC, ROOMINFO
+from extensions.muc.room import Room
+from server import ns
+from server.forms import Field, build_form
+from server.stanza import Stanza
+from server.stream.errors import StanzaError
+
+if TYPE_CHECKING:
+    from extensions.muc.service import Muc
+
+INFO = ns.qname(ns.DISCO_INFO, "query")
+ITEMS = ns.qname(ns.DISCO_ITEMS, "query")
+
+
+def info(name: str, features: list[str]) -> Element:
+    query = Element(INFO)
+    SubElement(query, ns.qname(ns.DISCO_INFO, "identity"), {"category": "conference", "type": "text", "name": name})
+    for var in sorted({ns.DISCO_INFO, ns.DISCO_ITEMS, MUC, *features}):
+        SubElement(query, ns.qname(ns.DISCO_INFO, "feature"), {"var": var})
+    return query
+
+
+def service_info(service: Muc) -> Element:
+    return info(service.title, [])
+
+
+def service_items(service: Muc) -> Element:
+    """XEP-0045 6.3: the public rooms; hidden and locked ones are left out."""
+    query = Element(ITEMS)
+    for room in sorted(service.rooms.values(), key=lambda r: str(r.jid)):
+        if room.config.public and not room.locked:
+            SubElement(query, ns.qname(ns.DISCO_ITEMS, "item"), {"jid": str(room.jid), "name": room.title})
+    return query
+
+
+def room_features(room: Room) -> list[str]:
+    config = room.config
+    return [
+        "muc_persistent" if config.persistent else "muc_temporary",
+        "muc_public" if config.public else "muc_hidden",
+        "muc_membersonly" if config.members_only else "muc_open",
+        "muc_moderated" if config.moderated else "muc_unmoderated",
+        "muc_nonanonymous" if config.non_anonymous else "muc_semianonymous",
+        "muc_passwordprotected" if config.password else "muc_unsecured",
+    ]
+
+
+def _visible(room: Room, st: Stanza) -> None:
+    if room.locked and room.affiliation(st.from_) != "owner":
+        raise StanzaError("item-not-found", "no such room")
+
+
+async def room_info(room: Room, st: Stanza) -> Element:
+    """XEP-0045 6.4, with the muc#roominfo form of 15.5.4."""
+    _visible(room, st)
+    if st.el[0].get("node"):
+        raise StanzaError("item-not-found", "no such node")
+    query = info(room.title, room_features(room))
+    query.append(build_form("result", [
+        Field("muc#roominfo_description", label="Description", values=(room.config.description,)),
+        Field("muc#roominfo_subject", label="Subject", values=(room.subject,)),
+        Field("muc#roominfo_occupants", label="Number of occupants", values=(str(len(room.occupants)),)),
+        Field("muc#roominfo_lang", label="Language of discussion", values=(room.config.language,)),
+    ], form_type=ROOMINFO))
+    return query
+
+
+async def room_items(room: Room, st: Stanza) -> Element:
+    """XEP-0045 6.5: the occupants' room JIDs, to occupants and for public rooms; nobody else learns who is in."""
+    _visible(room, st)
+    query = Element(ITEMS)
+    if room.config.public or st.from_ in room.by_session:
+        for occupant in room.occupants.values():
+            SubElement(query, ns.qname(ns.DISCO_ITEMS, "item"), {"jid": str(occupant.room_jid), "name": occupant.nick})
+    return query

@@ -1,0 +1,94 @@
+"""Messages to a room: groupchat to everyone, the subject, private messages between occupants
+(XEP-0045 7.4, 7.5, 8.1), and handing invitations and voice requests to their own files.
+
+A groupchat message is reflected to every occupant, the sender included, from the sender's room JID and
+with the sender's 'id', which is how clients recognise their own message coming back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from extensions.muc import invitations, voice
+from extensions.muc.fanout import fan_out
+from extensions.muc.occupants import Occupant
+from extensions.muc.protocol import BODY, REQUEST, SUBJECT, X_USER
+from extensions.muc.room import Room
+from server.forms import find_form
+from server.stanza import Stanza
+from server.stream.errors import StanzaError
+
+if TYPE_CHECKING:
+    from extensions.muc.service import Muc
+
+
+def from_occupant(el: Element, occupant: Occupant) -> Element:
+    """A copy of a client's stanza as the room sends it on: from the occupant's room JID, no 'to' yet."""
+    out = Element(el.tag, {k: v for k, v in el.attrib.items() if k not in ("from", "to")})
+    out.set("from", str(occupant.room_jid))
+    out.extend(el)
+    return out
+
+
+async def handle_message(service: Muc, room: Room, st: Stanza) -> None:
+    if st.type == "error":
+        return
+    sender = room.by_session.get(st.from_)
+    if st.to.resource is not None:
+        if st.type == "groupchat":
+            raise StanzaError("bad-request", "groupchat messages go to the room, not to an occupant")
+        await private_message(service, room, sender, st)
+    elif st.type == "groupchat":
+        await groupchat(service, room, sender, st)
+    elif (x := st.el.find(X_USER)) is not None:
+        await invitations.handle(room, sender, st, x)
+    elif (form := find_form(st.el, REQUEST)) is not None:
+        await voice.handle(room, sender, st, form)
+    elif sender is None:
+        raise StanzaError("not-acceptable", "only occupants may send messages to the room")
+    else:
+        raise StanzaError("bad-request", "send groupchat messages to the room")
+
+
+def _occupant(sender: Occupant | None) -> Occupant:
+    if sender is None:
+        raise StanzaError("not-acceptable", "only occupants may send messages to the room")
+    return sender
+
+
+async def groupchat(service: Muc, room: Room, sender: Occupant | None, st: Stanza) -> None:
+    sender = _occupant(sender)
+    subject = st.el.find(SUBJECT)
+    if subject is not None and st.el.find(BODY) is None:
+        await change_subject(room, sender, st, subject.text or "")
+        return
+    if sender.role == "visitor":
+        raise StanzaError("forbidden", "you have no voice in this moderated room")
+    await fan_out(service.server, from_occupant(st.el, sender), room.sessions())
+
+
+async def change_subject(room: Room, sender: Occupant, st: Stanza, subject: str) -> None:
+    """XEP-0045 8.1: moderators may, and participants when the room allows it."""
+    if sender.role != "moderator" and not (room.config.change_subject and sender.role == "participant"):
+        raise StanzaError("forbidden", "you may not change the subject of this room")
+    room.subject = subject
+    room.subject_from = sender.nick
+    await fan_out(room.service.server, from_occupant(st.el, sender), room.sessions())
+    await room.save()
+
+
+async def private_message(service: Muc, room: Room, sender: Occupant | None, st: Stanza) -> None:
+    """XEP-0045 7.5: to every session of the addressee, marked with an empty muc#user <x/>."""
+    sender = _occupant(sender)
+    allowed = room.config.allow_pm
+    if allowed == "none" or (allowed == "moderators" and sender.role != "moderator") or \
+            (allowed == "participants" and sender.role == "visitor"):
+        raise StanzaError("forbidden", "private messages are not allowed here")
+    target = room.find(st.to.resource or "")
+    if target is None:
+        raise StanzaError("item-not-found", "no such occupant")
+    el = from_occupant(st.el, sender)
+    if el.find(X_USER) is None:
+        el.append(Element(X_USER))
+    await fan_out(service.server, el, list(target.sessions))

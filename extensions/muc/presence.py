@@ -1,0 +1,144 @@
+"""Presence to a room: creating it, joining, changing nick or status, leaving (XEP-0045 7.1-7.7, 7.14, 10.1).
+
+A client's presence to room@service/nick reaches the room as directed presence (extensions/presence.py),
+so the room also gets the unavailable presence when the client disconnects. Occupancy is by full JID:
+whatever nick the stanza names, unavailable presence from a joined session is that session leaving.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from xml.etree.ElementTree import Element
+
+from extensions.muc.occupants import Occupant, nick_key, prepare_nick
+from extensions.muc.protocol import (
+    CREATED,
+    MUC,
+    NEW_NICK,
+    NICK_ASSIGNED,
+    NON_ANONYMOUS,
+    SELF,
+    X_MUC,
+    affiliation_rank,
+)
+from extensions.muc.room import Batch, Room
+from server import ns
+from server.jid import JID
+from server.stanza import Stanza
+from server.storage.muc import Affiliation
+from server.stream.errors import StanzaError
+
+if TYPE_CHECKING:
+    from extensions.muc.service import Muc
+
+PASSWORD = ns.qname(MUC, "password")
+
+
+async def handle_presence(service: Muc, room: Room | None, st: Stanza) -> None:
+    session = st.from_
+    if st.type == "unavailable":
+        if room is not None and session in room.by_session:
+            await leave(service, room, session, st.el)
+        return
+    if st.type is not None:
+        return  # subscriptions, probes and errors mean nothing to a room
+    nick = prepare_nick(st.to.resource)
+    created = room is None
+    if room is None:
+        room = create(service, st.to.bare, session, instant=st.el.find(X_MUC) is None)
+    occupant = room.by_session.get(session)
+    if occupant is None:
+        await join(service, room, st, nick, created)
+    elif nick_key(nick) != occupant.key:
+        await change_nick(room, occupant, st, nick)
+    else:
+        occupant.update(session, st.el)
+        await room.flush(room.broadcast_presence(occupant))
+
+
+def create(service: Muc, jid: JID, creator: JID, *, instant: bool) -> Room:
+    """XEP-0045 10.1: the creator owns the room, which stays locked until configured - unless the client
+    does not speak the MUC protocol (no <x/> in its presence), which gets an instant room."""
+    if not service.may_create(creator):
+        raise StanzaError("not-allowed", "you may not create rooms here")
+    room = Room(service, jid, service.default_config(), datetime.now(UTC), {creator.bare: Affiliation("owner")})
+    room.locked = not instant
+    service.rooms[jid] = room
+    return room
+
+
+def check_entry(room: Room, st: Stanza, nick: str, affiliation: str) -> None:
+    """XEP-0045 7.2.5-7.2.10: the reasons a user may not enter, in the order the XEP gives them."""
+    user = st.from_.bare
+    if room.locked and affiliation != "owner":
+        raise StanzaError("item-not-found", "the room is being configured; try again later")
+    if affiliation == "outcast":
+        raise StanzaError("forbidden", "you are banned from this room")
+    if room.config.members_only and affiliation_rank(affiliation) < affiliation_rank("member"):
+        raise StanzaError("registration-required", "this room is for members only")
+    holder = room.find(nick)
+    reserved = room.nick_owner(nick)
+    if (holder is not None and holder.jid != user) or (reserved is not None and reserved != user):
+        raise StanzaError("conflict", "that nickname is in use")
+    if room.config.password and affiliation != "owner":
+        x = st.el.find(X_MUC)
+        if x is None or x.findtext(PASSWORD) != room.config.password:
+            raise StanzaError("not-authorized", "a password is required")
+    if room.config.max_users and holder is None and len(room.occupants) >= room.config.max_users \
+            and affiliation not in ("admin", "owner"):
+        raise StanzaError("service-unavailable", "the room is full")
+
+
+async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -> None:
+    """XEP-0045 7.2: the others' presence to the newcomer, its own to everyone (self last), then the subject."""
+    session = st.from_
+    affiliation = room.affiliation(session)
+    try:
+        check_entry(room, st, nick, affiliation)
+    except StanzaError:
+        if created:
+            service.discard(room)
+        raise
+    occupant = room.find(nick) or Occupant(room.jid, nick, session.bare, room.default_role(affiliation))
+    room.add_session(occupant, session, st.el)
+    batches: list[Batch] = [
+        (room.presence(other, real_jid=other.real_jid if room.sees_jids(occupant) else None), [session])
+        for other in room.occupants.values() if other is not occupant
+    ]
+    self_statuses = [NON_ANONYMOUS] if room.config.non_anonymous else []
+    if created:
+        self_statuses.append(CREATED)
+    if nick != st.to.resource:
+        self_statuses.append(NICK_ASSIGNED)
+    batches += room.broadcast_presence(occupant, self_statuses=self_statuses)
+    batches.append((room.subject_message(), [session]))
+    await room.flush(batches)
+
+
+async def change_nick(room: Room, occupant: Occupant, st: Stanza, nick: str) -> None:
+    """XEP-0045 7.6: unavailable from the old nick with 303 and the new nick, then available from the new one."""
+    if len(occupant.sessions) > 1:
+        raise StanzaError("not-acceptable", "several of your sessions share this nick; change it from one alone")
+    holder = room.find(nick)
+    reserved = room.nick_owner(nick)
+    if holder is not None or (reserved is not None and reserved != occupant.jid):
+        raise StanzaError("conflict", "that nickname is in use")
+    batches = room.broadcast_presence(occupant, unavailable=True, statuses=[NEW_NICK], nick=nick)
+    room.rename(occupant, nick)
+    occupant.update(st.from_, st.el)
+    batches += room.broadcast_presence(occupant, self_statuses=[NICK_ASSIGNED] if nick != st.to.resource else [])
+    await room.flush(batches)
+
+
+async def leave(service: Muc, room: Room, session: JID, el: Element) -> None:
+    """XEP-0045 7.14. When another session keeps the nick, the others see it stay, with that session's presence."""
+    occupant = room.remove_session(session)
+    if occupant.sessions:
+        batches = [(room.presence(occupant, el, real_jid=session, unavailable=True, statuses=[SELF]), [session])]
+        batches += room.broadcast_presence(occupant)
+    else:
+        batches = room.broadcast_presence(occupant, el, to_self=[session], session=session, unavailable=True)
+    if not room.occupants and (room.locked or not room.config.persistent):
+        service.discard(room)
+    await room.flush(batches)

@@ -1,0 +1,140 @@
+"""The MUC service of a host: conference.<host> (module option 'domain'), its rooms and what reaches them.
+
+The router hands every stanza addressed to the service domain to `handle`, which finds the room and
+passes the stanza to the part of the package that deals with it: presence.py, messages.py, or an iq
+handler by payload (disco.py, owner.py, admin.py). A handler refuses bad input by raising StanzaError;
+the sender gets that error and the room carries on. Persistent rooms are loaded when the module starts.
+
+Options: 'domain'; 'name' (the service's disco name); 'create' - who may create rooms: 'local' users of
+the host (the default), 'admins' of the host, or 'anyone'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from xml.etree.ElementTree import Element
+
+from extensions.muc import admin, disco, owner
+from extensions.muc.config import RoomConfig
+from extensions.muc.messages import handle_message
+from extensions.muc.presence import handle_presence
+from extensions.muc.protocol import ADMIN_QUERY, OWNER_QUERY, X_MUC
+from extensions.muc.room import Room
+from server.jid import JID
+from server.module import Module
+from server.stanza import Stanza, error_reply, reply
+from server.storage.muc import MucStore
+from server.stream.errors import StanzaError
+
+RoomIq = Callable[[Room, Stanza], Awaitable[Element | None]]
+
+
+class Muc(Module):
+    name = "muc"
+    depends = ("disco",)
+
+    def setup(self) -> None:
+        self.domain: str = self.option("domain", f"conference.{self.host.name}")
+        self.title: str = self.option("name", "Chatrooms")
+        self.rooms: dict[JID, Room] = {}
+        self.store = MucStore(self.server.storage.engine)
+        self.room_iqs: dict[tuple[str, str], RoomIq] = {
+            ("get", disco.INFO): disco.room_info,
+            ("get", disco.ITEMS): disco.room_items,
+            ("get", OWNER_QUERY): owner.get_config,
+            ("set", OWNER_QUERY): owner.set_config,
+            ("get", ADMIN_QUERY): admin.get_list,
+            ("set", ADMIN_QUERY): admin.change,
+        }
+        self.add_service(self.domain, self.handle)
+        directory = self.host.modules["disco"]
+        directory.add_item(self.domain, self.title)
+        self._undo.append(lambda: directory.remove_item(self.domain))
+
+    async def start(self) -> None:
+        for stored in await self.store.rooms(self.domain):
+            jid = JID.make(stored.name, self.domain)
+            affiliations = {JID.parse(k): v for k, v in stored.affiliations.items()}
+            self.rooms[jid] = Room(self, jid, RoomConfig.from_json(stored.config), stored.created, affiliations,
+                                   stored.subject, stored.subject_from)
+
+    def may_create(self, jid: JID) -> bool:
+        policy = self.option("create", "local")
+        if policy == "anyone":
+            return True
+        if policy == "admins":
+            return self.host.is_admin(jid)
+        return jid.domain == self.host.name
+
+    def default_config(self) -> RoomConfig:
+        return RoomConfig()
+
+    def discard(self, room: Room) -> None:
+        """Forget a room that has no reason to exist any more (temporary and empty, or destroyed)."""
+        if self.rooms.get(room.jid) is room:
+            del self.rooms[room.jid]
+
+    # --- routing ----------------------------------------------------------------------------------
+
+    async def handle(self, st: Stanza) -> None:
+        try:
+            await self._dispatch(st)
+        except StanzaError as exc:
+            await self._refuse(st, exc)
+        except Exception:
+            self.log.exception("error handling %r", st)
+            await self._refuse(st, StanzaError("internal-server-error"))
+
+    async def _refuse(self, st: Stanza, error: StanzaError) -> None:
+        """Answer with an error; a refused join carries an empty MUC <x/>, as XEP-0045 7.2 shows and clients
+        match on (the password, if any, is not echoed)."""
+        if st.kind != "presence" or st.type == "error":
+            await self.server.router.bounce(st, error)
+            return
+        answer = error_reply(st.el, error)
+        if st.el.find(X_MUC) is not None:
+            answer.insert(0, Element(X_MUC))
+        await self.server.router.deliver_reply(st, answer, st.to)
+
+    async def _dispatch(self, st: Stanza) -> None:
+        to = st.to
+        if to.local is None:
+            await self._service_stanza(st)
+            return
+        room = self.rooms.get(to.bare)
+        if st.kind == "presence":
+            await handle_presence(self, room, st)
+        elif room is None:
+            if st.type not in ("error", "result"):
+                raise StanzaError("item-not-found", "no such room")
+        elif st.kind == "message":
+            await handle_message(self, room, st)
+        else:
+            await self._room_iq(room, st)
+
+    async def _service_stanza(self, st: Stanza) -> None:
+        if st.kind != "iq" or st.type not in ("get", "set"):
+            if st.kind == "message":
+                raise StanzaError("service-unavailable")
+            return
+        payload = st.el[0].tag if len(st.el) == 1 else None
+        if st.type == "get" and payload == disco.INFO and not st.el[0].get("node"):
+            await self._answer(st, disco.service_info(self))
+        elif st.type == "get" and payload == disco.ITEMS and not st.el[0].get("node"):
+            await self._answer(st, disco.service_items(self))
+        else:
+            raise StanzaError("service-unavailable")
+
+    async def _room_iq(self, room: Room, st: Stanza) -> None:
+        if st.type not in ("get", "set"):
+            return
+        handler = self.room_iqs.get((st.type, st.el[0].tag)) if len(st.el) == 1 else None
+        if handler is None or st.to.resource is not None:
+            raise StanzaError("service-unavailable")
+        await self._answer(st, await handler(room, st))
+
+    async def _answer(self, st: Stanza, payload: Element | None) -> None:
+        answer = reply(st.el)
+        if payload is not None:
+            answer.append(payload)
+        await self.server.router.deliver_reply(st, answer, st.to)

@@ -1,0 +1,99 @@
+"""Persistent multi-user chat rooms: their configuration, subject and affiliations (XEP-0045).
+
+Only persistent rooms are stored; a room is written whole when it becomes persistent and then kept
+up to date one change at a time. Rooms are keyed by service domain and room name (the localpart), and
+affiliations by the JID they were given to (a bare JID or a domain), as XEP-0045 5.2 keys them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from server.storage.engine import upsert, writer
+from server.storage.schema import muc_affiliations, muc_rooms
+
+
+@dataclass(frozen=True)
+class Affiliation:
+    affiliation: str  # owner, admin, member or outcast
+    nick: str | None = None  # the registered (reserved) nickname
+    reason: str | None = None
+
+
+@dataclass
+class StoredRoom:
+    name: str
+    config: dict[str, Any]
+    created: datetime
+    subject: str = ""
+    subject_from: str = ""  # the nick that set the subject
+    affiliations: dict[str, Affiliation] = field(default_factory=dict)
+
+
+class MucStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+
+    async def rooms(self, service: str) -> list[StoredRoom]:
+        """Every stored room of the service, with its affiliations."""
+        async with self._engine.begin() as conn:
+            rows = await conn.execute(select(muc_rooms).where(muc_rooms.c.service == service))
+            rooms = {row.name: StoredRoom(row.name, row.config, row.created, row.subject, row.subject_from or "")
+                     for row in rows}
+            affiliations = await conn.execute(select(muc_affiliations).where(muc_affiliations.c.service == service))
+            for row in affiliations:
+                if row.room in rooms:
+                    rooms[row.room].affiliations[row.jid] = Affiliation(row.affiliation, row.nick, row.reason)
+        return list(rooms.values())
+
+    async def save_room(self, service: str, room: StoredRoom) -> None:
+        """Write a room with all its affiliations, replacing what was stored under its name."""
+        async with self._writer.begin() as conn:
+            await _delete(conn, service, room.name)
+            await conn.execute(muc_rooms.insert().values(
+                service=service, name=room.name, config=room.config, created=room.created, subject=room.subject,
+                subject_from=room.subject_from))
+            if room.affiliations:
+                await conn.execute(muc_affiliations.insert(), [
+                    {"service": service, "room": room.name, "jid": jid, "affiliation": a.affiliation,
+                     "nick": a.nick, "reason": a.reason}
+                    for jid, a in room.affiliations.items()])
+
+    async def update_room(self, service: str, name: str, config: dict[str, Any], subject: str,
+                          subject_from: str) -> None:
+        async with self._writer.begin() as conn:
+            await conn.execute(update(muc_rooms).where(*_room(service, name)).values(
+                config=config, subject=subject, subject_from=subject_from))
+
+    async def delete_room(self, service: str, name: str) -> None:
+        async with self._writer.begin() as conn:
+            await _delete(conn, service, name)
+
+    async def set_affiliation(self, service: str, room: str, jid: str, affiliation: Affiliation | None) -> None:
+        """Store one JID's affiliation; None removes it (the affiliation 'none')."""
+        async with self._writer.begin() as conn:
+            if affiliation is None:
+                await conn.execute(delete(muc_affiliations).where(
+                    muc_affiliations.c.service == service, muc_affiliations.c.room == room,
+                    muc_affiliations.c.jid == jid))
+                return
+            await conn.execute(upsert(conn, muc_affiliations, {"service": service, "room": room, "jid": jid},
+                                      {"affiliation": affiliation.affiliation, "nick": affiliation.nick,
+                                       "reason": affiliation.reason}))
+
+
+def _room(service: str, name: str) -> tuple[Any, Any]:
+    return muc_rooms.c.service == service, muc_rooms.c.name == name
+
+
+async def _delete(conn: AsyncConnection, service: str, name: str) -> None:
+    """Remove a room and its affiliations (the tables have no foreign key, so both are deleted here)."""
+    await conn.execute(delete(muc_affiliations).where(muc_affiliations.c.service == service,
+                                                      muc_affiliations.c.room == name))
+    await conn.execute(delete(muc_rooms).where(*_room(service, name)))
