@@ -11,8 +11,9 @@ sent by the owner (its resources), resolves the caps hash with a disco#info quer
 verifies it (XEP-0115 5.4) and caches it, in memory and in the host's key-value store. A resource that
 becomes available or starts advertising '+notify' gets the node's last item (XEP-0163 4.3.4).
 
-Modules that mirror PEP data in older protocols hook 'pep/published' (owner, node, item, payload), fired
-after a client's publication, and publish on a user's behalf with `service.publish_item`.
+Modules that mirror PEP data in older protocols hook 'pep/published' (owner, node, item, payload) and
+'pep/retracted' (owner, node, item ids), fired after a client's publication or retraction, and act on a
+user's behalf with `service.publish_item` and `service.retract_items`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class PepService(PubSubService):
     async def published(self, service: JID, node: str, item: StoredItem, payload: Element | None) -> None:
         """Tell modules that convert between PEP and older protocols (vCard avatars, bookmarks)."""
         await self.module.host.hooks.fire("pep/published", service, node, item, payload)
+
+    async def retracted(self, service: JID, node: str, ids: list[str]) -> None:
+        await self.module.host.hooks.fire("pep/retracted", service, node, ids)
 
     async def interested(self, service: JID, node: str) -> Iterable[JID]:
         wanted = node + NOTIFY

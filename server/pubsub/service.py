@@ -36,8 +36,8 @@ OWNER_QUERY = ns.qname(OWNER, "pubsub")
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
 # What a service built on this class implements, as XEP-0060 10 names the features (access models apart).
 FEATURES = (
-    "auto-create", "config-node", "create-and-configure", "create-nodes", "delete-items", "delete-nodes",
-    "item-ids", "last-published", "manage-subscriptions", "member-affiliation", "modify-affiliations",
+    "auto-create", "config-node", "config-node-max", "create-and-configure", "create-nodes", "delete-items",
+    "delete-nodes", "item-ids", "last-published", "manage-subscriptions", "member-affiliation", "modify-affiliations",
     "multi-items", "outcast-affiliation", "persistent-items", "publish", "publish-options",
     "publisher-affiliation", "purge-nodes", "retract-items", "retrieve-affiliations", "retrieve-default",
     "retrieve-items", "retrieve-subscriptions", "subscribe",
@@ -314,15 +314,25 @@ class PubSubService:
         ids = [i.get("id") or "" for i in verb.iterfind(ns.qname(PUBSUB, "item"))]
         if not ids or not all(ids):
             raise pubsub_error("bad-request", "item-required")
+        gone = await self.retract_items(service, requester, node, ids, is_true(verb.get("notify")))
+        if not gone:
+            raise StanzaError("item-not-found", "no such item")
+        await self.retracted(service, node, gone)
+
+    async def retract_items(self, service: JID, requester: JID, node: str, ids: list[str],
+                            notify: bool = False) -> list[str]:
+        """Delete items as `requester` and tell subscribers if asked or configured; the ids that existed."""
         config = await self.config(service, node)
         if await self.affiliation(service, node, requester) not in ("owner", "publisher", "publish-only"):
             raise pubsub_error("forbidden")
         gone = await self.store.retract(*self.key(service), node, ids)
-        if not gone:
-            raise StanzaError("item-not-found", "no such item")
-        if is_true(verb.get("notify")) or config.notify_retract:
+        if gone and (notify or config.notify_retract):
             retracts = [Element(ns.qname(EVENT, "retract"), {"id": id_}) for id_ in gone]
             await self.notify(service, node, config, self._items_event(node, retracts))
+        return gone
+
+    async def retracted(self, service: JID, node: str, ids: list[str]) -> None:
+        """Called after a client's retraction, like `published`."""
 
     # --- owner use cases (XEP-0060 8) -----------------------------------------------------------------
 
