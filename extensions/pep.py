@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Coroutine, Iterable
+from typing import Any, cast
 from xml.etree.ElementTree import Element
 
 from extensions.caps import HASHES, info_hash
@@ -107,8 +107,10 @@ class Pep(Module):
         self.hook("iq-error/host", self.answer)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def roster(self) -> Roster:
@@ -151,8 +153,8 @@ class Pep(Module):
             if not known:
                 del self.seen[owner]
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

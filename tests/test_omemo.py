@@ -170,6 +170,35 @@ async def test_omemo2_message_to_an_online_contact_and_back(server: Harness) -> 
     assert b"hi alice" in await read_omemo2(alice, alice_inbox)
 
 
+async def test_omemo2_carbon_copy_is_decrypted_by_the_other_device(server: Harness) -> None:
+    """The server forwards the encrypted element untouched: the laptop decrypts the copy of a message to the phone."""
+    for name in ("alice", "bob"):
+        await server.add_user(name)
+    await befriend(server, "alice", "bob")
+    phone = await slix(server, "alice@localhost", "phone")
+    laptop = await slix(server, "alice@localhost", "laptop")
+    bob = await slix(server, "bob@localhost", "desk")
+    await laptop.plugin["xep_0280"].enable()
+    copies: asyncio.Queue[Message] = asyncio.Queue()
+    laptop.add_event_handler("carbon_received", lambda m: copies.put_nowait(m["carbon_received"]))
+    for client in (phone, laptop, bob):
+        client.send_presence()
+    await learns_devices(bob, "alice@localhost")
+    manager = await bob.plugin["xep_0384"].get_session_manager()
+    messages, errors = await manager.encrypt(frozenset({"alice@localhost"}), {OMEMO2: sce("for every device")},
+                                             [OMEMO2])
+    assert not errors
+    stanza = bob.make_message(mto="alice@localhost/phone", mtype="chat")
+    stanza.append(twomemo.etree.serialize_message(next(iter(messages))))
+    stanza.send()
+    forwarded = await asyncio.wait_for(copies.get(), 10)
+    element = forwarded.xml.find(f"{{{OMEMO2}}}encrypted")
+    assert element is not None
+    laptop_manager = await laptop.plugin["xep_0384"].get_session_manager()
+    plaintext, _, _ = await laptop_manager.decrypt(twomemo.etree.parse_message(element, "bob@localhost"))
+    assert plaintext is not None and b"for every device" in plaintext
+
+
 async def test_omemo2_message_to_an_offline_contact(server: Harness) -> None:
     for name in ("alice", "bob"):
         await server.add_user(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from xml.etree.ElementTree import Element
 
+import pytest
 from slixmpp import ClientXMPP
 
 from server.jid import JID
@@ -238,6 +239,7 @@ async def test_last_item_is_sent_on_available_presence(server: Harness) -> None:
     assert await next_event(inbox) == ("alice@localhost", "2", "newest")
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_items_survive_a_restart(server: Harness) -> None:
     await server.add_user("alice")
     alice = await server.client("alice@localhost", plugins=PLUGINS)

@@ -228,13 +228,10 @@ class PubSubService:
     async def _affiliations(self, service: JID, requester: JID, node: str | None, query: Element) -> Element:
         out = Element(PUBSUB_QUERY)
         container = SubElement(out, ns.qname(PUBSUB, "affiliations"), {"node": node} if node else {})
-        mine = {name: aff for name, _, aff in await self.store.affiliations(*self.key(service), node or None,
-                                                                             str(requester.bare))}
-        if await self.stored_owner(service, requester) is None and requester.bare == service.bare:
-            mine.update((name, "owner") for name in await self.store.nodes(*self.key(service))
-                        if node in (None, name))
-        for name, aff in sorted(mine.items()):
-            SubElement(container, ns.qname(PUBSUB, "affiliation"), {"node": name, "affiliation": aff})
+        for name in [node] if node else sorted(await self.store.nodes(*self.key(service))):
+            affiliation = await self.affiliation(service, name, requester)
+            if affiliation != "none":
+                SubElement(container, ns.qname(PUBSUB, "affiliation"), {"node": name, "affiliation": affiliation})
         return out
 
     # --- publisher use cases (XEP-0060 7) -------------------------------------------------------------
@@ -339,8 +336,7 @@ class PubSubService:
     async def _create(self, service: JID, requester: JID, node: str | None, query: Element) -> Element | None:
         if not await self.may_create(service, requester):
             raise pubsub_error("forbidden", text="you may not create nodes here")
-        instant = not node
-        if instant:
+        if not node:  # instant nodes are not supported
             raise pubsub_error("not-acceptable", "nodeid-required")
         config = self._configured(self.default_config(), self._options(query, "configure", NODE_CONFIG))
         owner = await self.stored_owner(service, requester)
