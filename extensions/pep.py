@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine, Iterable
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import cast
 from xml.etree.ElementTree import Element
 
 from extensions.caps import HASHES, info_hash
@@ -130,7 +130,7 @@ class Pep(Module):
         if stanza.from_.resource is None:
             return
         if stanza.type is None:
-            self._spawn(self._learn(stanza.to.bare, stanza.from_, stanza.el))
+            self._arrived(stanza.to.bare, stanza.from_, stanza.el)
         elif stanza.type == "unavailable":
             self._forget(stanza.to.bare, stanza.from_)
 
@@ -139,7 +139,7 @@ class Pep(Module):
         if session is None:
             return
         if stanza.type is None:
-            self._spawn(self._learn(session.bare, session.jid, stanza.el))
+            self._arrived(session.bare, session.jid, stanza.el)
         elif stanza.type == "unavailable":
             self._forget(session.bare, session.jid)
 
@@ -153,16 +153,20 @@ class Pep(Module):
             if not known:
                 del self.seen[owner]
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _arrived(self, owner: JID, full: JID, presence: Element) -> None:
+        """Note the resource now, resolve its caps in the background (a disco#info round trip at worst)."""
+        self.seen.setdefault(owner, {}).setdefault(full, frozenset())
+        task = asyncio.get_running_loop().create_task(self._learn(owner, full, presence))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _learn(self, owner: JID, full: JID, presence: Element) -> None:
         """Record the resource's features; send the last items of nodes it newly wants."""
         features = await self.features_of(full, presence.find(CAPS))
-        known = self.seen.setdefault(owner, {})
-        before = known.get(full, frozenset())
+        known = self.seen.get(owner)
+        if known is None or full not in known:
+            return  # gone meanwhile
+        before = known[full]
         known[full] = features
         wanted = {f.removesuffix(NOTIFY) for f in features - before if f.endswith(NOTIFY)}
         if not wanted:

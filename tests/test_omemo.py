@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from xml.etree.ElementTree import Element
 
 import pytest
 import twomemo
@@ -22,7 +23,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from server.pubsub import NodeConfig
 from tests.conftest import Harness
 from tests.omemo_clients import AXOLOTL, DEVICELIST, KEYS, GajimOmemo
-from tests.test_basic_modules import wait_for
+from tests.test_basic_modules import send_iq, wait_for
 from tests.test_roster_presence import befriend, disconnect, sync
 
 OMEMO2 = twomemo.twomemo.NAMESPACE
@@ -260,3 +261,25 @@ async def test_legacy_omemo_from_slixmpp_omemo_to_an_offline_omemo_dr(server: Ha
     message = await asyncio.wait_for(inbox.get(), 10)
     assert message.xml.find("{urn:xmpp:delay}delay") is not None
     assert bob.decrypt(message.xml) == "stored for Gajim"
+
+
+async def test_legacy_omemo_message_read_from_the_archive(server: Harness) -> None:
+    """A device that was away reads the encrypted message from its archive (XEP-0313) and decrypts it."""
+    pytest.importorskip("extensions.mam")
+    for name in ("alice", "bob"):
+        await server.add_user(name)
+    bob_client, bob = await gajim(server, "bob@localhost", "gajim")
+    await disconnect(server, bob_client)
+    alice = await slix(server, "alice@localhost", "phone")
+    await send_slix_legacy(alice, "bob@localhost", "kept in the archive")
+    await sync(alice)
+    bob_client = await server.client("bob@localhost", resource="gajim", plugins=("xep_0030", "xep_0060"))
+    bob = GajimOmemo(bob_client)
+    results: asyncio.Queue[Element] = asyncio.Queue()
+    bob_client.register_handler(Callback("mam", MatchXPath("{jabber:client}message/{urn:xmpp:mam:2}result"),
+                                         lambda m: results.put_nowait(m.xml)))
+    await send_iq(bob_client, "set", "<query xmlns='urn:xmpp:mam:2' queryid='q'/>")
+    result = await asyncio.wait_for(results.get(), 10)
+    archived = result.find("{urn:xmpp:mam:2}result/{urn:xmpp:forward:0}forwarded/{jabber:client}message")
+    assert archived is not None and archived.find(f"{{{AXOLOTL}}}encrypted") is not None
+    assert bob.decrypt(archived) == "kept in the archive"
