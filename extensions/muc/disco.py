@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
-from extensions.muc.protocol import MUC, ROOMINFO
+from extensions.muc.protocol import MUC, OCCUPANT_ID_NS, ROOMINFO, SELF_PING, SID
+from extensions.muc.retraction import MODERATE_NS, RETRACT_NS
 from extensions.muc.room import Room
 from server import ns
 from server.forms import Field, build_form
@@ -54,6 +55,7 @@ def room_features(room: Room) -> list[str]:
         "muc_moderated" if config.moderated else "muc_unmoderated",
         "muc_nonanonymous" if config.non_anonymous else "muc_semianonymous",
         "muc_passwordprotected" if config.password else "muc_unsecured",
+        ns.PING, SELF_PING, OCCUPANT_ID_NS, SID, RETRACT_NS, MODERATE_NS,
     ]
 
 

@@ -8,13 +8,16 @@ with the sender's 'id', which is how clients recognise their own message coming 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from xml.etree.ElementTree import Element
+from xml.etree.ElementTree import Element, SubElement
 
 from extensions.muc import invitations, voice
 from extensions.muc.fanout import fan_out
 from extensions.muc.occupants import Occupant
-from extensions.muc.protocol import BODY, REQUEST, SUBJECT, X_USER
+from extensions.muc.presence import leave
+from extensions.muc.protocol import BODY, OCCUPANT_ID, REMOVED_ERROR, REQUEST, SUBJECT, X_USER
+from extensions.muc.retraction import RETRACT, check_own_retraction
 from extensions.muc.room import Room
+from server import ns
 from server.forms import find_form
 from server.stanza import Stanza
 from server.stream.errors import StanzaError
@@ -22,17 +25,26 @@ from server.stream.errors import StanzaError
 if TYPE_CHECKING:
     from extensions.muc.service import Muc
 
+ERROR = ns.qname(ns.CLIENT, "error")
+# Errors saying that an occupant cannot be reached any more (XEP-0045 asks to remove such an occupant).
+UNREACHABLE = frozenset({"gone", "item-not-found", "recipient-unavailable", "redirect", "remote-server-not-found",
+                         "remote-server-timeout", "service-unavailable"})
+
 
 def from_occupant(el: Element, occupant: Occupant) -> Element:
-    """A copy of a client's stanza as the room sends it on: from the occupant's room JID, no 'to' yet."""
+    """A copy of a client's stanza as the room sends it on: from the occupant's room JID, no 'to' yet, with
+    the room's XEP-0421 occupant id in place of any the client put there."""
     out = Element(el.tag, {k: v for k, v in el.attrib.items() if k not in ("from", "to")})
     out.set("from", str(occupant.room_jid))
-    out.extend(el)
+    out.extend(child for child in el if child.tag != OCCUPANT_ID)
+    SubElement(out, OCCUPANT_ID, {"id": occupant.id})
     return out
 
 
 async def handle_message(service: Muc, room: Room, st: Stanza) -> None:
     if st.type == "error":
+        if st.from_ in room.by_session and error_condition(st.el) in UNREACHABLE:
+            await leave(service, room, st.from_, None, [REMOVED_ERROR])
         return
     sender = room.by_session.get(st.from_)
     if st.to.resource is not None:
@@ -51,6 +63,13 @@ async def handle_message(service: Muc, room: Room, st: Stanza) -> None:
         raise StanzaError("bad-request", "send groupchat messages to the room")
 
 
+def error_condition(el: Element) -> str | None:
+    error = el.find(ERROR)
+    if error is None:
+        return None
+    return next((c.tag.split("}")[1] for c in error if c.tag.startswith(f"{{{ns.STANZAS_ERR}}}")), None)
+
+
 def _occupant(sender: Occupant | None) -> Occupant:
     if sender is None:
         raise StanzaError("not-acceptable", "only occupants may send messages to the room")
@@ -65,7 +84,10 @@ async def groupchat(service: Muc, room: Room, sender: Occupant | None, st: Stanz
         return
     if sender.role == "visitor":
         raise StanzaError("forbidden", "you have no voice in this moderated room")
-    await fan_out(service.server, from_occupant(st.el, sender), room.sessions())
+    retract = st.el.find(RETRACT)
+    if retract is not None:
+        check_own_retraction(room, sender, retract)
+    await room.publish(from_occupant(st.el, sender))
 
 
 async def change_subject(room: Room, sender: Occupant, st: Stanza, subject: str) -> None:

@@ -45,9 +45,10 @@ def nick_key(nick: str) -> str:
 class Occupant:
     """One nick in the room, held by one or more sessions of one user."""
 
-    __slots__ = ("jid", "key", "nick", "role", "room_jid", "sessions")
+    __slots__ = ("id", "jid", "key", "nick", "role", "room_jid", "sessions")
 
-    def __init__(self, room: JID, nick: str, jid: JID, role: str) -> None:
+    def __init__(self, room: JID, nick: str, jid: JID, role: str, occupant_id: str) -> None:
+        self.id = occupant_id  # XEP-0421: the same for this user in this room whatever the nick
         self.nick = nick
         self.key = nick_key(nick)
         self.room_jid = room.with_resource(nick)

@@ -63,6 +63,7 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
     non-members when the room becomes members-only (status 322)."""
     old, was_locked = room.config, room.locked
     room.config, room.locked = new, False
+    room.history.resize(new.max_history)
     statuses = [] if was_locked else [CONFIG_CHANGED]
     if new.whois != old.whois:
         statuses.append(NOW_NON_ANONYMOUS if new.non_anonymous else NOW_SEMI_ANONYMOUS)

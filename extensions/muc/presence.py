@@ -2,15 +2,19 @@
 
 A client's presence to room@service/nick reaches the room as directed presence (extensions/presence.py),
 so the room also gets the unavailable presence when the client disconnects. Occupancy is by full JID:
-whatever nick the stanza names, unavailable presence from a joined session is that session leaving.
+whatever nick the stanza names, unavailable presence from a joined session is that session leaving. An
+error from a joined session (its server could not deliver to it) removes that session with status 333,
+so that the room does not keep sending to a ghost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
+from extensions.muc.history import HISTORY
 from extensions.muc.occupants import Occupant, nick_key, prepare_nick
 from extensions.muc.protocol import (
     CREATED,
@@ -18,6 +22,7 @@ from extensions.muc.protocol import (
     NEW_NICK,
     NICK_ASSIGNED,
     NON_ANONYMOUS,
+    REMOVED_ERROR,
     SELF,
     X_MUC,
     affiliation_rank,
@@ -37,12 +42,13 @@ PASSWORD = ns.qname(MUC, "password")
 
 async def handle_presence(service: Muc, room: Room | None, st: Stanza) -> None:
     session = st.from_
-    if st.type == "unavailable":
+    if st.type in ("unavailable", "error"):
         if room is not None and session in room.by_session:
-            await leave(service, room, session, st.el)
+            await leave(service, room, session, st.el if st.type == "unavailable" else None,
+                        [] if st.type == "unavailable" else [REMOVED_ERROR])
         return
     if st.type is not None:
-        return  # subscriptions, probes and errors mean nothing to a room
+        return  # subscriptions and probes mean nothing to a room
     nick = prepare_nick(st.to.resource)
     created = room is None
     if room is None:
@@ -91,7 +97,8 @@ def check_entry(room: Room, st: Stanza, nick: str, affiliation: str) -> None:
 
 
 async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -> None:
-    """XEP-0045 7.2: the others' presence to the newcomer, its own to everyone (self last), then the subject."""
+    """XEP-0045 7.2: the others' presence to the newcomer, its own to everyone (self last), the discussion
+    history, then the subject."""
     session = st.from_
     affiliation = room.affiliation(session)
     try:
@@ -100,7 +107,7 @@ async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -
         if created:
             service.discard(room)
         raise
-    occupant = room.find(nick) or Occupant(room.jid, nick, session.bare, room.default_role(affiliation))
+    occupant = room.find(nick) or room.new_occupant(nick, session, room.default_role(affiliation))
     room.add_session(occupant, session, st.el)
     batches: list[Batch] = [
         (room.presence(other, real_jid=other.real_jid if room.sees_jids(occupant) else None), [session])
@@ -112,6 +119,9 @@ async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -
     if nick != st.to.resource:
         self_statuses.append(NICK_ASSIGNED)
     batches += room.broadcast_presence(occupant, self_statuses=self_statuses)
+    x = st.el.find(X_MUC)
+    history = room.history.select(x.find(HISTORY) if x is not None else None, datetime.now(UTC))
+    batches += [(el, [session]) for el in history]
     batches.append((room.subject_message(), [session]))
     await room.flush(batches)
 
@@ -131,14 +141,16 @@ async def change_nick(room: Room, occupant: Occupant, st: Stanza, nick: str) -> 
     await room.flush(batches)
 
 
-async def leave(service: Muc, room: Room, session: JID, el: Element) -> None:
+async def leave(service: Muc, room: Room, session: JID, el: Element | None, statuses: Sequence[str] = ()) -> None:
     """XEP-0045 7.14. When another session keeps the nick, the others see it stay, with that session's presence."""
     occupant = room.remove_session(session)
     if occupant.sessions:
-        batches = [(room.presence(occupant, el, real_jid=session, unavailable=True, statuses=[SELF]), [session])]
+        batches = [(room.presence(occupant, el, real_jid=session, unavailable=True, statuses=[*statuses, SELF]),
+                    [session])]
         batches += room.broadcast_presence(occupant)
     else:
-        batches = room.broadcast_presence(occupant, el, to_self=[session], session=session, unavailable=True)
+        batches = room.broadcast_presence(occupant, el, to_self=[session], session=session, unavailable=True,
+                                          statuses=statuses)
     if not room.occupants and (room.locked or not room.config.persistent):
         service.discard(room)
     await room.flush(batches)

@@ -18,12 +18,20 @@ ROOMCONFIG = f"{MUC}#roomconfig"
 ROOMINFO = f"{MUC}#roominfo"
 REQUEST = f"{MUC}#request"
 
+SID = "urn:xmpp:sid:0"  # XEP-0359 unique and stable stanza ids
+OCCUPANT_ID_NS = "urn:xmpp:occupant-id:0"  # XEP-0421
+SELF_PING = f"{MUC}#self-ping-optimization"  # XEP-0410
+
 X_MUC = ns.qname(MUC, "x")
 X_USER = ns.qname(USER, "x")
 ADMIN_QUERY = ns.qname(ADMIN, "query")
 OWNER_QUERY = ns.qname(OWNER, "query")
 BODY = ns.qname(ns.CLIENT, "body")
 SUBJECT = ns.qname(ns.CLIENT, "subject")
+STANZA_ID = ns.qname(SID, "stanza-id")
+OCCUPANT_ID = ns.qname(OCCUPANT_ID_NS, "occupant-id")
+# What a client may not put in a stanza the room passes on: the room adds its own.
+ROOM_ONLY = frozenset({X_MUC, X_USER, OCCUPANT_ID})
 
 # Status codes (XEP-0045 15.6.2), by what they tell the occupant.
 NON_ANONYMOUS = "100"

@@ -8,16 +8,19 @@ and delivered by `flush` afterwards.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
 from extensions.muc.config import RoomConfig
 from extensions.muc.fanout import fan_out
+from extensions.muc.history import History
+from extensions.muc.occupant_iq import OccupantIqs
 from extensions.muc.occupants import Occupant, nick_key
-from extensions.muc.protocol import SELF, SUBJECT, USER, X_MUC, X_USER, item, user_x
+from extensions.muc.protocol import BODY, OCCUPANT_ID, ROOM_ONLY, SELF, STANZA_ID, SUBJECT, USER, item, user_x
 from server import ns
 from server.jid import JID
 from server.stanza import element
@@ -42,6 +45,8 @@ class Room:
         self.occupants: dict[str, Occupant] = {}  # by nick_key
         self.by_session: dict[JID, Occupant] = {}  # by the full JID of each joined session
         self.locked = False  # created with the MUC protocol and not configured yet (XEP-0045 10.1)
+        self.history = History(str(jid), config.max_history)
+        self.iqs = OccupantIqs()
 
     def __repr__(self) -> str:
         return f"<Room {self.jid}>"
@@ -80,6 +85,9 @@ class Room:
         return None
 
     # --- occupants --------------------------------------------------------------------------------
+
+    def new_occupant(self, nick: str, jid: JID, role: str) -> Occupant:
+        return Occupant(self.jid, nick, jid.bare, role, self.service.occupant_id(self.jid, jid.bare))
 
     def find(self, nick: str) -> Occupant | None:
         try:
@@ -145,7 +153,8 @@ class Room:
             source = occupant.presence
         el = element("presence", from_=str(occupant.room_jid), type="unavailable" if unavailable else None)
         if source is not None:
-            el.extend(child for child in source if child.tag not in (X_MUC, X_USER))
+            el.extend(child for child in source if child.tag not in ROOM_ONLY)
+        SubElement(el, OCCUPANT_ID, {"id": occupant.id})
         x = user_x(*statuses)
         it = item(USER, None, affiliation=self.affiliation(occupant.jid), role="none" if unavailable else occupant.role,
                   jid=str(real_jid) if real_jid else None, nick=nick)
@@ -201,6 +210,18 @@ class Room:
         el = element("message", from_=str(self.jid), type="groupchat")
         el.append(user_x(*statuses))
         return el
+
+    async def publish(self, el: Element) -> None:
+        """A message to everyone in the room, stamped with the room's XEP-0359 stanza-id (any other claiming
+        to be the room's is removed) and kept in the discussion history if it has a body."""
+        by = str(self.jid)
+        for found in el.findall(STANZA_ID):
+            if found.get("by") == by:
+                el.remove(found)
+        SubElement(el, STANZA_ID, {"id": secrets.token_urlsafe(12), "by": by})
+        if el.find(BODY) is not None:
+            self.history.add(el, datetime.now(UTC))
+        await fan_out(self.service.server, el, self.sessions())
 
     async def flush(self, batches: Iterable[Batch]) -> None:
         server = self.service.server

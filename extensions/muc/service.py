@@ -1,9 +1,10 @@
 """The MUC service of a host: conference.<host> (module option 'domain'), its rooms and what reaches them.
 
 The router hands every stanza addressed to the service domain to `handle`, which finds the room and
-passes the stanza to the part of the package that deals with it: presence.py, messages.py, or an iq
-handler by payload (disco.py, owner.py, admin.py). A handler refuses bad input by raising StanzaError;
-the sender gets that error and the room carries on. Persistent rooms are loaded when the module starts.
+passes the stanza to the part of the package that deals with it: presence.py, messages.py, an iq handler
+by payload (disco.py, owner.py, admin.py, retraction.py), or occupant_iq.py for an occupant's JID. A
+handler refuses bad input by raising StanzaError; the sender gets that error and the room carries on.
+Persistent rooms are loaded when the module starts.
 
 Options: 'domain'; 'name' (the service's disco name); 'create' - who may create rooms: 'local' users of
 the host (the default), 'admins' of the host, or 'anyone'.
@@ -11,10 +12,14 @@ the host (the default), 'admins' of the host, or 'anyone'.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import secrets
 from collections.abc import Awaitable, Callable
 from xml.etree.ElementTree import Element
 
-from extensions.muc import admin, disco, owner
+from extensions.muc import admin, disco, occupant_iq, owner, retraction
 from extensions.muc.config import RoomConfig
 from extensions.muc.messages import handle_message
 from extensions.muc.presence import handle_presence
@@ -27,6 +32,11 @@ from server.storage.muc import MucStore
 from server.stream.errors import StanzaError
 
 RoomIq = Callable[[Room, Stanza], Awaitable[Element | None]]
+OCCUPANT_ID_SECRET = "occupant-id-secret"  # kv key (host: the service domain) of the key of occupant ids
+
+
+async def pong(room: Room, st: Stanza) -> None:
+    """XEP-0199 ping of the room itself: it exists."""
 
 
 class Muc(Module):
@@ -37,6 +47,7 @@ class Muc(Module):
         self.domain: str = self.option("domain", f"conference.{self.host.name}")
         self.title: str = self.option("name", "Chatrooms")
         self.rooms: dict[JID, Room] = {}
+        self._secret = b""  # of occupant ids, read in start()
         self.store = MucStore(self.server.storage.engine)
         self.room_iqs: dict[tuple[str, str], RoomIq] = {
             ("get", disco.INFO): disco.room_info,
@@ -45,6 +56,8 @@ class Muc(Module):
             ("set", OWNER_QUERY): owner.set_config,
             ("get", ADMIN_QUERY): admin.get_list,
             ("set", ADMIN_QUERY): admin.change,
+            ("get", occupant_iq.PING): pong,
+            ("set", retraction.MODERATE): retraction.moderate,
         }
         self.add_service(self.domain, self.handle)
         directory = self.host.modules["disco"]
@@ -52,11 +65,22 @@ class Muc(Module):
         self._undo.append(lambda: directory.remove_item(self.domain))
 
     async def start(self) -> None:
+        kv = self.server.storage.kv
+        secret = await kv.get(self.domain, "", self.name, OCCUPANT_ID_SECRET)
+        if secret is None:
+            secret = secrets.token_hex(32)
+            await kv.set(self.domain, "", self.name, OCCUPANT_ID_SECRET, secret)
+        self._secret = bytes.fromhex(secret)
         for stored in await self.store.rooms(self.domain):
             jid = JID.make(stored.name, self.domain)
             affiliations = {JID.parse(k): v for k, v in stored.affiliations.items()}
             self.rooms[jid] = Room(self, jid, RoomConfig.from_json(stored.config), stored.created, affiliations,
                                    stored.subject, stored.subject_from)
+
+    def occupant_id(self, room: JID, user: JID) -> str:
+        """XEP-0421: stable for a user in a room, across nicks and restarts, and telling nothing about the user."""
+        digest = hmac.new(self._secret, f"{room}\n{user}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:18]).decode()
 
     def may_create(self, jid: JID) -> bool:
         policy = self.option("create", "local")
@@ -119,21 +143,25 @@ class Muc(Module):
             return
         payload = st.el[0].tag if len(st.el) == 1 else None
         if st.type == "get" and payload == disco.INFO and not st.el[0].get("node"):
-            await self._answer(st, disco.service_info(self))
+            await self.answer(st, disco.service_info(self))
         elif st.type == "get" and payload == disco.ITEMS and not st.el[0].get("node"):
-            await self._answer(st, disco.service_items(self))
+            await self.answer(st, disco.service_items(self))
         else:
             raise StanzaError("service-unavailable")
 
     async def _room_iq(self, room: Room, st: Stanza) -> None:
+        if st.to.resource is not None:
+            await occupant_iq.handle(room, st)
+            return
         if st.type not in ("get", "set"):
             return
         handler = self.room_iqs.get((st.type, st.el[0].tag)) if len(st.el) == 1 else None
-        if handler is None or st.to.resource is not None:
+        if handler is None:
             raise StanzaError("service-unavailable")
-        await self._answer(st, await handler(room, st))
+        await self.answer(st, await handler(room, st))
 
-    async def _answer(self, st: Stanza, payload: Element | None) -> None:
+    async def answer(self, st: Stanza, payload: Element | None) -> None:
+        """The result of an iq get or set, with `payload` (or empty)."""
         answer = reply(st.el)
         if payload is not None:
             answer.append(payload)
