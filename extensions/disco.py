@@ -3,7 +3,8 @@
 What is advertised comes from what modules registered (host.features / host.identities), so disco
 never has to know about other modules. Nodes are answered through the hooks 'disco/info-node' and
 'disco/items-node' (stanza, node) -> query Element, so modules like caps or ad-hoc commands can serve
-their own nodes; an unclaimed node is item-not-found.
+their own nodes; an unclaimed node is item-not-found. The items of an account come from 'disco/account-items'
+(stanza, query), whose handlers add to the query (PEP lists the nodes the requester may see).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class Disco(Module):
             for item in self.items:
                 attrs = {"jid": item.jid, "name": item.name, "node": item.node}
                 SubElement(query, ns.qname(ns.DISCO_ITEMS, "item"), {k: v for k, v in attrs.items() if v})
+        else:
+            await self.host.hooks.fire("disco/account-items", stanza, query)
         return query
 
     async def _target(self, stanza: Stanza) -> str:

@@ -22,7 +22,7 @@ import asyncio
 import uuid
 from collections.abc import Iterable
 from typing import cast
-from xml.etree.ElementTree import Element
+from xml.etree.ElementTree import Element, SubElement
 
 from extensions.caps import HASHES, info_hash
 from extensions.roster import Roster
@@ -105,6 +105,7 @@ class Pep(Module):
         self.hook("session/closed", self.session_closed)
         self.hook("iq-result/host", self.answer)
         self.hook("iq-error/host", self.answer)
+        self.hook("disco/account-items", self.list_nodes)
 
     async def stop(self) -> None:
         tasks = list(self._tasks)
@@ -122,6 +123,13 @@ class Pep(Module):
                 not await self.server.storage.accounts.exists(service.domain, service.local or ""):
             raise StanzaError("service-unavailable")
         return await self.service.handle(stanza, service)
+
+    async def list_nodes(self, stanza: Stanza, query: Element) -> None:
+        """XEP-0060 5.2 on the account: the nodes the requester may access."""
+        owner = stanza.to.bare
+        for node, stored in sorted((await self.server.storage.pubsub.nodes(*self.service.key(owner))).items()):
+            if await self.service.may_access(owner, node, NodeConfig.from_json(stored), stanza.from_):
+                SubElement(query, ns.qname(ns.DISCO_ITEMS, "item"), {"jid": str(owner), "node": node})
 
     # --- who is online, with which caps -----------------------------------------------------------
 

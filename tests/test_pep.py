@@ -20,6 +20,7 @@ OWNER = f"{PUBSUB}#owner"
 EVENT = f"{PUBSUB}#event"
 ERRORS = f"{PUBSUB}#errors"
 INFO = "http://jabber.org/protocol/disco#info"
+ITEMS = "http://jabber.org/protocol/disco#items"
 MOOD = "urn:test:mood"
 PLUGINS = ("xep_0030", "xep_0060", "xep_0163", "xep_0115")
 
@@ -154,6 +155,41 @@ async def test_auto_create_without_options_uses_presence_access_and_one_item(ser
     config = await configuration(alice, MOOD)
     assert config["pubsub#access_model"] == "presence" and config["pubsub#max_items"] == "1"
     assert await items(alice, "alice@localhost", MOOD) == [("2", "b")]
+
+
+async def test_disco_items_of_an_account_list_the_nodes_the_requester_may_see(server: Harness) -> None:
+    for name in ("alice", "bob", "dave"):
+        await server.add_user(name)
+    await befriend(server, "alice", "bob")
+    alice = await server.client("alice@localhost", plugins=PLUGINS)
+    bob = await server.client("bob@localhost", plugins=PLUGINS)
+    dave = await server.client("dave@localhost", plugins=PLUGINS)
+    await publish(alice, MOOD, "1", "a")  # presence access
+    await publish(alice, "urn:test:open", "1", "b", options(access_model="open"))
+
+    async def nodes(client: ClientXMPP) -> list[str | None]:
+        result = await send_iq(client, "get", f"<query xmlns='{ITEMS}'/>", "alice@localhost")
+        return [item.get("node") for item in query_of(result, ITEMS)]
+
+    assert await nodes(alice) == await nodes(bob) == ["urn:test:mood", "urn:test:open"]
+    assert await nodes(dave) == ["urn:test:open"]
+
+
+async def test_create_and_configure_then_items_by_id(server: Harness) -> None:
+    await server.add_user("alice")
+    alice = await server.client("alice@localhost", plugins=PLUGINS)
+    await send_iq(alice, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{MOOD}'/><configure><x xmlns='jabber:x:data' "
+                                "type='submit'><field var='FORM_TYPE' type='hidden'><value>"
+                                f"{PUBSUB}#node_config</value></field><field var='pubsub#max_items'><value>5</value>"
+                                "</field></x></configure></pubsub>")
+    assert await error_of(alice, "set", f"<pubsub xmlns='{PUBSUB}'><create node='{MOOD}'/></pubsub>") == \
+        ("conflict", None)
+    for n in range(3):
+        await publish(alice, MOOD, f"i{n}", f"m{n}")
+    picked = f"<pubsub xmlns='{PUBSUB}'><items node='{MOOD}'><item id='i1'/><item id='nope'/></items></pubsub>"
+    result = await send_iq(alice, "get", picked)
+    assert [i.get("id") for i in result.iter(f"{{{PUBSUB}}}item")] == ["i1"]
+    assert await items(alice, "alice@localhost", MOOD, "max_items='2'") == [("i1", "m1"), ("i2", "m2")]
 
 
 async def test_only_the_owner_publishes_and_configures(server: Harness) -> None:
