@@ -11,7 +11,7 @@ Enforcement sits on the router's filtering events, ahead of every other module:
 On block the contact gets the user's unavailable presence and the user's resources the contact's; on
 unblock the contact gets the current presence and is probed, so both sides see each other again.
 
-The list is kept in the key-value store; a bounded cache answers the per-stanza checks.
+The list is a document in the key-value store, cached for the per-stanza checks.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from server import ns
 from server.jid import JID, JIDError
 from server.module import Module
 from server.stanza import Stanza, element
+from server.storage.kv import CachedDocuments
 from server.stream.errors import StanzaError
 
 BLOCKING = "urn:xmpp:blocking"
@@ -34,7 +35,6 @@ UNBLOCK = ns.qname(BLOCKING, "unblock")
 ITEM = ns.qname(BLOCKING, "item")
 BLOCKED = ns.qname("urn:xmpp:blocking:errors", "blocked")
 PRIORITY = 1000
-CACHE_SIZE = 10000
 
 
 def matches(items: frozenset[JID], jid: JID) -> bool:
@@ -45,6 +45,10 @@ def matches(items: frozenset[JID], jid: JID) -> bool:
         return True
     labels = jid.domain.split(".")
     return any(JID.make(None, ".".join(labels[i:])) in items for i in range(len(labels)))
+
+
+def parse_list(stored: list[str] | None) -> frozenset[JID]:
+    return frozenset(JID.parse(jid) for jid in stored or ())
 
 
 def parse_items(payload: Element) -> set[JID]:
@@ -58,7 +62,7 @@ class Blocking(Module):
     name = "blocking"
 
     def setup(self) -> None:
-        self._cache: dict[JID, frozenset[JID]] = {}
+        self._lists = CachedDocuments(self.server.storage.kv, self.name, parse_list)
         self._changing = asyncio.Lock()  # blocklist edits are rare: one at a time per host
         self.add_feature(BLOCKING)
         self.iq("get", BLOCKLIST, self.get_blocklist, target="account")
@@ -72,14 +76,7 @@ class Blocking(Module):
     # --- the list ---------------------------------------------------------------------------------
 
     async def blocklist(self, user: JID) -> frozenset[JID]:
-        items = self._cache.get(user)
-        if items is None:
-            stored = await self.server.storage.kv.get(user.domain, user.local or "", self.name)
-            # setdefault: an edit that finished while the database answered wins over what was read.
-            items = self._cache.setdefault(user, frozenset(JID.parse(jid) for jid in stored or ()))
-            if len(self._cache) > CACHE_SIZE:
-                del self._cache[next(iter(self._cache))]
-        return items
+        return await self._lists.get(user.domain, user.local or "")
 
     async def blocks(self, user: JID, other: JID) -> bool:
         """Whether `user` blocks `other`; never its own account or its server."""
@@ -88,9 +85,7 @@ class Blocking(Module):
         return matches(await self.blocklist(user), other)
 
     async def _save(self, user: JID, items: frozenset[JID]) -> None:
-        await self.server.storage.kv.set(user.domain, user.local or "", self.name, "",
-                                         sorted(map(str, items)) or None)
-        self._cache[user] = items
+        await self._lists.set(user.domain, user.local or "", sorted(map(str, items)) or None)
 
     # --- enforcement ------------------------------------------------------------------------------
 

@@ -86,6 +86,14 @@ def xmpp_datetime(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def parse_datetime(text: str) -> datetime:
+    """A XEP-0082 DateTime, which must name its zone; ValueError otherwise."""
+    when = datetime.fromisoformat(text.strip())
+    if when.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone")
+    return when.astimezone(UTC)
+
+
 def add_delay(el: Element, from_: str, when: datetime, reason: str | None = None) -> Element:
     """Stamp a stanza kept for later delivery with XEP-0203 delayed delivery."""
     delay = SubElement(el, ns.qname(ns.DELAY, "delay"), {"from": from_, "stamp": xmpp_datetime(when)})

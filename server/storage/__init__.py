@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.accounts import Account, AccountStore, Credentials, StoredCredentials
+from server.storage.archive import ArchiveStore
 from server.storage.engine import make_engine
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
@@ -19,6 +20,7 @@ from server.storage.schema import migrate
 __all__ = [
     "Account",
     "AccountStore",
+    "ArchiveStore",
     "Credentials",
     "KeyValueStore",
     "OfflineStore",
@@ -42,6 +44,7 @@ class Storage:
         self.roster = RosterStore(engine)
         self.offline = OfflineStore(engine)
         self.kv = KeyValueStore(engine)
+        self.archive = ArchiveStore(engine)
         self.pubsub = PubSubStore(engine)
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ from server.storage.engine import dialect_insert, user_rows, writer
 from server.storage.schema import (
     account_credentials,
     accounts,
+    archive,
     kv,
     offline,
     pending_subscriptions,
@@ -142,7 +143,7 @@ class AccountStore:
             gone = await conn.execute(delete(accounts).where(*user_rows(accounts, host, username)))
             if gone.rowcount == 0:
                 return False
-            for table in (roster, pending_subscriptions, offline, kv, pubsub_items, pubsub_subscriptions,
+            for table in (roster, pending_subscriptions, offline, kv, archive, pubsub_items, pubsub_subscriptions,
                           pubsub_affiliations, pubsub_nodes):
                 await conn.execute(delete(table).where(*user_rows(table, host, username)))
             await conn.execute(

@@ -6,13 +6,16 @@ inside it ('' when a store keeps one document per user).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import upsert, user_rows, writer
 from server.storage.schema import kv
+
+T = TypeVar("T")
 
 
 class KeyValueStore:
@@ -50,3 +53,33 @@ class KeyValueStore:
                 select(kv.c.key).where(*user_rows(kv, host, user), kv.c.store == store)
             )
             return sorted(found)
+
+
+class CachedDocuments(Generic[T]):
+    """One document per user in a module's store, parsed once and kept in a bounded cache.
+
+    For documents read on every stanza (a blocklist, archiving preferences). Writes go through `set`,
+    so this server never serves a stale copy.
+    """
+
+    def __init__(self, kv: KeyValueStore, store: str, parse: Callable[[Any | None], T], size: int = 10000) -> None:
+        self._kv = kv
+        self._store = store
+        self._parse = parse
+        self._size = size
+        self._cache: dict[tuple[str, str], T] = {}
+
+    async def get(self, host: str, user: str) -> T:
+        key = (host, user)
+        if key not in self._cache:
+            parsed = self._parse(await self._kv.get(host, user, self._store))
+            # setdefault: a `set` that finished while the database answered wins over what was read.
+            self._cache.setdefault(key, parsed)
+            if len(self._cache) > self._size:
+                del self._cache[next(iter(self._cache))]
+        return self._cache[key]
+
+    async def set(self, host: str, user: str, document: Any | None) -> None:
+        """Store the document (None deletes it)."""
+        await self._kv.set(host, user, self._store, "", document)
+        self._cache[(host, user)] = self._parse(document)

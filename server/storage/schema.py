@@ -248,6 +248,46 @@ muc_affiliations = Table(
 )
 
 
+# Message archives (server.storage.archive, XEP-0313): rows are never updated. The full-text index of
+# bodies depends on the backend and is made by the step that creates the table.
+archive = Table(
+    "archive",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("stanza_id", String, nullable=False),
+    Column("stamp", UTCDateTime, nullable=False),
+    Column("with_jid", String, nullable=False),
+    Column("with_resource", String),
+    Column("body", Text),
+    Column("stanza_xml", Text, nullable=False),
+    # One per kind of query: the whole archive, one contact, a time range, UIDs.
+    Index("ix_archive_user", "host", "username", "id"),
+    Index("ix_archive_with", "host", "username", "with_jid", "id"),
+    Index("ix_archive_stamp", "host", "username", "stamp"),
+    Index("ix_archive_uid", "host", "username", "stanza_id", unique=True),
+)
+
+_ARCHIVE_FULLTEXT = {
+    # A generated tsvector with the language-neutral 'simple' configuration, and its GIN index.
+    "postgresql": [
+        "ALTER TABLE archive ADD COLUMN body_tsv tsvector"
+        " GENERATED ALWAYS AS (to_tsvector('simple', coalesce(body, ''))) STORED",
+        "CREATE INDEX ix_archive_fts ON archive USING gin (body_tsv)",
+    ],
+    # An FTS5 index over the table's bodies (external content), kept by triggers; rows are never updated.
+    "sqlite": [
+        "CREATE VIRTUAL TABLE archive_fts USING fts5(body, content='archive', content_rowid='id',"
+        " tokenize='unicode61 remove_diacritics 0')",
+        "CREATE TRIGGER archive_fts_insert AFTER INSERT ON archive WHEN new.body IS NOT NULL BEGIN"
+        " INSERT INTO archive_fts(rowid, body) VALUES (new.id, new.body); END",
+        "CREATE TRIGGER archive_fts_delete AFTER DELETE ON archive WHEN old.body IS NOT NULL BEGIN"
+        " INSERT INTO archive_fts(archive_fts, rowid, body) VALUES ('delete', old.id, old.body); END",
+    ],
+}
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -269,7 +309,14 @@ def _step_3(conn: Connection) -> None:
     metadata.create_all(conn, tables=[muc_rooms, muc_affiliations], checkfirst=False)
 
 
-STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3]
+def _step_4(conn: Connection) -> None:
+    """Message archives, with full-text search of bodies."""
+    archive.create(conn)
+    for statement in _ARCHIVE_FULLTEXT[conn.dialect.name]:
+        conn.execute(text(statement))
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4]
 
 
 async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:

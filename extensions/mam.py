@@ -1,0 +1,301 @@
+"""XEP-0313 Message Archive Management for users, with XEP-0359 stanza-ids and XEP-0441 preferences.
+
+Every chat or normal message with a body that a user sends ('message/outbound') or receives
+('message/deliver', fired once per message whichever resources get it, offline storage included) is
+archived once in that user's archive, unless XEP-0334 hints forbid it or the preferences say no. A
+received message is stamped with its archive UID as a <stanza-id/> before delivery; a sent one carries it
+only while the carbons module copies it to the user's other resources, and loses it before it leaves.
+
+Queries take the XEP-0313 form (with, start, end, before-id, after-id, ids, and the
+'{urn:xmpp:fulltext:0}fulltext' field, answered by the database's full-text index) and XEP-0059 paging
+both ways, flipped pages included; results go to the querying session, then the <fin/>.
+
+Options: 'default' (preference when the user set none: always, never or roster), 'max_page' (the largest
+page, and the page when a query names none), 'retention_days' (0 keeps messages forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from xml.etree.ElementTree import Element, SubElement
+
+from server import ns
+from server.forms import Field, build_form, find_form, first_value, read_form
+from server.jid import JID, JIDError
+from server.module import Module
+from server.sessions import Session
+from server.stanza import Stanza, element, parse_datetime, parse_stored, xmpp_datetime
+from server.storage.archive import ArchiveFilter, Page, UnknownArchiveId
+from server.storage.kv import CachedDocuments
+from server.stream.errors import StanzaError
+from server.stream.writer import serialize
+
+MAM = "urn:xmpp:mam:2"
+EXTENDED = "urn:xmpp:mam:2#extended"
+SID = "urn:xmpp:sid:0"
+RSM = "http://jabber.org/protocol/rsm"
+FULLTEXT = "{urn:xmpp:fulltext:0}fulltext"
+QUERY = ns.qname(MAM, "query")
+PREFS = ns.qname(MAM, "prefs")
+METADATA = ns.qname(MAM, "metadata")
+FLIP_PAGE = ns.qname(MAM, "flip-page")
+STANZA_ID = ns.qname(SID, "stanza-id")
+BODY = ns.qname(ns.CLIENT, "body")
+NO_STORE = (ns.qname(ns.HINTS, "no-store"), ns.qname(ns.HINTS, "no-permanent-store"))
+STORE = ns.qname(ns.HINTS, "store")
+DEFAULTS = ("always", "never", "roster")
+FILTER_FIELDS = ("FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids", FULLTEXT)
+ARCHIVE_PRIORITY = 10  # ahead of carbons, so that copies carry the stanza-id
+MAX_PAGE = 250
+EXPIRY_INTERVAL = 3600.0
+
+
+def archivable(el: Element) -> bool:
+    """XEP-0313 5.1.1: chat and normal messages with a body (or a XEP-0334 store hint), unless hinted away."""
+    if (el.get("type") or "normal") not in ("chat", "normal"):
+        return False
+    if any(el.find(hint) is not None for hint in NO_STORE):
+        return False
+    return el.find(BODY) is not None or el.find(STORE) is not None
+
+
+@dataclass(frozen=True)
+class Prefs:
+    """XEP-0441 archiving preferences."""
+
+    default: str
+    always: frozenset[JID] = frozenset()
+    never: frozenset[JID] = frozenset()
+
+    def document(self) -> dict[str, Any]:
+        return {"default": self.default, "always": sorted(map(str, self.always)),
+                "never": sorted(map(str, self.never))}
+
+
+class Mam(Module):
+    name = "mam"
+
+    def setup(self) -> None:
+        self._prefs = CachedDocuments(self.server.storage.kv, self.name, self._parse_prefs)
+        self._expiry: asyncio.Task[None] | None = None
+        for feature in (MAM, EXTENDED, SID):
+            self.add_feature(feature, "account")
+        self.iq("get", QUERY, self.form, target="account")
+        self.iq("set", QUERY, self.query, target="account")
+        self.iq("get", PREFS, self.get_prefs, target="account")
+        self.iq("set", PREFS, self.set_prefs, target="account")
+        self.iq("get", METADATA, self.metadata, target="account")
+        self.hook("message/outbound", self.sent, priority=ARCHIVE_PRIORITY)
+        self.hook("message/outbound", self.leaving, priority=-ARCHIVE_PRIORITY)
+        self.hook("message/deliver", self.received, priority=ARCHIVE_PRIORITY)
+
+    async def start(self) -> None:
+        if self.option("retention_days", 0) > 0:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire())
+
+    async def stop(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+
+    async def _expire(self) -> None:
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(days=self.option("retention_days", 0))
+            try:
+                gone = await self.server.storage.archive.expire(self.host.name, cutoff)
+                if gone:
+                    self.log.info("%d archived messages older than %s expired", gone, cutoff)
+            except Exception:
+                self.log.exception("archive expiry failed")
+            await asyncio.sleep(EXPIRY_INTERVAL)
+
+    # --- archiving --------------------------------------------------------------------------------
+
+    async def sent(self, stanza: Stanza) -> None:
+        user = stanza.origin.bare
+        # A message to the user's own account is archived once, where it is delivered.
+        if stanza.to.bare != user and archivable(stanza.el):
+            await self._archive(user, stanza.to, stanza.el)
+
+    def leaving(self, stanza: Stanza) -> None:
+        """The sender's archive UID is for the sender's resources only (XEP-0313 4.1)."""
+        _remove_ids(stanza.el, stanza.origin.bare)
+
+    async def received(self, stanza: Stanza, sessions: list[Session]) -> None:
+        user = stanza.to.bare
+        _remove_ids(stanza.el, user)  # XEP-0359 3: never trust an id claiming to come from this archive
+        if archivable(stanza.el):
+            await self._archive(user, stanza.from_, stanza.el)
+
+    async def _archive(self, user: JID, other: JID, el: Element) -> None:
+        if not await self._wanted(user, other):
+            return
+        uid = secrets.token_urlsafe(12)
+        body = " ".join(b.text for b in el.iterfind(BODY) if b.text) or None
+        await self.server.storage.archive.append(user.domain, user.local or "", uid, datetime.now(UTC),
+                                                 str(other.bare), other.resource, body, serialize(el))
+        SubElement(el, STANZA_ID, {"id": uid, "by": str(user)})
+
+    async def _wanted(self, user: JID, other: JID) -> bool:
+        prefs = await self._prefs.get(user.domain, user.local or "")
+        if other in prefs.never or other.bare in prefs.never:
+            return False
+        if other in prefs.always or other.bare in prefs.always or prefs.default == "always":
+            return True
+        if prefs.default == "roster":
+            item = await self.server.storage.roster.get_item(user.domain, user.local or "", str(other.bare))
+            return item is not None
+        return False
+
+    # --- queries ----------------------------------------------------------------------------------
+
+    def _owner(self, stanza: Stanza) -> Session:
+        """Only the user's own sessions reach its archive (XEP-0313 10.1)."""
+        if stanza.origin is None or stanza.from_.bare != stanza.to.bare:
+            raise StanzaError("forbidden", "only the account itself may use its archive")
+        return stanza.origin
+
+    async def form(self, stanza: Stanza) -> Element:
+        self._owner(stanza)
+        fields = [Field("with", "jid-single"), Field("start"), Field("end"), Field("before-id"),
+                  Field("after-id"), Field("ids", "list-multi"), Field(FULLTEXT, label="Words in the message")]
+        x = build_form("form", fields, form_type=MAM)
+        ids = next(f for f in x if f.get("var") == "ids")
+        validate = SubElement(ids, "{http://jabber.org/protocol/xdata-validate}validate", {"datatype": "xs:string"})
+        SubElement(validate, "{http://jabber.org/protocol/xdata-validate}open")
+        query = Element(QUERY)
+        query.append(x)
+        return query
+
+    async def query(self, stanza: Stanza) -> Element:
+        session = self._owner(stanza)
+        user = stanza.to.bare
+        payload = stanza.el[0]
+        max, after, before = self._paging(payload.find(ns.qname(RSM, "set")))
+        try:
+            page = await self.server.storage.archive.query(user.domain, user.local or "", _filter(payload),
+                                                           max, after, before)
+        except UnknownArchiveId as exc:
+            raise StanzaError("item-not-found", f"no message {exc} in the archive") from None
+        messages = reversed(page.messages) if payload.find(FLIP_PAGE) is not None else page.messages
+        queryid = payload.get("queryid")
+        for message in messages:
+            out = element("message", from_=str(user), to=str(session.jid), id=secrets.token_hex(8))
+            result = SubElement(out, ns.qname(MAM, "result"), {"id": message.id})
+            if queryid is not None:
+                result.set("queryid", queryid)
+            forwarded = SubElement(result, ns.qname(ns.FORWARD, "forwarded"))
+            SubElement(forwarded, ns.qname(ns.DELAY, "delay"), {"stamp": xmpp_datetime(message.stamp)})
+            forwarded.append(parse_stored(message.stanza_xml))
+            session.send(out)
+        return _fin(page)
+
+    def _paging(self, rsm: Element | None) -> tuple[int, str | None, str | None]:
+        """XEP-0059: (page size, 'after' UID, 'before' UID or '' for the last page), within max_page."""
+        limit = self.option("max_page", MAX_PAGE)
+        if rsm is None:
+            return limit, None, None
+        try:
+            max = int(rsm.findtext(ns.qname(RSM, "max")) or limit)
+        except ValueError:
+            raise StanzaError("bad-request", "<max/> is not a number") from None
+        if max < 0:
+            raise StanzaError("bad-request", "<max/> is negative")
+        before = rsm.find(ns.qname(RSM, "before"))
+        return min(max, limit), rsm.findtext(ns.qname(RSM, "after")) or None, \
+            (before.text or "") if before is not None else None
+
+    async def metadata(self, stanza: Stanza) -> Element:
+        self._owner(stanza)
+        user = stanza.to.bare
+        first, last = await self.server.storage.archive.bounds(user.domain, user.local or "")
+        answer = Element(METADATA)
+        for tag, message in (("start", first), ("end", last)):
+            if message is not None:
+                SubElement(answer, ns.qname(MAM, tag), {"id": message.id, "timestamp": xmpp_datetime(message.stamp)})
+        return answer
+
+    # --- preferences (XEP-0441) -------------------------------------------------------------------
+
+    def _parse_prefs(self, document: dict[str, Any] | None) -> Prefs:
+        if document is None:
+            return Prefs(self.option("default", "always"))
+        return Prefs(document["default"], frozenset(map(JID.parse, document["always"])),
+                     frozenset(map(JID.parse, document["never"])))
+
+    async def get_prefs(self, stanza: Stanza) -> Element:
+        self._owner(stanza)
+        user = stanza.to.bare
+        return _prefs_element(await self._prefs.get(user.domain, user.local or ""))
+
+    async def set_prefs(self, stanza: Stanza) -> Element:
+        self._owner(stanza)
+        user = stanza.to.bare
+        payload = stanza.el[0]
+        default = payload.get("default")
+        if default not in DEFAULTS:
+            raise StanzaError("bad-request", f"'default' must be one of {', '.join(DEFAULTS)}")
+        prefs = Prefs(default, _jids(payload, "always"), _jids(payload, "never"))
+        await self._prefs.set(user.domain, user.local or "", prefs.document())
+        return _prefs_element(prefs)
+
+
+def _remove_ids(el: Element, archive: JID) -> None:
+    for stanza_id in el.findall(STANZA_ID):
+        if stanza_id.get("by") == str(archive):
+            el.remove(stanza_id)
+
+
+def _filter(query: Element) -> ArchiveFilter:
+    """The query's XEP-0313 form; feature-not-implemented for a field this archive does not know."""
+    x = find_form(query, MAM)
+    if x is None:
+        return ArchiveFilter()
+    values = read_form(x)
+    unknown = set(values) - set(FILTER_FIELDS)
+    if unknown:
+        raise StanzaError("feature-not-implemented", f"unknown field {min(unknown)!r}")
+    try:
+        with_text, start, end = (first_value(values, var) for var in ("with", "start", "end"))
+        with_ = JID.parse(with_text) if with_text else None
+        return ArchiveFilter(
+            with_jid=str(with_.bare) if with_ else None,
+            with_resource=with_.resource if with_ else None,
+            start=parse_datetime(start) if start else None,
+            end=parse_datetime(end) if end else None,
+            after_id=first_value(values, "after-id") or None,
+            before_id=first_value(values, "before-id") or None,
+            ids=tuple(values.get("ids", ())),
+            text=first_value(values, FULLTEXT),
+        )
+    except (JIDError, ValueError) as exc:
+        raise StanzaError("bad-request", str(exc)) from None
+
+
+def _fin(page: Page) -> Element:
+    fin = Element(ns.qname(MAM, "fin"), {"complete": "true"} if page.complete else {})
+    rsm = SubElement(fin, ns.qname(RSM, "set"))
+    if page.messages:
+        SubElement(rsm, ns.qname(RSM, "first"), {"index": str(page.index)}).text = page.messages[0].id
+        SubElement(rsm, ns.qname(RSM, "last")).text = page.messages[-1].id
+    SubElement(rsm, ns.qname(RSM, "count")).text = str(page.count)
+    return fin
+
+
+def _jids(prefs: Element, tag: str) -> frozenset[JID]:
+    try:
+        return frozenset(JID.parse(j.text or "") for j in prefs.iterfind(f"{{{MAM}}}{tag}/{{{MAM}}}jid"))
+    except JIDError as exc:
+        raise StanzaError("jid-malformed", str(exc)) from None
+
+
+def _prefs_element(prefs: Prefs) -> Element:
+    el = Element(PREFS, {"default": prefs.default})
+    for tag, jids in (("always", prefs.always), ("never", prefs.never)):
+        listed = SubElement(el, ns.qname(MAM, tag))
+        for jid in sorted(map(str, jids)):
+            SubElement(listed, ns.qname(MAM, "jid")).text = jid
+    return el

@@ -1,0 +1,176 @@
+"""The message archive of each user (XEP-0313): append, query a page, first and last, expire.
+
+Rows are never updated: the internal ``id`` gives the archive's order, the ``stanza_id`` is the
+unpredictable UID clients see. ``with_jid``/``with_resource`` hold the other party of each message, so
+that every query filter is a condition on an indexed column. Bodies are indexed for full-text search
+by the database itself: an FTS5 table kept by triggers on SQLite, a generated ``tsvector`` column with a
+GIN index on PostgreSQL (see the migration step in :mod:`server.storage.schema`). Both treat a search as
+all of its words, case-insensitively.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import ColumnElement, Integer, case, column, delete, func, literal, literal_column, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from server.storage.engine import user_rows, writer
+from server.storage.schema import archive
+
+_WORD = re.compile(r"\w+")
+
+
+class UnknownArchiveId(LookupError):
+    """A query named a UID that is not in the archive (XEP-0313: item-not-found)."""
+
+
+@dataclass(frozen=True)
+class ArchivedMessage:
+    id: str  # the UID, XEP-0359 stanza-id
+    stamp: datetime
+    stanza_xml: str
+
+
+@dataclass(frozen=True)
+class ArchiveFilter:
+    """The XEP-0313 form fields; None (or empty) means "no condition"."""
+
+    with_jid: str | None = None  # a bare JID
+    with_resource: str | None = None  # given with with_jid when the query named a full JID
+    start: datetime | None = None
+    end: datetime | None = None
+    after_id: str | None = None
+    before_id: str | None = None
+    ids: Sequence[str] = ()
+    text: str | None = None
+
+
+@dataclass
+class Page:
+    messages: list[ArchivedMessage] = field(default_factory=list)  # oldest first
+    count: int = 0  # messages matching the filter, over all pages
+    index: int | None = None  # position of the first message of the page among them
+    complete: bool = True  # no more matching messages beyond the page, in the direction asked
+
+
+def words(search: str) -> list[str]:
+    return _WORD.findall(search)
+
+
+class ArchiveStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+
+    async def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
+                     with_resource: str | None, body: str | None, stanza_xml: str) -> None:
+        async with self._writer.begin() as conn:
+            await conn.execute(archive.insert().values(
+                host=host, username=user, stanza_id=stanza_id, stamp=stamp, with_jid=with_jid,
+                with_resource=with_resource, body=body, stanza_xml=stanza_xml,
+            ))
+
+    async def query(self, host: str, user: str, filter: ArchiveFilter, max: int, after: str | None = None,
+                    before: str | None = None) -> Page:
+        """One page of the messages matching ``filter``, as RSM (XEP-0059) asks for it.
+
+        ``after`` pages forward from a UID; ``before`` pages backward from a UID, or from the end of the
+        archive when it is ''; ``max`` 0 only counts. Raises UnknownArchiveId for a UID not in the archive.
+        """
+        backward = before is not None
+        anchor = before if backward else after
+        async with self._engine.begin() as conn:
+            conditions = [*user_rows(archive, host, user), *await self._conditions(conn, host, user, filter)]
+            if anchor:
+                at = (await self._rows(conn, host, user, [anchor]))[0]
+                conditions_of_page = [*conditions, archive.c.id < at if backward else archive.c.id > at]
+            else:
+                conditions_of_page = conditions
+            rows = []
+            if max > 0:
+                rows = list(await conn.execute(
+                    select(archive.c.id, archive.c.stanza_id, archive.c.stamp, archive.c.stanza_xml)
+                    .where(*conditions_of_page)
+                    .order_by(archive.c.id.desc() if backward else archive.c.id.asc())
+                    .limit(max + 1)
+                ))
+            complete = len(rows) <= max
+            rows = rows[:max]
+            if backward:
+                rows.reverse()
+            # A page at either end of the results knows its index; one in the middle counts what is before it.
+            before_first = func.sum(case((archive.c.id < rows[0].id, 1), else_=0)) if rows and anchor else literal(0)
+            count, index = (await conn.execute(select(func.count(), before_first).where(*conditions))).one()
+        if rows and not anchor:
+            index = count - len(rows) if backward else 0
+        messages = [ArchivedMessage(row.stanza_id, row.stamp, row.stanza_xml) for row in rows]
+        return Page(messages, count, int(index or 0) if rows else None, complete and (max > 0 or count == 0))
+
+    async def _rows(self, conn: AsyncConnection, host: str, user: str, ids: Sequence[str]) -> list[int]:
+        """Internal ids of the UIDs, in the order given; UnknownArchiveId if one is missing."""
+        if not ids:
+            return []
+        found = dict((await conn.execute(
+            select(archive.c.stanza_id, archive.c.id).where(*user_rows(archive, host, user),
+                                                             archive.c.stanza_id.in_(set(ids)))
+        )).all())
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise UnknownArchiveId(missing[0])
+        return [found[i] for i in ids]
+
+    async def _conditions(self, conn: AsyncConnection, host: str, user: str,
+                          filter: ArchiveFilter) -> list[ColumnElement[bool]]:
+        c = archive.c
+        conditions: list[ColumnElement[bool]] = []
+        if filter.with_jid is not None:
+            conditions.append(c.with_jid == filter.with_jid)
+            if filter.with_resource is not None:
+                conditions.append(c.with_resource == filter.with_resource)
+        if filter.start is not None:
+            conditions.append(c.stamp >= filter.start)
+        if filter.end is not None:
+            conditions.append(c.stamp <= filter.end)
+        if filter.after_id:
+            conditions.append(c.id > (await self._rows(conn, host, user, [filter.after_id]))[0])
+        if filter.before_id:
+            conditions.append(c.id < (await self._rows(conn, host, user, [filter.before_id]))[0])
+        if filter.ids:
+            conditions.append(c.id.in_(await self._rows(conn, host, user, filter.ids)))
+        search = words(filter.text or "")
+        if search:
+            conditions.append(_fulltext(conn.dialect.name, search))
+        return conditions
+
+    async def bounds(self, host: str, user: str) -> tuple[ArchivedMessage | None, ArchivedMessage | None]:
+        """The first and the last message of the archive (XEP-0313 7, archive metadata)."""
+        async with self._engine.begin() as conn:
+            ends = []
+            for order in (archive.c.id.asc(), archive.c.id.desc()):
+                row = (await conn.execute(
+                    select(archive.c.stanza_id, archive.c.stamp, archive.c.stanza_xml)
+                    .where(*user_rows(archive, host, user)).order_by(order).limit(1)
+                )).first()
+                ends.append(ArchivedMessage(row.stanza_id, row.stamp, row.stanza_xml) if row else None)
+        return ends[0], ends[1]
+
+    async def expire(self, host: str, older_than: datetime) -> int:
+        """Delete the host's messages stamped before ``older_than``, in every archive; the number deleted."""
+        async with self._writer.begin() as conn:
+            gone = await conn.execute(delete(archive).where(archive.c.host == host, archive.c.stamp < older_than))
+        return gone.rowcount or 0
+
+
+def _fulltext(dialect: str, search: list[str]) -> ColumnElement[bool]:
+    """Messages whose body has every word of the search."""
+    if dialect == "postgresql":
+        query = func.plainto_tsquery(literal_column("'simple'::regconfig"), " ".join(search))
+        return literal_column("archive.body_tsv").op("@@")(query)
+    # FTS5 query syntax: each word as a quoted string, all of them required.
+    match = " ".join(f'"{word}"' for word in search)
+    matching = text("SELECT rowid FROM archive_fts WHERE archive_fts MATCH :match").bindparams(match=match)
+    return archive.c.id.in_(matching.columns(column("rowid", Integer)))
