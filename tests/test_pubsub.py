@@ -110,6 +110,8 @@ async def test_owner_manages_configuration_affiliations_and_subscriptions(server
     assert sorted((a.get("jid"), a.get("affiliation")) for a in affs.iter(f"{{{OWNER}}}affiliation")) == \
         [("alice@localhost", "owner"), ("bob@localhost", "publisher")]
 
+    assert await error_of(alice, "get", f"<pubsub xmlns='{OWNER}'><subscriptions/></pubsub>", SERVICE) == \
+        ("bad-request", "nodeid-required")
     await send_iq(alice, "set", f"<pubsub xmlns='{OWNER}'><delete node='private'/></pubsub>", SERVICE)
     assert await error_of(alice, "get", f"<pubsub xmlns='{PUBSUB}'><items node='private'/></pubsub>",
                           SERVICE) == ("item-not-found", None)

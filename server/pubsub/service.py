@@ -169,7 +169,8 @@ class PubSubService:
         handler = (self._OWNER if owner_ns else self._USER).get((stanza.type, name))
         if handler is None:
             raise unsupported(name)
-        if not node and name not in ("create", "subscriptions", "affiliations", "default"):
+        nodeless = ("default",) if owner_ns else ("create", "subscriptions", "affiliations")
+        if not node and name not in nodeless:
             raise pubsub_error("bad-request", "nodeid-required")
         return await handler(self, service, requester, node, query)
 
