@@ -61,9 +61,6 @@ class Run:
     def password(self) -> str:
         return self.spec["password"]
 
-    def user(self, prefix: str, i: int) -> str:
-        return f"{prefix}{i}"
-
     def failed(self, exc: BaseException) -> None:
         self.errors += 1
         if len(self.first_errors) < ERRORS_SHOWN:
@@ -110,7 +107,7 @@ async def login_storm(run: Run) -> dict[str, Any]:
         while not state["stop"]:
             started = time.perf_counter()
             try:
-                conn = await login(run.target, run.user("u", i), run.password, f"w{n}", options)
+                conn = await login(run.target, f"u{i}", run.password, f"w{n}", options)
             except (LoginError, OSError) as exc:
                 run.failed(exc)
                 await asyncio.sleep(0.1)
@@ -203,7 +200,7 @@ class Pair:
 async def throughput(run: Run) -> dict[str, Any]:
     spec = run.spec
     pairs_wanted, window = spec["pairs"], spec["window"]
-    users = [run.user("u", i) for i in range(2 * pairs_wanted)]
+    users = [f"u{i}" for i in range(2 * pairs_wanted)]
     options = LoginOptions(roster=False)
     conns = await run.login_many(users, options, concurrency=20)
     by_user = {bare(c.jid).split("@")[0]: c for c in conns}
@@ -260,7 +257,7 @@ async def idle(run: Run) -> dict[str, Any]:
     """Memory per idle session: a first tenth of the sessions absorbs start-up allocations (modules
     loaded lazily, first-use caches), then the growth over the other nine tenths is divided among them."""
     spec = run.spec
-    names = [run.user("u", i) for i in range(spec["sessions"])]
+    names = [f"u{i}" for i in range(spec["sessions"])]
     first = max(1, len(names) // 10)
     options = LoginOptions()
     conns = await run.login_many(names[:first], options, concurrency=50)
@@ -318,7 +315,7 @@ async def fanout(run: Run) -> dict[str, Any]:
     users, half = spec["users"], spec["contacts"] // 2
     if users % 2 or users <= 2 * half:
         raise ValueError("fan-out needs an even number of users larger than the roster size")
-    names = [run.user("f", i) for i in range(users)]
+    names = [f"f{i}" for i in range(users)]
     totals = {"all": 0, "watchers": 0}
 
     def counter(me: str, watcher: bool) -> Callable[[Element], None]:
