@@ -40,6 +40,9 @@ class Session:
         self.closed = False  # no more output: the connection is gone or going
         self.ended = False  # 'session/closed' has run
         self.data: dict[str, object] = {}  # per-session state owned by modules, keyed by module name
+        # Set by a module that keeps stanzas back from the client for a while (client state indication):
+        # it gets each stanza with its serialized form and returns True when it took it.
+        self.hold: Callable[[Element, str], bool] | None = None
         self._write = write
         self._close = close
 
@@ -49,11 +52,15 @@ class Session:
 
     def send(self, el: Element) -> None:
         if not self.closed:
-            self._write(serialize(el))
+            self.send_raw(serialize(el), el)
 
-    def send_raw(self, data: str) -> None:
-        """Send pre-serialized XML, for fan-out that serializes a stanza once for many sessions."""
-        if not self.closed:
+    def send_raw(self, data: str, el: Element | None = None) -> None:
+        """Send serialized XML, e.g. from a fan-out that serializes a stanza once for many sessions.
+
+        `el` is the stanza `data` serializes ('to' aside), so that `hold` can judge it; without it the
+        data goes out as it is (as when `hold` lets go of what it took).
+        """
+        if not self.closed and (el is None or self.hold is None or not self.hold(el, data)):
             self._write(data)
 
     def close(self, condition: str | None = None) -> None:
