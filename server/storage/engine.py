@@ -18,6 +18,7 @@ hold a read snapshot and deadlock while upgrading to a write lock.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from sqlalchemy import ColumnElement, Table, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import await_only
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
 _WRITE_OPTION = "parley_write"
@@ -45,6 +47,22 @@ def make_engine(url: str) -> tuple[AsyncEngine, str | None]:
     raise ValueError(f"unsupported storage backend {backend!r}: use sqlite or postgresql")
 
 
+def _sqlite_pragma(cursor: Any, pragma: str) -> None:
+    """Run a PRAGMA, retrying while the file is locked.
+
+    Switching a new database file to WAL needs an exclusive lock and fails at once, without waiting on the
+    busy timeout, when several connections open the file together (as at first start).
+    """
+    for attempt in range(50):
+        try:
+            cursor.execute(f"PRAGMA {pragma}")
+            return
+        except Exception as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            await_only(asyncio.sleep(0.01 * (attempt + 1)))
+
+
 def _sqlite_engine(url: URL) -> AsyncEngine:
     if "schema" in url.query:
         raise ValueError("the schema parameter is only supported on PostgreSQL")
@@ -59,7 +77,7 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
         cursor = dbapi_connection.cursor()
         for pragma in _SQLITE_PRAGMAS:
-            cursor.execute(f"PRAGMA {pragma}")
+            _sqlite_pragma(cursor, pragma)
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
