@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,7 @@ from server.jid import JID, JIDError
 from server.module import Module
 from server.sessions import Session
 from server.stanza import Stanza, element, parse_datetime, parse_stored, xmpp_datetime
-from server.storage.archive import ArchiveFilter, Page, UnknownArchiveId
+from server.storage.archive import ArchiveFilter, ArchiveStore, Page, UnknownArchiveId
 from server.storage.kv import CachedDocuments
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
@@ -160,63 +161,16 @@ class Mam(Module):
 
     async def form(self, stanza: Stanza) -> Element:
         self._owner(stanza)
-        fields = [Field("with", "jid-single"), Field("start"), Field("end"), Field("before-id"),
-                  Field("after-id"), Field("ids", "list-multi"), Field(FULLTEXT, label="Words in the message")]
-        x = build_form("form", fields, form_type=MAM)
-        ids = next(f for f in x if f.get("var") == "ids")
-        validate = SubElement(ids, "{http://jabber.org/protocol/xdata-validate}validate", {"datatype": "xs:string"})
-        SubElement(validate, "{http://jabber.org/protocol/xdata-validate}open")
-        query = Element(QUERY)
-        query.append(x)
-        return query
+        return query_form()
 
     async def query(self, stanza: Stanza) -> Element:
         session = self._owner(stanza)
-        user = stanza.to.bare
-        payload = stanza.el[0]
-        max, after, before = self._paging(payload.find(ns.qname(RSM, "set")))
-        try:
-            page = await self.server.storage.archive.query(user.domain, user.local or "", _filter(payload),
-                                                           max, after, before)
-        except UnknownArchiveId as exc:
-            raise StanzaError("item-not-found", f"no message {exc} in the archive") from None
-        messages = reversed(page.messages) if payload.find(FLIP_PAGE) is not None else page.messages
-        queryid = payload.get("queryid")
-        for message in messages:
-            out = element("message", from_=str(user), to=str(session.jid), id=secrets.token_hex(8))
-            result = SubElement(out, ns.qname(MAM, "result"), {"id": message.id})
-            if queryid is not None:
-                result.set("queryid", queryid)
-            forwarded = SubElement(result, ns.qname(ns.FORWARD, "forwarded"))
-            SubElement(forwarded, ns.qname(ns.DELAY, "delay"), {"stamp": xmpp_datetime(message.stamp)})
-            forwarded.append(parse_stored(message.stanza_xml))
-            session.send(out)
-        return _fin(page)
-
-    def _paging(self, rsm: Element | None) -> tuple[int, str | None, str | None]:
-        """XEP-0059: (page size, 'after' UID, 'before' UID or '' for the last page), within max_page."""
-        limit = self.option("max_page", MAX_PAGE)
-        if rsm is None:
-            return limit, None, None
-        try:
-            max = int(rsm.findtext(ns.qname(RSM, "max")) or limit)
-        except ValueError:
-            raise StanzaError("bad-request", "<max/> is not a number") from None
-        if max < 0:
-            raise StanzaError("bad-request", "<max/> is negative")
-        before = rsm.find(ns.qname(RSM, "before"))
-        return min(max, limit), rsm.findtext(ns.qname(RSM, "after")) or None, \
-            (before.text or "") if before is not None else None
+        return await answer_query(self.server.storage.archive, stanza.to.bare, stanza.el[0], session.jid,
+                                  session.send, self.option("max_page", MAX_PAGE))
 
     async def metadata(self, stanza: Stanza) -> Element:
         self._owner(stanza)
-        user = stanza.to.bare
-        first, last = await self.server.storage.archive.bounds(user.domain, user.local or "")
-        answer = Element(METADATA)
-        for tag, message in (("start", first), ("end", last)):
-            if message is not None:
-                SubElement(answer, ns.qname(MAM, tag), {"id": message.id, "timestamp": xmpp_datetime(message.stamp)})
-        return answer
+        return await archive_metadata(self.server.storage.archive, stanza.to.bare)
 
     # --- preferences (XEP-0441) -------------------------------------------------------------------
 
@@ -241,6 +195,67 @@ class Mam(Module):
         prefs = Prefs(default, _jids(payload, "always"), _jids(payload, "never"))
         await self._prefs.set(user.domain, user.local or "", prefs.document())
         return _prefs_element(prefs)
+
+
+# --- queries, for any archive: an account's here, a room's in extensions/muc --------------------------
+
+def query_form() -> Element:
+    fields = [Field("with", "jid-single"), Field("start"), Field("end"), Field("before-id"),
+              Field("after-id"), Field("ids", "list-multi"), Field(FULLTEXT, label="Words in the message")]
+    x = build_form("form", fields, form_type=MAM)
+    ids = next(f for f in x if f.get("var") == "ids")
+    validate = SubElement(ids, "{http://jabber.org/protocol/xdata-validate}validate", {"datatype": "xs:string"})
+    SubElement(validate, "{http://jabber.org/protocol/xdata-validate}open")
+    query = Element(QUERY)
+    query.append(x)
+    return query
+
+
+async def answer_query(archive: ArchiveStore, owner: JID, payload: Element, recipient: JID,
+                       deliver: Callable[[Element], None], max_page: int) -> Element:
+    """Run the <query/> `payload` on `owner`'s archive: each result message (from the owner, to `recipient`)
+    is given to `deliver`, then the <fin/> is returned for the iq result."""
+    max, after, before = _paging(payload.find(ns.qname(RSM, "set")), max_page)
+    try:
+        page = await archive.query(owner.domain, owner.local or "", _filter(payload), max, after, before)
+    except UnknownArchiveId as exc:
+        raise StanzaError("item-not-found", f"no message {exc} in the archive") from None
+    messages = reversed(page.messages) if payload.find(FLIP_PAGE) is not None else page.messages
+    queryid = payload.get("queryid")
+    for message in messages:
+        out = element("message", from_=str(owner), to=str(recipient), id=secrets.token_hex(8))
+        result = SubElement(out, ns.qname(MAM, "result"), {"id": message.id})
+        if queryid is not None:
+            result.set("queryid", queryid)
+        forwarded = SubElement(result, ns.qname(ns.FORWARD, "forwarded"))
+        SubElement(forwarded, ns.qname(ns.DELAY, "delay"), {"stamp": xmpp_datetime(message.stamp)})
+        forwarded.append(parse_stored(message.stanza_xml))
+        deliver(out)
+    return _fin(page)
+
+
+def _paging(rsm: Element | None, limit: int) -> tuple[int, str | None, str | None]:
+    """XEP-0059: (page size, 'after' UID, 'before' UID or '' for the last page), within `limit`."""
+    if rsm is None:
+        return limit, None, None
+    try:
+        max = int(rsm.findtext(ns.qname(RSM, "max")) or limit)
+    except ValueError:
+        raise StanzaError("bad-request", "<max/> is not a number") from None
+    if max < 0:
+        raise StanzaError("bad-request", "<max/> is negative")
+    before = rsm.find(ns.qname(RSM, "before"))
+    return min(max, limit), rsm.findtext(ns.qname(RSM, "after")) or None, \
+        (before.text or "") if before is not None else None
+
+
+async def archive_metadata(archive: ArchiveStore, owner: JID) -> Element:
+    first, last = await archive.bounds(owner.domain, owner.local or "")
+    answer = Element(METADATA)
+    for tag, message in (("start", first), ("end", last)):
+        if message is not None:
+            SubElement(answer, ns.qname(MAM, tag), {"id": message.id, "timestamp": xmpp_datetime(message.stamp)})
+    return answer
 
 
 def _remove_ids(el: Element, archive: JID) -> None:

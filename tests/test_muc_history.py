@@ -3,10 +3,12 @@ stanza-ids, occupant ids (XEP-0421), retraction (XEP-0424) and moderation (XEP-0
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from xml.etree.ElementTree import Element, fromstring
 
+import pytest
 from slixmpp import JID, ClientXMPP
 
 from extensions.muc.history import Entry
@@ -164,3 +166,121 @@ async def test_a_moderator_retracts_a_message(server: Harness) -> None:
     assert retract.find(f"{{{MODERATE}}}moderated").get("by") == f"{ROOM}/Alice"
     stone = room_of(server).history.find(uid)
     assert stone.find(BODY) is None and stone.find(f"{{{RETRACT}}}retracted/{{{MODERATE}}}moderated") is not None
+
+
+# --- the room's archive (XEP-0313 on the room JID) ---------------------------------------------------
+
+MAM = "urn:xmpp:mam:2"
+RSM = "http://jabber.org/protocol/rsm"
+FORWARDED = "{urn:xmpp:forward:0}forwarded/{jabber:client}message"
+
+
+async def mam_page(client: ClientXMPP, query: str = "", rsm: str = "") -> tuple[list[Element], Element]:
+    """The forwarded messages and the <fin/> of one query of the room's archive."""
+    results = collect(client)
+    paging = f"<set xmlns='{RSM}'>{rsm}</set>" if rsm else ""
+    fin = await send_iq(client, "set", f"<query xmlns='{MAM}' queryid='q'>{query}{paging}</query>", ROOM)
+    fin_el = fin.find(f"{{{MAM}}}fin")
+    count = len(list(fin_el.iter(f"{{{RSM}}}last")))
+    messages = []
+    if count:
+        last = fin_el.findtext(f"{{{RSM}}}set/{{{RSM}}}last")
+        while True:
+            message = await asyncio.wait_for(results.get(), 5)
+            result = message.find(f"{{{MAM}}}result")
+            if result is None:
+                continue
+            assert message.get("from") == ROOM and result.get("queryid") == "q"
+            messages.append(result.find(FORWARDED))
+            if result.get("id") == last:
+                break
+    return messages, fin_el
+
+
+async def test_the_room_archive_pages_through_the_discussion(server: Harness) -> None:
+    alice = await talk(server, "one", "two", "three", "four", "five")
+    bob = await user(server, "bob")
+    await join(bob, "Bob")
+    info = await send_iq(bob, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>", ROOM)
+    assert MAM in {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    page, fin = await mam_page(bob, rsm="<max>2</max>")
+    assert bodies(page) == ["one", "two"] and fin.get("complete") is None
+    assert page[0].get("from") == f"{ROOM}/Alice" and page[0].find(STANZA_ID).get("by") == ROOM
+    last = fin.findtext(f"{{{RSM}}}set/{{{RSM}}}last")
+    page, fin = await mam_page(bob, rsm=f"<max>10</max><after>{last}</after>")
+    assert bodies(page) == ["three", "four", "five"] and fin.get("complete") == "true"
+    page, _ = await mam_page(bob, rsm="<max>1</max><before/>")
+    assert bodies(page) == ["five"]
+    with_alice = f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{MAM}</value></field>" \
+                 f"<field var='with'><value>{ROOM}/Alice</value></field></x>"
+    page, _ = await mam_page(alice, with_alice)
+    assert len(page) == 5
+
+
+async def test_who_may_read_the_archive(server: Harness) -> None:
+    alice = await talk(server, "members only")
+    await configure(alice, **{"muc#roomconfig_membersonly": "1"})
+    bob = await user(server, "bob")
+    condition, _ = await iq_error(bob, "set", f"<query xmlns='{MAM}'/>", ROOM)
+    assert condition == "forbidden"
+    await send_iq(alice, "set", "<query xmlns='http://jabber.org/protocol/muc#admin'>"
+                                "<item jid='bob@localhost' affiliation='member'/></query>", ROOM)
+    page, _ = await mam_page(bob)  # a member reads it without joining
+    assert bodies(page) == ["members only"]
+
+
+async def test_an_unarchived_room(server: Harness) -> None:
+    alice = await user(server, "alice")
+    await create(alice, "Alice", **{"mam": "0"})
+    bob = await user(server, "bob")
+    joined = await join(bob, "Bob")
+    assert "170" not in {s.get("code") for s in joined.iter("{http://jabber.org/protocol/muc#user}status")}
+    groupchat(alice, "off the record")
+    await take(collect(bob), 1)
+    page, _ = await mam_page(bob)
+    assert page == []
+
+
+async def test_moderated_messages_leave_the_archive(server: Harness) -> None:
+    alice = await talk(server, "keep this", "remove this secret")
+    uid = room_of(server).history.entries[-1].el.find(STANZA_ID).get("id")
+    await send_iq(alice, "set", f"<moderate xmlns='{MODERATE}' id='{uid}'><retract xmlns='{RETRACT}'/></moderate>",
+                  ROOM)
+    page, _ = await mam_page(alice)
+    assert bodies(page) == ["keep this", None, None]  # the tombstone, then the moderation notice
+    assert page[1].find(f"{{{RETRACT}}}retracted") is not None
+    assert page[2].find(f"{{{RETRACT}}}retract").get("id") == uid
+    search = f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>{MAM}</value></field>" \
+             f"<field var='{{urn:xmpp:fulltext:0}}fulltext'><value>secret</value></field></x>"
+    page, _ = await mam_page(alice, search)
+    assert page == []
+
+
+async def test_an_old_message_is_retracted_through_the_archive(server: Harness) -> None:
+    alice = await user(server, "alice")
+    await create(alice, "Alice", **{"muc#maxhistoryfetch": "1"})
+    inbox = collect(alice)
+    groupchat(alice, "old news")
+    groupchat(alice, "newer")
+    first, _ = await take(inbox, 2)
+    uid = first.find(STANZA_ID).get("id")
+    assert room_of(server).history.find(uid) is None
+    _groupchat_with(alice, "retracted", f"<retract xmlns='{RETRACT}' id='{uid}'/>")
+    await take(inbox, 1)
+    page, _ = await mam_page(alice)
+    assert bodies(page) == [None, "newer", "retracted"]
+
+
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+async def test_history_of_a_persistent_room_survives_a_restart(server: Harness) -> None:
+    alice = await user(server, "alice")
+    await create(alice, "Alice", **{"muc#roomconfig_persistentroom": "1"})
+    inbox = collect(alice)
+    for body in ("before", "the", "restart"):
+        groupchat(alice, body)
+    await take(inbox, 3)
+    await server.restart()
+    bob = await user(server, "bob")
+    got = await history(bob)
+    assert bodies(got) == ["before", "the", "restart"]
+    assert all(m.find(STANZA_ID).get("by") == ROOM for m in got)

@@ -35,6 +35,7 @@ class RoomConfig:
     allow_invites: bool = False  # occupants may invite to a members-only room, not only admins
     allow_pm: str = "anyone"  # who may send private messages: anyone, participants, moderators, none
     max_history: int = 20  # messages of discussion history kept and sent on join
+    archive: bool = True  # messages are archived and can be queried with MAM (XEP-0313)
 
     @property
     def non_anonymous(self) -> bool:
@@ -77,6 +78,7 @@ OPTIONS = (
     Option("allow_pm", "muc#roomconfig_allowpm", "Who may send private messages", "list-single",
            ("anyone", "participants", "moderators", "none")),
     Option("max_history", "muc#maxhistoryfetch", "Messages of history sent on join", "count"),
+    Option("archive", "mam", "Archive messages (message archive, XEP-0313)", "boolean"),
 )
 
 

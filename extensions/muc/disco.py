@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
-from extensions.muc.protocol import MUC, OCCUPANT_ID_NS, ROOMINFO, SELF_PING, SID
-from extensions.muc.retraction import MODERATE_NS, RETRACT_NS
+from extensions import mam
+from extensions.muc.protocol import MODERATE_NS, MUC, OCCUPANT_ID_NS, RETRACT_NS, ROOMINFO, SELF_PING, SID
 from extensions.muc.room import Room
 from server import ns
 from server.forms import Field, build_form
@@ -56,6 +56,7 @@ def room_features(room: Room) -> list[str]:
         "muc_nonanonymous" if config.non_anonymous else "muc_semianonymous",
         "muc_passwordprotected" if config.password else "muc_unsecured",
         ns.PING, SELF_PING, OCCUPANT_ID_NS, SID, RETRACT_NS, MODERATE_NS,
+        *([mam.MAM, mam.EXTENDED] if config.archive else []),
     ]
 
 

@@ -1,9 +1,9 @@
 """Fan-out: one stanza from the room to many occupants.
 
 A room message goes to every occupant and differs between them only in 'to'. The stanza is serialized
-once with a placeholder 'to', split there, and each local session gets the two halves around its own
-escaped JID: no per-occupant XML work, which is what keeps a 1,000-occupant room cheap. Occupants on
-other servers are routed as usual, each with a copy of the element.
+once with a placeholder 'to', split there (a Prepared stanza), and each local session gets the two
+halves around its own escaped JID: no per-occupant XML work, which is what keeps a 1,000-occupant room
+cheap. Occupants on other servers are routed as usual, each with a copy of the element.
 """
 
 from __future__ import annotations
@@ -22,11 +22,27 @@ if TYPE_CHECKING:
 _HOLE = "\x00"
 
 
-async def fan_out(server: Server, el: Element, recipients: Iterable[JID]) -> None:
-    """Send `el` to each full JID in `recipients`; `el` is left without a 'to'."""
-    el.set("to", _HOLE)
-    head, _, tail = serialize(el).partition(_HOLE)
-    del el.attrib["to"]
+class Prepared:
+    """A stanza serialized once, ready to be addressed to anyone; `el` is kept without a 'to'."""
+
+    __slots__ = ("el", "head", "tail")
+
+    def __init__(self, el: Element) -> None:
+        el.set("to", _HOLE)
+        self.head, _, self.tail = serialize(el).partition(_HOLE)
+        del el.attrib["to"]
+        self.el = el
+
+
+async def fan_out(server: Server, stanza: Element | Prepared, recipients: Iterable[JID]) -> None:
+    """Send the stanza to each full JID in `recipients`."""
+    prepared = stanza if isinstance(stanza, Prepared) else Prepared(stanza)
+    await route_remote(server, prepared, deliver_local(server, prepared, recipients))
+
+
+def deliver_local(server: Server, prepared: Prepared, recipients: Iterable[JID]) -> list[JID]:
+    """Write the stanza to the recipients' sessions on this server, at once; the remote recipients are left."""
+    head, tail = prepared.head, prepared.tail
     sessions = server.sessions
     remote: list[JID] = []
     for jid in recipients:
@@ -36,8 +52,12 @@ async def fan_out(server: Server, el: Element, recipients: Iterable[JID]) -> Non
         elif jid.domain not in server.hosts:
             remote.append(jid)
         # else a local session that has just ended: its unavailable presence is on the way to the room
+    return remote
+
+
+async def route_remote(server: Server, prepared: Prepared, remote: list[JID]) -> None:
     for jid in remote:
-        copy = Element(el.tag, el.attrib)
-        copy.extend(el)
+        copy = Element(prepared.el.tag, prepared.el.attrib)
+        copy.extend(prepared.el)
         copy.set("to", str(jid))
         await server.router.send(copy)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from xml.etree.ElementTree import Element
 
-from extensions.muc.protocol import MUC, STANZA_ID
+from extensions.muc.protocol import BODY, MUC, RETRACTED, STANZA_ID
 from server import ns
 from server.stanza import add_delay
 from server.stream.writer import serialize
@@ -34,7 +34,9 @@ class History:
         self.entries: deque[Entry] = deque(maxlen=size)
 
     def add(self, el: Element, stamp: datetime) -> None:
-        self.entries.append(Entry(stamp, el))
+        """Keep a published message if it is discussion: one with a body, or the tombstone of one."""
+        if el.find(BODY) is not None or el.find(RETRACTED) is not None:
+            self.entries.append(Entry(stamp, el))
 
     def find(self, uid: str) -> Element | None:
         """The message with the room's stanza-id `uid`, if it is still in memory."""

@@ -14,8 +14,8 @@ from extensions.muc import invitations, voice
 from extensions.muc.fanout import fan_out
 from extensions.muc.occupants import Occupant
 from extensions.muc.presence import leave
-from extensions.muc.protocol import BODY, OCCUPANT_ID, REMOVED_ERROR, REQUEST, SUBJECT, X_USER
-from extensions.muc.retraction import RETRACT, check_own_retraction
+from extensions.muc.protocol import BODY, OCCUPANT_ID, REMOVED_ERROR, REQUEST, RETRACT, SUBJECT, X_USER
+from extensions.muc.retraction import retract_own
 from extensions.muc.room import Room
 from server import ns
 from server.forms import find_form
@@ -86,7 +86,7 @@ async def groupchat(service: Muc, room: Room, sender: Occupant | None, st: Stanz
         raise StanzaError("forbidden", "you have no voice in this moderated room")
     retract = st.el.find(RETRACT)
     if retract is not None:
-        check_own_retraction(room, sender, retract)
+        await retract_own(room, sender, retract)
     await room.publish(from_occupant(st.el, sender))
 
 

@@ -16,6 +16,7 @@ from xml.etree.ElementTree import Element
 
 import precis_i18n
 
+from extensions.muc.fanout import Prepared
 from server.jid import JID
 from server.stream.errors import StanzaError
 
@@ -45,7 +46,7 @@ def nick_key(nick: str) -> str:
 class Occupant:
     """One nick in the room, held by one or more sessions of one user."""
 
-    __slots__ = ("id", "jid", "key", "nick", "role", "room_jid", "sessions")
+    __slots__ = ("id", "jid", "key", "nick", "role", "room_jid", "sessions", "shown")
 
     def __init__(self, room: JID, nick: str, jid: JID, role: str, occupant_id: str) -> None:
         self.id = occupant_id  # XEP-0421: the same for this user in this room whatever the nick
@@ -55,6 +56,7 @@ class Occupant:
         self.jid = jid  # the user's bare JID
         self.role = role
         self.sessions: dict[JID, Element] = {}  # full JID -> its last presence, the most recent last
+        self.shown: dict[bool, tuple[tuple[object, ...], Prepared]] = {}  # see Room.current_presence
 
     @property
     def presence(self) -> Element:

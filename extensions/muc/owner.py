@@ -11,6 +11,8 @@ from xml.etree.ElementTree import Element, SubElement
 from extensions.muc.config import RoomConfig, apply_form, config_form
 from extensions.muc.protocol import (
     CONFIG_CHANGED,
+    LOGGED,
+    NOT_LOGGED,
     NOW_NON_ANONYMOUS,
     NOW_SEMI_ANONYMOUS,
     OWNER,
@@ -67,6 +69,8 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
     statuses = [] if was_locked else [CONFIG_CHANGED]
     if new.whois != old.whois:
         statuses.append(NOW_NON_ANONYMOUS if new.non_anonymous else NOW_SEMI_ANONYMOUS)
+    if new.archive != old.archive:
+        statuses.append(LOGGED if new.archive else NOT_LOGGED)
     batches: list[Batch] = []
     if statuses:
         batches.append((room.status_message(*statuses), room.sessions()))

@@ -18,6 +18,7 @@ from extensions.muc.history import HISTORY
 from extensions.muc.occupants import Occupant, nick_key, prepare_nick
 from extensions.muc.protocol import (
     CREATED,
+    LOGGED,
     MUC,
     NEW_NICK,
     NICK_ASSIGNED,
@@ -110,10 +111,12 @@ async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -
     occupant = room.find(nick) or room.new_occupant(nick, session, room.default_role(affiliation))
     room.add_session(occupant, session, st.el)
     batches: list[Batch] = [
-        (room.presence(other, real_jid=other.real_jid if room.sees_jids(occupant) else None), [session])
+        (room.current_presence(other, with_jid=room.sees_jids(occupant)), [session])
         for other in room.occupants.values() if other is not occupant
     ]
     self_statuses = [NON_ANONYMOUS] if room.config.non_anonymous else []
+    if room.config.archive:
+        self_statuses.append(LOGGED)
     if created:
         self_statuses.append(CREATED)
     if nick != st.to.resource:

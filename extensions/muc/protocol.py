@@ -21,6 +21,8 @@ REQUEST = f"{MUC}#request"
 SID = "urn:xmpp:sid:0"  # XEP-0359 unique and stable stanza ids
 OCCUPANT_ID_NS = "urn:xmpp:occupant-id:0"  # XEP-0421
 SELF_PING = f"{MUC}#self-ping-optimization"  # XEP-0410
+RETRACT_NS = "urn:xmpp:message-retract:1"  # XEP-0424
+MODERATE_NS = "urn:xmpp:message-moderate:1"  # XEP-0425
 
 X_MUC = ns.qname(MUC, "x")
 X_USER = ns.qname(USER, "x")
@@ -30,6 +32,8 @@ BODY = ns.qname(ns.CLIENT, "body")
 SUBJECT = ns.qname(ns.CLIENT, "subject")
 STANZA_ID = ns.qname(SID, "stanza-id")
 OCCUPANT_ID = ns.qname(OCCUPANT_ID_NS, "occupant-id")
+RETRACT = ns.qname(RETRACT_NS, "retract")
+RETRACTED = ns.qname(RETRACT_NS, "retracted")
 # What a client may not put in a stanza the room passes on: the room adds its own.
 ROOM_ONLY = frozenset({X_MUC, X_USER, OCCUPANT_ID})
 

@@ -1,8 +1,10 @@
 """Retracting one's own message (XEP-0424) and moderators retracting anyone's (XEP-0425).
 
-Both name the message by the stanza-id the room stamped on it. The room checks who may retract it - its
-author, recognised by occupant id (XEP-0421) whatever nick they now use, or a moderator - then tells every
-occupant and puts a tombstone in place of the message, so that late joiners no longer get its content.
+Both name the message by the stanza-id the room stamped on it, found in the discussion history or else in
+the room's archive. The room checks who may retract it - its author, recognised by occupant id (XEP-0421)
+whatever nick they now use, or a moderator - then tells every occupant and puts a tombstone in place of
+the message, in the history and the archive, so that neither late joiners nor archive queries get its
+content any more.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
-from extensions.muc.protocol import OCCUPANT_ID, STANZA_ID
+from extensions.muc import archive
+from extensions.muc.protocol import MODERATE_NS, OCCUPANT_ID, RETRACT, RETRACT_NS, RETRACTED, STANZA_ID
 from server import ns
 from server.stanza import Stanza, element, xmpp_datetime
 from server.stream.errors import StanzaError
@@ -20,28 +23,28 @@ if TYPE_CHECKING:
     from extensions.muc.occupants import Occupant
     from extensions.muc.room import Room
 
-RETRACT_NS = "urn:xmpp:message-retract:1"
-MODERATE_NS = "urn:xmpp:message-moderate:1"
-RETRACT = ns.qname(RETRACT_NS, "retract")
-RETRACTED = ns.qname(RETRACT_NS, "retracted")
 MODERATE = ns.qname(MODERATE_NS, "moderate")
 MODERATED = ns.qname(MODERATE_NS, "moderated")
 REASON = ns.qname(MODERATE_NS, "reason")
 
 
-def original(room: Room, uid: str | None) -> Element:
+async def original(room: Room, uid: str | None) -> Element:
     found = room.history.find(uid) if uid else None
+    if found is None and uid and room.config.archive:
+        found = await archive.find(room, uid)
     if found is None:
         raise StanzaError("item-not-found", "no such message in this room")
     return found
 
 
-def check_own_retraction(room: Room, sender: Occupant, retract: Element) -> None:
+async def retract_own(room: Room, sender: Occupant, retract: Element) -> None:
     """XEP-0424 in a room: only the author may retract, whatever nick they use now."""
-    author = original(room, retract.get("id")).find(OCCUPANT_ID)
+    uid = retract.get("id") or ""
+    found = await original(room, uid)
+    author = found.find(OCCUPANT_ID)
     if author is None or author.get("id") != sender.id:
         raise StanzaError("forbidden", "only its author retracts a message")
-    tombstone(room, retract.get("id") or "", None)
+    await tombstone(room, uid, found, None)
 
 
 async def moderate(room: Room, st: Stanza) -> None:
@@ -53,9 +56,9 @@ async def moderate(room: Room, st: Stanza) -> None:
     if request.find(RETRACT) is None:
         raise StanzaError("bad-request", "the only moderation is retraction")
     uid = request.get("id") or ""
-    original(room, uid)
+    found = await original(room, uid)
     reason = request.findtext(REASON)
-    tombstone(room, uid, (moderator, reason))
+    await tombstone(room, uid, found, (moderator, reason))
     notice = element("message", from_=str(room.jid), type="groupchat")
     retract = SubElement(notice, RETRACT, {"id": uid})
     retract.append(_moderated(moderator))
@@ -70,9 +73,8 @@ def _moderated(moderator: Occupant) -> Element:
     return moderated
 
 
-def tombstone(room: Room, uid: str, moderation: tuple[Occupant, str | None] | None) -> None:
+async def tombstone(room: Room, uid: str, found: Element, moderation: tuple[Occupant, str | None] | None) -> None:
     """The message as the room keeps it from now on: its envelope, ids and author, and <retracted/>."""
-    found = original(room, uid)
     stone = Element(found.tag, found.attrib)
     stone.extend(child for child in found if child.tag in (STANZA_ID, OCCUPANT_ID))
     retracted = SubElement(stone, RETRACTED, {"stamp": xmpp_datetime(datetime.now(UTC))})
@@ -82,3 +84,5 @@ def tombstone(room: Room, uid: str, moderation: tuple[Occupant, str | None] | No
         if reason:
             SubElement(retracted, ns.qname(RETRACT_NS, "reason")).text = reason
     room.history.replace(uid, stone)
+    if room.config.archive:
+        await archive.replace(room, uid, stone)

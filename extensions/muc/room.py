@@ -8,6 +8,7 @@ and delivered by `flush` afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -15,12 +16,13 @@ from functools import partial
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
+from extensions.muc import archive
 from extensions.muc.config import RoomConfig
-from extensions.muc.fanout import fan_out
+from extensions.muc.fanout import Prepared, deliver_local, fan_out, route_remote
 from extensions.muc.history import History
 from extensions.muc.occupant_iq import OccupantIqs
 from extensions.muc.occupants import Occupant, nick_key
-from extensions.muc.protocol import BODY, OCCUPANT_ID, ROOM_ONLY, SELF, STANZA_ID, SUBJECT, USER, item, user_x
+from extensions.muc.protocol import OCCUPANT_ID, ROOM_ONLY, SELF, STANZA_ID, SUBJECT, USER, item, user_x
 from server import ns
 from server.jid import JID
 from server.stanza import element
@@ -29,7 +31,7 @@ from server.storage.muc import Affiliation, StoredRoom
 if TYPE_CHECKING:
     from extensions.muc.service import Muc
 
-Batch = tuple[Element, list[JID]]
+Batch = tuple[Element | Prepared, list[JID]]
 
 
 class Room:
@@ -47,6 +49,7 @@ class Room:
         self.locked = False  # created with the MUC protocol and not configured yet (XEP-0045 10.1)
         self.history = History(str(jid), config.max_history)
         self.iqs = OccupantIqs()
+        self.archive_order = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<Room {self.jid}>"
@@ -168,6 +171,17 @@ class Room:
         el.append(x)
         return el
 
+    def current_presence(self, occupant: Occupant, *, with_jid: bool) -> Prepared:
+        """The occupant's presence as a newcomer gets it, serialized once and reused while it is unchanged:
+        everyone's goes to each joining client, which in a large room would otherwise mean serializing every
+        occupant's presence on every join."""
+        real = occupant.real_jid if with_jid else None
+        key = (occupant.presence, occupant.role, self.affiliation(occupant.jid), occupant.nick, real)
+        cached = occupant.shown.get(with_jid)
+        if cached is None or cached[0] != key:
+            cached = occupant.shown[with_jid] = (key, Prepared(self.presence(occupant, real_jid=real)))
+        return cached[1]
+
     def broadcast_presence(self, occupant: Occupant, source: Element | None = None, *,
                            self_statuses: Iterable[str] = (), statuses: Iterable[str] = (),
                            to_self: Iterable[JID] | None = None, session: JID | None = None,
@@ -213,15 +227,25 @@ class Room:
 
     async def publish(self, el: Element) -> None:
         """A message to everyone in the room, stamped with the room's XEP-0359 stanza-id (any other claiming
-        to be the room's is removed) and kept in the discussion history if it has a body."""
+        to be the room's is removed), kept in the discussion history and archived.
+
+        Local occupants get it first; the archive is written in the order messages were published (the lock
+        is taken before any await), then the message goes to remote occupants."""
         by = str(self.jid)
         for found in el.findall(STANZA_ID):
             if found.get("by") == by:
                 el.remove(found)
-        SubElement(el, STANZA_ID, {"id": secrets.token_urlsafe(12), "by": by})
-        if el.find(BODY) is not None:
-            self.history.add(el, datetime.now(UTC))
-        await fan_out(self.service.server, el, self.sessions())
+        uid = secrets.token_urlsafe(12)
+        SubElement(el, STANZA_ID, {"id": uid, "by": by})
+        stamp = datetime.now(UTC)
+        self.history.add(el, stamp)
+        server = self.service.server
+        prepared = Prepared(el)
+        remote = deliver_local(server, prepared, self.sessions())
+        if self.config.archive and archive.archivable(el):
+            async with self.archive_order:
+                await archive.record(self, el, uid, stamp)
+        await route_remote(server, prepared, remote)
 
     async def flush(self, batches: Iterable[Batch]) -> None:
         server = self.service.server

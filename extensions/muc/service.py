@@ -2,12 +2,12 @@
 
 The router hands every stanza addressed to the service domain to `handle`, which finds the room and
 passes the stanza to the part of the package that deals with it: presence.py, messages.py, an iq handler
-by payload (disco.py, owner.py, admin.py, retraction.py), or occupant_iq.py for an occupant's JID. A
-handler refuses bad input by raising StanzaError; the sender gets that error and the room carries on.
-Persistent rooms are loaded when the module starts.
+by payload (disco.py, owner.py, admin.py, retraction.py, archive.py), or occupant_iq.py for an occupant's
+JID. A handler refuses bad input by raising StanzaError; the sender gets that error and the room carries
+on. Persistent rooms are loaded when the module starts, with their discussion history from the archive.
 
 Options: 'domain'; 'name' (the service's disco name); 'create' - who may create rooms: 'local' users of
-the host (the default), 'admins' of the host, or 'anyone'.
+the host (the default), 'admins' of the host, or 'anyone'; 'max_page' - the largest page of an archive query.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import secrets
 from collections.abc import Awaitable, Callable
 from xml.etree.ElementTree import Element
 
-from extensions.muc import admin, disco, occupant_iq, owner, retraction
+from extensions import mam
+from extensions.muc import admin, archive, disco, occupant_iq, owner, retraction
 from extensions.muc.config import RoomConfig
 from extensions.muc.messages import handle_message
 from extensions.muc.presence import handle_presence
@@ -58,6 +59,9 @@ class Muc(Module):
             ("set", ADMIN_QUERY): admin.change,
             ("get", occupant_iq.PING): pong,
             ("set", retraction.MODERATE): retraction.moderate,
+            ("get", mam.QUERY): archive.form,
+            ("set", mam.QUERY): archive.query,
+            ("get", mam.METADATA): archive.metadata,
         }
         self.add_service(self.domain, self.handle)
         directory = self.host.modules["disco"]
@@ -74,8 +78,9 @@ class Muc(Module):
         for stored in await self.store.rooms(self.domain):
             jid = JID.make(stored.name, self.domain)
             affiliations = {JID.parse(k): v for k, v in stored.affiliations.items()}
-            self.rooms[jid] = Room(self, jid, RoomConfig.from_json(stored.config), stored.created, affiliations,
-                                   stored.subject, stored.subject_from)
+            room = self.rooms[jid] = Room(self, jid, RoomConfig.from_json(stored.config), stored.created,
+                                          affiliations, stored.subject, stored.subject_from)
+            await archive.refill(room)
 
     def occupant_id(self, room: JID, user: JID) -> str:
         """XEP-0421: stable for a user in a room, across nicks and restarts, and telling nothing about the user."""

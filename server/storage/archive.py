@@ -1,11 +1,13 @@
 """The message archive of each user (XEP-0313): append, query a page, first and last, expire.
 
-Rows are never updated: the internal ``id`` gives the archive's order, the ``stanza_id`` is the
-unpredictable UID clients see. ``with_jid``/``with_resource`` hold the other party of each message, so
-that every query filter is a condition on an indexed column. Bodies are indexed for full-text search
-by the database itself: an FTS5 table kept by triggers on SQLite, a generated ``tsvector`` column with a
-GIN index on PostgreSQL (see the migration step in :mod:`server.storage.schema`). Both treat a search as
-all of its words, case-insensitively.
+An archive belongs to an owner JID's (host, username): a user's, or a room's (service domain, room name).
+Rows are never updated, except that a retracted message becomes its tombstone in place (``replace``): the
+internal ``id`` gives the archive's order, the ``stanza_id`` is the unpredictable UID clients see.
+``with_jid``/``with_resource`` hold the other party of each message, so that every query filter is a
+condition on an indexed column. Bodies are indexed for full-text search by the database itself: an FTS5
+table kept by triggers on SQLite, a generated ``tsvector`` column with a GIN index on PostgreSQL (see the
+migration step in :mod:`server.storage.schema`). Both treat a search as all of its words,
+case-insensitively.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Integer, case, column, delete, func, literal, literal_column, select, text
+from sqlalchemy import ColumnElement, Integer, case, column, delete, func, literal, literal_column, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.storage.engine import user_rows, writer
@@ -145,6 +147,20 @@ class ArchiveStore:
         if search:
             conditions.append(_fulltext(conn.dialect.name, search))
         return conditions
+
+    async def replace(self, host: str, user: str, stanza_id: str, stanza_xml: str) -> bool:
+        """Put a tombstone in place of a message (XEP-0424, XEP-0425): it keeps its place and UID, and its
+        body leaves the row and the full-text index. False when there is no such message."""
+        async with self._writer.begin() as conn:
+            row = (await conn.execute(select(archive.c.id, archive.c.body).where(
+                *user_rows(archive, host, user), archive.c.stanza_id == stanza_id))).first()
+            if row is None:
+                return False
+            if row.body is not None and conn.dialect.name == "sqlite":  # PostgreSQL's index column follows
+                await conn.execute(text("INSERT INTO archive_fts(archive_fts, rowid, body)"
+                                        " VALUES ('delete', :id, :body)"), {"id": row.id, "body": row.body})
+            await conn.execute(update(archive).where(archive.c.id == row.id).values(body=None, stanza_xml=stanza_xml))
+        return True
 
     async def bounds(self, host: str, user: str) -> tuple[ArchivedMessage | None, ArchivedMessage | None]:
         """The first and the last message of the archive (XEP-0313 7, archive metadata)."""
