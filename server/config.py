@@ -71,6 +71,8 @@ class HostConfig:
     registration: bool = False
     admins: list[str] = field(default_factory=list)
     modules: list[str] = field(default_factory=lambda: list(DEFAULT_MODULES))  # effective list for this host
+    # Module options as 'module.option' -> value: [module_options.X] merged with this host's own.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,12 +152,13 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     scram_iterations = top.integer("scram_iterations", 4096, minimum=1)
     allow_unencrypted_plain = top.boolean("allow_unencrypted_plain", False)
     modules = _module_list(top, "modules", list(DEFAULT_MODULES), known_modules)
+    options = _module_options(top, known_modules)
 
     storage = _storage(top.table("storage"), data_dir)
     logging = _logging(top.table("logging"), base)
     limits = _limits(top.table("limits"))
     listeners = _listeners(top)
-    hosts = _hosts(top, base, data_dir, modules, known_modules)
+    hosts = _hosts(top, base, data_dir, modules, options, known_modules)
     s2s = _s2s(top.table("s2s"), base)
     top.finish()
     return Config(
@@ -402,7 +405,7 @@ def _valid_address(address: str) -> bool:
     return True
 
 
-def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str],
+def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str], options: dict[str, Any],
            known: set[str] | None) -> dict[str, HostConfig]:
     raw = top.get("hosts")
     if raw is None:
@@ -428,6 +431,7 @@ def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str],
             registration=table.boolean("registration", False),
             admins=_admins(table, host),
             modules=_host_modules(table, modules, known),
+            options={**options, **_module_options(table, known)},
         )
         table.finish()
     return hosts
@@ -454,6 +458,30 @@ def _admins(table: _Table, host: JID) -> list[str]:
             raise ConfigError(key, f"must be a bare JID user@{host} (got {text!r})")
         admins.append(str(jid))
     return admins
+
+
+_OPTION_TYPES = (str, bool, int, float, list)
+
+
+def _module_options(table: _Table, known: set[str] | None) -> dict[str, Any]:
+    """[module_options.NAME] tables, flattened to 'NAME.option' keys as Module.option() reads them."""
+    options: dict[str, Any] = {}
+    section = table.get("module_options")
+    if section is None:
+        return options
+    if not isinstance(section, dict):
+        raise ConfigError(table.key("module_options"), "must be a table of modules ([module_options.NAME])")
+    for module, values in section.items():
+        key = f"{table.key('module_options')}.{_toml_key(module)}"
+        if known is not None and module not in known:
+            raise ConfigError(key, f"unknown module {module!r} (valid: {', '.join(sorted(known))})")
+        if not isinstance(values, dict):
+            raise ConfigError(key, "must be a table of option = value")
+        for name, value in values.items():
+            if not isinstance(value, _OPTION_TYPES):
+                raise ConfigError(f"{key}.{_toml_key(name)}", "must be a string, number, boolean or list")
+            options[f"{module}.{name}"] = value
+    return options
 
 
 def _host_modules(table: _Table, modules: list[str], known: set[str] | None) -> list[str]:

@@ -27,7 +27,7 @@ class Host:
         self.features: dict[str, list[str]] = {"host": [], "account": []}
         self.identities: dict[str, list[Any]] = {"host": [], "account": []}
         self.modules: dict[str, Module] = {}
-        self.config_options: dict[str, Any] = {}
+        self.config_options: dict[str, Any] = dict(config.options)
         self.admins = {JID.parse(a) for a in config.admins}
 
     def load_modules(self, names: list[str]) -> None:

@@ -163,3 +163,24 @@ def test_file_errors(tmp_path):
     bad.write_text("data_dir = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_module_options_reach_modules_and_hosts_override() -> None:
+    config = parse_config({
+        "modules": ["roster", "mam"],
+        "module_options": {"mam": {"default": "roster", "retention_days": 30}},
+        "hosts": {"a.example": {"module_options": {"mam": {"default": "never"}}}, "b.example": {}},
+    }, known_modules={"mam", "roster"})
+    assert config.hosts["a.example"].options == {"mam.default": "never", "mam.retention_days": 30}
+    assert config.hosts["b.example"].options == {"mam.default": "roster", "mam.retention_days": 30}
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"module_options": {"nosuch": {"x": 1}}}, "module_options.nosuch"),
+    ({"module_options": {"mam": 3}}, "module_options.mam"),
+    ({"module_options": {"mam": {"default": {"deep": 1}}}}, "module_options.mam.default"),
+])
+def test_bad_module_options_name_the_key(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"modules": ["mam"], **data}, known_modules={"mam"})
+    assert err.value.key == key
