@@ -1,0 +1,127 @@
+"""XEP-0050 ad-hoc commands and XEP-0133 service administration, from slixmpp's xep_0050 over sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from slixmpp import ClientXMPP
+from slixmpp.exceptions import IqError
+
+from server.commands import COMMANDS
+from tests.conftest import Harness
+
+ADMIN = "http://jabber.org/protocol/admin"
+PLUGINS = ("xep_0030", "xep_0050", "xep_0004")
+
+
+async def admin_client(server: Harness) -> ClientXMPP:
+    await server.add_user("admin")
+    return await server.client("admin@localhost", plugins=PLUGINS)
+
+
+def submit(client: ClientXMPP, **values: str | list[str]) -> Any:
+    form = client["xep_0004"].make_form(ftype="submit")
+    for var, value in values.items():
+        form.add_field(var=var, value=value)
+    return form
+
+
+async def run(client: ClientXMPP, name: str, action: str = "execute", sessionid: str | None = None,
+              **values: str | list[str]) -> Any:
+    """Send one step of the command `name`; returns the <command/> of the answer."""
+    payload = submit(client, **values) if values else None
+    iq = await client["xep_0050"].send_command("localhost", f"{ADMIN}#{name}", action=action,
+                                               sessionid=sessionid, payload=payload, timeout=5)
+    return iq["command"]
+
+
+async def error_of(coro: Any) -> tuple[str, list[str]]:
+    with pytest.raises(IqError) as info:
+        await coro
+    error = info.value.iq["error"]
+    return error["condition"], [child.tag.split("}")[1] for child in error.xml
+                                if child.tag.startswith("{http://jabber.org/protocol/commands}")]
+
+
+def result_values(command: Any) -> dict[str, Any]:
+    return {var: field.get_value() for var, field in command["form"].get_fields().items()}
+
+
+async def test_command_list_for_admin_and_non_admin(server: Harness) -> None:
+    admin = await admin_client(server)
+    items = await admin["xep_0050"].get_commands("localhost", timeout=5)
+    nodes = {item[1] for item in items["disco_items"]["items"]}
+    assert nodes == {f"{ADMIN}#{name}" for name in COMMANDS}
+    assert f"{ADMIN}#get-user-password" not in nodes
+    info = await admin["xep_0030"].get_info("localhost", node=f"{ADMIN}#add-user", timeout=5)
+    assert ("automation", "command-node", None, "Add User") in info["disco_info"]["identities"]
+
+    await server.add_user("bob")
+    bob = await server.client("bob@localhost", plugins=PLUGINS)
+    items = await bob["xep_0050"].get_commands("localhost", timeout=5)
+    assert not items["disco_items"]["items"]
+    condition, _ = await error_of(run(bob, "get-registered-users-num"))
+    assert condition == "forbidden"
+    condition, _ = await error_of(run(admin, "get-user-password"))
+    assert condition == "feature-not-implemented"
+
+
+async def test_multi_stage_add_user_then_login(server: Harness) -> None:
+    admin = await admin_client(server)
+    first = await run(admin, "add-user")
+    assert first["status"] == "executing"
+    assert set(first["form"].get_fields()) == {"FORM_TYPE", "accountjid"}
+    sessionid = first["sessionid"]
+    second = await run(admin, "add-user", "next", sessionid, accountjid="carol@localhost")
+    assert set(second["form"].get_fields()) == {"FORM_TYPE", "password", "password-verify"}
+    back = await run(admin, "add-user", "prev", sessionid)
+    assert back["form"].get_fields()["accountjid"].get_value() == "carol@localhost"
+    await run(admin, "add-user", "next", sessionid, accountjid="carol@localhost")
+    done = await run(admin, "add-user", "complete", sessionid, **{"password": "pw1", "password-verify": "pw1"})
+    assert done["status"] == "completed"
+    assert done["notes"][0][0] == "info"
+    carol = await server.client("carol@localhost", "pw1")
+    assert carol.boundjid.bare == "carol@localhost"
+
+    # An existing account is refused with an error note.
+    sessionid = (await run(admin, "add-user"))["sessionid"]
+    await run(admin, "add-user", "next", sessionid, accountjid="carol@localhost")
+    done = await run(admin, "add-user", "complete", sessionid, **{"password": "x", "password-verify": "x"})
+    assert done["notes"][0][0] == "error"
+
+
+async def test_delete_user_and_registered_users(server: Harness) -> None:
+    admin = await admin_client(server)
+    await server.add_user("dave")
+    listed = await run(admin, "get-registered-users-list")
+    assert result_values(listed)["registereduserjids"] == ["admin@localhost", "dave@localhost"]
+    sessionid = (await run(admin, "delete-user"))["sessionid"]
+    done = await run(admin, "delete-user", "complete", sessionid, accountjids=["dave@localhost"])
+    assert done["status"] == "completed"
+    counted = await run(admin, "get-registered-users-num")
+    assert result_values(counted)["registeredusersnum"] == "1"
+
+
+async def test_online_users(server: Harness) -> None:
+    admin = await admin_client(server)
+    await server.add_user("erin")
+    await server.client("erin@localhost")
+    listed = await run(admin, "get-online-users-list")
+    assert result_values(listed)["onlineuserjids"] == ["admin@localhost", "erin@localhost"]
+    counted = await run(admin, "get-online-users-num")
+    assert result_values(counted)["onlineusersnum"] == "2"
+
+
+async def test_cancel_and_bad_session(server: Harness) -> None:
+    admin = await admin_client(server)
+    sessionid = (await run(admin, "add-user"))["sessionid"]
+    canceled = await run(admin, "add-user", "cancel", sessionid)
+    assert canceled["status"] == "canceled"
+    condition, specific = await error_of(run(admin, "add-user", "next", sessionid, accountjid="x@localhost"))
+    assert (condition, specific) == ("bad-request", ["bad-sessionid"])
+    sessionid = (await run(admin, "add-user"))["sessionid"]
+    condition, specific = await error_of(run(admin, "add-user", "prev", sessionid))
+    assert (condition, specific) == ("bad-request", ["bad-action"])
+    condition, specific = await error_of(run(admin, "add-user", "jump", sessionid))
+    assert (condition, specific) == ("bad-request", ["malformed-action"])
