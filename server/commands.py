@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from xml.etree.ElementTree import Element, SubElement
 
+from server import ns
 from server.accounts import AccountError, create_account, set_password
 from server.jid import JID, JIDError
 
@@ -250,3 +253,47 @@ async def disable_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 async def reenable_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     await _set_disabled(ctx, args["accountjids"], False)
     return {}
+
+
+@command("announce", "Send Announcement to Online Users",
+         (Arg("subject", "text", "Subject", required=False), Arg("announcement", "lines", "Announcement")))
+async def announce(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    message = Element(ns.qname(ns.CLIENT, "message"), {"from": ctx.host.name, "type": "headline"})
+    if args["subject"]:
+        SubElement(message, ns.qname(ns.CLIENT, "subject")).text = args["subject"]
+    SubElement(message, ns.qname(ns.CLIENT, "body")).text = "\n".join(args["announcement"])
+    sessions = ctx.host.server.sessions
+    for user in sessions.users(ctx.host.name):
+        for session in sessions.of(user):
+            message.set("to", str(session.jid))
+            session.send(message)
+    return {}
+
+
+@command("user-stats", "Get User Statistics", (ACCOUNT,), (
+    Arg("rostersize", "int", "Roster size"), Arg("onlineresources", "lines", "Online resources"),
+    Arg("ipaddresses", "lines", "IP addresses")))
+async def user_stats(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    user = _local(ctx, args["accountjid"])
+    storage = ctx.host.server.storage
+    if not await storage.accounts.exists(ctx.host.name, user):
+        raise CommandError(f"{args['accountjid']} does not exist")
+    _, roster = await storage.roster.get(ctx.host.name, user)
+    sessions = ctx.host.server.sessions.of(args["accountjid"])
+    return {"rostersize": len(roster), "onlineresources": [s.jid.resource for s in sessions],
+            "ipaddresses": sorted({s.remote_ip for s in sessions if s.remote_ip})}
+
+
+@command("get-user-lastlogin", "Get User Last Login Time", (ACCOUNT,), (
+    Arg("lastlogin", "text", "The last login time (XEP-0082); while offline, when the user last logged out"),))
+async def user_lastlogin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """Logins are not stored, logouts are: an online user's oldest session start, else the last logout."""
+    account = await ctx.host.server.storage.accounts.get(ctx.host.name, _local(ctx, args["accountjid"]))
+    if account is None:
+        raise CommandError(f"{args['accountjid']} does not exist")
+    sessions = ctx.host.server.sessions.of(args["accountjid"])
+    if sessions:
+        when: datetime | None = datetime.fromtimestamp(min(s.started for s in sessions), UTC)
+    else:
+        when = account.last_logout
+    return {"lastlogin": when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else "never"}

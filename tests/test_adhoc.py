@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -9,7 +10,9 @@ from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError
 
 from server.commands import COMMANDS
+from server.jid import JID
 from tests.conftest import Harness
+from tests.test_basic_modules import wait_for
 
 ADMIN = "http://jabber.org/protocol/admin"
 PLUGINS = ("xep_0030", "xep_0050", "xep_0004")
@@ -125,3 +128,47 @@ async def test_cancel_and_bad_session(server: Harness) -> None:
     assert (condition, specific) == ("bad-request", ["bad-action"])
     condition, specific = await error_of(run(admin, "add-user", "jump", sessionid))
     assert (condition, specific) == ("bad-request", ["malformed-action"])
+
+
+async def test_end_session_disable_and_reenable(server: Harness) -> None:
+    admin = await admin_client(server)
+    await server.add_user("frank")
+    await server.client("frank@localhost", resource="a")
+    await server.client("frank@localhost", resource="b")
+    frank = JID.parse("frank@localhost")
+    sessions = server.server.sessions
+
+    async def resources_are(*expected: str) -> bool:
+        return {s.jid.resource for s in sessions.of(frank) if not s.closed} == set(expected)
+
+    sessionid = (await run(admin, "end-user-session"))["sessionid"]
+    await run(admin, "end-user-session", "complete", sessionid, accountjids=["frank@localhost/a"])
+    await wait_for(lambda: resources_are("b"))
+    sessionid = (await run(admin, "disable-user"))["sessionid"]
+    await run(admin, "disable-user", "complete", sessionid, accountjids=["frank@localhost"])
+    await wait_for(resources_are)
+    with pytest.raises(AssertionError, match="login failed"):
+        await server.client("frank@localhost", timeout=5)
+    sessionid = (await run(admin, "reenable-user"))["sessionid"]
+    await run(admin, "reenable-user", "complete", sessionid, accountjids=["frank@localhost"])
+    await server.client("frank@localhost")
+
+
+async def test_announce_user_stats_and_lastlogin(server: Harness) -> None:
+    admin = await admin_client(server)
+    await server.add_user("gina")
+    gina = await server.client("gina@localhost", resource="phone")
+    inbox = server.inbox(gina)
+    sessionid = (await run(admin, "announce"))["sessionid"]
+    await run(admin, "announce", "complete", sessionid, subject="Maintenance", announcement=["Down at 22:00"])
+    message = await asyncio.wait_for(inbox.get(), 5)
+    assert (message["from"].bare, message["subject"], message["body"]) == ("localhost", "Maintenance",
+                                                                         "Down at 22:00")
+    sessionid = (await run(admin, "user-stats"))["sessionid"]
+    stats = result_values(await run(admin, "user-stats", "complete", sessionid, accountjid="gina@localhost"))
+    assert (stats["rostersize"], stats["onlineresources"]) == ("0", ["phone"])
+    assert stats["ipaddresses"] == ["127.0.0.1"]
+    sessionid = (await run(admin, "get-user-lastlogin"))["sessionid"]
+    last = result_values(await run(admin, "get-user-lastlogin", "complete", sessionid,
+                                   accountjid="gina@localhost"))
+    assert last["lastlogin"].endswith("Z")
