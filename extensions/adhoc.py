@@ -15,7 +15,7 @@ from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
-from server.commands import COMMANDS, FIELD_TYPES, REFUSED, Arg, Command, CommandError, Context, by_node
+from server.commands import ADMIN_NS, COMMANDS, FIELD_TYPES, REFUSED, Arg, Command, CommandError, Context, by_node
 from server.forms import Field, build_form, find_form, read_form
 from server.jid import JID
 from server.module import Module
@@ -91,7 +91,7 @@ class Adhoc(Module):
         node, action, sessionid = request.get("node", ""), request.get("action"), request.get("sessionid")
         command = by_node(node)
         if command is None:
-            refused = next((r for n, r in REFUSED.items() if node.endswith(f"#{n}")), None)
+            refused = next((r for n, r in REFUSED.items() if node == f"{ADMIN_NS}#{n}"), None)
             if refused:
                 raise StanzaError("feature-not-implemented", refused)
             raise StanzaError("item-not-found", f"no command {node!r}")
