@@ -3,6 +3,10 @@
 The roster is where subscription state lives, so the presence module changes it through `update()`
 here: every change is stored, gets a new roster version and is pushed to the interested resources.
 Read-modify-write changes of one roster hold `locked(user)` so concurrent stanzas cannot lose updates.
+
+Rosters of users with sessions on this server are cached: every presence a user sends or receives
+consults the roster, and reading it from the database each time made presence fan-out slow. All writes
+go through this module, which keeps the cache in step; a user's entry goes when the last session ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from server.stream.errors import StanzaError
 
 if TYPE_CHECKING:
     from server.c2s import C2SConnection
+    from server.sessions import Session
 
 QUERY = ns.qname(ns.ROSTER, "query")
 ITEM = ns.qname(ns.ROSTER, "item")
@@ -74,9 +79,12 @@ class Roster(Module):
 
     def setup(self) -> None:
         self._locks: weakref.WeakValueDictionary[JID, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._cache: dict[JID, tuple[int, dict[str, RosterItem]]] = {}
+        self._generation: dict[JID, int] = {}  # bumped by every write, so a racing read is not cached
         self.iq("get", QUERY, self.roster_get, target="account")
         self.iq("set", QUERY, self.roster_set, target="account")
         self.hook("c2s/features", self.stream_features)
+        self.hook("session/closed", self.forget, priority=-100)  # after presence has said goodbye
 
     # --- API for the presence module -------------------------------------------------------------
 
@@ -90,16 +98,42 @@ class Roster(Module):
             lock = self._locks[user] = asyncio.Lock()
         return lock
 
+    async def load(self, user: JID) -> tuple[int, dict[str, RosterItem]]:
+        """(version, items by JID) of a user's roster; callers must not modify the dict."""
+        cached = self._cache.get(user)
+        if cached is not None:
+            return cached
+        generation = self._generation.get(user, 0)
+        loaded = await self.server.storage.roster.get(user.domain, user.local or "")
+        if self.server.sessions.of(user) and self._generation.get(user, 0) == generation:
+            self._cache[user] = loaded
+        return loaded
+
     async def items(self, user: JID) -> dict[str, RosterItem]:
-        return (await self.server.storage.roster.get(user.domain, user.local or ""))[1]
+        return (await self.load(user))[1]
 
     async def item(self, user: JID, contact: JID) -> RosterItem | None:
-        return await self.server.storage.roster.get_item(user.domain, user.local or "", str(contact))
+        return (await self.load(user))[1].get(str(contact))
 
     async def update(self, user: JID, item: RosterItem) -> None:
         """Store the item and push it to the user's interested resources (RFC 6121 2.1.6)."""
         version = await self.server.storage.roster.put(user.domain, user.local or "", item)
+        self._changed(user, version, item.jid, item)
         self._push(user, item_element(item), version)
+
+    def _changed(self, user: JID, version: int, jid: str, item: RosterItem | None) -> None:
+        self._generation[user] = self._generation.get(user, 0) + 1
+        cached = self._cache.get(user)
+        if cached is not None:
+            items = {k: v for k, v in cached[1].items() if k != jid}
+            if item is not None:
+                items[jid] = item
+            self._cache[user] = (version, items)
+
+    def forget(self, session: Session) -> None:
+        if not self.server.sessions.of(session.bare):
+            self._cache.pop(session.bare, None)
+            self._generation.pop(session.bare, None)
 
     # --- the roster protocol ---------------------------------------------------------------------
 
@@ -114,7 +148,7 @@ class Roster(Module):
         user = self._owner(stanza)
         if stanza.origin is not None:
             stanza.origin.interested = True
-        version, items = await self.server.storage.roster.get(user.domain, user.local or "")
+        version, items = await self.load(user)
         ver = str(version)
         if stanza.el[0].get("ver") == ver:
             # RFC 6121 2.6.3: the client's cached copy is current, so an empty result is the answer.
@@ -147,6 +181,7 @@ class Roster(Module):
             if old is None:
                 raise StanzaError("item-not-found", "no such roster item")
             version = await store.remove(user.domain, user.local or "", old.jid)
+            self._changed(user, version, old.jid, None)
             pending = await store.remove_pending(user.domain, user.local or "", old.jid)
             self._push(user, Element(ITEM, {"jid": old.jid, "subscription": "remove"}), version)
         await self.host.hooks.fire("roster/removed", user, old, pending)

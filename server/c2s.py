@@ -117,7 +117,7 @@ class C2SConnection(asyncio.Protocol):
         if self.session is not None:
             session, self.session = self.session, None
             session.closed = True
-            asyncio.get_running_loop().create_task(self.server.end_session(session))
+            self.server.end_session_soon(session)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:

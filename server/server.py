@@ -67,6 +67,7 @@ class Server:
         self.s2s: S2SManager | None = None  # federation; on when an s2s listener is configured
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
+        self._ending: set[asyncio.Task[None]] = set()
         self._last_refusal_log = 0.0
 
     async def start(self) -> None:
@@ -120,6 +121,8 @@ class Server:
         await asyncio.sleep(0.1)
         for session in self.sessions.all():
             await self.end_session(session)
+        # Sessions whose connections dropped meanwhile still need their modules to say goodbye.
+        await asyncio.gather(*self._ending, return_exceptions=True)
         if self.s2s is not None:
             await self.s2s.stop()
         for host in self.hosts.values():
@@ -146,6 +149,12 @@ class Server:
 
     def fire_features(self, conn: C2SConnection, features: Element, stage: str) -> None:
         conn.host.hooks.notify("c2s/features", conn, features, stage)
+
+    def end_session_soon(self, session: Session) -> None:
+        """End a session from synchronous code (a lost connection); stop() waits for these."""
+        task = asyncio.get_running_loop().create_task(self.end_session(session))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def end_session(self, session: Session) -> None:
         if session.ended:
