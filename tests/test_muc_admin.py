@@ -28,10 +28,7 @@ from tests.test_muc import (
     until,
     user,
 )
-from tests.test_muc import pytestmark as muc_enabled
 from tests.test_offline import collect, take
-
-pytestmark = muc_enabled
 
 
 def items(*attrs: dict[str, str], reason: str | None = None) -> str:

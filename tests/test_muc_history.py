@@ -17,10 +17,7 @@ from server.stream.writer import serialize
 from tests.conftest import Harness
 from tests.test_basic_modules import iq_error, send_iq
 from tests.test_muc import BODY, ROOM, configure, create, error_of, groupchat, join, user
-from tests.test_muc import pytestmark as muc_enabled
 from tests.test_offline import collect, take
-
-pytestmark = muc_enabled
 
 DELAY = "{urn:xmpp:delay}delay"
 STANZA_ID = "{urn:xmpp:sid:0}stanza-id"
@@ -34,9 +31,9 @@ def room_of(server: Harness) -> object:
 
 
 async def talk(server: Harness, *bodies: str) -> ClientXMPP:
-    """alice creates the room and says each body; returns alice once the room has them all."""
+    """alice creates a persistent (so archived) room and says each body; returns alice once the room has them all."""
     alice = await user(server, "alice")
-    await create(alice, "Alice")
+    await create(alice, "Alice", **{"muc#roomconfig_persistentroom": "1"})
     inbox = collect(alice)
     for body in bodies:
         groupchat(alice, body)
@@ -229,16 +226,38 @@ async def test_who_may_read_the_archive(server: Harness) -> None:
     assert bodies(page) == ["members only"]
 
 
-async def test_an_unarchived_room(server: Harness) -> None:
-    alice = await user(server, "alice")
-    await create(alice, "Alice", **{"mam": "0"})
+async def test_unarchived_rooms(server: Harness) -> None:
+    """Archiving is on for persistent rooms unless their 'mam' field turns it off; temporary rooms are never
+    archived, as their archive would outlive them."""
+    alice = await talk(server)
     bob = await user(server, "bob")
     joined = await join(bob, "Bob")
-    assert "170" not in {s.get("code") for s in joined.iter("{http://jabber.org/protocol/muc#user}status")}
+    assert "170" in statuses_of(joined)
+    notices = collect(bob)
+    await configure(alice, **{"mam": "0"})
+    (notice,) = await take(notices, 1)
+    assert statuses_of(notice) == {"104", "171"}
     groupchat(alice, "off the record")
-    await take(collect(bob), 1)
+    await take(notices, 1)
     page, _ = await mam_page(bob)
     assert page == []
+    carol = await user(server, "carol")
+    await create(carol, "Carol", room="temporary@conference.localhost")
+    joined = await join(bob, "Bob", room="temporary@conference.localhost")
+    assert "170" not in statuses_of(joined)
+
+
+def statuses_of(el: Element) -> set[str]:
+    return {s.get("code") for s in el.iter("{http://jabber.org/protocol/muc#user}status")}
+
+
+async def test_a_destroyed_room_takes_its_archive_along(server: Harness) -> None:
+    alice = await talk(server, "gone with the room")
+    await alice.plugin["xep_0045"].destroy(ROOM)
+    await create(alice, "Alice", **{"muc#roomconfig_persistentroom": "1"})
+    page, _ = await mam_page(alice)
+    assert page == []
+    assert bodies(await history(await user(server, "bob"))) == []
 
 
 async def test_moderated_messages_leave_the_archive(server: Harness) -> None:
@@ -258,7 +277,7 @@ async def test_moderated_messages_leave_the_archive(server: Harness) -> None:
 
 async def test_an_old_message_is_retracted_through_the_archive(server: Harness) -> None:
     alice = await user(server, "alice")
-    await create(alice, "Alice", **{"muc#maxhistoryfetch": "1"})
+    await create(alice, "Alice", **{"muc#maxhistoryfetch": "1", "muc#roomconfig_persistentroom": "1"})
     inbox = collect(alice)
     groupchat(alice, "old news")
     groupchat(alice, "newer")

@@ -6,9 +6,6 @@ from __future__ import annotations
 from tests.conftest import Harness
 from tests.test_basic_modules import iq_error, send_iq
 from tests.test_muc import DISCO_INFO, ROOM, create, join, presences, statuses, until, user
-from tests.test_muc import pytestmark as muc_enabled
-
-pytestmark = muc_enabled
 
 PING = "<ping xmlns='urn:xmpp:ping'/>"
 

@@ -35,11 +35,17 @@ class RoomConfig:
     allow_invites: bool = False  # occupants may invite to a members-only room, not only admins
     allow_pm: str = "anyone"  # who may send private messages: anyone, participants, moderators, none
     max_history: int = 20  # messages of discussion history kept and sent on join
-    archive: bool = True  # messages are archived and can be queried with MAM (XEP-0313)
+    archive: bool = True  # a persistent room's messages are archived and can be queried (XEP-0313)
 
     @property
     def non_anonymous(self) -> bool:
         return self.whois == "anyone"
+
+    @property
+    def archived(self) -> bool:
+        """Only persistent rooms are archived: a temporary room's archive would outlive the room, and go to
+        whoever next creates a room of that name."""
+        return self.archive and self.persistent
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -56,7 +56,7 @@ def room_features(room: Room) -> list[str]:
         "muc_nonanonymous" if config.non_anonymous else "muc_semianonymous",
         "muc_passwordprotected" if config.password else "muc_unsecured",
         ns.PING, SELF_PING, OCCUPANT_ID_NS, SID, RETRACT_NS, MODERATE_NS,
-        *([mam.MAM, mam.EXTENDED] if config.archive else []),
+        *([mam.MAM, mam.EXTENDED] if config.archived else []),
     ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from xml.etree.ElementTree import Element, SubElement
 
+from extensions.muc import archive
 from extensions.muc.config import RoomConfig, apply_form, config_form
 from extensions.muc.protocol import (
     CONFIG_CHANGED,
@@ -69,8 +70,8 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
     statuses = [] if was_locked else [CONFIG_CHANGED]
     if new.whois != old.whois:
         statuses.append(NOW_NON_ANONYMOUS if new.non_anonymous else NOW_SEMI_ANONYMOUS)
-    if new.archive != old.archive:
-        statuses.append(LOGGED if new.archive else NOT_LOGGED)
+    if new.archived != old.archived:
+        statuses.append(LOGGED if new.archived else NOT_LOGGED)
     batches: list[Batch] = []
     if statuses:
         batches.append((room.status_message(*statuses), room.sessions()))
@@ -80,6 +81,8 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
                 batches += room.broadcast_presence(occupant, unavailable=True, statuses=[REMOVED_MEMBERS_ONLY])
                 room.remove(occupant)
     service = room.service
+    if old.archived and not new.archived:
+        await archive.forget(room)
     if new.persistent and not old.persistent:
         await service.store.save_room(service.domain, room.stored())
     elif new.persistent:
@@ -106,10 +109,15 @@ async def destroy(room: Room, destroy_el: Element | None) -> None:
     for occupant in list(room.occupants.values()):
         batches += room.broadcast_presence(occupant, unavailable=True, extra=_destroy_notice(venue, reason))
         room.remove(occupant)
-    room.service.discard(room)
+    # Until its data is gone, the room stays in place and lets nobody in, so that a room created under the
+    # same name cannot inherit any of it.
+    room.destroyed = True
+    await room.flush(batches)
     if room.config.persistent:
         await room.service.store.delete_room(room.service.domain, room.jid.local or "")
-    await room.flush(batches)
+    if room.config.archived:
+        await archive.forget(room)
+    room.service.discard(room)
 
 
 def _destroy_notice(venue: str | None, reason: str | None) -> Element:

@@ -78,6 +78,8 @@ def create(service: Muc, jid: JID, creator: JID, *, instant: bool) -> Room:
 def check_entry(room: Room, st: Stanza, nick: str, affiliation: str) -> None:
     """XEP-0045 7.2.5-7.2.10: the reasons a user may not enter, in the order the XEP gives them."""
     user = st.from_.bare
+    if room.destroyed:
+        raise StanzaError("item-not-found", "the room has been destroyed")
     if room.locked and affiliation != "owner":
         raise StanzaError("item-not-found", "the room is being configured; try again later")
     if affiliation == "outcast":
@@ -115,7 +117,7 @@ async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -
         for other in room.occupants.values() if other is not occupant
     ]
     self_statuses = [NON_ANONYMOUS] if room.config.non_anonymous else []
-    if room.config.archive:
+    if room.config.archived:
         self_statuses.append(LOGGED)
     if created:
         self_statuses.append(CREATED)

@@ -8,7 +8,6 @@ and delivered by `flush` afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -47,9 +46,10 @@ class Room:
         self.occupants: dict[str, Occupant] = {}  # by nick_key
         self.by_session: dict[JID, Occupant] = {}  # by the full JID of each joined session
         self.locked = False  # created with the MUC protocol and not configured yet (XEP-0045 10.1)
+        self.destroyed = False  # being destroyed: nobody enters any more
         self.history = History(str(jid), config.max_history)
         self.iqs = OccupantIqs()
-        self.archive_order = asyncio.Lock()
+        self.recorder = archive.Recorder(self)
 
     def __repr__(self) -> str:
         return f"<Room {self.jid}>"
@@ -229,8 +229,7 @@ class Room:
         """A message to everyone in the room, stamped with the room's XEP-0359 stanza-id (any other claiming
         to be the room's is removed), kept in the discussion history and archived.
 
-        Local occupants get it first; the archive is written in the order messages were published (the lock
-        is taken before any await), then the message goes to remote occupants."""
+        Local occupants get it at once, remote ones through the router; the archive is written behind."""
         by = str(self.jid)
         for found in el.findall(STANZA_ID):
             if found.get("by") == by:
@@ -242,9 +241,8 @@ class Room:
         server = self.service.server
         prepared = Prepared(el)
         remote = deliver_local(server, prepared, self.sessions())
-        if self.config.archive and archive.archivable(el):
-            async with self.archive_order:
-                await archive.record(self, el, uid, stamp)
+        if self.config.archived and archive.archivable(el):
+            self.recorder.add(el, uid, stamp)
         await route_remote(server, prepared, remote)
 
     async def flush(self, batches: Iterable[Batch]) -> None:

@@ -82,6 +82,11 @@ class Muc(Module):
                                           affiliations, stored.subject, stored.subject_from)
             await archive.refill(room)
 
+    async def stop(self) -> None:
+        """Messages still on their way to the archive are written before the database closes."""
+        for room in list(self.rooms.values()):
+            await room.recorder.flush()
+
     def occupant_id(self, room: JID, user: JID) -> str:
         """XEP-0421: stable for a user in a room, across nicks and restarts, and telling nothing about the user."""
         digest = hmac.new(self._secret, f"{room}\n{user}".encode(), hashlib.sha256).digest()

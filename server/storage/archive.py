@@ -38,6 +38,18 @@ class ArchivedMessage:
 
 
 @dataclass(frozen=True)
+class NewMessage:
+    """A message to archive: its UID, when, the other party (bare JID and resource), body and stanza."""
+
+    stanza_id: str
+    stamp: datetime
+    with_jid: str
+    with_resource: str | None
+    body: str | None
+    stanza_xml: str
+
+
+@dataclass(frozen=True)
 class ArchiveFilter:
     """The XEP-0313 form fields; None (or empty) means "no condition"."""
 
@@ -70,11 +82,15 @@ class ArchiveStore:
 
     async def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
                      with_resource: str | None, body: str | None, stanza_xml: str) -> None:
+        await self.append_many(host, user, [NewMessage(stanza_id, stamp, with_jid, with_resource, body, stanza_xml)])
+
+    async def append_many(self, host: str, user: str, messages: Sequence[NewMessage]) -> None:
+        """Archive several messages, in this order, in one transaction (a busy room writes them in batches)."""
         async with self._writer.begin() as conn:
-            await conn.execute(archive.insert().values(
-                host=host, username=user, stanza_id=stanza_id, stamp=stamp, with_jid=with_jid,
-                with_resource=with_resource, body=body, stanza_xml=stanza_xml,
-            ))
+            await conn.execute(archive.insert(), [
+                {"host": host, "username": user, "stanza_id": m.stanza_id, "stamp": m.stamp, "with_jid": m.with_jid,
+                 "with_resource": m.with_resource, "body": m.body, "stanza_xml": m.stanza_xml}
+                for m in messages])
 
     async def query(self, host: str, user: str, filter: ArchiveFilter, max: int, after: str | None = None,
                     before: str | None = None) -> Page:
@@ -161,6 +177,11 @@ class ArchiveStore:
                                         " VALUES ('delete', :id, :body)"), {"id": row.id, "body": row.body})
             await conn.execute(update(archive).where(archive.c.id == row.id).values(body=None, stanza_xml=stanza_xml))
         return True
+
+    async def delete_all(self, host: str, user: str) -> None:
+        """Forget an owner's whole archive (a room that is destroyed)."""
+        async with self._writer.begin() as conn:
+            await conn.execute(delete(archive).where(*user_rows(archive, host, user)))
 
     async def bounds(self, host: str, user: str) -> tuple[ArchivedMessage | None, ArchivedMessage | None]:
         """The first and the last message of the archive (XEP-0313 7, archive metadata)."""
