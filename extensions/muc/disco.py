@@ -12,7 +12,9 @@ from xml.etree.ElementTree import Element, SubElement
 
 from extensions import mam
 from extensions.muc.protocol import MODERATE_NS, MUC, OCCUPANT_ID_NS, RETRACT_NS, ROOMINFO, SELF_PING, SID
+from extensions.muc.registration import NICK_NODE, nick_info
 from extensions.muc.room import Room
+from extensions.muc.vcard import avatar_hash
 from server import ns
 from server.forms import Field, build_form
 from server.stanza import Stanza
@@ -55,7 +57,7 @@ def room_features(room: Room) -> list[str]:
         "muc_moderated" if config.moderated else "muc_unmoderated",
         "muc_nonanonymous" if config.non_anonymous else "muc_semianonymous",
         "muc_passwordprotected" if config.password else "muc_unsecured",
-        ns.PING, SELF_PING, OCCUPANT_ID_NS, SID, RETRACT_NS, MODERATE_NS,
+        ns.PING, SELF_PING, OCCUPANT_ID_NS, SID, RETRACT_NS, MODERATE_NS, ns.VCARD, ns.REGISTER,
         *([mam.MAM, mam.EXTENDED] if config.archived else []),
     ]
 
@@ -66,17 +68,24 @@ def _visible(room: Room, st: Stanza) -> None:
 
 
 async def room_info(room: Room, st: Stanza) -> Element:
-    """XEP-0045 6.4, with the muc#roominfo form of 15.5.4."""
+    """XEP-0045 6.4, with the muc#roominfo form of 15.5.4 (and the avatar's hash, XEP-0486)."""
     _visible(room, st)
-    if st.el[0].get("node"):
+    node = st.el[0].get("node")
+    if node == NICK_NODE:
+        return nick_info(room, st)
+    if node:
         raise StanzaError("item-not-found", "no such node")
     query = info(room.title, room_features(room))
-    query.append(build_form("result", [
+    fields = [
         Field("muc#roominfo_description", label="Description", values=(room.config.description,)),
         Field("muc#roominfo_subject", label="Subject", values=(room.subject,)),
         Field("muc#roominfo_occupants", label="Number of occupants", values=(str(len(room.occupants)),)),
         Field("muc#roominfo_lang", label="Language of discussion", values=(room.config.language,)),
-    ], form_type=ROOMINFO))
+    ]
+    avatar = avatar_hash(room)
+    if avatar is not None:
+        fields.append(Field("muc#roominfo_avatarhash", "text-multi", "Avatar hash", (avatar,)))
+    query.append(build_form("result", fields, form_type=ROOMINFO))
     return query
 
 

@@ -35,7 +35,8 @@ Batch = tuple[Element | Prepared, list[JID]]
 
 class Room:
     def __init__(self, service: Muc, jid: JID, config: RoomConfig, created: datetime,
-                 affiliations: dict[JID, Affiliation] | None = None, subject: str = "", subject_from: str = "") -> None:
+                 affiliations: dict[JID, Affiliation] | None = None, subject: str = "", subject_from: str = "",
+                 vcard: str = "") -> None:
         self.service = service
         self.jid = jid
         self.config = config
@@ -43,6 +44,7 @@ class Room:
         self.affiliations: dict[JID, Affiliation] = affiliations or {}
         self.subject = subject
         self.subject_from = subject_from  # the nick that set it
+        self.vcard = vcard  # serialized vcard-temp (the room's avatar), '' for none
         self.occupants: dict[str, Occupant] = {}  # by nick_key
         self.by_session: dict[JID, Occupant] = {}  # by the full JID of each joined session
         self.locked = False  # created with the MUC protocol and not configured yet (XEP-0045 10.1)
@@ -254,7 +256,7 @@ class Room:
 
     def stored(self) -> StoredRoom:
         return StoredRoom(self.jid.local or "", self.config.to_json(), self.created, self.subject,
-                          self.subject_from, {str(jid): a for jid, a in self.affiliations.items()})
+                          self.subject_from, {str(jid): a for jid, a in self.affiliations.items()}, self.vcard)
 
     async def save(self) -> None:
         """Write the configuration and subject of a persistent room."""

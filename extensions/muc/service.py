@@ -2,12 +2,14 @@
 
 The router hands every stanza addressed to the service domain to `handle`, which finds the room and
 passes the stanza to the part of the package that deals with it: presence.py, messages.py, an iq handler
-by payload (disco.py, owner.py, admin.py, retraction.py, archive.py), or occupant_iq.py for an occupant's
-JID. A handler refuses bad input by raising StanzaError; the sender gets that error and the room carries
-on. Persistent rooms are loaded when the module starts, with their discussion history from the archive.
+by payload (disco.py, owner.py, admin.py, retraction.py, archive.py, vcard.py, registration.py), or
+occupant_iq.py for an occupant's JID. A handler refuses bad input by raising StanzaError; the sender gets
+that error and the room carries on. Persistent rooms are loaded when the module starts, with their
+discussion history from the archive.
 
 Options: 'domain'; 'name' (the service's disco name); 'create' - who may create rooms: 'local' users of
-the host (the default), 'admins' of the host, or 'anyone'; 'max_page' - the largest page of an archive query.
+the host (the default), 'admins' of the host, or 'anyone'; 'max_page' - the largest page of an archive query;
+'max_vcard_size' - of a room's vCard, in bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from xml.etree.ElementTree import Element
 
 from extensions import mam
-from extensions.muc import admin, archive, disco, occupant_iq, owner, retraction
+from extensions.muc import admin, archive, disco, occupant_iq, owner, registration, retraction, vcard
 from extensions.muc.config import RoomConfig
 from extensions.muc.messages import handle_message
 from extensions.muc.presence import handle_presence
@@ -62,6 +64,10 @@ class Muc(Module):
             ("get", mam.QUERY): archive.form,
             ("set", mam.QUERY): archive.query,
             ("get", mam.METADATA): archive.metadata,
+            ("get", vcard.VCARD): vcard.get,
+            ("set", vcard.VCARD): vcard.set_vcard,
+            ("get", registration.QUERY): registration.get,
+            ("set", registration.QUERY): registration.register,
         }
         self.add_service(self.domain, self.handle)
         directory = self.host.modules["disco"]
@@ -79,7 +85,7 @@ class Muc(Module):
             jid = JID.make(stored.name, self.domain)
             affiliations = {JID.parse(k): v for k, v in stored.affiliations.items()}
             room = self.rooms[jid] = Room(self, jid, RoomConfig.from_json(stored.config), stored.created,
-                                          affiliations, stored.subject, stored.subject_from)
+                                          affiliations, stored.subject, stored.subject_from, stored.vcard)
             await archive.refill(room)
 
     async def stop(self) -> None:

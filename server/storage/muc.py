@@ -2,7 +2,8 @@
 
 Only persistent rooms are stored; a room is written whole when it becomes persistent and then kept
 up to date one change at a time. Rooms are keyed by service domain and room name (the localpart), and
-affiliations by the JID they were given to (a bare JID or a domain), as XEP-0045 5.2 keys them.
+affiliations by the JID they were given to (a bare JID or a domain), as XEP-0045 5.2 keys them. A room's
+vCard (its avatar, XEP-0486) is a document of the key-value table, under the room as its user.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.storage.engine import upsert, writer
-from server.storage.schema import muc_affiliations, muc_rooms
+from server.storage.schema import kv, muc_affiliations, muc_rooms
+
+_STORE, _VCARD = "muc", "vcard"  # where in the key-value table a room's vCard is
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class StoredRoom:
     subject: str = ""
     subject_from: str = ""  # the nick that set the subject
     affiliations: dict[str, Affiliation] = field(default_factory=dict)
+    vcard: str = ""  # serialized vcard-temp, '' for none
 
 
 class MucStore:
@@ -50,6 +54,11 @@ class MucStore:
             for row in affiliations:
                 if row.room in rooms:
                     rooms[row.room].affiliations[row.jid] = Affiliation(row.affiliation, row.nick, row.reason)
+            vcards = await conn.execute(select(kv.c.username, kv.c.value).where(
+                kv.c.host == service, kv.c.store == _STORE, kv.c.key == _VCARD))
+            for name, value in vcards:
+                if name in rooms:
+                    rooms[name].vcard = value
         return list(rooms.values())
 
     async def save_room(self, service: str, room: StoredRoom) -> None:
@@ -64,12 +73,19 @@ class MucStore:
                     {"service": service, "room": room.name, "jid": jid, "affiliation": a.affiliation,
                      "nick": a.nick, "reason": a.reason}
                     for jid, a in room.affiliations.items()])
+            if room.vcard:
+                await _set_vcard(conn, service, room.name, room.vcard)
 
     async def update_room(self, service: str, name: str, config: dict[str, Any], subject: str,
                           subject_from: str) -> None:
         async with self._writer.begin() as conn:
             await conn.execute(update(muc_rooms).where(*_room(service, name)).values(
                 config=config, subject=subject, subject_from=subject_from))
+
+    async def set_vcard(self, service: str, name: str, vcard: str) -> None:
+        """Store the room's vCard; '' removes it."""
+        async with self._writer.begin() as conn:
+            await _set_vcard(conn, service, name, vcard)
 
     async def delete_room(self, service: str, name: str) -> None:
         async with self._writer.begin() as conn:
@@ -93,7 +109,16 @@ def _room(service: str, name: str) -> tuple[Any, Any]:
 
 
 async def _delete(conn: AsyncConnection, service: str, name: str) -> None:
-    """Remove a room and its affiliations (the tables have no foreign key, so both are deleted here)."""
+    """Remove a room, its affiliations and vCard (the tables have no foreign key, so all are deleted here)."""
     await conn.execute(delete(muc_affiliations).where(muc_affiliations.c.service == service,
                                                       muc_affiliations.c.room == name))
     await conn.execute(delete(muc_rooms).where(*_room(service, name)))
+    await _set_vcard(conn, service, name, "")
+
+
+async def _set_vcard(conn: AsyncConnection, service: str, name: str, vcard: str) -> None:
+    key = {"host": service, "username": name, "store": _STORE, "key": _VCARD}
+    if vcard:
+        await conn.execute(upsert(conn, kv, key, {"value": vcard}))
+    else:
+        await conn.execute(delete(kv).where(*(kv.c[k] == v for k, v in key.items())))
