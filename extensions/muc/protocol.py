@@ -1,7 +1,7 @@
 """XEP-0045 vocabulary shared by every part of the room: namespaces, status codes, affiliations and roles.
 
-Affiliations and roles are ranked so that permission checks compare ranks instead of spelling out
-every pair (XEP-0045 5.1.3 and 5.2.2: a lower rank can never act on a higher one).
+Affiliations are ranked so that permission checks compare ranks instead of spelling out every pair
+(XEP-0045 5.2.2: a lower affiliation can never act on a higher one).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ ROOM_ONLY = frozenset({X_MUC, X_USER, OCCUPANT_ID})
 
 # Status codes (XEP-0045 15.6.2), by what they tell the occupant.
 NON_ANONYMOUS = "100"
-AFFILIATION_CHANGED = "101"
 CONFIG_CHANGED = "104"
 SELF = "110"
 LOGGED = "170"
@@ -53,7 +52,6 @@ NEW_NICK = "303"
 KICKED = "307"
 REMOVED_AFFILIATION = "321"
 REMOVED_MEMBERS_ONLY = "322"
-SHUTDOWN = "332"
 REMOVED_ERROR = "333"
 
 AFFILIATIONS = ("outcast", "none", "member", "admin", "owner")
@@ -62,10 +60,6 @@ ROLES = ("none", "visitor", "participant", "moderator")
 
 def affiliation_rank(affiliation: str) -> int:
     return AFFILIATIONS.index(affiliation)
-
-
-def role_rank(role: str) -> int:
-    return ROLES.index(role)
 
 
 def user_x(*statuses: str) -> Element:
