@@ -1,9 +1,8 @@
 """The asyncio edge of a server-to-server stream, shared by both directions.
 
-Shaped like the c2s edge: bytes go through the sans-IO parser (in jabber:server mode, so stanzas reach
-the router in the canonical jabber:client namespace), events are handled in order by one task per burst,
-output written during one loop iteration leaves in one transport write, and input over the read-rate
-budget waits unparsed until it has been paid for.
+Built on the StreamEdge that c2s uses too (reading under a rate budget, events handled in order, output
+coalesced), with the sans-IO parser in jabber:server mode, so stanzas reach the router in the canonical
+jabber:client namespace.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import logging
 import secrets
 import ssl
 import time
-from collections import deque
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
@@ -23,6 +21,7 @@ from server import ns
 from server.jid import JID, JIDError
 from server.limits import TokenBucket
 from server.stanza import KINDS, Stanza
+from server.stream.edge import StreamEdge
 from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
@@ -32,13 +31,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("parley.s2s")
 
-WRITE_BUFFER_LIMIT = 16 * 1024 * 1024
 BIDI = ns.qname("urn:xmpp:bidi", "bidi")
 BIDI_FEATURE = ns.qname("urn:xmpp:features:bidi", "bidi")
 XML_DECLARATION = "<?xml version='1.0'?>"
 
 
-class S2SStream(asyncio.Protocol):
+class S2SStream(StreamEdge):
     """One TCP connection to or from another server. Subclasses implement `handle()` and `lost()`."""
 
     def __init__(self, manager: S2SManager) -> None:
@@ -46,21 +44,14 @@ class S2SStream(asyncio.Protocol):
         self.server = manager.server
         limits = self.server.config.limits
         s2s = self.server.config.s2s
-        self.parser = StreamParser(ns.SERVER, limits.max_stanza_size, limits.max_depth)
-        self.bucket = TokenBucket(s2s.rate, s2s.burst)
-        self.transport: asyncio.Transport | None = None
+        super().__init__(StreamParser(ns.SERVER, limits.max_stanza_size, limits.max_depth),
+                         TokenBucket(s2s.rate, s2s.burst))
         self.remote_ip = ""
         self.secure = False
-        self.closing = False
         self.created = time.monotonic()
         self.last_active = self.created  # last stanza either way, for the idle timeout
         self._headers_sent = 0
         self._lost = False
-        self._events: deque[object] = deque()
-        self._held: list[bytes] = []
-        self._worker: asyncio.Task[None] | None = None
-        self._out: list[str] = []
-        self._flush_pending = False
         self.bidi = False  # XEP-0288: stanzas flow both ways on this stream
         self.rejected = 0  # stanzas dropped for addresses this stream was not authenticated for
 
@@ -89,56 +80,6 @@ class S2SStream(asyncio.Protocol):
             self._lost = True
             self.lost()
 
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if self._held:
-            self._held.append(data)
-            return
-        delay = self.bucket.consume(len(data))
-        if delay > 0 and self.transport is not None:
-            self.transport.pause_reading()
-            self._held.append(data)
-            asyncio.get_running_loop().call_later(delay, self._release_held)
-            return
-        self._feed(data)
-
-    def _release_held(self) -> None:
-        held, self._held = b"".join(self._held), []
-        if self.closing:
-            return
-        self._feed(held)
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            events = self.parser.feed(data)
-        except StreamError as exc:
-            self.stream_error(exc)
-            return
-        if events:
-            self._events.extend(events)
-            if self._worker is None:
-                self._worker = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            while self._events and not self.closing:
-                event = self._events.popleft()
-                try:
-                    await self.handle(event)
-                except StreamError as exc:
-                    self.stream_error(exc)
-                except Exception:
-                    log.exception("internal error on s2s stream %r", self)
-                    self.stream_error(StreamError("internal-server-error"))
-        finally:
-            self._worker = None
-
-    async def handle(self, event: object) -> None:
-        raise NotImplementedError
-
     def lost(self) -> None:
         """The connection is gone: give back what depended on it."""
 
@@ -164,27 +105,6 @@ class S2SStream(asyncio.Protocol):
         log.warning("rejected a stanza on %r (%s): from=%r to=%r", self, reason, el.get("from"), el.get("to"))
 
     # --- output -----------------------------------------------------------------------------------
-
-    def write(self, data: str) -> None:
-        if self.closing:
-            return
-        self._out.append(data)
-        if not self._flush_pending:
-            self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._flush_pending = False
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write("".join(self._out).encode())
-            if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-                log.warning("closing %r: the peer does not read", self)
-                self._out.clear()
-                self.transport.abort()
-        self._out.clear()
-
-    def send(self, el: Element) -> None:
-        self.write(serialize(el))
 
     def send_stanza(self, el: Element) -> None:
         self.last_active = time.monotonic()

@@ -2,11 +2,8 @@
 
 One C2SConnection per TCP connection. Negotiation follows RFC 6120: stream header, STARTTLS (or Direct
 TLS from the start, XEP-0368), SASL, stream restart, resource binding. After binding, stanzas get the
-session's full JID stamped as 'from' and go to the router.
-
-Input is processed in order by one task per burst of data, so a slow database lookup for one stanza
-never reorders the next. Output is coalesced: everything written during one loop iteration goes out
-in one transport write.
+session's full JID stamped as 'from' and go to the router. Reading, ordering and writing are the shared
+StreamEdge's (server/stream/edge.py).
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import binascii
 import logging
 import secrets
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
@@ -31,6 +27,7 @@ from server.sasl.plain import parse_plain
 from server.sasl.scram import ScramServer, verify_password
 from server.sessions import Session
 from server.stanza import IQ, KINDS, Stanza, error_reply, reply
+from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamClose, StreamOpen, StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
@@ -44,7 +41,6 @@ log = logging.getLogger("parley.c2s")
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
 MAX_SASL_FAILURES = 3
 MAX_RESOURCES = 10
-WRITE_BUFFER_LIMIT = 16 * 1024 * 1024
 BIND = ns.qname(ns.BIND, "bind")
 SESSION = ns.qname(ns.SESSION, "session")
 
@@ -65,15 +61,15 @@ def _b64decode(text: str | None) -> bytes:
         raise SaslFailure("incorrect-encoding") from None
 
 
-class C2SConnection(asyncio.Protocol):
+class C2SConnection(StreamEdge):
     def __init__(self, server: Server, direct_tls: bool) -> None:
+        limits = server.config.limits
+        super().__init__(StreamParser(ns.CLIENT, limits.max_stanza_size, limits.max_depth),
+                         TokenBucket(limits.c2s_rate, limits.c2s_burst))
         self.server = server
-        self.limits = server.config.limits
+        self.limits = limits
         self.secure = direct_tls
-        self.transport: asyncio.Transport | None = None
         self.remote_ip = ""
-        self.parser = StreamParser(ns.CLIENT, self.limits.max_stanza_size, self.limits.max_depth)
-        self.bucket = TokenBucket(self.limits.c2s_rate, self.limits.c2s_burst)
         self.host: Host | None = None
         self.stream_id = ""
         self.header_sent = False
@@ -81,17 +77,13 @@ class C2SConnection(asyncio.Protocol):
         self.username: str | None = None
         self.session: Session | None = None
         self.created = time.monotonic()
-        self.last_write = self.created
-        self.closing = False
         self._counted_ip = False
         self._scram: ScramServer | None = None
         self._sasl_failures = 0
         self._channel_bindings: dict[str, bytes] = {}
-        self._events: deque[object] = deque()
-        self._held: list[bytes] = []  # input received over the read-rate budget, not yet parsed
-        self._worker: asyncio.Task[None] | None = None
-        self._out: list[str] = []
-        self._flush_pending = False
+
+    def __repr__(self) -> str:
+        return f"<C2SConnection {self.remote_ip}>"
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -118,81 +110,6 @@ class C2SConnection(asyncio.Protocol):
             session, self.session = self.session, None
             session.closed = True
             self.server.end_session_soon(session)
-
-    def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return
-        if self._held:
-            self._held.append(data)
-            return
-        delay = self.bucket.consume(len(data))
-        if delay > 0 and self.transport is not None:
-            # Over budget: this chunk waits, unparsed, until the bucket has paid for it.
-            self.transport.pause_reading()
-            self._held.append(data)
-            asyncio.get_running_loop().call_later(delay, self._release_held)
-            return
-        self._feed(data)
-
-    def _release_held(self) -> None:
-        held, self._held = b"".join(self._held), []
-        if self.closing:
-            return
-        self._feed(held)
-        if self.transport is not None and not self.closing:
-            self.transport.resume_reading()
-
-    def _feed(self, data: bytes) -> None:
-        try:
-            events = self.parser.feed(data)
-        except StreamError as exc:
-            self.stream_error(exc)
-            return
-        if events:
-            self._events.extend(events)
-            if self._worker is None:
-                self._worker = asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        try:
-            while self._events and not self.closing:
-                event = self._events.popleft()
-                try:
-                    await self._handle(event)
-                except StreamError as exc:
-                    self.stream_error(exc)
-                except SaslFailure as exc:
-                    self._sasl_fail(exc)
-                except Exception:
-                    log.exception("internal error on connection from %s", self.remote_ip)
-                    self.stream_error(StreamError("internal-server-error"))
-        finally:
-            self._worker = None
-
-    # --- output -----------------------------------------------------------------------------------
-
-    def write(self, data: str) -> None:
-        if self.closing:
-            return
-        self._out.append(data)
-        if not self._flush_pending:
-            self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._flush_pending = False
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write("".join(self._out).encode())
-            self.last_write = time.monotonic()
-            if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-                log.warning("closing %s: client does not read (%d bytes queued)", self.remote_ip,
-                            self.transport.get_write_buffer_size())
-                self._out.clear()
-                self.transport.abort()
-        self._out.clear()
-
-    def send(self, el: Element) -> None:
-        self.write(serialize(el))
 
     def _send_header(self) -> None:
         if not self.header_sent:
@@ -226,6 +143,12 @@ class C2SConnection(asyncio.Protocol):
             self.close()
 
     # --- negotiation ------------------------------------------------------------------------------
+
+    async def handle(self, event: object) -> None:
+        try:
+            await self._handle(event)
+        except SaslFailure as exc:
+            self._sasl_fail(exc)
 
     async def _handle(self, event: object) -> None:
         if isinstance(event, Element):

@@ -1,0 +1,120 @@
+"""The asyncio edge shared by client and server streams, around the sans-IO parser.
+
+Input over the read-rate budget waits unparsed until it has been paid for; parsed events are handled
+in order by one task per burst, so a slow database lookup for one stanza never reorders the next;
+output written during one loop iteration leaves in one transport write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from xml.etree.ElementTree import Element
+
+from server.limits import TokenBucket
+from server.stream.errors import StreamError
+from server.stream.parser import StreamParser
+from server.stream.writer import serialize
+
+log = logging.getLogger("parley.stream")
+
+WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # a peer that lets this much pile up is not reading: drop it
+
+
+class StreamEdge(asyncio.Protocol):
+    """Subclasses implement `handle(event)` and `stream_error(exc)`."""
+
+    def __init__(self, parser: StreamParser, bucket: TokenBucket) -> None:
+        self.parser = parser
+        self.bucket = bucket
+        self.transport: asyncio.Transport | None = None
+        self.closing = False
+        self.last_write = time.monotonic()
+        self._events: deque[object] = deque()
+        self._held: list[bytes] = []  # input received over the read-rate budget, not yet parsed
+        self._worker: asyncio.Task[None] | None = None
+        self._out: list[str] = []
+        self._flush_pending = False
+
+    async def handle(self, event: object) -> None:
+        raise NotImplementedError
+
+    def stream_error(self, exc: StreamError) -> None:
+        raise NotImplementedError
+
+    # --- input ------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self._held:
+            self._held.append(data)
+            return
+        delay = self.bucket.consume(len(data))
+        if delay > 0 and self.transport is not None:
+            # Over budget: this chunk waits, unparsed, until the bucket has paid for it.
+            self.transport.pause_reading()
+            self._held.append(data)
+            asyncio.get_running_loop().call_later(delay, self._release_held)
+            return
+        self._feed(data)
+
+    def _release_held(self) -> None:
+        held, self._held = b"".join(self._held), []
+        if self.closing:
+            return
+        self._feed(held)
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            events = self.parser.feed(data)
+        except StreamError as exc:
+            self.stream_error(exc)
+            return
+        if events:
+            self._events.extend(events)
+            if self._worker is None:
+                self._worker = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._events and not self.closing:
+                event = self._events.popleft()
+                try:
+                    await self.handle(event)
+                except StreamError as exc:
+                    self.stream_error(exc)
+                except Exception:
+                    log.exception("internal error on %r", self)
+                    self.stream_error(StreamError("internal-server-error"))
+        finally:
+            self._worker = None
+
+    # --- output -----------------------------------------------------------------------------------
+
+    def write(self, data: str) -> None:
+        if self.closing:
+            return
+        self._out.append(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write("".join(self._out).encode())
+            self.last_write = time.monotonic()
+            if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+                log.warning("closing %r: the peer does not read (%d bytes queued)", self,
+                            self.transport.get_write_buffer_size())
+                self._out.clear()
+                self.transport.abort()
+        self._out.clear()
+
+    def send(self, el: Element) -> None:
+        self.write(serialize(el))
