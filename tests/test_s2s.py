@@ -262,8 +262,8 @@ async def test_idle_link_is_closed_and_reopened(servers: tuple[Parley, Parley]) 
     bob_inbox = Inbox(bob)
     await chat(alice, bob_inbox, "bob@b.test", "first")
     first = a.manager.links["a.test", "b.test"]
-    for _ in range(40):
-        if first.closing:
+    for _ in range(50):  # closing first, then removed from the links: wait for both
+        if first.closing and ("a.test", "b.test") not in a.manager.links:
             break
         await asyncio.sleep(0.1)
     assert first.closing and ("a.test", "b.test") not in a.manager.links
