@@ -22,7 +22,6 @@ from server.jid import JID, JIDError
 from server.limits import TokenBucket
 from server.stanza import KINDS, Stanza
 from server.stream.edge import StreamEdge
-from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
 
@@ -119,26 +118,6 @@ class S2SStream(StreamEdge):
             header = header[len(XML_DECLARATION):]
         self._headers_sent += 1
         self.write(header)
-
-    def stream_error(self, exc: StreamError) -> None:
-        """Send a stream error and close; subclasses that may not have sent a header yet send one first."""
-        if self.closing:
-            return
-        log.info("s2s stream error %s to %r: %s", exc.condition, self, exc.text or "")
-        self.before_error()
-        self.write(serialize(exc.to_element()) + STREAM_FOOTER)
-        self.close()
-
-    def before_error(self) -> None:
-        """Make the stream well-formed enough to carry an error (a header, on the receiving side)."""
-
-    def close(self) -> None:
-        if self.closing:
-            return
-        self.flush()
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
 
     def end(self) -> None:
         """Close politely: our footer, then the connection."""

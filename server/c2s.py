@@ -118,22 +118,8 @@ class C2SConnection(StreamEdge):
             self.write(stream_header(content_ns=ns.CLIENT, from_=self.host.name if self.host else None,
                                      to=None, stream_id=self.stream_id, lang=self.lang))
 
-    def stream_error(self, exc: StreamError) -> None:
-        """Send a stream error and close (RFC 6120 4.9: header first if none was sent yet)."""
-        if self.closing:
-            return
-        log.info("stream error %s to %s%s", exc.condition, self.remote_ip, f": {exc.text}" if exc.text else "")
+    def before_error(self) -> None:
         self._send_header()
-        self.write(serialize(exc.to_element()) + STREAM_FOOTER)
-        self.close()
-
-    def close(self) -> None:
-        if self.closing:
-            return
-        self.flush()
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
 
     def close_session(self, condition: str | None) -> None:
         if condition:

@@ -16,7 +16,7 @@ from xml.etree.ElementTree import Element
 from server.limits import TokenBucket
 from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
-from server.stream.writer import serialize
+from server.stream.writer import STREAM_FOOTER, serialize
 
 log = logging.getLogger("parley.stream")
 
@@ -24,7 +24,7 @@ WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # a peer that lets this much pile up is n
 
 
 class StreamEdge(asyncio.Protocol):
-    """Subclasses implement `handle(event)` and `stream_error(exc)`."""
+    """Subclasses implement `handle(event)`, and `before_error()` when an error needs a header first."""
 
     def __init__(self, parser: StreamParser, bucket: TokenBucket) -> None:
         self.parser = parser
@@ -41,8 +41,25 @@ class StreamEdge(asyncio.Protocol):
     async def handle(self, event: object) -> None:
         raise NotImplementedError
 
+    def before_error(self) -> None:
+        """Make the stream well-formed enough to carry an error (RFC 6120 4.9.1.3: our header first)."""
+
     def stream_error(self, exc: StreamError) -> None:
-        raise NotImplementedError
+        """Send a stream error and close the connection."""
+        if self.closing:
+            return
+        log.info("stream error %s to %r%s", exc.condition, self, f": {exc.text}" if exc.text else "")
+        self.before_error()
+        self.write(serialize(exc.to_element()) + STREAM_FOOTER)
+        self.close()
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.flush()
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
 
     # --- input ------------------------------------------------------------------------------------
 
