@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
-from server import ns
+from server import commands, ns
 from server.commands import ADMIN_NS, COMMANDS, FIELD_TYPES, REFUSED, Arg, Command, CommandError, Context, by_node
 from server.forms import Field, build_form, find_form, read_form
 from server.jid import JID
@@ -55,6 +55,7 @@ class Adhoc(Module):
     depends = ("disco",)
 
     def setup(self) -> None:
+        commands.load()
         self.sessions: dict[str, AdhocSession] = {}
         self.add_feature(NS)
         self.iq("set", COMMAND, self.execute)

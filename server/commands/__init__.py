@@ -1,0 +1,142 @@
+"""Admin commands, each declared once: name, typed arguments, result fields, who may run it, and the code.
+
+Front ends (XEP-0050 ad-hoc commands, the CLI, the HTTP API) read these declarations to build
+their forms, options or JSON, parse arguments with `Arg.parse` and check `Command.allowed`, so no
+command is written once per front end. Arguments carry a `stage`: a front end that asks step by step
+(ad-hoc forms) asks for stage 0 first, then stage 1...; others ask for everything at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from server.jid import JID, JIDError
+
+if TYPE_CHECKING:
+    from server.host import Host
+
+ADMIN_NS = "http://jabber.org/protocol/admin"
+# Argument types and the XEP-0004 field type that asks for each.
+FIELD_TYPES = {
+    "jid": "jid-single", "jids": "jid-multi", "text": "text-single", "password": "text-private",
+    "int": "text-single", "lines": "text-multi",
+}
+
+
+class CommandError(ValueError):
+    """A user-facing reason why a command did not do what was asked."""
+
+
+@dataclass(frozen=True)
+class Arg:
+    """An argument or a result field of a command."""
+
+    name: str
+    type: str  # a key of FIELD_TYPES
+    label: str
+    required: bool = True
+    stage: int = 0
+
+    def parse(self, values: list[str]) -> Any:
+        """The typed value of what a front end received as strings (None when optional and absent)."""
+        if self.type != "password":
+            values = [v.strip() for v in values if v.strip()]
+        if not values or not values[0]:
+            if self.required:
+                raise CommandError(f"{self.label} is required")
+            return [] if self.type in ("jids", "lines") else None
+        try:
+            if self.type == "jid":
+                return JID.parse(values[0])
+            if self.type == "jids":
+                return [JID.parse(v) for v in values]
+            if self.type == "int":
+                return int(values[0])
+        except (JIDError, ValueError) as exc:
+            raise CommandError(f"{self.label}: {exc}") from None
+        if self.type == "lines":
+            return values
+        return values[0]
+
+    def format(self, value: Any) -> list[str]:
+        """A typed value as the strings a front end shows."""
+        if isinstance(value, list | tuple | set):
+            return [str(v) for v in value]
+        return [] if value is None else [str(value)]
+
+
+@dataclass
+class Context:
+    """Who runs a command, and on which host."""
+
+    host: Host
+    actor: JID
+
+
+Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    title: str
+    run: Run
+    args: tuple[Arg, ...] = ()
+    result: tuple[Arg, ...] = ()
+    access: str = "admin"  # 'admin': the host's admins; 'user': any account of the host
+    namespace: str = ADMIN_NS
+
+    @property
+    def node(self) -> str:
+        return f"{self.namespace}#{self.name}"
+
+    @property
+    def stages(self) -> int:
+        return max((a.stage for a in self.args), default=-1) + 1
+
+    def allowed(self, host: Host, jid: JID) -> bool:
+        if self.access == "user":
+            return jid.domain == host.name and jid.local is not None
+        return host.is_admin(jid)
+
+
+COMMANDS: dict[str, Command] = {}
+# Commands of XEP-0133 that cannot exist here, with the reason every front end gives.
+REFUSED: dict[str, str] = {
+    "get-user-password": "passwords are stored only as SCRAM keys and cannot be retrieved; "
+                         "use change-user-password instead",
+}
+
+
+def register(command: Command) -> Command:
+    if command.name in COMMANDS:
+        raise ValueError(f"command {command.name} is declared twice")
+    COMMANDS[command.name] = command
+    return command
+
+
+def by_node(node: str) -> Command | None:
+    return next((c for c in COMMANDS.values() if c.node == node), None)
+
+
+def command(name: str, title: str, args: tuple[Arg, ...] = (), result: tuple[Arg, ...] = (),
+            access: str = "admin") -> Callable[[Run], Run]:
+    """Declare the decorated coroutine as the command `name`."""
+    def declare(run: Run) -> Run:
+        register(Command(name, title, run, args, result, access))
+        return run
+    return declare
+
+
+# Modules that declare commands; `load` imports them so that every front end sees the same set.
+DECLARING_MODULES = ("server.commands.service_admin",)
+
+
+def load() -> dict[str, Command]:
+    """Every declared command, by name."""
+    for module in DECLARING_MODULES:
+        import_module(module)
+    return COMMANDS
