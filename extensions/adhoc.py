@@ -15,7 +15,18 @@ from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
 from server import commands, ns
-from server.commands import ADMIN_NS, COMMANDS, FIELD_TYPES, REFUSED, Arg, Command, CommandError, Context, by_node
+from server.commands import (
+    ADMIN_NS,
+    COMMANDS,
+    FIELD_TYPES,
+    REFUSED,
+    XML,
+    Arg,
+    Command,
+    CommandError,
+    Context,
+    by_node,
+)
 from server.forms import Field, build_form, find_form, read_form
 from server.jid import JID
 from server.module import Module
@@ -117,8 +128,12 @@ class Adhoc(Module):
             return await self._complete(stanza, command, secrets.token_hex(8), {})
         self._prune()
         sessionid = secrets.token_hex(8)
-        self.sessions[sessionid] = AdhocSession(command, stanza.from_)
-        return self._form(sessionid, self.sessions[sessionid])
+        session = AdhocSession(command, stanza.from_)
+        if command.defaults is not None:
+            current = await command.defaults(Context(self.host, stanza.from_))
+            session.raw = {arg.name: arg.format(current.get(arg.name)) for arg in command.args}
+        self.sessions[sessionid] = session
+        return self._form(sessionid, session)
 
     async def _step(self, stanza: Stanza, sessionid: str, session: AdhocSession, action: str | None) -> Element:
         last = session.stage == session.command.stages - 1
@@ -157,10 +172,12 @@ class Adhoc(Module):
         answer = _answer(command, sessionid, "completed",
                               note=None if command.result else ("info", "Command completed."))
         if command.result:
-            answer.append(build_form("result", [
+            form = build_form("result", [
                 Field(arg.name, FIELD_TYPES[arg.type], arg.label, tuple(arg.format(result.get(arg.name))))
-                for arg in command.result
-            ], form_type=command.namespace, title=command.title))
+                for arg in command.result if arg.type != XML
+            ], form_type=command.namespace, title=command.title)
+            form.extend(result[arg.name] for arg in command.result if arg.type == XML and arg.name in result)
+            answer.append(form)
         return answer
 
     def _stage_args(self, session: AdhocSession) -> list[Arg]:

@@ -24,6 +24,9 @@ FIELD_TYPES = {
     "jid": "jid-single", "jids": "jid-multi", "text": "text-single", "password": "text-private",
     "int": "text-single", "lines": "text-multi",
 }
+# A result of this type is an Element passed on as it is: XEP-0133's get-user-roster answers with a
+# jabber:iq:roster <query/> inside the result form.
+XML = "xml"
 
 
 class CommandError(ValueError):
@@ -77,6 +80,9 @@ class Context:
 
 
 Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+# The current values a command's arguments start from, for commands that edit something (edit-motd shows
+# the message it edits, edit-admin the list it replaces).
+Defaults = Callable[[Context], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Command:
     result: tuple[Arg, ...] = ()
     access: str = "admin"  # 'admin': the host's admins; 'user': any account of the host
     namespace: str = ADMIN_NS
+    defaults: Defaults | None = None
 
     @property
     def node(self) -> str:
@@ -123,10 +130,10 @@ def by_node(node: str) -> Command | None:
 
 
 def command(name: str, title: str, args: tuple[Arg, ...] = (), result: tuple[Arg, ...] = (),
-            access: str = "admin") -> Callable[[Run], Run]:
+            access: str = "admin", defaults: Defaults | None = None) -> Callable[[Run], Run]:
     """Declare the decorated coroutine as the command `name`."""
     def declare(run: Run) -> Run:
-        register(Command(name, title, run, args, result, access))
+        register(Command(name, title, run, args, result, access, defaults=defaults))
         return run
     return declare
 
