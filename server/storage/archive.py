@@ -12,10 +12,12 @@ case-insensitively.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, Integer, case, column, delete, func, literal, literal_column, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -75,22 +77,73 @@ def words(search: str) -> list[str]:
     return _WORD.findall(search)
 
 
+def _row(host: str, user: str, m: NewMessage) -> dict[str, Any]:
+    return {"host": host, "username": user, "stanza_id": m.stanza_id, "stamp": m.stamp, "with_jid": m.with_jid,
+            "with_resource": m.with_resource, "body": m.body, "stanza_xml": m.stanza_xml}
+
+
+def _settle(done: asyncio.Future[None], error: Exception | None) -> None:
+    """Tell a waiting append how its row fared, unless it stopped waiting (its caller was cancelled)."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
 class ArchiveStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._writer = writer(engine)
+        # Group commit: appends that arrive while a transaction is being written wait for the next one,
+        # which writes them all at once.
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
 
     async def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
                      with_resource: str | None, body: str | None, stanza_xml: str) -> None:
-        await self.append_many(host, user, [NewMessage(stanza_id, stamp, with_jid, with_resource, body, stanza_xml)])
+        """Archive one message; return once it is committed.
+
+        Callers deliver a message only after this returns, so a message that reached anyone is in the
+        archive even if the process dies right after. Concurrent appends share one transaction: under
+        load the cost of a commit is paid once per batch instead of once per message.
+        """
+        row = _row(host, user, NewMessage(stanza_id, stamp, with_jid, with_resource, body, stanza_xml))
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((row, done))
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._insert([row for row, _ in batch])
+                except Exception:
+                    # One bad row must not fail the others: write them one by one to find it.
+                    for row, done in batch:
+                        try:
+                            await self._insert([row])
+                        except Exception as exc:
+                            _settle(done, exc)
+                        else:
+                            _settle(done, None)
+                    continue
+                for _, done in batch:
+                    _settle(done, None)
+        finally:
+            self._flushing = None
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        async with self._writer.begin() as conn:
+            await conn.execute(archive.insert(), rows)
 
     async def append_many(self, host: str, user: str, messages: Sequence[NewMessage]) -> None:
         """Archive several messages, in this order, in one transaction (a busy room writes them in batches)."""
-        async with self._writer.begin() as conn:
-            await conn.execute(archive.insert(), [
-                {"host": host, "username": user, "stanza_id": m.stanza_id, "stamp": m.stamp, "with_jid": m.with_jid,
-                 "with_resource": m.with_resource, "body": m.body, "stanza_xml": m.stanza_xml}
-                for m in messages])
+        await self._insert([_row(host, user, m) for m in messages])
 
     async def query(self, host: str, user: str, filter: ArchiveFilter, max: int, after: str | None = None,
                     before: str | None = None) -> Page:
