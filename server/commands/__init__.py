@@ -92,7 +92,9 @@ class Command:
     run: Run
     args: tuple[Arg, ...] = ()
     result: tuple[Arg, ...] = ()
-    access: str = "admin"  # 'admin': the host's admins; 'user': any account of the host
+    # 'admin': the host's admins; 'user': any account of the host; 'server': admins of every host, for
+    # commands that reach past one host (restart, federation lists), since hosts are separate tenants.
+    access: str = "admin"
     namespace: str = ADMIN_NS
     defaults: Defaults | None = None
 
@@ -107,6 +109,8 @@ class Command:
     def allowed(self, host: Host, jid: JID) -> bool:
         if self.access == "user":
             return jid.domain == host.name and jid.local is not None
+        if self.access == "server":
+            return all(h.is_admin(jid) for h in host.server.hosts.values())
         return host.is_admin(jid)
 
 
