@@ -74,7 +74,7 @@ class Adhoc(Module):
         self.hook("disco/info-node", self.info_node)
 
     def _visible(self, stanza: Stanza) -> list[Command]:
-        return [c for c in COMMANDS.values() if c.allowed(self.host, stanza.from_)]
+        return [c for c in COMMANDS.values() if c.adhoc and c.allowed(self.host, stanza.from_)]
 
     def items_node(self, stanza: Stanza, node: str) -> Element | None:
         if node != NS or stanza.to.local is not None:

@@ -33,6 +33,15 @@ class CommandError(ValueError):
     """A user-facing reason why a command did not do what was asked."""
 
 
+class Conflict(CommandError):
+    """What the command was to create exists already (HTTP front ends answer 409)."""
+
+
+class NegativeAnswer(CommandError):
+    """The command ran and its answer is no (check_account of a missing account): ejabberd's result code 1,
+    which its HTTP API sends as a successful call, not as an error."""
+
+
 @dataclass(frozen=True)
 class Arg:
     """An argument or a result field of a command."""
@@ -42,6 +51,7 @@ class Arg:
     label: str
     required: bool = True
     stage: int = 0
+    fields: tuple[str, ...] = ()  # of each record, for a result of type 'records'
 
     def parse(self, values: list[str]) -> Any:
         """The typed value of what a front end received as strings (None when optional and absent)."""
@@ -73,10 +83,26 @@ class Arg:
 
 @dataclass
 class Context:
-    """Who runs a command, and on which host."""
+    """Who runs a command, and on which host.
+
+    The operator (the local control socket, the HTTP API's token) runs commands for every host; an admin
+    only for the hosts it administers, since hosts are separate tenants. Commands that name their host in
+    an argument (ejabberd's) reach it through `target`.
+    """
 
     host: Host
     actor: JID
+    operator: bool = False
+
+    def hosts(self) -> list[Host]:
+        """The hosts this context may act on."""
+        return [h for h in self.host.server.hosts.values() if self.operator or h.is_admin(self.actor)]
+
+    def target(self, name: str) -> Host:
+        host = self.host.server.hosts.get(name.strip().lower())
+        if host is None or host not in self.hosts():
+            raise CommandError(f"Unknown virtual host: {name}")
+        return host
 
 
 Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -97,6 +123,11 @@ class Command:
     access: str = "admin"
     namespace: str = ADMIN_NS
     defaults: Defaults | None = None
+    # 'form': XEP-0133 style, named result fields shown in a data form (ad-hoc commands). The others are
+    # ejabberd's result kinds, shaped by the CLI and HTTP front ends: 'rescode' (nothing, or a
+    # NegativeAnswer), 'restuple' (a message), 'string', 'integer', 'list', 'records'; the one result
+    # argument, if any, names the value.
+    returns: str = "form"
 
     @property
     def node(self) -> str:
@@ -106,12 +137,34 @@ class Command:
     def stages(self) -> int:
         return max((a.stage for a in self.args), default=-1) + 1
 
+    @property
+    def adhoc(self) -> bool:
+        """Offered as a XEP-0050 command: the ejabberd-shaped ones are for the CLI and HTTP API only."""
+        return self.returns == "form"
+
+    def parse(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Typed values of every argument from a front end that sends them all at once, by name."""
+        names = {a.name for a in self.args}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise CommandError(f"unknown arguments: {', '.join(unknown)}")
+        missing = [a.name for a in self.args if a.name not in given]
+        if missing:
+            raise CommandError(f"missing argument: {', '.join(missing)}")
+        return {a.name: a.parse(_strings(given[a.name])) for a in self.args}
+
     def allowed(self, host: Host, jid: JID) -> bool:
         if self.access == "user":
             return jid.domain == host.name and jid.local is not None
         if self.access == "server":
             return all(h.is_admin(jid) for h in host.server.hosts.values())
         return host.is_admin(jid)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v) for v in value]
+    return [] if value is None else [str(value)]
 
 
 COMMANDS: dict[str, Command] = {}
@@ -130,14 +183,14 @@ def register(command: Command) -> Command:
 
 
 def by_node(node: str) -> Command | None:
-    return next((c for c in COMMANDS.values() if c.node == node), None)
+    return next((c for c in COMMANDS.values() if c.adhoc and c.node == node), None)
 
 
 def command(name: str, title: str, args: tuple[Arg, ...] = (), result: tuple[Arg, ...] = (),
-            access: str = "admin", defaults: Defaults | None = None) -> Callable[[Run], Run]:
+            access: str = "admin", defaults: Defaults | None = None, returns: str = "form") -> Callable[[Run], Run]:
     """Declare the decorated coroutine as the command `name`."""
     def declare(run: Run) -> Run:
-        register(Command(name, title, run, args, result, access, defaults=defaults))
+        register(Command(name, title, run, args, result, access, defaults=defaults, returns=returns))
         return run
     return declare
 
