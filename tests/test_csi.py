@@ -88,3 +88,28 @@ async def test_subscription_requests_and_iqs_are_not_held(server: Harness) -> No
     bob.send_presence(pto="alice@localhost", ptype="subscribe")
     await sync(bob, alice)
     assert summary(received) == [("bob@localhost", "subscribe")]
+
+
+async def test_room_presence_is_held_and_room_messages_are_not(server: Harness) -> None:
+    from tests.test_muc import ROOM, create, join
+
+    await users(server, "alice", "bob")
+    bob = await server.client("bob@localhost", resource="desk", plugins=("xep_0045",))
+    alice = await server.client("alice@localhost", resource="phone", plugins=("xep_0045", "xep_0352"))
+    bob.send_presence()
+    alice.send_presence()
+    await create(alice, "Alice")
+    await join(bob, "Bob")
+    await sync(alice, bob)
+    received = everything(alice)
+    alice.plugin["xep_0352"].send_inactive()
+    for i in range(20):
+        bob.send_presence(pto=f"{ROOM}/Bob", pstatus=f"away {i}")
+    await sync(bob, alice)
+    assert received == []  # the room's presence flood, held
+    bob.send_message(mto=ROOM, mbody="meeting now", mtype="groupchat")
+    await sync(bob, alice)
+    assert summary(received) == [(ROOM, "meeting now")]
+    alice.plugin["xep_0352"].send_active()
+    await sync(alice)
+    assert summary(received[1:]) == [(ROOM, "away 19")]

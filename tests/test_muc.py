@@ -301,6 +301,31 @@ async def test_two_sessions_share_one_nick(server: Harness) -> None:
     assert still.get("type") is None and item_of(still)["jid"] == "bob@localhost/r"
 
 
+async def test_one_of_two_sessions_sharing_a_nick_changes_it_alone(server: Harness) -> None:
+    alice, bob = await user(server, "alice"), await user(server, "bob")
+    phone = await user(server, "bob", resource="phone")
+    await create(alice, "Alice")
+    await join(bob, "Bob")
+    await join(phone, "Bob")
+    alice_sees, phone_sees, bob_sees = presences(alice), presences(phone), presences(bob)
+    phone.send_presence(pto=f"{ROOM}/Bobby")
+    gone = await until(phone_sees, lambda p: p.get("from") == f"{ROOM}/Bob")
+    assert gone.get("type") == "unavailable" and {"303", "110"} <= statuses(gone)
+    assert item_of(gone)["nick"] == "Bobby"
+    arrived = await until(phone_sees, lambda p: p.get("from") == f"{ROOM}/Bobby")
+    assert arrived.get("type") is None and "110" in statuses(arrived)
+    newcomer = await until(alice_sees, lambda p: p.get("from") == f"{ROOM}/Bobby")
+    assert newcomer.get("type") is None and item_of(newcomer)["jid"] == "bob@localhost/phone"
+    assert await until(bob_sees, lambda p: p.get("from") == f"{ROOM}/Bobby")
+    occupants = server.server.hosts["localhost"].modules["muc"].rooms[ServerJID.parse(ROOM)].occupants
+    assert {o.nick: sorted(map(str, o.sessions)) for o in occupants.values()} == {
+        "Alice": ["alice@localhost/r"], "Bob": ["bob@localhost/r"], "Bobby": ["bob@localhost/phone"]}
+    inbox = collect(phone)
+    bob.send_message(mto=ROOM, mbody="from the laptop", mtype="groupchat")
+    (msg,) = await take(inbox, 1)
+    assert msg.get("from") == f"{ROOM}/Bob"
+
+
 # --- messages -----------------------------------------------------------------------------------------
 
 async def test_a_message_from_a_non_occupant_is_refused_and_the_room_goes_on(server: Harness) -> None:

@@ -155,6 +155,16 @@ async def test_ban_and_unban(server: Harness) -> None:
     assert (await take(inbox, 1))[0].findtext(BODY) == "back"
 
 
+async def test_a_user_not_in_the_room_is_told_of_a_new_affiliation(server: Harness) -> None:
+    alice, dave = await user(server, "alice"), await user(server, "dave")
+    await create(alice, "Alice")
+    inbox = collect(dave)
+    await admin(alice, {"jid": "dave@localhost", "affiliation": "member"})
+    (told,) = await take(inbox, 1)
+    assert told.get("from") == ROOM and statuses(told) == {"101"}
+    assert item_of(told) == {"affiliation": "member", "jid": "dave@localhost"}
+
+
 async def test_admins_and_owners(server: Harness) -> None:
     alice, bob, carol = await room_of_three(server)
     bob_sees = presences(bob)

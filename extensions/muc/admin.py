@@ -16,18 +16,21 @@ from extensions.muc.occupants import Occupant
 from extensions.muc.protocol import (
     ADMIN,
     ADMIN_QUERY,
+    AFFILIATION_CHANGED,
     AFFILIATIONS,
     BANNED,
     KICKED,
     REMOVED_AFFILIATION,
     ROLES,
+    USER,
     affiliation_rank,
     item,
+    user_x,
 )
 from extensions.muc.room import Batch, Room
 from server import ns
 from server.jid import JID, JIDError
-from server.stanza import Stanza
+from server.stanza import Stanza, element
 from server.storage.muc import Affiliation
 from server.stream.errors import StanzaError
 
@@ -133,6 +136,18 @@ async def change(room: Room, st: Stanza) -> None:
     for jid in changed:
         await room.save_affiliation(jid)
     await room.flush(batches)
+    for jid in changed:
+        if not room.occupants_of(jid):
+            await tell_absent(room, jid)
+
+
+async def tell_absent(room: Room, jid: JID) -> None:
+    """Status 101: a user who is not in the room learns of their new affiliation by message."""
+    x = user_x(AFFILIATION_CHANGED)
+    x.insert(0, item(USER, affiliation=room.affiliation(jid), jid=str(jid)))
+    message = element("message", from_=str(room.jid), to=str(jid))
+    message.append(x)
+    await room.service.server.router.send(message)
 
 
 def plan(room: Room, actor: Actor, it: Element) -> RoleChange | AffiliationChange:

@@ -48,7 +48,7 @@ def deliver_local(server: Server, prepared: Prepared, recipients: Iterable[JID])
     for jid in recipients:
         session = sessions.get(jid)
         if session is not None:
-            session.send_raw(head + escape_attr(str(jid)) + tail)
+            session.send_raw(head + escape_attr(str(jid)) + tail, prepared.el)
         elif jid.domain not in server.hosts:
             remote.append(jid)
         # else a local session that has just ended: its unavailable presence is on the way to the room

@@ -132,17 +132,31 @@ async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -
 
 
 async def change_nick(room: Room, occupant: Occupant, st: Stanza, nick: str) -> None:
-    """XEP-0045 7.6: unavailable from the old nick with 303 and the new nick, then available from the new one."""
-    if len(occupant.sessions) > 1:
-        raise StanzaError("not-acceptable", "several of your sessions share this nick; change it from one alone")
+    """XEP-0045 7.6: unavailable from the old nick with 303 and the new nick, then available from the new one.
+
+    A session that shares its nick with other sessions of the same user moves alone, as if it left and
+    joined again: the others keep the old nick, and the room sees that occupant stay and a new one arrive.
+    """
     holder = room.find(nick)
     reserved = room.nick_owner(nick)
     if holder is not None or (reserved is not None and reserved != occupant.jid):
         raise StanzaError("conflict", "that nickname is in use")
+    session = st.from_
+    self_statuses = [NICK_ASSIGNED] if nick != st.to.resource else []
+    if len(occupant.sessions) > 1:
+        room.remove_session(session)
+        batches = [(room.presence(occupant, real_jid=session, unavailable=True, statuses=[NEW_NICK, SELF],
+                                  nick=nick), [session])]
+        batches += room.broadcast_presence(occupant)
+        moved = room.new_occupant(nick, occupant.jid, occupant.role)
+        room.add_session(moved, session, st.el)
+        batches += room.broadcast_presence(moved, self_statuses=self_statuses)
+        await room.flush(batches)
+        return
     batches = room.broadcast_presence(occupant, unavailable=True, statuses=[NEW_NICK], nick=nick)
     room.rename(occupant, nick)
-    occupant.update(st.from_, st.el)
-    batches += room.broadcast_presence(occupant, self_statuses=[NICK_ASSIGNED] if nick != st.to.resource else [])
+    occupant.update(session, st.el)
+    batches += room.broadcast_presence(occupant, self_statuses=self_statuses)
     await room.flush(batches)
 
 

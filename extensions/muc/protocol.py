@@ -39,6 +39,7 @@ ROOM_ONLY = frozenset({X_MUC, X_USER, OCCUPANT_ID})
 
 # Status codes (XEP-0045 15.6.2), by what they tell the occupant.
 NON_ANONYMOUS = "100"
+AFFILIATION_CHANGED = "101"
 CONFIG_CHANGED = "104"
 SELF = "110"
 LOGGED = "170"
