@@ -1,0 +1,191 @@
+"""Moving from the real ejabberd (Debian's 23.01) to Parley: its XEP-0227 export, and its PostgreSQL database.
+
+One ejabberd per module keeps its data in a PostgreSQL database created for it (ejabberd's own ``pg.new.sql``
+schema, dropped afterwards). Users, rosters, vCards, private storage, offline messages, the archive and a
+room are all made through its own ``ejabberdctl``; Parley imports them and users log in with their original
+passwords through slixmpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from slixmpp import ClientXMPP
+
+from ejabberd_compat.piefxis import import_piefxis
+from tests.conftest import IN_CI, Harness
+from tests.s2s_peers import Ejabberd, PeerUnavailable, _fill
+from tests.test_basic_modules import send_iq
+from tests.test_offline import DELAY, collect, take
+
+pytestmark = pytest.mark.timeout(90)
+
+DATA = Path(__file__).resolve().parent / "data"
+DOMAIN = "example.test"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+SCHEMA = Path("/usr/share/ejabberd/sql/pg.new.sql")
+NOTES = "http://miranda-im.org/storage#notes"
+PASSWORDS = {"alice": "wonderland", "bob": "builder", "carol": "Très secret ünïcode"}
+
+
+class MigrationEjabberd(Ejabberd):
+    """ejabberd with no listener at all (ejabberdctl talks to it over Erlang distribution) and its data in
+    PostgreSQL; node and database are named after this process, so that parallel test runs do not meet."""
+
+    name = "ejabberd-migration"
+    ports = ()
+
+    def __init__(self, database: str) -> None:
+        super().__init__("127.0.0.1", DOMAIN, None)  # type: ignore[arg-type]
+        self.database = database
+        self.node = f"parley-migration-{os.getpid()}@localhost"
+
+    def launch(self) -> None:
+        d = self.dir
+        for sub in ("spool", "logs", "export"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "ejabberd.yml").write_text(_fill((DATA / "ejabberd-migration.yml").read_text(),
+                                              {"DOMAIN": self.domain, "DATABASE": self.database}))
+        (d / "ejabberdctl.cfg").write_text('ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n')
+        shutil.copy("/etc/ejabberd/inetrc", d / "inetrc")
+        subprocess.run(["chown", "-R", "ejabberd:ejabberd", str(d)], check=True)
+        self.proc = subprocess.Popen(self._ctl("foreground"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     cwd=d)
+
+    def ctl(self, *args: str) -> str:
+        done = subprocess.run(self._ctl(*args), capture_output=True, text=True, cwd=self.dir, timeout=30)
+        if done.returncode:
+            raise AssertionError(f"ejabberdctl {' '.join(args)}: {done.stdout}{done.stderr}")
+        return done.stdout
+
+
+@dataclass
+class EjabberdData:
+    export: Path  # the main file of export_piefxis
+    database_url: str  # ejabberd's database, for the SQL importer
+    archive: dict[str, list[tuple[str, int, str]]]  # user -> (stanza id, timestamp in µs, body), as ejabberd keeps it
+
+
+async def _create_database(name: str) -> None:
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        await conn.execute(SCHEMA.read_text())
+    finally:
+        await conn.close()
+
+
+async def _drop_database(name: str) -> None:
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _archive(name: str) -> dict[str, list[tuple[str, int, str]]]:
+    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
+    try:
+        rows = await conn.fetch("SELECT username, timestamp, txt FROM archive ORDER BY timestamp")
+    finally:
+        await conn.close()
+    found: dict[str, list[tuple[str, int, str]]] = {}
+    for row in rows:
+        found.setdefault(row["username"], []).append((str(row["timestamp"]), row["timestamp"], row["txt"]))
+    return found
+
+
+def _populate(peer: MigrationEjabberd) -> None:
+    for user, password in PASSWORDS.items():
+        peer.ctl("register", user, DOMAIN, password)
+    peer.ctl("add_rosteritem", "alice", DOMAIN, "bob", DOMAIN, "Bobby", "Friends;Work", "both")
+    peer.ctl("add_rosteritem", "alice", DOMAIN, "carol", DOMAIN, "Carol", "", "to")
+    # add_rosteritem writes one side only; the other makes the pairs consistent (Parley checks on login).
+    peer.ctl("add_rosteritem", "bob", DOMAIN, "alice", DOMAIN, "Alice", "", "both")
+    peer.ctl("add_rosteritem", "carol", DOMAIN, "alice", DOMAIN, "Alice", "", "from")
+    peer.ctl("set_vcard", "alice", DOMAIN, "FN", "Alice Liddell")
+    peer.ctl("set_vcard2", "alice", DOMAIN, "N", "GIVEN", "Alice")
+    peer.ctl("private_set", "alice", DOMAIN,
+             f"<notes xmlns='{NOTES}'><note>remember</note></notes>")
+    # alice is offline: both messages wait in her offline spool, and mod_mam archives them for both users.
+    peer.ctl("send_message", "chat", f"bob@{DOMAIN}", f"alice@{DOMAIN}", "", "hello alice")
+    peer.ctl("send_message", "chat", f"bob@{DOMAIN}", f"alice@{DOMAIN}", "", "are you there?")
+    service = f"conference.{DOMAIN}"
+    peer.ctl("create_room", "lobby", service, DOMAIN)
+    peer.ctl("change_room_option", "lobby", service, "persistent", "true")
+    peer.ctl("change_room_option", "lobby", service, "title", "The Lobby")
+    peer.ctl("set_room_affiliation", "lobby", service, f"alice@{DOMAIN}", "owner")
+    peer.ctl("set_room_affiliation", "lobby", service, f"bob@{DOMAIN}", "member")
+
+
+@pytest.fixture(scope="module")
+def ejabberd_data() -> Iterator[EjabberdData]:
+    database = f"parley_ejabberd_{os.getpid()}"
+    try:
+        if os.geteuid() != 0 or shutil.which("ejabberdctl") is None or not SCHEMA.exists():
+            raise PeerUnavailable("needs root and Debian's ejabberd (apt-get install -y ejabberd erlang-p1-pgsql)")
+        if not list(Path("/usr/lib/erlang/lib").glob("p1_pgsql-*")):
+            raise PeerUnavailable("ejabberd's PostgreSQL driver is missing (apt-get install -y erlang-p1-pgsql)")
+        asyncio.run(_create_database(database))
+    except (PeerUnavailable, OSError) as exc:
+        if IN_CI:
+            pytest.fail(f"ejabberd cannot run: {exc}")
+        pytest.skip(f"ejabberd cannot run: {exc}")
+    peer = MigrationEjabberd(database)
+    try:
+        peer.start()
+        _populate(peer)
+        peer.ctl("export_piefxis", str(peer.dir / "export"))
+        exports = sorted((peer.dir / "export").glob("*.xml"), key=lambda p: len(p.name))
+        yield EjabberdData(exports[0], f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}",
+                           asyncio.run(_archive(database)))
+    finally:
+        peer.stop()
+        peer.cleanup()
+        asyncio.run(_drop_database(database))
+
+
+async def _log_in_and_check(server: Harness, data: EjabberdData) -> ClientXMPP:
+    """Everyone logs in with their ejabberd password; alice finds her roster, vCard, private data and
+    offline messages, in order and with ejabberd's delay stamps."""
+    for user in ("bob", "carol"):
+        await server.client(f"{user}@{DOMAIN}", PASSWORDS[user])
+    alice = await server.client(f"alice@{DOMAIN}", PASSWORDS["alice"], plugins=("xep_0054",))
+    inbox = collect(alice)
+    alice.send_presence()
+    offline = await take(inbox, 2)
+    assert [m.findtext("{jabber:client}body") for m in offline] == ["hello alice", "are you there?"]
+    assert all(m.find(DELAY) is not None and m.get("from") == f"bob@{DOMAIN}" for m in offline)
+    items = (await alice.get_roster())["roster"]["items"]
+    assert set(items) == {f"bob@{DOMAIN}", f"carol@{DOMAIN}"}
+    bob = items[f"bob@{DOMAIN}"]
+    assert (bob["name"], set(bob["groups"]), bob["subscription"]) == ("Bobby", {"Friends", "Work"}, "both")
+    assert items[f"carol@{DOMAIN}"]["subscription"] == "to"
+    vcard = (await alice["xep_0054"].get_vcard(f"alice@{DOMAIN}"))["vcard_temp"]
+    assert (vcard["FN"], vcard["N"]["GIVEN"]) == ("Alice Liddell", "Alice")
+    private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
+    assert private.findtext(f"{{jabber:iq:private}}query/{{{NOTES}}}notes/{{{NOTES}}}note") == "remember"
+    return alice
+
+
+async def test_export_piefxis_of_ejabberd_imports_with_passwords_and_data(
+        server: Harness, ejabberd_data: EjabberdData) -> None:
+    report = await import_piefxis(server.server.storage, ejabberd_data.export, server.server.config.hosts)
+    assert (report.users, report.roster_items, report.vcards, report.private, report.offline) == (3, 4, 1, 1, 2)
+    assert report.problems == []
+    await _log_in_and_check(server, ejabberd_data)
+    again = await import_piefxis(server.server.storage, ejabberd_data.export, server.server.config.hosts)
+    assert again.users == 0 and len(again.problems) == 3  # existing accounts are left as they are
