@@ -91,27 +91,34 @@ class AccountStore:
         return True
 
     async def get(self, host: str, username: str) -> Account | None:
+        """The account with its credentials, in one statement: every login starts here."""
+        creds = account_credentials
+        query = (
+            select(accounts, creds.c.hash_name, creds.c.salt, creds.c.iterations, creds.c.stored_key,
+                   creds.c.server_key)
+            .select_from(accounts.outerjoin(creds, (creds.c.host == accounts.c.host)
+                                            & (creds.c.username == accounts.c.username)))
+            .where(*user_rows(accounts, host, username))
+        )
         async with self._engine.begin() as conn:
-            row = (await conn.execute(select(accounts).where(*user_rows(accounts, host, username)))).first()
-            if row is None:
-                return None
-            creds = await conn.execute(
-                select(account_credentials).where(*user_rows(account_credentials, host, username))
-            )
-            return Account(
-                host=row.host,
-                username=row.username,
-                credentials={
-                    c.hash_name: StoredCredentials(
-                        c.hash_name, bytes(c.salt), c.iterations, bytes(c.stored_key), bytes(c.server_key)
-                    )
-                    for c in creds
-                },
-                created=row.created,
-                disabled=row.disabled,
-                last_logout=row.last_logout,
-                last_status=row.last_status,
-            )
+            rows = (await conn.execute(query)).all()
+        if not rows:
+            return None
+        row = rows[0]
+        return Account(
+            host=row.host,
+            username=row.username,
+            credentials={
+                c.hash_name: StoredCredentials(
+                    c.hash_name, bytes(c.salt), c.iterations, bytes(c.stored_key), bytes(c.server_key)
+                )
+                for c in rows if c.hash_name is not None
+            },
+            created=row.created,
+            disabled=row.disabled,
+            last_logout=row.last_logout,
+            last_status=row.last_status,
+        )
 
     async def exists(self, host: str, username: str) -> bool:
         async with self._engine.begin() as conn:
@@ -153,11 +160,13 @@ class AccountStore:
             )
         return True
 
-    async def list(self, host: str) -> list[str]:
+    async def list(self, host: str, *, disabled_only: bool = False) -> list[str]:
         """Usernames of the host, sorted by code point (not by the database's collation)."""
+        query = select(accounts.c.username).where(accounts.c.host == host)
+        if disabled_only:
+            query = query.where(accounts.c.disabled.is_(True))
         async with self._engine.begin() as conn:
-            names = await conn.scalars(select(accounts.c.username).where(accounts.c.host == host))
-            return sorted(names)
+            return sorted(await conn.scalars(query))
 
     async def count(self, host: str) -> int:
         async with self._engine.begin() as conn:

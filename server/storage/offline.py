@@ -42,8 +42,12 @@ class OfflineStore:
     async def pop_all(self, host: str, user: str) -> list[tuple[datetime, str]]:
         """Remove and return the stored messages, oldest first.
 
-        A single DELETE ... RETURNING, so concurrent pops never deliver a message twice.
+        Most logins find nothing, so a read (which never waits for the write lock) looks first; then a
+        single DELETE ... RETURNING, so concurrent pops never deliver a message twice.
         """
+        async with self._engine.begin() as conn:
+            if await conn.scalar(select(offline.c.id).where(*user_rows(offline, host, user)).limit(1)) is None:
+                return []
         async with self._writer.begin() as conn:
             rows = await conn.execute(
                 delete(offline)
