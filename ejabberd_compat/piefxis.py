@@ -70,12 +70,13 @@ class ImportReport:
     private: int = 0
     offline: int = 0
     archived: int = 0
+    rooms: int = 0
     problems: list[str] = field(default_factory=list)  # what was skipped, and why
 
     def summary(self) -> str:
         counts = (f"imported {self.users} user(s), {self.roster_items} roster item(s), {self.vcards} vCard(s), "
                   f"{self.private} private document(s), {self.offline} offline message(s), "
-                  f"{self.archived} archived message(s)")
+                  f"{self.archived} archived message(s)" + (f", {self.rooms} room(s)" if self.rooms else ""))
         return "\n".join([counts, *(f"skipped: {p}" for p in self.problems)])
 
 

@@ -14,16 +14,20 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from xml.etree.ElementTree import Element
 
 import asyncpg
 import pytest
 from slixmpp import ClientXMPP
 
 from ejabberd_compat.piefxis import import_piefxis
+from ejabberd_compat.sql_import import import_ejabberd_sql
 from tests.conftest import IN_CI, Harness
 from tests.s2s_peers import Ejabberd, PeerUnavailable, _fill
 from tests.test_basic_modules import send_iq
+from tests.test_mam import MAM, RSM, Archive
 from tests.test_offline import DELAY, collect, take
 
 pytestmark = pytest.mark.timeout(90)
@@ -32,6 +36,9 @@ DATA = Path(__file__).resolve().parent / "data"
 DOMAIN = "example.test"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 SCHEMA = Path("/usr/share/ejabberd/sql/pg.new.sql")
+DISCO_INFO = "http://jabber.org/protocol/disco#info"
+MUC_ADMIN = "http://jabber.org/protocol/muc#admin"
+FORWARD = "urn:xmpp:forward:0"
 NOTES = "http://miranda-im.org/storage#notes"
 PASSWORDS = {"alice": "wonderland", "bob": "builder", "carol": "Très secret ünïcode"}
 
@@ -71,7 +78,7 @@ class MigrationEjabberd(Ejabberd):
 class EjabberdData:
     export: Path  # the main file of export_piefxis
     database_url: str  # ejabberd's database, for the SQL importer
-    archive: dict[str, list[tuple[str, int, str]]]  # user -> (stanza id, timestamp in µs, body), as ejabberd keeps it
+    archive: dict[str, list[str]]  # archive owner (user, or room JID) -> stanza ids, oldest first
 
 
 async def _create_database(name: str) -> None:
@@ -96,15 +103,15 @@ async def _drop_database(name: str) -> None:
         await admin.close()
 
 
-async def _archive(name: str) -> dict[str, list[tuple[str, int, str]]]:
+async def _archive(name: str) -> dict[str, list[str]]:
     conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{name}")
     try:
-        rows = await conn.fetch("SELECT username, timestamp, txt FROM archive ORDER BY timestamp")
+        rows = await conn.fetch("SELECT username, timestamp FROM archive ORDER BY timestamp")
     finally:
         await conn.close()
-    found: dict[str, list[tuple[str, int, str]]] = {}
+    found: dict[str, list[str]] = {}
     for row in rows:
-        found.setdefault(row["username"], []).append((str(row["timestamp"]), row["timestamp"], row["txt"]))
+        found.setdefault(row["username"], []).append(str(row["timestamp"]))
     return found
 
 
@@ -129,6 +136,11 @@ def _populate(peer: MigrationEjabberd) -> None:
     peer.ctl("change_room_option", "lobby", service, "title", "The Lobby")
     peer.ctl("set_room_affiliation", "lobby", service, f"alice@{DOMAIN}", "owner")
     peer.ctl("set_room_affiliation", "lobby", service, f"bob@{DOMAIN}", "member")
+    # A MucSub subscriber may post without joining: the room's archive gets a message from ejabberdctl.
+    for option in ("mam", "allow_subscription"):
+        peer.ctl("change_room_option", "lobby", service, option, "true")
+    peer.ctl("subscribe_room", f"bob@{DOMAIN}/phone", "Bobby", f"lobby@{service}", "urn:xmpp:mucsub:nodes:messages")
+    peer.ctl("send_message", "groupchat", f"bob@{DOMAIN}/phone", f"lobby@{service}", "", "hello room")
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +196,52 @@ async def _log_in_and_check(server: Harness, data: EjabberdData) -> ClientXMPP:
 async def test_export_piefxis_of_ejabberd_imports_with_passwords_and_data(
         server: Harness, ejabberd_data: EjabberdData) -> None:
     report = await import_piefxis(server.server.storage, ejabberd_data.export, server.server.config.hosts)
-    assert (report.users, report.roster_items, report.vcards, report.private, report.offline) == (3, 4, 1, 1, 2)
+    # bob has one offline message too: the room message, which his MucSub subscription sent him
+    assert (report.users, report.roster_items, report.vcards, report.private, report.offline) == (3, 4, 1, 1, 3)
     assert report.problems == []
     await _log_in_and_check(server, ejabberd_data)
     again = await import_piefxis(server.server.storage, ejabberd_data.export, server.server.config.hosts)
     assert again.users == 0 and len(again.problems) == 3  # existing accounts are left as they are
+
+
+async def _room_archive(client: ClientXMPP, room: str) -> list[Element]:
+    """The <result/> elements of one query of a room's archive (read by a member without joining)."""
+    results = collect(client)
+    fin = await send_iq(client, "set", f"<query xmlns='{MAM}' queryid='r'/>", room)
+    count = int(fin.findtext(f"{{{MAM}}}fin/{{{RSM}}}set/{{{RSM}}}count") or 0)
+    found = []
+    while len(found) < count:
+        result = (await asyncio.wait_for(results.get(), 5)).find(f"{{{MAM}}}result")
+        if result is not None and result.get("queryid") == "r":
+            found.append(result)
+    return found
+
+
+@pytest.mark.parametrize("server", ["postgresql"], indirect=True)
+async def test_ejabberd_database_imports_with_archive_and_rooms(server: Harness, ejabberd_data: EjabberdData) -> None:
+    storage, hosts = server.server.storage, server.server.config.hosts
+    report = await import_ejabberd_sql(storage, ejabberd_data.database_url, hosts)
+    archived = sum(len(ids) for ids in ejabberd_data.archive.values())
+    assert (report.users, report.roster_items, report.vcards, report.private, report.offline, report.archived,
+            report.rooms) == (3, 4, 1, 1, 3, archived, 1)
+    assert report.problems == []
+    await server.restart()  # the MUC service reads its rooms on start
+    alice = await _log_in_and_check(server, ejabberd_data)
+    for user, client in (("alice", alice), ("bob", await server.client(f"bob@{DOMAIN}", PASSWORDS["bob"]))):
+        history = await Archive(client).all()
+        assert [r.id for r in history] == ejabberd_data.archive[user]  # ejabberd's ids, so clients resume syncing
+        # ejabberd's timestamps, as far as XEP-0082 stamps go (milliseconds)
+        assert all(abs(r.stamp - datetime.fromtimestamp(int(r.id) / 1e6, UTC)) < timedelta(milliseconds=1)
+                   for r in history)
+    assert [r.body for r in await Archive(alice).all({"with": f"bob@{DOMAIN}"})] == ["hello alice", "are you there?"]
+    room = f"lobby@conference.{DOMAIN}"
+    info = await send_iq(alice, "get", f"<query xmlns='{DISCO_INFO}'/>", room)
+    assert info.find(f"{{{DISCO_INFO}}}query/{{{DISCO_INFO}}}identity").get("name") == "The Lobby"
+    members = await send_iq(alice, "get", f"<query xmlns='{MUC_ADMIN}'><item affiliation='member'/></query>", room)
+    assert [i.get("jid") for i in members.iter(f"{{{MUC_ADMIN}}}item")] == [f"bob@{DOMAIN}"]
+    results = await _room_archive(alice, room)
+    assert [r.get("id") for r in results] == ejabberd_data.archive[room]
+    message = results[0].find(f"{{{FORWARD}}}forwarded/{{jabber:client}}message")
+    assert (message.get("from"), message.findtext("{jabber:client}body")) == (f"{room}/Bobby", "hello room")
+    again = await import_ejabberd_sql(storage, ejabberd_data.database_url, hosts)
+    assert (again.users, again.rooms, again.archived) == (0, 0, 0) and len(again.problems) == 4
