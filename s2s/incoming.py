@@ -64,15 +64,24 @@ class S2SIncoming(S2SStream):
         self.pairs: set[tuple[str, str]] = set()  # (remote, local) domain pairs allowed to send
         self.methods: dict[tuple[str, str], str] = {}  # pair -> "external" or "dialback"
         self.checking = 0  # dialback keys being checked with their authoritative servers
+        self.counted = False  # admitted, and counted against the caps on incoming connections
 
     def describe(self) -> str:
         return f"{self.remote or '?'} -> {self.local or '?'} from {self.remote_ip}"
 
     def connection_made(self, transport: object) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        refusal = self.manager.limits.admit(self.remote_ip, len(self.manager.incoming))
+        if refusal is not None:
+            log.warning("refusing a server connection from %s: %s", self.remote_ip, refusal)
+            self.stream_error(StreamError(refusal, "too many connections"))
+            return
+        self.counted = True
         self.manager.incoming.add(self)
 
     def lost(self) -> None:
+        if self.counted:
+            self.manager.limits.per_ip.release(self.remote_ip)
         self.manager.incoming.discard(self)
         self.manager.forget_bidi(self)
 
@@ -197,6 +206,8 @@ class S2SIncoming(S2SStream):
         self.send(failure)
 
     def _authorize(self, remote: str, local: str, method: str) -> None:
+        if not self.pairs:
+            self.bucket = self.manager.limits.bucket(remote)
         self.pairs.add((remote, local))
         self.methods[remote, local] = method
         log.info("%s authenticated for %s -> %s (%s%s) from %s", remote, remote, local, method,

@@ -8,7 +8,9 @@ authenticated stream), so nothing is dropped silently.
 
 Links are keyed by domain pair. A second local domain (another virtual host, or a service such as
 conference.<host>) shares a link to the same remote domain when that link is up and speaks dialback
-(XEP-0220 sender multiplexing); otherwise it gets its own.
+(XEP-0220 sender multiplexing); a second remote domain shares a link when the link's certificate names
+it and it resolves to the same address (target multiplexing, see s2s.outgoing); otherwise each gets
+its own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from xml.etree.ElementTree import Element
 
 from s2s.certs import S2STls
 from s2s.incoming import S2SIncoming
+from s2s.limits import FederationLimits
 from s2s.outgoing import S2SOutgoing
 from s2s.policy import Policy
 from server.jid import JID
@@ -41,6 +44,7 @@ class S2SManager:
         self.server = server
         self.config = server.config.s2s
         self.policy = Policy(self.config)
+        self.limits = FederationLimits(self.config)
         self.tls = S2STls(server.config)
         self.links: dict[tuple[str, str], S2SOutgoing] = {}
         self.bidi: dict[tuple[str, str], S2SIncoming] = {}  # (local, remote) -> incoming stream we may send on
@@ -111,9 +115,14 @@ class S2SManager:
         stream = self.bidi.get((local, remote))
         if stream is not None and not stream.closing:
             stream.send_stanza(st.el)
-        elif not self.link(local, remote).submit(local, st.el):
+        elif not self.link(local, remote).submit(local, remote, st.el):
             await self.server.router.bounce(st, StanzaError("resource-constraint", "too many stanzas queued"))
         return True
+
+    def resubmit(self, local: str, remote: str, el: Element) -> None:
+        """Queue again a stanza that a link gave back without sending it."""
+        if not self.link(local, remote).submit(local, remote, el):
+            self.spawn(self.bounce(el, "resource-constraint"))
 
     def link(self, local: str, remote: str) -> S2SOutgoing:
         """The outgoing link for a domain pair, multiplexed on an existing one or newly started."""
@@ -122,7 +131,7 @@ class S2SManager:
             return link
         for (_, other_remote), other in self.links.items():
             if other_remote == remote and other.can_multiplex():
-                other.add_local(local)
+                other.add_pair(local, remote)
                 self.links[local, remote] = other
                 return other
         link = S2SOutgoing(self, local, remote)
@@ -130,11 +139,20 @@ class S2SManager:
         link.task = self.spawn(link.run())
         return link
 
+    def has_room(self, remote: str) -> bool:
+        """Whether another stanza may wait for `remote`, over all the links being set up to it."""
+        links = {link for (_, other), link in self.links.items() if other == remote}
+        return sum(link.queued(remote) for link in links) < self.limits.of(remote).max_queue
+
+    def replace_link(self, old: S2SOutgoing, new: S2SOutgoing) -> None:
+        for key in [key for key, value in self.links.items() if value is old]:
+            self.links[key] = new
+
     def forget_bidi(self, stream: S2SIncoming) -> None:
         for key in [key for key, value in self.bidi.items() if value is stream]:
             del self.bidi[key]
 
-    def link_lost(self, link: S2SOutgoing, queued: dict[str, list[Element]], condition: str) -> None:
+    def link_lost(self, link: S2SOutgoing, queued: dict[tuple[str, str], list[Element]], condition: str) -> None:
         """Forget a link and bounce the stanzas it never sent."""
         for key in [key for key, value in self.links.items() if value is link]:
             del self.links[key]
@@ -153,7 +171,7 @@ class S2SManager:
         """Ask `remote`'s authoritative server about a dialback key: 'valid', 'invalid' or an error condition."""
         if not self.policy.allowed(remote):
             return "not-allowed"
-        return await self.link(local, remote).verify(local, stream_id, key,
+        return await self.link(local, remote).verify(local, remote, stream_id, key,
                                                      self.server.config.limits.unauthenticated_timeout)
 
     # --- housekeeping -----------------------------------------------------------------------------

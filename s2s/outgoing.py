@@ -4,8 +4,15 @@ A link connects to the first reachable candidate from the resolver, negotiates S
 Direct TLS), checks the peer's certificate as the policy demands, asks for XEP-0288 bidirectionality when
 offered (the peer then answers on this stream rather than connecting back), then authenticates each local
 domain it carries: SASL EXTERNAL with our certificate when the peer offers it, else Server Dialback.
-Stanzas wait in a queue per local domain until that domain is authenticated. The link also carries our
-<db:verify/> requests when we check a dialback key this domain's server gave us on an incoming stream.
+Stanzas wait in a queue per (local, remote) domain pair until that pair is authenticated. The link also
+carries our <db:verify/> requests when we check a dialback key this domain's server gave us on an
+incoming stream.
+
+Dialback lets one link carry several pairs (XEP-0220 2.6): more local domains (sender multiplexing),
+and more remote domains (target multiplexing) where the peer's certificate names them too and they
+resolve to the address the link is connected to, so that the peer cannot draw in traffic for a domain
+it does not serve. While a dialback request for a local domain is pending, that domain's stanzas wait:
+Prosody forgets a domain's authentication on its stream until it has checked a new request for it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from xml.etree.ElementTree import Element
 
 from s2s import dialback
 from s2s.certs import a_label, acceptable
-from s2s.resolver import resolve
+from s2s.policy import UNCHECKED
+from s2s.resolver import Target, resolve
 from s2s.stream import BIDI, BIDI_FEATURE, S2SStream
 from server import ns
 from server.stanza import KINDS
@@ -33,7 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("parley.s2s.out")
 
-QUEUE_LIMIT = 10000  # stanzas waiting for one domain pair while its link comes up
+Pair = tuple[str, str]  # (local domain, remote domain)
+
 FEATURES = ns.qname(ns.STREAM, "features")
 STREAM_ERROR = ns.qname(ns.STREAM, "error")
 
@@ -43,14 +52,17 @@ class S2SOutgoing(S2SStream):
         super().__init__(manager)
         self.local = local  # the stream's 'from': the domain whose certificate we present
         self.remote = remote
+        self.bucket = manager.limits.bucket(remote)  # we chose whom to connect to: its budget from the start
         self.mode = manager.policy.certificate_mode(remote)
         self.task: asyncio.Task[None] | None = None
         self.stream_id: str | None = None  # the peer's, which dialback keys are bound to
-        self.queues: dict[str, list[Element]] = {local: []}  # stanzas per local domain, until authenticated
-        self.methods: dict[str, str] = {}  # authenticated local domain -> "external" or "dialback"
-        self.requested: set[str] = set()  # local domains whose <db:result/> awaits an answer
-        self.verifies: dict[tuple[str, str], asyncio.Future[str]] = {}  # (local, stream id) -> result
-        self.unsent: list[tuple[str, str, str]] = []  # verification requests waiting for settled()
+        self.address: tuple[str, int] | None = None  # the peer's IP address and port
+        self.queues: dict[Pair, list[Element]] = {(local, remote): []}  # stanzas waiting, per pair
+        self.methods: dict[Pair, str] = {}  # authenticated pair -> "external" or "dialback"
+        self.requested: set[Pair] = set()  # pairs whose <db:result/> awaits an answer
+        self.refused: set[str] = set()  # remote domains the peer would not take over this link
+        self.verifies: dict[tuple[str, str, str], asyncio.Future[str]] = {}  # (local, remote, stream id)
+        self.unsent: list[tuple[str, str, str, str]] = []  # verification requests waiting for settled()
         self.dialback = False  # the peer offered dialback
         self.settled = False  # TLS and SASL are over: dialback elements may flow
         self.sasl: str | None = None  # SASL EXTERNAL: None, "attempting", "succeeded" or "failed"
@@ -61,38 +73,59 @@ class S2SOutgoing(S2SStream):
 
     # --- what the manager asks of a link ----------------------------------------------------------
 
-    def submit(self, local: str, el: Element) -> bool:
-        """Send now if `local` is authenticated here, else queue; False when the queue is full."""
-        if local in self.methods and not self.closing:
+    def submit(self, local: str, remote: str, el: Element) -> bool:
+        """Send now if the pair is authenticated here, else queue; False when the remote domain's queue is full."""
+        pair = (local, remote)
+        if pair in self.methods and pair not in self.queues and not self._holding(local) and not self.closing:
             self.send_stanza(el)
             return True
-        queue = self.queues.setdefault(local, [])
-        if len(queue) >= QUEUE_LIMIT:
+        if not self.manager.has_room(remote):
             return False
-        queue.append(el)
+        self.queues.setdefault(pair, []).append(el)
         return True
+
+    def queued(self, remote: str) -> int:
+        return sum(len(queue) for (_, other), queue in self.queues.items() if other == remote)
 
     def can_multiplex(self) -> bool:
         return self.settled and self.dialback and not self.closing
 
-    def add_local(self, local: str) -> None:
-        """Carry another local domain (sender multiplexing): authenticate it with dialback."""
-        self.queues.setdefault(local, [])
-        self._request(local)
+    def may_carry(self, remote: str) -> bool:
+        """Whether the certificate checked when this link came up names `remote` as well (a link whose
+        certificate went unchecked vouches for nothing more)."""
+        mode = self.manager.policy.certificate_mode(remote)
+        return self.can_multiplex() and remote not in self.refused and mode != UNCHECKED \
+            and acceptable(self.peer_certificate(), remote, mode)
 
-    async def verify(self, local: str, stream_id: str, key: str, timeout: float) -> str:
+    def add_pair(self, local: str, remote: str) -> None:
+        """Carry another domain pair over this link: authenticate it with dialback."""
+        self.queues.setdefault((local, remote), [])
+        self._request((local, remote))
+
+    def take_over(self, other: S2SOutgoing) -> None:
+        """Carry everything a link that never connected was holding (it found this one going the same way)."""
+        for (local, remote), queue in other.queues.items():
+            self.add_pair(local, remote)
+            self.queues[local, remote].extend(queue)
+        self.verifies.update(other.verifies)
+        self.unsent.extend(other.unsent)
+        if self.settled:
+            self._send_verifies()
+        other.queues, other.verifies, other.unsent = {}, {}, []
+
+    async def verify(self, local: str, remote: str, stream_id: str, key: str, timeout: float) -> str:
         """Ask the peer, as authoritative server, about a key: 'valid', 'invalid' or an error condition."""
-        future = self.verifies.get((local, stream_id))
+        future = self.verifies.get((local, remote, stream_id))
         if future is None:
-            future = self.verifies[local, stream_id] = asyncio.get_running_loop().create_future()
-            self.unsent.append((local, stream_id, key))
+            future = self.verifies[local, remote, stream_id] = asyncio.get_running_loop().create_future()
+            self.unsent.append((local, remote, stream_id, key))
             if self.settled:
                 self._send_verifies()
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            if self.verifies.get((local, stream_id)) is future:
-                del self.verifies[local, stream_id]
+            if self.verifies.get((local, remote, stream_id)) is future:
+                del self.verifies[local, remote, stream_id]
             return "remote-server-timeout"
 
     def idle(self) -> bool:
@@ -104,7 +137,10 @@ class S2SOutgoing(S2SStream):
         config = self.server.config
         loop = asyncio.get_running_loop()
         resolved = False
-        for target in await resolve(self.remote, config.s2s.static):
+        targets = await resolve(self.remote, config.s2s.static)
+        if await self._reuse(targets):
+            return
+        for target in targets:
             context = self.manager.tls.client(self.manager.host_of(self.local), self.mode, direct=True) \
                 if target.direct_tls else None
             try:
@@ -123,10 +159,27 @@ class S2SOutgoing(S2SStream):
         else:
             self.fail("remote-server-timeout" if resolved else "remote-server-not-found")
             return
+        self.address = self.transport.get_extra_info("peername")[:2] if self.transport is not None else None
         if self.secure and not self._certificate_ok():
             return
         self.send_header(self.local, self.remote)
         loop.call_later(config.limits.unauthenticated_timeout, self._deadline)
+
+    async def _reuse(self, targets: list[Target]) -> bool:
+        """Hand what this link holds to an established one that may carry it, instead of connecting."""
+        candidates = [link for link in set(self.manager.links.values())
+                      if link is not self and link.may_carry(self.remote)]
+        if not candidates:
+            return False
+        addresses = await addresses_of(targets)
+        other = next((link for link in candidates if link.address in addresses and link.may_carry(self.remote)), None)
+        if other is None or self.closing:
+            return False
+        log.info("link %r: multiplexed on %r", self, other)
+        other.take_over(self)
+        self.manager.replace_link(self, other)
+        self.closing = self._lost = True
+        return True
 
     def _deadline(self) -> None:
         if not self.methods and not self.closing:
@@ -199,7 +252,7 @@ class S2SOutgoing(S2SStream):
             self.fail("remote-server-not-found" if condition == "host-unknown" else "remote-server-timeout")
         elif tag in KINDS and self.bidi:
             # The peer may send back what we may send to it: from its domain to the ones we authenticated.
-            await self.deliver(el, {(self.remote, local) for local in self.methods})
+            await self.deliver(el, {(remote, local) for local, remote in self.methods})
         elif tag in KINDS:
             raise StreamError("unsupported-stanza-type", "stanzas do not flow this way on this stream")
         else:
@@ -218,8 +271,8 @@ class S2SOutgoing(S2SStream):
         if not self.bidi and not self.methods and self.manager.config.bidi and features.find(BIDI_FEATURE) is not None:
             self.bidi = True  # XEP-0288: before authenticating, so the peer may answer on this stream
             self.write(serialize(Element(BIDI)))
-        if self.sasl == "succeeded" and self.local not in self.methods:
-            self._authenticated(self.local, "external")
+        if self.sasl == "succeeded" and (self.local, self.remote) not in self.methods:
+            self._authenticated((self.local, self.remote), "external")
         elif self.sasl is None:
             mechanisms = features.find(ns.qname(ns.SASL, "mechanisms"))
             offered = [m.text for m in mechanisms] if mechanisms is not None else []
@@ -234,13 +287,13 @@ class S2SOutgoing(S2SStream):
     def _choose_dialback(self) -> None:
         """Past TLS and SASL: dialback for whatever local domain is not authenticated yet."""
         self.settled = True
-        missing = [local for local in self.queues if local not in self.methods]
+        missing = [pair for pair in self.queues if pair not in self.methods]
         if missing and not self.dialback:
             log.warning("link %r: no way to authenticate (no EXTERNAL, no dialback)", self)
             self.fail("remote-server-timeout")
             return
-        for local in missing:
-            self._request(local)
+        for pair in missing:
+            self._request(pair)
         self._send_verifies()
 
     async def _tls(self) -> None:
@@ -250,52 +303,85 @@ class S2SOutgoing(S2SStream):
         if self._certificate_ok():
             self.send_header(self.local, self.remote)
 
-    def _request(self, local: str) -> None:
-        if local in self.requested or local in self.methods or self.stream_id is None or not self.settled:
+    def _request(self, pair: Pair) -> None:
+        if pair in self.requested or pair in self.methods or self.stream_id is None or not self.settled:
             return
-        self.requested.add(local)
-        key = dialback.make_key(self.server.secret, self.remote, local, self.stream_id)
-        self.write(dialback.element("result", local, self.remote, key=key))
+        self.requested.add(pair)
+        local, remote = pair
+        key = dialback.make_key(self.server.secret, remote, local, self.stream_id)
+        self.write(dialback.element("result", local, remote, key=key))
 
     def _send_verifies(self) -> None:
         unsent, self.unsent = self.unsent, []
-        for local, stream_id, key in unsent:
-            self.write(dialback.element("verify", local, self.remote, id=stream_id, key=key))
+        for local, remote, stream_id, key in unsent:
+            self.write(dialback.element("verify", local, remote, id=stream_id, key=key))
 
-    def _authenticated(self, local: str, method: str) -> None:
-        self.methods[local] = method
-        self.requested.discard(local)
-        log.info("link %r: %s authenticated (%s)", self, local, method)
-        for el in self.queues.pop(local, []):
-            self.send_stanza(el)
+    def _holding(self, local: str) -> bool:
+        return any(pending == local for pending, _ in self.requested)
+
+    def _authenticated(self, pair: Pair, method: str) -> None:
+        self.methods[pair] = method
+        self.requested.discard(pair)
+        log.info("link %r: %s -> %s authenticated (%s)", self, *pair, method)
+        self._release(pair[0])
+
+    def _release(self, local: str) -> None:
+        """Send what waited for `local`'s pairs, once none of them awaits a dialback answer."""
+        if self._holding(local):
+            return
+        for pair in [pair for pair in self.queues if pair[0] == local and pair in self.methods]:
+            for el in self.queues.pop(pair):
+                self.send_stanza(el)
 
     def _dialback_result(self, el: Element) -> None:
         local = el.get("to") or ""
         if el.get("type") is None:  # a request: the peer would authenticate more domains over bidi
             self.write(dialback.element("result", local, el.get("from") or "", error="feature-not-implemented"))
             return
-        if el.get("from") != self.remote or local not in self.requested:
-            log.warning("link %r: unsolicited dialback result for %s", self, local)
+        pair = (local, el.get("from") or "")
+        if pair not in self.requested:
+            log.warning("link %r: unsolicited dialback result for %s -> %s", self, *pair)
             return
         kind = el.get("type")
         if kind == "valid":
-            self._authenticated(local, "dialback")
+            self._authenticated(pair, "dialback")
             return
-        self.requested.discard(local)
+        self.requested.discard(pair)
         condition = "internal-server-error" if kind == "invalid" else "remote-server-timeout"
-        log.warning("link %r: dialback for %s failed: %s", self, local,
+        log.warning("link %r: dialback for %s -> %s failed: %s", self, *pair,
                     kind if kind == "invalid" else dialback.error_condition(el))
-        for queued in self.queues.pop(local, []):
-            self.manager.spawn(self.manager.bounce(queued, condition))
-        if self.manager.links.get((local, self.remote)) is self:
-            del self.manager.links[local, self.remote]
-        if not self.methods:
+        if self.manager.links.get(pair) is self:
+            del self.manager.links[pair]
+        queued = self.queues.pop(pair, [])
+        if pair[1] != self.remote and kind != "invalid":
+            # The peer does not take this domain here after all: it gets a link of its own.
+            self.refused.add(pair[1])
+            for stanza in queued:
+                self.manager.resubmit(local, pair[1], stanza)
+        else:
+            for stanza in queued:
+                self.manager.spawn(self.manager.bounce(stanza, condition))
+        self._release(local)
+        if not self.methods and not self.requested:
             self.fail(condition)
 
     def _dialback_verify(self, el: Element) -> None:
-        key = (el.get("to") or "", el.get("id") or "")
-        if el.get("from") != self.remote or key not in self.verifies:
+        key = (el.get("to") or "", el.get("from") or "", el.get("id") or "")
+        if key not in self.verifies:
             log.warning("link %r: unsolicited dialback verification", self)
             return
         kind = el.get("type")
         self.verifies.pop(key).set_result(kind if kind in ("valid", "invalid") else "remote-server-timeout")
+
+
+async def addresses_of(targets: list[Target]) -> set[tuple[str, int]]:
+    """The IP addresses and ports the targets resolve to."""
+    loop = asyncio.get_running_loop()
+    found: set[tuple[str, int]] = set()
+    for target in targets:
+        try:
+            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            continue
+        found.update((info[4][0], info[4][1]) for info in infos)
+    return found

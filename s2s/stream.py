@@ -19,7 +19,6 @@ from xml.etree.ElementTree import Element
 from s2s import dialback
 from server import ns
 from server.jid import JID, JIDError
-from server.limits import TokenBucket
 from server.stanza import KINDS, Stanza
 from server.stream.edge import StreamEdge
 from server.stream.parser import StreamParser
@@ -42,9 +41,8 @@ class S2SStream(StreamEdge):
         self.manager = manager
         self.server = manager.server
         limits = self.server.config.limits
-        s2s = self.server.config.s2s
         super().__init__(StreamParser(ns.SERVER, limits.max_stanza_size, limits.max_depth),
-                         TokenBucket(s2s.rate, s2s.burst))
+                         manager.limits.unauthenticated_bucket())
         self.remote_ip = ""
         self.secure = False
         self.created = time.monotonic()

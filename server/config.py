@@ -96,6 +96,16 @@ class StaticRoute:
 
 
 @dataclass
+class DomainLimits:
+    """What one remote domain may cost us: its read rate (bytes/s, with a burst) over all its connections,
+    and how many stanzas may wait for it while its link comes up."""
+
+    rate: int = 262144
+    burst: int = 1048576
+    max_queue: int = 10000
+
+
+@dataclass
 class S2SConfig:
     """Federation policy (the [s2s] table); domains are stored in their prepared form."""
 
@@ -109,8 +119,10 @@ class S2SConfig:
     bidi: bool = True  # XEP-0288: one connection carries stanzas both ways when the peer agrees
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
-    rate: int = 262144  # bytes/s read per server-to-server connection
-    burst: int = 1048576
+    limits: DomainLimits = field(default_factory=DomainLimits)  # for every remote domain...
+    domains: dict[str, DomainLimits] = field(default_factory=dict)  # ...unless one of these covers it
+    max_incoming: int = 1000  # incoming server-to-server connections at once
+    max_incoming_per_ip: int = 32
 
 
 @dataclass
@@ -316,6 +328,7 @@ def _limits(table: _Table) -> LimitsConfig:
 
 def _s2s(table: _Table, base: Path) -> S2SConfig:
     d = S2SConfig()
+    limits = _domain_limits(table, d.limits)
     ca_bundle = table.get("ca_bundle")
     if ca_bundle is not None and (not isinstance(ca_bundle, str) or not ca_bundle):
         raise ConfigError(table.key("ca_bundle"), "must be a non-empty string (a file path)")
@@ -330,11 +343,29 @@ def _s2s(table: _Table, base: Path) -> S2SConfig:
         bidi=table.boolean("bidi", d.bidi),
         connect_timeout=table.seconds("connect_timeout", d.connect_timeout, 0),
         idle_timeout=table.seconds("idle_timeout", d.idle_timeout, 0),
-        rate=table.integer("rate", d.rate, minimum=1),
-        burst=table.integer("burst", d.burst, minimum=1),
+        limits=limits,
+        domains=_per_domain_limits(table.table("domains"), limits),
+        max_incoming=table.integer("max_incoming", d.max_incoming, minimum=1),
+        max_incoming_per_ip=table.integer("max_incoming_per_ip", d.max_incoming_per_ip, minimum=1),
     )
     table.finish()
     return config
+
+
+def _domain_limits(table: _Table, default: DomainLimits) -> DomainLimits:
+    """The limits keys of the [s2s] table or of one [s2s.domains."X"] table, which falls back on [s2s]."""
+    return DomainLimits(rate=table.integer("rate", default.rate, minimum=1),
+                        burst=table.integer("burst", default.burst, minimum=1),
+                        max_queue=table.integer("max_queue", default.max_queue, minimum=1))
+
+
+def _per_domain_limits(table: _Table, default: DomainLimits) -> dict[str, DomainLimits]:
+    limits: dict[str, DomainLimits] = {}
+    for given in list(table.data):
+        entry = _Table(table.get(given), f"{table.path}.{_toml_key(given)}")
+        limits[_domain(entry.path, given)] = _domain_limits(entry, default)
+        entry.finish()
+    return limits
 
 
 def _domain(key: str, text: str) -> str:

@@ -4,19 +4,22 @@ waiting for what a client receives."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import Element
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from slixmpp import ClientXMPP
 
+from s2s.dialback import make_key
 from server import ns
 from server.config import parse_config
 from server.registry import available
@@ -182,8 +185,9 @@ class RawPeer:
         self.stream_id = ""
 
     @classmethod
-    async def connect(cls, address: str, port: int) -> RawPeer:
-        reader, writer = await asyncio.open_connection(address, port)
+    async def connect(cls, address: str, port: int, source: str | None = None) -> RawPeer:
+        """Connect, from the loopback address `source` when given."""
+        reader, writer = await asyncio.open_connection(address, port, local_addr=(source, 0) if source else None)
         return cls(reader, writer)
 
     async def send(self, data: str) -> None:
@@ -233,3 +237,72 @@ class RawPeer:
 
     def close(self) -> None:
         self.writer.close()
+
+
+# --- two Parley servers federating over loopback ---------------------------------------------------------
+
+A_ADDR, B_ADDR = "127.0.0.5", "127.0.0.6"
+
+
+async def pair(tmp_path: Path, a_s2s: dict[str, Any] | None = None, b_s2s: dict[str, Any] | None = None, *,
+               certs: str = "ca", a_domains: tuple[str, ...] = ("a.test",), b_listener: str = "starttls",
+               bidi: bool = False, **options: Any) -> tuple[Parley, Parley]:
+    """Parley A (a.test) and Parley B (b.test), each reaching the other's domains through the static map.
+
+    certs="ca": certificates from a CA both trust, so SASL EXTERNAL works; certs="self-signed": each
+    server generates its own, which the other cannot verify. Without bidi (XEP-0288) each server opens
+    its own connection to the other, so both directions authenticate.
+    """
+    hosts: dict[str, dict[str, Any]] = {domain: {} for domain in (*a_domains, "b.test")}
+    trust: dict[str, Any] = {"bidi": bidi}
+    if certs == "ca":
+        ca = TestCA(tmp_path / "ca")
+        for domain in hosts:
+            crt, key = ca.issue(domain)
+            hosts[domain] = {"certificate": str(crt), "key": str(key)}
+        trust["ca_bundle"] = str(ca.path)
+    a_port, b_port = free_port_on(A_ADDR), free_port_on(B_ADDR)
+    to_b = {"b.test": {"address": B_ADDR, "port": b_port, "tls": b_listener}}
+    to_a = {domain: {"address": A_ADDR, "port": a_port} for domain in a_domains}
+    a = await start_parley(tmp_path / "a", {d: hosts[d] for d in a_domains}, A_ADDR, s2s_port=a_port,
+                           s2s={**trust, "static": to_b, **(a_s2s or {})}, **options)
+    b = await start_parley(tmp_path / "b", {"b.test": hosts["b.test"]}, B_ADDR, s2s_port=b_port,
+                           s2s={**trust, "static": to_a, **(b_s2s or {})}, s2s_tls=b_listener, **options)
+    return a, b
+
+
+@contextlib.asynccontextmanager
+async def running_pair(tmp_path: Path, **options: Any) -> AsyncIterator[tuple[Parley, Parley]]:
+    """The pair, stopped afterwards."""
+    a, b = await pair(tmp_path, **options)
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+def options(**kwargs: Any) -> pytest.MarkDecorator:
+    """Options for the pair a test module's `servers` fixture starts."""
+    return pytest.mark.parametrize("servers", [kwargs], indirect=True, ids=[""])
+
+
+def incoming_methods(server: Parley) -> dict[tuple[str, str], str]:
+    return {pair: method for stream in server.manager.incoming for pair, method in stream.methods.items()}
+
+
+async def chat(sender: Any, inbox: Inbox, to: str, body: str) -> Any:
+    sender.send_message(mto=to, mbody=body, mtype="chat")
+    return await inbox.wait(lambda m: m["body"] == body)
+
+
+async def authenticated_raw_peer(a: Parley, b: Parley, domain: str = "a.test", source: str | None = None) -> RawPeer:
+    """A raw connection to B claiming `domain` (one of A's), authenticated by dialback with a key A really
+    vouches for (computed here with A's secret, as A's own outgoing link would)."""
+    peer = await RawPeer.connect(B_ADDR, b.s2s_port, source)
+    await peer.starttls(domain, "b.test")
+    key = make_key(a.server.secret, "b.test", domain, peer.stream_id)
+    await peer.send(f"<db:result from='{domain}' to='b.test'>{key}</db:result>")
+    result = await peer.expect("{jabber:server:dialback}result")
+    assert result.get("type") == "valid"
+    return peer

@@ -11,62 +11,26 @@ from slixmpp.exceptions import IqError
 
 from s2s.dialback import make_key
 from server.jid import JID
-from tests.s2s_support import Inbox, Parley, RawPeer, TestCA, free_port_on, start_parley
+from tests.s2s_support import (
+    B_ADDR,
+    Inbox,
+    Parley,
+    RawPeer,
+    authenticated_raw_peer,
+    chat,
+    incoming_methods,
+    options,
+    running_pair,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-A_ADDR, B_ADDR = "127.0.0.5", "127.0.0.6"
-
-
-async def pair(tmp_path: Path, a_s2s: dict[str, Any] | None = None, b_s2s: dict[str, Any] | None = None, *,
-               certs: str = "ca", a_domains: tuple[str, ...] = ("a.test",), b_listener: str = "starttls",
-               bidi: bool = False, **options: Any) -> tuple[Parley, Parley]:
-    """Parley A (a.test) and Parley B (b.test), each reaching the other's domains through the static map.
-
-    certs="ca": certificates from a CA both trust, so SASL EXTERNAL works; certs="self-signed": each
-    server generates its own, which the other cannot verify. Without bidi (XEP-0288) each server opens
-    its own connection to the other, so both directions authenticate.
-    """
-    hosts: dict[str, dict[str, Any]] = {domain: {} for domain in (*a_domains, "b.test")}
-    trust: dict[str, Any] = {"bidi": bidi}
-    if certs == "ca":
-        ca = TestCA(tmp_path / "ca")
-        for domain in hosts:
-            crt, key = ca.issue(domain)
-            hosts[domain] = {"certificate": str(crt), "key": str(key)}
-        trust["ca_bundle"] = str(ca.path)
-    a_port, b_port = free_port_on(A_ADDR), free_port_on(B_ADDR)
-    to_b = {"b.test": {"address": B_ADDR, "port": b_port, "tls": b_listener}}
-    to_a = {domain: {"address": A_ADDR, "port": a_port} for domain in a_domains}
-    a = await start_parley(tmp_path / "a", {d: hosts[d] for d in a_domains}, A_ADDR, s2s_port=a_port,
-                           s2s={**trust, "static": to_b, **(a_s2s or {})}, **options)
-    b = await start_parley(tmp_path / "b", {"b.test": hosts["b.test"]}, B_ADDR, s2s_port=b_port,
-                           s2s={**trust, "static": to_a, **(b_s2s or {})}, s2s_tls=b_listener, **options)
-    return a, b
 
 
 @pytest.fixture
 async def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """The pair; a test changes its options with `@options(...)`."""
-    a, b = await pair(tmp_path, **getattr(request, "param", {}))
-    try:
-        yield a, b
-    finally:
-        await a.stop()
-        await b.stop()
-
-
-def options(**kwargs: Any) -> pytest.MarkDecorator:
-    return pytest.mark.parametrize("servers", [kwargs], indirect=True, ids=[""])
-
-
-def incoming_methods(server: Parley) -> dict[tuple[str, str], str]:
-    return {pair: method for stream in server.manager.incoming for pair, method in stream.methods.items()}
-
-
-async def chat(sender: Any, inbox: Inbox, to: str, body: str) -> Any:
-    sender.send_message(mto=to, mbody=body, mtype="chat")
-    return await inbox.wait(lambda m: m["body"] == body)
+    async with running_pair(tmp_path, **getattr(request, "param", {})) as both:
+        yield both
 
 
 async def test_messages_both_ways_with_sasl_external(servers: tuple[Parley, Parley]) -> None:
@@ -77,8 +41,8 @@ async def test_messages_both_ways_with_sasl_external(servers: tuple[Parley, Parl
     assert got["from"].bare == "alice@a.test" and got["type"] == "chat"
     got = await chat(bob, alice_inbox, "alice@a.test", "hello from b")
     assert got["from"].bare == "bob@b.test"
-    assert a.manager.links["a.test", "b.test"].methods == {"a.test": "external"}
-    assert b.manager.links["b.test", "a.test"].methods == {"b.test": "external"}
+    assert a.manager.links["a.test", "b.test"].methods == {("a.test", "b.test"): "external"}
+    assert b.manager.links["b.test", "a.test"].methods == {("b.test", "a.test"): "external"}
     assert incoming_methods(b) == {("a.test", "b.test"): "external"}
 
 
@@ -101,7 +65,7 @@ async def test_bidirectional_link_with_dialback(servers: tuple[Parley, Parley]) 
     alice_inbox, bob_inbox = Inbox(alice), Inbox(bob)
     await chat(bob, alice_inbox, "alice@a.test", "b starts")
     await chat(alice, bob_inbox, "bob@b.test", "a answers on b's connection")
-    assert b.manager.links["b.test", "a.test"].methods == {"b.test": "dialback"}
+    assert b.manager.links["b.test", "a.test"].methods == {("b.test", "a.test"): "dialback"}
     # A connected to B only to check B's dialback key; A's stanzas take B's connection.
     assert set(a.manager.bidi) == {("a.test", "b.test")}
 
@@ -125,8 +89,8 @@ async def test_dialback_when_certificates_cannot_be_verified(servers: tuple[Parl
     alice_inbox, bob_inbox = Inbox(alice), Inbox(bob)
     await chat(alice, bob_inbox, "bob@b.test", "over dialback")
     await chat(bob, alice_inbox, "alice@a.test", "and back")
-    assert a.manager.links["a.test", "b.test"].methods == {"a.test": "dialback"}
-    assert b.manager.links["b.test", "a.test"].methods == {"b.test": "dialback"}
+    assert a.manager.links["a.test", "b.test"].methods == {("a.test", "b.test"): "dialback"}
+    assert b.manager.links["b.test", "a.test"].methods == {("b.test", "a.test"): "dialback"}
     assert incoming_methods(a) == {("b.test", "a.test"): "dialback"}
 
 
@@ -136,7 +100,7 @@ async def test_dialback_without_certificate_checks(servers: tuple[Parley, Parley
     a, b = servers
     alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
     await chat(alice, Inbox(bob), "bob@b.test", "unchecked")
-    assert a.manager.links["a.test", "b.test"].methods == {"a.test": "dialback"}
+    assert a.manager.links["a.test", "b.test"].methods == {("a.test", "b.test"): "dialback"}
 
 
 @options(certs="self-signed")
@@ -251,8 +215,38 @@ async def test_second_domain_multiplexed_on_the_same_link(servers: tuple[Parley,
     await chat(carol, bob_inbox, "bob@b.test", "from a2.test")
     link = a.manager.links["a.test", "b.test"]
     assert a.manager.links["a2.test", "b.test"] is link
-    assert link.methods == {"a.test": "external", "a2.test": "dialback"}
+    assert link.methods == {("a.test", "b.test"): "external", ("a2.test", "b.test"): "dialback"}
     assert incoming_methods(b) == {("a.test", "b.test"): "external", ("a2.test", "b.test"): "dialback"}
+
+
+async def disco_info(client: Any, to: str) -> Any:
+    return await client.make_iq_get(queryxmlns="http://jabber.org/protocol/disco#info", ito=to).send(timeout=10)
+
+
+async def test_second_remote_domain_multiplexed_when_the_certificate_names_it(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    a.server.config.s2s.static["conference.b.test"] = a.server.config.s2s.static["b.test"]
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    await chat(alice, Inbox(bob), "bob@b.test", "the link is up")
+    info = await disco_info(alice, "conference.b.test")
+    assert info["type"] == "result" and info.xml.find("{http://jabber.org/protocol/disco#info}query/"
+                                                      "{http://jabber.org/protocol/disco#info}identity") is not None
+    link = a.manager.links["a.test", "b.test"]
+    assert a.manager.links["a.test", "conference.b.test"] is link
+    assert link.methods == {("a.test", "b.test"): "external", ("a.test", "conference.b.test"): "dialback"}
+    assert incoming_methods(b) == {("a.test", "b.test"): "external", ("a.test", "conference.b.test"): "dialback"}
+
+
+@options(certs="self-signed", a_s2s={"require_valid_certificates": False},
+         b_s2s={"require_valid_certificates": False})
+async def test_no_second_remote_domain_on_a_link_whose_certificate_was_not_checked(
+        servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    a.server.config.s2s.static["conference.b.test"] = a.server.config.s2s.static["b.test"]
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    await chat(alice, Inbox(bob), "bob@b.test", "the link is up")
+    await disco_info(alice, "conference.b.test")
+    assert a.manager.links["a.test", "conference.b.test"] is not a.manager.links["a.test", "b.test"]
 
 
 @options(a_s2s={"idle_timeout": 0.5})
@@ -278,19 +272,7 @@ async def test_direct_tls(servers: tuple[Parley, Parley]) -> None:
     alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
     await chat(alice, Inbox(bob), "bob@b.test", "xep-0368")
     link = a.manager.links["a.test", "b.test"]
-    assert link.secure and link.methods == {"a.test": "dialback"}
-
-
-async def authenticated_raw_peer(a: Parley, b: Parley) -> RawPeer:
-    """A raw connection to B claiming a.test, authenticated by dialback with a key A really vouches for
-    (computed here with A's secret, as A's own outgoing link would)."""
-    peer = await RawPeer.connect(B_ADDR, b.s2s_port)
-    await peer.starttls("a.test", "b.test")
-    key = make_key(a.server.secret, "b.test", "a.test", peer.stream_id)
-    await peer.send(f"<db:result from='a.test' to='b.test'>{key}</db:result>")
-    result = await peer.expect("{jabber:server:dialback}result")
-    assert result.get("type") == "valid"
-    return peer
+    assert link.secure and link.methods == {("a.test", "b.test"): "dialback"}
 
 
 async def test_forged_from_is_rejected_and_the_link_carries_on(servers: tuple[Parley, Parley]) -> None:

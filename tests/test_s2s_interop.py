@@ -145,9 +145,9 @@ async def test_messages_both_ways(parley: Parley, peer: Peer, clients: list[Clie
     ours, theirs = (PARLEY[1], peer.domain), (peer.domain, PARLEY[1])
     link = parley.manager.links.get(ours)
     if not peer.bidi:
-        assert link.methods == {PARLEY[1]: peer.method} and incoming_pairs(parley) == {theirs: peer.method}
+        assert link.methods == {ours: peer.method} and incoming_pairs(parley) == {theirs: peer.method}
     elif first == "parley":
-        assert link.bidi and link.methods == {PARLEY[1]: peer.method} and not incoming_pairs(parley)
+        assert link.bidi and link.methods == {ours: peer.method} and not incoming_pairs(parley)
     else:
         assert link is None and incoming_pairs(parley) == {theirs: peer.method} and ours in parley.manager.bidi
 
@@ -303,3 +303,19 @@ async def test_ping_and_disco_across_servers(parley: Parley, peer: Peer, clients
     assert "urn:xmpp:ping" in info["disco_info"]["features"]
     info = await alice.plugin["xep_0030"].get_info(peer.domain, timeout=10)
     assert "urn:xmpp:ping" in info["disco_info"]["features"]
+
+
+async def test_parley_carries_the_peers_other_domain_over_its_link(parley: Parley, peer: Peer,
+                                                                  clients: list[ClientXMPP]) -> None:
+    """conference.<peer> is named by the peer's certificate and resolves to the same address: XEP-0220
+    target multiplexing on the link Parley opened, instead of a second connection."""
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0030",))
+    remote = await remote_user(peer, clients)
+    inbox = Inbox(remote)
+    alice.send_message(mto=remote.boundjid.bare, mbody="first", mtype="chat")
+    await inbox.wait(lambda m: m["body"] == "first")
+    info = await alice.plugin["xep_0030"].get_info(f"conference.{peer.domain}", timeout=15)
+    assert "http://jabber.org/protocol/muc" in info["disco_info"]["features"]
+    link = parley.manager.links[PARLEY[1], peer.domain]
+    assert parley.manager.links[PARLEY[1], f"conference.{peer.domain}"] is link
+    assert link.methods[PARLEY[1], f"conference.{peer.domain}"] == "dialback"

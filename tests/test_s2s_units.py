@@ -14,9 +14,10 @@ from cryptography.x509.oid import NameOID
 
 from s2s import dialback
 from s2s.certs import ID_ON_DNSSRV, ID_ON_XMPPADDR, acceptable, names_domain
+from s2s.limits import FederationLimits
 from s2s.policy import SELF_SIGNED, UNCHECKED, VERIFY, Policy
 from s2s.resolver import Target, resolve
-from server.config import ConfigError, StaticRoute, parse_config
+from server.config import ConfigError, DomainLimits, StaticRoute, parse_config
 
 
 def s2s_config(**s2s: Any) -> Any:
@@ -49,6 +50,11 @@ def test_s2s_keys_are_validated_and_domains_prepared(tmp_path: Path) -> None:
     ({"static": {"x.example": {"port": 5269}}}, 's2s.static."x.example".address'),
     ({"idle_timeout": 0}, "s2s.idle_timeout"),
     ({"ca_bundle": ""}, "s2s.ca_bundle"),
+    ({"rate": 0}, "s2s.rate"),
+    ({"max_incoming_per_ip": 0}, "s2s.max_incoming_per_ip"),
+    ({"domains": {"x.example": {"max_queue": -1}}}, 's2s.domains."x.example".max_queue'),
+    ({"domains": {"x.example": {"rte": 5}}}, 's2s.domains."x.example".rte'),
+    ({"domains": {"not a domain!": {}}}, 's2s.domains."not a domain!"'),
     ({"colour": "blue"}, "s2s.colour"),
 ])
 def test_bad_s2s_values_name_the_key(s2s: dict[str, Any], key: str) -> None:
@@ -66,6 +72,33 @@ def test_policy_lists_cover_subdomains() -> None:
     assert Policy(s2s_config(allow=["only.example"])).allowed("x.only.example")
     assert not Policy(s2s_config(allow=["only.example"])).allowed("other.example")
     assert Policy(s2s_config(require_valid_certificates=False)).certificate_mode("x.example") == UNCHECKED
+
+
+def test_domain_limits_fall_back_on_the_parent_domain_then_on_the_s2s_table() -> None:
+    limits = FederationLimits(s2s_config(rate=1000, max_queue=50, domains={
+        "Chatty.Example": {"rate": 10}, "muc.chatty.example": {"burst": 7}}))
+    assert limits.of("other.example") == DomainLimits(rate=1000, burst=1048576, max_queue=50)
+    assert limits.of("chatty.example") == DomainLimits(rate=10, burst=1048576, max_queue=50)
+    assert limits.of("x.chatty.example") == limits.of("chatty.example")
+    assert limits.of("muc.chatty.example") == DomainLimits(rate=1000, burst=7, max_queue=50)
+    assert limits.of("notchatty.example").rate == 1000
+
+
+def test_a_domain_has_one_bucket_while_its_connections_hold_it() -> None:
+    limits = FederationLimits(s2s_config())
+    bucket = limits.bucket("peer.example")
+    assert limits.bucket("peer.example") is bucket and limits.bucket("other.example") is not bucket
+    del bucket
+    assert "peer.example" not in limits._buckets
+
+
+def test_incoming_connections_are_capped_in_total_and_per_address() -> None:
+    limits = FederationLimits(s2s_config(max_incoming=3, max_incoming_per_ip=2))
+    assert limits.admit("192.0.2.1", 0) is None and limits.admit("192.0.2.1", 1) is None
+    assert limits.admit("192.0.2.1", 2) == "policy-violation"
+    assert limits.admit("192.0.2.2", 3) == "resource-constraint"
+    limits.per_ip.release("192.0.2.1")
+    assert limits.admit("192.0.2.1", 2) is None
 
 
 def _der(tag: int, text: str) -> bytes:
