@@ -126,6 +126,13 @@ class S2SConfig:
 
 
 @dataclass
+class ComponentConfig:
+    """An external component (XEP-0114) allowed to serve a domain once it proves the shared secret."""
+
+    secret: str
+
+
+@dataclass
 class Config:
     data_dir: Path
     hosts: dict[str, HostConfig]
@@ -138,6 +145,7 @@ class Config:
     allow_unencrypted_plain: bool = False
     source: Path | None = None
     s2s: S2SConfig = field(default_factory=S2SConfig)
+    components: dict[str, ComponentConfig] = field(default_factory=dict)  # by domain
 
 
 def load_config(path: Path | None, known_modules: set[str] | None = None) -> Config:
@@ -172,11 +180,12 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     listeners = _listeners(top)
     hosts = _hosts(top, base, data_dir, modules, options, known_modules)
     s2s = _s2s(top.table("s2s"), base)
+    components = _components(top.table("components"), hosts)
     top.finish()
     return Config(
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
-        allow_unencrypted_plain=allow_unencrypted_plain, s2s=s2s,
+        allow_unencrypted_plain=allow_unencrypted_plain, s2s=s2s, components=components,
     )
 
 
@@ -394,6 +403,18 @@ def _static_routes(table: _Table) -> dict[str, StaticRoute]:
     return routes
 
 
+def _components(table: _Table, hosts: dict[str, HostConfig]) -> dict[str, ComponentConfig]:
+    components: dict[str, ComponentConfig] = {}
+    for given in list(table.data):
+        entry = _Table(table.get(given), f"{table.path}.{_toml_key(given)}")
+        domain = _domain(entry.path, given)
+        if domain in hosts:
+            raise ConfigError(entry.path, f"{domain} is a host; a component needs a domain of its own")
+        components[domain] = ComponentConfig(secret=entry.string("secret", None))
+        entry.finish()
+    return components
+
+
 def _default_listeners() -> list[dict[str, Any]]:
     return [
         {"type": "c2s", "address": "127.0.0.1", "port": 5222, "tls": "starttls"},
@@ -419,6 +440,8 @@ def _listeners(top: _Table) -> list[ListenerConfig]:
             raise ConfigError(table.key("address"), "must be an IP address or a host name")
         port = table.integer("port", None, minimum=1, maximum=65535)
         tls = table.choice("tls", _DEFAULT_TLS[kind], TLS_MODES)
+        if kind == "component" and tls != "none":
+            raise ConfigError(table.key("tls"), "XEP-0114 components speak plain TCP: use none, on a private address")
         table.finish()
         if (address, port) in bound:
             other = bound[address, port]

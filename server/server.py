@@ -13,6 +13,7 @@ from xml.etree.ElementTree import Element
 
 from s2s.manager import S2SManager
 from server.c2s import C2SConnection
+from server.component import Components
 from server.config import Config
 from server.hooks import Hooks
 from server.host import Host
@@ -65,6 +66,7 @@ class Server:
         self.max_connections = limits.max_connections
         self.listeners: list[asyncio.base_events.Server] = []
         self.s2s: S2SManager | None = None  # federation; on when an s2s listener is configured
+        self.components = Components(self)  # XEP-0114
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._ending: set[asyncio.Task[None]] = set()
@@ -91,6 +93,7 @@ class Server:
         for listener in config.listeners:
             if listener.type == "c2s":
                 await self._listen_c2s(listener)
+        await self.components.start([listener for listener in config.listeners if listener.type == "component"])
         s2s_listeners = [listener for listener in config.listeners if listener.type == "s2s"]
         if s2s_listeners:
             self.s2s = S2SManager(self)
@@ -118,6 +121,7 @@ class Server:
             self._sweeper.cancel()
         for conn in list(self.connections):
             conn.stream_error(StreamError("system-shutdown"))
+        self.components.stop()
         await asyncio.sleep(0.1)
         for session in self.sessions.all():
             await self.end_session(session)

@@ -76,10 +76,11 @@ async def drop_pg_schema(schema: str) -> None:
 class Harness:
     """A running server plus helpers to create accounts and connect clients to it."""
 
-    def __init__(self, server: Server, port: int, direct_port: int, data_dir: Path) -> None:
+    def __init__(self, server: Server, port: int, direct_port: int, data_dir: Path, component_port: int = 0) -> None:
         self.server = server
         self.port = port
         self.direct_port = direct_port
+        self.component_port = component_port  # XEP-0114 listener
         self.data_dir = data_dir
         self.host = "localhost"
         self._clients: list[ClientXMPP] = []
@@ -210,7 +211,9 @@ class RawClient:
             return self.raw
 
 
-def make_config(data_dir: Path, port: int, direct_port: int, storage_url: str, **overrides: Any) -> Any:
+def make_config(data_dir: Path, port: int, direct_port: int, storage_url: str, component_port: int | None = None,
+                **overrides: Any) -> Any:
+    components = [{"type": "component", "address": "127.0.0.1", "port": component_port}] if component_port else []
     data: dict[str, Any] = {
         "data_dir": str(data_dir),
         "storage": {"url": storage_url},
@@ -218,6 +221,7 @@ def make_config(data_dir: Path, port: int, direct_port: int, storage_url: str, *
         "listeners": [
             {"type": "c2s", "address": "127.0.0.1", "port": port, "tls": "starttls"},
             {"type": "c2s", "address": "127.0.0.1", "port": direct_port, "tls": "direct"},
+            *components,
         ],
         "hosts": {
             "localhost": {"registration": True, "admins": ["admin@localhost"]},
@@ -246,10 +250,11 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     else:
         url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
     port, direct_port = free_port(), free_port()
-    config = make_config(tmp_path, port, direct_port, url, **overrides)
+    component_port = free_port() if "components" in overrides else None  # a listener for XEP-0114 tests only
+    config = make_config(tmp_path, port, direct_port, url, component_port, **overrides)
     srv = Server(config)
     await srv.start()
-    harness = Harness(srv, port, direct_port, tmp_path)
+    harness = Harness(srv, port, direct_port, tmp_path, component_port or 0)
     try:
         yield harness
     finally:
