@@ -119,7 +119,9 @@ class Mam(Module):
         user = stanza.origin.bare
         # A message to the user's own account is archived once, where it is delivered.
         if stanza.to.bare != user and archivable(stanza.el):
-            await self._archive(user, stanza.to, stanza.el)
+            written = await self._archive(user, stanza.to, stanza.el)
+            if written is not None:
+                stanza.defer(written)
 
     def leaving(self, stanza: Stanza) -> None:
         """The sender's archive UID is for the sender's resources only (XEP-0313 4.1)."""
@@ -129,16 +131,24 @@ class Mam(Module):
         user = stanza.to.bare
         _remove_ids(stanza.el, user)  # XEP-0359 3: never trust an id claiming to come from this archive
         if archivable(stanza.el):
-            await self._archive(user, stanza.from_, stanza.el)
+            written = await self._archive(user, stanza.from_, stanza.el)
+            if written is not None:
+                await written  # delivered only once archived
 
-    async def _archive(self, user: JID, other: JID, el: Element) -> None:
+    async def _archive(self, user: JID, other: JID, el: Element) -> asyncio.Future[None] | None:
+        """Queue the message for `user`'s archive and stamp its stanza-id; None when prefs say no.
+
+        The sender's copy is not waited for before routing (the router waits for it at the end), so that
+        it shares a transaction with the recipient's.
+        """
         if not await self._wanted(user, other):
-            return
+            return None
         uid = secrets.token_urlsafe(12)
         body = " ".join(b.text for b in el.iterfind(BODY) if b.text) or None
-        await self.server.storage.archive.append(user.domain, user.local or "", uid, datetime.now(UTC),
-                                                 str(other.bare), other.resource, body, serialize(el))
+        written = self.server.storage.archive.append(user.domain, user.local or "", uid, datetime.now(UTC),
+                                                     str(other.bare), other.resource, body, serialize(el))
         SubElement(el, STANZA_ID, {"id": uid, "by": str(user)})
+        return written
 
     async def _wanted(self, user: JID, other: JID) -> bool:
         prefs = await self._prefs.get(user.domain, user.local or "")

@@ -14,6 +14,7 @@ meaning offline storage (carbons, the archive).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
@@ -50,6 +51,13 @@ class Router:
         await self.route(Stanza(el, kind, JID.parse(el.get("from") or ""), JID.parse(to) if to else None))
 
     async def route(self, st: Stanza) -> None:
+        try:
+            await self._route(st)
+        finally:
+            if st.pending:
+                await asyncio.gather(*st.pending)
+
+    async def _route(self, st: Stanza) -> None:
         to = st.to
         if to is None:
             if st.kind == "presence":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement, fromstring
@@ -26,9 +27,11 @@ class Stanza:
     """A routed stanza: the element plus what the router already worked out about it.
 
     `origin` is the local client session it came from (None for server-generated or remote stanzas).
+    `pending` holds work a module started for the stanza that routing need not wait for but that must be
+    done before the stanza counts as handled (see `defer`).
     """
 
-    __slots__ = ("el", "from_", "kind", "origin", "to", "type")
+    __slots__ = ("el", "from_", "kind", "origin", "pending", "to", "type")
 
     def __init__(self, el: Element, kind: str, from_: JID, to: JID | None, origin: Session | None = None) -> None:
         self.el = el
@@ -37,6 +40,17 @@ class Stanza:
         self.from_ = from_
         self.to = to
         self.origin = origin
+        self.pending: list[Awaitable[object]] | None = None
+
+    def defer(self, work: Awaitable[object]) -> None:
+        """Let routing go on while `work` runs; the router waits for it before it is done with the stanza.
+
+        The archive uses it so that the sender's copy of a message is written in the same transaction as
+        the recipient's, instead of one commit after the other.
+        """
+        if self.pending is None:
+            self.pending = []
+        self.pending.append(work)
 
     @property
     def id(self) -> str | None:

@@ -101,20 +101,21 @@ class ArchiveStore:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
 
-    async def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
-                     with_resource: str | None, body: str | None, stanza_xml: str) -> None:
-        """Archive one message; return once it is committed.
+    def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
+               with_resource: str | None, body: str | None, stanza_xml: str) -> asyncio.Future[None]:
+        """Queue one message for the archive; the future is done once its row is committed.
 
-        Callers deliver a message only after this returns, so a message that reached anyone is in the
-        archive even if the process dies right after. Concurrent appends share one transaction: under
-        load the cost of a commit is paid once per batch instead of once per message.
+        Callers deliver a message only after the future is done, so a message that reached anyone is in
+        the archive even if the process dies right after. Appends queued while a transaction is being
+        written share the next one (group commit): under load a commit is paid once per batch instead of
+        once per message.
         """
         row = _row(host, user, NewMessage(stanza_id, stamp, with_jid, with_resource, body, stanza_xml))
         done = asyncio.get_running_loop().create_future()
         self._pending.append((row, done))
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush())
-        await done
+        return done
 
     async def _flush(self) -> None:
         try:
