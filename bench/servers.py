@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
 SCRAM_ITERATIONS = 4096
+REDIS_URL = "redis://127.0.0.1:6379/0"
 FD_LIMIT = 65536
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
@@ -63,6 +65,13 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
+def fd_cap(limit: int) -> Callable[[], None]:
+    """A child set-up that caps descriptors at `limit`, soft and hard, so that no server can raise it."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return cap
+
+
 def _port_open(address: str, port: int) -> bool:
     try:
         with socket.create_connection((address, port), timeout=0.5):
@@ -90,6 +99,7 @@ class BenchServer:
         self.profile = profile
         self.dir = workdir / self.name
         self.proc: subprocess.Popen[bytes] | None = None
+        self.limit_fds: Callable[[], None] = _raise_fd_limit  # run in the child before exec
         self.notes: list[str] = []
         self._log = self.dir / "stdout.log"
 
@@ -128,7 +138,7 @@ class BenchServer:
             raise ServerUnavailable(f"{self.address}:{self.port} is already in use by another process")
         with open(self._log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
-                                         start_new_session=True, preexec_fn=_raise_fd_limit,
+                                         start_new_session=True, preexec_fn=self.limit_fds,
                                          **self.spawn_options())
         await self._wait_ready()
         await self._wait_quiet()
@@ -272,6 +282,27 @@ tls = "starttls"
     def cwd(self) -> Path:
         """The repository root, so that this checkout's server package is the one imported."""
         return REPO
+
+
+class ParleyWorkers(Parley):
+    """Parley in two worker processes sharing the port, routing to each other over Redis (127.0.0.1:6379)."""
+
+    name = "parley-2w"
+    default_address = "127.0.1.5"
+
+    def check(self) -> None:
+        super().check()
+        import redis
+
+        try:
+            redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+        except redis.RedisError as exc:
+            raise ServerUnavailable(f"no Redis at {REDIS_URL}: {exc}") from None
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        with open(self.config_file, "a") as fh:
+            fh.write(f'\n[cluster]\nworkers = 2\nredis_url = "{REDIS_URL}"\nprefix = "parley-bench-{os.getpid()}"\n')
 
 
 def _self_signed(domain: str, directory: Path) -> tuple[Path, Path]:
@@ -442,4 +473,5 @@ class Ejabberd(BenchServer):
         await self._reap(proc)
 
 
-SERVERS: dict[str, type[BenchServer]] = {"parley": Parley, "prosody": Prosody, "ejabberd": Ejabberd}
+SERVERS: dict[str, type[BenchServer]] = {"parley": Parley, "parley-2w": ParleyWorkers, "prosody": Prosody,
+                                         "ejabberd": Ejabberd}
