@@ -11,6 +11,8 @@ S2SStream.deliver). Input that is not XML ends the stream, as it must.
 
 When the peer asks for XEP-0288 bidirectionality, the manager sends our stanzas for each authenticated
 pair back over this stream instead of opening a connection of its own.
+
+Stream management (XEP-0198) is offered once TLS is up and may be enabled once a pair is authenticated.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from s2s.stream import BIDI, BIDI_FEATURE, S2SStream, new_stream_id
 from server import ns
 from server.jid import JID, JIDError
 from server.stanza import KINDS
+from server.stream import sm
 from server.stream.errors import StreamError
 from server.stream.parser import StreamClose, StreamOpen
 from server.stream.writer import serialize
@@ -84,6 +87,7 @@ class S2SIncoming(S2SStream):
             self.manager.limits.per_ip.release(self.remote_ip)
         self.manager.incoming.discard(self)
         self.manager.forget_bidi(self)
+        self.manager.requeue(self.unacknowledged())
 
     def before_error(self) -> None:
         if not self.header_sent:
@@ -143,6 +147,8 @@ class S2SIncoming(S2SStream):
             mechs = SubElement(features, ns.qname(ns.SASL, "mechanisms"))
             SubElement(mechs, ns.qname(ns.SASL, "mechanism")).text = "EXTERNAL"
         features.append(dialback.feature())
+        if self.sm is None:
+            SubElement(features, sm.FEATURE)
         return features
 
     def _external_possible(self) -> bool:
@@ -166,7 +172,9 @@ class S2SIncoming(S2SStream):
             self._sasl_external(el)
         elif tag == BIDI and not self.pairs and self.manager.config.bidi:
             self.bidi = True
-        else:
+        elif tag == sm.ENABLE:
+            self._enable_sm()
+        elif not self.stream_management(el):
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
 
     # --- TLS and SASL EXTERNAL --------------------------------------------------------------------
@@ -271,7 +279,16 @@ class S2SIncoming(S2SStream):
 
     # --- stanzas ----------------------------------------------------------------------------------
 
+    def _enable_sm(self) -> None:
+        if not self.pairs or self.sm is not None:
+            self.send(sm.failed("unexpected-request"))
+            return
+        self.sm = sm.StreamManagement()
+        self.sm_receiving = True
+        self.send(Element(sm.ENABLED))
+
     async def _stanza(self, el: Element) -> None:
         if not self.pairs:
             raise StreamError("not-authorized", "authenticate first")
+        self.count_received()
         await self.deliver(el, self.pairs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
@@ -52,6 +53,8 @@ class S2SManager:
         self.listeners: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._retried: weakref.WeakSet[Element] = weakref.WeakSet()  # stanzas already sent over a lost link
+        self.stopping = False
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -70,6 +73,7 @@ class S2SManager:
 
     async def stop(self) -> None:
         """Stop accepting, close every stream, and bounce what was still waiting for a link."""
+        self.stopping = True
         self.server.hooks.remove("route/remote", self.route)
         for srv in self.listeners:
             srv.close()
@@ -147,6 +151,16 @@ class S2SManager:
     def replace_link(self, old: S2SOutgoing, new: S2SOutgoing) -> None:
         for key in [key for key, value in self.links.items() if value is old]:
             self.links[key] = new
+
+    def requeue(self, stanzas: list[Element]) -> None:
+        """Stanzas a lost stream sent and the peer never acknowledged: once more over a new link, and
+        bounced if that one is lost as well. The peer may have got some: duplicates, but nothing lost."""
+        for el in stanzas:
+            if el in self._retried or self.stopping:
+                self.spawn(self.bounce(el, "remote-server-timeout"))
+                continue
+            self._retried.add(el)
+            self.resubmit(JID.parse(el.get("from") or "").domain, JID.parse(el.get("to") or "").domain, el)
 
     def forget_bidi(self, stream: S2SIncoming) -> None:
         for key in [key for key, value in self.bidi.items() if value is stream]:

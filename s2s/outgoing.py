@@ -32,6 +32,7 @@ from s2s.resolver import Target, resolve
 from s2s.stream import BIDI, BIDI_FEATURE, S2SStream
 from server import ns
 from server.stanza import KINDS
+from server.stream import sm
 from server.stream.errors import StreamError
 from server.stream.parser import StreamClose, StreamOpen
 from server.stream.writer import serialize
@@ -66,6 +67,7 @@ class S2SOutgoing(S2SStream):
         self.dialback = False  # the peer offered dialback
         self.settled = False  # TLS and SASL are over: dialback elements may flow
         self.sasl: str | None = None  # SASL EXTERNAL: None, "attempting", "succeeded" or "failed"
+        self.sm_offered = False  # the peer's latest features offer stream management (XEP-0198)
         self.failure = "remote-server-timeout"
 
     def describe(self) -> str:
@@ -129,7 +131,8 @@ class S2SOutgoing(S2SStream):
             return "remote-server-timeout"
 
     def idle(self) -> bool:
-        return bool(self.methods) and not any(self.queues.values()) and not self.verifies
+        unacknowledged = self.sm is not None and len(self.sm) > 0
+        return bool(self.methods) and not any(self.queues.values()) and not self.verifies and not unacknowledged
 
     # --- connecting -------------------------------------------------------------------------------
 
@@ -214,6 +217,7 @@ class S2SOutgoing(S2SStream):
         if any(queued.values()):
             log.info("link %r failed (%s): bouncing %d stanzas", self, condition, sum(map(len, queued.values())))
         self.manager.link_lost(self, queued, condition)
+        self.manager.requeue(self.unacknowledged())
 
     # --- negotiation ------------------------------------------------------------------------------
 
@@ -229,6 +233,8 @@ class S2SOutgoing(S2SStream):
 
     async def _element(self, el: Element) -> None:
         tag = el.tag
+        if self.stream_management(el):
+            return
         if tag == FEATURES:
             await self._features(el)
         elif tag == dialback.RESULT:
@@ -252,7 +258,13 @@ class S2SOutgoing(S2SStream):
             self.fail("remote-server-not-found" if condition == "host-unknown" else "remote-server-timeout")
         elif tag in KINDS and self.bidi:
             # The peer may send back what we may send to it: from its domain to the ones we authenticated.
+            self.count_received()
             await self.deliver(el, {(remote, local) for local, remote in self.methods})
+        elif tag == sm.ENABLED and self.sm is not None:
+            self.sm_receiving = True
+        elif tag == sm.FAILED and self.sm is not None:
+            log.info("link %r: the peer refused stream management", self)
+            self.sm = None
         elif tag in KINDS:
             raise StreamError("unsupported-stanza-type", "stanzas do not flow this way on this stream")
         else:
@@ -268,6 +280,7 @@ class S2SOutgoing(S2SStream):
                 self.fail("remote-server-timeout")
                 return
         self.dialback = features.find(ns.qname(dialback.FEATURE_NS, "dialback")) is not None
+        self.sm_offered = features.find(sm.FEATURE) is not None
         if not self.bidi and not self.methods and self.manager.config.bidi and features.find(BIDI_FEATURE) is not None:
             self.bidi = True  # XEP-0288: before authenticating, so the peer may answer on this stream
             self.write(serialize(Element(BIDI)))
@@ -323,6 +336,9 @@ class S2SOutgoing(S2SStream):
         self.methods[pair] = method
         self.requested.discard(pair)
         log.info("link %r: %s -> %s authenticated (%s)", self, *pair, method)
+        if self.sm_offered and self.sm is None:
+            self.send(Element(sm.ENABLE))  # XEP-0198: we count what we send from here on
+            self.sm = sm.StreamManagement()
         self._release(pair[0])
 
     def _release(self, local: str) -> None:

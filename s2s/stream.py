@@ -3,6 +3,11 @@
 Built on the StreamEdge that c2s uses too (reading under a rate budget, events handled in order, output
 coalesced), with the sans-IO parser in jabber:server mode, so stanzas reach the router in the canonical
 jabber:client namespace.
+
+Stream management (XEP-0198, server/stream/sm.py) works the same way in both directions once enabled:
+every stanza we write is kept until the peer acknowledges it, one <r/> follows each burst of output, and
+what is still unacknowledged when the connection dies goes back to the manager to be sent over a new
+link (or bounced) rather than lost. There is no resumption on server-to-server streams.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from s2s import dialback
 from server import ns
 from server.jid import JID, JIDError
 from server.stanza import KINDS, Stanza
+from server.stream import sm
 from server.stream.edge import StreamEdge
+from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
 
@@ -51,6 +58,9 @@ class S2SStream(StreamEdge):
         self._lost = False
         self.bidi = False  # XEP-0288: stanzas flow both ways on this stream
         self.rejected = 0  # stanzas dropped for addresses this stream was not authenticated for
+        self.sm: sm.StreamManagement[Element] | None = None  # XEP-0198, counting what we send
+        self.sm_receiving = False  # ...and counting what we receive
+        self._ack_requested = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
@@ -97,6 +107,28 @@ class S2SStream(StreamEdge):
         self.last_active = time.monotonic()
         await self.server.router.route(Stanza(el, KINDS[el.tag], sender, to))
 
+    def count_received(self) -> None:
+        """One more stanza from the peer, routed or rejected: either way handled (XEP-0198 'h')."""
+        if self.sm is not None and self.sm_receiving:
+            self.sm.received()
+
+    def stream_management(self, el: Element) -> bool:
+        """Handle <r/> and <a/>; False for anything else."""
+        if el.tag == sm.REQUEST and self.sm is not None and self.sm_receiving:
+            self.send(sm.ack_element(self.sm.handled))
+        elif el.tag == sm.ACK and self.sm is not None:
+            try:
+                self.sm.acknowledge(sm.parse_h(el.get("h")))
+            except ValueError as exc:
+                raise StreamError("bad-format", str(exc)) from None
+        else:
+            return False
+        return True
+
+    def unacknowledged(self) -> list[Element]:
+        """What the peer may not have got, once the stream is gone."""
+        return self.sm.take_unacked() if self.sm is not None else []
+
     def _reject(self, el: Element, reason: str) -> None:
         self.rejected += 1
         log.warning("rejected a stanza on %r (%s): from=%r to=%r", self, reason, el.get("from"), el.get("to"))
@@ -106,6 +138,15 @@ class S2SStream(StreamEdge):
     def send_stanza(self, el: Element) -> None:
         self.last_active = time.monotonic()
         self.write(serialize(el))
+        if self.sm is not None:
+            self.sm.sent(el)
+            if not self._ack_requested:
+                self._ack_requested = True
+                asyncio.get_running_loop().call_soon(self._request_ack)
+
+    def _request_ack(self) -> None:
+        self._ack_requested = False
+        self.send(sm.request_element())
 
     def send_header(self, from_: str | None, to: str | None, stream_id: str | None = None) -> None:
         """Our stream header; the XML declaration only opens the connection, since ejabberd rejects it on

@@ -86,11 +86,13 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 class Peer:
     """One peer server. `method` is how it authenticates with Parley, both ways; `bidi` whether it uses
-    one connection for both directions (XEP-0288)."""
+    one connection for both directions (XEP-0288); `stream_management` whether it does XEP-0198 on
+    server-to-server streams."""
 
     name = ""
     method = ""
     bidi = False
+    stream_management = False
     ports: tuple[int, ...] = ()
 
     def __init__(self, address: str, domain: str, ca: TestCA) -> None:
@@ -158,11 +160,12 @@ class Peer:
 
 class Prosody(Peer):
     """Prosody with a certificate from the test CA, which it trusts too: SASL EXTERNAL both ways, over one
-    connection (mod_s2s_bidi)."""
+    connection (mod_s2s_bidi), with stream management (mod_smacks does s2s too)."""
 
     name = "prosody"
     method = "external"
     bidi = True
+    stream_management = True
     ports = (5222, 5269)
 
     @property
@@ -198,7 +201,8 @@ class Prosody(Peer):
 
 
 class Ejabberd(Peer):
-    """ejabberd with a self-signed certificate that nobody trusts: Server Dialback both ways."""
+    """ejabberd with a self-signed certificate that nobody trusts: Server Dialback both ways. Its stream
+    management (mod_stream_mgmt) is for clients only."""
 
     name = "ejabberd"
     method = "dialback"

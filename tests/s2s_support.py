@@ -139,6 +139,15 @@ async def start_parley(directory: Path, domains: dict[str, dict[str, Any]], addr
     return Parley(server, Harness(server, port, direct_port, directory), address, s2s_port)
 
 
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition on server state that no client sees."""
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
 async def online(client: ClientXMPP) -> None:
     """Send initial presence and wait until the server reflected it back."""
     reflected = Inbox(client, "presence")

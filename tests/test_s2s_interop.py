@@ -33,7 +33,7 @@ from tests.s2s_peers import (
     ensure_hosts_entries,
     peer_client,
 )
-from tests.s2s_support import Inbox, Parley, TestCA, online, start_parley
+from tests.s2s_support import Inbox, Parley, TestCA, online, start_parley, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -150,6 +150,17 @@ async def test_messages_both_ways(parley: Parley, peer: Peer, clients: list[Clie
         assert link.bidi and link.methods == {ours: peer.method} and not incoming_pairs(parley)
     else:
         assert link is None and incoming_pairs(parley) == {theirs: peer.method} and ours in parley.manager.bidi
+    # Where the peer does XEP-0198 on server-to-server streams, whatever carries Parley's stanzas to it
+    # manages the stream (the peer may enable it a little after the first stanzas) and gets acknowledgements.
+    carrier = link or parley.manager.bidi[ours]
+    if not peer.stream_management:
+        assert carrier.sm is None
+        return
+    await until(lambda: carrier.sm is not None)
+    alice.send_message(mto=remote.boundjid.bare, mbody="managed", mtype="chat")
+    await remote_inbox.wait(lambda m: m["body"] == "managed")
+    await until(lambda: carrier.sm.send_count > 0 and not len(carrier.sm))
+    assert carrier.sm.acknowledged == carrier.sm.send_count
 
 
 async def befriend(parley: Parley, alice: ClientXMPP, remote: ClientXMPP) -> None:

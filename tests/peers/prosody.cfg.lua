@@ -12,7 +12,7 @@ data_path = "@DIR@/data"
 pidfile = "@DIR@/prosody.pid"
 daemonize = false
 modules_enabled = {
-  "disco"; "roster"; "saslauth"; "tls"; "dialback"; "s2s_bidi"; "vcard"; "pep"; "ping"; "time"; "version";
+  "disco"; "roster"; "saslauth"; "tls"; "dialback"; "s2s_bidi"; "smacks"; "vcard"; "pep"; "ping"; "time"; "version";
 }
 modules_disabled = { "posix" }
 c2s_require_encryption = false
