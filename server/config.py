@@ -19,7 +19,7 @@ from server.jid import JID, JIDError
 DEFAULT_MODULES: list[str] = [
     "roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "register", "vcard",
     "carbons", "blocking", "mam", "csi", "adhoc",
-    "pep", "pubsub", "private", "bookmarks", "muc",
+    "pep", "pubsub", "private", "bookmarks", "muc", "push",
 ]
 
 LISTENER_TYPES = ("c2s", "s2s", "component", "http")

@@ -231,7 +231,8 @@ class Room:
         """A message to everyone in the room, stamped with the room's XEP-0359 stanza-id (any other claiming
         to be the room's is removed), kept in the discussion history and archived.
 
-        Local occupants get it at once, remote ones through the router; the archive is written behind."""
+        Local occupants get it at once, remote ones through the router; the archive is written behind. Then the
+        server-wide 'muc/message' (room, element) tells modules that serve members who are not in the room."""
         by = str(self.jid)
         for found in el.findall(STANZA_ID):
             if found.get("by") == by:
@@ -246,6 +247,7 @@ class Room:
         if self.config.archived and archive.archivable(el):
             self.recorder.add(el, uid, stamp)
         await route_remote(server, prepared, remote)
+        await server.hooks.fire("muc/message", self, el)
 
     async def flush(self, batches: Iterable[Batch]) -> None:
         server = self.service.server
