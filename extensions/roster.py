@@ -162,7 +162,7 @@ class Roster(Module):
         contact, el = parse_item(stanza.el[0])
         # RFC 6121 2.1.2.5: any 'subscription' other than "remove" is ignored, as are 'ask' and 'approved'.
         if el.get("subscription") == "remove":
-            await self._remove(user, contact)
+            await self.remove(user, contact)
             return
         name = el.get("name") or None
         if name is not None and len(name) > MAX_TEXT:
@@ -173,7 +173,7 @@ class Roster(Module):
             new = RosterItem(str(contact)) if old is None else old
             await self.update(user, replace(new, name=name, groups=groups))
 
-    async def _remove(self, user: JID, contact: JID) -> None:
+    async def remove(self, user: JID, contact: JID) -> None:
         """RFC 6121 2.5: the item goes, and the 'roster/removed' event cancels its subscriptions."""
         store = self.server.storage.roster
         async with self.locked(user):

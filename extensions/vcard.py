@@ -94,6 +94,10 @@ class VCard(Module):
         limit = self.option("max_size", MAX_SIZE)
         if len(serialize(vcard).encode()) > limit:
             raise StanzaError("not-acceptable", f"the vCard is larger than {limit} bytes")
+        await self.store(user, vcard)
+
+    async def store(self, user: JID, vcard: Element) -> None:
+        """Replace a user's vCard and bring the PEP profile (avatar, vCard4) in step with it."""
         old = await self.load(user)
         await self.save(user, vcard)
         await self._publish(user, old, vcard)

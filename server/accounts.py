@@ -6,7 +6,7 @@ Passwords are turned into SCRAM salted keys for every supported hash at once and
 from __future__ import annotations
 
 from server.jid import JID, JIDError
-from server.sasl.scram import HASHES, derive_credentials
+from server.sasl.scram import HASHES, derive_credentials, verify_password
 from server.storage import Storage
 
 
@@ -49,3 +49,13 @@ async def set_password(storage: Storage, host: str, username: str, password: str
     check_password(password)
     user = prepare_username(username, host)
     return await storage.accounts.set_credentials(host, user, credentials_for(password, iterations))
+
+
+async def password_matches(storage: Storage, host: str, username: str, password: str) -> bool:
+    """Check a plaintext password (HTTP Basic, check_password) against the stored SCRAM keys; a disabled
+    account has no valid password."""
+    account = await storage.accounts.get(host, username)
+    if account is None or account.disabled:
+        return False
+    creds = account.credentials.get("SHA-256") or account.credentials.get("SHA-1")
+    return creds is not None and verify_password(creds, password)

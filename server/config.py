@@ -27,6 +27,8 @@ TLS_MODES = ("starttls", "direct", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STORAGE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 DEFAULT_STORAGE_URL = "sqlite+aiosqlite:///{data_dir}/parley.db"
+DEFAULT_API_NETWORKS = ("127.0.0.0/8", "::1/128")
+MIN_TOKEN_LENGTH = 16
 # XEP-0114 components and plain HTTP have no STARTTLS; the XMPP stream listeners do.
 _DEFAULT_TLS = {"c2s": "starttls", "s2s": "starttls", "component": "none", "http": "none"}
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
@@ -133,6 +135,16 @@ class ComponentConfig:
 
 
 @dataclass
+class HttpApiConfig:
+    """Who may call the HTTP API (the [http_api] table): admins with their password, or this bearer token
+    for the server's operator, and only from these networks."""
+
+    token: str | None = None
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
+        default_factory=lambda: [ipaddress.ip_network(n) for n in DEFAULT_API_NETWORKS])
+
+
+@dataclass
 class Config:
     data_dir: Path
     hosts: dict[str, HostConfig]
@@ -145,6 +157,7 @@ class Config:
     allow_unencrypted_plain: bool = False
     source: Path | None = None
     s2s: S2SConfig = field(default_factory=S2SConfig)
+    http_api: HttpApiConfig = field(default_factory=HttpApiConfig)
     components: dict[str, ComponentConfig] = field(default_factory=dict)  # by domain
 
 
@@ -180,9 +193,11 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     listeners = _listeners(top)
     hosts = _hosts(top, base, data_dir, modules, options, known_modules)
     s2s = _s2s(top.table("s2s"), base)
+    http_api = _http_api(top.table("http_api"))
     components = _components(top.table("components"), hosts)
     top.finish()
     return Config(
+        http_api=http_api,
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
         allow_unencrypted_plain=allow_unencrypted_plain, s2s=s2s, components=components,
@@ -415,6 +430,20 @@ def _components(table: _Table, hosts: dict[str, HostConfig]) -> dict[str, Compon
     return components
 
 
+def _http_api(table: _Table) -> HttpApiConfig:
+    token = table.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH):
+        raise ConfigError(table.key("token"), f"must be a string of at least {MIN_TOKEN_LENGTH} characters")
+    networks = []
+    for i, text in enumerate(table.strings("allowed_networks", list(DEFAULT_API_NETWORKS))):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{table.key('allowed_networks')}[{i}]", f"invalid network: {exc}") from None
+    table.finish()
+    return HttpApiConfig(token=token, allowed_networks=networks)
+
+
 def _default_listeners() -> list[dict[str, Any]]:
     return [
         {"type": "c2s", "address": "127.0.0.1", "port": 5222, "tls": "starttls"},
@@ -440,6 +469,8 @@ def _listeners(top: _Table) -> list[ListenerConfig]:
             raise ConfigError(table.key("address"), "must be an IP address or a host name")
         port = table.integer("port", None, minimum=1, maximum=65535)
         tls = table.choice("tls", _DEFAULT_TLS[kind], TLS_MODES)
+        if kind == "http" and tls == "starttls":
+            raise ConfigError(table.key("tls"), "HTTP has no STARTTLS: use direct (HTTPS) or none")
         if kind == "component" and tls != "none":
             raise ConfigError(table.key("tls"), "XEP-0114 components speak plain TCP: use none, on a private address")
         table.finish()

@@ -11,10 +11,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
+from ejabberd_compat.http_api import HttpApi
 from s2s.manager import S2SManager
 from server.c2s import C2SConnection
 from server.component import Components
 from server.config import Config
+from server.control import ControlSocket
 from server.hooks import Hooks
 from server.host import Host
 from server.limits import AuthThrottle, ConnectionCounter
@@ -66,6 +68,8 @@ class Server:
         self.max_connections = limits.max_connections
         self.listeners: list[asyncio.base_events.Server] = []
         self.s2s: S2SManager | None = None  # federation; on when an s2s listener is configured
+        self.control = ControlSocket(self)  # for parleyctl
+        self.http_api = HttpApi(self)  # ejabberd's mod_http_api on the 'http' listeners
         self.components = Components(self)  # XEP-0114
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
@@ -98,6 +102,8 @@ class Server:
         if s2s_listeners:
             self.s2s = S2SManager(self)
             await self.s2s.start(s2s_listeners)
+        await self.control.start()
+        await self.http_api.start([lc for lc in config.listeners if lc.type == "http"])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         await self.hooks.fire("server/started", self)
         log.info("Parley started: hosts %s, connection limit %d", ", ".join(self.hosts), self.max_connections)
@@ -115,6 +121,8 @@ class Server:
 
     async def stop(self) -> None:
         """Graceful shutdown: stop accepting, tell every client 'system-shutdown', then stop modules."""
+        await self.control.stop()
+        await self.http_api.stop()
         for srv in self.listeners:
             srv.close()
         if self._sweeper is not None:

@@ -196,7 +196,7 @@ def command(name: str, title: str, args: tuple[Arg, ...] = (), result: tuple[Arg
 
 
 # Modules that declare commands; `load` imports them so that every front end sees the same set.
-DECLARING_MODULES = ("server.commands.service_admin",)
+DECLARING_MODULES = ("server.commands.service_admin", "ejabberd_compat.commands")
 
 
 def load() -> dict[str, Command]:
