@@ -24,12 +24,12 @@ from xml.etree.ElementTree import Element, ParseError, SubElement
 
 import asyncpg
 
-from ejabberd_compat.piefxis import PRIVATE_STORE, VCARD_STORE, ImportReport, archived, roster_item
+from ejabberd_compat.piefxis import PRIVATE_STORE, ROSTER, VCARD_STORE, ImportReport, archived, roster_item
 from server import ns
 from server.accounts import AccountError, credentials_for, prepare_username
 from server.jid import JID, JIDError
 from server.stanza import add_delay, parse_datetime, parse_stored
-from server.storage import RosterItem, Storage, StoredCredentials
+from server.storage import Storage, StoredCredentials
 from server.storage.archive import NewMessage
 from server.storage.muc import Affiliation, MucStore, StoredRoom
 from server.stream.writer import serialize
@@ -131,8 +131,9 @@ async def _import_host(source: _Source, storage: Storage, host: str, iterations:
             report.problems.append(f"{user}@{host} exists already; left as it is")
     await _rosters(source, storage, host, created, report)
     for row in await source.rows("vcard", "username, vcard", host):
-        if row["username"] in created and _parse(row["vcard"], f"vCard of {row['username']}", report) is not None:
-            await storage.kv.set(host, row["username"], VCARD_STORE, "", row["vcard"])
+        vcard = _parse(row["vcard"], f"vCard of {row['username']}", report) if row["username"] in created else None
+        if vcard is not None:
+            await storage.kv.set(host, row["username"], VCARD_STORE, "", serialize(vcard))
             report.vcards += 1
     for row in await source.rows("private_storage", "username, data", host):
         document = _parse(row["data"], f"private data of {row['username']}", report) \
@@ -180,13 +181,13 @@ async def _rosters(source: _Source, storage: Storage, host: str, created: set[st
         subscription, ask = _SUBSCRIPTION.get(row["subscription"].strip(), "none"), row["ask"].strip()
         item_el = Element("item", {"jid": row["jid"], "subscription": subscription, "name": row["nick"] or "",
                                    **({"ask": "subscribe"} if ask in _ASK_OUT else {})})
+        for group in groups.get((user, row["jid"]), []):
+            SubElement(item_el, ns.qname(ROSTER, "group")).text = group
         try:
             item = roster_item(item_el)
         except ValueError as exc:
             report.problems.append(f"{user}@{host}: {exc}")
             continue
-        item = RosterItem(item.jid, item.name, item.subscription, item.ask, False,
-                          tuple(dict.fromkeys(groups.get((user, row["jid"]), []))))
         if ask in _ASK_IN:
             await storage.roster.add_pending(host, user, item.jid, _subscribe_request(item.jid, f"{user}@{host}",
                                                                                         row["askmessage"]))

@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ejabberd_compat import migrate
+from ejabberd_compat.config import load_ejabberd_config
 from server.accounts import AccountError, create_account, prepare_username, set_password
 from server.config import Config, ConfigError, load_config
 from server.jid import JID, JIDError
@@ -19,6 +21,12 @@ from server.storage import open_storage
 
 
 def _load(path: str | None) -> Config:
+    """A Parley TOML file, or an ejabberd.yml whose settings Parley cannot apply are listed first."""
+    if path and path.endswith((".yml", ".yaml")):
+        config, warnings = load_ejabberd_config(Path(path), known_modules=available())
+        for warning in warnings:
+            print(f"parley: {path}: not applied: {warning}", file=sys.stderr)
+        return config
     return load_config(Path(path) if path else None, known_modules=available())
 
 
@@ -145,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--password", help="the password (read from stdin when omitted)")
     actions.add_parser("delete", help="delete an account and its data").add_argument("jid")
     actions.add_parser("list", help="list accounts").add_argument("host", nargs="?")
+    migrate.add_commands(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
@@ -153,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"storage {config.storage.url.split(':', 1)[0]})")
             return 0
         config = _load(args.config)
+        if args.command in migrate.COMMANDS:
+            done: list[str] = []
+
+            async def migrate_main() -> None:
+                done.append(await migrate.run(args, config))
+
+            _run(migrate_main())
+            print(done[0])
+            return 0
         if args.command == "serve":
             _setup_logging(config, args.verbose)
             _run(_serve(config))
@@ -169,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 2
-    except AccountError as exc:
+    except (AccountError, *migrate.ERRORS) as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 1
 

@@ -23,7 +23,7 @@ import pytest
 from slixmpp import ClientXMPP
 
 from ejabberd_compat.piefxis import import_piefxis
-from ejabberd_compat.sql_import import import_ejabberd_sql
+from ejabberd_compat.sql_import import SqlImportError, import_ejabberd_sql
 from tests.conftest import IN_CI, Harness
 from tests.s2s_peers import Ejabberd, PeerUnavailable, _fill
 from tests.test_basic_modules import send_iq
@@ -245,3 +245,47 @@ async def test_ejabberd_database_imports_with_archive_and_rooms(server: Harness,
     assert (message.get("from"), message.findtext("{jabber:client}body")) == (f"{room}/Bobby", "hello room")
     again = await import_ejabberd_sql(storage, ejabberd_data.database_url, hosts)
     assert (again.users, again.rooms, again.archived) == (0, 0, 0) and len(again.problems) == 4
+
+
+OLD_SCHEMA = Path("/usr/share/ejabberd/sql/pg.sql")
+COPIED = ("users", "rosterusers", "rostergroups", "spool", "archive", "vcard", "private_storage", "muc_room")
+
+
+async def _single_host_copy(database: str) -> None:
+    """ejabberd's older single-host schema (pg.sql) in the schema 'single', holding the rows the running ejabberd
+    wrote, less their server_host column: the database of an ejabberd set up before pg.new.sql."""
+    conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}")
+    try:
+        await conn.execute("DROP SCHEMA IF EXISTS single CASCADE; CREATE SCHEMA single; SET search_path TO single")
+        await conn.execute(OLD_SCHEMA.read_text())
+        for table in COPIED:
+            columns = ", ".join(f'"{r["column_name"]}"' for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'single' "
+                "AND table_name = $1", table))
+            await conn.execute(f"INSERT INTO single.{table} ({columns}) SELECT {columns} FROM public.{table}")
+    finally:
+        await conn.close()
+
+
+async def test_ejabberds_older_single_host_schema(server: Harness, ejabberd_data: EjabberdData) -> None:
+    await _single_host_copy(ejabberd_data.database_url.rsplit("/", 1)[1])
+    url = f"{ejabberd_data.database_url}?schema=single"
+    storage, hosts = server.server.storage, server.server.config.hosts
+    with pytest.raises(SqlImportError, match="single-host schema"):
+        await import_ejabberd_sql(storage, url, hosts)  # its rows do not say their host: it must be named
+    assert await storage.accounts.count(DOMAIN) == 0
+    report = await import_ejabberd_sql(storage, url, hosts, host=DOMAIN)
+    assert (report.users, report.roster_items, report.offline, report.rooms, report.problems) == (3, 4, 3, 1, [])
+    alice = await server.client(f"alice@{DOMAIN}", PASSWORDS["alice"])
+    assert [r.id for r in await Archive(alice).all()] == ejabberd_data.archive["alice"]
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("mysql://ejabberd@localhost/ejabberd", "not a PostgreSQL URL"),
+    ("postgresql://postgres@127.0.0.1:5432/test?schema=parley_no_such_schema", "no ejabberd 'users' table"),
+    ("postgresql://postgres@127.0.0.1:1/ejabberd", "cannot connect"),
+])
+async def test_what_is_not_an_ejabberd_database_is_refused(server: Harness, url: str, reason: str) -> None:
+    with pytest.raises(SqlImportError, match=reason):
+        await import_ejabberd_sql(server.server.storage, url, server.server.config.hosts)
+    assert await server.server.storage.accounts.count(DOMAIN) == 0

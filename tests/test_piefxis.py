@@ -1,0 +1,183 @@
+"""XEP-0227 export and import (ejabberd_compat/piefxis.py): a round trip through Parley's own export, hand-written
+and hostile files, and Prosody's export made by Debian's prosody-migrator (mod_storage_xep0227)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from ejabberd_compat.piefxis import PiefxisError, export_piefxis, import_piefxis, read_xml
+from server.storage import RosterItem, open_storage
+from tests.conftest import IN_CI, Harness
+from tests.test_basic_modules import send_iq
+from tests.test_mam import Archive
+from tests.test_offline import collect, take
+
+PIE = "urn:xmpp:pie:0"
+NOTES = "http://miranda-im.org/storage#notes"
+
+
+async def test_round_trip_through_parleys_own_export(server: Harness, tmp_path: Path) -> None:
+    """Everything exported comes back after the accounts are deleted: passwords, roster, vCard, private data,
+    offline messages and the archive with its ids."""
+    storage = server.server.storage
+    alice_jid, bob_jid = await server.add_user("alice", "wonderland"), await server.add_user("bob", "builder")
+    await storage.roster.put("localhost", "alice", RosterItem(bob_jid, "Bobby", "both", groups=("Friends", "Work")))
+    await storage.roster.put("localhost", "bob", RosterItem(alice_jid, None, "both"))
+    alice = await server.client(alice_jid, "wonderland", plugins=("xep_0054",))
+    bob = await server.client(bob_jid, "builder")
+    inbox = collect(bob)
+    await alice["xep_0054"].publish_vcard(alice["xep_0054"].make_vcard())
+    await send_iq(alice, "set", "<vCard xmlns='vcard-temp'><FN>Alice Liddell</FN></vCard>")
+    await send_iq(alice, "set", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'><note>n</note></notes>"
+                                "</query>")
+    alice.send_message(mto=bob.boundjid.full, mbody="archived", mtype="chat")
+    await take(inbox, 1)
+    history = [r.id for r in await Archive(alice).all()]
+    await server.close()
+    await storage.offline.push("localhost", "bob", "<message from='alice@localhost' to='bob@localhost' "
+                               "type='chat'><body>while away</body></message>", datetime.now(UTC), 10)
+
+    main = await export_piefxis(storage, tmp_path / "export", ["localhost"])
+    exported = read_xml(tmp_path / "export" / next(iter(read_xml(main))).get("href"))
+    assert exported.find(f"{{{PIE}}}user").get("password") is None  # keys only: the password is never known
+    for user in ("alice", "bob"):
+        assert await storage.accounts.delete("localhost", user)
+    report = await import_piefxis(storage, main, ["localhost"])
+    assert (report.users, report.roster_items, report.vcards, report.private, report.offline, report.archived) == \
+        (2, 2, 1, 1, 1, 2)
+    assert report.problems == []
+
+    alice = await server.client(alice_jid, "wonderland", plugins=("xep_0054",))
+    items = (await alice.get_roster())["roster"]["items"]
+    assert (items[bob_jid]["name"], set(items[bob_jid]["groups"]), items[bob_jid]["subscription"]) == \
+        ("Bobby", {"Friends", "Work"}, "both")
+    assert (await alice["xep_0054"].get_vcard(alice_jid))["vcard_temp"]["FN"] == "Alice Liddell"
+    private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
+    assert private.findtext(f".//{{{NOTES}}}note") == "n"
+    assert [r.id for r in await Archive(alice).all()] == history
+    bob = await server.client(bob_jid, "builder")
+    inbox = collect(bob)
+    bob.send_presence()
+    [message] = await take(inbox, 1)
+    assert message.findtext("{jabber:client}body") == "while away"
+
+
+SAMPLE = """<?xml version='1.0' encoding='UTF-8'?>
+<server-data xmlns='urn:xmpp:pie:0'>
+  <host jid='localhost'>
+    <user name='Carol' password='pässwörd'>
+      <query xmlns='jabber:iq:roster'>
+        <item jid='dave@example.org' subscription='none' ask='subscribe' name='Dave'><group>Later</group></item>
+        <item jid='@@' subscription='both'/>
+        <item jid='erin@example.org' subscription='sometimes'/>
+      </query>
+    </user>
+    <user name='nokeys'/>
+    <user name='bad user' password='x'/>
+    <user name='frank'>
+      <scram-credentials xmlns='urn:xmpp:pie:0#scram' mechanism='SCRAM-SHA-512'>
+        <iter-count>4096</iter-count><salt>c2FsdA==</salt><server-key>AA==</server-key><stored-key>AA==</stored-key>
+      </scram-credentials>
+    </user>
+  </host>
+  <host jid='elsewhere.test'><user name='gina' password='x'/></host>
+</server-data>
+"""
+
+
+async def test_plaintext_passwords_are_hashed_and_what_cannot_be_imported_is_reported(
+        server: Harness, tmp_path: Path) -> None:
+    (tmp_path / "sample.xml").write_text(SAMPLE, encoding="utf-8")
+    report = await import_piefxis(server.server.storage, tmp_path / "sample.xml", server.server.config.hosts)
+    assert (report.users, report.roster_items) == (1, 1)
+    assert report.problems == [
+        "carol@localhost: roster item '@@': empty localpart",
+        "carol@localhost: roster item erin@example.org: subscription 'sometimes'",
+        "user 'nokeys'@localhost: it has neither a password nor SCRAM credentials",
+        report.problems[3],
+        "user 'frank'@localhost: unsupported SCRAM mechanism 'SCRAM-SHA-512'",
+        "host elsewhere.test is not served here (1 user(s))",
+    ]
+    assert report.problems[3].startswith("user 'bad user'@localhost: invalid username")
+    assert await server.server.storage.accounts.list("localhost") == ["carol"]
+    carol = await server.client("carol@localhost", "pässwörd")  # SCRAM-SHA-256 too: the password was hashed here
+    items = (await carol.get_roster())["roster"]["items"]
+    assert (items["dave@example.org"]["name"], items["dave@example.org"]["ask"]) == ("Dave", "subscribe")
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'>]><server-data xmlns='urn:xmpp:pie:0'/>",
+     "document type declarations are not accepted"),
+    ("<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'>", "not well-formed XML"),
+    ("<users/>", "not {urn:xmpp:pie:0}server-data"),
+    ("<server-data xmlns='urn:xmpp:pie:0' xmlns:xi='http://www.w3.org/2001/XInclude'>"
+     "<xi:include href='../secret.xml'/></server-data>", "must name a file in the same folder"),
+    ("<server-data xmlns='urn:xmpp:pie:0' xmlns:xi='http://www.w3.org/2001/XInclude'>"
+     "<host jid='localhost'><user name='ok' password='x'/></host><xi:include href='missing.xml'/></server-data>",
+     "cannot read"),
+])
+async def test_bad_files_are_refused_before_anything_is_written(tmp_path: Path, content: str, reason: str) -> None:
+    storage = await open_storage(f"sqlite+aiosqlite:///{tmp_path}/parley.db")
+    try:
+        (tmp_path / "in.xml").write_text(content)
+        with pytest.raises(PiefxisError, match=reason):
+            await import_piefxis(storage, tmp_path / "in.xml", ["localhost"])
+        assert await storage.accounts.count("localhost") == 0
+    finally:
+        await storage.close()
+
+
+PROSODY_HOST = f"p{os.getpid()}.prosody.test"
+PROSODY_DATA = Path("/var/lib/prosody")  # where Debian's prosody-migrator writes XEP-0227 files
+
+
+@pytest.fixture
+def prosody_export(tmp_path: Path) -> Iterator[Path]:
+    """A user registered with prosodyctl in Prosody's own storage, exported by prosody-migrator to XEP-0227 files
+    (which it writes into Prosody's data directory, from where they are moved). Prosody runs as its own user, so
+    its files are in a folder of their own under /tmp, not in pytest's private one."""
+    if os.geteuid() != 0 or shutil.which("prosodyctl") is None or shutil.which("prosody-migrator") is None:
+        if IN_CI:
+            pytest.fail("Prosody is required under CI (apt-get install -y prosody)")
+        pytest.skip("needs root and Debian's prosody")
+    work = Path(tempfile.mkdtemp(prefix="parley-prosody-export-"))
+    try:
+        (work / "data").mkdir()
+        config = work / "prosody.cfg.lua"
+        config.write_text(f'data_path = "{work}/data"\npidfile = "{work}/prosody.pid"\n'
+                          f'log = {{ error = "{work}/prosody.err" }}\nVirtualHost "{PROSODY_HOST}"\n')
+        migrator = work / "migrator.cfg.lua"
+        migrator.write_text(f'input {{ type = "internal"; path = "{work}/data"; '
+                            f'hosts = {{ ["{PROSODY_HOST}"] = {{ "accounts", "roster", "vcard", "private" }} }} }}\n'
+                            'output { type = "xep0227" }\n')
+        subprocess.run(["chown", "-R", "prosody:prosody", str(work)], check=True)
+        _run("prosodyctl", "--config", str(config), "register", "alice", PROSODY_HOST, "wonder land")
+        try:
+            _run("prosody-migrator", "--config", str(migrator), "input", "output")
+        finally:
+            for written in PROSODY_DATA.glob(f"*@{PROSODY_HOST}.xml"):
+                shutil.move(written, tmp_path / written.name)
+        yield tmp_path
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(*command: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        raise AssertionError(f"{' '.join(command)}: {done.stdout}{done.stderr}")
+
+
+@pytest.mark.parley_config(hosts={PROSODY_HOST: {}})
+async def test_prosodys_export_imports_and_users_keep_their_passwords(server: Harness, prosody_export: Path) -> None:
+    report = await import_piefxis(server.server.storage, prosody_export, server.server.config.hosts)
+    assert (report.users, report.problems) == (1, [])
+    await server.client(f"alice@{PROSODY_HOST}", "wonder land")
