@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, Table, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
@@ -99,9 +102,37 @@ def _postgresql_engine(url: URL) -> tuple[AsyncEngine, str | None]:
     return create_async_engine(url, connect_args=connect_args, pool_pre_ping=True), schema
 
 
-def writer(engine: AsyncEngine) -> AsyncEngine:
-    """A view of ``engine`` whose ``begin()`` opens a write transaction (BEGIN IMMEDIATE on SQLite)."""
-    return engine.execution_options(**{_WRITE_OPTION: True})
+class Writer:
+    """Write transactions on one engine (BEGIN IMMEDIATE on SQLite), taken one at a time on SQLite.
+
+    SQLite has one write lock per database file. Writers that queue for it inside SQLite wait in its busy
+    handler, which polls with sleeps of up to 100 ms, so a burst of writes (a hundred sessions ending
+    at once) costs seconds; queued on an asyncio lock instead, each writer starts the moment the previous
+    one commits. PostgreSQL writers run concurrently.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine.execution_options(**{_WRITE_OPTION: True})
+        self._lock = _SQLITE_WRITE_LOCKS.setdefault(engine.sync_engine, asyncio.Lock()) \
+            if engine.dialect.name == "sqlite" else None
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        if self._lock is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        async with self._lock, self._engine.begin() as conn:
+            yield conn
+
+
+# One lock per SQLite engine, shared by every store writing through it.
+_SQLITE_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def writer(engine: AsyncEngine) -> Writer:
+    """Where a store opens its write transactions."""
+    return Writer(engine)
 
 
 def dialect_insert(conn: AsyncConnection, table: Table) -> postgresql.Insert | sqlite.Insert:
