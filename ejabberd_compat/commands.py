@@ -368,7 +368,7 @@ async def create_room(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         raise CommandError(f"the MUC service of {host.name} is {muc.domain}")
     jid = _room_jid(args["name"], muc.domain)
     if jid in muc.rooms:
-        raise Conflict(f"room {jid} already exists")
+        raise CommandError(f"room {jid} already exists")  # ejabberd answers 400 here, not 409
     owners = host.admins if ctx.operator else {ctx.actor.bare}
     room = Room(muc, jid, replace(muc.default_config(), persistent=True), datetime.now(UTC),
                 {owner: Affiliation("owner") for owner in owners})

@@ -44,6 +44,10 @@ class Api:
 
 @pytest.fixture
 async def api(server: Harness) -> Api:
+    return await with_http_api(server)
+
+
+async def with_http_api(server: Harness) -> Api:
     """The server restarted with an `http` listener and a token, as if they had been in its configuration."""
     port = free_port()
     config = server.server.config
