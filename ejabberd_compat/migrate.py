@@ -28,6 +28,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-piefxis", help="export users and their data as XEP-0227 files into a folder")
     p.add_argument("dir")
     p.add_argument("--host", action="append", help="only this host (repeatable; default: every host)")
+    p.add_argument("--ejabberd", action="store_true", help="for ejabberd's import_piefxis (its SCRAM key encoding)")
     p.add_argument("--config", help=config_help)
     p = sub.add_parser("import-ejabberd-sql", help="import everything from an ejabberd PostgreSQL database, "
                                                    "archives and rooms included")
@@ -48,7 +49,7 @@ async def run(args: argparse.Namespace, config: Config) -> str:
     storage = await open_storage(config.storage.url)
     try:
         if args.command == "export-piefxis":
-            return f"exported to {await export_piefxis(storage, Path(args.dir), hosts)}"
+            return f"exported to {await export_piefxis(storage, Path(args.dir), hosts, args.ejabberd)}"
         if args.command == "import-piefxis":
             report = await import_piefxis(storage, Path(args.file), hosts, config.scram_iterations)
         else:

@@ -39,7 +39,7 @@ from server.storage.archive import ArchiveFilter, NewMessage
 from server.storage.engine import user_rows
 from server.storage.roster import SUBSCRIPTIONS
 from server.storage.schema import offline
-from server.stream.writer import serialize
+from server.stream.writer import escape_attr, serialize
 
 PIE = "urn:xmpp:pie:0"
 PIE_SCRAM = "urn:xmpp:pie:0#scram"
@@ -293,39 +293,43 @@ async def _import_user(storage: Storage, host: str, user_el: Element, iterations
         report.archived += len(rows)
 
 
-async def export_piefxis(storage: Storage, directory: Path, hosts: Sequence[str]) -> Path:
+async def export_piefxis(storage: Storage, directory: Path, hosts: Sequence[str], for_ejabberd: bool = False) -> Path:
     """Write the users of ``hosts`` with all their data into ``directory`` (created if needed), one file per
-    host and a main file including them; returns the main file's path."""
+    host and a main file including them; returns the main file's path. ``for_ejabberd`` writes the SCRAM keys
+    the way ejabberd's import_piefxis reads them: SHA-1 only, each value base64-encoded twice."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    main = Element(pie("server-data"))
+    includes = []
     for host in hosts:
         host_el = Element(pie("host"), {"jid": host})
         for user in await storage.accounts.list(host):
-            host_el.append(await _export_user(storage, host, user))
+            host_el.append(await _export_user(storage, host, user, for_ejabberd))
         name = f"{stamp}_{host.replace('.', '_')}.xml"
-        _write(directory / name, host_el)
-        SubElement(main, ns.qname(XINCLUDE, "include"), {"href": name})
+        _write(directory / name, serialize(host_el))
+        includes.append(f'<xi:include href="{escape_attr(name)}"/>')
     path = directory / f"{stamp}.xml"
-    _write(path, main)
+    # The 'xi' prefix written out: ejabberd's importer knows the include by that name, not by its namespace.
+    _write(path, f'<server-data xmlns="{PIE}" xmlns:xi="{XINCLUDE}">{"".join(includes)}</server-data>')
     return path
 
 
-def _write(path: Path, root: Element) -> None:
-    path.write_text("<?xml version='1.0' encoding='UTF-8'?>\n" + serialize(root) + "\n", encoding="utf-8")
+def _write(path: Path, xml: str) -> None:
+    path.write_text("<?xml version='1.0' encoding='UTF-8'?>\n" + xml + "\n", encoding="utf-8")
 
 
-async def _export_user(storage: Storage, host: str, user: str) -> Element:
+async def _export_user(storage: Storage, host: str, user: str, for_ejabberd: bool) -> Element:
     el = Element(pie("user"), {"name": user})
     account = await storage.accounts.get(host, user)
     for creds in (account.credentials.values() if account else ()):
+        if for_ejabberd and creds.hash_name != "SHA-1":
+            continue
         scram = SubElement(el, ns.qname(PIE_SCRAM, "scram-credentials"), {"mechanism": f"SCRAM-{creds.hash_name}"})
-        for name, value in (("iter-count", str(creds.iterations)),
-                            ("salt", base64.b64encode(creds.salt).decode()),
-                            ("server-key", base64.b64encode(creds.server_key).decode()),
-                            ("stored-key", base64.b64encode(creds.stored_key).decode())):
-            SubElement(scram, ns.qname(PIE_SCRAM, name)).text = value
+        SubElement(scram, ns.qname(PIE_SCRAM, "iter-count")).text = str(creds.iterations)
+        for name, value in (("salt", creds.salt), ("server-key", creds.server_key), ("stored-key", creds.stored_key)):
+            text = base64.b64encode(value)
+            SubElement(scram, ns.qname(PIE_SCRAM, name)).text = \
+                (base64.b64encode(text) if for_ejabberd else text).decode()
     _, items = await storage.roster.get(host, user)
     if items:
         query = SubElement(el, ns.qname(ROSTER, "query"))

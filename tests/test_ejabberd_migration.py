@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 from slixmpp import ClientXMPP
 
-from ejabberd_compat.piefxis import import_piefxis
+from ejabberd_compat.piefxis import export_piefxis, import_piefxis
 from ejabberd_compat.sql_import import SqlImportError, import_ejabberd_sql
+from server.storage import RosterItem
 from tests.conftest import IN_CI, Harness
 from tests.s2s_peers import Ejabberd, PeerUnavailable, _fill
 from tests.test_basic_modules import send_iq
@@ -79,6 +80,7 @@ class EjabberdData:
     export: Path  # the main file of export_piefxis
     database_url: str  # ejabberd's database, for the SQL importer
     archive: dict[str, list[str]]  # archive owner (user, or room JID) -> stanza ids, oldest first
+    peer: MigrationEjabberd
 
 
 async def _create_database(name: str) -> None:
@@ -163,7 +165,7 @@ def ejabberd_data() -> Iterator[EjabberdData]:
         peer.ctl("export_piefxis", str(peer.dir / "export"))
         exports = sorted((peer.dir / "export").glob("*.xml"), key=lambda p: len(p.name))
         yield EjabberdData(exports[0], f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}",
-                           asyncio.run(_archive(database)))
+                           asyncio.run(_archive(database)), peer)
     finally:
         peer.stop()
         peer.cleanup()
@@ -289,3 +291,20 @@ async def test_what_is_not_an_ejabberd_database_is_refused(server: Harness, url:
     with pytest.raises(SqlImportError, match=reason):
         await import_ejabberd_sql(server.server.storage, url, server.server.config.hosts)
     assert await server.server.storage.accounts.count(DOMAIN) == 0
+
+
+async def test_parleys_export_imports_into_ejabberd(server: Harness, ejabberd_data: EjabberdData) -> None:
+    """The way back: ejabberd's import_piefxis reads Parley's export (made for it) and its users keep their
+    passwords, rosters and vCards."""
+    storage, peer = server.server.storage, ejabberd_data.peer
+    await server.add_user("zoe", "zebra crossing", host=DOMAIN)
+    await storage.roster.put(DOMAIN, "zoe", RosterItem(f"alice@{DOMAIN}", "Alice", "to", groups=("Friends",)))
+    await storage.kv.set(DOMAIN, "zoe", "vcard", "", "<vCard xmlns='vcard-temp'><FN>Zoe Zebra</FN></vCard>")
+    main = await export_piefxis(storage, peer.dir / "from-parley", [DOMAIN], for_ejabberd=True)
+    subprocess.run(["chown", "-R", "ejabberd", str(main.parent)], check=True)
+    peer.ctl("import_piefxis", str(main))
+    peer.ctl("check_password", "zoe", DOMAIN, "zebra crossing")  # fails (exit 1) on a wrong password
+    assert peer.ctl("get_roster", "zoe", DOMAIN).split() == [f"alice@{DOMAIN}", "Alice", "to", "undefined", "Friends"]
+    assert peer.ctl("get_vcard", "zoe", DOMAIN, "FN").strip() == "Zoe Zebra"
+    with pytest.raises(AssertionError, match="false"):
+        peer.ctl("check_password", "zoe", DOMAIN, "zebra")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ejabberd_compat.piefxis import PiefxisError, export_piefxis, import_piefxis, read_xml
+from server.cli import main
 from server.storage import RosterItem, open_storage
 from tests.conftest import IN_CI, Harness
 from tests.test_basic_modules import send_iq
@@ -181,3 +182,26 @@ async def test_prosodys_export_imports_and_users_keep_their_passwords(server: Ha
     report = await import_piefxis(server.server.storage, prosody_export, server.server.config.hosts)
     assert (report.users, report.problems) == (1, [])
     await server.client(f"alice@{PROSODY_HOST}", "wonder land")
+
+
+def _config(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "parley.toml").write_text(f'data_dir = "{folder}/data"\n[hosts."example.test"]\n')
+    return str(folder / "parley.toml")
+
+
+def test_the_parley_commands_move_accounts_between_servers(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = _config(tmp_path / "old"), _config(tmp_path / "new")
+    assert main(["user", "--config", old, "add", "ann@example.test", "--password", "a password"]) == 0
+    assert main(["export-piefxis", str(tmp_path / "export"), "--host", "example.test", "--config", old]) == 0
+    main_file = capsys.readouterr().out.strip().rsplit(" ", 1)[1]
+    assert main(["import-piefxis", str(tmp_path / "export"), "--config", new]) == 0
+    assert capsys.readouterr().out.startswith("imported 1 user(s), 0 roster item(s)")
+    assert main(["user", "--config", new, "list"]) == 0
+    assert capsys.readouterr().out.split() == ["ann@example.test"]
+    assert main(["export-piefxis", str(tmp_path / "x"), "--host", "elsewhere.test", "--config", old]) == 2
+    (tmp_path / "bad.xml").write_text("<server-data xmlns='urn:xmpp:pie:0'>")
+    assert main(["import-piefxis", str(tmp_path / "bad.xml"), "--config", new]) == 1
+    assert "not well-formed XML" in capsys.readouterr().err
+    assert Path(main_file).exists()
