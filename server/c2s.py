@@ -99,6 +99,7 @@ class C2SConnection(StreamEdge):
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        deliberate = self.closing  # the stream was closed or an error sent, not cut off
         self.closing = True
         self.server.connections.discard(self)
         if self._counted_ip:
@@ -108,8 +109,9 @@ class C2SConnection(StreamEdge):
             self._worker.cancel()
         if self.session is not None:
             session, self.session = self.session, None
-            session.closed = True
-            self.server.end_session_soon(session)
+            if deliberate or session.hibernate is None or not session.hibernate():
+                session.closed = True
+                self.server.end_session_soon(session)
 
     def _send_header(self) -> None:
         if not self.header_sent:
@@ -139,7 +141,9 @@ class C2SConnection(StreamEdge):
     async def _handle(self, event: object) -> None:
         if isinstance(event, Element):
             if self.session is not None and event.tag in KINDS:
+                session = self.session
                 await self._stanza(event)
+                self.host.hooks.notify("c2s/handled", session)
             else:
                 await self._element(event)
         elif isinstance(event, StreamOpen):
@@ -222,6 +226,8 @@ class C2SConnection(StreamEdge):
             return
         elif tag in KINDS:
             raise StreamError("not-authorized", "authenticate first")
+        elif await self.host.hooks.fire("c2s/element", self, el) is not None:
+            return
         elif self.session is None or await self.host.hooks.fire("c2s/nonza", self.session, el) is None:
             raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
 
@@ -418,7 +424,7 @@ class C2SConnection(StreamEdge):
         kind = KINDS[el.tag]
         if kind == "iq" and len(el) == 1 and el[0].tag == SESSION and el.get("type") == "set" \
                 and el.get("to") in (None, self.host.name):
-            self.send(reply(el))
+            session.send(reply(el))
             return
         try:
             to = parse_jid_attr(el.get("to"))

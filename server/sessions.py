@@ -43,6 +43,13 @@ class Session:
         # Set by a module that keeps stanzas back from the client for a while (client state indication):
         # it gets each stanza with its serialized form and returns True when it took it.
         self.hold: Callable[[Element, str], bool] | None = None
+        # Set by stream management: takes every stanza written to the client, to count it and keep it
+        # until acknowledged, and writes it with `transmit` unless the client is away (`detached`).
+        self.outbox: Callable[[str, Element | None], None] | None = None
+        # Set by stream management for a resumable session: called when the connection drops without a
+        # closing stream; True when the session stays, detached, waiting for the client to resume.
+        self.hibernate: Callable[[], bool] | None = None
+        self.detached = False  # the connection is gone; stanzas wait in stream management's queue
         self._write = write
         self._close = close
 
@@ -61,7 +68,19 @@ class Session:
         data goes out as it is (as when `hold` lets go of what it took).
         """
         if not self.closed and (el is None or self.hold is None or not self.hold(el, data)):
-            self._write(data)
+            if self.outbox is None:
+                self._write(data)
+            else:
+                self.outbox(data, el)
+
+    def transmit(self, data: str) -> None:
+        """Write to the client's connection as it is, stream management's nonzas included."""
+        self._write(data)
+
+    def attach(self, write: Callable[[str], None], close: Callable[[str | None], None]) -> None:
+        """Carry on over another connection (stream management resumption)."""
+        self._write = write
+        self._close = close
 
     def close(self, condition: str | None = None) -> None:
         """End the session, with a stream error condition if given."""

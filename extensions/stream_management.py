@@ -1,0 +1,309 @@
+"""XEP-0198 Stream Management for clients: acks both ways, and sessions that survive a dropped connection.
+
+After <enable/> every stanza written to the session is counted and kept until the client acknowledges it
+(one <r/> outstanding at a time, sent behind the first unacknowledged stanza), and every stanza the
+client sends is counted for our <a h/>. Stanzas that CSI holds back count only when they are written.
+
+With resume='true', a connection that drops without a closing </stream:stream> leaves the session
+DETACHED (`session.detached`): it stays registered and available, so contacts see no change and stanzas
+routed to it wait in its queue. For each one queued while detached, the host event 'sm/queued'
+(session, element) is fired with `hooks.fire` in a task of its own (so handlers may be coroutines; their
+result is ignored), which is how push notifications learn that a phone needs waking. A client that
+authenticates again and sends <resume previd h/> within 'resume_timeout' seconds gets the session back
+on its new connection, with everything it had not acknowledged sent again exactly once. Otherwise, when
+the timeout passes, the queue outgrows 'max_queue', or the session is replaced, it ends as any other.
+
+When a managed session ends, what the client never acknowledged is not lost: chat and normal messages
+with content go to the account's other available resources, or to offline storage when there are none,
+straight to them, not through the router, so the archive and carbons (which saw them the first time)
+do not see them again. A message that another resource already got (a message to the bare JID given to
+several resources, or copied by carbons) is not sent again. Iq requests get a service-unavailable error;
+presence, results, errors, group chat and the account's own copies are dropped, as XEP-0198 allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import secrets
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from weakref import WeakSet
+from xml.etree.ElementTree import Element, SubElement
+
+from extensions.carbons import eligible
+from extensions.offline import has_content
+from server.jid import JID, JIDError
+from server.module import Module
+from server.sessions import Session
+from server.stanza import IQ, MESSAGE, Stanza, add_delay, parse_stored
+from server.stream.errors import StanzaError, StreamError
+from server.stream.sm import (
+    ACK,
+    ENABLE,
+    ENABLED,
+    FEATURE,
+    REQUEST,
+    RESUME,
+    RESUMED,
+    HandledCountTooHigh,
+    StreamManagement,
+    ack_element,
+    failed,
+    parse_h,
+    request_element,
+)
+from server.stream.writer import serialize
+
+if TYPE_CHECKING:
+    from server.c2s import C2SConnection
+
+NAME = "stream_management"
+REQUEST_XML = serialize(request_element())
+RESUME_TIMEOUT = 300.0
+MAX_QUEUE = 500
+CARBONS = "carbons"  # the carbons module's mark on a session that enabled them
+
+
+class Managed:
+    """Stream management of one session: its counters and queue, and the connection carrying it, if any."""
+
+    def __init__(self, module: StreamManagementModule, session: Session, conn: C2SConnection,
+                 resume_id: str | None, timeout: float) -> None:
+        self.module = module
+        self.session = session
+        self.conn: C2SConnection | None = conn
+        self.id = resume_id
+        self.timeout = timeout
+        self.state: StreamManagement[tuple[str, Element | None]] = StreamManagement()
+        self.requested = False  # an <r/> is out and not answered yet
+        self.timer: asyncio.TimerHandle | None = None
+        self.shared: WeakSet[Element] = WeakSet()  # messages that other resources of the account got too
+
+    def outbox(self, data: str, el: Element | None) -> None:
+        self.state.sent((data, el))
+        if len(self.state) > self.module.max_queue:
+            self.module.log.info("%s: more than %d unacknowledged stanzas", self.session.jid, self.module.max_queue)
+            self.close("resource-constraint")
+        elif self.session.detached:
+            self.module.queued(self.session, el if el is not None else parse_stored(data))
+        else:
+            self.session.transmit(data)
+            if not self.requested:
+                self.requested = True
+                self.session.transmit(REQUEST_XML)
+
+    def hibernate(self) -> bool:
+        self.conn = None
+        self.session.detached = True
+        self.timer = asyncio.get_running_loop().call_later(self.timeout, self.expire)
+        self.module.log.info("%s detached; resumable for %g s", self.session.jid, self.timeout)
+        return True
+
+    def expire(self) -> None:
+        self.module.log.info("%s was not resumed in time", self.session.jid)
+        self.close(None)
+
+    def close(self, condition: str | None) -> None:
+        """The session's way to its connection's close; a detached session just ends."""
+        if self.conn is not None:
+            self.conn.close_session(condition)
+        elif not self.session.closed:
+            # Out of the registry at once, so that nothing more is routed to a session that is going.
+            self.session.closed = True
+            self.module.server.sessions.remove(self.session)
+            self.module.server.end_session_soon(self.session)
+
+    def resume_on(self, conn: C2SConnection) -> None:
+        old, self.conn = self.conn, conn
+        if old is not None:
+            old.session = None  # its end no longer concerns the session
+            old.stream_error(StreamError("conflict", "the session was resumed on another connection"))
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        session = self.session
+        conn.session = session
+        session.attach(conn.write, self.close)
+        session.detached = False
+        session.remote_ip = conn.remote_ip
+        conn.send(Element(RESUMED, {"previd": self.id or "", "h": str(self.state.handled)}))
+        pending = self.state.unacked
+        for data, _ in pending:
+            session.transmit(data)
+        self.requested = bool(pending)
+        if pending:
+            session.transmit(REQUEST_XML)
+
+
+class StreamManagementModule(Module):
+    name = NAME
+
+    def setup(self) -> None:
+        self.resume_timeout = float(self.option("resume_timeout", RESUME_TIMEOUT))
+        self.max_queue = int(self.option("max_queue", MAX_QUEUE))
+        self._resumable: dict[str, Managed] = {}
+        self._notifying: set[asyncio.Task[None]] = set()
+        self.hook("c2s/features", self.features)
+        self.hook("c2s/element", self.element)
+        self.hook("c2s/handled", self.handled)
+        self.hook("message/deliver", self.delivering, priority=5)  # after the archive, before carbons
+        self.hook("session/closed", self.session_closed)
+
+    async def stop(self) -> None:
+        for managed in self._resumable.values():
+            if managed.timer is not None:
+                managed.timer.cancel()
+
+    def features(self, conn: C2SConnection, features: Element, stage: str) -> None:
+        if stage == "post-auth":
+            SubElement(features, FEATURE)
+
+    def element(self, conn: C2SConnection, el: Element) -> bool | None:
+        if el.tag == ENABLE:
+            self.enable(conn, el)
+        elif el.tag == RESUME:
+            self.resume(conn, el)
+        else:
+            managed = conn.session.data.get(NAME) if conn.session is not None else None
+            if not isinstance(managed, Managed) or el.tag not in (ACK, REQUEST):
+                return None
+            if el.tag == REQUEST:
+                conn.send(ack_element(managed.state.handled))
+            else:
+                self.acknowledged(managed, el)
+        return True
+
+    def handled(self, session: Session) -> None:
+        managed = session.data.get(NAME)
+        if isinstance(managed, Managed):
+            managed.state.received()
+
+    # --- enabling and resuming --------------------------------------------------------------------
+
+    def enable(self, conn: C2SConnection, el: Element) -> None:
+        session = conn.session
+        if session is None or NAME in session.data:
+            # XEP-0198 3: after authentication and resource binding, and only once.
+            conn.send(failed("not-authorized" if conn.username is None else "unexpected-request"))
+            return
+        resumable = el.get("resume") in ("true", "1")
+        timeout = self.resume_timeout
+        wanted = el.get("max") or ""
+        if wanted.isdigit():
+            timeout = min(timeout, float(wanted))
+        managed = Managed(self, session, conn, secrets.token_urlsafe(18) if resumable else None, timeout)
+        session.data[NAME] = managed
+        session.attach(conn.write, managed.close)
+        session.outbox = managed.outbox
+        enabled = Element(ENABLED)
+        if managed.id is not None:
+            self._resumable[managed.id] = managed
+            session.hibernate = managed.hibernate
+            enabled.attrib.update({"id": managed.id, "resume": "true", "max": str(math.ceil(timeout))})
+        conn.send(enabled)
+
+    def resume(self, conn: C2SConnection, el: Element) -> None:
+        if conn.username is None or conn.session is not None:
+            # XEP-0198 5: after authentication, instead of resource binding.
+            conn.send(failed("not-authorized" if conn.username is None else "unexpected-request"))
+            return
+        managed = self._resumable.get(el.get("previd") or "")
+        if managed is None or managed.session.closed or \
+                managed.session.bare != JID.make(conn.username, conn.host.name):
+            conn.send(failed("item-not-found"))
+            return
+        try:
+            h = parse_h(el.get("h"))
+        except ValueError:
+            conn.send(failed("bad-request"))
+            return
+        try:
+            managed.state.acknowledge(h)
+        except HandledCountTooHigh:
+            managed.close(None)  # the client lost track; what it did not get goes elsewhere
+            raise
+        self.log.info("%s resumed from %s", managed.session.jid, conn.remote_ip)
+        managed.resume_on(conn)
+
+    def acknowledged(self, managed: Managed, el: Element) -> None:
+        try:
+            h = parse_h(el.get("h"))
+        except ValueError as exc:
+            raise StreamError("invalid-xml", str(exc)) from None
+        managed.state.acknowledge(h)
+        managed.requested = False
+
+    # --- detached sessions ------------------------------------------------------------------------
+
+    def queued(self, session: Session, el: Element) -> None:
+        task = asyncio.get_running_loop().create_task(self._notify_queued(session, el))
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
+
+    async def _notify_queued(self, session: Session, el: Element) -> None:
+        try:
+            await self.host.hooks.fire("sm/queued", session, el)
+        except Exception:
+            self.log.exception("sm/queued handler failed for %s", session.jid)
+
+    def delivering(self, stanza: Stanza, sessions: list[Session]) -> None:
+        """Remember which messages a managed session shares with other resources, which need no resending."""
+        managed = [m for m in (s.data.get(NAME) for s in sessions) if isinstance(m, Managed)]
+        if not managed:
+            return
+        if len(sessions) == 1:
+            others = (s for s in self.server.sessions.of(stanza.to.bare) if s not in sessions)
+            if not (eligible(stanza.el) and any(s.data.get(CARBONS) and s is not stanza.origin for s in others)):
+                return
+        for state in managed:
+            state.shared.add(stanza.el)
+
+    async def session_closed(self, session: Session) -> None:
+        managed = session.data.get(NAME)
+        if not isinstance(managed, Managed):
+            return
+        if managed.timer is not None:
+            managed.timer.cancel()
+        if managed.id is not None:
+            self._resumable.pop(managed.id, None)
+        session.outbox = session.hibernate = None
+        for data, el in managed.state.take_unacked():
+            stanza = el if el is not None else parse_stored(data)
+            if stanza.tag == MESSAGE and stanza not in managed.shared:
+                await self._redeliver(session, stanza)
+            elif stanza.tag == IQ and stanza.get("type") in ("get", "set"):
+                await self._refuse(session, stanza)
+
+    async def _redeliver(self, session: Session, el: Element) -> None:
+        """A message the gone session may not have shown: to another resource, else to offline storage."""
+        sender = _sender(el)
+        if (el.get("type") or "normal") not in ("chat", "normal") or not has_content(el) \
+                or sender is None or sender.bare == session.bare:
+            return  # the account's own copies (carbons, archive results) are elsewhere already
+        message = copy.copy(el)
+        message.set("to", str(session.bare))
+        others = [s for s in self.server.sessions.available(session.bare) if s.priority >= 0 and not s.closed]
+        if others:
+            top = max(s.priority for s in others)
+            add_delay(message, self.host.name, datetime.now(UTC), "Resent after a lost connection")
+            for other in others:
+                if other.priority == top:
+                    other.send(message)
+            return
+        stanza = Stanza(message, "message", sender, session.bare)
+        if await self.host.hooks.fire("message/offline", stanza) is None:
+            await self.server.router.bounce(stanza, StanzaError("service-unavailable"))
+
+    async def _refuse(self, session: Session, el: Element) -> None:
+        sender = _sender(el)
+        if sender is not None:
+            await self.server.router.bounce(Stanza(el, "iq", sender, session.jid), StanzaError("service-unavailable"))
+
+
+def _sender(el: Element) -> JID | None:
+    try:
+        return JID.parse(el.get("from") or "")
+    except JIDError:
+        return None
