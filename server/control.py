@@ -110,4 +110,7 @@ class ControlSocket:
         if command is None or not isinstance(args, dict):
             return {"error": f"unknown command {name!r}", "kind": "error"}
         host = next(iter(self.server.hosts.values()))
-        return await execute(command, Context(host, host.jid, operator=True), args)
+        answer = await execute(command, Context(host, host.jid, operator=True), args)
+        if "result" in answer:
+            log.info("parleyctl ran %s", command.name)
+        return answer
