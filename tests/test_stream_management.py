@@ -276,6 +276,27 @@ async def test_unacknowledged_messages_of_a_timed_out_session_go_offline_once(se
     assert fin["count"] == 2 and [r.body for r in results] == ["seen but not acknowledged", "sent while detached"]
 
 
+async def test_without_resumption_a_cut_ends_the_session_at_once_and_nothing_is_lost(server: Harness) -> None:
+    await server.add_user("bob")
+    ended = closed_sessions(server)
+    raw = await bound(server, "alice", "phone")
+    await raw.send(f"<enable xmlns='{SM}' max='60'/><presence/>")
+    assert (await raw.expect(f"{{{SM}}}enabled")).get("resume") is None
+    bob = await server.client("bob@localhost")
+    send(bob, "unacknowledged", to="alice@localhost/phone")
+    assert (await next_stanza(raw)).get("from") == "alice@localhost/phone"  # our own presence
+    assert (await next_stanza(raw)).findtext("{jabber:client}body") == "unacknowledged"
+    cut(raw)
+    await until(lambda: len(ended) == 1)
+    assert await server.server.storage.offline.count("localhost", "alice") == 1
+
+
+async def test_the_client_may_ask_for_a_shorter_resumption_time(server: Harness) -> None:
+    raw = await bound(server, "alice", "phone")
+    await raw.send(f"<enable xmlns='{SM}' resume='true' max='42'/>")
+    assert (await raw.expect(f"{{{SM}}}enabled")).get("max") == "42"
+
+
 @SHORT
 async def test_unacknowledged_messages_go_to_another_resource_unless_it_has_them(server: Harness) -> None:
     ended = closed_sessions(server)
