@@ -7,6 +7,7 @@ Read-modify-write changes of one roster hold `locked(user)` so concurrent stanza
 Rosters of users with sessions on this server are cached: every presence a user sends or receives
 consults the roster, and reading it from the database each time made presence fan-out slow. All writes
 go through this module, which keeps the cache in step; a user's entry goes when the last session ends.
+With several worker processes, a change is announced ('roster/changed') and the others `invalidate()`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
@@ -88,15 +91,24 @@ class Roster(Module):
 
     # --- API for the presence module -------------------------------------------------------------
 
-    def locked(self, user: JID) -> asyncio.Lock:
+    @asynccontextmanager
+    async def locked(self, user: JID) -> AsyncIterator[None]:
         """The lock serialising changes of one user's roster and pending requests.
 
+        With several worker processes it is held across them, and the roster is read afresh under it: the
+        process that held it last may have changed the roster a moment ago.
         Never route a stanza while holding it: the recipient's processing may need its own roster's lock.
         """
         lock = self._locks.get(user)
         if lock is None:
             lock = self._locks[user] = asyncio.Lock()
-        return lock
+        async with lock:
+            if self.server.cluster is None:
+                yield
+            else:
+                async with self.server.cluster.lock(f"roster:{user}"):
+                    self.invalidate(user)
+                    yield
 
     async def load(self, user: JID) -> tuple[int, dict[str, RosterItem]]:
         """(version, items by JID) of a user's roster; callers must not modify the dict."""
@@ -123,6 +135,7 @@ class Roster(Module):
 
     def _changed(self, user: JID, version: int, jid: str, item: RosterItem | None) -> None:
         self._generation[user] = self._generation.get(user, 0) + 1
+        self.server.hooks.notify("roster/changed", user)  # other worker processes drop their copy
         cached = self._cache.get(user)
         if cached is not None:
             items = {k: v for k, v in cached[1].items() if k != jid}
@@ -134,6 +147,11 @@ class Roster(Module):
         if not self.server.sessions.of(session.bare):
             self._cache.pop(session.bare, None)
             self._generation.pop(session.bare, None)
+
+    def invalidate(self, user: JID) -> None:
+        """Another process changed the user's roster: read it again, and do not cache a read now under way."""
+        self._cache.pop(user, None)
+        self._generation[user] = self._generation.get(user, 0) + 1
 
     # --- the roster protocol ---------------------------------------------------------------------
 

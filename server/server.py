@@ -27,6 +27,7 @@ from server.stream.errors import StreamError
 from server.tls import TlsContexts, ensure_certificate
 
 if TYPE_CHECKING:
+    from server.cluster import Cluster
     from server.config import ListenerConfig
     from server.stanza import Stanza
 
@@ -68,6 +69,7 @@ class Server:
         self.max_connections = limits.max_connections
         self.listeners: list[asyncio.base_events.Server] = []
         self.s2s: S2SManager | None = None  # federation; on when an s2s listener is configured
+        self.cluster: Cluster | None = None  # set when this is one of several worker processes
         self.control = ControlSocket(self)  # for parleyctl
         self.http_api = HttpApi(self)  # ejabberd's mod_http_api on the 'http' listeners
         self.components = Components(self)  # XEP-0114
@@ -115,6 +117,7 @@ class Server:
         handshake_timeout = self.config.limits.unauthenticated_timeout if direct else None
         srv = await loop.create_server(lambda: C2SConnection(self, direct), listener.address, listener.port,
                                        ssl=ssl, reuse_address=True, backlog=1024,
+                                       reuse_port=self.config.cluster.workers > 1,
                                        ssl_handshake_timeout=handshake_timeout)
         self.listeners.append(srv)
         log.info("listening for clients on %s:%d (%s)", listener.address, listener.port, listener.tls)

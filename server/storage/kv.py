@@ -6,8 +6,9 @@ inside it ('' when a store keeps one document per user).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -59,8 +60,12 @@ class CachedDocuments(Generic[T]):
     """One document per user in a module's store, parsed once and kept in a bounded cache.
 
     For documents read on every stanza (a blocklist, archiving preferences). Writes go through `set`,
-    so this server never serves a stale copy.
+    so this server never serves a stale copy. With several worker processes, `on_set` tells the others,
+    which `forget` their copy.
     """
+
+    instances: ClassVar[weakref.WeakSet[CachedDocuments[Any]]] = weakref.WeakSet()
+    on_set: ClassVar[Callable[[str, str, str], None] | None] = None  # (store, host, user)
 
     def __init__(self, kv: KeyValueStore, store: str, parse: Callable[[Any | None], T], size: int = 10000) -> None:
         self._kv = kv
@@ -68,6 +73,7 @@ class CachedDocuments(Generic[T]):
         self._parse = parse
         self._size = size
         self._cache: dict[tuple[str, str], T] = {}
+        CachedDocuments.instances.add(self)
 
     async def get(self, host: str, user: str) -> T:
         key = (host, user)
@@ -83,3 +89,11 @@ class CachedDocuments(Generic[T]):
         """Store the document (None deletes it)."""
         await self._kv.set(host, user, self._store, "", document)
         self._cache[(host, user)] = self._parse(document)
+        if CachedDocuments.on_set is not None:
+            CachedDocuments.on_set(self._store, host, user)
+
+    @classmethod
+    def forget(cls, store: str, host: str, user: str) -> None:
+        for cache in cls.instances:
+            if cache._store == store:
+                cache._cache.pop((host, user), None)

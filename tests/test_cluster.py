@@ -1,0 +1,340 @@
+"""`parley serve --workers 2`: two processes share the port, and what users do works whichever worker each of
+their sessions landed on. The server runs as a real subprocess; clients are slixmpp over real sockets. The
+kernel spreads connections over the workers, so a test logs a client in again until it lands on the worker it
+wants (bounded), reading the worker's session list in Redis to see where it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from xml.etree.ElementTree import fromstring
+
+import pytest
+import redis.asyncio as aioredis
+from slixmpp import ClientXMPP
+
+from server.accounts import create_account
+from server.cluster import FIELD, FRAME, _resolve
+from server.storage import Storage, open_storage
+from tests.conftest import IN_CI, PG_URL, Harness, drop_pg_schema, free_port, make_pg_schema
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+REPO = Path(__file__).resolve().parent.parent
+ROOM = "lobby@conference.localhost"
+
+
+async def redis_or_skip() -> aioredis.Redis:
+    """Redis for the test; under CI a missing Redis fails the test instead of skipping it."""
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await asyncio.wait_for(client.ping(), 3)
+    except Exception:
+        await client.aclose()
+        if IN_CI:
+            pytest.fail("Redis at 127.0.0.1:6379 is required under CI")
+        pytest.skip("Redis not reachable")
+    return client
+
+
+class Workers(Harness):
+    """A `parley serve --workers 2` subprocess, its storage and its Redis keys."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], storage: Storage, port: int, data_dir: Path,
+                 redis: aioredis.Redis, prefix: str) -> None:
+        super().__init__(None, port, port, data_dir)  # type: ignore[arg-type]  # no in-process server
+        self.proc = proc
+        self.storage = storage
+        self.redis = redis
+        self.prefix = prefix
+
+    async def add_user(self, name: str, password: str = "secret", host: str = "localhost") -> str:
+        await create_account(self.storage, host, name, password, 4096)
+        return f"{name}@{host}"
+
+    async def state(self, full: str) -> tuple[int, dict[str, Any]] | None:
+        """(worker, shared state) of a session as its worker published it."""
+        for worker in (0, 1):
+            value = await self.redis.hget(f"{self.prefix}:sessions:{worker}", full)
+            if value is not None:
+                return worker, json.loads(value)
+        return None
+
+    async def until_state(self, full: str, check: Any = lambda state: True) -> tuple[int, dict[str, Any]]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            found = await self.state(full)
+            if found is not None and check(found[1]):
+                return found
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{full}: not published as expected; last seen {await self.state(full)}")
+
+    async def client_on(self, worker: int, jid: str, resource: str, plugins: tuple[str, ...] = ()) -> ClientXMPP:
+        """A client of `jid`/`resource` whose session is on `worker`: log in until the kernel puts it there."""
+        for _ in range(40):
+            client = await self.client(jid, resource=resource, plugins=plugins)
+            landed, _ = await self.until_state(f"{jid}/{resource}")
+            if landed == worker:
+                return client
+            await asyncio.wait_for(client.disconnect(wait=0.5), 3)
+            await self.until_gone(f"{jid}/{resource}")
+        raise AssertionError(f"{jid}/{resource} never landed on worker {worker} in 40 logins")
+
+    async def until_gone(self, full: str) -> None:
+        deadline = time.monotonic() + 5
+        while await self.state(full) is not None:
+            assert time.monotonic() < deadline, f"{full} still published"
+            await asyncio.sleep(0.02)
+
+    async def pid(self, worker: int) -> int:
+        value = await self.redis.get(f"{self.prefix}:alive:{worker}")
+        return int(value) if value else 0
+
+
+def _config(data_dir: Path, url: str, port: int, prefix: str) -> str:
+    return f"""\
+data_dir = "{data_dir}"
+[storage]
+url = "{url}"
+[logging]
+level = "info"
+[limits]
+unauthenticated_timeout = 10.0
+[cluster]
+workers = 2
+redis_url = "{REDIS_URL}"
+prefix = "{prefix}"
+[[listeners]]
+type = "c2s"
+address = "127.0.0.1"
+port = {port}
+tls = "starttls"
+[hosts."localhost"]
+"""
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def workers(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Workers]:
+    redis = await redis_or_skip()
+    schema = None
+    if request.param == "postgresql":
+        schema = await make_pg_schema()
+        url = f"{PG_URL}?schema={schema}"
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
+    prefix = f"parley-test-{uuid.uuid4().hex[:12]}"
+    port = free_port()
+    config = tmp_path / "parley.toml"
+    config.write_text(_config(tmp_path, url, port, prefix))
+    storage = await open_storage(url)
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    harness = Workers(proc, storage, port, tmp_path, redis, prefix)
+    try:
+        deadline = time.monotonic() + 30
+        while not (_listening(port) and await harness.pid(0) and await harness.pid(1)):
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "the workers did not start in 30 s"
+            await asyncio.sleep(0.1)
+        yield harness
+    finally:
+        await harness.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")]
+        if leftover:
+            await redis.delete(*leftover)
+        await redis.aclose()
+        await storage.close()
+        if schema:
+            await drop_pg_schema(schema)
+    assert proc.returncode == 0, (tmp_path / "server.log").read_text()
+    assert not leftover, f"workers left {leftover} in Redis"
+
+
+def presences(client: ClientXMPP) -> asyncio.Queue[tuple[str, str, str]]:
+    """(from, status, priority) of every available presence `client` receives."""
+    queue: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
+    client.add_event_handler("presence_available",
+                             lambda p: queue.put_nowait((str(p["from"]), p["status"], str(p["priority"]))))
+    return queue
+
+
+async def received(queue: asyncio.Queue[Any], *expected: Any, timeout: float = 5.0) -> None:
+    """Wait until each of `expected` comes out of the queue, in any order (other items may come too)."""
+    async def find() -> None:
+        missing = set(expected)
+        while missing:
+            missing.discard(await queue.get())
+
+    await asyncio.wait_for(find(), timeout)
+
+
+async def only(queue: asyncio.Queue[Any], client: ClientXMPP, sender: ClientXMPP) -> list[str]:
+    """Bodies `client` got until a marker that `sender` sent it after the messages under test."""
+    sender.send_message(mto=client.boundjid.full, mbody="marker", mtype="chat")
+    bodies = []
+    while (body := (await asyncio.wait_for(queue.get(), 5))["body"]) != "marker":
+        bodies.append(body)
+    return bodies
+
+
+async def bodies(queue: asyncio.Queue[Any], count: int) -> list[str]:
+    return [(await asyncio.wait_for(queue.get(), 5))["body"] for _ in range(count)]
+
+
+async def test_users_on_both_workers(workers: Workers) -> None:
+    for name in ("alice", "bob", "carol", "dave"):
+        await workers.add_user(name)
+    plugins = ("xep_0045", "xep_0199", "xep_0280")
+    a0 = await workers.client_on(0, "alice@localhost", "a0", plugins)
+    a1 = await workers.client_on(1, "alice@localhost", "a1", plugins)
+    b1 = await workers.client_on(1, "bob@localhost", "b1", plugins)
+    c0 = await workers.client_on(0, "carol@localhost", "c0", plugins)
+    inbox = {name: workers.inbox(c) for name, c in (("a0", a0), ("a1", a1), ("b1", b1), ("c0", c0))}
+
+    # Roster pushes reach every resource, and subscriptions settle across workers.
+    for client in (a0, a1, b1):
+        await client.get_roster(timeout=5)
+    await workers.until_state("alice@localhost/a1", lambda s: s["interested"])
+    a0.send_presence()
+    a1.send_presence(ppriority=5)
+    b1.send_presence()
+    c0.send_presence()
+    await workers.until_state("alice@localhost/a1", lambda s: s["priority"] == 5 and s["presence"])
+    await workers.until_state("bob@localhost/b1", lambda s: s["presence"])
+    a0.send_presence(pto="bob@localhost", ptype="subscribe")  # slixmpp approves and subscribes back
+    deadline = time.monotonic() + 5
+    while not all(c.client_roster[jid]["subscription"] == "both"
+                  for c, jid in ((a0, "bob@localhost"), (a1, "bob@localhost"), (b1, "alice@localhost"))):
+        assert time.monotonic() < deadline, \
+            f"the subscription did not reach every roster: {a0.client_roster}, {a1.client_roster}, {b1.client_roster}"
+        await asyncio.sleep(0.05)
+
+    # Presence broadcast to both of alice's workers; a probe answered from the other worker's sessions.
+    seen = {"a0": presences(a0), "a1": presences(a1)}
+    b1.send_presence(pstatus="busy")
+    for name in ("a0", "a1"):
+        await received(seen[name], ("bob@localhost/b1", "busy", "0"))
+    a2 = await workers.client_on(0, "alice@localhost", "a2")
+    inbox["a2"] = workers.inbox(a2)
+    seen["a2"] = presences(a2)
+    a2.send_presence()
+    await received(seen["a2"], ("bob@localhost/b1", "busy", "0"), ("alice@localhost/a1", "", "5"))
+
+    # Messages: priority decides among resources on both workers; full JIDs reach the other worker.
+    c0.send_message(mto="alice@localhost", mbody="to the top", mtype="chat")
+    assert await bodies(inbox["a1"], 1) == ["to the top"]
+    assert await only(inbox["a0"], a0, c0) == []
+    c0.send_message(mto="alice@localhost/a1", mbody="to a1", mtype="chat")
+    b1.send_message(mto="alice@localhost/a0", mbody="to a0", mtype="chat")
+    assert await bodies(inbox["a1"], 1) == ["to a1"]
+    assert await bodies(inbox["a0"], 1) == ["to a0"]
+    a1.send_presence(ppriority=-1)
+    await workers.until_state("alice@localhost/a1", lambda s: s["priority"] == -1)
+    c0.send_message(mto="alice@localhost", mbody="to the zeros", mtype="chat")
+    assert await bodies(inbox["a0"], 1) == ["to the zeros"]
+    assert await bodies(inbox["a2"], 1) == ["to the zeros"]
+    assert await only(inbox["a1"], a1, c0) == []
+
+    # Carbons: a message delivered on worker 1 is copied to the resource on worker 0 that enabled them.
+    carbons: asyncio.Queue[Any] = asyncio.Queue()
+    a0.add_event_handler("carbon_received", carbons.put_nowait)
+    await a0.plugin["xep_0280"].enable()
+    await workers.until_state("alice@localhost/a0", lambda s: s["data"].get("carbons"))
+    b1.send_message(mto="alice@localhost/a1", mbody="copy me", mtype="chat")
+    assert await bodies(inbox["a1"], 1) == ["copy me"]
+    copy = await asyncio.wait_for(carbons.get(), 5)
+    assert copy["carbon_received"]["body"] == "copy me"
+
+    # An iq to a full JID on the other worker, answered back.
+    await c0.plugin["xep_0199"].ping(jid="alice@localhost/a1", timeout=5)
+
+    # A room lives on worker 0, whichever worker its occupants are on.
+    await a1.plugin["xep_0045"].join_muc_wait(ROOM, "alice", timeout=5)
+    instant = a1.Iq(stype="set", sto=ROOM)
+    instant.append(fromstring("<query xmlns='http://jabber.org/protocol/muc#owner'>"
+                              "<x xmlns='jabber:x:data' type='submit'/></query>"))
+    await instant.send(timeout=5)
+    for client, nick in ((b1, "bob"), (c0, "carol")):
+        await client.plugin["xep_0045"].join_muc_wait(ROOM, nick, timeout=5)
+    a1.send_message(mto=ROOM, mbody="hello room", mtype="groupchat")
+    for name in ("b1", "c0"):
+        assert "hello room" in await bodies(inbox[name], 1)
+
+    # Offline storage, whichever worker the recipient comes back on.
+    b1.send_message(mto="dave@localhost", mbody="while you were out", mtype="chat")
+    await only(inbox["c0"], c0, b1)  # bob's message has been routed once carol hears from him
+    dave = await workers.client("dave@localhost", resource="d")
+    dave_inbox = workers.inbox(dave)
+    dave.send_presence()
+    assert await bodies(dave_inbox, 1) == ["while you were out"]
+
+
+@pytest.mark.parametrize("workers", ["sqlite"], indirect=True)
+async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Workers) -> None:
+    for name in ("alice", "carol"):
+        await workers.add_user(name)
+    a0 = await workers.client_on(0, "alice@localhost", "a0")
+    a1 = await workers.client_on(1, "alice@localhost", "a1")
+    c0 = await workers.client_on(0, "carol@localhost", "c0")
+    inbox = workers.inbox(a0)
+    a0.send_presence()
+    a1.send_presence(ppriority=5)
+    await workers.until_state("alice@localhost/a1", lambda s: s["priority"] == 5)
+    old = await workers.pid(1)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while await workers.pid(1) in (0, old):
+        assert time.monotonic() < deadline, "worker 1 was not restarted"
+        await asyncio.sleep(0.1)
+    await workers.until_gone("alice@localhost/a1")
+    c0.send_message(mto="alice@localhost/a1", mbody="are you there?", mtype="chat")
+    assert await bodies(inbox, 1) == ["are you there?"]  # RFC 6121 8.5.3.2.1: as if sent to the bare JID
+
+
+def test_a_state_placeholder_takes_the_state_at_sending_time() -> None:
+    states = {"alice@localhost/a": '{"priority": 1}'}
+    assert _resolve(f"u{FIELD}alice@localhost/a", states) == f'u{FIELD}{{"priority": 1}}'
+    assert _resolve(f"u{FIELD}alice@localhost/b", states) == f"d{FIELD}alice@localhost/b"  # ended meanwhile
+    stanza = f"s{FIELD}alice@localhost/a{FIELD}<message/>"
+    assert _resolve(stanza, states) == stanza
+    assert FRAME not in json.dumps({"x": FRAME + FIELD})  # JSON escapes both separators
+
+
+@pytest.mark.parametrize("workers", ["sqlite"], indirect=True)
+async def test_a_block_made_on_one_worker_holds_on_the_other(workers: Workers) -> None:
+    for name in ("alice", "bob"):
+        await workers.add_user(name)
+    alice = await workers.client_on(0, "alice@localhost", "a", ("xep_0191",))
+    bob = await workers.client_on(1, "bob@localhost", "b")
+    inbox = workers.inbox(alice)
+    bob.send_message(mto="alice@localhost/a", mbody="before", mtype="chat")
+    assert await bodies(inbox, 1) == ["before"]  # worker 1 has read alice's (empty) blocklist by now
+    await alice.plugin["xep_0191"].block("bob@localhost", timeout=5)
+    await asyncio.sleep(0.3)  # the change reaches worker 1 through Redis in about a millisecond
+    bob.send_message(mto="alice@localhost/a", mbody="blocked", mtype="chat")
+    await alice.plugin["xep_0191"].unblock("bob@localhost", timeout=5)
+    await asyncio.sleep(0.3)
+    bob.send_message(mto="alice@localhost/a", mbody="after", mtype="chat")
+    assert await bodies(inbox, 1) == ["after"]  # both went the same way, so "blocked" would have come first
