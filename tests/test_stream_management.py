@@ -318,6 +318,25 @@ async def test_unacknowledged_messages_go_to_another_resource_unless_it_has_them
 
 
 @SHORT
+async def test_a_resource_that_got_a_carbon_gets_no_second_copy(server: Harness) -> None:
+    ended = closed_sessions(server)
+    raw, _ = await phone(server)
+    laptop = await server.client("alice@localhost", resource="laptop", plugins=("xep_0280",))
+    await laptop.plugin["xep_0280"].enable()
+    laptop.send_presence(ppriority=-1)  # never chosen for delivery: only carbons reach it
+    everything = collect(laptop)
+    await sync(laptop)
+    bob = await server.client("bob@localhost")
+    send(bob, "to the phone", to="alice@localhost/phone")
+    carbon = (await take(everything, 1))[0]
+    assert carbon.find("{urn:xmpp:carbons:2}received") is not None
+    cut(raw)
+    await until(lambda: len(ended) == 1)
+    await nothing_more(everything, laptop)
+    assert await server.server.storage.offline.count("localhost", "alice") == 0
+
+
+@SHORT
 async def test_an_iq_to_a_session_that_is_not_resumed_gets_an_error(server: Harness) -> None:
     raw, _ = await phone(server)
     cut(raw)
