@@ -1,8 +1,10 @@
 """The control socket: `parleyctl` reaches the running server through it, as ejabberdctl reaches its node.
 
 A Unix socket in the data folder that only the server's own user may open (mode 0600): whoever opens it is
-the server's operator and runs commands on every host. One JSON request per connection,
-{"command": NAME, "args": {ARGUMENT: VALUE}}, and one JSON answer, made by `execute` as for the HTTP API.
+the server's operator and runs commands on every host. One JSON request per connection, the command line
+and the folder it was typed in, {"argv": [COMMAND, ARG...], "cwd": PATH}; one JSON answer, what parleyctl
+prints and its exit code, {"out": TEXT, "err": TEXT, "exit": N}. The server does the work, help included,
+so that parleyctl itself imports next to nothing and starts fast, as scripts call it once per command.
 """
 
 from __future__ import annotations
@@ -54,6 +56,68 @@ async def execute(command: Command, ctx: Context, given: dict[str, Any]) -> dict
         return {"error": f"{command.name} failed on the server; its log says why", "kind": "internal"}
 
 
+def render(command: Command, result: dict[str, Any]) -> list[str]:
+    """The lines ejabberdctl prints for a result: lists one item a line, records tab-separated."""
+    if not command.result:
+        return []
+    spec = command.result[0]
+    value = result.get(spec.name)
+    if command.returns == "list":
+        return [str(v) for v in value or ()]
+    if command.returns == "records":
+        return ["\t".join(str(record[f]) for f in spec.fields) for record in value or ()]
+    return [str(value)] if value not in (None, "") else []
+
+
+def describe(command: Command) -> str:
+    """`parleyctl help COMMAND`: what ejabberdctl shows, the arguments in their order."""
+    args = "\n             ".join(f"{a.name}::binary" for a in command.args)
+    spec = command.result[0] if command.result else None
+    if command.returns in ("list", "records") and spec is not None:
+        item = "string" if command.returns == "list" else "{ " + ", ".join(f"{f}::string" for f in spec.fields) + " }"
+        returns = f"{spec.name}::[ {item} ]"
+    else:
+        returns = f"{spec.name if spec else 'res'}::{command.returns}"
+    return (f"  Command Name: {command.name}\n\n  Arguments: {args}\n\n  Returns: {returns}\n\n"
+            f"  Description: {command.title}\n")
+
+
+def overview() -> str:
+    commands = sorted((c for c in load().values() if not c.adhoc), key=lambda c: c.name)
+    width = max(len(c.name) for c in commands)
+    lines = "".join(f"  {c.name.ljust(width)}  {c.title}\n" for c in commands)
+    return (f"Usage: parleyctl [--config FILE] COMMAND [ARGUMENT...]\n\nAvailable commands:\n{lines}\n"
+            "parleyctl help COMMAND shows the arguments of a command.\n")
+
+
+def _output(exit: int = 0, out: str = "", err: str = "") -> dict[str, Any]:
+    return {"exit": exit, "out": out, "err": err}
+
+
+async def respond(argv: list[str], cwd: str, ctx: Context) -> dict[str, Any]:
+    """Run an ejabberdctl command line: what parleyctl prints, and its exit code."""
+    if not argv or argv[0] == "help":
+        topic = find(argv[1]) if len(argv) > 1 else None
+        if len(argv) > 1 and topic is None:
+            return _output(1, err=f"Error: unknown command '{argv[1]}'\n")
+        return _output(out=describe(topic) if topic else overview())
+    command = find(argv[0])
+    if command is None:
+        return _output(1, err=f"Error: unknown command '{argv[0]}'; parleyctl help lists them\n")
+    missing = len(command.args) - len(argv[1:])
+    if missing:
+        return _output(1, err=f"{describe(command)}\nError: the command '{command.name}' requires {abs(missing)} "
+                              f"{'more' if missing > 0 else 'less'} argument{'s' if abs(missing) > 1 else ''}.\n")
+    # Paths are the ones the admin means: relative to the folder parleyctl runs in, not the server's.
+    given = {a.name: os.path.join(cwd, v) if a.type == "path" else v
+             for a, v in zip(command.args, argv[1:], strict=True)}
+    answer = await execute(command, ctx, given)
+    if "error" in answer:
+        return _output(1, err=f"Error: {answer['error']}\n")
+    log.info("parleyctl ran %s", command.name)
+    return _output(out="".join(f"{line}\n" for line in render(command, answer["result"])))
+
+
 class ControlSocket:
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -91,7 +155,7 @@ class ControlSocket:
             line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
             answer = await self.answer(line)
         except (ValueError, TimeoutError) as exc:  # too long, or too slow
-            answer = {"error": f"bad request: {exc or 'too slow'}", "kind": "error"}
+            answer = _output(1, err=f"Error: bad request: {exc or 'too slow'}\n")
         try:
             writer.write(json.dumps(answer, default=str).encode() + b"\n")
             await writer.drain()
@@ -103,14 +167,10 @@ class ControlSocket:
     async def answer(self, line: bytes) -> dict[str, Any]:
         try:
             request = json.loads(line)
-            name, args = request["command"], request.get("args", {})
+            argv, cwd = request["argv"], request["cwd"]
         except (ValueError, TypeError, KeyError):
-            return {"error": 'bad request: send {"command": NAME, "args": {...}} on one line', "kind": "error"}
-        command = find(name) if isinstance(name, str) else None
-        if command is None or not isinstance(args, dict):
-            return {"error": f"unknown command {name!r}", "kind": "error"}
+            argv = cwd = None
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not isinstance(cwd, str):
+            return _output(1, err='Error: bad request: send {"argv": [COMMAND, ARG...], "cwd": PATH} on one line\n')
         host = next(iter(self.server.hosts.values()))
-        answer = await execute(command, Context(host, host.jid, operator=True), args)
-        if "result" in answer:
-            log.info("parleyctl ran %s", command.name)
-        return answer
+        return await respond(argv, cwd, Context(host, host.jid, operator=True))
