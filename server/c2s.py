@@ -4,6 +4,12 @@ One C2SConnection per TCP connection. Negotiation follows RFC 6120: stream heade
 TLS from the start, XEP-0368), SASL, stream restart, resource binding. After binding, stanzas get the
 session's full JID stamped as 'from' and go to the router. Reading, ordering and writing are the shared
 StreamEdge's (server/stream/edge.py).
+
+Modules see the stream through hooks on the host: 'c2s/features' (conn, features, stage); 'c2s/element'
+(conn, element) for a top-level element that is neither a stanza nor negotiation, before or after
+binding (stream management's <enable/>, <resume/>, <r/>, <a/>); 'c2s/nonza' (session, element) for the
+rest once bound (CSI); 'c2s/handled' (session) after each stanza from the client. A connection that drops
+without a closing stream ends its session unless `session.hibernate` keeps it for a resumption.
 """
 
 from __future__ import annotations
