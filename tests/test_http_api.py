@@ -11,7 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ejabberd_compat.http_api import HttpApi
+from ejabberd_compat.http_api import HttpApi, shape
+from server.commands import load
 from server.config import ConfigError, ListenerConfig, parse_config
 from tests.conftest import Harness, free_port, insecure_context
 
@@ -192,3 +193,13 @@ def test_config_refuses_starttls_for_http_and_bad_networks() -> None:
     with pytest.raises(ConfigError, match=r"http_api\.token"):
         parse_config({"http_api": {"token": "short"}})
     assert parse_config({}).http_api.allowed_networks == [ip_network("127.0.0.0/8"), ip_network("::1/128")]
+
+
+def test_json_of_each_result_kind() -> None:
+    commands = load()
+    assert shape(commands["check_account"], {}) == 0
+    assert shape(commands["register"], {"res": "User a@b registered"}) == "User a@b registered"
+    assert shape(commands["get_vcard"], {"content": "Alice"}) == {"content": "Alice"}
+    assert shape(commands["stats"], {"stat": 3}) == {"stat": 3}
+    assert shape(commands["registered_users"], {"users": ["a"]}) == ["a"]
+    assert shape(commands["get_roster"], {"contacts": []}) == []

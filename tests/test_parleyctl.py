@@ -18,7 +18,9 @@ import pytest
 from slixmpp.exceptions import PresenceError
 
 from ejabberd_compat import ctl
-from server.control import SOCKET_NAME
+from ejabberd_compat.commands import parse_stanza
+from server.commands import CommandError, load
+from server.control import SOCKET_NAME, render
 from server.jid import JID
 from server.server import Server
 from tests.conftest import Harness
@@ -259,3 +261,33 @@ async def test_export_and_import_piefxis(server: Harness, tmp_path: Path, monkey
     assert await ok(server, "import_piefxis", str(main.relative_to(tmp_path))) == []
     assert (await run(server, "check_password", "alice", "localhost", "s3cret"))[0] == 0
     assert await ok(server, "get_roster", "alice", "localhost") == ["bob@example.test\tBob\tboth\tnone\t"]
+
+
+def test_arguments_by_name_are_all_required_and_known() -> None:
+    register = load()["register"]
+    assert register.parse({"user": " alice ", "host": "localhost", "password": " pw "}) == {
+        "user": "alice", "host": "localhost", "password": " pw "}  # passwords are taken as typed
+    with pytest.raises(CommandError, match="missing argument: password"):
+        register.parse({"user": "alice", "host": "localhost"})
+    with pytest.raises(CommandError, match="unknown arguments: extra"):
+        register.parse({"user": "alice", "host": "localhost", "password": "pw", "extra": "1"})
+    assert not register.adhoc and load()["add-user"].adhoc
+
+
+def test_output_of_each_result_kind() -> None:
+    commands = load()
+    assert render(commands["registered_users"], {"users": ["alice", "bob"]}) == ["alice", "bob"]
+    assert render(commands["get_room_occupants"], {"occupants": [{"jid": "a@h/r", "nick": "A", "role": "none"}]}) \
+        == ["a@h/r\tA\tnone"]
+    assert render(commands["connected_users_number"], {"num_sessions": 0}) == ["0"]
+    assert render(commands["unregister"], {"res": ""}) == []
+    assert render(commands["check_account"], {}) == []
+
+
+@pytest.mark.parametrize(("xml", "reason"), [
+    ("<message", "invalid XML"), ("<message/><message/>", "exactly one"), ("<query xmlns='x'/>", "message, presence"),
+    ("<message><!-- hidden --></message>", "restricted-xml"), ("<message>&amp;&foo;</message>", "invalid XML"),
+])
+def test_send_stanza_takes_one_restricted_stanza(xml: str, reason: str) -> None:
+    with pytest.raises(CommandError, match=reason):
+        parse_stanza(xml)
