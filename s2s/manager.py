@@ -191,15 +191,18 @@ class S2SManager:
     # --- housekeeping -----------------------------------------------------------------------------
 
     async def _sweep(self) -> None:
-        """Close idle links, and incoming streams that never authenticated."""
-        idle = self.config.idle_timeout
+        """Close idle links, incoming streams that never authenticated, and streams whose peer stopped
+        acknowledging."""
+        idle, acks = self.config.idle_timeout, self.config.ack_timeout
         unauthenticated = self.server.config.limits.unauthenticated_timeout
         while True:
-            await asyncio.sleep(min(SWEEP_INTERVAL, idle / 2, unauthenticated / 2))
+            await asyncio.sleep(min(SWEEP_INTERVAL, idle / 2, unauthenticated / 2, acks / 2))
             now = time.monotonic()
             for link in set(self.links.values()):
                 if link.idle() and now - link.last_active > idle:
                     log.info("closing idle link %r", link)
                     link.end()
+                link.check_acks(now, acks)
             for stream in list(self.incoming):
                 stream.sweep(now, idle, unauthenticated)
+                stream.check_acks(now, acks)

@@ -323,6 +323,13 @@ class S2SOutgoing(S2SStream):
         local, remote = pair
         key = dialback.make_key(self.server.secret, remote, local, self.stream_id)
         self.write(dialback.element("result", local, remote, key=key))
+        asyncio.get_running_loop().call_later(self.server.config.limits.unauthenticated_timeout,
+                                              self._unanswered, pair)
+
+    def _unanswered(self, pair: Pair) -> None:
+        """A dialback request the peer left unanswered must not hold its local domain's stanzas for ever."""
+        if pair in self.requested and not self.closing:
+            self._pair_failed(pair, "no answer in time", invalid=False)
 
     def _send_verifies(self) -> None:
         unsent, self.unsent = self.unsent, []
@@ -361,16 +368,20 @@ class S2SOutgoing(S2SStream):
         kind = el.get("type")
         if kind == "valid":
             self._authenticated(pair, "dialback")
-            return
+        else:
+            self._pair_failed(pair, kind if kind == "invalid" else dialback.error_condition(el), kind == "invalid")
+
+    def _pair_failed(self, pair: Pair, reason: str, invalid: bool) -> None:
+        """A pair the peer would not authenticate: another remote domain gets a link of its own, the rest
+        is bounced; other pairs carry on."""
+        local = pair[0]
         self.requested.discard(pair)
-        condition = "internal-server-error" if kind == "invalid" else "remote-server-timeout"
-        log.warning("link %r: dialback for %s -> %s failed: %s", self, *pair,
-                    kind if kind == "invalid" else dialback.error_condition(el))
+        condition = "internal-server-error" if invalid else "remote-server-timeout"
+        log.warning("link %r: dialback for %s -> %s failed: %s", self, *pair, reason)
         if self.manager.links.get(pair) is self:
             del self.manager.links[pair]
         queued = self.queues.pop(pair, [])
-        if pair[1] != self.remote and kind != "invalid":
-            # The peer does not take this domain here after all: it gets a link of its own.
+        if pair[1] != self.remote and not invalid:
             self.refused.add(pair[1])
             for stanza in queued:
                 self.manager.resubmit(local, pair[1], stanza)

@@ -61,6 +61,7 @@ class S2SStream(StreamEdge):
         self.sm: sm.StreamManagement[Element] | None = None  # XEP-0198, counting what we send
         self.sm_receiving = False  # ...and counting what we receive
         self._ack_requested = False
+        self.awaiting_ack: float | None = None  # when we sent an <r/> the peer has not answered yet
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
@@ -117,6 +118,7 @@ class S2SStream(StreamEdge):
         if el.tag == sm.REQUEST and self.sm is not None and self.sm_receiving:
             self.send(sm.ack_element(self.sm.handled))
         elif el.tag == sm.ACK and self.sm is not None:
+            self.awaiting_ack = None
             try:
                 self.sm.acknowledge(sm.parse_h(el.get("h")))
             except ValueError as exc:
@@ -147,6 +149,15 @@ class S2SStream(StreamEdge):
     def _request_ack(self) -> None:
         self._ack_requested = False
         self.send(sm.request_element())
+        if self.awaiting_ack is None:
+            self.awaiting_ack = time.monotonic()
+
+    def check_acks(self, now: float, timeout: float) -> None:
+        """Drop a connection whose peer leaves our <r/> unanswered: it is dead or does not read, and what
+        it has not acknowledged is better sent over a new one."""
+        if self.awaiting_ack is not None and now - self.awaiting_ack > timeout and self.transport is not None:
+            log.warning("dropping %r: no acknowledgement for %.0f s", self, now - self.awaiting_ack)
+            self.transport.abort()
 
     def send_header(self, from_: str | None, to: str | None, stream_id: str | None = None) -> None:
         """Our stream header; the XML declaration only opens the connection, since ejabberd rejects it on

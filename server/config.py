@@ -83,15 +83,6 @@ class StorageConfig:
 
 
 @dataclass
-class ClusterConfig:
-    """Several worker processes sharing the listening ports, routing to each other through Redis."""
-
-    workers: int = 1  # 1: a single process, no Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "parley"  # of every Redis key and channel, so that several servers can share one Redis
-
-
-@dataclass
 class LoggingConfig:
     level: str = "info"
     file: Path | None = None
@@ -130,6 +121,7 @@ class S2SConfig:
     bidi: bool = True  # XEP-0288: one connection carries stanzas both ways when the peer agrees
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
+    ack_timeout: float = 60.0  # XEP-0198: seconds the peer may leave our <r/> unanswered
     limits: DomainLimits = field(default_factory=DomainLimits)  # for every remote domain...
     domains: dict[str, DomainLimits] = field(default_factory=dict)  # ...unless one of these covers it
     max_incoming: int = 1000  # incoming server-to-server connections at once
@@ -165,7 +157,6 @@ class Config:
     scram_iterations: int = 4096
     allow_unencrypted_plain: bool = False
     source: Path | None = None
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     s2s: S2SConfig = field(default_factory=S2SConfig)
     http_api: HttpApiConfig = field(default_factory=HttpApiConfig)
     components: dict[str, ComponentConfig] = field(default_factory=dict)  # by domain
@@ -205,11 +196,8 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     s2s = _s2s(top.table("s2s"), base)
     http_api = _http_api(top.table("http_api"))
     components = _components(top.table("components"), hosts)
-    cluster = _cluster(top.table("cluster"))
     top.finish()
-    check_cluster(cluster, listeners)
     return Config(
-        cluster=cluster,
         http_api=http_api,
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
@@ -334,27 +322,6 @@ def _storage(table: _Table, data_dir: Path) -> StorageConfig:
     return StorageConfig(url=url.replace("{data_dir}", str(data_dir)))
 
 
-def _cluster(table: _Table) -> ClusterConfig:
-    d = ClusterConfig()
-    cluster = ClusterConfig(
-        workers=table.integer("workers", d.workers, minimum=1, maximum=64),
-        redis_url=table.string("redis_url", d.redis_url),
-        prefix=table.string("prefix", d.prefix),
-    )
-    table.finish()
-    if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(table.key("redis_url"), "must be a redis://, rediss:// or unix:// URL")
-    return cluster
-
-
-def check_cluster(cluster: ClusterConfig, listeners: list[ListenerConfig]) -> None:
-    """Federation and components keep their links in one process, so several workers serve clients only."""
-    if cluster.workers > 1:
-        for i, listener in enumerate(listeners):
-            if listener.type != "c2s":
-                raise ConfigError(f"listeners[{i}].type", f"{listener.type} listeners need cluster.workers = 1")
-
-
 def _logging(table: _Table, base: Path) -> LoggingConfig:
     level = table.string("level", "info").lower()
     if level not in LOG_LEVELS:
@@ -401,6 +368,7 @@ def _s2s(table: _Table, base: Path) -> S2SConfig:
         bidi=table.boolean("bidi", d.bidi),
         connect_timeout=table.seconds("connect_timeout", d.connect_timeout, 0),
         idle_timeout=table.seconds("idle_timeout", d.idle_timeout, 0),
+        ack_timeout=table.seconds("ack_timeout", d.ack_timeout, 0),
         limits=limits,
         domains=_per_domain_limits(table.table("domains"), limits),
         max_incoming=table.integer("max_incoming", d.max_incoming, minimum=1),

@@ -237,6 +237,50 @@ async def test_second_remote_domain_multiplexed_when_the_certificate_names_it(se
     assert incoming_methods(b) == {("a.test", "b.test"): "external", ("a.test", "conference.b.test"): "dialback"}
 
 
+async def test_a_remote_domain_the_peer_refuses_on_the_link_gets_its_own_and_the_link_carries_on(
+        servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    # Named by B's certificate (*.b.test) and resolving to B, but not served there.
+    a.server.config.s2s.static["nobody.b.test"] = a.server.config.s2s.static["b.test"]
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    inbox = Inbox(bob)
+    await chat(alice, inbox, "bob@b.test", "the link is up")
+    link = a.manager.links["a.test", "b.test"]
+    errors = Inbox(alice, "message_error")
+    alice.send_message(mto="x@nobody.b.test", mbody="anyone?")
+    error = await errors.wait()
+    assert error["error"]["condition"] == "remote-server-not-found"
+    assert link.refused == {"nobody.b.test"} and not link.closing
+    await chat(alice, inbox, "bob@b.test", "still up")
+    assert a.manager.links["a.test", "b.test"] is link
+
+
+@options(certs="self-signed", a_s2s={"accept_self_signed": ["b.test"]}, b_s2s={"accept_self_signed": ["a.test"]},
+         unauthenticated_timeout=1.0)
+async def test_a_dialback_request_left_unanswered_holds_the_domains_stanzas_only_for_a_while(
+        servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    a.server.config.s2s.static["conference.b.test"] = a.server.config.s2s.static["b.test"]
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    inbox = Inbox(bob)
+    await chat(alice, inbox, "bob@b.test", "the link is up")
+    checks = b.manager.verify
+
+    async def silent_for_the_room_service(local: str, remote: str, stream_id: str, key: str) -> str:
+        if local == "conference.b.test":
+            await asyncio.Event().wait()
+        return await checks(local, remote, stream_id, key)
+
+    b.manager.verify = silent_for_the_room_service  # B never answers A's request for conference.b.test
+    lookup = asyncio.ensure_future(disco_info(alice, "conference.b.test"))
+    await asyncio.sleep(0.2)
+    # a.test's stanzas wait while its request is pending (Prosody forgets a.test meanwhile), then go.
+    await chat(alice, inbox, "bob@b.test", "held for a while")
+    with pytest.raises(IqError) as info:
+        await lookup
+    assert info.value.condition == "remote-server-timeout"
+
+
 @options(certs="self-signed", a_s2s={"require_valid_certificates": False},
          b_s2s={"require_valid_certificates": False})
 async def test_no_second_remote_domain_on_a_link_whose_certificate_was_not_checked(

@@ -330,3 +330,23 @@ async def test_parley_carries_the_peers_other_domain_over_its_link(parley: Parle
     link = parley.manager.links[PARLEY[1], peer.domain]
     assert parley.manager.links[PARLEY[1], f"conference.{peer.domain}"] is link
     assert link.methods[PARLEY[1], f"conference.{peer.domain}"] == "dialback"
+
+
+@pytest.mark.skipif(not MUC, reason="Parley has no MUC module")
+async def test_parley_room_piggybacks_on_the_hosts_link(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
+    """A room's invitation goes from conference.parley.test over the link parley.test opened: XEP-0220
+    sender multiplexing, authenticated by dialback on that link."""
+    alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0045", "xep_0004"))
+    remote = await remote_user(peer, clients)
+    inbox = Inbox(remote)
+    alice.send_message(mto=remote.boundjid.bare, mbody="first", mtype="chat")
+    await inbox.wait(lambda m: m["body"] == "first")
+    room = f"porch@conference.{PARLEY[1]}"
+    await alice.plugin["xep_0045"].join_muc_wait(room, "alice", timeout=15)
+    await alice.plugin["xep_0045"].set_room_config(room, alice.plugin["xep_0004"].make_form(), timeout=10)
+    alice.plugin["xep_0045"].invite(room, remote.boundjid.bare, "come in")
+    invitation = await inbox.wait(lambda m: m["from"] == room)
+    assert invitation["muc"]["invite"]["from"].bare == alice.boundjid.bare
+    link = parley.manager.links[PARLEY[1], peer.domain]
+    assert parley.manager.links[f"conference.{PARLEY[1]}", peer.domain] is link
+    assert link.methods[f"conference.{PARLEY[1]}", peer.domain] == "dialback"

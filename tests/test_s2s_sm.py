@@ -16,6 +16,7 @@ from tests.s2s_support import (
     RawPeer,
     authenticated_raw_peer,
     chat,
+    options,
     running_pair,
     until,
 )
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def servers(tmp_path: Path) -> Any:
-    async with running_pair(tmp_path) as both:
+async def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    async with running_pair(tmp_path, **getattr(request, "param", {})) as both:
         yield both
 
 
@@ -71,6 +72,18 @@ async def test_stanzas_a_lost_link_never_had_acknowledged_go_over_a_new_one(serv
     for body in ("one", "two", "three"):
         await inbox.wait(lambda m, body=body: m["body"] == body)
     assert a.manager.links["a.test", "b.test"] is not first
+
+
+@options(a_s2s={"ack_timeout": 0.5})
+async def test_a_link_whose_peer_stops_acknowledging_is_replaced(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    inbox = Inbox(bob)
+    await chat(alice, inbox, "bob@b.test", "the link is up")
+    first = a.manager.links["a.test", "b.test"]
+    await stall_and_send(a, b, alice, ["into the void"])  # the connection stays open, nobody reads
+    await inbox.wait(lambda m: m["body"] == "into the void")
+    assert first.closing and a.manager.links["a.test", "b.test"] is not first
 
 
 async def test_unacknowledged_stanzas_are_bounced_when_no_new_link_comes_up(servers: tuple[Parley, Parley]) -> None:

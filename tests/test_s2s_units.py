@@ -49,6 +49,7 @@ def test_s2s_keys_are_validated_and_domains_prepared(tmp_path: Path) -> None:
     ({"static": {"x.example": {"address": "127.0.0.2", "tls": "none"}}}, 's2s.static."x.example".tls'),
     ({"static": {"x.example": {"port": 5269}}}, 's2s.static."x.example".address'),
     ({"idle_timeout": 0}, "s2s.idle_timeout"),
+    ({"ack_timeout": -1}, "s2s.ack_timeout"),
     ({"ca_bundle": ""}, "s2s.ca_bundle"),
     ({"rate": 0}, "s2s.rate"),
     ({"max_incoming_per_ip": 0}, "s2s.max_incoming_per_ip"),
