@@ -47,7 +47,7 @@ class Arg:
     """An argument or a result field of a command."""
 
     name: str
-    type: str  # a key of FIELD_TYPES
+    type: str  # a key of FIELD_TYPES; commands that are not ad-hoc also take "path" and return "records"
     label: str
     required: bool = True
     stage: int = 0
