@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import timedelta
 from xml.etree.ElementTree import Element
 
+import aioxmpp
+import aioxmpp.dispatcher
 import pytest
 from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError
@@ -14,6 +17,7 @@ from extensions.stream_management import NAME, Managed
 from server.jid import JID
 from server.sessions import Session
 from tests.conftest import Harness, RawClient
+from tests.test_aioxmpp import aioxmpp_client
 from tests.test_basic_modules import wait_for
 from tests.test_c2s import STREAMS, scram_login, stream_error_condition, tls_raw
 from tests.test_mam import Archive
@@ -195,6 +199,30 @@ async def test_resumption_after_a_cut_connection_delivers_exactly_once(server: H
     # The resumed session carries on both ways.
     bob.send_message(mto="alice@localhost/phone", mbody="after", mtype="chat")
     assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "after"
+
+
+async def test_aioxmpp_resumes_by_itself_after_the_server_side_socket_is_killed(server: Harness) -> None:
+    await server.add_user("alice")
+    await server.add_user("bob")
+    alice = aioxmpp_client(server, "alice@localhost/laptop", direct=False)
+    alice.backoff_start = timedelta(seconds=0.1)
+    inbox: asyncio.Queue = asyncio.Queue()
+    resumed = asyncio.Event()
+    alice.on_stream_resumed.connect(lambda: resumed.set())
+    bob = await server.client("bob@localhost")
+    async with alice.connected():
+        alice.summon(aioxmpp.dispatcher.SimpleMessageDispatcher).register_callback(
+            aioxmpp.MessageType.CHAT, None, inbox.put_nowait)
+        assert alice.stream.sm_enabled and alice.stream.sm_resumable
+        conn = next(c for c in server.server.connections if c.session and c.session.jid.resource == "laptop")
+        session = conn.session
+        conn.transport.abort()  # the server's side of the socket dies: no closing stream either way
+        await until(lambda: session.detached or resumed.is_set())
+        send(bob, "while the socket was dead", to="alice@localhost/laptop")
+        await asyncio.wait_for(resumed.wait(), 10)
+        assert (await asyncio.wait_for(inbox.get(), 5)).body.any() == "while the socket was dead"
+        assert server.server.sessions.get(JID.parse("alice@localhost/laptop")) is session
+        await nothing_more(inbox, bob)
 
 
 async def test_resume_on_a_new_connection_closes_the_half_open_one(server: Harness) -> None:
