@@ -305,6 +305,14 @@ async def chat(sender: Any, inbox: Inbox, to: str, body: str) -> Any:
     return await inbox.wait(lambda m: m["body"] == body)
 
 
+async def linked(a: Parley, b: Parley) -> tuple[ClientXMPP, ClientXMPP, Inbox]:
+    """alice@a.test and bob@b.test (with bob's inbox), once a message went over A's link to B."""
+    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
+    inbox = Inbox(bob)
+    await chat(alice, inbox, "bob@b.test", "the link is up")
+    return alice, bob, inbox
+
+
 async def authenticated_raw_peer(a: Parley, b: Parley, domain: str = "a.test", source: str | None = None) -> RawPeer:
     """A raw connection to B claiming `domain` (one of A's), authenticated by dialback with a key A really
     vouches for (computed here with A's secret, as A's own outgoing link would)."""

@@ -19,6 +19,7 @@ from tests.s2s_support import (
     authenticated_raw_peer,
     chat,
     incoming_methods,
+    linked,
     options,
     running_pair,
 )
@@ -226,8 +227,7 @@ async def disco_info(client: Any, to: str) -> Any:
 async def test_second_remote_domain_multiplexed_when_the_certificate_names_it(servers: tuple[Parley, Parley]) -> None:
     a, b = servers
     a.server.config.s2s.static["conference.b.test"] = a.server.config.s2s.static["b.test"]
-    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
-    await chat(alice, Inbox(bob), "bob@b.test", "the link is up")
+    alice, _, _ = await linked(a, b)
     info = await disco_info(alice, "conference.b.test")
     assert info["type"] == "result" and info.xml.find("{http://jabber.org/protocol/disco#info}query/"
                                                       "{http://jabber.org/protocol/disco#info}identity") is not None
@@ -242,9 +242,7 @@ async def test_a_remote_domain_the_peer_refuses_on_the_link_gets_its_own_and_the
     a, b = servers
     # Named by B's certificate (*.b.test) and resolving to B, but not served there.
     a.server.config.s2s.static["nobody.b.test"] = a.server.config.s2s.static["b.test"]
-    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
-    inbox = Inbox(bob)
-    await chat(alice, inbox, "bob@b.test", "the link is up")
+    alice, _, inbox = await linked(a, b)
     link = a.manager.links["a.test", "b.test"]
     errors = Inbox(alice, "message_error")
     alice.send_message(mto="x@nobody.b.test", mbody="anyone?")
@@ -261,9 +259,7 @@ async def test_a_dialback_request_left_unanswered_holds_the_domains_stanzas_only
         servers: tuple[Parley, Parley]) -> None:
     a, b = servers
     a.server.config.s2s.static["conference.b.test"] = a.server.config.s2s.static["b.test"]
-    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
-    inbox = Inbox(bob)
-    await chat(alice, inbox, "bob@b.test", "the link is up")
+    alice, _, inbox = await linked(a, b)
     checks = b.manager.verify
 
     async def silent_for_the_room_service(local: str, remote: str, stream_id: str, key: str) -> str:
@@ -287,8 +283,7 @@ async def test_no_second_remote_domain_on_a_link_whose_certificate_was_not_check
         servers: tuple[Parley, Parley]) -> None:
     a, b = servers
     a.server.config.s2s.static["conference.b.test"] = a.server.config.s2s.static["b.test"]
-    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
-    await chat(alice, Inbox(bob), "bob@b.test", "the link is up")
+    alice, _, _ = await linked(a, b)
     await disco_info(alice, "conference.b.test")
     assert a.manager.links["a.test", "conference.b.test"] is not a.manager.links["a.test", "b.test"]
 

@@ -16,6 +16,7 @@ from tests.s2s_support import (
     RawPeer,
     authenticated_raw_peer,
     chat,
+    linked,
     options,
     running_pair,
     until,
@@ -63,9 +64,7 @@ async def stall_and_send(a: Parley, b: Parley, alice: Any, bodies: list[str]) ->
 
 async def test_stanzas_a_lost_link_never_had_acknowledged_go_over_a_new_one(servers: tuple[Parley, Parley]) -> None:
     a, b = servers
-    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
-    inbox = Inbox(bob)
-    await chat(alice, inbox, "bob@b.test", "the link is up")
+    alice, _, inbox = await linked(a, b)
     first = a.manager.links["a.test", "b.test"]
     incoming = await stall_and_send(a, b, alice, ["one", "two", "three"])
     incoming.transport.abort()  # the connection dies with the three stanzas unread
@@ -77,9 +76,7 @@ async def test_stanzas_a_lost_link_never_had_acknowledged_go_over_a_new_one(serv
 @options(a_s2s={"ack_timeout": 0.5})
 async def test_a_link_whose_peer_stops_acknowledging_is_replaced(servers: tuple[Parley, Parley]) -> None:
     a, b = servers
-    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
-    inbox = Inbox(bob)
-    await chat(alice, inbox, "bob@b.test", "the link is up")
+    alice, _, inbox = await linked(a, b)
     first = a.manager.links["a.test", "b.test"]
     await stall_and_send(a, b, alice, ["into the void"])  # the connection stays open, nobody reads
     await inbox.wait(lambda m: m["body"] == "into the void")
@@ -88,8 +85,7 @@ async def test_a_link_whose_peer_stops_acknowledging_is_replaced(servers: tuple[
 
 async def test_unacknowledged_stanzas_are_bounced_when_no_new_link_comes_up(servers: tuple[Parley, Parley]) -> None:
     a, b = servers
-    alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
-    await chat(alice, Inbox(bob), "bob@b.test", "the link is up")
+    alice, _, _ = await linked(a, b)
     errors = Inbox(alice, "message_error")
     await stall_and_send(a, b, alice, ["lost", "bounced"])
     await b.stop()
