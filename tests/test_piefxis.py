@@ -3,26 +3,33 @@ and hostile files, and Prosody's export made by Debian's prosody-migrator (mod_s
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from slixmpp import ClientXMPP
 
 from ejabberd_compat.piefxis import PiefxisError, export_piefxis, import_piefxis, read_xml
 from server.cli import main
 from server.storage import RosterItem, open_storage
-from tests.conftest import IN_CI, Harness
+from server.tls import ensure_certificate
+from tests.conftest import IN_CI, Harness, free_port, insecure_context
+from tests.s2s_peers import _fill, _port_open
 from tests.test_basic_modules import send_iq
 from tests.test_mam import Archive
 from tests.test_offline import collect, take
 
 PIE = "urn:xmpp:pie:0"
+MAM = "urn:xmpp:mam:2"
 NOTES = "http://miranda-im.org/storage#notes"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 async def test_round_trip_through_parleys_own_export(server: Harness, tmp_path: Path) -> None:
@@ -140,34 +147,82 @@ PROSODY_HOST = f"p{os.getpid()}.prosody.test"
 PROSODY_DATA = Path("/var/lib/prosody")  # where Debian's prosody-migrator writes XEP-0227 files
 
 
+async def _populate_prosody(port: int) -> list[str]:
+    """alice, logged in to the real Prosody, fills her roster, vCard and private storage and writes to bob
+    (offline, so the message is archived on both sides); returns the id Prosody gave it in alice's archive."""
+    alice = ClientXMPP(f"alice@{PROSODY_HOST}", "wonder land")
+    alice.ssl_context = insecure_context()
+    alice.enable_plaintext = False
+    started: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    alice.add_event_handler("session_start", lambda _: started.done() or started.set_result(True))
+    alice.connect("127.0.0.1", port)
+    await asyncio.wait_for(started, 10)
+    try:
+        await alice.update_roster(f"bob@{PROSODY_HOST}", name="Bobby", groups=["Friends"])
+        await send_iq(alice, "set", "<vCard xmlns='vcard-temp'><FN>Alice Prosody</FN></vCard>")
+        await send_iq(alice, "set", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'><note>n</note></notes>"
+                                    "</query>")
+        alice.send_message(mto=f"bob@{PROSODY_HOST}", mbody="hi bob", mtype="chat")
+        results = collect(alice)
+        for _ in range(50):  # archived right after routing; a query may just precede it
+            await send_iq(alice, "set", f"<query xmlns='{MAM}' queryid='q'/>")  # results come before the answer
+            ids = []
+            while not results.empty():
+                result = results.get_nowait().find(f"{{{MAM}}}result")
+                ids += [result.get("id")] if result is not None else []
+            if ids:
+                return ids
+            await asyncio.sleep(0.1)
+        raise AssertionError("Prosody did not archive the message")
+    finally:
+        alice.disconnect()
+
+
 @pytest.fixture
-def prosody_export(tmp_path: Path) -> Iterator[Path]:
-    """A user registered with prosodyctl in Prosody's own storage, exported by prosody-migrator to XEP-0227 files
-    (which it writes into Prosody's data directory, from where they are moved). Prosody runs as its own user, so
-    its files are in a folder of their own under /tmp, not in pytest's private one."""
+async def prosody_export(tmp_path: Path) -> AsyncIterator[tuple[Path, list[str]]]:
+    """Two users of a real Prosody (Debian's 0.12) with data made by a client, exported by prosody-migrator to
+    XEP-0227 files (which it writes into Prosody's data folder, from where they are moved), with alice's archive
+    ids. Prosody runs as its own user, so its folder is under /tmp, not in pytest's private one."""
     if os.geteuid() != 0 or shutil.which("prosodyctl") is None or shutil.which("prosody-migrator") is None:
         if IN_CI:
             pytest.fail("Prosody is required under CI (apt-get install -y prosody)")
         pytest.skip("needs root and Debian's prosody")
     work = Path(tempfile.mkdtemp(prefix="parley-prosody-export-"))
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        work.chmod(0o755)
         (work / "data").mkdir()
+        ensure_certificate(PROSODY_HOST, work / f"{PROSODY_HOST}.crt", work / f"{PROSODY_HOST}.key")
+        port = free_port()
         config = work / "prosody.cfg.lua"
-        config.write_text(f'data_path = "{work}/data"\npidfile = "{work}/prosody.pid"\n'
-                          f'log = {{ error = "{work}/prosody.err" }}\nVirtualHost "{PROSODY_HOST}"\n')
+        config.write_text(_fill((DATA / "prosody-migration.cfg.lua").read_text(), {
+            "PORT": str(port), "S2S_PORT": str(free_port()), "DIR": str(work), "DOMAIN": PROSODY_HOST}))
         migrator = work / "migrator.cfg.lua"
-        migrator.write_text(f'input {{ type = "internal"; path = "{work}/data"; '
-                            f'hosts = {{ ["{PROSODY_HOST}"] = {{ "accounts", "roster", "vcard", "private" }} }} }}\n'
+        migrator.write_text(f'input {{ type = "internal"; path = "{work}/data"; hosts = {{ ["{PROSODY_HOST}"] = '
+                            '{ "accounts", "roster", "vcard", "private", "archive-archive" } } }\n'
                             'output { type = "xep0227" }\n')
         subprocess.run(["chown", "-R", "prosody:prosody", str(work)], check=True)
-        _run("prosodyctl", "--config", str(config), "register", "alice", PROSODY_HOST, "wonder land")
+        for user, password in (("alice", "wonder land"), ("bob", "builder")):
+            _run("prosodyctl", "--config", str(config), "register", user, PROSODY_HOST, password)
+        proc = subprocess.Popen(["prosody", "--config", str(config)], user="prosody", cwd=work,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not _port_open("127.0.0.1", port):
+            assert proc.poll() is None and time.monotonic() < deadline, "Prosody did not start"
+            await asyncio.sleep(0.05)
+        ids = await _populate_prosody(port)
+        proc.terminate()
+        proc.wait(10)
         try:
             _run("prosody-migrator", "--config", str(migrator), "input", "output")
         finally:
             for written in PROSODY_DATA.glob(f"*@{PROSODY_HOST}.xml"):
                 shutil.move(written, tmp_path / written.name)
-        yield tmp_path
+        yield tmp_path, ids
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -178,10 +233,22 @@ def _run(*command: str) -> None:
 
 
 @pytest.mark.parley_config(hosts={PROSODY_HOST: {}})
-async def test_prosodys_export_imports_and_users_keep_their_passwords(server: Harness, prosody_export: Path) -> None:
-    report = await import_piefxis(server.server.storage, prosody_export, server.server.config.hosts)
-    assert (report.users, report.problems) == (1, [])
-    await server.client(f"alice@{PROSODY_HOST}", "wonder land")
+async def test_prosodys_export_imports_and_users_keep_their_passwords_and_data(
+        server: Harness, prosody_export: tuple[Path, list[str]]) -> None:
+    folder, history = prosody_export
+    report = await import_piefxis(server.server.storage, folder, server.server.config.hosts)
+    assert (report.users, report.roster_items, report.vcards, report.private, report.archived, report.problems) == \
+        (2, 1, 1, 1, 2, [])
+    await server.client(f"bob@{PROSODY_HOST}", "builder")
+    alice = await server.client(f"alice@{PROSODY_HOST}", "wonder land", plugins=("xep_0054",))
+    items = (await alice.get_roster())["roster"]["items"]
+    bob = items[f"bob@{PROSODY_HOST}"]
+    assert (bob["name"], bob["groups"]) == ("Bobby", ["Friends"])
+    assert (await alice["xep_0054"].get_vcard(f"alice@{PROSODY_HOST}"))["vcard_temp"]["FN"] == "Alice Prosody"
+    private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
+    assert private.findtext(f".//{{{NOTES}}}note") == "n"
+    archived = await Archive(alice).all()
+    assert [(r.id, r.body) for r in archived] == [(history[0], "hi bob")]  # Prosody's archive id is kept
 
 
 def _config(folder: Path) -> str:
