@@ -115,7 +115,7 @@ class _Source:
 
 
 async def _import_host(source: _Source, storage: Storage, host: str, iterations: int, report: ImportReport) -> None:
-    created: set[str] = set()
+    created: dict[str, str] = {}  # ejabberd's username -> Parley's (prepared) one, for accounts made here
     for row in await source.rows("users", "username, password, serverkey, salt, iterationcount", host):
         try:
             user = prepare_username(row["username"], host)
@@ -125,7 +125,7 @@ async def _import_host(source: _Source, storage: Storage, host: str, iterations:
             report.problems.append(f"user {row['username']!r}@{host}: {exc}")
             continue
         if await storage.accounts.create(host, user, credentials):
-            created.add(row["username"])
+            created[row["username"]] = user
             report.users += 1
         else:
             report.problems.append(f"{user}@{host} exists already; left as it is")
@@ -133,13 +133,13 @@ async def _import_host(source: _Source, storage: Storage, host: str, iterations:
     for row in await source.rows("vcard", "username, vcard", host):
         vcard = _parse(row["vcard"], f"vCard of {row['username']}", report) if row["username"] in created else None
         if vcard is not None:
-            await storage.kv.set(host, row["username"], VCARD_STORE, "", serialize(vcard))
+            await storage.kv.set(host, created[row["username"]], VCARD_STORE, "", serialize(vcard))
             report.vcards += 1
     for row in await source.rows("private_storage", "username, data", host):
         document = _parse(row["data"], f"private data of {row['username']}", report) \
             if row["username"] in created else None
         if document is not None:
-            await storage.kv.set(host, row["username"], PRIVATE_STORE, document.tag, serialize(document))
+            await storage.kv.set(host, created[row["username"]], PRIVATE_STORE, document.tag, serialize(document))
             report.private += 1
     for row in await source.rows("spool", "username, xml, created_at", host, order="seq"):
         message = _parse(row["xml"], f"offline message of {row['username']}", report) \
@@ -148,7 +148,7 @@ async def _import_host(source: _Source, storage: Storage, host: str, iterations:
             stamp = _stamp(message, row["created_at"])
             if message.find(_DELAY) is None:
                 add_delay(message, host, stamp, "Offline Storage")
-            await storage.offline.push(host, row["username"], serialize(message), stamp, sys.maxsize)
+            await storage.offline.push(host, created[row["username"]], serialize(message), stamp, sys.maxsize)
             report.offline += 1
     await _archives(source, storage, host, created, report)
     await _rooms(source, storage, host, report)
@@ -169,19 +169,20 @@ def sql_credentials(password: str, server_key: str, salt: str, count: int, itera
     return [StoredCredentials(_KEY_HASH[len(stored)], raw_salt, count, stored, server)]
 
 
-async def _rosters(source: _Source, storage: Storage, host: str, created: set[str], report: ImportReport) -> None:
+async def _rosters(source: _Source, storage: Storage, host: str, created: dict[str, str],
+                   report: ImportReport) -> None:
     groups: dict[tuple[str, str], list[str]] = {}
     for row in await source.rows("rostergroups", "username, jid, grp", host):
         groups.setdefault((row["username"], row["jid"]), []).append(row["grp"])
     rows = await source.rows("rosterusers", "username, jid, nick, subscription, ask, askmessage", host)
     for row in rows:
-        user = row["username"]
-        if user not in created:
+        if row["username"] not in created:
             continue
+        user = created[row["username"]]
         subscription, ask = _SUBSCRIPTION.get(row["subscription"].strip(), "none"), row["ask"].strip()
         item_el = Element("item", {"jid": row["jid"], "subscription": subscription, "name": row["nick"] or "",
                                    **({"ask": "subscribe"} if ask in _ASK_OUT else {})})
-        for group in groups.get((user, row["jid"]), []):
+        for group in groups.get((row["username"], row["jid"]), []):
             SubElement(item_el, ns.qname(ROSTER, "group")).text = group
         try:
             item = roster_item(item_el)
@@ -203,7 +204,8 @@ def _subscribe_request(contact: str, user: str, message: str) -> str:
     return serialize(presence)
 
 
-async def _archives(source: _Source, storage: Storage, host: str, created: set[str], report: ImportReport) -> None:
+async def _archives(source: _Source, storage: Storage, host: str, created: dict[str, str],
+                    report: ImportReport) -> None:
     """Users' archives; a room's rows (username 'room@service') go with the room."""
     batches: dict[str, list[NewMessage]] = {}
     for row in await source.rows("archive", "username, timestamp, xml", host, where="username NOT LIKE '%@%'",
@@ -213,8 +215,9 @@ async def _archives(source: _Source, storage: Storage, host: str, created: set[s
         message = _parse(row["xml"], f"archived message of {row['username']}", report)
         if message is not None:
             try:
-                batches.setdefault(row["username"], []).append(
-                    archived(JID.make(row["username"], host), str(row["timestamp"]), _when(row["timestamp"]),
+                user = created[row["username"]]
+                batches.setdefault(user, []).append(
+                    archived(JID.make(user, host), str(row["timestamp"]), _when(row["timestamp"]),
                              message))
             except JIDError as exc:
                 report.problems.append(f"archived message {row['timestamp']} of {row['username']}: {exc}")
