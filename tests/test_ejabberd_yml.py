@@ -29,7 +29,11 @@ def test_ejabberds_example_configuration_loads_with_what_is_not_applied_listed()
     config, warnings = load_ejabberd_config(EXAMPLE, available())
     assert list(config.hosts) == ["localhost"]
     host = config.hosts["localhost"]
-    assert host.certificate == host.key == Path("/etc/ejabberd/ejabberd.pem")  # cert and key in one PEM
+    pem = Path("/etc/ejabberd/ejabberd.pem")  # made by Debian's package when it is installed
+    if pem.exists():
+        assert host.certificate == host.key == pem  # the certificate and its key in one file
+    else:
+        assert f"certfiles: {pem} matches no file" in warnings
     assert [(lc.type, lc.port, lc.tls) for lc in config.listeners] == [
         ("c2s", 5222, "starttls"), ("c2s", 5223, "direct"), ("s2s", 5269, "starttls"), ("http", 5443, "direct")]
     assert config.limits.max_stanza_size == 262144
