@@ -193,9 +193,9 @@ class S2SManager:
     async def _sweep(self) -> None:
         """Close idle links, incoming streams that never authenticated, and streams whose peer stopped
         acknowledging."""
-        idle, acks = self.config.idle_timeout, self.config.ack_timeout
-        unauthenticated = self.server.config.limits.unauthenticated_timeout
         while True:
+            idle, acks = self.config.idle_timeout, self.config.ack_timeout  # read afresh: they may change
+            unauthenticated = self.server.config.limits.unauthenticated_timeout
             await asyncio.sleep(min(SWEEP_INTERVAL, idle / 2, unauthenticated / 2, acks / 2))
             now = time.monotonic()
             for link in set(self.links.values()):

@@ -9,7 +9,9 @@ These tests need root and the Debian packages; under CI=true they fail when the 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
@@ -350,3 +352,27 @@ async def test_parley_room_piggybacks_on_the_hosts_link(parley: Parley, peer: Pe
     link = parley.manager.links[PARLEY[1], peer.domain]
     assert parley.manager.links[f"conference.{PARLEY[1]}", peer.domain] is link
     assert link.methods[f"conference.{PARLEY[1]}", peer.domain] == "dialback"
+
+
+@pytest.mark.parametrize("peer", ["prosody"], indirect=True)  # ejabberd has no s2s stream management
+async def test_a_message_the_frozen_peer_never_acknowledged_arrives_over_a_new_link(
+        parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
+    """Prosody stops (SIGSTOP) with a message of Parley's unread: Parley gives up on the link when its
+    <r/> goes unanswered and sends the message again over a new one once Prosody runs again."""
+    alice = await parley.user(f"alice@{PARLEY[1]}")
+    remote = await remote_user(peer, clients)
+    inbox = Inbox(remote)
+    alice.send_message(mto=remote.boundjid.bare, mbody="before", mtype="chat")
+    await inbox.wait(lambda m: m["body"] == "before")
+    link = parley.manager.links[PARLEY[1], peer.domain]
+    await until(lambda: link.sm is not None and link.sm.send_count > 0 and not len(link.sm))
+    parley.server.config.s2s.ack_timeout = 1.0
+    assert peer.proc is not None
+    os.kill(peer.proc.pid, signal.SIGSTOP)
+    try:
+        alice.send_message(mto=remote.boundjid.bare, mbody="while frozen", mtype="chat")
+        await until(lambda: link.closing, timeout=15)
+    finally:
+        os.kill(peer.proc.pid, signal.SIGCONT)
+    await inbox.wait(lambda m: m["body"] == "while frozen", timeout=20)
+    assert parley.manager.links[PARLEY[1], peer.domain] is not link
