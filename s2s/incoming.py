@@ -74,7 +74,7 @@ class S2SIncoming(S2SStream):
 
     def connection_made(self, transport: object) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        refusal = self.manager.limits.admit(self.remote_ip, len(self.manager.incoming))
+        refusal = self.manager.limits.admit(self.remote_ip, len(self.manager.incoming), self.manager.descriptors_left())
         if refusal is not None:
             log.warning("refusing a server connection from %s: %s", self.remote_ip, refusal)
             self.stream_error(StreamError(refusal, "too many connections"))

@@ -45,10 +45,11 @@ class FederationLimits:
         """A connection's own budget until it speaks for a domain."""
         return TokenBucket(self.config.limits.rate, self.config.limits.burst)
 
-    def admit(self, ip: str, open_connections: int) -> str | None:
+    def admit(self, ip: str, open_connections: int, descriptors_left: int) -> str | None:
         """None when one more incoming connection from `ip` may open (and is then counted), else the
-        stream error condition that refuses it."""
-        if open_connections >= self.config.max_incoming:
+        stream error condition that refuses it. `descriptors_left` is what remains of the server's
+        connection budget, shared with clients: running out of descriptors would fail every connection."""
+        if open_connections >= self.config.max_incoming or descriptors_left <= 0:
             return "resource-constraint"
         if not self.per_ip.acquire(ip):
             return "policy-violation"

@@ -87,6 +87,11 @@ class S2SManager:
             stream.end()
         await asyncio.sleep(0)
 
+    def descriptors_left(self) -> int:
+        """What remains of the server's connection budget once clients and federation streams are counted."""
+        streams = len(self.incoming) + len(set(self.links.values()))
+        return self.server.max_connections - len(self.server.connections) - streams
+
     def spawn(self, coro: object) -> asyncio.Task[None]:
         """A task the manager cancels at shutdown."""
         task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

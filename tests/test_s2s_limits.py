@@ -116,3 +116,14 @@ async def test_incoming_connections_are_capped_per_address_and_in_total(servers:
     finally:
         for peer in first:
             peer.close()
+
+
+async def test_incoming_server_connections_share_the_connection_budget_with_clients(
+        servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    await b.user("bob@b.test")
+    b.server.max_connections -= b.manager.descriptors_left()  # bob's connection took the last one
+    assert b"resource-constraint" in await refused("127.0.0.9", b)
+    b.server.max_connections += 1
+    peer = await authenticated_raw_peer(a, b, source="127.0.0.9")
+    peer.close()

@@ -95,11 +95,12 @@ def test_a_domain_has_one_bucket_while_its_connections_hold_it() -> None:
 
 def test_incoming_connections_are_capped_in_total_and_per_address() -> None:
     limits = FederationLimits(s2s_config(max_incoming=3, max_incoming_per_ip=2))
-    assert limits.admit("192.0.2.1", 0) is None and limits.admit("192.0.2.1", 1) is None
-    assert limits.admit("192.0.2.1", 2) == "policy-violation"
-    assert limits.admit("192.0.2.2", 3) == "resource-constraint"
+    assert limits.admit("192.0.2.1", 0, 10) is None and limits.admit("192.0.2.1", 1, 10) is None
+    assert limits.admit("192.0.2.1", 2, 10) == "policy-violation"
+    assert limits.admit("192.0.2.2", 3, 10) == "resource-constraint"
+    assert limits.admit("192.0.2.2", 0, 0) == "resource-constraint"  # the server's descriptors run out
     limits.per_ip.release("192.0.2.1")
-    assert limits.admit("192.0.2.1", 2) is None
+    assert limits.admit("192.0.2.1", 2, 10) is None
 
 
 def _der(tag: int, text: str) -> bytes:
