@@ -309,8 +309,10 @@ class C2SConnection(StreamEdge):
             self._check_authzid(authzid, user)
             self._check_throttle(user)
             account = await self.server.storage.accounts.get(self.host.name, user)
-            creds = account.credentials.get("SHA-256") or account.credentials.get("SHA-1") if account else None
-            if creds is None or not verify_password(creds, password):
+            # SHA-1 first: the cheaper hash, as Prosody checks it; PBKDF2 runs off the event loop (it
+            # releases the GIL), so other clients are served while a password is checked.
+            creds = account.credentials.get("SHA-1") or account.credentials.get("SHA-256") if account else None
+            if creds is None or not await asyncio.to_thread(verify_password, creds, password):
                 self._auth_failed(user)
                 raise SaslFailure("not-authorized")
             self._auth_succeeded(user, account.disabled, b"")
