@@ -4,7 +4,8 @@ A client registers app servers for its account with <enable jid node/> (optional
 such as a secret, kept verbatim) and removes them with <disable jid [node]/>; registrations are stored
 per account, several at once. A message with content (a body, or an OMEMO payload, which has none) is
 pushed when it goes to offline storage ('message/offline', ahead of the offline module, which still
-stores it) or waits in the queue of a detached stream-management session ('sm/queued'). A message in a persistent or
+stores it) or waits in the queue of a detached stream-management session ('sm/queued'); never when an
+attached session of the account got it (directly or as a carbon). A message in a persistent or
 members-only room is pushed to its members, admins and owners who are not in the room ('muc/message',
 so that being away from a group does not mean missing it). Each push is a pubsub
 publish from the account to the app server with the urn:xmpp:push:summary form: the number of messages
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakSet
 from xml.etree.ElementTree import Element, SubElement
 
+from extensions.carbons import eligible
 from server import ns
 from server.forms import Field, build_form, find_form, form_type_of, read_form
 from server.jid import JID, JIDError
@@ -130,12 +132,13 @@ class Push(Module):
     def setup(self) -> None:
         self.registrations = CachedDocuments(self.server.storage.kv, self.name, Registrations.parse)
         self._pending: dict[str, tuple[JID, App]] = {}  # publish id -> whose registration it used
-        self._reached: WeakSet[Element] = WeakSet()  # messages already pushed
+        self._reached: WeakSet[Element] = WeakSet()  # messages an attached session got, or already pushed
         self._pushed: dict[str, None] = {}  # archive ids of pushed messages, oldest first
         self._locks = [asyncio.Lock() for _ in range(LOCKS)]
         self.add_feature(PUSH, target="account")
         self.iq("set", ENABLE, self.enable, target="account")
         self.iq("set", DISABLE, self.disable, target="account")
+        self.hook("message/deliver", self.delivering)
         self.hook("message/offline", self.offline, priority=10)  # ahead of offline storage, which still runs
         self.hook("sm/queued", self.queued)
         self.hook("presence/initial", self.online)
@@ -196,6 +199,13 @@ class Push(Module):
         return self._locks[hash(user) % LOCKS]
 
     # --- when to push -----------------------------------------------------------------------------
+
+    def delivering(self, stanza: Stanza, sessions: list[Session]) -> None:
+        """Remember a message that an attached session gets, directly or as a carbon: it needs no push."""
+        copied = eligible(stanza.el) and any(s.data.get("carbons") and not s.detached
+                                             for s in self.server.sessions.of(stanza.to.bare))
+        if copied or any(not s.detached for s in sessions):
+            self._reached.add(stanza.el)
 
     async def offline(self, stanza: Stanza) -> None:
         await self._push(stanza.to.bare, stanza.el)

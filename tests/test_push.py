@@ -15,14 +15,15 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from extensions.push import Registrations, pushable
 from server.forms import find_form, read_form
 from server.stanza import parse_stored
-from tests.conftest import Harness
+from tests.conftest import Harness, RawClient
 from tests.test_basic_modules import features_of, iq_error, query_of, send_iq, wait_for
 from tests.test_component import COMPONENT, DOMAIN, SECRET, app_component
 from tests.test_muc import ROOM, create, groupchat, join
 from tests.test_muc import user as muc_user
 from tests.test_muc_admin import admin
-from tests.test_offline import send
+from tests.test_offline import send, wait_stored
 from tests.test_roster_presence import disconnect, sync
+from tests.test_stream_management import closed_sessions, cut, detached, phone, until
 
 PUSH = "urn:xmpp:push:0"
 PUBSUB = "http://jabber.org/protocol/pubsub"
@@ -118,7 +119,7 @@ async def test_offline_messages_are_pushed_with_count_sender_and_options(server:
         await disconnect(server, alice)
         send(bob, "third")
         assert (await app.next())[1]["message-count"] == ["1"]
-    assert await server.server.storage.offline.count("localhost", "alice") == 1
+    await wait_stored(server, 1)  # and offline storage kept it
 
 
 @pytest.mark.parley_config(components=COMPONENTS, module_options=WITH_BODY)
@@ -170,7 +171,7 @@ async def test_a_disconnected_app_server_loses_its_registration(server: Harness)
     bob = await alice_registers(server, "n")
     send(bob, "nobody to push to")  # the component is not connected: the publish bounces
     await all_removed(server)
-    assert await server.server.storage.offline.count("localhost", "alice") == 1
+    await wait_stored(server, 1)
 
 
 @pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
@@ -222,6 +223,59 @@ def test_what_is_worth_a_push() -> None:
     assert not pushable(message("<message type='chat'><body>hi</body><no-store xmlns='urn:xmpp:hints'/></message>"))
     assert Registrations.parse(Registrations.parse({"apps": [{"jid": DOMAIN, "node": "n", "options": [["s", ["v"]]]}],
                                                     "count": 3}).document()).count == 3
+
+
+# --- detached stream-management sessions ------------------------------------------------------------
+
+
+
+async def push_phone(server: Harness) -> RawClient:
+    """alice's phone with resumable stream management and push enabled; bob exists."""
+    raw, _ = await phone(server)
+    await raw.send(f"<iq type='set' id='e'><enable xmlns='{PUSH}' jid='{DOMAIN}' node='n'/></iq>")
+    assert (await raw.expect("{jabber:client}iq")).get("type") == "result"
+    return raw
+
+
+async def lose(server: Harness, raw: RawClient) -> None:
+    cut(raw)
+    await detached(server, "alice@localhost/phone")
+
+
+@pytest.mark.parley_config(components=COMPONENTS, module_options=WITH_BODY)
+async def test_a_detached_session_is_pushed_unless_an_attached_one_got_the_message(server: Harness) -> None:
+    raw = await push_phone(server)
+    bob = await server.client("bob@localhost", resource="desk")
+    async with app_server(server) as app:
+        await lose(server, raw)
+        send(bob, "while detached")
+        summary = (await app.next())[1]
+        assert (summary["message-count"], summary["last-message-body"]) == (["1"], ["while detached"])
+
+        laptop = await server.client("alice@localhost", resource="laptop")
+        laptop.send_presence()
+        await sync(laptop)
+        send(bob, "both got it")
+        send(bob, "phone only", to="alice@localhost/phone")
+        summary = (await app.next())[1]
+        assert (summary["message-count"], summary["last-message-body"]) == (["1"], ["phone only"])
+
+
+@pytest.mark.parley_config(components=COMPONENTS, module_options={**WITH_BODY,
+                                                                   "stream_management": {"resume_timeout": 1}})
+async def test_a_message_queued_then_stored_offline_is_pushed_once(server: Harness) -> None:
+    ended = closed_sessions(server)
+    raw = await push_phone(server)
+    bob = await server.client("bob@localhost", resource="desk")
+    async with app_server(server) as app:
+        await lose(server, raw)
+        send(bob, "while detached")
+        assert (await app.next())[1]["last-message-body"] == ["while detached"]
+        await until(lambda: len(ended) == 1)  # not resumed: the queue goes to offline storage
+        assert await server.server.storage.offline.count("localhost", "alice") == 1
+        send(bob, "later")
+        summary = (await app.next())[1]
+        assert (summary["message-count"], summary["last-message-body"]) == (["2"], ["later"])
 
 
 # --- group chat ------------------------------------------------------------------------------------------
