@@ -130,7 +130,10 @@ class Adhoc(Module):
         sessionid = secrets.token_hex(8)
         session = AdhocSession(command, stanza.from_)
         if command.defaults is not None:
-            current = await command.defaults(Context(self.host, stanza.from_))
+            try:
+                current = await command.defaults(Context(self.host, stanza.from_))
+            except CommandError as exc:
+                return _answer(command, sessionid, "completed", note=("error", str(exc)))
             session.raw = {arg.name: arg.format(current.get(arg.name)) for arg in command.args}
         self.sessions[sessionid] = session
         return self._form(sessionid, session)

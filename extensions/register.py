@@ -122,6 +122,7 @@ class Register(Module):
             self._release(ip, stamp)
             raise StanzaError("conflict", "that username is taken")
         self.log.info("account %s@%s registered in-band from %s", username, self.host.name, ip)
+        await self.host.hooks.fire("account/registered", JID.make(username, self.host.name))
 
     def _reserve(self, ip: str) -> float:
         """Count a creation from `ip` before it happens, so concurrent attempts cannot exceed the limit."""

@@ -121,12 +121,10 @@ async def _serve(config: Config) -> None:
     server = Server(config)
     await server.start()
     _banner(config, created)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+        loop.add_signal_handler(sig, server.plan, False)
+    await server.finished.wait()  # after a signal, or an admin's shutdown command
 
 
 def _run(coro: object) -> None:

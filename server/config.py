@@ -18,7 +18,7 @@ from server.jid import JID, JIDError
 
 DEFAULT_MODULES: list[str] = [
     "roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "register", "vcard",
-    "carbons", "blocking", "mam", "csi", "stream_management", "adhoc",
+    "carbons", "blocking", "mam", "csi", "stream_management", "adhoc", "announce",
     "pep", "pubsub", "private", "bookmarks", "muc", "push",
 ]
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from server.server import Server
 
 log = logging.getLogger("parley.host")
+ADMINS = "admins"  # key-value store of the host (user ''): the admins added at runtime
 
 
 class Host:
@@ -28,7 +29,8 @@ class Host:
         self.identities: dict[str, list[Any]] = {"host": [], "account": []}
         self.modules: dict[str, Module] = {}
         self.config_options: dict[str, Any] = dict(config.options)
-        self.admins = {JID.parse(a) for a in config.admins}
+        self.configured_admins = frozenset(JID.parse(a) for a in config.admins)
+        self.admins = set(self.configured_admins)  # and those added at runtime (XEP-0133 edit-admin)
 
     def load_modules(self, names: list[str]) -> None:
         from server.registry import resolve
@@ -40,6 +42,8 @@ class Host:
             log.debug("loaded module %s on %s", cls.name, self.name)
 
     async def start(self) -> None:
+        added = await self.server.storage.kv.get(self.name, "", ADMINS, "")
+        self.admins = {*self.configured_admins, *(JID.parse(a) for a in added or ())}
         for module in self.modules.values():
             await module.start()
 
@@ -51,3 +55,10 @@ class Host:
 
     def is_admin(self, jid: JID) -> bool:
         return jid.bare in self.admins
+
+    async def set_admins(self, admins: set[JID]) -> None:
+        """Make `admins` and the configured admins the admins; those not configured are stored, so that they
+        stay admins after a restart."""
+        added = sorted(str(a.bare) for a in admins if a.bare not in self.configured_admins)
+        await self.server.storage.kv.set(self.name, "", ADMINS, "", added or None)
+        self.admins = {*self.configured_admins, *(a.bare for a in admins)}

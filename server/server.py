@@ -75,6 +75,9 @@ class Server:
         self.components = Components(self)  # XEP-0114
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
+        self.finished = asyncio.Event()  # set once stopped for good: `parley serve` exits then
+        self._planned: asyncio.TimerHandle | None = None  # a restart or shutdown waiting for its time
+        self._acting: asyncio.Task[None] | None = None  # the restart or shutdown under way
         self._ending: set[asyncio.Task[None]] = set()
         self._last_refusal_log = 0.0
 
@@ -103,6 +106,7 @@ class Server:
         s2s_listeners = [listener for listener in config.listeners if listener.type == "s2s"]
         if s2s_listeners:
             self.s2s = S2SManager(self)
+            await self.s2s.policy.load(self.storage.kv)
             await self.s2s.start(s2s_listeners)
         await self.control.start()
         await self.http_api.start([lc for lc in config.listeners if lc.type == "http"])
@@ -124,6 +128,8 @@ class Server:
 
     async def stop(self) -> None:
         """Graceful shutdown: stop accepting, tell every client 'system-shutdown', then stop modules."""
+        if self._planned is not None:
+            self._planned.cancel()
         await self.control.stop()
         await self.http_api.stop()
         for srv in self.listeners:
@@ -145,6 +151,33 @@ class Server:
         if self.storage is not None:
             await self.storage.close()
         log.info("Parley stopped")
+
+    def plan(self, restart: bool, delay: float = 0.0) -> None:
+        """Restart or shut down in `delay` seconds, outside the code that asks (an admin's command is answered
+        first, a signal handler cannot wait); a new plan replaces one still waiting."""
+        if self._planned is not None:
+            self._planned.cancel()
+        self._planned = asyncio.get_running_loop().call_later(delay, self._carry_out, restart)
+
+    def _carry_out(self, restart: bool) -> None:
+        self._planned = None
+        if self._acting is None or self._acting.done():
+            self._acting = asyncio.get_running_loop().create_task(self.restart() if restart else self.shutdown())
+
+    async def restart(self) -> None:
+        """Stop, then start again in this process on the same configuration: storage reopened, modules loaded
+        afresh (their state read back from storage), listeners bound again. The configuration file is not
+        read again."""
+        await self.stop()
+        self.hosts.clear()
+        self.listeners.clear()
+        self.s2s = None
+        await self.start()
+        log.info("Parley restarted")
+
+    async def shutdown(self) -> None:
+        await self.stop()
+        self.finished.set()
 
     def admit(self, conn: C2SConnection) -> bool:
         """Refuse a connection past the descriptor budget or the per-address limit, keeping the rest served."""

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
-from xml.etree.ElementTree import Element, SubElement
+from typing import TYPE_CHECKING, Any, cast
+from xml.etree.ElementTree import Element
 
+from extensions.announce import broadcast, message
+from extensions.roster import item_element
+from s2s.policy import ADDED
 from server import ns
 from server.accounts import AccountError, create_account, set_password
-from server.commands import Arg, CommandError, Context, command
+from server.commands import XML, Arg, CommandError, Context, command
 from server.jid import JID
+
+if TYPE_CHECKING:
+    from extensions.announce import Announce
+    from server.sessions import Session
+    from server.storage import Storage
+
+IDLE_AFTER = 600.0  # seconds without a stanza after which an online user counts as idle
+MAX_DELAY = 3600  # seconds a restart or shutdown may be put off
 
 # --- helpers shared by the commands -------------------------------------------------------------------
 
@@ -35,18 +48,23 @@ PASSWORD = Arg("password", "password", "The password for this account")
 
 # --- XEP-0133 Service Administration --------------------------------------------------------------------
 
+async def _set_credentials(ctx: Context, jid: JID, password: str,
+                           action: Callable[[Storage, str, str, str, int], Awaitable[bool]]) -> bool:
+    """Run `action` (create_account or set_password) for `jid`; the account rules' refusals become the
+    command's error."""
+    server = ctx.host.server
+    try:
+        return await action(server.storage, ctx.host.name, _local(ctx, jid), password, server.config.scram_iterations)
+    except AccountError as exc:
+        raise CommandError(str(exc)) from None
+
+
 @command("add-user", "Add User", (ACCOUNT, Arg("password", "password", "The password for this account", stage=1),
                                   Arg("password-verify", "password", "Retype password", stage=1)))
 async def add_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     if args["password"] != args["password-verify"]:
         raise CommandError("the passwords do not match")
-    server = ctx.host.server
-    try:
-        created = await create_account(server.storage, ctx.host.name, _local(ctx, args["accountjid"]),
-                                       args["password"], server.config.scram_iterations)
-    except AccountError as exc:
-        raise CommandError(str(exc)) from None
-    if not created:
+    if not await _set_credentials(ctx, args["accountjid"], args["password"], create_account):
         raise CommandError(f"{args['accountjid']} exists already")
     return {}
 
@@ -62,13 +80,7 @@ async def delete_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("change-user-password", "Change User Password", (ACCOUNT, PASSWORD))
 async def change_user_password(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    server = ctx.host.server
-    try:
-        changed = await set_password(server.storage, ctx.host.name, _local(ctx, args["accountjid"]),
-                                     args["password"], server.config.scram_iterations)
-    except AccountError as exc:
-        raise CommandError(str(exc)) from None
-    if not changed:
+    if not await _set_credentials(ctx, args["accountjid"], args["password"], set_password):
         raise CommandError(f"{args['accountjid']} does not exist")
     return {}
 
@@ -135,15 +147,8 @@ async def reenable_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 @command("announce", "Send Announcement to Online Users",
          (Arg("subject", "text", "Subject", required=False), Arg("announcement", "lines", "Announcement")))
 async def announce(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    message = Element(ns.qname(ns.CLIENT, "message"), {"from": ctx.host.name, "type": "headline"})
-    if args["subject"]:
-        SubElement(message, ns.qname(ns.CLIENT, "subject")).text = args["subject"]
-    SubElement(message, ns.qname(ns.CLIENT, "body")).text = "\n".join(args["announcement"])
-    sessions = ctx.host.server.sessions
-    for user in sessions.users(ctx.host.name):
-        for session in sessions.of(user):
-            message.set("to", str(session.jid))
-            session.send(message)
+    broadcast(ctx.host.server, ctx.host.name,
+              message(ctx.host.name, "\n".join(args["announcement"]), args["subject"]))
     return {}
 
 
@@ -174,3 +179,222 @@ async def user_lastlogin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     else:
         when = account.last_logout
     return {"lastlogin": when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else "never"}
+
+
+@command("get-user-roster", "Get User Roster", (ACCOUNT,),
+         (Arg("accountjid", "jid", "The Jabber ID"), Arg("roster", XML, "The roster")))
+async def user_roster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """One account per request (XEP-0133's form asks for several but answers with one roster): the roster
+    comes as a jabber:iq:roster <query/> inside the result form, as in the XEP's example."""
+    user = _local(ctx, args["accountjid"])
+    storage = ctx.host.server.storage
+    if not await storage.accounts.exists(ctx.host.name, user):
+        raise CommandError(f"{args['accountjid']} does not exist")
+    _, items = await storage.roster.get(ctx.host.name, user)
+    query = Element(ns.qname(ns.ROSTER, "query"))
+    query.extend(item_element(items[jid]) for jid in sorted(items))
+    return {"accountjid": args["accountjid"], "roster": query}
+
+
+def _user_lists(kind: str, title: str, users: Callable[[Context], Awaitable[list[JID]]]) -> None:
+    """Declare get-KIND-users-num and get-KIND-users-list over the one function that finds those users."""
+    async def count(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        return {f"{kind}usersnum": len(await users(ctx))}
+
+    async def listed(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        return {f"{kind}userjids": await users(ctx)}
+
+    command(f"get-{kind}-users-num", f"Get Number of {title} Users",
+            result=(Arg(f"{kind}usersnum", "int", f"The number of {kind} users"),))(count)
+    command(f"get-{kind}-users-list", f"Get List of {title} Users",
+            result=(Arg(f"{kind}userjids", "jids", f"The list of {kind} users"),))(listed)
+
+
+async def _disabled(ctx: Context) -> list[JID]:
+    users = await ctx.host.server.storage.accounts.list(ctx.host.name, disabled_only=True)
+    return [JID.make(u, ctx.host.name) for u in users]
+
+
+def _active(session: Session, now: float) -> bool:
+    return session.hold is None and now - session.last_active < IDLE_AFTER
+
+
+def _online_by_activity(ctx: Context, active: bool) -> list[JID]:
+    """XEP-0133 splits online users into active and idle. A session is active when its client sent a stanza
+    in the last IDLE_AFTER seconds and has not said it is inactive (XEP-0352: a phone in a pocket); a user is
+    active when one of their sessions is, idle when online and none is."""
+    sessions, now = ctx.host.server.sessions, time.monotonic()
+    users = sessions.users(ctx.host.name)
+    return sorted((u for u in users if any(_active(s, now) for s in sessions.of(u)) == active), key=str)
+
+
+async def _active_users(ctx: Context) -> list[JID]:
+    return _online_by_activity(ctx, True)
+
+
+async def _idle_users(ctx: Context) -> list[JID]:
+    return _online_by_activity(ctx, False)
+
+
+_user_lists("disabled", "Disabled", _disabled)
+_user_lists("active", "Active", _active_users)
+_user_lists("idle", "Idle", _idle_users)
+
+
+# --- standing messages: the message of the day and the welcome message (extensions/announce.py) ---------
+
+def _announcer(ctx: Context) -> Announce:
+    module = ctx.host.modules.get("announce")
+    if module is None:
+        raise CommandError(f"the announce module is not loaded on {ctx.host.name}")
+    return cast("Announce", module)
+
+
+MOTD = Arg("motd", "lines", "Message of the Day")
+WELCOME = Arg("welcome", "lines", "Welcome Message")
+
+
+async def _current_motd(ctx: Context) -> dict[str, Any]:
+    motd = _announcer(ctx).motd
+    return {"motd": motd["text"].split("\n") if motd else None}
+
+
+@command("set-motd", "Set Message of the Day", (MOTD,))
+async def set_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_motd("\n".join(args["motd"]))
+    return {}
+
+
+@command("edit-motd", "Edit Message of the Day", (MOTD,), defaults=_current_motd)
+async def edit_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_motd("\n".join(args["motd"]), correction=True)
+    return {}
+
+
+@command("delete-motd", "Delete Message of the Day")
+async def delete_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).delete_motd()
+    return {}
+
+
+async def _current_welcome(ctx: Context) -> dict[str, Any]:
+    text = await _announcer(ctx).welcome_text()
+    return {"welcome": text.split("\n") if text else None}
+
+
+@command("set-welcome", "Set Welcome Message", (WELCOME,), defaults=_current_welcome)
+async def set_welcome(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_welcome("\n".join(args["welcome"]))
+    return {}
+
+
+@command("delete-welcome", "Delete Welcome Message")
+async def delete_welcome(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_welcome(None)
+    return {}
+
+
+# --- lists: admins of the host, and the federation lists of the server ----------------------------------
+
+ADMINS = Arg("adminjids", "jids", "The admin list", required=False)
+
+
+async def _current_admins(ctx: Context) -> dict[str, Any]:
+    return {"adminjids": sorted(ctx.host.admins, key=str)}
+
+
+@command("edit-admin", "Edit Admin List", (ADMINS,), defaults=_current_admins)
+async def edit_admin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """The list replaces the admins added here; those of the configuration file can only be removed there.
+    Like those, an admin is an account of the host."""
+    admins = {JID.make(_local(ctx, jid), ctx.host.name) for jid in args["adminjids"]}
+    kept = sorted(str(a) for a in ctx.host.configured_admins - admins)
+    if kept:
+        raise CommandError(f"{', '.join(kept)}: admin in the configuration file, which must change instead")
+    await ctx.host.set_admins(admins)
+    return {}
+
+
+def _domains(jids: list[JID]) -> list[str]:
+    """Federation lists name domains (a domain covers its subdomains); a JID with a user or resource is refused."""
+    wrong = [str(jid) for jid in jids if jid.local is not None or jid.resource is not None]
+    if wrong:
+        raise CommandError(f"only domains can be listed, not {', '.join(wrong)}")
+    return sorted({jid.domain for jid in jids})
+
+
+async def _federation_list(ctx: Context, name: str) -> list[str]:
+    """The [s2s] table's list `name` ('deny' or 'allow'), then the domains admins added to it."""
+    server = ctx.host.server
+    return [*getattr(server.config.s2s, name), *(await server.storage.kv.get("", "", ADDED, name) or [])]
+
+
+async def _set_federation_list(ctx: Context, name: str, jids: list[JID]) -> None:
+    """Store what is not configured already; federation applies it to the next stanza and stream."""
+    server = ctx.host.server
+    configured = getattr(server.config.s2s, name)
+    domains = _domains(jids)
+    kept = [d for d in configured if d not in domains]
+    if kept:
+        raise CommandError(f"{', '.join(kept)}: in the [s2s] {name} list of the configuration file, "
+                           "which must change instead")
+    await server.storage.kv.set("", "", ADDED, name, [d for d in domains if d not in configured] or None)
+    if server.s2s is not None:
+        await server.s2s.policy.load(server.storage.kv)
+
+
+BLACKLIST = Arg("blacklistjids", "jids", "The blacklist: domains refused for federation", required=False)
+WHITELIST = Arg("whitelistjids", "jids", "The whitelist: when not empty, the only domains for federation",
+                required=False)
+
+
+async def _current_blacklist(ctx: Context) -> dict[str, Any]:
+    return {"blacklistjids": await _federation_list(ctx, "deny")}
+
+
+async def _current_whitelist(ctx: Context) -> dict[str, Any]:
+    return {"whitelistjids": await _federation_list(ctx, "allow")}
+
+
+@command("edit-blacklist", "Edit Blacklist", (BLACKLIST,), access="server", defaults=_current_blacklist)
+async def edit_blacklist(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _set_federation_list(ctx, "deny", args["blacklistjids"])
+    return {}
+
+
+@command("edit-whitelist", "Edit Whitelist", (WHITELIST,), access="server", defaults=_current_whitelist)
+async def edit_whitelist(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _set_federation_list(ctx, "allow", args["whitelistjids"])
+    return {}
+
+
+# --- the whole server: restart and shut down ------------------------------------------------------------
+
+DELAY = Arg("delay", "int", "Time delay in seconds (none: at once)", required=False)
+ANNOUNCEMENT = Arg("announcement", "lines", "Announcement", required=False)
+
+
+def _plan(ctx: Context, args: dict[str, Any], restart: bool) -> None:
+    """Tell every online user of every host what is coming, then leave the act to the server after the delay."""
+    delay = args["delay"] or 0
+    if not 0 <= delay <= MAX_DELAY:
+        raise CommandError(f"the delay must be between 0 and {MAX_DELAY} seconds")
+    server = ctx.host.server
+    if args["announcement"]:
+        for host in server.hosts:
+            broadcast(server, host, message(host, "\n".join(args["announcement"])))
+    server.plan(restart, delay)
+
+
+@command("restart", "Restart Service", (DELAY, ANNOUNCEMENT), access="server")
+async def restart(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """In-process: the server stops (clients get 'system-shutdown') and starts again on the same configuration."""
+    _plan(ctx, args, restart=True)
+    return {}
+
+
+@command("shutdown", "Shut Down Service", (DELAY, ANNOUNCEMENT), access="server")
+async def shutdown(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """The server stops, and `parley serve` exits."""
+    _plan(ctx, args, restart=False)
+    return {}
