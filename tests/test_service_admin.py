@@ -95,6 +95,7 @@ async def test_get_user_roster(server: Harness) -> None:
     assert note(await complete(admin, "get-user-roster", accountjid="alice@example.test"))[0] == "error"
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_disabled_users(server: Harness) -> None:
     admin = await admin_client(server)
     for name in ("carl", "dora", "emil"):
@@ -131,6 +132,7 @@ async def test_active_and_idle_users(server: Harness) -> None:
     assert result_values(await run(admin, "get-idle-users-list"))["idleuserjids"] == ["gus@localhost"]
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_message_of_the_day(server: Harness) -> None:
     admin = await admin_client(server)
     for name in ("hal", "ivy", "jon", "kim"):
@@ -186,6 +188,7 @@ async def test_welcome_message_for_registered_accounts(server: Harness) -> None:
     assert inbox.empty()
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_edit_admin_list_survives_restart(server: Harness) -> None:
     admin = await admin_client(server)
     await server.add_user("lea")
