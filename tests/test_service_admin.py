@@ -215,9 +215,16 @@ async def test_federation_lists_take_effect_and_survive_restart(tmp_path: Path) 
         alice, bob = await a.user("alice@a.test"), await b.user("bob@b.test")
         errors, received = Inbox(alice, "message_error"), Inbox(bob)
 
+        alice_got, bob_errors = Inbox(alice), Inbox(bob, "message_error")
+        bob.send_message(mto="alice@a.test", mbody="before", mtype="chat")  # b.test's stream to a.test opens
+        await alice_got.wait(lambda m: m["body"] == "before")
+
         await complete(admin, "edit-blacklist", "a.test", blacklistjids=["b.test"])
         alice.send_message(mto="bob@b.test", mbody="blocked", mtype="chat")
         assert (await errors.wait())["error"]["condition"] == "not-allowed"
+        bob.send_message(mto="alice@a.test", mbody="after", mtype="chat")  # that stream was closed
+        assert (await bob_errors.wait())["type"] == "error"
+        assert all(m["body"] != "after" for m in alice_got.received)
         refused = await complete(admin, "edit-blacklist", "a.test", blacklistjids=["bob@b.test"])
         assert note(refused)[0] == "error"
         await complete(admin, "edit-blacklist", "a.test", blacklistjids=[])

@@ -15,6 +15,7 @@ from server import ns
 from server.accounts import AccountError, create_account, set_password
 from server.commands import XML, Arg, CommandError, Context, command
 from server.jid import JID
+from server.stream.errors import StreamError
 
 if TYPE_CHECKING:
     from extensions.announce import Announce
@@ -339,8 +340,13 @@ async def _set_federation_list(ctx: Context, name: str, jids: list[JID]) -> None
         raise CommandError(f"{', '.join(kept)}: in the [s2s] {name} list of the configuration file, "
                            "which must change instead")
     await server.storage.kv.set("", "", ADDED, name, [d for d in domains if d not in configured] or None)
-    if server.s2s is not None:
-        await server.s2s.policy.load(server.storage.kv)
+    manager = server.s2s
+    if manager is not None:
+        await manager.policy.load(server.storage.kv)
+        # Outgoing stanzas meet the policy one by one; a stream a refused domain opened earlier would go on.
+        for stream in list(manager.incoming):
+            if any(not manager.policy.allowed(remote) for remote, _ in stream.pairs):
+                stream.stream_error(StreamError("policy-violation", "federation with your domain has ended"))
 
 
 BLACKLIST = Arg("blacklistjids", "jids", "The blacklist: domains refused for federation", required=False)
