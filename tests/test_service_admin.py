@@ -13,7 +13,9 @@ from slixmpp.plugins.xep_0004 import Form
 from slixmpp.stanza.roster import Roster
 from slixmpp.xmlstream import register_stanza_plugin
 
+from s2s.policy import Policy
 from server.commands.service_admin import IDLE_AFTER
+from server.config import S2SConfig
 from server.jid import JID
 from tests.conftest import Harness, free_port
 from tests.s2s_support import Inbox, running_pair, start_parley
@@ -293,3 +295,12 @@ async def test_message_commands_without_the_announce_module(server: Harness) -> 
     assert first["command"]["status"] == "completed"
     assert note(first["command"]) == ("error", "the announce module is not loaded on localhost")
     assert note(await complete(admin, "set-motd", motd=["hi"]))[0] == "error"
+
+
+def test_domains_added_at_runtime_join_the_configured_lists() -> None:
+    policy = Policy(S2SConfig(deny=["bad.example"]))
+    policy.added = {"deny": ["worse.example"], "allow": []}
+    assert not policy.allowed("bad.example") and not policy.allowed("conference.worse.example")
+    assert policy.allowed("good.example")
+    policy.added["allow"] = ["good.example"]  # a whitelist, once not empty, is the only way in
+    assert policy.allowed("good.example") and not policy.allowed("other.example")
