@@ -456,8 +456,10 @@ async def reload_config(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     for name, host in server.hosts.items():
         new = config.hosts.get(name)
         if new is not None:
-            host.config, host.admins = new, {JID.parse(a) for a in new.admins}
-            host.config_options = dict(new.options)
+            added = host.admins - host.configured_admins  # by XEP-0133 edit-admin: they stay
+            host.configured_admins = frozenset(JID.parse(a) for a in new.admins)
+            host.admins = {*host.configured_admins, *added}
+            host.config, host.config_options = new, dict(new.options)
     if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
             or config.storage != server.config.storage:
         log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
