@@ -29,10 +29,10 @@ class NotRunning(Exception):
     """The control socket does not answer."""
 
 
-def request(path: Path, argv: list[str]) -> dict[str, Any]:
+def request(path: Path, argv: list[str], timeout: float | None = RESPONSE_TIMEOUT) -> dict[str, Any]:
     """Send a command line to the control socket and read the answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(RESPONSE_TIMEOUT)
+        sock.settimeout(timeout)
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -47,6 +47,10 @@ def request(path: Path, argv: list[str]) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parleyctl", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="the server's TOML configuration file (default: built-in, ./parley-data)")
+    # ejabberdctl's options, so that its scripts run unchanged; the configuration names the server here.
+    parser.add_argument("--node", help="ignored (ejabberdctl's Erlang node)")
+    parser.add_argument("--no-timeout", action="store_true",
+                        help=f"wait for the answer longer than {RESPONSE_TIMEOUT:g} s")
     parser.add_argument("command", nargs="?", default="help", help="a command; 'help' lists them")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments, in ejabberdctl's order")
     return parser
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(Path(args.config) if args.config else None, known_modules=available())
-        answer = request(socket_path(config), [args.command, *args.args])
+        answer = request(socket_path(config), [args.command, *args.args], None if args.no_timeout else RESPONSE_TIMEOUT)
     except ConfigError as exc:
         print(f"parleyctl: {exc}", file=sys.stderr)
         return 2
