@@ -286,7 +286,7 @@ async def get_roster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     items: dict[str, RosterItem] = await roster.items(owner)
     return {"contacts": [
         {"jid": item.jid, "nick": item.name or "", "subscription": item.subscription,
-         "ask": "subscribe" if item.ask else "none", "group": group}
+         "ask": "out" if item.ask else "none", "group": group}  # ejabberd's words for a pending request
         for item in sorted(items.values(), key=lambda i: i.jid) for group in item.groups or ("",)
     ]}
 

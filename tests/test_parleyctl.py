@@ -183,6 +183,10 @@ async def test_roster_items(server: Harness) -> None:
     assert code == 1 and "subscription must be one of" in err
     await ok(server, "delete_rosteritem", "alice", "localhost", "bob", "example.test")
     assert await ok(server, "get_roster", "alice", "localhost") == []
+    pushed.clear()
+    client.send_presence(pto="carol@localhost", ptype="subscribe")
+    await asyncio.wait_for(pushed.wait(), 5)
+    assert await ok(server, "get_roster", "alice", "localhost") == ["carol@localhost\t\tnone\tout\t"]
 
 
 async def test_vcard_fields(server: Harness) -> None:
