@@ -56,6 +56,8 @@ _BODY = ns.qname(ns.CLIENT, "body")
 # SCRAM mechanism -> (Parley's hash name, key length in bytes).
 _SCRAM = {"SCRAM-SHA-1": ("SHA-1", 20), "SCRAM-SHA-256": ("SHA-256", 32)}
 _ARCHIVE_PAGE = 500
+_IMPORTED = frozenset({ns.qname(PIE_SCRAM, "scram-credentials"), ns.qname(ROSTER, "query"), ns.qname(ns.VCARD, "vCard"),
+                       ns.qname(PRIVATE, "query"), ns.qname(PIE, "offline-messages"), ns.qname(PIE_MAM, "archive")})
 
 
 class PiefxisError(Exception):
@@ -256,6 +258,8 @@ async def _import_user(storage: Storage, host: str, user_el: Element, iterations
         return
     report.users += 1
     owner = JID.make(user, host)
+    for tag in dict.fromkeys(child.tag for child in user_el if child.tag not in _IMPORTED):
+        report.problems.append(f"{owner}: {tag} is not imported (Parley keeps no such data)")
     for item_el in user_el.iterfind(f"{ns.qname(ROSTER, 'query')}/{ns.qname(ROSTER, 'item')}"):
         try:
             item = roster_item(item_el)

@@ -87,6 +87,7 @@ SAMPLE = """<?xml version='1.0' encoding='UTF-8'?>
         <item jid='@@' subscription='both'/>
         <item jid='erin@example.org' subscription='sometimes'/>
       </query>
+      <query xmlns='jabber:iq:privacy'><list name='quiet'/></query>
     </user>
     <user name='nokeys'/>
     <user name='bad user' password='x'/>
@@ -107,14 +108,15 @@ async def test_plaintext_passwords_are_hashed_and_what_cannot_be_imported_is_rep
     report = await import_piefxis(server.server.storage, tmp_path / "sample.xml", server.server.config.hosts)
     assert (report.users, report.roster_items) == (1, 1)
     assert report.problems == [
+        "carol@localhost: {jabber:iq:privacy}query is not imported (Parley keeps no such data)",
         "carol@localhost: roster item '@@': empty localpart",
         "carol@localhost: roster item erin@example.org: subscription 'sometimes'",
         "user 'nokeys'@localhost: it has neither a password nor SCRAM credentials",
-        report.problems[3],
+        report.problems[4],
         "user 'frank'@localhost: unsupported SCRAM mechanism 'SCRAM-SHA-512'",
         "host elsewhere.test is not served here (1 user(s))",
     ]
-    assert report.problems[3].startswith("user 'bad user'@localhost: invalid username")
+    assert report.problems[4].startswith("user 'bad user'@localhost: invalid username")
     assert await server.server.storage.accounts.list("localhost") == ["carol"]
     carol = await server.client("carol@localhost", "pässwörd")  # SCRAM-SHA-256 too: the password was hashed here
     items = (await carol.get_roster())["roster"]["items"]
