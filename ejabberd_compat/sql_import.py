@@ -39,6 +39,10 @@ _ASK_OUT, _ASK_IN = frozenset("SOB"), frozenset("IB")  # ejabberd's ask: subscri
 _KEY_HASH = {20: "SHA-1", 32: "SHA-256"}  # SCRAM key length -> hash
 _DELAY = ns.qname(ns.DELAY, "delay")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# ejabberd tables holding data this importer does not bring over, reported when they have rows.
+NOT_IMPORTED = {"privacy_list": "privacy lists", "archive_prefs": "archiving preferences",
+                "muc_registered": "registered room nicknames", "sr_group": "shared roster groups",
+                "motd": "messages of the day", "last": "last activity"}
 
 
 class SqlImportError(Exception):
@@ -69,6 +73,9 @@ async def import_ejabberd_sql(storage: Storage, url: str, hosts: Collection[str]
                 report.problems.append(f"host {name} is not served here")
                 continue
             await _import_host(source, storage, name, iterations, report)
+        nodes = len(await source.rows("pubsub_node", "1", ""))  # rows not marked with their host
+        if nodes:
+            report.problems.append(f"{nodes} publish-subscribe and PEP node(s) of ejabberd's pubsub_node not imported")
         return report
     finally:
         await conn.close()
@@ -89,29 +96,32 @@ class _Source:
 
     conn: asyncpg.Connection
     multihost: bool
-    tables: set[str]
+    tables: dict[str, set[str]]  # table -> its columns
 
     @classmethod
     async def open(cls, conn: asyncpg.Connection) -> _Source:
         rows = await conn.fetch("SELECT table_name, column_name FROM information_schema.columns "
                                 "WHERE table_schema = current_schema()")
-        tables = {row["table_name"] for row in rows}
+        tables: dict[str, set[str]] = {}
+        for row in rows:
+            tables.setdefault(row["table_name"], set()).add(row["column_name"])
         if "users" not in tables:
             raise SqlImportError("no ejabberd 'users' table in this database (wrong database or schema?)")
-        multihost = any(r["table_name"] == "users" and r["column_name"] == "server_host" for r in rows)
-        return cls(conn, multihost, tables)
+        return cls(conn, "server_host" in tables["users"], tables)
 
     async def rows(self, table: str, columns: str, host: str, where: str = "", order: str = "") -> list[Any]:
-        """The host's rows of a table; none when the table is not there (an older ejabberd)."""
+        """The host's rows of a table (all its rows when they do not say their host); none when the table is
+        not there (an older ejabberd)."""
         if table not in self.tables:
             return []
-        conditions = [c for c in ("server_host = $1" if self.multihost else "", where) if c]
+        by_host = self.multihost and "server_host" in self.tables[table]
+        conditions = [c for c in ("server_host = $1" if by_host else "", where) if c]
         sql = f"SELECT {columns} FROM {table}"  # table and columns are this module's constants
         if conditions:
             sql += " WHERE " + " AND ".join(conditions)
         if order:
             sql += f" ORDER BY {order}"
-        return await self.conn.fetch(sql, host) if self.multihost else await self.conn.fetch(sql)
+        return await self.conn.fetch(sql, host) if by_host else await self.conn.fetch(sql)
 
 
 async def _import_host(source: _Source, storage: Storage, host: str, iterations: int, report: ImportReport) -> None:
@@ -152,6 +162,10 @@ async def _import_host(source: _Source, storage: Storage, host: str, iterations:
             report.offline += 1
     await _archives(source, storage, host, created, report)
     await _rooms(source, storage, host, report)
+    for table, what in NOT_IMPORTED.items():
+        found = len(await source.rows(table, "1", host))
+        if found:
+            report.problems.append(f"{host}: {found} row(s) of ejabberd's {table} ({what}) not imported")
 
 
 def sql_credentials(password: str, server_key: str, salt: str, count: int, iterations: int) -> list[StoredCredentials]:
