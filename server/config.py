@@ -83,6 +83,15 @@ class StorageConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Several worker processes sharing the listening ports, routing to each other through Redis."""
+
+    workers: int = 1  # 1: a single process, no Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "parley"  # of every Redis key and channel, so that several servers can share one Redis
+
+
+@dataclass
 class LoggingConfig:
     level: str = "info"
     file: Path | None = None
@@ -157,6 +166,7 @@ class Config:
     scram_iterations: int = 4096
     allow_unencrypted_plain: bool = False
     source: Path | None = None
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     s2s: S2SConfig = field(default_factory=S2SConfig)
     http_api: HttpApiConfig = field(default_factory=HttpApiConfig)
     components: dict[str, ComponentConfig] = field(default_factory=dict)  # by domain
@@ -196,8 +206,11 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     s2s = _s2s(top.table("s2s"), base)
     http_api = _http_api(top.table("http_api"))
     components = _components(top.table("components"), hosts)
+    cluster = _cluster(top.table("cluster"))
     top.finish()
+    check_cluster(cluster, listeners)
     return Config(
+        cluster=cluster,
         http_api=http_api,
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
@@ -320,6 +333,27 @@ def _storage(table: _Table, data_dir: Path) -> StorageConfig:
     if not sep or scheme not in STORAGE_SCHEMES:
         raise ConfigError(table.key("url"), f"must be a URL with scheme {' or '.join(STORAGE_SCHEMES)}")
     return StorageConfig(url=url.replace("{data_dir}", str(data_dir)))
+
+
+def _cluster(table: _Table) -> ClusterConfig:
+    d = ClusterConfig()
+    cluster = ClusterConfig(
+        workers=table.integer("workers", d.workers, minimum=1, maximum=64),
+        redis_url=table.string("redis_url", d.redis_url),
+        prefix=table.string("prefix", d.prefix),
+    )
+    table.finish()
+    if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(table.key("redis_url"), "must be a redis://, rediss:// or unix:// URL")
+    return cluster
+
+
+def check_cluster(cluster: ClusterConfig, listeners: list[ListenerConfig]) -> None:
+    """Federation and components keep their links in one process, so several workers serve clients only."""
+    if cluster.workers > 1:
+        for i, listener in enumerate(listeners):
+            if listener.type != "c2s":
+                raise ConfigError(f"listeners[{i}].type", f"{listener.type} listeners need cluster.workers = 1")
 
 
 def _logging(table: _Table, base: Path) -> LoggingConfig:
