@@ -11,16 +11,23 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of all threads of `pid`."""
-    with open(f"/proc/{pid}/stat") as fh:
-        # The command name may hold spaces; the fields after its closing parenthesis are fixed.
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    """User plus system CPU time of all threads of `pid` and of its children (a server's worker processes)."""
+    total = 0.0
+    for process in (pid, *children(pid)):
+        with open(f"/proc/{process}/stat") as fh:
+            # The command name may hold spaces; the fields after its closing parenthesis are fixed.
+            fields = fh.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
 
 
 def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE // 1024
+    """Resident memory of `pid` and of its children."""
+    total = 0
+    for process in (pid, *children(pid)):
+        with open(f"/proc/{process}/statm") as fh:
+            total += int(fh.read().split()[1]) * _PAGE // 1024
+    return total
 
 
 def children(pid: int) -> list[int]:

@@ -129,7 +129,7 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
     except ServerUnavailable as exc:
         return {"skipped": str(exc)}
     report: dict[str, Any] = {"address": f"{server.address}:{server.port}", "scenarios": {}}
-    if server.name != "parley":
+    if not server.name.startswith("parley"):
         report["version"] = server.version()
     users = _users_needed(scenarios, size)
     started = time.monotonic()
@@ -184,14 +184,17 @@ def _cell(result: dict[str, Any] | None, key: str, source: str) -> float | None:
 
 
 def render_table(results: dict[str, Any], scenarios: list[str]) -> str:
-    """One text table: each server's figures side by side, then Parley's ratio to each other server."""
+    """One text table: each server's figures side by side, then Parley's ratio to each other server (and that of
+    Parley in two worker processes to Parley in one)."""
     names = list(results["servers"])
     checkout = results["parley_checkout"]
     versions = [f"parley {checkout['commit']}" + (f" (+{checkout['uncommitted_server_files']} uncommitted "
                                                    "server files)" if checkout["uncommitted_server_files"] else "")]
     versions += [f"{n} {results['servers'][n]['version']}" for n in names if "version" in results["servers"][n]]
-    others = [n for n in names if n != "parley"] if "parley" in names else []
-    header = ["scenario", "metric", *names, *(f"parley/{o}" for o in others)]
+    pairs = [("parley", n) for n in names if n not in ("parley", "parley-2w")] if "parley" in names else []
+    if "parley" in names and "parley-2w" in names:
+        pairs.append(("parley-2w", "parley"))  # what the second worker process adds
+    header = ["scenario", "metric", *names, *(f"{a}/{b}" for a, b in pairs)]
     rows: list[list[str]] = []
     notes: list[str] = []
     for scenario in scenarios:
@@ -215,8 +218,8 @@ def render_table(results: dict[str, Any], scenarios: list[str]) -> str:
                     mark = "*" if source == "cpu" and key == "generator" and (values[n] or 0) >= SATURATED else ""
                     cells.append(_fmt(values[n]) + mark)
             ratios = []
-            for o in others:
-                p, v = values.get("parley"), values.get(o)
+            for a, b in pairs:
+                p, v = values.get(a), values.get(b)
                 ratios.append(f"{p / v:.2f}" if p is not None and v else "-")
             rows.append([scenario if i == 0 else "", label, *cells, *ratios])
         for n in names:

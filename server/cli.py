@@ -93,17 +93,23 @@ async def _serve_worker(config: Config, index: int, ready: int) -> None:
     from server.cluster import Cluster
     from server.server import Server
 
-    stop = asyncio.Event()  # from here on, even while starting: a worker always takes its sessions with it
+    signalled = asyncio.Event()  # from here on, even while starting: a worker always takes its sessions with it
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled.set)
     server = Server(config)
     cluster = Cluster(server, index, config.cluster)
     await cluster.start()
     await server.start()
     os.write(ready, b"+")
-    await stop.wait()
-    await server.stop()
+    waits = [loop.create_task(signalled.wait()), loop.create_task(server.finished.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    if server.finished.is_set():
+        os.kill(os.getppid(), signal.SIGTERM)  # an admin's shutdown command: every worker stops
+    else:
+        await server.shutdown()
     await cluster.stop()
 
 

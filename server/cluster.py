@@ -197,6 +197,8 @@ class Cluster:
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sending = False
+        self._stale: list[dict[str, Any]] = []  # sessions of this worker's previous process, if it died
+        self._following = False  # reading the other workers' channel messages
 
     def channel(self, worker: int) -> str:
         return f"{self.prefix}:w{worker}"
@@ -208,28 +210,49 @@ class Cluster:
         return f"{self.prefix}:alive:{worker}"
 
     async def start(self) -> None:
-        """Subscribe first, then read the others' sessions, so no change falls between the two."""
+        """Subscribe before the others' sessions are read (in `attach`), so no change falls between the two."""
         self._redis = aioredis.from_url(self.url)
         self._pubsub = self._redis.pubsub()
         await self._pubsub.subscribe(self.channel(self.index))
+        stale = await self._redis.hgetall(self.sessions_key(self.index))
+        self._stale = [json.loads(value) for value in stale.values()]
         await self._redis.delete(self.sessions_key(self.index))
         await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL)
         for worker in self.others():
             self._queue(worker, "x")
-            for value in (await self._redis.hgetall(self.sessions_key(worker))).values():
-                self.sessions.put_remote(worker, json.loads(value))
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._receive_loop()),
-                       loop.create_task(self._heartbeat())]
+        self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._heartbeat())]
 
-    def attach(self, _server: Server) -> None:
-        """Once the hosts exist (again after a restart): answers to other workers' queries go back to them
-        before this worker's modules see them."""
+    async def attach(self, _server: Server) -> None:
+        """Once the hosts exist (again after a restart): the others' sessions are read and their changes
+        followed, answers to other workers' queries go back to them before this worker's modules see them,
+        and the sessions a dead predecessor left are ended."""
         if self.index == 0 and any("pep" in host.modules for host in self.server.hosts.values()):
             log.warning("cluster: PEP notifications reach only the contacts on the publisher's worker")
         for host in self.server.hosts.values():
             for event in ("iq-result/host", "iq-error/host", "iq-result/bare", "iq-error/bare"):
                 host.hooks.add(event, self.answer_elsewhere, priority=1000)
+        if not self._following:
+            self._following = True
+            assert self._redis is not None
+            for worker in self.others():
+                for value in (await self._redis.hgetall(self.sessions_key(worker))).values():
+                    self.sessions.put_remote(worker, json.loads(value))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._receive_loop()))
+        stale, self._stale = self._stale, []
+        for state in stale:
+            await self._end_stale(state)
+
+    async def _end_stale(self, state: dict[str, Any]) -> None:
+        """End a session whose process died: its contacts and the user's other resources learn it is gone."""
+        jid = JID.parse(state["jid"])
+        host = self.server.hosts.get(jid.domain)
+        if host is None or self.sessions.get(jid) is not None:
+            return
+        session = Session(jid, host, lambda data: None, lambda condition: None)
+        session.presence = parse_stored(state["presence"]) if state["presence"] else None
+        await self.server.end_session(session)
+
 
     async def stop(self) -> None:
         """Send what is queued (the goodbyes of this worker's sessions), then close."""
@@ -305,7 +328,7 @@ class Cluster:
             states = {str(jid): session_state(s) for jid, s in dirty.items() if not s.ended}
             pipe = self._redis.pipeline(transaction=False)
             for worker, frames in out.items():
-                body = FRAME.join(_resolve(frame, states) for frame in frames)
+                body = FRAME.join([_resolve(frame, states) for frame in frames] if dirty else frames)
                 pipe.publish(self.channel(worker), f"{self.index}{FRAME}{body}")
             for jid, state in states.items():
                 pipe.hset(self.sessions_key(self.index), jid, state)
@@ -355,15 +378,33 @@ class Cluster:
             sender, *frames = message["data"].decode().split(FRAME)
             for frame in frames:
                 try:
-                    await self._dispatch(int(sender), frame)
+                    if frame[0] != "s" or not self._deliver(int(sender), frame):
+                        await self._dispatch(int(sender), frame)
                 except Exception:
                     log.exception("cluster: could not handle %r from worker %s", frame[:200], sender)
+
+    def _deliver(self, sender: int, frame: str) -> bool:
+        """A stanza for a session of this worker, handed over at once; False when that session has gone."""
+        _, jid_text, data = frame.split(FIELD, 2)
+        jid = JID.parse(jid_text)
+        session = self.sessions.get(jid)
+        if session is None or jid in self.sessions.remote:
+            return False
+        if data.startswith("<iq") or session.hold is not None:
+            el = parse_stored(data)
+            if el.get("type") in ("get", "set") and el.tag.endswith("}iq"):
+                self._expect_answer(sender, el)
+            session.send_raw(data, el)
+        else:
+            session.send_raw(data)
+        return True
 
     async def _dispatch(self, sender: int, frame: str) -> None:
         kind, _, rest = frame.partition(FIELD)
         if kind == "s":
             jid, _, data = rest.partition(FIELD)
-            await self._deliver(sender, JID.parse(jid), data)
+            el = parse_stored(data)
+            await self._undeliverable(Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""), JID.parse(jid)))
         elif kind == "u":
             self.sessions.put_remote(sender, json.loads(rest))
         elif kind == "d":
@@ -385,21 +426,6 @@ class Cluster:
             self.forget_roster(JID.parse(rest))
         elif kind == "k":
             CachedDocuments.forget(*rest.split(FIELD))
-
-    async def _deliver(self, sender: int, jid: JID, data: str) -> None:
-        """A stanza for a session of this worker; if it has gone meanwhile, what the router does for a gone one."""
-        session = self.sessions.get(jid)
-        local = session is not None and jid not in self.sessions.remote
-        if data.startswith("<iq") or not local or session.hold is not None:
-            el = parse_stored(data)
-            if local and el.tag.endswith("}iq") and el.get("type") in ("get", "set"):
-                self._expect_answer(sender, el)
-            if local:
-                session.send_raw(data, el)
-            else:
-                await self._undeliverable(Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""), jid))
-        else:
-            session.send_raw(data)
 
     def _expect_answer(self, sender: int, el: Element) -> None:
         """A query from a server or account address on another worker: its answer must go back there."""

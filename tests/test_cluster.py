@@ -23,10 +23,12 @@ from xml.etree.ElementTree import fromstring
 import pytest
 import redis.asyncio as aioredis
 from slixmpp import ClientXMPP
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
 
 from server.accounts import create_account
 from server.cluster import FIELD, FRAME, _resolve
-from server.storage import Storage, open_storage
+from server.storage import RosterItem, Storage, open_storage
 from tests.conftest import IN_CI, PG_URL, Harness, drop_pg_schema, free_port, make_pg_schema
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -295,12 +297,20 @@ async def test_users_on_both_workers(workers: Workers) -> None:
 async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Workers) -> None:
     for name in ("alice", "carol"):
         await workers.add_user(name)
+    for user, contact in (("alice", "carol"), ("carol", "alice")):
+        await workers.storage.roster.put("localhost", user, RosterItem(f"{contact}@localhost", subscription="both"))
     a0 = await workers.client_on(0, "alice@localhost", "a0")
     a1 = await workers.client_on(1, "alice@localhost", "a1")
     c0 = await workers.client_on(0, "carol@localhost", "c0")
     inbox = workers.inbox(a0)
+    gone: asyncio.Queue[str] = asyncio.Queue()
+    for client in (a0, c0):
+        client.register_handler(Callback("gone", MatchXPath("{jabber:client}presence"), lambda p, c=client:
+                                         gone.put_nowait(f"{c.boundjid} {p['from']}") if p["type"] == "unavailable"
+                                         else None))
     a0.send_presence()
     a1.send_presence(ppriority=5)
+    c0.send_presence()
     await workers.until_state("alice@localhost/a1", lambda s: s["priority"] == 5)
     old = await workers.pid(1)
     os.kill(old, signal.SIGKILL)
@@ -309,6 +319,8 @@ async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Wo
         assert time.monotonic() < deadline, "worker 1 was not restarted"
         await asyncio.sleep(0.1)
     await workers.until_gone("alice@localhost/a1")
+    # The new worker 1 ends what its predecessor left: carol and alice's other resource see a1 go.
+    await received(gone, "carol@localhost/c0 alice@localhost/a1", "alice@localhost/a0 alice@localhost/a1")
     c0.send_message(mto="alice@localhost/a1", mbody="are you there?", mtype="chat")
     assert await bodies(inbox, 1) == ["are you there?"]  # RFC 6121 8.5.3.2.1: as if sent to the bare JID
 
@@ -327,14 +339,21 @@ async def test_a_block_made_on_one_worker_holds_on_the_other(workers: Workers) -
     for name in ("alice", "bob"):
         await workers.add_user(name)
     alice = await workers.client_on(0, "alice@localhost", "a", ("xep_0191",))
+    probe = await workers.client_on(1, "alice@localhost", "probe")
     bob = await workers.client_on(1, "bob@localhost", "b")
-    inbox = workers.inbox(alice)
+    inbox, probed = workers.inbox(alice), workers.inbox(probe)
+
+    async def reached_worker_1() -> None:
+        """Worker 0 tells worker 1 everything in order: once this arrives there, the change did too."""
+        alice.send_message(mto="alice@localhost/probe", mbody="sync", mtype="chat")
+        assert await bodies(probed, 1) == ["sync"]
+
     bob.send_message(mto="alice@localhost/a", mbody="before", mtype="chat")
     assert await bodies(inbox, 1) == ["before"]  # worker 1 has read alice's (empty) blocklist by now
     await alice.plugin["xep_0191"].block("bob@localhost", timeout=5)
-    await asyncio.sleep(0.3)  # the change reaches worker 1 through Redis in about a millisecond
+    await reached_worker_1()
     bob.send_message(mto="alice@localhost/a", mbody="blocked", mtype="chat")
     await alice.plugin["xep_0191"].unblock("bob@localhost", timeout=5)
-    await asyncio.sleep(0.3)
+    await reached_worker_1()
     bob.send_message(mto="alice@localhost/a", mbody="after", mtype="chat")
     assert await bodies(inbox, 1) == ["after"]  # both went the same way, so "blocked" would have come first

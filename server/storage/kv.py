@@ -73,12 +73,16 @@ class CachedDocuments(Generic[T]):
         self._parse = parse
         self._size = size
         self._cache: dict[tuple[str, str], T] = {}
+        self._forgotten = 0  # bumped by `forget`, so that a read it overtook is not kept
         CachedDocuments.instances.add(self)
 
     async def get(self, host: str, user: str) -> T:
         key = (host, user)
         if key not in self._cache:
+            forgotten = self._forgotten
             parsed = self._parse(await self._kv.get(host, user, self._store))
+            if forgotten != self._forgotten:
+                return parsed
             # setdefault: a `set` that finished while the database answered wins over what was read.
             self._cache.setdefault(key, parsed)
             if len(self._cache) > self._size:
@@ -97,3 +101,4 @@ class CachedDocuments(Generic[T]):
         for cache in cls.instances:
             if cache._store == store:
                 cache._cache.pop((host, user), None)
+                cache._forgotten += 1
