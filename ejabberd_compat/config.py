@@ -410,14 +410,15 @@ def _listen(t: _Translation, listeners: list[Any]) -> None:
 
 def _certfiles(t: _Translation, patterns: list[Any]) -> None:
     """Give each host the certificate whose names cover it, with its key (in the same PEM or a key file beside
-    it), as ejabberd picks them; with one certificate for everything, every host gets it."""
+    it), as ejabberd picks them; with one certificate for everything, every host gets it. Of several files for a
+    host (Let's Encrypt's cert.pem and fullchain.pem), the one with the whole chain."""
     files: list[Path] = []
     for pattern in patterns:
         found = sorted(Path(p) for p in glob.glob(str(t.base / str(pattern))) if Path(p).is_file())
         if not found:
             t.warn("certfiles", f"{pattern} matches no file")
         files.extend(found)
-    certs: list[tuple[Path, list[str]]] = []
+    certs: list[tuple[Path, list[str], int]] = []  # file, names of its first certificate, certificates in it
     keys: dict[Path, Path] = {}
     for path in files:
         try:
@@ -429,7 +430,7 @@ def _certfiles(t: _Translation, patterns: list[Any]) -> None:
             keys.setdefault(path.parent, path)
         if b"CERTIFICATE-----" in pem:
             try:
-                certs.append((path, _names(x509.load_pem_x509_certificate(pem))))
+                certs.append((path, _names(x509.load_pem_x509_certificate(pem)), pem.count(b"BEGIN CERTIFICATE")))
             except ValueError:
                 t.warn("certfiles", f"{path} holds no readable certificate")
     for host in t.hosts():
@@ -437,7 +438,7 @@ def _certfiles(t: _Translation, patterns: list[Any]) -> None:
         if not match:
             t.warn("certfiles", f"no certificate for {host}: Parley makes a self-signed one")
             continue
-        cert = match[0][0]
+        cert = max(match, key=lambda c: c[2])[0]
         key = cert if b"PRIVATE KEY-----" in cert.read_bytes() else keys.get(cert.parent)
         if key is None:
             t.warn("certfiles", f"no private key beside {cert} for {host}")

@@ -137,6 +137,22 @@ sql_type: mysql
     assert any(w.startswith("sql_type: Parley stores data in PostgreSQL or SQLite files, not mysql") for w in warnings)
 
 
+def test_lets_encrypt_folders_give_each_host_its_full_chain_and_key(tmp_path: Path) -> None:
+    ca_crt = tmp_path / "ca.crt"  # stands for the intermediate certificate of chain.pem
+    ensure_certificate("ca.test", ca_crt, tmp_path / "ca.key")
+    for host in ("a.test", "b.test"):
+        live = tmp_path / "live" / host
+        live.mkdir(parents=True)
+        ensure_certificate(host, live / "cert.pem", live / "privkey.pem")
+        (live / "chain.pem").write_text(ca_crt.read_text())
+        (live / "fullchain.pem").write_text((live / "cert.pem").read_text() + ca_crt.read_text())
+    data, warnings = _translate("hosts: [a.test, b.test, c.test]\ncertfiles: ['live/*/*.pem']", tmp_path)
+    for host in ("a.test", "b.test"):
+        live = tmp_path / "live" / host
+        assert data["hosts"][host] == {"certificate": str(live / "fullchain.pem"), "key": str(live / "privkey.pem")}
+    assert warnings == ["certfiles: no certificate for c.test: Parley makes a self-signed one"]
+
+
 @pytest.mark.parametrize("text, reason", [
     ("hosts: [", "not valid YAML"),
     ("- just a list", "not an ejabberd configuration"),
