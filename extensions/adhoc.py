@@ -195,8 +195,8 @@ class Adhoc(Module):
             SubElement(actions, ns.qname(NS, "prev"))
         SubElement(actions, ns.qname(NS, "complete" if last else "next"))
         answer.append(build_form("form", [
-            Field(arg.name, FIELD_TYPES[arg.type], arg.label,
-                  () if arg.type == "password" else tuple(session.raw.get(arg.name, ())), arg.required)
+            Field(arg.name, "list-single" if arg.options else FIELD_TYPES[arg.type], arg.label,
+                  () if arg.type == "password" else tuple(session.raw.get(arg.name, ())), arg.required, arg.options)
             for arg in self._stage_args(session)
         ], form_type=command.namespace, title=command.title))
         return answer

@@ -51,6 +51,8 @@ class Arg:
     label: str
     required: bool = True
     stage: int = 0
+    # Values to choose from (XEP-0133's delays); a form offers them as a list, any value of the type is taken.
+    options: tuple[str, ...] = ()
     fields: tuple[str, ...] = ()  # of each record, for a result of type 'records'
 
     def parse(self, values: list[str]) -> Any:
