@@ -255,6 +255,10 @@ async def test_restart_announces_and_comes_back(tmp_path: Path) -> None:
         inbox = solo.harness.inbox(await solo.harness.client("max@solo.test"))
         started = asyncio.Event()
         solo.server.hooks.add("server/started", lambda _: started.set())
+        form = (await admin["xep_0050"].send_command("solo.test", "http://jabber.org/protocol/admin#restart",
+                                                     timeout=5))["command"]["form"]
+        delay = form.get_fields()["delay"]
+        assert delay["type"] == "list-single" and "30" in [o["value"] for o in delay["options"]]
         refused = await complete(admin, "restart", "solo.test", delay="-5")
         assert note(refused)[0] == "error" and not started.is_set()
         done = await complete(admin, "restart", "solo.test", delay="1", announcement=["Back in a moment"])

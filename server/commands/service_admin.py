@@ -376,7 +376,8 @@ async def edit_whitelist(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 
 # --- the whole server: restart and shut down ------------------------------------------------------------
 
-DELAY = Arg("delay", "int", "Time delay in seconds (none: at once)", required=False)
+DELAY = Arg("delay", "int", "Time delay in seconds (none: at once)", required=False,
+            options=("0", "30", "60", "90", "120", "180", "240", "300"))
 ANNOUNCEMENT = Arg("announcement", "lines", "Announcement", required=False)
 
 
