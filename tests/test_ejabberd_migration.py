@@ -22,10 +22,14 @@ import asyncpg
 import pytest
 from slixmpp import ClientXMPP
 
+from ejabberd_compat.config import STORAGE_SCHEMA, load_ejabberd_config
 from ejabberd_compat.piefxis import export_piefxis, import_piefxis
 from ejabberd_compat.sql_import import SqlImportError, import_ejabberd_sql
+from server.cli import main
+from server.registry import available
+from server.server import Server
 from server.storage import RosterItem
-from tests.conftest import IN_CI, Harness
+from tests.conftest import IN_CI, Harness, free_port
 from tests.s2s_peers import Ejabberd, PeerUnavailable, _fill
 from tests.test_basic_modules import send_iq
 from tests.test_mam import MAM, RSM, Archive
@@ -314,3 +318,33 @@ async def test_parleys_export_imports_into_ejabberd(server: Harness, ejabberd_da
     assert peer.ctl("get_vcard", "zoe", DOMAIN, "FN").strip() == "Zoe Zebra"
     with pytest.raises(AssertionError, match="false"):
         peer.ctl("check_password", "zoe", DOMAIN, "zebra")
+
+
+async def test_one_ejabberd_yml_for_parley_and_for_the_import(ejabberd_data: EjabberdData, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The drop-in case: Parley started on an ejabberd.yml with sql_type pgsql keeps its tables in a schema of
+    ejabberd's database, `parley import-ejabberd-sql --config` finds ejabberd's tables there, and the users log
+    in with their passwords."""
+    database = ejabberd_data.database_url.rsplit("/", 1)[1]
+    port = free_port()
+    yml = tmp_path / "ejabberd.yml"
+    yml.write_text(f"hosts: [{DOMAIN}]\nsql_type: pgsql\nsql_server: 127.0.0.1\nsql_database: {database}\n"
+                   f"sql_username: postgres\nlisten:\n  - {{port: {port}, ip: 127.0.0.1, module: ejabberd_c2s}}\n"
+                   "modules: {mod_roster: {}, mod_offline: {}, mod_vcard: {}, mod_private: {}, mod_mam: {}}\n")
+    conn = await asyncpg.connect(ejabberd_data.database_url.replace("+asyncpg", ""))
+    try:
+        users = await conn.fetchval("SELECT count(*) FROM public.users")  # other tests of the module may add some
+        assert await asyncio.to_thread(main, ["import-ejabberd-sql", "--config", str(yml)]) == 0
+        assert capsys.readouterr().out.startswith(f"imported {users} user(s)")
+        config, _ = load_ejabberd_config(yml, available())
+        server = Harness(Server(config), port, port, tmp_path)
+        await server.server.start()
+        try:
+            alice = await server.client(f"alice@{DOMAIN}", PASSWORDS["alice"])
+            assert [r.id for r in await Archive(alice).all()] == ejabberd_data.archive["alice"]
+        finally:
+            await server.close()
+            await server.server.stop()
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {STORAGE_SCHEMA} CASCADE")
+        await conn.close()
