@@ -119,6 +119,7 @@ async def test_help_lists_commands_and_their_arguments(server: Harness) -> None:
     assert order == ["localuser", "localhost", "user", "host", "nick", "group", "subs"]
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_passwords_ban_and_unregister(server: Harness) -> None:
     await server.add_user("alice", "old")
     assert await ok(server, "change_password", "alice", "localhost", "new") == []
@@ -203,6 +204,7 @@ async def test_vcard_fields(server: Harness) -> None:
     assert (vcard["vcard_temp"]["FN"], vcard["vcard_temp"]["NICKNAME"]) == ("Alice Liddell", ["ali"])
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_rooms(server: Harness) -> None:
     service = "conference.localhost"
     await server.add_user("alice")
