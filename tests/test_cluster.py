@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import fromstring
@@ -27,9 +27,16 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from server.accounts import create_account
-from server.cluster import FIELD, FRAME, _resolve
+from server.cluster import FIELD, FRAME, Cluster, _resolve, session_state
+from server.config import ClusterConfig
+from server.host import Host
+from server.jid import JID
+from server.server import Server
+from server.sessions import Session
+from server.stanza import Stanza
 from server.storage import RosterItem, Storage, open_storage
-from tests.conftest import IN_CI, PG_URL, Harness, drop_pg_schema, free_port, make_pg_schema
+from server.storage.kv import CachedDocuments
+from tests.conftest import IN_CI, PG_URL, Harness, drop_pg_schema, free_port, make_config, make_pg_schema
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REPO = Path(__file__).resolve().parent.parent
@@ -353,7 +360,78 @@ async def test_a_block_made_on_one_worker_holds_on_the_other(workers: Workers) -
     await alice.plugin["xep_0191"].block("bob@localhost", timeout=5)
     await reached_worker_1()
     bob.send_message(mto="alice@localhost/a", mbody="blocked", mtype="chat")
+    ping = bob.Iq(stype="get", sto="localhost")
+    ping.append(fromstring("<ping xmlns='urn:xmpp:ping'/>"))
+    await ping.send(timeout=5)  # answered once worker 1 has routed bob's message, before the unblock
     await alice.plugin["xep_0191"].unblock("bob@localhost", timeout=5)
     await reached_worker_1()
     bob.send_message(mto="alice@localhost/a", mbody="after", mtype="chat")
     assert await bodies(inbox, 1) == ["after"]  # both went the same way, so "blocked" would have come first
+
+
+# --- the registry and the outgoing queue, without processes or Redis ------------------------------------
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Worker 1 of 2, its hosts made but nothing started: what it would send stays in its queue."""
+    config = make_config(tmp_path, free_port(), free_port(), f"sqlite+aiosqlite:///{tmp_path}/parley.db")
+    config.cluster = ClusterConfig(workers=2, prefix="unit")
+    server = Server(config)
+    server.hosts["localhost"] = Host(server, config.hosts["localhost"])
+    try:
+        yield Cluster(server, 1, config.cluster)
+    finally:
+        CachedDocuments.on_set = None
+
+
+def local_session(cluster: Cluster, jid: str) -> Session:
+    session = Session(JID.parse(jid), cluster.server.hosts["localhost"], lambda data: None, lambda condition: None)
+    cluster.sessions.add(session)
+    return session
+
+
+def remote_state(jid: str, priority: int = 0, available: bool = True) -> dict[str, Any]:
+    presence = f'<presence from="{jid}"/>' if available else None
+    return {"jid": jid, "priority": priority, "interested": True, "presence": presence, "data": {"carbons": True},
+            "started": 0.0}
+
+
+def test_changes_of_a_local_session_go_out_once_per_turn_at_their_place(cluster: Cluster) -> None:
+    session = local_session(cluster, "alice@localhost/a")
+    session.priority = 5
+    session.presence = fromstring("<presence xmlns='jabber:client'/>")
+    session.data["carbons"] = True
+    session.data["csi"] = "not shared"
+    assert cluster._out == {0: [f"u{FIELD}alice@localhost/a"]}
+    state = json.loads(session_state(session))
+    assert (state["priority"], state["data"], state["presence"]) == (5, {"carbons": True}, "<presence/>")
+    cluster.sessions.remove(session)
+    assert cluster._out[0][-1] == f"d{FIELD}alice@localhost/a"
+
+
+def test_remote_sessions_take_part_in_routing_but_never_replace_a_local_one(cluster: Cluster) -> None:
+    local = local_session(cluster, "alice@localhost/a")
+    cluster.sessions.put_remote(0, remote_state("alice@localhost/a"))
+    cluster.sessions.put_remote(0, remote_state("alice@localhost/b", priority=3))
+    assert cluster.sessions.get(JID.parse("alice@localhost/a")) is local
+    remote = cluster.sessions.get(JID.parse("alice@localhost/b"))
+    assert remote is not None and remote.priority == 3 and remote.data == {"carbons": True}
+    assert cluster.sessions.available(JID.parse("alice@localhost")) == [remote]  # the local one has no presence
+    assert cluster.sessions.all() == [local]  # what this worker ends when it stops
+    remote.send(fromstring("<message xmlns='jabber:client' to='alice@localhost/b'><body>hi</body></message>"))
+    message = '<message to="alice@localhost/b"><body>hi</body></message>'
+    assert cluster._out[0][-1] == f"s{FIELD}alice@localhost/b{FIELD}{message}"
+    cluster.sessions.put_remote(0, remote_state("alice@localhost/b", available=False))
+    assert cluster.sessions.available(JID.parse("alice@localhost")) == []
+    cluster.sessions.drop_worker(0)
+    assert cluster.sessions.of(JID.parse("alice@localhost")) == [local] and remote.closed
+
+
+async def test_services_on_another_worker_are_forwarded_to_worker_0(cluster: Cluster) -> None:
+    async def handler(stanza: Stanza) -> None:
+        raise AssertionError("served on worker 1")
+
+    cluster.server.services["conference.localhost"] = handler
+    el = fromstring("<message xmlns='jabber:client' from='bob@localhost/b' to='room@conference.localhost'/>")
+    await cluster.server.services["conference.localhost"](Stanza(el, "message", JID.parse("bob@localhost/b"), None))
+    assert cluster._out[0][-1].startswith(f"v{FIELD}<message from=\"bob@localhost/b\"")
