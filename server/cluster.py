@@ -186,6 +186,8 @@ class Cluster:
         server.cluster = self
         if index != SERVICE_WORKER:
             server.services = PinnedServices(self)
+            # parleyctl reaches worker 0, whose room commands act on the rooms; the other sockets are spare
+            server.control.path = server.control.path.with_name(f"worker{index}-{server.control.path.name}")
         server.hooks.add("roster/changed", self.roster_changed)
         server.hooks.add("server/started", self.attach)
         CachedDocuments.on_set = self.document_changed

@@ -290,6 +290,10 @@ async def test_users_on_both_workers(workers: Workers) -> None:
     a1.send_message(mto=ROOM, mbody="hello room", mtype="groupchat")
     for name in ("b1", "c0"):
         assert "hello room" in await bodies(inbox[name], 1)
+    ctl = await asyncio.to_thread(subprocess.run, [str(Path(sys.executable).with_name("parleyctl")), "--config",
+                                  str(workers.data_dir / "parley.toml"), "muc_online_rooms", "global"],
+                                  capture_output=True, text=True, timeout=30)
+    assert ctl.stdout.split() == [ROOM], ctl.stderr  # parleyctl reaches worker 0, where the rooms are
 
     # Offline storage, whichever worker the recipient comes back on.
     b1.send_message(mto="dave@localhost", mbody="while you were out", mtype="chat")
