@@ -135,6 +135,7 @@ class Push(Module):
         self._reached: WeakSet[Element] = WeakSet()  # messages an attached session got, or already pushed
         self._pushed: dict[str, None] = {}  # archive ids of pushed messages, oldest first
         self._locks = [asyncio.Lock() for _ in range(LOCKS)]
+        self._tasks: set[asyncio.Task[None]] = set()
         self.add_feature(PUSH, target="account")
         self.iq("set", ENABLE, self.enable, target="account")
         self.iq("set", DISABLE, self.disable, target="account")
@@ -145,6 +146,12 @@ class Push(Module):
         self.hook_global("muc/message", self.room_message)
         self.hook("iq-result/bare", self.answered)
         self.hook("iq-error/bare", self.answered)
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- registrations ----------------------------------------------------------------------------
 
@@ -200,26 +207,35 @@ class Push(Module):
 
     # --- when to push -----------------------------------------------------------------------------
 
-    def delivering(self, stanza: Stanza, sessions: list[Session]) -> None:
-        """Remember a message that an attached session gets, directly or as a carbon: it needs no push."""
+    async def delivering(self, stanza: Stanza, sessions: list[Session]) -> None:
+        """A message that an attached session gets, directly or as a carbon, needs no push; and the user, who
+        is there to read it (a resumed session too), starts a new count."""
         copied = eligible(stanza.el) and any(s.data.get("carbons") and not s.detached
                                              for s in self.server.sessions.of(stanza.to.bare))
         if copied or any(not s.detached for s in sessions):
             self._reached.add(stanza.el)
+            await self._restart_count(stanza.to.bare)
 
-    async def offline(self, stanza: Stanza) -> None:
-        await self._push(stanza.to.bare, stanza.el)
+    def offline(self, stanza: Stanza) -> None:
+        """Push behind the router's back: offline storage, next in the chain, must not wait for the lookup
+        (a login that empties the store meanwhile would miss the message)."""
+        task = asyncio.get_running_loop().create_task(self._push(stanza.to.bare, stanza.el))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def queued(self, session: Session, el: Element) -> None:
         await self._push(session.bare, el)
 
     async def online(self, session: Session) -> None:
-        """The user is back: the count starts again."""
-        user = session.bare
+        await self._restart_count(session.bare)
+
+    async def _restart_count(self, user: JID) -> None:
+        """The user is back: the next push counts from one."""
+        if not (await self.registrations.get(user.domain, user.local or "")).count:
+            return
         async with self._lock(user):
             current = await self.registrations.get(user.domain, user.local or "")
-            if current.count:
-                await self._save(user, replace(current, count=0))
+            await self._save(user, replace(current, count=0))
 
     async def _push(self, user: JID, el: Element) -> None:
         if el in self._reached or not pushable(el):

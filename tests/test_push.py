@@ -23,7 +23,7 @@ from tests.test_muc import user as muc_user
 from tests.test_muc_admin import admin
 from tests.test_offline import send, wait_stored
 from tests.test_roster_presence import disconnect, sync
-from tests.test_stream_management import closed_sessions, cut, detached, phone, until
+from tests.test_stream_management import closed_sessions, cut, detached, phone, sm_client, until
 
 PUSH = "urn:xmpp:push:0"
 PUBSUB = "http://jabber.org/protocol/pubsub"
@@ -276,6 +276,34 @@ async def test_a_message_queued_then_stored_offline_is_pushed_once(server: Harne
         send(bob, "later")
         summary = (await app.next())[1]
         assert (summary["message-count"], summary["last-message-body"]) == (["2"], ["later"])
+
+
+@pytest.mark.parley_config(components=COMPONENTS, module_options=WITH_BODY)
+async def test_the_count_starts_again_once_a_resumed_session_gets_a_message(server: Harness) -> None:
+    await server.add_user("alice")
+    await server.add_user("bob")
+    alice = await sm_client(server, "alice@localhost", "phone")
+    await enable(alice, "n")
+    resumed = asyncio.get_running_loop().create_future()
+    alice.add_event_handler("session_resumed", lambda _: resumed.set_result(True))
+    inbox = server.inbox(alice)
+    bob = await server.client("bob@localhost", resource="desk")
+    async with app_server(server) as app:
+        alice.abort()
+        await detached(server, "alice@localhost/phone")
+        send(bob, "one")
+        send(bob, "two")
+        assert [(await app.next())[1]["message-count"] for _ in range(2)] == [["1"], ["2"]]
+
+        alice.connect("127.0.0.1", server.port)
+        await asyncio.wait_for(resumed, 10)
+        send(bob, "read at once")
+        assert [(await asyncio.wait_for(inbox.get(), 5))["body"] for _ in range(3)] == ["one", "two", "read at once"]
+        alice.abort()
+        await detached(server, "alice@localhost/phone")
+        send(bob, "away again")
+        summary = (await app.next())[1]
+        assert (summary["message-count"], summary["last-message-body"]) == (["1"], ["away again"])
 
 
 # --- group chat ------------------------------------------------------------------------------------------
