@@ -41,7 +41,8 @@ class AppServer:
 
     def __init__(self, component: ComponentXMPP) -> None:
         self.publishes: asyncio.Queue[tuple[str, dict[str, list[str]], dict[str, list[str]]]] = asyncio.Queue()
-        self.error: str | None = None  # an error condition to answer with, or None for a result
+        self.component = component
+        self.error: tuple[str, str] | None = None  # (type, condition) of an error to answer with; None: a result
         self.senders: list[str] = []
         component.register_handler(Callback("publish", MatchXPath(f"{{{COMPONENT}}}iq/{{{PUBSUB}}}pubsub"),
                                             self._publish))
@@ -58,12 +59,17 @@ class AppServer:
         answer = iq.reply(clear=True)  # type: ignore[attr-defined]
         if self.error:
             answer["type"] = "error"
-            answer["error"]["type"] = "cancel"
-            answer["error"]["condition"] = self.error
+            answer["error"]["type"], answer["error"]["condition"] = self.error
         answer.send()
 
     async def next(self) -> tuple[str, dict[str, list[str]], dict[str, list[str]]]:
         return await asyncio.wait_for(self.publishes.get(), 5)
+
+    async def sync(self) -> None:
+        """A ping to the server and back: what the component sent before has been handled."""
+        iq = self.component.Iq(stype="get", sto="localhost", sfrom=DOMAIN)
+        iq.append(Element("{urn:xmpp:ping}ping"))
+        await iq.send(timeout=5)
 
 
 async def enable(client: ClientXMPP, node: str, secret: str | None = None, jid: str = DOMAIN) -> None:
@@ -158,13 +164,19 @@ async def test_disable_one_node_or_all_of_an_app_server(server: Harness) -> None
         assert (node, summary["message-count"], options) == ("d", ["1"], {})
 
 
-async def test_an_app_server_error_removes_the_registration(server: Harness) -> None:
-    bob = await alice_registers(server, "gone", "kept")
+async def test_an_app_server_error_removes_the_registration_unless_it_says_wait(server: Harness) -> None:
+    bob = await alice_registers(server, "a", "b")
     async with app_server(server) as app:
-        app.error = "item-not-found"
+        app.error = ("wait", "resource-constraint")
         send(bob, "one")
-        assert [(await app.next())[0] for _ in range(2)] == ["gone", "kept"]
-        await all_removed(server)
+        assert [(await app.next())[0] for _ in range(2)] == ["a", "b"]
+        await app.sync()
+        assert len((await registrations(server)).apps) == 2
+        app.error = ("cancel", "item-not-found")
+        send(bob, "two")
+        assert [(await app.next())[0] for _ in range(2)] == ["a", "b"]
+        await app.sync()
+        assert (await registrations(server)).apps == ()
 
 
 async def test_a_disconnected_app_server_loses_its_registration(server: Harness) -> None:
