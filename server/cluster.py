@@ -91,11 +91,38 @@ class SharedData(dict[str, object]):
         return value
 
 
+class SharedDirected(set[JID]):
+    """Session.directed, kept with the session's state so that a successor can end a dead worker's sessions
+    everywhere their presence went (rooms among them)."""
+
+    def __init__(self, session: SharedSession, jids: set[JID]) -> None:
+        super().__init__(jids)
+        self.session = session
+
+    def add(self, jid: JID) -> None:
+        super().add(jid)
+        self.session.cluster.changed(self.session)
+
+    def discard(self, jid: JID) -> None:
+        super().discard(jid)
+        self.session.cluster.changed(self.session)
+
+    def clear(self) -> None:
+        super().clear()
+        self.session.cluster.changed(self.session)
+
+    def __isub__(self, other: Any) -> SharedDirected:
+        super().__isub__(other)
+        self.session.cluster.changed(self.session)
+        return self
+
+
 def session_state(session: Session) -> str:
     return json.dumps({
         "jid": str(session.jid), "priority": session.priority, "interested": session.interested,
         "presence": serialize(session.presence) if session.presence is not None else None,
         "data": {k: True for k in SHARED_DATA if session.data.get(k)}, "started": session.started,
+        "directed": sorted(map(str, session.directed)),
     })
 
 
@@ -111,6 +138,7 @@ class ClusterSessions(SessionRegistry):
         session.__class__ = SharedSession
         session.cluster = self.cluster  # type: ignore[attr-defined]
         session.data = SharedData(session, session.data)  # type: ignore[arg-type]
+        session.directed = SharedDirected(session, session.directed)  # type: ignore[arg-type]
         super().add(session)
         self.cluster.changed(session)
 
@@ -253,6 +281,7 @@ class Cluster:
             return
         session = Session(jid, host, lambda data: None, lambda condition: None)
         session.presence = parse_stored(state["presence"]) if state["presence"] else None
+        session.directed = {JID.parse(jid) for jid in state["directed"]}
         await self.server.end_session(session)
 
 

@@ -208,6 +208,14 @@ async def only(queue: asyncio.Queue[Any], client: ClientXMPP, sender: ClientXMPP
     return bodies
 
 
+async def instant_room(owner: ClientXMPP) -> None:
+    """Accept the default configuration of the room the owner just created (XEP-0045 10.1.2)."""
+    instant = owner.Iq(stype="set", sto=ROOM)
+    instant.append(fromstring("<query xmlns='http://jabber.org/protocol/muc#owner'>"
+                              "<x xmlns='jabber:x:data' type='submit'/></query>"))
+    await instant.send(timeout=5)
+
+
 async def bodies(queue: asyncio.Queue[Any], count: int) -> list[str]:
     return [(await asyncio.wait_for(queue.get(), 5))["body"] for _ in range(count)]
 
@@ -281,10 +289,7 @@ async def test_users_on_both_workers(workers: Workers) -> None:
 
     # A room lives on worker 0, whichever worker its occupants are on.
     await a1.plugin["xep_0045"].join_muc_wait(ROOM, "alice", timeout=5)
-    instant = a1.Iq(stype="set", sto=ROOM)
-    instant.append(fromstring("<query xmlns='http://jabber.org/protocol/muc#owner'>"
-                              "<x xmlns='jabber:x:data' type='submit'/></query>"))
-    await instant.send(timeout=5)
+    await instant_room(a1)
     for client, nick in ((b1, "bob"), (c0, "carol")):
         await client.plugin["xep_0045"].join_muc_wait(ROOM, nick, timeout=5)
     a1.send_message(mto=ROOM, mbody="hello room", mtype="groupchat")
@@ -311,9 +316,12 @@ async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Wo
     for user, contact in (("alice", "carol"), ("carol", "alice")):
         await workers.storage.roster.put("localhost", user, RosterItem(f"{contact}@localhost", subscription="both"))
     a0 = await workers.client_on(0, "alice@localhost", "a0")
-    a1 = await workers.client_on(1, "alice@localhost", "a1")
-    c0 = await workers.client_on(0, "carol@localhost", "c0")
+    a1 = await workers.client_on(1, "alice@localhost", "a1", ("xep_0045",))
+    c0 = await workers.client_on(0, "carol@localhost", "c0", ("xep_0045",))
     inbox = workers.inbox(a0)
+    await c0.plugin["xep_0045"].join_muc_wait(ROOM, "carol", timeout=5)
+    await instant_room(c0)
+    await a1.plugin["xep_0045"].join_muc_wait(ROOM, "alice", timeout=5)
     gone: asyncio.Queue[str] = asyncio.Queue()
     for client in (a0, c0):
         client.register_handler(Callback("gone", MatchXPath("{jabber:client}presence"), lambda p, c=client:
@@ -331,7 +339,8 @@ async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Wo
         await asyncio.sleep(0.1)
     await workers.until_gone("alice@localhost/a1")
     # The new worker 1 ends what its predecessor left: carol and alice's other resource see a1 go.
-    await received(gone, "carol@localhost/c0 alice@localhost/a1", "alice@localhost/a0 alice@localhost/a1")
+    await received(gone, "carol@localhost/c0 alice@localhost/a1", "alice@localhost/a0 alice@localhost/a1",
+                   f"carol@localhost/c0 {ROOM}/alice")  # the room on worker 0 learns it too
     c0.send_message(mto="alice@localhost/a1", mbody="are you there?", mtype="chat")
     assert await bodies(inbox, 1) == ["are you there?"]  # RFC 6121 8.5.3.2.1: as if sent to the bare JID
 
@@ -397,7 +406,7 @@ def local_session(cluster: Cluster, jid: str) -> Session:
 def remote_state(jid: str, priority: int = 0, available: bool = True) -> dict[str, Any]:
     presence = f'<presence from="{jid}"/>' if available else None
     return {"jid": jid, "priority": priority, "interested": True, "presence": presence, "data": {"carbons": True},
-            "started": 0.0}
+            "started": 0.0, "directed": []}
 
 
 def test_changes_of_a_local_session_go_out_once_per_turn_at_their_place(cluster: Cluster) -> None:
