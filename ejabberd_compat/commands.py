@@ -471,10 +471,12 @@ async def reload_config(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 # --- XEP-0227 --------------------------------------------------------------------------------------------
 
 @ejabberd("export_piefxis", "Export the users of every host, with their data, to XEP-0227 files in a directory "
-          "of the server's machine", (Arg("dir", "path", "Directory"),), access="server")
+          "of the server's machine, as ejabberd's import_piefxis reads them (SHA-1 keys only; "
+          "'parley export-piefxis' keeps every key)", (Arg("dir", "path", "Directory"),), access="server")
 async def export_piefxis(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     try:
-        path = await piefxis.export_piefxis(ctx.host.server.storage, Path(args["dir"]), [h.name for h in ctx.hosts()])
+        path = await piefxis.export_piefxis(ctx.host.server.storage, Path(args["dir"]), [h.name for h in ctx.hosts()],
+                                            for_ejabberd=True)
     except OSError as exc:
         raise CommandError(f"cannot write to {args['dir']}: {exc.strerror or exc}") from None
     log.info("%s exported the users to %s", ctx.actor, path)
