@@ -59,7 +59,7 @@ class Component:
         self.connection: ComponentConnection | None = None
 
     async def receive(self, st: Stanza) -> None:
-        """A stanza routed to the component's domain."""
+        """Every stanza to the domain comes here, connected or not: nothing meant for it may leak elsewhere."""
         if self.connection is None:
             await self.server.router.bounce(st, StanzaError("service-unavailable", "the component is not connected"))
         else:

@@ -115,6 +115,12 @@ async def test_unknown_domain_and_stanzas_before_the_handshake(server: Harness) 
         assert stream_error_condition(await raw.closed()) == "not-authorized"
 
 
+@pytest.mark.parley_config(components={DOMAIN: {"secret": SECRET}}, limits={"unauthenticated_timeout": 0.5})
+async def test_a_component_that_never_shakes_hands_is_timed_out(server: Harness) -> None:
+    async with raw_component(server) as (raw, _):
+        assert stream_error_condition(await raw.closed(3)) == "connection-timeout"
+
+
 @pytest.mark.parametrize("forged", ["admin@localhost", f"evil{DOMAIN}", "", "@"])
 async def test_forged_from_closes_the_stream(server: Harness, forged: str) -> None:
     await server.add_user("alice")
