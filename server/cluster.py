@@ -35,6 +35,7 @@ from xml.etree.ElementTree import Element
 import redis
 import redis.asyncio as aioredis
 
+from server.config import ConfigError
 from server.jid import JID
 from server.sessions import Session, SessionRegistry
 from server.stanza import KINDS, Stanza, parse_stored
@@ -508,11 +509,13 @@ def _stanza(xml: str) -> Stanza:
 
 def clear(config: ClusterConfig) -> None:
     """Forget what an earlier run left in Redis (after a crash it would describe sessions that are gone)."""
-    client = redis.Redis.from_url(config.redis_url)
+    client = redis.Redis.from_url(config.redis_url, socket_connect_timeout=5)
     try:
         keys = list(client.scan_iter(f"{config.prefix}:*"))
         if keys:
             client.delete(*keys)
+    except redis.RedisError as exc:
+        raise ConfigError("cluster.redis_url", f"cannot use Redis at {config.redis_url}: {exc}") from None
     finally:
         client.close()
 

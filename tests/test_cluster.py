@@ -345,6 +345,15 @@ async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Wo
     assert await bodies(inbox, 1) == ["are you there?"]  # RFC 6121 8.5.3.2.1: as if sent to the bare JID
 
 
+def test_without_redis_the_workers_do_not_start(tmp_path: Path) -> None:
+    config = tmp_path / "parley.toml"
+    config.write_text(_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/parley.db", free_port(), "unused")
+                      .replace(REDIS_URL, f"redis://127.0.0.1:{free_port()}/0"))
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "config key 'cluster.redis_url': cannot use Redis" in done.stderr, done.stderr
+
+
 def test_a_state_placeholder_takes_the_state_at_sending_time() -> None:
     states = {"alice@localhost/a": '{"priority": 1}'}
     assert _resolve(f"u{FIELD}alice@localhost/a", states) == f'u{FIELD}{{"priority": 1}}'
