@@ -215,7 +215,7 @@ class S2SIncoming(S2SStream):
 
     def _authorize(self, remote: str, local: str, method: str) -> None:
         if not self.pairs:
-            self.bucket = self.manager.limits.bucket(remote)
+            self.spend_for(remote)
         self.pairs.add((remote, local))
         self.methods[remote, local] = method
         log.info("%s authenticated for %s -> %s (%s%s) from %s", remote, remote, local, method,

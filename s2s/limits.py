@@ -1,15 +1,18 @@
-"""What each remote domain may cost us: a read rate shared by all its connections, a cap on the stanzas
-waiting for it, and caps on incoming connections in total and per address.
+"""What each remote domain may cost us: read and stanza rates shared by all its connections, a cap on
+the stanzas waiting for it, and caps on incoming connections in total and per address.
 
 A rate per connection would let a domain multiply its budget by opening more connections, so the budget
 belongs to the authenticated domain. A connection reads under a budget of its own until it has
-authenticated one. A domain's settings come from the most specific `[s2s.domains."X"]` table covering it
-(X or a parent of it), else from `[s2s]`.
+authenticated one. Bytes are paid for before they are parsed (StreamEdge pauses reading), stanzas before
+they are routed (the stream's handling waits, and reading behind it is still held to the byte rate).
+A domain's settings come from the most specific `[s2s.domains."X"]` table covering it (X or a parent of
+it), else from `[s2s]`.
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from server.limits import ConnectionCounter, TokenBucket
@@ -18,11 +21,21 @@ if TYPE_CHECKING:
     from server.config import DomainLimits, S2SConfig
 
 
+@dataclass(eq=False)
+class Budget:
+    bytes: TokenBucket
+    stanzas: TokenBucket
+
+    @classmethod
+    def of(cls, limits: DomainLimits) -> Budget:
+        return cls(TokenBucket(limits.rate, limits.burst), TokenBucket(limits.stanza_rate, limits.stanza_burst))
+
+
 class FederationLimits:
     def __init__(self, config: S2SConfig) -> None:
         self.config = config
-        # A domain's bucket lives as long as one of its connections reads from it.
-        self._buckets: weakref.WeakValueDictionary[str, TokenBucket] = weakref.WeakValueDictionary()
+        # A domain's budget lives as long as one of its connections reads under it.
+        self._budgets: weakref.WeakValueDictionary[str, Budget] = weakref.WeakValueDictionary()
         self.per_ip = ConnectionCounter(config.max_incoming_per_ip)
 
     def of(self, domain: str) -> DomainLimits:
@@ -33,17 +46,16 @@ class FederationLimits:
                 return rule
         return self.config.limits
 
-    def bucket(self, domain: str) -> TokenBucket:
-        """The read budget shared by every connection authenticated for `domain`."""
-        bucket = self._buckets.get(domain)
-        if bucket is None:
-            limits = self.of(domain)
-            bucket = self._buckets[domain] = TokenBucket(limits.rate, limits.burst)
-        return bucket
+    def budget(self, domain: str) -> Budget:
+        """The budget shared by every connection authenticated for `domain`."""
+        budget = self._budgets.get(domain)
+        if budget is None:
+            budget = self._budgets[domain] = Budget.of(self.of(domain))
+        return budget
 
-    def unauthenticated_bucket(self) -> TokenBucket:
+    def unauthenticated_budget(self) -> Budget:
         """A connection's own budget until it speaks for a domain."""
-        return TokenBucket(self.config.limits.rate, self.config.limits.burst)
+        return Budget.of(self.config.limits)
 
     def admit(self, ip: str, open_connections: int, descriptors_left: int) -> str | None:
         """None when one more incoming connection from `ip` may open (and is then counted), else the

@@ -53,7 +53,7 @@ class S2SOutgoing(S2SStream):
         super().__init__(manager)
         self.local = local  # the stream's 'from': the domain whose certificate we present
         self.remote = remote
-        self.bucket = manager.limits.bucket(remote)  # we chose whom to connect to: its budget from the start
+        self.spend_for(remote)  # we chose whom to connect to: its budget from the start
         self.mode = manager.policy.certificate_mode(remote)
         self.task: asyncio.Task[None] | None = None
         self.stream_id: str | None = None  # the peer's, which dialback keys are bound to
@@ -109,6 +109,7 @@ class S2SOutgoing(S2SStream):
         for (local, remote), queue in other.queues.items():
             self.add_pair(local, remote)
             self.queues[local, remote].extend(queue)
+            self._release(local)
         self.verifies.update(other.verifies)
         self.unsent.extend(other.unsent)
         if self.settled:

@@ -48,8 +48,8 @@ class S2SStream(StreamEdge):
         self.manager = manager
         self.server = manager.server
         limits = self.server.config.limits
-        super().__init__(StreamParser(ns.SERVER, limits.max_stanza_size, limits.max_depth),
-                         manager.limits.unauthenticated_bucket())
+        self.budget = manager.limits.unauthenticated_budget()
+        super().__init__(StreamParser(ns.SERVER, limits.max_stanza_size, limits.max_depth), self.budget.bytes)
         self.remote_ip = ""
         self.secure = False
         self.created = time.monotonic()
@@ -91,12 +91,20 @@ class S2SStream(StreamEdge):
     def lost(self) -> None:
         """The connection is gone: give back what depended on it."""
 
+    def spend_for(self, domain: str) -> None:
+        """Read and route under `domain`'s budget from now on."""
+        self.budget = self.manager.limits.budget(domain)
+        self.bucket = self.budget.bytes
+
     async def deliver(self, el: Element, pairs: Collection[tuple[str, str]]) -> None:
         """Route a stanza the peer sent, if its (from, to) domains are a pair authenticated on this stream.
 
         Anything else is dropped and logged, never answered: an error would go to an address nobody proved,
         and the stream's legitimate traffic carries on.
         """
+        delay = self.budget.stanzas.consume(1)
+        if delay > 0:
+            await asyncio.sleep(delay)
         try:
             sender, to = JID.parse(el.get("from") or ""), JID.parse(el.get("to") or "")
         except JIDError:

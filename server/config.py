@@ -108,11 +108,13 @@ class StaticRoute:
 
 @dataclass
 class DomainLimits:
-    """What one remote domain may cost us: its read rate (bytes/s, with a burst) over all its connections,
-    and how many stanzas may wait for it while its link comes up."""
+    """What one remote domain may cost us: its read rate (bytes/s, with a burst) and stanza rate (stanzas/s,
+    with a burst) over all its connections, and how many stanzas may wait for it while its link comes up."""
 
     rate: int = 262144
     burst: int = 1048576
+    stanza_rate: int = 2000
+    stanza_burst: int = 10000
     max_queue: int = 10000
 
 
@@ -416,6 +418,8 @@ def _domain_limits(table: _Table, default: DomainLimits) -> DomainLimits:
     """The limits keys of the [s2s] table or of one [s2s.domains."X"] table, which falls back on [s2s]."""
     return DomainLimits(rate=table.integer("rate", default.rate, minimum=1),
                         burst=table.integer("burst", default.burst, minimum=1),
+                        stanza_rate=table.integer("stanza_rate", default.stanza_rate, minimum=1),
+                        stanza_burst=table.integer("stanza_burst", default.stanza_burst, minimum=1),
                         max_queue=table.integer("max_queue", default.max_queue, minimum=1))
 
 

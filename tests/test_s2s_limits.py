@@ -18,6 +18,7 @@ from tests.s2s_support import (
     RawPeer,
     authenticated_raw_peer,
     chat,
+    linked,
     options,
     running_pair,
 )
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.timeout(60)
 
 FLOOD_RATE, FLOOD_BURST = 10000, 2000  # bytes/s and burst allowed to a2.test on B
 FLOOD_MESSAGES, FLOOD_SIZE = 10, 1000  # per flooding connection
+STANZA_RATE, STANZA_BURST, STANZAS = 20, 5, 45  # stanzas/s and burst allowed to a2.test, and how many it sends
 
 
 @pytest.fixture
@@ -66,6 +68,25 @@ async def test_a_flooding_domain_is_slowed_over_all_its_connections_and_nobody_e
             peer.close()
     # One budget for both connections: a budget each would have let them through in half the time.
     assert elapsed >= 0.9 * (2 * FLOOD_MESSAGES * FLOOD_SIZE - FLOOD_BURST) / FLOOD_RATE
+
+
+@options(a_domains=("a.test", "a2.test"),
+         b_s2s={"domains": {"a2.test": {"stanza_rate": STANZA_RATE, "stanza_burst": STANZA_BURST}}})
+async def test_a_domain_sending_many_small_stanzas_is_held_to_its_stanza_rate(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    alice, _, inbox = await linked(a, b)
+    peer = await authenticated_raw_peer(a, b, "a2.test")
+    try:
+        started = time.monotonic()
+        await peer.send(flood("mallory@a2.test/x", STANZAS, 200))
+        await chat(alice, inbox, "bob@b.test", "from a.test meanwhile")
+        assert len([m for m in inbox.received if m["from"].domain == "a2.test"]) < STANZAS
+        for _ in range(STANZAS):
+            await inbox.wait(lambda m: m["from"].domain == "a2.test", timeout=15)
+        elapsed = time.monotonic() - started
+    finally:
+        peer.close()
+    assert elapsed >= 0.9 * (STANZAS - STANZA_BURST) / STANZA_RATE
 
 
 @options(a_s2s={"domains": {"silent.test": {"max_queue": 3}}}, unauthenticated_timeout=1.0)

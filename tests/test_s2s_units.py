@@ -85,12 +85,13 @@ def test_domain_limits_fall_back_on_the_parent_domain_then_on_the_s2s_table() ->
     assert limits.of("notchatty.example").rate == 1000
 
 
-def test_a_domain_has_one_bucket_while_its_connections_hold_it() -> None:
-    limits = FederationLimits(s2s_config())
-    bucket = limits.bucket("peer.example")
-    assert limits.bucket("peer.example") is bucket and limits.bucket("other.example") is not bucket
-    del bucket
-    assert "peer.example" not in limits._buckets
+def test_a_domain_has_one_budget_while_its_connections_hold_it() -> None:
+    limits = FederationLimits(s2s_config(stanza_rate=5, domains={"peer.example": {"stanza_burst": 2}}))
+    budget = limits.budget("peer.example")
+    assert limits.budget("peer.example") is budget and limits.budget("other.example") is not budget
+    assert budget.stanzas.rate == 5 and budget.stanzas.burst == 2
+    del budget
+    assert "peer.example" not in limits._budgets
 
 
 def test_incoming_connections_are_capped_in_total_and_per_address() -> None:
