@@ -345,6 +345,22 @@ async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Wo
     assert await bodies(inbox, 1) == ["are you there?"]  # RFC 6121 8.5.3.2.1: as if sent to the bare JID
 
 
+@pytest.mark.timeout(240)
+async def test_bench_smoke_of_two_workers_next_to_one(tmp_path: Path) -> None:
+    """The benchmark's two-worker Parley runs and is compared with one process; no speed is judged."""
+    await (await redis_or_skip()).aclose()
+    out = tmp_path / "results.json"
+    done = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "bench.run", "--smoke", "--servers", "parley,parley-2w", "--scenarios", "throughput",
+        "--address", f"parley=127.0.0.1:{free_port()}", "--address", f"parley-2w=127.0.0.1:{free_port()}",
+        "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=220)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for name in ("parley", "parley-2w"):
+        assert results["servers"][name]["scenarios"]["throughput"]["counts"]["delivered"] > 0, results
+    assert "parley-2w/parley" in results["table"]
+
+
 def test_without_redis_the_workers_do_not_start(tmp_path: Path) -> None:
     config = tmp_path / "parley.toml"
     config.write_text(_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/parley.db", free_port(), "unused")
