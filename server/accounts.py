@@ -5,9 +5,12 @@ Passwords are turned into SCRAM salted keys for every supported hash at once and
 
 from __future__ import annotations
 
+import asyncio
+
 from server.jid import JID, JIDError
 from server.sasl.scram import HASHES, derive_credentials, verify_password
 from server.storage import Storage
+from server.storage.accounts import Account
 
 
 class AccountError(ValueError):
@@ -57,5 +60,24 @@ async def password_matches(storage: Storage, host: str, username: str, password:
     account = await storage.accounts.get(host, username)
     if account is None or account.disabled:
         return False
-    creds = account.credentials.get("SHA-256") or account.credentials.get("SHA-1")
-    return creds is not None and verify_password(creds, password)
+    return await verify_plain(storage, account, password)
+
+
+async def verify_plain(storage: Storage, account: Account, password: str) -> bool:
+    """Check a plaintext password (SASL PLAIN, HTTP Basic) against the account's SCRAM keys.
+
+    SHA-1 first: the cheaper hash, as Prosody checks it. PBKDF2 runs in a thread (it releases the GIL),
+    so other clients are served meanwhile. An account that lacks a hash - imported from ejabberd or
+    Prosody, which keep SHA-1 keys only - gets the missing keys from the right password, with the same
+    salt and iteration count, so that SCRAM-SHA-256 works for it from then on.
+    """
+    creds = account.credentials.get("SHA-1") or account.credentials.get("SHA-256")
+    if creds is None or not await asyncio.to_thread(verify_password, creds, password):
+        return False
+    missing = [h for h in HASHES if h not in account.credentials]
+    if missing:
+        derived = await asyncio.to_thread(
+            lambda: [derive_credentials(password, h, creds.salt, creds.iterations) for h in missing])
+        await storage.accounts.set_credentials(account.host, account.username,
+                                               [*account.credentials.values(), *derived])
+    return True

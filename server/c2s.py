@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
+from server.accounts import verify_plain
 from server.jid import JID, JIDError
 from server.limits import TokenBucket
 from server.router import parse_jid_attr
 from server.sasl import SaslFailure
 from server.sasl.channel_binding import tls_exporter, tls_server_end_point
 from server.sasl.plain import parse_plain
-from server.sasl.scram import ScramServer, verify_password
+from server.sasl.scram import ScramServer
 from server.sessions import Session
 from server.stanza import IQ, KINDS, Stanza, error_reply, reply
 from server.stream.edge import StreamEdge
@@ -309,10 +310,7 @@ class C2SConnection(StreamEdge):
             self._check_authzid(authzid, user)
             self._check_throttle(user)
             account = await self.server.storage.accounts.get(self.host.name, user)
-            # SHA-1 first: the cheaper hash, as Prosody checks it; PBKDF2 runs off the event loop (it
-            # releases the GIL), so other clients are served while a password is checked.
-            creds = account.credentials.get("SHA-1") or account.credentials.get("SHA-256") if account else None
-            if creds is None or not await asyncio.to_thread(verify_password, creds, password):
+            if account is None or not await verify_plain(self.server.storage, account, password):
                 self._auth_failed(user)
                 raise SaslFailure("not-authorized")
             self._auth_succeeded(user, account.disabled, b"")

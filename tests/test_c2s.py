@@ -345,3 +345,19 @@ async def test_connections_per_address_are_capped(server: Harness) -> None:
     raw = await server.raw()
     await raw.open()
     await raw.expect(f"{{{STREAMS}}}features")
+
+
+async def test_an_account_with_sha1_keys_only_gets_sha256_keys_at_its_first_plain_login(server: Harness) -> None:
+    """Accounts imported from ejabberd or Prosody carry SCRAM-SHA-1 keys only; the password completes them."""
+    from server.sasl.scram import derive_credentials
+
+    storage = server.server.storage
+    await storage.accounts.create("localhost", "imported", [derive_credentials("old secret", "SHA-1", iterations=4096)])
+    client = await server.client("imported@localhost", "old secret", sasl_mech="PLAIN")
+    client.disconnect()
+    account = await storage.accounts.get("localhost", "imported")
+    assert sorted(account.credentials) == ["SHA-1", "SHA-256"]
+    client = await server.client("imported@localhost", "old secret", sasl_mech="SCRAM-SHA-256")
+    assert client.boundjid.bare == "imported@localhost"
+    with pytest.raises(AssertionError, match="login failed"):
+        await server.client("imported@localhost", "wrong", sasl_mech="PLAIN", timeout=5)
