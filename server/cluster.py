@@ -282,9 +282,8 @@ class Cluster:
             return
         session = Session(jid, host, lambda data: None, lambda condition: None)
         session.presence = parse_stored(state["presence"]) if state["presence"] else None
-        session.directed = {JID.parse(jid) for jid in state["directed"]}
+        session.directed = {JID.parse(target) for target in state["directed"]}
         await self.server.end_session(session)
-
 
     async def stop(self) -> None:
         """Send what is queued (the goodbyes of this worker's sessions), then close."""
@@ -300,7 +299,7 @@ class Cluster:
             try:
                 await self._redis.delete(self.sessions_key(self.index), self.alive_key(self.index))
             except (redis.RedisError, OSError):
-                log.warning("cluster: could not remove worker %d's keys; they expire", self.index)
+                log.warning("cluster: could not remove worker %d's keys; the next start clears them", self.index)
             await self._pubsub.aclose()
             await self._redis.aclose()
 
