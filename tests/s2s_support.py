@@ -291,6 +291,14 @@ async def running_pair(tmp_path: Path, **options: Any) -> AsyncIterator[tuple[Pa
         await b.stop()
 
 
+@pytest.fixture(name="servers")
+async def servers_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Parley, Parley]]:
+    """The pair, for test modules that take this fixture in (`servers = servers_fixture`); a test changes
+    its options with `@options(...)`."""
+    async with running_pair(tmp_path, **getattr(request, "param", {})) as both:
+        yield both
+
+
 def options(**kwargs: Any) -> pytest.MarkDecorator:
     """Options for the pair a test module's `servers` fixture starts."""
     return pytest.mark.parametrize("servers", [kwargs], indirect=True, ids=[""])

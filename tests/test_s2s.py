@@ -21,17 +21,13 @@ from tests.s2s_support import (
     incoming_methods,
     linked,
     options,
-    running_pair,
+    servers_fixture,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """The pair; a test changes its options with `@options(...)`."""
-    async with running_pair(tmp_path, **getattr(request, "param", {})) as both:
-        yield both
+servers = servers_fixture
 
 
 async def test_messages_both_ways_with_sasl_external(servers: tuple[Parley, Parley]) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,7 +18,7 @@ from tests.s2s_support import (
     chat,
     linked,
     options,
-    running_pair,
+    servers_fixture,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,10 +28,7 @@ FLOOD_MESSAGES, FLOOD_SIZE = 10, 1000  # per flooding connection
 STANZA_RATE, STANZA_BURST, STANZAS = 20, 5, 45  # stanzas/s and burst allowed to a2.test, and how many it sends
 
 
-@pytest.fixture
-async def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    async with running_pair(tmp_path, **getattr(request, "param", {})) as both:
-        yield both
+servers = servers_fixture
 
 
 def flood(sender: str, count: int, size: int) -> str:

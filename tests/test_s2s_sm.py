@@ -3,7 +3,6 @@ acknowledgements, and stanzas a lost link never had acknowledged sent over a new
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +17,14 @@ from tests.s2s_support import (
     chat,
     linked,
     options,
-    running_pair,
+    servers_fixture,
     until,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    async with running_pair(tmp_path, **getattr(request, "param", {})) as both:
-        yield both
+servers = servers_fixture
 
 
 def incoming_from(server: Parley, remote: str) -> Any:
