@@ -380,7 +380,11 @@ class Cluster:
         while True:
             await asyncio.sleep(HEARTBEAT)
             try:
-                await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL)
+                if not await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL, xx=True):
+                    # This worker stalled for so long that the others forgot its sessions: tell them again.
+                    await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL)
+                    for session in self.sessions.all():
+                        self.changed(session)  # type: ignore[arg-type]
                 known = {w for w, _ in self.sessions.remote.values()}
                 for worker in known:
                     if not await self._redis.exists(self.alive_key(worker)):

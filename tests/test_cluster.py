@@ -26,6 +26,7 @@ from slixmpp import ClientXMPP
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from server import cluster as cluster_module
 from server.accounts import create_account
 from server.cluster import FIELD, FRAME, Cluster, _resolve, session_state
 from server.config import ClusterConfig
@@ -368,6 +369,30 @@ def test_without_redis_the_workers_do_not_start(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(config)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "config key 'cluster.redis_url': cannot use Redis" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("workers", ["sqlite"], indirect=True)
+async def test_a_worker_that_stalled_is_known_again_when_it_resumes(workers: Workers) -> None:
+    for name in ("alice", "carol"):
+        await workers.add_user(name)
+    a1 = await workers.client_on(1, "alice@localhost", "a1")
+    c0 = await workers.client_on(0, "carol@localhost", "c0")
+    inbox = workers.inbox(a1)
+    pid = await workers.pid(1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 15
+        while await workers.pid(1):  # its heartbeat lapses: worker 0 forgets its sessions
+            assert time.monotonic() < deadline, "the heartbeat key did not expire"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(cluster_module.HEARTBEAT + 0.5)  # worker 0's next heartbeat has seen it
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    while await workers.pid(1) != pid:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    c0.send_message(mto="alice@localhost/a1", mbody="welcome back", mtype="chat")
+    assert await bodies(inbox, 1) == ["welcome back"]
 
 
 def test_a_state_placeholder_takes_the_state_at_sending_time() -> None:
