@@ -15,7 +15,9 @@ Services that keep state in memory (group chat, publish-subscribe) run on worker
 what is addressed to them. What a worker caches of data any worker may change (rosters, blocklists,
 archive preferences) is dropped on the others when one changes it.
 Each worker also keeps its sessions in a Redis hash that a starting worker reads, and refreshes a
-heartbeat key; the sessions of a worker whose heartbeat lapsed are forgotten.
+heartbeat key; the sessions of a worker whose heartbeat lapsed are forgotten (and announced again should
+it only have stalled). A worker started in place of a dead one ends the sessions that one left, so that
+contacts and rooms see them go.
 """
 
 from __future__ import annotations
