@@ -16,6 +16,7 @@ from server.jid import JID as ServerJID
 from tests.conftest import Harness
 from tests.test_basic_modules import iq_error, send_iq
 from tests.test_offline import collect, take
+from tests.test_roster_presence import sync
 
 SERVICE = "conference.localhost"
 ROOM = f"room@{SERVICE}"
@@ -36,6 +37,7 @@ async def user(server: Harness, name: str, resource: str = "r") -> ClientXMPP:
         await server.add_user(name)
     client = await server.client(f"{name}@localhost", resource=resource, plugins=("xep_0045",))
     client.send_presence()
+    await sync(client)  # available before anyone sends to it, or it would go to offline storage
     return client
 
 
