@@ -38,6 +38,7 @@ def test_example_file_loads():
     assert host.admins == ["admin@example.org"]
     assert host.certificate == EXAMPLE.parent / "certs" / "example.org.crt"
     assert config.logging.file == EXAMPLE.parent / "parley.log"
+    assert sorted(host.modules) == sorted(DEFAULT_MODULES)  # the example shows every default module
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):
