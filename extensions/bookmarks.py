@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, cast
 from xml.etree.ElementTree import Element, SubElement, fromstring
 
+from extensions.private import STORE as PRIVATE_STORE
 from server import ns
 from server.jid import JID, JIDError
 from server.module import Module
@@ -76,6 +77,18 @@ class Bookmarks(Module):
         self.hook("private/set", self.private_set)
         self.hook("pep/published", self.pep_published)
         self.hook("pep/retracted", self.pep_retracted)
+
+    async def start(self) -> None:
+        """Convert the XEP-0048 lists an import left in private storage, where this module keeps none
+        (ejabberd and Prosody exports carry bookmarks there): once converted they are PEP bookmarks."""
+        kv = self.server.storage.kv
+        for user in await kv.owners(self.host.name, PRIVATE_STORE, STORAGE):
+            stored = await kv.get(self.host.name, user, PRIVATE_STORE, STORAGE)
+            jid = JID.make(user, self.host.name)
+            await self.from_legacy(jid, fromstring(stored))
+            await self.publish_legacy(jid)
+            await kv.set(self.host.name, user, PRIVATE_STORE, STORAGE, None)
+            self.log.info("converted the imported XEP-0048 bookmarks of %s", jid)
 
     @property
     def pep(self) -> Pep:

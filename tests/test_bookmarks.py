@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from xml.etree.ElementTree import Element
 
 from slixmpp import ClientXMPP
@@ -156,3 +157,26 @@ async def test_xep_0402_changes_show_in_legacy_storage_and_back(server: Harness)
     while "garden@conference.localhost" not in retracted:
         message = await asyncio.wait_for(inbox.get(), 5)
         retracted |= {r.get("id") for r in message.iter(f"{{{EVENT}}}retract")}
+
+
+async def test_imported_xep0048_bookmarks_become_pep_bookmarks_at_the_next_start(server: Harness,
+                                                                                 tmp_path: Path) -> None:
+    """ejabberd's and Prosody's XEP-0227 exports carry bookmarks as a private storage document."""
+    from ejabberd_compat.piefxis import import_piefxis
+
+    export = tmp_path / "export.xml"
+    export.write_text(
+        "<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'><user name='alice' password='secret'>"
+        f"<query xmlns='{PRIVATE}'><storage xmlns='{LEGACY}'><conference jid='tea@conference.localhost' "
+        "name='Tea' autojoin='true'><nick>Al</nick></conference><url name='Home' url='https://example.org'/>"
+        "</storage></query></user></host></server-data>")
+    report = await import_piefxis(server.server.storage, export, ["localhost"])
+    assert (report.users, report.private) == (1, 1)
+    await server.restart()
+    alice, _ = await pep_client(server, "alice@localhost")
+    conference = (await native_items(alice))["tea@conference.localhost"]
+    assert (conference.get("name"), conference.get("autojoin"), conference.findtext(f"{{{NATIVE}}}nick")) == \
+        ("Tea", "true", "Al")
+    storage = await private_get(alice, f"<storage xmlns='{LEGACY}'/>")
+    assert legacy_rooms(storage) == {"tea@conference.localhost": ("Tea", "true", "Al")}
+    assert storage.find(f"{{{LEGACY}}}url").get("url") == "https://example.org"

@@ -47,6 +47,14 @@ class KeyValueStore:
                     )
                 )
 
+    async def owners(self, host: str, store: str, key: str) -> list[str]:
+        """The users of ``host`` with a document under ``key`` in ``store``."""
+        async with self._engine.begin() as conn:
+            found = await conn.scalars(
+                select(kv.c.username).where(kv.c.host == host, kv.c.store == store, kv.c.key == key)
+            )
+            return sorted(found)
+
     async def keys(self, host: str, user: str, store: str) -> list[str]:
         """Keys present in the store, sorted by code point."""
         async with self._engine.begin() as conn:
