@@ -82,7 +82,6 @@ class Mam(Module):
 
     def setup(self) -> None:
         self._prefs = CachedDocuments(self.server.storage.kv, self.name, self._parse_prefs)
-        self._expiry: asyncio.Task[None] | None = None
         for feature in (MAM, EXTENDED, SID):
             self.add_feature(feature, "account")
         self.iq("get", QUERY, self.form, target="account")
@@ -96,11 +95,7 @@ class Mam(Module):
 
     async def start(self) -> None:
         if self.option("retention_days", 0) > 0:
-            self._expiry = asyncio.get_running_loop().create_task(self._expire())
-
-    async def stop(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
+            self.spawn(self._expire())
 
     async def _expire(self) -> None:
         while True:

@@ -93,7 +93,6 @@ class Pep(Module):
         self.caps: dict[tuple[str, str], frozenset[str]] = {}
         self._lookups: dict[tuple[str, str], asyncio.Future[frozenset[str] | None]] = {}
         self._queries: dict[str, asyncio.Future[Element]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         self.add_identity("pubsub", "pep", target="account")
         for feature in self.service.features():
             self.add_feature(feature, target="account")
@@ -106,12 +105,6 @@ class Pep(Module):
         self.hook("iq-result/host", self.answer)
         self.hook("iq-error/host", self.answer)
         self.hook("disco/account-items", self.list_nodes)
-
-    async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def roster(self) -> Roster:
@@ -164,9 +157,7 @@ class Pep(Module):
     def _arrived(self, owner: JID, full: JID, presence: Element) -> None:
         """Note the resource now, resolve its caps in the background (a disco#info round trip at worst)."""
         self.seen.setdefault(owner, {}).setdefault(full, frozenset())
-        task = asyncio.get_running_loop().create_task(self._learn(owner, full, presence))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self._learn(owner, full, presence))
 
     async def _learn(self, owner: JID, full: JID, presence: Element) -> None:
         """Record the resource's features; send the last items of nodes it newly wants."""

@@ -135,7 +135,6 @@ class Push(Module):
         self._reached: WeakSet[Element] = WeakSet()  # messages an attached session got, or already pushed
         self._pushed: dict[str, None] = {}  # archive ids of pushed messages, oldest first
         self._locks = [asyncio.Lock() for _ in range(LOCKS)]
-        self._tasks: set[asyncio.Task[None]] = set()
         self.add_feature(PUSH, target="account")
         self.iq("set", ENABLE, self.enable, target="account")
         self.iq("set", DISABLE, self.disable, target="account")
@@ -146,12 +145,6 @@ class Push(Module):
         self.hook_global("muc/message", self.room_message)
         self.hook("iq-result/bare", self.answered)
         self.hook("iq-error/bare", self.answered)
-
-    async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- registrations ----------------------------------------------------------------------------
 
@@ -219,9 +212,7 @@ class Push(Module):
     def offline(self, stanza: Stanza) -> None:
         """Push behind the router's back: offline storage, next in the chain, must not wait for the lookup
         (a login that empties the store meanwhile would miss the message)."""
-        task = asyncio.get_running_loop().create_task(self._push(stanza.to.bare, stanza.el))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(self._push(stanza.to.bare, stanza.el))
 
     async def queued(self, session: Session, el: Element) -> None:
         await self._push(session.bare, el)

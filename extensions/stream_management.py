@@ -144,7 +144,6 @@ class StreamManagementModule(Module):
         self.resume_timeout = float(self.option("resume_timeout", RESUME_TIMEOUT))
         self.max_queue = int(self.option("max_queue", MAX_QUEUE))
         self._resumable: dict[str, Managed] = {}
-        self._notifying: set[asyncio.Task[None]] = set()
         self.hook("c2s/features", self.features)
         self.hook("c2s/element", self.element)
         self.hook("c2s/handled", self.handled)
@@ -238,9 +237,7 @@ class StreamManagementModule(Module):
     # --- detached sessions ------------------------------------------------------------------------
 
     def queued(self, session: Session, el: Element) -> None:
-        task = asyncio.get_running_loop().create_task(self._notify_queued(session, el))
-        self._notifying.add(task)
-        task.add_done_callback(self._notifying.discard)
+        self.spawn(self._notify_queued(session, el))
 
     async def _notify_queued(self, session: Session, el: Element) -> None:
         try:

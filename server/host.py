@@ -50,6 +50,7 @@ class Host:
     async def stop(self) -> None:
         for module in reversed(list(self.modules.values())):
             await module.stop()
+            await module.cancel_tasks()
             module.unload()
         self.modules.clear()
 

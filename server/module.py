@@ -25,8 +25,9 @@ Blocking hooks the first two at a high priority to drop or bounce; carbons and t
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from xml.etree.ElementTree import Element
@@ -58,6 +59,7 @@ class Module:
         self.server = host.server
         self.log = logging.getLogger(f"parley.{self.name}")
         self._undo: list[Callable[[], None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     def setup(self) -> None:
         """Register features, handlers and hooks. Runs once when the module loads on a host."""
@@ -108,6 +110,20 @@ class Module:
 
     def option(self, name: str, default: Any = None) -> Any:
         return self.host.config_options.get(f"{self.name}.{name}", default)
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `work` in the background: nobody waits for it, and the module's end cancels what is left."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel_tasks(self) -> None:
+        """Cancel the background work spawn() started and wait until it has stopped (after stop())."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def unload(self) -> None:
         while self._undo:
