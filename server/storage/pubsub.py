@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, Table, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import dialect_insert, lock_user, upsert, user_rows, writer
@@ -141,13 +141,7 @@ class PubSubStore:
                             jid: str | None = None) -> list[tuple[str, str, str, str]]:
         """(node, jid, subid, state) of the service's subscriptions, of one node and/or one JID."""
         table = pubsub_subscriptions
-        query = select(table.c.node, table.c.jid, table.c.subid, table.c.state).where(*user_rows(table, host, user))
-        if node is not None:
-            query = query.where(table.c.node == node)
-        if jid is not None:
-            query = query.where(table.c.jid == jid)
-        async with self._engine.begin() as conn:
-            return [tuple(row) for row in await conn.execute(query.order_by(table.c.node, table.c.jid))]
+        return await self._listing(table, (table.c.subid, table.c.state), host, user, node, jid)
 
     async def set_affiliation(self, host: str, user: str, node: str, jid: str, affiliation: str) -> None:
         """Affiliate `jid` with the node; 'none' removes the affiliation."""
@@ -164,7 +158,12 @@ class PubSubStore:
                            jid: str | None = None) -> list[tuple[str, str, str]]:
         """(node, jid, affiliation) of the service's affiliations, of one node and/or one JID."""
         table = pubsub_affiliations
-        query = select(table.c.node, table.c.jid, table.c.affiliation).where(*user_rows(table, host, user))
+        return await self._listing(table, (table.c.affiliation,), host, user, node, jid)
+
+    async def _listing(self, table: Table, columns: tuple[ColumnElement[Any], ...], host: str, user: str,
+                       node: str | None, jid: str | None) -> list[tuple[Any, ...]]:
+        """(node, jid, *columns) of the rows of one service, of one node and/or one JID if given."""
+        query = select(table.c.node, table.c.jid, *columns).where(*user_rows(table, host, user))
         if node is not None:
             query = query.where(table.c.node == node)
         if jid is not None:
