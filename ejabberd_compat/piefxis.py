@@ -30,6 +30,8 @@ from xml.parsers import expat
 
 from sqlalchemy import select
 
+from extensions.bookmarks import STORAGE as BOOKMARKS_STORAGE
+from extensions.bookmarks import note_imported
 from server import ns
 from server.accounts import AccountError, credentials_for, prepare_username
 from server.jid import JID, JIDError
@@ -244,6 +246,15 @@ async def import_piefxis(storage: Storage, path: Path, hosts: Collection[str],
     return report
 
 
+async def store_private(storage: Storage, host: str, user: str, document: Element, report: ImportReport) -> None:
+    """Keep an imported private XML document. XEP-0048 bookmarks, which ejabberd and Prosody keep there, are
+    noted for extensions/bookmarks.py, which makes them PEP bookmarks at the next start."""
+    await storage.kv.set(host, user, PRIVATE_STORE, document.tag, serialize(document))
+    if document.tag == BOOKMARKS_STORAGE:
+        await note_imported(storage, host)
+    report.private += 1
+
+
 async def _import_user(storage: Storage, host: str, user_el: Element, iterations: int,
                        report: ImportReport) -> None:
     name = user_el.get("name", "")
@@ -273,8 +284,7 @@ async def _import_user(storage: Storage, host: str, user_el: Element, iterations
         await storage.kv.set(host, user, VCARD_STORE, "", serialize(vcard))
         report.vcards += 1
     for document in user_el.iterfind(f"{ns.qname(PRIVATE, 'query')}/*"):
-        await storage.kv.set(host, user, PRIVATE_STORE, document.tag, serialize(document))
-        report.private += 1
+        await store_private(storage, host, user, document, report)
     for message in user_el.iterfind(f"{pie('offline-messages')}/{_MESSAGE}"):
         stamp = _stamp(message)
         if message.find(_DELAY) is None:

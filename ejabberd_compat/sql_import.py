@@ -24,7 +24,7 @@ from xml.etree.ElementTree import Element, ParseError, SubElement
 
 import asyncpg
 
-from ejabberd_compat.piefxis import PRIVATE_STORE, ROSTER, VCARD_STORE, ImportReport, archived, roster_item
+from ejabberd_compat.piefxis import ROSTER, VCARD_STORE, ImportReport, archived, roster_item, store_private
 from server import ns
 from server.accounts import AccountError, credentials_for, prepare_username
 from server.jid import JID, JIDError
@@ -149,8 +149,7 @@ async def _import_host(source: _Source, storage: Storage, host: str, iterations:
         document = _parse(row["data"], f"private data of {row['username']}", report) \
             if row["username"] in created else None
         if document is not None:
-            await storage.kv.set(host, created[row["username"]], PRIVATE_STORE, document.tag, serialize(document))
-            report.private += 1
+            await store_private(storage, host, created[row["username"]], document, report)
     for row in await source.rows("spool", "username, xml, created_at", host, order="seq"):
         message = _parse(row["xml"], f"offline message of {row['username']}", report) \
             if row["username"] in created else None

@@ -21,7 +21,7 @@ from server import ns
 from server.jid import JID, JIDError
 from server.module import Module
 from server.stanza import parse_stored
-from server.storage import StoredItem
+from server.storage import Storage, StoredItem
 from server.stream.writer import serialize
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ LEGACY_CONFERENCE = ns.qname(LEGACY, "conference")
 CONFERENCE = ns.qname(NATIVE, "conference")
 CONVERSION = "urn:xmpp:bookmarks-conversion:0"
 EXTRAS = "extras"  # key-value store key of the legacy elements that are not rooms (URL bookmarks)
+IMPORTED = "imported"  # host-wide key an import sets when it left XEP-0048 lists in private storage
 PRIVATE_NODE = {"pubsub#access_model": ["whitelist"], "pubsub#persist_items": ["true"],
                 "pubsub#send_last_published_item": ["never"]}
 NATIVE_NODE = {**PRIVATE_NODE, "pubsub#max_items": ["max"]}
@@ -66,6 +67,11 @@ def conference(namespace: str, fields: Fields, jid: str | None = None) -> Elemen
     return out
 
 
+async def note_imported(storage: Storage, host: str) -> None:
+    """An import left XEP-0048 lists in private storage: the module converts them at the host's next start."""
+    await storage.kv.set(host, "", Bookmarks.name, IMPORTED, True)
+
+
 class Bookmarks(Module):
     name = "bookmarks"
     depends = ("pep", "private")
@@ -80,8 +86,11 @@ class Bookmarks(Module):
 
     async def start(self) -> None:
         """Convert the XEP-0048 lists an import left in private storage, where this module keeps none
-        (ejabberd and Prosody exports carry bookmarks there): once converted they are PEP bookmarks."""
+        (ejabberd and Prosody exports carry bookmarks there): once converted they are PEP bookmarks.
+        Only after an import said so (`note_imported`), so that an ordinary start reads one key."""
         kv = self.server.storage.kv
+        if not await kv.get(self.host.name, "", self.name, IMPORTED):
+            return
         for user in await kv.owners(self.host.name, PRIVATE_STORE, STORAGE):
             stored = await kv.get(self.host.name, user, PRIVATE_STORE, STORAGE)
             jid = JID.make(user, self.host.name)
@@ -89,6 +98,7 @@ class Bookmarks(Module):
             await self.publish_legacy(jid)
             await kv.set(self.host.name, user, PRIVATE_STORE, STORAGE, None)
             self.log.info("converted the imported XEP-0048 bookmarks of %s", jid)
+        await kv.set(self.host.name, "", self.name, IMPORTED, None)
 
     @property
     def pep(self) -> Pep:
