@@ -72,7 +72,8 @@ def fd_cap(limit: int) -> Callable[[], None]:
     return cap
 
 
-def _port_open(address: str, port: int) -> bool:
+def port_open(address: str, port: int) -> bool:
+    """Whether something listens there (the peers' and the benchmark's servers are waited for so)."""
     try:
         with socket.create_connection((address, port), timeout=0.5):
             return True
@@ -80,7 +81,8 @@ def _port_open(address: str, port: int) -> bool:
         return False
 
 
-def _fill(template: str, values: dict[str, str]) -> str:
+def fill_template(template: str, values: dict[str, str]) -> str:
+    """A peer's configuration template with each @KEY@ replaced by its value."""
     for key, value in values.items():
         template = template.replace(f"@{key}@", value)
     return template
@@ -134,7 +136,7 @@ class BenchServer:
         return self.dir
 
     async def start(self) -> None:
-        if _port_open(self.address, self.port):
+        if port_open(self.address, self.port):
             raise ServerUnavailable(f"{self.address}:{self.port} is already in use by another process")
         with open(self._log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
@@ -159,7 +161,7 @@ class BenchServer:
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        while not _port_open(self.address, self.port):
+        while not port_open(self.address, self.port):
             if self.proc.poll() is not None:
                 raise ServerUnavailable(f"{self.name} exited with status {self.proc.returncode}; "
                                         f"see {self._log}")
@@ -329,7 +331,7 @@ class Prosody(BenchServer):
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
         _self_signed(self.domain, self.dir)
         template = (CONFIGS / "prosody.cfg.lua").read_text()
-        self.config_file.write_text(_fill(template, {
+        self.config_file.write_text(fill_template(template, {
             "ADDRESS": self.address, "PORT": str(self.port), "DIR": str(self.dir), "DOMAIN": self.domain,
             "EXTRA_MODULES": '"mam";' if self.profile.archive else "",
         }))
@@ -405,7 +407,7 @@ class Ejabberd(BenchServer):
         cert, key = _self_signed(self.domain, d)
         (d / f"{self.domain}.pem").write_text(cert.read_text() + key.read_text())
         extra = "  mod_mam:\n    assume_mam_usage: true\n    default: always\n" if self.profile.archive else ""
-        (d / "ejabberd.yml").write_text(_fill((CONFIGS / "ejabberd.yml").read_text(), {
+        (d / "ejabberd.yml").write_text(fill_template((CONFIGS / "ejabberd.yml").read_text(), {
             "ADDRESS": self.address, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "DIR": str(d),
             "DOMAIN": self.domain, "EXTRA_MODULES": extra,
         }))

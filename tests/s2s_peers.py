@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import aiohttp
 from slixmpp import ClientXMPP
 
+from bench.servers import fill_template, port_open
 from server.tls import ensure_certificate
 from tests.conftest import insecure_context
 from tests.s2s_support import TestCA
@@ -39,14 +39,6 @@ class PeerUnavailable(Exception):
     """The peers cannot run here (not root, packages missing, addresses taken)."""
 
 
-def _port_open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def check_environment() -> None:
     if os.geteuid() != 0:
         raise PeerUnavailable("needs root (to run the peers as their own users and edit /etc/hosts)")
@@ -55,7 +47,7 @@ def check_environment() -> None:
             raise PeerUnavailable(f"{binary} not installed (apt-get install -y {PACKAGES})")
     if not any(Path("/usr/lib").glob("*/liblua5.*-unbound.so*")):
         raise PeerUnavailable(f"lua-unbound not installed (apt-get install -y {PACKAGES})")
-    if _port_open(PARLEY[0], 5269):
+    if port_open(PARLEY[0], 5269):
         raise PeerUnavailable(f"{PARLEY[0]}:5269 is already in use by another process")
 
 
@@ -76,12 +68,6 @@ def ensure_hosts_entries() -> None:
                 missing.append(f"{address} {name}")
     if missing:
         HOSTS_FILE.write_text(text + ("" if text.endswith("\n") else "\n") + "\n".join(missing) + "\n")
-
-
-def _fill(template: str, values: dict[str, str]) -> str:
-    for key, value in values.items():
-        template = template.replace(f"@{key}@", value)
-    return template
 
 
 class Peer:
@@ -106,7 +92,7 @@ class Peer:
 
     def start(self) -> None:
         for port in self.ports:
-            if _port_open(self.address, port):
+            if port_open(self.address, port):
                 raise PeerUnavailable(f"{self.address}:{port} is already in use by another process")
         self.launch()
         self._wait_for_ports(*self.ports)
@@ -130,7 +116,7 @@ class Peer:
 
     def _wait_for_ports(self, *ports: int) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        while not all(_port_open(self.address, port) for port in ports):
+        while not all(port_open(self.address, port) for port in ports):
             if self.proc is not None and self.proc.poll() is not None:
                 raise PeerUnavailable(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
             if time.monotonic() > deadline:
@@ -178,7 +164,7 @@ class Prosody(Peer):
             sub.mkdir(parents=True, exist_ok=True)
         self.ca.issue(self.domain, certs)
         shutil.copy(self.ca.path, certs / "ca.crt")
-        self.config.write_text(_fill((TEMPLATES / "prosody.cfg.lua").read_text(), {
+        self.config.write_text(fill_template((TEMPLATES / "prosody.cfg.lua").read_text(), {
             "ADDRESS": self.address, "DIR": str(self.dir), "DOMAIN": self.domain, "LOG_LEVEL": LOG_LEVEL}))
         subprocess.run(["chown", "-R", "prosody:prosody", str(self.dir)], check=True)
         self.proc = subprocess.Popen(["prosody", "--config", str(self.config)], user="prosody",
@@ -228,7 +214,7 @@ class Ejabberd(Peer):
         crt, key = d / f"{self.domain}.crt", d / f"{self.domain}.key"
         ensure_certificate(self.domain, crt, key)
         (d / f"{self.domain}.pem").write_text(crt.read_text() + key.read_text())
-        (d / "ejabberd.yml").write_text(_fill((TEMPLATES / "ejabberd.yml").read_text(), {
+        (d / "ejabberd.yml").write_text(fill_template((TEMPLATES / "ejabberd.yml").read_text(), {
             "ADDRESS": self.address, "DIR": str(d), "DOMAIN": self.domain, "LOG_LEVEL": LOG_LEVEL}))
         # Our own ejabberdctl.cfg: Debian's sets EJABBERD_CONFIG_PATH, which would override --config.
         (d / "ejabberdctl.cfg").write_text('ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n')

@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 from slixmpp import ClientXMPP
 
+from bench.servers import fill_template
 from ejabberd_compat.config import STORAGE_SCHEMA, load_ejabberd_config
 from ejabberd_compat.piefxis import export_piefxis, import_piefxis
 from ejabberd_compat.sql_import import SqlImportError, import_ejabberd_sql
@@ -30,7 +31,7 @@ from server.registry import available
 from server.server import Server
 from server.storage import RosterItem
 from tests.conftest import IN_CI, Harness, free_port
-from tests.s2s_peers import Ejabberd, PeerUnavailable, _fill
+from tests.s2s_peers import Ejabberd, PeerUnavailable
 from tests.test_basic_modules import send_iq
 from tests.test_mam import MAM, RSM, Archive
 from tests.test_offline import DELAY, collect, take
@@ -64,7 +65,7 @@ class MigrationEjabberd(Ejabberd):
         d = self.dir
         for sub in ("spool", "logs", "export"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        (d / "ejabberd.yml").write_text(_fill((DATA / "ejabberd-migration.yml").read_text(),
+        (d / "ejabberd.yml").write_text(fill_template((DATA / "ejabberd-migration.yml").read_text(),
                                               {"DOMAIN": self.domain, "DATABASE": self.database}))
         (d / "ejabberdctl.cfg").write_text('ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n')
         shutil.copy("/etc/ejabberd/inetrc", d / "inetrc")

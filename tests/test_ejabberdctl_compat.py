@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bench.servers import fill_template
 from tests.conftest import IN_CI, Harness, free_port
-from tests.s2s_peers import Ejabberd, PeerUnavailable, _fill
+from tests.s2s_peers import Ejabberd, PeerUnavailable
 from tests.test_http_api import TOKEN, with_http_api
 from tests.test_parleyctl import run
 
@@ -76,7 +77,7 @@ class CtlEjabberd(Ejabberd):
         d = self.dir
         for sub in ("spool", "logs"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        (d / "ejabberd.yml").write_text(_fill((DATA / "ejabberd-ctl.yml").read_text(), {"DOMAIN": self.domain,
+        (d / "ejabberd.yml").write_text(fill_template((DATA / "ejabberd-ctl.yml").read_text(), {"DOMAIN": self.domain,
                                                                                       "PORT": str(self.http_port)}))
         (d / "ejabberdctl.cfg").write_text('ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n')
         shutil.copy("/etc/ejabberd/inetrc", d / "inetrc")

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from slixmpp import ClientXMPP
 
+from bench.servers import fill_template, port_open
 from ejabberd_compat.piefxis import PiefxisError, export_piefxis, import_piefxis, read_xml
 from server.cli import main
 from server.storage import RosterItem, open_storage
 from server.tls import ensure_certificate
 from tests.conftest import IN_CI, Harness, free_port, insecure_context
-from tests.s2s_peers import _fill, _port_open
 from tests.test_basic_modules import send_iq
 from tests.test_mam import Archive
 from tests.test_offline import collect, take
@@ -197,7 +197,7 @@ async def prosody_export(tmp_path: Path) -> AsyncIterator[tuple[Path, list[str]]
         ensure_certificate(PROSODY_HOST, work / f"{PROSODY_HOST}.crt", work / f"{PROSODY_HOST}.key")
         port = free_port()
         config = work / "prosody.cfg.lua"
-        config.write_text(_fill((DATA / "prosody-migration.cfg.lua").read_text(), {
+        config.write_text(fill_template((DATA / "prosody-migration.cfg.lua").read_text(), {
             "PORT": str(port), "S2S_PORT": str(free_port()), "DIR": str(work), "DOMAIN": PROSODY_HOST}))
         migrator = work / "migrator.cfg.lua"
         migrator.write_text(f'input {{ type = "internal"; path = "{work}/data"; hosts = {{ ["{PROSODY_HOST}"] = '
@@ -209,7 +209,7 @@ async def prosody_export(tmp_path: Path) -> AsyncIterator[tuple[Path, list[str]]
         proc = subprocess.Popen(["prosody", "--config", str(config)], user="prosody", cwd=work,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
-        while not _port_open("127.0.0.1", port):
+        while not port_open("127.0.0.1", port):
             assert proc.poll() is None and time.monotonic() < deadline, "Prosody did not start"
             await asyncio.sleep(0.05)
         ids = await _populate_prosody(port)
