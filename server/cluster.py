@@ -60,6 +60,24 @@ PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
 
 
+def _shared(name: str) -> Any:
+    """An attribute of a local session whose changes the other workers are told of.
+
+    A property rather than a `__setattr__` override, so that the attributes set for every stanza
+    (`last_active`) cost what they cost in one process. The value stays in the instance dict, where
+    `Session.__init__` put it before the cluster turned the session into a `SharedSession`.
+    """
+
+    def get(session: SharedSession) -> Any:
+        return session.__dict__[name]
+
+    def set_(session: SharedSession, value: Any) -> None:
+        session.__dict__[name] = value
+        session.cluster.changed(session)
+
+    return property(get, set_)
+
+
 class SharedSession(Session):
     """A local session whose routing-relevant state is told to the other workers as it changes.
 
@@ -68,11 +86,9 @@ class SharedSession(Session):
     """
 
     cluster: Cluster
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)
-        if name in ("priority", "presence", "interested"):
-            self.cluster.changed(self)
+    priority = _shared("priority")
+    presence = _shared("presence")
+    interested = _shared("interested")
 
 
 class SharedData(dict[str, object]):
@@ -136,6 +152,9 @@ class ClusterSessions(SessionRegistry):
         super().__init__()
         self.cluster = cluster
         self.remote: dict[JID, tuple[int, Session]] = {}
+        # This worker's own sessions by full JID text: a stanza from another worker finds its session with
+        # one lookup of the text it came with, without making a JID of it.
+        self.local: dict[str, Session] = {}
 
     def add(self, session: Session) -> None:
         session.__class__ = SharedSession
@@ -143,6 +162,7 @@ class ClusterSessions(SessionRegistry):
         session.data = SharedData(session, session.data)  # type: ignore[arg-type]
         session.directed = SharedDirected(session, session.directed)  # type: ignore[arg-type]
         super().add(session)
+        self.local[str(session.jid)] = session
         self.cluster.changed(session)
 
     def remove(self, session: Session) -> None:
@@ -151,11 +171,13 @@ class ClusterSessions(SessionRegistry):
             del self.remote[session.jid]  # replaced by a local login (c2s closes it on its worker)
         elif self.get(session.jid) is session:
             self.cluster.gone(session)
+        if self.local.get(str(session.jid)) is session:
+            del self.local[str(session.jid)]
         super().remove(session)
 
     def all(self) -> list[Session]:
         """Sessions connected to this worker: the ones it ends when it stops."""
-        return [s for s in super().all() if s.jid not in self.remote or self.remote[s.jid][1] is not s]
+        return list(self.local.values())
 
     def put_remote(self, worker: int, state: dict[str, Any]) -> None:
         jid = JID.parse(state["jid"])
@@ -222,7 +244,9 @@ class Cluster:
         server.hooks.add("roster/changed", self.roster_changed)
         server.hooks.add("server/started", self.attach)
         CachedDocuments.on_set = self.document_changed
-        self._out: dict[int, list[str]] = {}
+        # Frames waiting for the next publication, per worker; the lists stay, so forwarders hold them.
+        self._out: dict[int, list[str]] = {worker: [] for worker in self.others()}
+        self._gone: set[str] = set()  # JIDs of this worker's sessions that ended since the last publication
         self._dirty: dict[JID, SharedSession] = {}
         self._wake = asyncio.Event()
         self._pending_iq: dict[tuple[str, str], int] = {}  # (to, id) of a server's query -> asking worker
@@ -244,7 +268,8 @@ class Cluster:
 
     async def start(self) -> None:
         """Subscribe before the others' sessions are read (in `attach`), so no change falls between the two."""
-        self._redis = aioredis.from_url(self.url)
+        # RESP2: redis-py's RESP3 parser formats every pub/sub message it reads into a debug log line.
+        self._redis = aioredis.from_url(self.url, protocol=2)
         self._pubsub = self._redis.pubsub()
         await self._pubsub.subscribe(self.channel(self.index))
         stale = await self._redis.hgetall(self.sessions_key(self.index))
@@ -291,7 +316,7 @@ class Cluster:
         """Send what is queued (the goodbyes of this worker's sessions), then close."""
         self._wake.set()
         for _ in range(50):
-            if not self._out and not self._dirty and not self._sending:
+            if not any(self._out.values()) and not self._dirty and not self._sending:
                 break
             await asyncio.sleep(0.02)
         for task in self._tasks:
@@ -317,8 +342,10 @@ class Cluster:
     # --- outgoing ----------------------------------------------------------------------------------
 
     def _queue(self, worker: int, frame: str) -> None:
-        self._out.setdefault(worker, []).append(frame)
-        self._wake.set()
+        frames = self._out[worker]
+        if not frames:  # otherwise the send loop has been woken already and not yet taken the frames
+            self._wake.set()
+        frames.append(frame)
 
     def changed(self, session: SharedSession) -> None:
         """A local session's state changed; its latest state goes out in the place of this first change."""
@@ -329,12 +356,21 @@ class Cluster:
 
     def gone(self, session: Session) -> None:
         self._dirty.pop(session.jid, None)
+        self._gone.add(str(session.jid))
         for worker in self.others():
             self._queue(worker, f"d{FIELD}{session.jid}")
 
     def forwarder(self, worker: int, jid: JID) -> Callable[[str], None]:
+        """The output of a session on another worker: `_queue` inlined, as this runs once per stanza."""
         prefix = f"s{FIELD}{jid}{FIELD}"
-        return lambda data: self._queue(worker, prefix + data)
+        frames, wake = self._out[worker], self._wake.set
+
+        def forward(data: str) -> None:
+            if not frames:
+                wake()
+            frames.append(prefix + data)
+
+        return forward
 
     def closer(self, worker: int, jid: JID) -> Callable[[str | None], None]:
         return lambda condition: self._queue(worker, f"c{FIELD}{jid}{FIELD}{condition or ''}")
@@ -356,16 +392,18 @@ class Cluster:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            out, self._out = self._out, {}
             dirty, self._dirty = self._dirty, {}
             states = {str(jid): session_state(s) for jid, s in dirty.items() if not s.ended}
             pipe = self._redis.pipeline(transaction=False)
-            for worker, frames in out.items():
-                body = FRAME.join([_resolve(frame, states) for frame in frames] if dirty else frames)
-                pipe.publish(self.channel(worker), f"{self.index}{FRAME}{body}")
+            for worker, frames in self._out.items():
+                if frames:
+                    if dirty:
+                        frames[:] = [_resolve(frame, states) for frame in frames]
+                    pipe.publish(self.channel(worker), f"{self.index}{FRAME}{FRAME.join(frames)}")
+                    frames.clear()
             for jid, state in states.items():
                 pipe.hset(self.sessions_key(self.index), jid, state)
-            gone = {f.split(FIELD)[1] for frames in out.values() for f in frames if f[0] == "d"} - set(states)
+            gone, self._gone = self._gone - states.keys(), set()
             if gone:
                 pipe.hdel(self.sessions_key(self.index), *gone)
             self._sending = True
@@ -412,20 +450,22 @@ class Cluster:
                 return
             if message is None:
                 continue
-            sender, *frames = message["data"].decode().split(FRAME)
-            for frame in frames:
+            frames = message["data"].decode().split(FRAME)
+            sender = int(frames[0])
+            for frame in frames[1:]:
                 try:
-                    if frame[0] != "s" or not self._deliver(int(sender), frame):
-                        await self._dispatch(int(sender), frame)
+                    if frame[0] != "s" or not self._deliver(sender, frame):
+                        await self._dispatch(sender, frame)
                 except Exception:
                     log.exception("cluster: could not handle %r from worker %s", frame[:200], sender)
 
     def _deliver(self, sender: int, frame: str) -> bool:
-        """A stanza for a session of this worker, handed over at once; False when that session has gone."""
+        """A stanza for a session of this worker, handed over at once as the sender serialized it (parsed
+        only for an iq, whose answer may have to go back, or for a session that holds stanzas back);
+        False when that session has gone."""
         _, jid_text, data = frame.split(FIELD, 2)
-        jid = JID.parse(jid_text)
-        session = self.sessions.get(jid)
-        if session is None or jid in self.sessions.remote:
+        session = self.sessions.local.get(jid_text)
+        if session is None:
             return False
         if data.startswith("<iq") or session.hold is not None:
             el = parse_stored(data)

@@ -498,3 +498,22 @@ async def test_services_on_another_worker_are_forwarded_to_worker_0(cluster: Clu
     el = fromstring("<message xmlns='jabber:client' from='bob@localhost/b' to='room@conference.localhost'/>")
     await cluster.server.services["conference.localhost"](Stanza(el, "message", JID.parse("bob@localhost/b"), None))
     assert cluster._out[0][-1].startswith(f"v{FIELD}<message from=\"bob@localhost/b\"")
+
+
+def test_stanzas_from_another_worker_go_straight_to_the_local_session_of_their_address(cluster: Cluster) -> None:
+    written: list[str] = []
+    session = Session(JID.parse("alice@localhost/a"), cluster.server.hosts["localhost"], written.append,
+                      lambda condition: None)
+    cluster.sessions.add(session)
+    cluster._out[0].clear()
+    cluster._dirty.clear()
+    session.last_active = 1.0  # set for every stanza: not shared, so nothing goes out
+    assert cluster._out == {0: []}
+    message = '<message to="alice@localhost/a"><body>hi</body></message>'
+    assert cluster._deliver(0, f"s{FIELD}alice@localhost/a{FIELD}{message}")
+    assert written == [message]
+    assert not cluster._deliver(0, f"s{FIELD}alice@localhost/b{FIELD}{message}")
+    session.priority = 1
+    assert cluster._out == {0: [f"u{FIELD}alice@localhost/a"]}
+    cluster.sessions.remove(session)
+    assert not cluster._deliver(0, f"s{FIELD}alice@localhost/a{FIELD}{message}") and written == [message]
