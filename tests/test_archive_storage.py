@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from server.storage import Storage
+import pytest
+from sqlalchemy import text
+
+from server.storage import Storage, archive, open_storage, schema
 from server.storage.archive import ArchiveFilter
 from tests.storage_fixtures import storage_fixture, storage_url_fixture  # noqa: F401
 
@@ -42,27 +46,85 @@ async def test_expiry_removes_the_oldest_and_keeps_the_search_index_in_step(stor
     assert (await storage.archive.query(H, "alice", ArchiveFilter(text="apple"), 10)).count == 4
 
 
-async def test_concurrent_appends_share_transactions_and_a_bad_row_fails_alone(storage: Storage) -> None:
+async def test_concurrent_appends_share_transactions_and_a_bad_row_fails_alone(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Group commit: 200 appends at once take far fewer transactions; a duplicate UID fails only itself."""
-    from sqlalchemy import event
-
     await fill(storage, "alice", 1)
-    commits: list[object] = []
+    transactions: list[int] = []
+    insert = storage.archive._insert
 
-    def committed(conn: object) -> None:
-        commits.append(conn)
+    async def counted(rows: list[dict[str, object]]) -> None:
+        transactions.append(len(rows))
+        await insert(rows)
 
-    event.listen(storage.engine.sync_engine, "commit", committed)
+    monkeypatch.setattr(storage.archive, "_insert", counted)
 
     async def append(i: int, uid: str) -> None:
         await storage.archive.append(H, "alice", uid, T0, "carol@example.com", None, f"pear {i}", "<message/>")
 
     await asyncio.gather(*(append(i, f"p-{i}") for i in range(200)))
-    event.remove(storage.engine.sync_engine, "commit", committed)
-    assert len(commits) < 20
+    assert sum(transactions) == 200 and len(transactions) < 20
     outcomes = await asyncio.gather(*(append(i, "alice-0" if i == 205 else f"p-{i}") for i in range(200, 210)),
                                     return_exceptions=True)
     failed = [i for i, outcome in enumerate(outcomes, 200) if isinstance(outcome, Exception)]
     assert failed == [205]
     page = await storage.archive.query(H, "alice", ArchiveFilter(text="pear"), 250)
     assert [m.id for m in page.messages] == [f"p-{i}" for i in range(210) if i != 205]  # in arrival order
+
+
+async def fts_rows(storage: Storage, word: str) -> tuple[int, int]:
+    """Rows the FTS5 index finds for ``word``, and rows still queued for it (SQLite)."""
+    async with storage.engine.connect() as conn:
+        found = await conn.scalar(text("SELECT count(*) FROM archive_fts WHERE archive_fts MATCH :w"), {"w": word})
+        queued = await conn.scalar(text("SELECT count(*) FROM archive_fts_queue"))
+    return int(found or 0), int(queued or 0)
+
+
+async def test_bodies_are_indexed_in_the_background_and_before_a_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archive, "INDEX_DELAY", 0.05)
+    storage = await open_storage(f"sqlite:///{tmp_path / 'p.db'}")
+    try:
+        await fill(storage, "alice", 3)
+        assert await fts_rows(storage, "apple") == (0, 3)  # queued, not yet indexed
+        await asyncio.sleep(0.3)
+        assert await fts_rows(storage, "apple") == (3, 0)
+        monkeypatch.setattr(archive, "INDEX_DELAY", 60)
+        await fill(storage, "bob", 2)
+        await storage.archive.expire(H, T0 + timedelta(hours=1))  # deletes alice-0 (indexed), bob-0 (queued)
+        assert await fts_rows(storage, "apple") == (2, 1)
+        page = await storage.archive.query(H, "bob", ArchiveFilter(text="apple"), 10)  # indexes first
+        assert [m.id for m in page.messages] == ["bob-1"]
+        assert await fts_rows(storage, "apple") == (3, 0)
+        await fill(storage, "carol", 1)
+        assert await storage.archive.replace(H, "carol", "carol-0", "<message/>")  # retracted while queued
+        assert (await storage.archive.query(H, "carol", ArchiveFilter(text="apple"), 10)).count == 0
+        async with storage.engine.connect() as conn:  # FTS5's check of its own structure
+            await conn.execute(text("INSERT INTO archive_fts(archive_fts) VALUES ('integrity-check')"))
+    finally:
+        await storage.close()
+
+
+async def test_rows_indexed_by_the_old_trigger_stay_searchable_and_deletable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    monkeypatch.setattr(schema, "STEPS", schema.STEPS[:4])
+    old = await open_storage(url)
+    await fill(old, "alice", 3)
+    await old.close()
+    monkeypatch.undo()
+    storage = await open_storage(url)
+    try:
+        assert await fts_rows(storage, "apple") == (3, 0)
+        assert await storage.archive.expire(H, T0 + timedelta(hours=1)) == 1
+        await fill(storage, "bob", 1)
+        page = await storage.archive.query(H, "alice", ArchiveFilter(text="apple"), 10)
+        assert [m.id for m in page.messages] == ["alice-1", "alice-2"]
+        assert await fts_rows(storage, "apple") == (3, 0)
+        async with storage.engine.connect() as conn:
+            await conn.execute(text("INSERT INTO archive_fts(archive_fts) VALUES ('integrity-check')"))
+    finally:
+        await storage.close()

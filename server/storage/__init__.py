@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.accounts import Account, AccountStore, Credentials, StoredCredentials
 from server.storage.archive import ArchiveStore
-from server.storage.engine import make_engine
+from server.storage.engine import dispose_inline, make_engine
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
@@ -48,6 +48,8 @@ class Storage:
         self.pubsub = PubSubStore(engine)
 
     async def close(self) -> None:
+        self.archive.close()
+        dispose_inline(self.engine)
         await self.engine.dispose()
 
 

@@ -5,14 +5,15 @@ Rows are never updated, except that a retracted message becomes its tombstone in
 internal ``id`` gives the archive's order, the ``stanza_id`` is the unpredictable UID clients see.
 ``with_jid``/``with_resource`` hold the other party of each message, so that every query filter is a
 condition on an indexed column. Bodies are indexed for full-text search by the database itself: an FTS5
-table kept by triggers on SQLite, a generated ``tsvector`` column with a GIN index on PostgreSQL (see the
-migration step in :mod:`server.storage.schema`). Both treat a search as all of its words,
-case-insensitively.
+table on SQLite, fed in batches from a queue that a trigger fills (see ``index_bodies``), a generated
+``tsvector`` column with a GIN index on PostgreSQL (see the migration steps in
+:mod:`server.storage.schema`). Both treat a search as all of its words, case-insensitively.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,12 +21,16 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Integer, case, column, delete, func, literal, literal_column, select, text, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.storage.engine import user_rows, writer
 from server.storage.schema import archive
 
 _WORD = re.compile(r"\w+")
+INDEX_DELAY = 1.0  # seconds from an archive write to indexing its bodies for full-text search (SQLite)
+
+log = logging.getLogger("parley.archive")
 
 
 class UnknownArchiveId(LookupError):
@@ -82,6 +87,18 @@ def _row(host: str, user: str, m: NewMessage) -> dict[str, Any]:
             "with_resource": m.with_resource, "body": m.body, "stanza_xml": m.stanza_xml}
 
 
+# The INSERT of a batch on SQLite's inline connection, with its parameters in SQLAlchemy's storage form.
+_COLUMNS = ["host", "username", "stanza_id", "stamp", "with_jid", "with_resource", "body", "stanza_xml"]
+_SQLITE = sqlite.dialect()
+_INSERT_SQL = str(archive.insert().compile(dialect=_SQLITE, column_keys=_COLUMNS))
+_STAMP = archive.c.stamp.type.dialect_impl(_SQLITE).bind_processor(_SQLITE)
+
+
+def _sqlite_values(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["host"], row["username"], row["stanza_id"], _STAMP(row["stamp"]), row["with_jid"],
+            row["with_resource"], row["body"], row["stanza_xml"])
+
+
 def _settle(done: asyncio.Future[None], error: Exception | None) -> None:
     """Tell a waiting append how its row fared, unless it stopped waiting (its caller was cancelled)."""
     if done.done():
@@ -100,6 +117,7 @@ class ArchiveStore:
         # which writes them all at once.
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
+        self._indexing: asyncio.TimerHandle | asyncio.Task[None] | None = None
 
     def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
                with_resource: str | None, body: str | None, stanza_xml: str) -> asyncio.Future[None]:
@@ -139,8 +157,39 @@ class ArchiveStore:
             self._flushing = None
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        if self._writer.inline is not None:
+            async with self._writer.begin_inline() as dbapi:
+                dbapi.executemany(_INSERT_SQL, [_sqlite_values(row) for row in rows])
+        else:
+            async with self._writer.begin() as conn:
+                await conn.execute(archive.insert(), rows)
+        if self._engine.dialect.name == "sqlite" and self._indexing is None:
+            self._indexing = asyncio.get_running_loop().call_later(INDEX_DELAY, self._start_indexing)
+
+    def _start_indexing(self) -> None:
+        self._indexing = asyncio.get_running_loop().create_task(self.index_bodies())
+        self._indexing.add_done_callback(self._indexed)
+
+    def _indexed(self, task: asyncio.Task[None]) -> None:
+        self._indexing = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("indexing archived bodies failed (a search indexes them first): %s", task.exception())
+
+    async def index_bodies(self) -> None:
+        """Index the bodies queued since the last time for full-text search (SQLite).
+
+        The insert's trigger only queues a row: indexed in batches, once a second or before a search, a
+        body costs FTS5 a fraction of what it did one transaction at a time.
+        """
         async with self._writer.begin() as conn:
-            await conn.execute(archive.insert(), rows)
+            await _index_queued(conn)
+
+    def close(self) -> None:
+        """Stop the indexing timer (what is still queued is indexed after the next start, at the latest
+        before the next search)."""
+        if self._indexing is not None:
+            self._indexing.cancel()
+            self._indexing = None
 
     async def append_many(self, host: str, user: str, messages: Sequence[NewMessage]) -> None:
         """Archive several messages, in this order, in one transaction (a busy room writes them in batches)."""
@@ -155,6 +204,8 @@ class ArchiveStore:
         """
         backward = before is not None
         anchor = before if backward else after
+        if words(filter.text or "") and self._engine.dialect.name == "sqlite":
+            await self.index_bodies()
         async with self._engine.begin() as conn:
             conditions = [*user_rows(archive, host, user), *await self._conditions(conn, host, user, filter)]
             if anchor:
@@ -227,6 +278,7 @@ class ArchiveStore:
             if row is None:
                 return False
             if row.body is not None and conn.dialect.name == "sqlite":  # PostgreSQL's index column follows
+                await _index_queued(conn)  # so that the body is in the index, to be deleted from it
                 await conn.execute(text("INSERT INTO archive_fts(archive_fts, rowid, body)"
                                         " VALUES ('delete', :id, :body)"), {"id": row.id, "body": row.body})
             await conn.execute(update(archive).where(archive.c.id == row.id).values(body=None, stanza_xml=stanza_xml))
@@ -254,6 +306,13 @@ class ArchiveStore:
         async with self._writer.begin() as conn:
             gone = await conn.execute(delete(archive).where(archive.c.host == host, archive.c.stamp < older_than))
         return gone.rowcount or 0
+
+
+async def _index_queued(conn: AsyncConnection) -> None:
+    await conn.execute(text(
+        "INSERT INTO archive_fts(rowid, body) SELECT archive.id, archive.body FROM archive_fts_queue"
+        " JOIN archive ON archive.id = archive_fts_queue.id WHERE archive.body IS NOT NULL"))
+    await conn.execute(text("DELETE FROM archive_fts_queue"))
 
 
 def _fulltext(dialect: str, search: list[str]) -> ColumnElement[bool]:

@@ -316,7 +316,30 @@ def _step_4(conn: Connection) -> None:
         conn.execute(text(statement))
 
 
-STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4]
+# SQLite: bodies wait in a queue and are indexed in batches (ArchiveStore.index_bodies). Indexed one row at
+# a time, from the insert's trigger, FTS5 wrote a segment per transaction and cost as much as the row.
+# A row still queued is not in the index: deleting it only takes it off the queue.
+_ARCHIVE_FULLTEXT_QUEUE = [
+    "DROP TRIGGER archive_fts_insert",
+    "DROP TRIGGER archive_fts_delete",
+    "CREATE TABLE archive_fts_queue (id INTEGER PRIMARY KEY)",
+    "CREATE TRIGGER archive_fts_enqueue AFTER INSERT ON archive WHEN new.body IS NOT NULL BEGIN"
+    " INSERT INTO archive_fts_queue(id) VALUES (new.id); END",
+    "CREATE TRIGGER archive_fts_delete AFTER DELETE ON archive WHEN old.body IS NOT NULL BEGIN"
+    " INSERT INTO archive_fts(archive_fts, rowid, body) SELECT 'delete', old.id, old.body"
+    " WHERE NOT EXISTS (SELECT 1 FROM archive_fts_queue WHERE id = old.id);"
+    " DELETE FROM archive_fts_queue WHERE id = old.id; END",
+]
+
+
+def _step_5(conn: Connection) -> None:
+    """Archive bodies indexed for full-text search in batches (SQLite)."""
+    if conn.dialect.name == "sqlite":
+        for statement in _ARCHIVE_FULLTEXT_QUEUE:
+            conn.execute(text(statement))
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5]
 
 
 async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:
