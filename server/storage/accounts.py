@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.storage.engine import dialect_insert, user_rows, writer
+from server.storage.engine import dialect_insert, read, user_rows, writer
 from server.storage.schema import (
     account_credentials,
     accounts,
@@ -24,6 +24,15 @@ from server.storage.schema import (
     pubsub_subscriptions,
     roster,
     roster_versions,
+)
+
+# An account with its credentials (one row per hash, or one with NULL credentials), read at every login.
+_ACCOUNT = (
+    select(accounts, account_credentials.c.hash_name, account_credentials.c.salt, account_credentials.c.iterations,
+           account_credentials.c.stored_key, account_credentials.c.server_key)
+    .select_from(accounts.outerjoin(account_credentials, (account_credentials.c.host == accounts.c.host)
+                                    & (account_credentials.c.username == accounts.c.username)))
+    .where(accounts.c.host == bindparam("host"), accounts.c.username == bindparam("username"))
 )
 
 
@@ -92,16 +101,7 @@ class AccountStore:
 
     async def get(self, host: str, username: str) -> Account | None:
         """The account with its credentials, in one statement: every login starts here."""
-        creds = account_credentials
-        query = (
-            select(accounts, creds.c.hash_name, creds.c.salt, creds.c.iterations, creds.c.stored_key,
-                   creds.c.server_key)
-            .select_from(accounts.outerjoin(creds, (creds.c.host == accounts.c.host)
-                                            & (creds.c.username == accounts.c.username)))
-            .where(*user_rows(accounts, host, username))
-        )
-        async with self._engine.begin() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await read(self._engine, lambda conn: conn.execute(_ACCOUNT, {"host": host, "username": username}).all())
         if not rows:
             return None
         row = rows[0]

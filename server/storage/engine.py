@@ -27,7 +27,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Table, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.util import await_only
 
 log = logging.getLogger("parley.storage")
+T = TypeVar("T")
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
 _WRITE_OPTION = "parley_write"
@@ -145,6 +146,20 @@ def inline(engine: AsyncEngine) -> InlineSQLite | None:
     if engine.sync_engine not in _INLINE:
         _INLINE[engine.sync_engine] = InlineSQLite(engine.url)
     return _INLINE[engine.sync_engine]
+
+
+async def read(engine: AsyncEngine, query: Callable[[Connection], T]) -> T:
+    """Run ``query`` in a read transaction: inline on a SQLite file, through ``engine`` otherwise.
+
+    For the short indexed reads of a login or a stanza, where the statement costs less than a hop to
+    aiosqlite's thread. One function serves both backends (``run_sync`` on the async engine).
+    """
+    shared = inline(engine)
+    if shared is not None:
+        with shared.engine.connect() as conn:
+            return query(conn)
+    async with engine.connect() as conn:
+        return await conn.run_sync(query)
 
 
 def dispose_inline(engine: AsyncEngine) -> None:

@@ -10,13 +10,17 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.engine import upsert, user_rows, writer
+from server.storage.engine import read, upsert, user_rows, writer
 from server.storage.schema import kv
 
 T = TypeVar("T")
+
+
+_GET = select(kv.c.value).where(kv.c.host == bindparam("host"), kv.c.username == bindparam("username"),
+                                 kv.c.store == bindparam("store"), kv.c.key == bindparam("key"))
 
 
 class KeyValueStore:
@@ -25,10 +29,8 @@ class KeyValueStore:
         self._writer = writer(engine)
 
     async def get(self, host: str, user: str, store: str, key: str = "") -> Any | None:
-        async with self._engine.begin() as conn:
-            return await conn.scalar(
-                select(kv.c.value).where(*user_rows(kv, host, user), kv.c.store == store, kv.c.key == key)
-            )
+        params = {"host": host, "username": user, "store": store, "key": key}
+        return await read(self._engine, lambda conn: conn.scalar(_GET, params))
 
     async def set(self, host: str, user: str, store: str, key: str, value: Any) -> None:
         """Store a JSON-serialisable ``value``; None deletes the document."""

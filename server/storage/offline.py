@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.engine import lock_user, user_rows, writer
+from server.storage.engine import lock_user, read, user_rows, writer
 from server.storage.schema import offline
 
 # First key of the advisory lock serialising pushes to one user's offline store.
 _PUSH_LOCK = 1
+
+
+# Whether the user has any stored message: a login's check, which most often finds none.
+_ANY = select(offline.c.id).where(offline.c.host == bindparam("host"),
+                                  offline.c.username == bindparam("username")).limit(1)
 
 
 class QuotaExceeded(Exception):
@@ -45,9 +50,8 @@ class OfflineStore:
         Most logins find nothing, so a read (which never waits for the write lock) looks first; then a
         single DELETE ... RETURNING, so concurrent pops never deliver a message twice.
         """
-        async with self._engine.begin() as conn:
-            if await conn.scalar(select(offline.c.id).where(*user_rows(offline, host, user)).limit(1)) is None:
-                return []
+        if await read(self._engine, lambda conn: conn.scalar(_ANY, {"host": host, "username": user})) is None:
+            return []
         async with self._writer.begin() as conn:
             rows = await conn.execute(
                 delete(offline)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
-from sqlalchemy.engine import Row
+from sqlalchemy import bindparam, delete, select
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.storage.engine import dialect_insert, upsert, user_rows, writer
+from server.storage.engine import dialect_insert, read, upsert, user_rows, writer
 from server.storage.schema import pending_subscriptions, roster, roster_versions
 
 SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
@@ -35,6 +35,14 @@ def _item(row: Row) -> RosterItem:
     )
 
 
+# The statements of a login, built once.
+_VERSION = select(roster_versions.c.version).where(
+    roster_versions.c.host == bindparam("host"), roster_versions.c.username == bindparam("username"))
+_ITEMS = select(roster).where(roster.c.host == bindparam("host"), roster.c.username == bindparam("username"))
+_PENDING = select(pending_subscriptions.c.jid, pending_subscriptions.c.stanza_xml).where(
+    pending_subscriptions.c.host == bindparam("host"), pending_subscriptions.c.username == bindparam("username"))
+
+
 async def _version(conn: AsyncConnection, host: str, user: str) -> int:
     found = await conn.scalar(
         select(roster_versions.c.version).where(*user_rows(roster_versions, host, user))
@@ -58,10 +66,13 @@ class RosterStore:
 
     async def get(self, host: str, user: str) -> tuple[int, dict[str, RosterItem]]:
         """The roster version (0 before the first change) and the items by JID, read consistently."""
-        async with self._engine.begin() as conn:
-            version = await _version(conn, host, user)
-            rows = await conn.execute(select(roster).where(*user_rows(roster, host, user)))
-            return version, {row.jid: _item(row) for row in rows}
+
+        def query(conn: Connection) -> tuple[int, dict[str, RosterItem]]:
+            key = {"host": host, "username": user}
+            version = conn.scalar(_VERSION, key)
+            return int(version or 0), {row.jid: _item(row) for row in conn.execute(_ITEMS, key)}
+
+        return await read(self._engine, query)
 
     async def get_item(self, host: str, user: str, jid: str) -> RosterItem | None:
         async with self._engine.begin() as conn:
@@ -128,10 +139,5 @@ class RosterStore:
 
     async def list_pending(self, host: str, user: str) -> list[tuple[str, str]]:
         """(jid, stanza_xml) of every pending request, to redeliver at login; sorted by JID."""
-        async with self._engine.begin() as conn:
-            rows = await conn.execute(
-                select(pending_subscriptions.c.jid, pending_subscriptions.c.stanza_xml).where(
-                    *user_rows(pending_subscriptions, host, user)
-                )
-            )
-            return sorted((row.jid, row.stanza_xml) for row in rows)
+        rows = await read(self._engine, lambda conn: conn.execute(_PENDING, {"host": host, "username": user}).all())
+        return sorted((row.jid, row.stanza_xml) for row in rows)
