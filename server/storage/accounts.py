@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.storage.engine import dialect_insert, read, user_rows, writer
+from server.storage.engine import dialect_insert, read, user_params, user_rows, writer
 from server.storage.schema import (
     account_credentials,
     accounts,
@@ -32,7 +32,7 @@ _ACCOUNT = (
            account_credentials.c.stored_key, account_credentials.c.server_key)
     .select_from(accounts.outerjoin(account_credentials, (account_credentials.c.host == accounts.c.host)
                                     & (account_credentials.c.username == accounts.c.username)))
-    .where(accounts.c.host == bindparam("host"), accounts.c.username == bindparam("username"))
+    .where(*user_params(accounts))
 )
 
 

@@ -29,7 +29,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Table, create_engine, event, make_url, text
+from sqlalchemy import ColumnElement, Table, bindparam, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -136,16 +136,14 @@ def inline(engine: AsyncEngine) -> InlineSQLite | None:
     """The inline access to ``engine``'s SQLite file, shared by its stores.
 
     None for PostgreSQL, whose statements all go through ``engine``, and for in-memory databases, which
-    a second connection would not see.
+    a second connection would not see. Kept per engine, the answer costs every read one lookup.
     """
-    if engine.dialect.name != "sqlite":
-        return None
-    database = engine.url.database or ""
-    if database in ("", ":memory:") or database.startswith("file:"):
-        return None
-    if engine.sync_engine not in _INLINE:
-        _INLINE[engine.sync_engine] = InlineSQLite(engine.url)
-    return _INLINE[engine.sync_engine]
+    key = engine.sync_engine
+    if key not in _INLINE:
+        database = engine.url.database or ""
+        file = engine.dialect.name == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:")
+        _INLINE[key] = InlineSQLite(engine.url) if file else None
+    return _INLINE[key]
 
 
 async def read(engine: AsyncEngine, query: Callable[[Connection], T]) -> T:
@@ -169,7 +167,7 @@ def dispose_inline(engine: AsyncEngine) -> None:
         shared.dispose()
 
 
-_INLINE: weakref.WeakKeyDictionary[Engine, InlineSQLite] = weakref.WeakKeyDictionary()
+_INLINE: weakref.WeakKeyDictionary[Engine, InlineSQLite | None] = weakref.WeakKeyDictionary()
 
 
 def _postgresql_engine(url: URL) -> tuple[AsyncEngine, str | None]:
@@ -255,6 +253,12 @@ def upsert(
 def user_rows(table: Table, host: str, username: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     """WHERE clauses selecting one user's rows of ``table``."""
     return table.c.host == host, table.c.username == username
+
+
+def user_params(table: Table) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """WHERE clauses selecting one user's rows of ``table``, the user given as the parameters ``host`` and
+    ``username``: for the statements of hot paths, built once and run with those parameters."""
+    return table.c.host == bindparam("host"), table.c.username == bindparam("username")
 
 
 async def lock_user(conn: AsyncConnection, purpose: int, host: str, user: str) -> None:

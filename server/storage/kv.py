@@ -13,14 +13,13 @@ from typing import Any, ClassVar, Generic, TypeVar
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.engine import read, upsert, user_rows, writer
+from server.storage.engine import read, upsert, user_params, user_rows, writer
 from server.storage.schema import kv
 
 T = TypeVar("T")
 
 
-_GET = select(kv.c.value).where(kv.c.host == bindparam("host"), kv.c.username == bindparam("username"),
-                                 kv.c.store == bindparam("store"), kv.c.key == bindparam("key"))
+_GET = select(kv.c.value).where(*user_params(kv), kv.c.store == bindparam("store"), kv.c.key == bindparam("key"))
 
 
 class KeyValueStore:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.engine import lock_user, read, user_rows, writer
+from server.storage.engine import lock_user, read, user_params, user_rows, writer
 from server.storage.schema import offline
 
 # First key of the advisory lock serialising pushes to one user's offline store.
@@ -15,8 +15,7 @@ _PUSH_LOCK = 1
 
 
 # Whether the user has any stored message: a login's check, which most often finds none.
-_ANY = select(offline.c.id).where(offline.c.host == bindparam("host"),
-                                  offline.c.username == bindparam("username")).limit(1)
+_ANY = select(offline.c.id).where(*user_params(offline)).limit(1)
 
 
 class QuotaExceeded(Exception):

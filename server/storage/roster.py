@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, delete, select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.storage.engine import dialect_insert, read, upsert, user_rows, writer
+from server.storage.engine import dialect_insert, read, upsert, user_params, user_rows, writer
 from server.storage.schema import pending_subscriptions, roster, roster_versions
 
 SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
@@ -36,11 +36,10 @@ def _item(row: Row) -> RosterItem:
 
 
 # The statements of a login, built once.
-_VERSION = select(roster_versions.c.version).where(
-    roster_versions.c.host == bindparam("host"), roster_versions.c.username == bindparam("username"))
-_ITEMS = select(roster).where(roster.c.host == bindparam("host"), roster.c.username == bindparam("username"))
+_VERSION = select(roster_versions.c.version).where(*user_params(roster_versions))
+_ITEMS = select(roster).where(*user_params(roster))
 _PENDING = select(pending_subscriptions.c.jid, pending_subscriptions.c.stanza_xml).where(
-    pending_subscriptions.c.host == bindparam("host"), pending_subscriptions.c.username == bindparam("username"))
+    *user_params(pending_subscriptions))
 
 
 async def _version(conn: AsyncConnection, host: str, user: str) -> int:
