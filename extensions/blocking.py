@@ -24,6 +24,7 @@ from extensions.presence import addressed, has_from, has_to
 from server import ns
 from server.jid import JID, JIDError
 from server.module import Module
+from server.options import Option
 from server.stanza import Stanza, element
 from server.storage.kv import CachedDocuments
 from server.stream.errors import StanzaError
@@ -60,6 +61,8 @@ def parse_items(payload: Element) -> set[JID]:
 
 class Blocking(Module):
     name = "blocking"
+    options = (Option("bounce", bool, False,
+                      "answer blocked senders' messages with an error instead of dropping them silently"),)
 
     def setup(self) -> None:
         self._lists = CachedDocuments(self.server.storage.kv, self.name, parse_list)
@@ -98,7 +101,7 @@ class Blocking(Module):
     async def inbound(self, stanza: Stanza) -> bool | None:
         if await self.blocks(stanza.to.bare, stanza.from_):
             kind, type = stanza.kind, stanza.type
-            if (kind == "iq" and type in ("get", "set")) or (kind == "message" and self.option("bounce", False)):
+            if (kind == "iq" and type in ("get", "set")) or (kind == "message" and self.option("bounce")):
                 await self.server.router.bounce(stanza, StanzaError("service-unavailable"))
             return True
         sender = self.server.hosts.get(stanza.from_.domain)

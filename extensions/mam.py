@@ -28,6 +28,7 @@ from server import ns
 from server.forms import Field, build_form, find_form, first_value, read_form
 from server.jid import JID, JIDError
 from server.module import Module
+from server.options import Option
 from server.sessions import Session
 from server.stanza import Stanza, element, parse_datetime, parse_stored, xmpp_datetime
 from server.storage.archive import ArchiveFilter, ArchiveStore, Page, UnknownArchiveId
@@ -79,6 +80,11 @@ class Prefs:
 
 class Mam(Module):
     name = "mam"
+    options = (
+        Option("default", str, "always", "what is archived for a user who set no preferences", choices=DEFAULTS),
+        Option("retention_days", int, 0, "days messages are kept; 0 keeps them forever", minimum=0),
+        Option("max_page", int, MAX_PAGE, "the largest page of an archive query", minimum=1),
+    )
 
     def setup(self) -> None:
         self._prefs = CachedDocuments(self.server.storage.kv, self.name, self._parse_prefs)
@@ -94,12 +100,12 @@ class Mam(Module):
         self.hook("message/deliver", self.received, priority=ARCHIVE_PRIORITY)
 
     async def start(self) -> None:
-        if self.option("retention_days", 0) > 0:
+        if self.option("retention_days") > 0:
             self.spawn(self._expire())
 
     async def _expire(self) -> None:
         while True:
-            cutoff = datetime.now(UTC) - timedelta(days=self.option("retention_days", 0))
+            cutoff = datetime.now(UTC) - timedelta(days=self.option("retention_days"))
             try:
                 gone = await self.server.storage.archive.expire(self.host.name, cutoff)
                 if gone:
@@ -171,7 +177,7 @@ class Mam(Module):
     async def query(self, stanza: Stanza) -> Element:
         session = self._owner(stanza)
         return await answer_query(self.server.storage.archive, stanza.to.bare, stanza.el[0], session.jid,
-                                  session.send, self.option("max_page", MAX_PAGE))
+                                  session.send, self.option("max_page"))
 
     async def metadata(self, stanza: Stanza) -> Element:
         self._owner(stanza)
@@ -181,7 +187,7 @@ class Mam(Module):
 
     def _parse_prefs(self, document: dict[str, Any] | None) -> Prefs:
         if document is None:
-            return Prefs(self.option("default", "always"))
+            return Prefs(self.option("default"))
         return Prefs(document["default"], frozenset(map(JID.parse, document["always"])),
                      frozenset(map(JID.parse, document["never"])))
 

@@ -13,6 +13,7 @@ from xml.etree.ElementTree import Element, fromstring
 from server import ns
 from server.jid import JID
 from server.module import Module
+from server.options import Option
 from server.stanza import Stanza
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
@@ -31,6 +32,7 @@ def namespace_of(el: Element) -> str:
 
 class Private(Module):
     name = "private"
+    options = (Option("max_size", int, MAX_SIZE, "bytes one stored document may take", minimum=1),)
 
     def setup(self) -> None:
         self.add_feature(PRIVATE)
@@ -67,7 +69,7 @@ class Private(Module):
     async def set(self, stanza: Stanza) -> None:
         user = stanza.to.bare
         documents = self._documents(stanza)
-        limit = self.option("max_size", MAX_SIZE)
+        limit = self.option("max_size")
         if any(len(serialize(el).encode()) > limit for el in documents):
             raise StanzaError("not-acceptable", f"a document is larger than {limit} bytes")
         for document in documents:

@@ -14,6 +14,7 @@ from extensions.disco import Disco
 from server import ns
 from server.jid import JID
 from server.module import Module
+from server.options import Domain, Option
 from server.pubsub import OWNER_QUERY, PUBSUB_QUERY, NodeConfig, PubSubService
 from server.stanza import Stanza, reply
 from server.stream.errors import StanzaError
@@ -38,9 +39,11 @@ class DomainService(PubSubService):
 class PubSub(Module):
     name = "pubsub"
     depends = ("disco",)
+    options = (Option("domain", Domain, None,
+                      "the service's address, pubsub.<host> unless set (in a host's own table)"),)
 
     def setup(self) -> None:
-        self.domain = JID.parse(self.option("domain", f"pubsub.{self.host.name}"))
+        self.domain = JID.parse(self.option("domain") or f"pubsub.{self.host.name}")
         self.service = DomainService(self)
         self.add_service(str(self.domain), self.stanza)
         self.disco.add_item(str(self.domain), NAME)

@@ -31,6 +31,7 @@ from server import ns
 from server.forms import Field, build_form, find_form, form_type_of, read_form
 from server.jid import JID, JIDError
 from server.module import Module
+from server.options import Option
 from server.sessions import Session
 from server.stanza import MESSAGE, Stanza, element
 from server.storage.kv import CachedDocuments
@@ -128,6 +129,11 @@ def notification(user: JID, app: App, count: int, sender: str, body: str | None,
 
 class Push(Module):
     name = "push"
+    options = (
+        Option("include_body", bool, False, "put the message body in notifications (it crosses the app server "
+               "and the phone vendor's push service)"),
+        Option("max_registrations", int, MAX_APPS, "app server registrations per account", minimum=1),
+    )
 
     def setup(self) -> None:
         self.registrations = CachedDocuments(self.server.storage.kv, self.name, Registrations.parse)
@@ -175,7 +181,7 @@ class Push(Module):
         async with self._lock(user):
             current = await self.registrations.get(user.domain, user.local or "")
             apps = (*(a for a in current.apps if (a.jid, a.node) != (jid, node)), app)
-            if len(apps) > self.option("max_registrations", MAX_APPS):
+            if len(apps) > self.option("max_registrations"):
                 raise StanzaError("resource-constraint", "too many push registrations; disable one first")
             await self._save(user, replace(current, apps=apps))
 
@@ -258,7 +264,7 @@ class Push(Module):
                 return
             current = replace(current, count=current.count + 1)
             await self._save(user, current)
-        body = el.findtext(BODY) if self.option("include_body", False) else None
+        body = el.findtext(BODY) if self.option("include_body") else None
         for app in current.apps:
             iq_id = secrets.token_hex(8)
             self._pending[iq_id] = (user, app)

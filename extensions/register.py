@@ -18,6 +18,7 @@ from server.accounts import AccountError, create_account, set_password
 from server.forms import FIELD, Field, X, build_form, find_form, first_value, read_form
 from server.jid import JID, JIDError
 from server.module import Module
+from server.options import Option
 from server.stanza import HANDLED, Stanza, error_reply, reply
 from server.stream.errors import StanzaError
 
@@ -55,6 +56,10 @@ def _redact(query: Element) -> None:
 
 class Register(Module):
     name = "register"
+    options = (
+        Option("per_ip_limit", int, PER_IP_LIMIT, "accounts one address may create per window", minimum=1),
+        Option("per_ip_window", float, PER_IP_WINDOW, "the window of per_ip_limit, in seconds", minimum=0),
+    )
 
     def setup(self) -> None:
         self._created: dict[str, deque[float]] = {}  # remote IP -> monotonic times of recent creations
@@ -126,9 +131,9 @@ class Register(Module):
 
     def _reserve(self, ip: str) -> float:
         """Count a creation from `ip` before it happens, so concurrent attempts cannot exceed the limit."""
-        limit = self.option("per_ip_limit", PER_IP_LIMIT)
+        limit = self.option("per_ip_limit")
         now = time.monotonic()
-        horizon = now - self.option("per_ip_window", PER_IP_WINDOW)
+        horizon = now - self.option("per_ip_window")
         for key, stamps in list(self._created.items()):
             while stamps and stamps[0] < horizon:
                 stamps.popleft()

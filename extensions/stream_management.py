@@ -36,6 +36,7 @@ from extensions.carbons import eligible
 from extensions.offline import has_content
 from server.jid import JID, JIDError
 from server.module import Module
+from server.options import Option
 from server.sessions import Session
 from server.stanza import IQ, MESSAGE, Stanza, add_delay, parse_stored
 from server.stream.errors import StanzaError, StreamError
@@ -139,10 +140,16 @@ class Managed:
 
 class StreamManagementModule(Module):
     name = NAME
+    options = (
+        Option("resume_timeout", float, RESUME_TIMEOUT,
+               "seconds a client that lost its connection may resume its session", minimum=0),
+        Option("max_queue", int, MAX_QUEUE, "stanzas kept unacknowledged for a session before it is ended",
+               minimum=1),
+    )
 
     def setup(self) -> None:
-        self.resume_timeout = float(self.option("resume_timeout", RESUME_TIMEOUT))
-        self.max_queue = int(self.option("max_queue", MAX_QUEUE))
+        self.resume_timeout = self.option("resume_timeout")
+        self.max_queue = self.option("max_queue")
         self._resumable: dict[str, Managed] = {}
         self.hook("c2s/features", self.features)
         self.hook("c2s/element", self.element)

@@ -18,6 +18,7 @@ from xml.etree.ElementTree import Element, SubElement, fromstring
 from server import ns
 from server.jid import JID
 from server.module import Module
+from server.options import Option
 from server.stanza import Stanza, parse_stored
 from server.storage import StoredItem
 from server.stream.errors import StanzaError
@@ -52,6 +53,7 @@ UPDATE_PHOTO = ns.qname(UPDATE, "photo")
 
 class VCard(Module):
     name = "vcard"
+    options = (Option("max_size", int, MAX_SIZE, "bytes a vCard may take", minimum=1),)
     depends = ("pep",)
 
     def setup(self) -> None:
@@ -91,7 +93,7 @@ class VCard(Module):
         if stanza.from_.bare != user:
             raise StanzaError("forbidden", "only the owner can change a vCard")
         vcard = stanza.el[0]
-        limit = self.option("max_size", MAX_SIZE)
+        limit = self.option("max_size")
         if len(serialize(vcard).encode()) > limit:
             raise StanzaError("not-acceptable", f"the vCard is larger than {limit} bytes")
         await self.store(user, vcard)

@@ -12,6 +12,7 @@ from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
 from server.module import Module
+from server.options import Option
 from server.stanza import Stanza
 
 QUERY = ns.qname(ns.VERSION, "query")
@@ -28,6 +29,7 @@ def parley_version() -> str:
 
 class Version(Module):
     name = "version"
+    options = (Option("show_os", bool, False, "tell who asks the server's operating system and its version"),)
 
     def setup(self) -> None:
         self.add_feature(ns.VERSION)
@@ -37,6 +39,6 @@ class Version(Module):
         query = Element(QUERY)
         SubElement(query, ns.qname(ns.VERSION, "name")).text = SOFTWARE
         SubElement(query, ns.qname(ns.VERSION, "version")).text = parley_version()
-        if self.option("show_os", False):
+        if self.option("show_os"):
             SubElement(query, ns.qname(ns.VERSION, "os")).text = f"{platform.system()} {platform.release()}"
         return query

@@ -18,7 +18,8 @@ from ejabberd_compat.config import load_ejabberd_config
 from server.accounts import AccountError, create_account, prepare_username, set_password
 from server.config import Config, ConfigError, check_cluster, load_config
 from server.jid import JID, JIDError
-from server.registry import available
+from server.options import example_section
+from server.registry import available, load
 from server.storage import open_storage
 
 
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=_workers, help="worker processes sharing the ports (cluster.workers)")
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
+    sub.add_parser("module-options", help="print the [module_options] tables of the example configuration")
     user = sub.add_parser("user", help="manage accounts")
     user.add_argument("--config", help="TOML configuration file")
     actions = user.add_subparsers(dest="action", required=True)
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             config = _load(args.file)
             print(f"{args.file}: OK ({len(config.hosts)} host(s), {len(config.listeners)} listener(s), "
                   f"storage {config.storage.url.split(':', 1)[0]})")
+            return 0
+        if args.command == "module-options":
+            print(example_section({name: load(name).options for name in available()}), end="")
             return 0
         config = _load(args.config)
         if args.command in migrate.COMMANDS:
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             print(result[0])
         return 0
     except ConfigError as exc:
-        print(f"parley: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"parley: {error}", file=sys.stderr)
         return 2
     except (AccountError, *migrate.ERRORS) as exc:
         print(f"parley: {exc}", file=sys.stderr)

@@ -10,11 +10,14 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server.jid import JID, JIDError
+from server.options import check_option
+from server.registry import available, load
 
 DEFAULT_MODULES: list[str] = [
     "roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "register", "vcard",
@@ -40,7 +43,20 @@ class ConfigError(Exception):
     def __init__(self, key: str, reason: str) -> None:
         self.key = key
         self.reason = reason
+        self.errors: list[ConfigError] = [self]
         super().__init__(f"config key '{key}': {reason}" if key else reason)
+
+
+class ConfigErrors(ConfigError):
+    """Several problems found in one pass (the module options), so that one run of check-config lists them all;
+    `key` and `reason` are the first one's."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__(errors[0].key, errors[0].reason)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(str(error) for error in self.errors)
 
 
 @dataclass
@@ -198,19 +214,23 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     scram_iterations = top.integer("scram_iterations", 4096, minimum=1)
     allow_unencrypted_plain = top.boolean("allow_unencrypted_plain", False)
     modules = _module_list(top, "modules", list(DEFAULT_MODULES), known_modules)
-    options = _module_options(top, known_modules)
+    errors: list[ConfigError] = []  # in module options: reported together at the end
+    options = _module_options(top, known_modules, errors)
 
     storage = _storage(top.table("storage"), data_dir)
     logging = _logging(top.table("logging"), base)
     limits = _limits(top.table("limits"))
     listeners = _listeners(top)
-    hosts = _hosts(top, base, data_dir, modules, options, known_modules)
+    hosts = _hosts(top, base, data_dir, modules, options, known_modules, errors)
+    errors += _unloaded("module_options", options, {m for host in hosts.values() for m in host.modules}, "on any host")
     s2s = _s2s(top.table("s2s"), base)
     http_api = _http_api(top.table("http_api"))
     components = _components(top.table("components"), hosts)
     cluster = _cluster(top.table("cluster"))
     top.finish()
     check_cluster(cluster, listeners)
+    if errors:
+        raise ConfigErrors(errors)
     return Config(
         cluster=cluster,
         http_api=http_api,
@@ -531,7 +551,7 @@ def _valid_address(address: str) -> bool:
 
 
 def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str], options: dict[str, Any],
-           known: set[str] | None) -> dict[str, HostConfig]:
+           known: set[str] | None, errors: list[ConfigError]) -> dict[str, HostConfig]:
     raw = top.get("hosts")
     if raw is None:
         raw = {"localhost": {"admins": ["admin@localhost"]}}
@@ -549,14 +569,17 @@ def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str], options:
         name = str(host)
         if name in hosts:
             raise ConfigError(table.path, f"same host as another entry ({name})")
+        own = _module_options(table, known, errors)
+        host_modules = _host_modules(table, modules, known)
+        errors += _unloaded(table.key("module_options"), own, host_modules, "on this host")
         hosts[name] = HostConfig(
             name=name,
             certificate=_host_path(table, "certificate", base, data_dir / "certs" / f"{name}.crt"),
             key=_host_path(table, "key", base, data_dir / "certs" / f"{name}.key"),
             registration=table.boolean("registration", False),
             admins=_admins(table, host),
-            modules=_host_modules(table, modules, known),
-            options={**options, **_module_options(table, known)},
+            modules=host_modules,
+            options={**options, **own},
         )
         table.finish()
     return hosts
@@ -585,28 +608,37 @@ def _admins(table: _Table, host: JID) -> list[str]:
     return admins
 
 
-_OPTION_TYPES = (str, bool, int, float, list)
-
-
-def _module_options(table: _Table, known: set[str] | None) -> dict[str, Any]:
-    """[module_options.NAME] tables, flattened to 'NAME.option' keys as Module.option() reads them."""
+def _module_options(table: _Table, known: set[str] | None, errors: list[ConfigError]) -> dict[str, Any]:
+    """[module_options.NAME] tables, flattened to 'NAME.option' keys as Module.option() reads them, each value
+    checked against the option its module declares; every problem is added to `errors`."""
     options: dict[str, Any] = {}
     section = table.get("module_options")
     if section is None:
         return options
     if not isinstance(section, dict):
         raise ConfigError(table.key("module_options"), "must be a table of modules ([module_options.NAME])")
+    installed = known if known is not None else available()
     for module, values in section.items():
         key = f"{table.key('module_options')}.{_toml_key(module)}"
-        if known is not None and module not in known:
-            raise ConfigError(key, f"unknown module {module!r} (valid: {', '.join(sorted(known))})")
-        if not isinstance(values, dict):
-            raise ConfigError(key, "must be a table of option = value")
-        for name, value in values.items():
-            if not isinstance(value, _OPTION_TYPES):
-                raise ConfigError(f"{key}.{_toml_key(name)}", "must be a string, number, boolean or list")
-            options[f"{module}.{name}"] = value
+        if module not in installed:
+            errors.append(ConfigError(key, f"unknown module {module!r} (valid: {', '.join(sorted(installed))})"))
+        elif not isinstance(values, dict):
+            errors.append(ConfigError(key, "must be a table of option = value"))
+        else:
+            declared = load(module).options
+            for name, value in values.items():
+                try:
+                    options[f"{module}.{name}"] = check_option(declared, name, value)
+                except ValueError as exc:
+                    errors.append(ConfigError(f"{key}.{_toml_key(name)}", str(exc)))
     return options
+
+
+def _unloaded(section: str, options: dict[str, Any], loaded: Collection[str], where: str) -> list[ConfigError]:
+    """Options of a module that is not loaded where they apply would do nothing, as a misspelt key does."""
+    modules = dict.fromkeys(key.partition(".")[0] for key in options)
+    return [ConfigError(f"{section}.{_toml_key(module)}", f"module {module!r} is not loaded {where}: "
+                        "load it or remove its options") for module in modules if module not in loaded]
 
 
 def _host_modules(table: _Table, modules: list[str], known: set[str] | None) -> list[str]:

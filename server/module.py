@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from xml.etree.ElementTree import Element
 
+from server.options import Option
+
 if TYPE_CHECKING:
     from server.host import Host
     from server.stanza import Stanza
@@ -53,6 +55,15 @@ class Module:
     name: ClassVar[str]
     # Names of modules this one needs loaded first (e.g. presence needs roster).
     depends: ClassVar[tuple[str, ...]] = ()
+    # The options it reads with option(): the configuration is checked against them when it is loaded.
+    options: ClassVar[tuple[Option, ...]] = ()
+    _declared: ClassVar[dict[str, Option]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._declared = {option.name: option for option in cls.options}
+        if len(cls._declared) != len(cls.options):
+            raise TypeError(f"{cls.__name__} declares an option twice")
 
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -108,8 +119,13 @@ class Module:
         self.server.services[domain] = handler
         self._undo.append(lambda: self.server.services.pop(domain, None))
 
-    def option(self, name: str, default: Any = None) -> Any:
-        return self.host.config_options.get(f"{self.name}.{name}", default)
+    def option(self, name: str) -> Any:
+        """The value this host's configuration gives the option, already checked against its declaration in
+        `options`, or the declared default."""
+        declared = self._declared.get(name)
+        if declared is None:
+            raise KeyError(f"module {self.name} reads option {name!r} without declaring it in its `options`")
+        return self.host.config_options.get(f"{self.name}.{name}", declared.default)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `work` in the background: nobody waits for it, and the module's end cancels what is left."""

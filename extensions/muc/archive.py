@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
-from extensions.mam import MAX_PAGE, answer_query, archive_metadata, query_form
+from extensions.mam import answer_query, archive_metadata, query_form
 from extensions.muc.protocol import BODY, RETRACT, affiliation_rank
 from server.stanza import Stanza, parse_stored
 from server.storage.archive import ArchiveFilter, ArchiveStore, NewMessage, UnknownArchiveId
@@ -120,7 +120,7 @@ async def query(room: Room, st: Stanza) -> Element:
     await room.recorder.flush()
     results: list[Element] = []
     fin = await answer_query(store(room), room.jid, st.el[0], st.from_, results.append,
-                             room.service.option("max_page", MAX_PAGE))
+                             room.service.option("max_page"))
     await room.flush([(el, [st.from_]) for el in results])
     return fin
 

@@ -28,8 +28,10 @@ from extensions.muc.messages import handle_message
 from extensions.muc.presence import handle_presence
 from extensions.muc.protocol import ADMIN_QUERY, OWNER_QUERY, X_MUC
 from extensions.muc.room import Room
+from extensions.vcard import MAX_SIZE as MAX_VCARD_SIZE
 from server.jid import JID
 from server.module import Module
+from server.options import Domain, Option
 from server.stanza import Stanza, error_reply, reply
 from server.storage.muc import MucStore
 from server.stream.errors import StanzaError
@@ -45,10 +47,18 @@ async def pong(room: Room, st: Stanza) -> None:
 class Muc(Module):
     name = "muc"
     depends = ("disco",)
+    options = (
+        Option("domain", Domain, None, "the rooms' address, conference.<host> unless set (in a host's own table)"),
+        Option("name", str, "Chatrooms", "the service's name in service discovery"),
+        Option("create", str, "local", "who may create rooms: the host's users, its admins, or anyone",
+               choices=("local", "admins", "anyone")),
+        Option("max_page", int, mam.MAX_PAGE, "the largest page of a room archive query", minimum=1),
+        Option("max_vcard_size", int, MAX_VCARD_SIZE, "bytes a room's vCard may take", minimum=1),
+    )
 
     def setup(self) -> None:
-        self.domain: str = self.option("domain", f"conference.{self.host.name}")
-        self.title: str = self.option("name", "Chatrooms")
+        self.domain: str = self.option("domain") or f"conference.{self.host.name}"
+        self.title: str = self.option("name")
         self.rooms: dict[JID, Room] = {}
         self._secret = b""  # of occupant ids, read in start()
         self.store = MucStore(self.server.storage.engine)
@@ -99,7 +109,7 @@ class Muc(Module):
         return base64.urlsafe_b64encode(digest[:18]).decode()
 
     def may_create(self, jid: JID) -> bool:
-        policy = self.option("create", "local")
+        policy = self.option("create")
         if policy == "anyone":
             return True
         if policy == "admins":

@@ -12,7 +12,6 @@ from xml.etree.ElementTree import Element
 
 from extensions.muc.owner import require_owner
 from extensions.muc.protocol import CONFIG_CHANGED
-from extensions.vcard import MAX_SIZE
 from server import ns
 from server.stanza import Stanza, parse_stored
 from server.stream.errors import StanzaError
@@ -38,7 +37,7 @@ async def set_vcard(room: Room, st: Stanza) -> None:
     require_owner(room, st)
     card = st.el[0]
     xml = serialize(card) if len(card) else ""
-    if len(xml) > room.service.option("max_vcard_size", MAX_SIZE):
+    if len(xml) > room.service.option("max_vcard_size"):
         raise StanzaError("not-acceptable", "the vCard is too large")
     room.vcard = xml
     if room.config.persistent:
