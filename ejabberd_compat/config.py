@@ -23,6 +23,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from server.config import Config, ConfigError, parse_config
+from server.options import check_option
+from server.registry import load
 
 ALWAYS = ("presence",)  # Parley modules every server needs; ejabberd has them in its core
 STORAGE_SCHEMA = "parley"  # Parley's tables in ejabberd's PostgreSQL database, beside (never inside) ejabberd's
@@ -341,12 +343,25 @@ def _expand(value: Any, macros: dict[str, Any]) -> Any:
 
 def _apply(t: _Translation, key: str, value: Any, target: str, convert: Converter, host: str | None = None) -> None:
     try:
-        converted = convert(value, t)
+        converted = _checked(target, convert(value, t))
     except Unsupported as exc:
         t.warn(key, str(exc) or f"{value!r} has no Parley equivalent")
         return
     if target:
         t.put(target, converted, host)
+
+
+def _checked(target: str, value: Any) -> Any:
+    """A module option as its Parley module declares it, so that a value it refuses is reported under the
+    ejabberd option's name, as any other value without an equivalent is."""
+    section, _, rest = target.removeprefix("hosts.*.").partition(".")
+    if section != "module_options":
+        return value
+    module, _, name = rest.partition(".")
+    try:
+        return check_option(load(module).options, name, value)
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from None
 
 
 def _admin_acls(t: _Translation) -> list[str]:

@@ -185,3 +185,11 @@ def test_bad_module_options_name_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"modules": ["mam"], **data}, known_modules={"mam"})
     assert err.value.key == key
+
+
+def test_module_option_errors_come_together_after_the_first_one_s_key() -> None:
+    error = error_of({"modules": ["mam"], "module_options": {"mam": {"max_page": 0, "default": "some"}}},
+                     known_modules={"mam"})
+    assert error.key == "module_options.mam.max_page"
+    assert [e.key for e in error.errors] == ["module_options.mam.max_page", "module_options.mam.default"]
+    assert str(error).splitlines() == [str(e) for e in error.errors]
