@@ -343,7 +343,8 @@ def _expand(value: Any, macros: dict[str, Any]) -> Any:
 
 def _apply(t: _Translation, key: str, value: Any, target: str, convert: Converter, host: str | None = None) -> None:
     try:
-        converted = _checked(target, convert(value, t))
+        converted = convert(value, t)
+        _check(t, target, converted, host)
     except Unsupported as exc:
         t.warn(key, str(exc) or f"{value!r} has no Parley equivalent")
         return
@@ -351,17 +352,22 @@ def _apply(t: _Translation, key: str, value: Any, target: str, convert: Converte
         t.put(target, converted, host)
 
 
-def _checked(target: str, value: Any) -> Any:
-    """A module option as its Parley module declares it, so that a value it refuses is reported under the
-    ejabberd option's name, as any other value without an equivalent is."""
+def _check(t: _Translation, target: str, value: Any, host: str | None) -> None:
+    """Check a module option against its Parley module's declaration (each host's value, when it has '@HOST@'),
+    so that a value the module refuses is reported under the ejabberd option's name, as any other value without
+    an equivalent is."""
     section, _, rest = target.removeprefix("hosts.*.").partition(".")
     if section != "module_options":
-        return value
-    module, _, name = rest.partition(".")
-    try:
-        return check_option(load(module).options, name, value)
-    except ValueError as exc:
-        raise Unsupported(str(exc)) from None
+        return
+    module, _, option = rest.partition(".")
+    values = [value]
+    if target.startswith("hosts.*.") and isinstance(value, str):
+        values = [value.replace("@HOST@", name) for name in ([host] if host else t.hosts())]
+    for each in values:
+        try:
+            check_option(load(module).options, option, each)
+        except ValueError as exc:
+            raise Unsupported(str(exc)) from None
 
 
 def _admin_acls(t: _Translation) -> list[str]:

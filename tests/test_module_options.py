@@ -201,8 +201,11 @@ def test_ejabberd_module_options_map_onto_declared_options() -> None:
 
 
 def test_ejabberd_values_a_module_refuses_are_reported_not_applied(tmp_path: Path) -> None:
-    yml = yaml.safe_load("hosts: [a.test]\nmodules:\n  mod_muc: {name: '', access_create: all}\n"
-                         "  mod_stream_mgmt: {resume_timeout: 90}\n")
+    yml = yaml.safe_load("hosts: [a.test, b.test]\nmodules:\n  mod_muc: {name: '', access_create: all}\n"
+                         "  mod_stream_mgmt: {resume_timeout: 90}\n"
+                         "host_config:\n  b.test:\n    modules: {mod_muc: {host: 'rooms@@HOST@'}}\n")
     data, warnings = translate(yml, tmp_path, available())
     assert "modules.mod_muc.name: must be a non-empty string (got '')" in warnings
-    assert data["module_options"] == {"muc": {"create": "anyone"}, "stream_management": {"resume_timeout": 90.0}}
+    assert "host_config.b.test.modules.mod_muc.host: must be a domain name (got 'rooms@b.test')" in warnings
+    assert data["module_options"] == {"muc": {"create": "anyone"}, "stream_management": {"resume_timeout": 90}}
+    assert "module_options" not in data["hosts"]["b.test"]
