@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("parley.c2s")
 
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
+# Wrong credentials one stream may try before it is closed. Negotiation refusals (a mechanism or
+# channel-binding type we lack, the 'y' flag while -PLUS is offered) do not count: clients walk down
+# their list of mechanisms through them.
 MAX_SASL_FAILURES = 3
 MAX_RESOURCES = 10
 BIND = ns.qname(ns.BIND, "bind")
@@ -352,8 +355,10 @@ class C2SConnection(StreamEdge):
             raise SaslFailure("invalid-authzid")
 
     def _auth_failed(self, user: str) -> None:
+        """Wrong credentials: counted for the throttle and against this stream."""
         for key in self._throttle_keys(user):
             self.server.auth_throttle.failed(key)
+        self._sasl_failures += 1
         log.info("authentication failed for %s@%s from %s", user, self.host.name, self.remote_ip)
 
     def _auth_succeeded(self, user: str, disabled: bool, additional: bytes) -> None:
@@ -374,7 +379,6 @@ class C2SConnection(StreamEdge):
         if exc.text:
             SubElement(failure, ns.qname(ns.SASL, "text")).text = exc.text
         self.send(failure)
-        self._sasl_failures += 1
         if self._sasl_failures >= MAX_SASL_FAILURES:
             self.stream_error(StreamError("policy-violation", "too many failed authentication attempts"))
 
