@@ -38,6 +38,7 @@ from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamClose, StreamOpen, StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
+from server.tls import handshake_failure
 
 if TYPE_CHECKING:
     from server.host import Host
@@ -93,7 +94,8 @@ class C2SConnection(StreamEdge):
         self._channel_bindings: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
-        return f"<C2SConnection {self.remote_ip}>"
+        who = f" {self.session.jid}" if self.session is not None else ""
+        return f"<C2SConnection #{self.conn_id} {self.remote_ip}{who}>"
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -257,12 +259,13 @@ class C2SConnection(StreamEdge):
             transport = await loop.start_tls(self.transport, self, context, server_side=True,
                                              ssl_handshake_timeout=self.limits.unauthenticated_timeout)
         except (TimeoutError, OSError, ConnectionError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.remote_ip, exc)
+            log.info("TLS handshake with %s failed: %s", self.remote_ip, handshake_failure(exc))
             self.closing = True
             if self.transport is not None:
                 self.transport.abort()
             return
         if transport is None:
+            log.info("TLS handshake with %s failed: %s", self.remote_ip, handshake_failure(None))
             self.closing = True
             return
         self.transport = transport
