@@ -19,6 +19,7 @@ hold a read snapshot and deadlock while upgrading to a write lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -64,7 +65,8 @@ def _private_file(path: Path) -> None:
     """Create the database file (and its folder) for the server's user alone, before SQLite creates it with
     the umask's usual 0644; its -wal and -shm files take the database file's mode."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _sqlite_pragma(cursor: Any, pragma: str, sleep: Callable[[float], object]) -> None:
