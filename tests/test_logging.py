@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from server.sasl import channel_binding
+from server.stream.parser import StreamParser
 from server.stream.trace import mask
 from server.tls import TlsContexts, ensure_certificate
 from tests.conftest import Harness, RawClient, free_port, insecure_context
@@ -97,16 +98,20 @@ async def starttls_proceeded(server: Harness) -> RawClient:
     return raw
 
 
-async def handshake_failures(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
-    """The reasons of the first `count` failed-handshake lines, waiting for them to be logged."""
+async def logged(caplog: pytest.LogCaptureFixture, words: str, count: int = 1) -> list[str]:
+    """Parley's log lines containing `words`, once there are `count` of them (failing after 5 s)."""
     deadline = asyncio.get_running_loop().time() + 5
     while True:
-        reasons = [r.getMessage().split("failed: ", 1)[1] for r in caplog.records
-                   if r.name == "parley.c2s" and "TLS handshake" in r.getMessage()]
-        if len(reasons) >= count:
-            return reasons
-        assert asyncio.get_running_loop().time() < deadline, reasons
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("parley") and words in r.getMessage()]
+        if len(lines) >= count:
+            return lines
+        assert asyncio.get_running_loop().time() < deadline, lines
         await asyncio.sleep(0.02)
+
+
+async def handshake_failures(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
+    """The reasons of the first `count` failed-handshake lines."""
+    return [line.split("failed: ", 1)[1] for line in await logged(caplog, "TLS handshake with", count)]
 
 
 async def test_tls_handshake_failures_name_the_reason(server: Harness, caplog: pytest.LogCaptureFixture) -> None:
@@ -139,6 +144,23 @@ async def test_bytes_after_the_closing_tag_are_ignored(server: Harness, caplog: 
     received = await raw.closed()
     assert received.endswith(b"</stream:stream>") and stream_error_condition(received) is None
     assert not [r for r in caplog.records if "stream error" in r.getMessage()]
+
+
+def test_parser_ignores_what_follows_the_closing_tag() -> None:
+    parser = StreamParser()
+    opened = parser.feed(b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
+    assert len(opened) == 1
+    events = parser.feed(b"<presence/></stream:stream>\x00<junk")
+    assert [type(e).__name__ for e in events] == ["Element", "StreamClose"]
+    assert parser.feed(b"more junk >") == []
+
+
+async def test_direct_tls_on_a_starttls_port_is_named(server: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="parley")
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.open_connection("127.0.0.1", server.port, ssl=insecure_context(), server_hostname="localhost")
+    [line] = await logged(caplog, "stream error")
+    assert "not-well-formed" in line and "Direct TLS to a STARTTLS port" in line
 
 
 def test_the_exporter_says_when_its_self_check_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -92,11 +92,16 @@ class StreamParser:
             self._parser.Parse(data, False)
         except pyexpat.ExpatError as exc:
             if not self._closed:
-                raise StreamError("not-well-formed", pyexpat.ErrorString(exc.code)) from None
+                raise StreamError("not-well-formed", self._explain(exc, data)) from None
         if self._fed - self._mark > self.max_stanza_size:
             raise StreamError("policy-violation", f"stanza larger than {self.max_stanza_size} bytes")
         events, self._events = self._events, []
         return events
+
+    def _explain(self, exc: pyexpat.ExpatError, data: bytes) -> str:
+        if not self._opened and self._fed == len(data) and data[:2] == b"\x16\x03":
+            return "a TLS handshake where a stream header was expected: Direct TLS to a STARTTLS port?"
+        return pyexpat.ErrorString(exc.code)
 
     def _restricted(self, *args: object) -> None:
         raise StreamError("restricted-xml", "DTDs, comments, processing instructions and entities are not allowed")
