@@ -38,6 +38,7 @@ from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamClose, StreamOpen, StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
+from server.tls import handshake_failure
 
 if TYPE_CHECKING:
     from server.host import Host
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("parley.c2s")
 
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-1")
+# Wrong credentials one stream may try before it is closed. Negotiation refusals (a mechanism or
+# channel-binding type we lack, the 'y' flag while -PLUS is offered) do not count: clients walk down
+# their list of mechanisms through them.
 MAX_SASL_FAILURES = 3
 MAX_RESOURCES = 10
 BIND = ns.qname(ns.BIND, "bind")
@@ -90,7 +94,8 @@ class C2SConnection(StreamEdge):
         self._channel_bindings: dict[str, bytes] = {}
 
     def __repr__(self) -> str:
-        return f"<C2SConnection {self.remote_ip}>"
+        who = f" {self.session.jid}" if self.session is not None else ""
+        return f"<C2SConnection #{self.conn_id} {self.remote_ip}{who}>"
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -254,12 +259,13 @@ class C2SConnection(StreamEdge):
             transport = await loop.start_tls(self.transport, self, context, server_side=True,
                                              ssl_handshake_timeout=self.limits.unauthenticated_timeout)
         except (TimeoutError, OSError, ConnectionError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.remote_ip, exc)
+            log.info("TLS handshake with %s failed: %s", self.remote_ip, handshake_failure(exc))
             self.closing = True
             if self.transport is not None:
                 self.transport.abort()
             return
         if transport is None:
+            log.info("TLS handshake with %s failed: %s", self.remote_ip, handshake_failure(None))
             self.closing = True
             return
         self.transport = transport
@@ -352,8 +358,10 @@ class C2SConnection(StreamEdge):
             raise SaslFailure("invalid-authzid")
 
     def _auth_failed(self, user: str) -> None:
+        """Wrong credentials: counted for the throttle and against this stream."""
         for key in self._throttle_keys(user):
             self.server.auth_throttle.failed(key)
+        self._sasl_failures += 1
         log.info("authentication failed for %s@%s from %s", user, self.host.name, self.remote_ip)
 
     def _auth_succeeded(self, user: str, disabled: bool, additional: bytes) -> None:
@@ -374,7 +382,6 @@ class C2SConnection(StreamEdge):
         if exc.text:
             SubElement(failure, ns.qname(ns.SASL, "text")).text = exc.text
         self.send(failure)
-        self._sasl_failures += 1
         if self._sasl_failures >= MAX_SASL_FAILURES:
             self.stream_error(StreamError("policy-violation", "too many failed authentication attempts"))
 

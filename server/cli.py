@@ -33,12 +33,22 @@ def _load(path: str | None) -> Config:
     return load_config(Path(path) if path else None, known_modules=available())
 
 
-def _setup_logging(config: Config, verbose: bool) -> None:
+def _setup_logging(config: Config, verbose: int) -> None:
+    """Parley's loggers at the configured level (debug with -v, which adds the XML trace on `parley.xml`).
+
+    Libraries (aiosqlite, SQLAlchemy, asyncio, ...) stay at WARNING, or they would bury Parley's lines
+    at debug level; -vv lets them speak too. A log file the server creates is readable by its user only.
+    """
     level = logging.DEBUG if verbose else getattr(logging, config.logging.level.upper())
-    handler: logging.Handler = logging.FileHandler(config.logging.file) if config.logging.file \
-        else logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if config.logging.file:
+        log_file = Path(config.logging.file)
+        if not log_file.exists():
+            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else max(logging.WARNING, level), handlers=[handler])
+    logging.getLogger("parley").setLevel(level)
 
 
 async def _bootstrap_admins(config: Config) -> list[str]:
@@ -195,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--config", help="TOML configuration file (default: built-in, host localhost)")
-    serve.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    serve.add_argument("--verbose", "-v", action="count", default=0,
+                       help="debug logging with an XML trace (-vv: the libraries' debug logging too)")
     serve.add_argument("--workers", type=_workers, help="worker processes sharing the ports (cluster.workers)")
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
@@ -234,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.workers is not None:
                 config.cluster = replace(config.cluster, workers=args.workers)
                 check_cluster(config.cluster, config.listeners)
+            os.umask(0o077)  # the database, keys, sockets and logs the server creates are its user's alone
             _setup_logging(config, args.verbose)
             if config.cluster.workers > 1:
                 return _serve_workers(config)

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from server.jid import JID, JIDError
+from server.sasl.channel_binding import warn_if_exporter_unavailable
 
 CERT_VALIDITY = datetime.timedelta(days=3650)
 
@@ -86,6 +87,18 @@ def _alt_names(host: str) -> list[x509.GeneralName]:
     return [x509.DNSName(ascii_host), x509.DNSName(f"*.{ascii_host}")]
 
 
+def handshake_failure(exc: BaseException | None) -> str:
+    """Why a TLS handshake failed, in words an operator can act on: asyncio's own are often empty."""
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError | BrokenPipeError) \
+            or exc is None:
+        return "client closed during handshake"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return f"{exc.library}: {exc.reason}" if exc.library else exc.reason
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no handshake within the time limit"
+    return str(exc) or type(exc).__name__
+
+
 class TlsContexts:
     """Server-side SSL contexts for every host, built once and reused for every connection."""
 
@@ -99,6 +112,7 @@ class TlsContexts:
         self._direct: dict[tuple[str, ...], ssl.SSLContext] = {}
         for host in self._files:  # fail at start-up, not on the first connection
             self.context(host)
+        warn_if_exporter_unavailable()
 
     def context(self, host: str | None, alpn: list[str] | None = None) -> ssl.SSLContext:
         """The context holding `host`'s certificate, or the first host's when `host` has none."""

@@ -13,7 +13,12 @@ class SaslFailure(Exception):
 
 
 # Submodules import SaslFailure from here, so they come after its definition.
-from .channel_binding import EXPORTER_AVAILABLE, tls_exporter, tls_server_end_point  # noqa: E402
+from .channel_binding import (  # noqa: E402
+    EXPORTER_AVAILABLE,
+    tls_exporter,
+    tls_server_end_point,
+    warn_if_exporter_unavailable,
+)
 from .plain import parse_plain  # noqa: E402
 from .scram import (  # noqa: E402
     DEFAULT_ITERATIONS,
@@ -40,4 +45,5 @@ __all__ = [
     "tls_exporter",
     "tls_server_end_point",
     "verify_password",
+    "warn_if_exporter_unavailable",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import ssl
 from typing import Any
 
@@ -18,7 +19,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
-__all__ = ["EXPORTER_AVAILABLE", "tls_exporter", "tls_server_end_point"]
+__all__ = ["EXPORTER_AVAILABLE", "tls_exporter", "tls_server_end_point", "warn_if_exporter_unavailable"]
+
+log = logging.getLogger("parley.tls")
 
 _EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
 _EXPORTER_LENGTH = 32
@@ -138,21 +141,29 @@ class _Exporter:
         return out.raw
 
 
-def _load_exporter() -> _Exporter | None:
+def _load_exporter() -> tuple[_Exporter | None, str | None]:
+    """The exporter, or None and the reason it cannot work here."""
     import platform
 
     if platform.python_implementation() != "CPython":
-        return None
+        return None, f"{platform.python_implementation()} is not CPython"
     try:
-        return _Exporter()
-    except (ImportError, AttributeError, OSError, RuntimeError, ssl.SSLError):
-        return None
+        return _Exporter(), None
+    except (ImportError, AttributeError, OSError, RuntimeError, ssl.SSLError) as exc:
+        return None, f"self-check failed: {exc}"
 
 
-_EXPORTER = _load_exporter()
+_EXPORTER, _EXPORTER_PROBLEM = _load_exporter()
 
 #: Whether tls_exporter() can return data on this interpreter at all.
 EXPORTER_AVAILABLE = _EXPORTER is not None
+
+
+def warn_if_exporter_unavailable() -> None:
+    """Say at start-up, once logging is set up, what clients lose when the exporter is off."""
+    if _EXPORTER_PROBLEM is not None:
+        log.warning("tls-exporter channel binding is off (%s): no SCRAM-*-PLUS with tls-exporter; "
+                    "SCRAM-*-PLUS is still offered with tls-server-end-point", _EXPORTER_PROBLEM)
 
 
 def tls_exporter(ssl_object: Any) -> bytes | None:

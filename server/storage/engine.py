@@ -19,7 +19,9 @@ hold a read snapshot and deadlock while upgrading to a write lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -59,6 +61,14 @@ def make_engine(url: str) -> tuple[AsyncEngine, str | None]:
     raise ValueError(f"unsupported storage backend {backend!r}: use sqlite or postgresql")
 
 
+def _private_file(path: Path) -> None:
+    """Create the database file (and its folder) for the server's user alone, before SQLite creates it with
+    the umask's usual 0644; its -wal and -shm files take the database file's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _sqlite_pragma(cursor: Any, pragma: str, sleep: Callable[[float], object]) -> None:
     """Run a PRAGMA, retrying while the file is locked.
 
@@ -81,7 +91,7 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
     url = url.set(drivername="sqlite+aiosqlite")
     database = url.database or ""
     if database not in ("", ":memory:") and not database.startswith("file:"):
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(database))
     engine = create_async_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT})
     _sqlite_setup(engine.sync_engine, lambda seconds: await_only(asyncio.sleep(seconds)))
     return engine

@@ -8,12 +8,14 @@ output written during one loop iteration leaves in one transport write.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
 from xml.etree.ElementTree import Element
 
 from server.limits import TokenBucket
+from server.stream import trace
 from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize
@@ -21,12 +23,14 @@ from server.stream.writer import STREAM_FOOTER, serialize
 log = logging.getLogger("parley.stream")
 
 WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # a peer that lets this much pile up is not reading: drop it
+_connection_ids = itertools.count(1)
 
 
 class StreamEdge(asyncio.Protocol):
     """Subclasses implement `handle(event)`, and `before_error()` when an error needs a header first."""
 
     def __init__(self, parser: StreamParser, bucket: TokenBucket) -> None:
+        self.conn_id = next(_connection_ids)  # tells connections apart in the logs
         self.parser = parser
         self.bucket = bucket
         self.transport: asyncio.Transport | None = None
@@ -93,6 +97,8 @@ class StreamEdge(asyncio.Protocol):
             self.stream_error(exc)
             return
         if events:
+            if trace.enabled():
+                trace.received(self, events)
             self._events.extend(events)
             if self._worker is None:
                 self._worker = asyncio.get_running_loop().create_task(self._drain())
@@ -116,6 +122,8 @@ class StreamEdge(asyncio.Protocol):
     def write(self, data: str) -> None:
         if self.closing:
             return
+        if trace.enabled():
+            trace.sent(self, data)
         self._out.append(data)
         if not self._flush_pending:
             self._flush_pending = True

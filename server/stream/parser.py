@@ -74,21 +74,34 @@ class StreamParser:
         self._stack: list[Element] = []
         self._depth = 0
         self._opened = False
+        self._closed = False
         self._default_ns: str | None = None
         self._fed = 0
         self._mark = 0  # byte offset where the current stanza (or pending token) started
 
     def feed(self, data: bytes) -> list[object]:
-        """Parse a chunk; return the events it completed. Raises StreamError on bad input."""
+        """Parse a chunk; return the events it completed. Raises StreamError on bad input.
+
+        Whatever follows the peer's </stream:stream> is ignored: the stream is closing, and some clients
+        (Profanity on quit) still send a few bytes.
+        """
+        if self._closed:
+            return []
         self._fed += len(data)
         try:
             self._parser.Parse(data, False)
         except pyexpat.ExpatError as exc:
-            raise StreamError("not-well-formed", pyexpat.ErrorString(exc.code)) from None
+            if not self._closed:
+                raise StreamError("not-well-formed", self._explain(exc, data)) from None
         if self._fed - self._mark > self.max_stanza_size:
             raise StreamError("policy-violation", f"stanza larger than {self.max_stanza_size} bytes")
         events, self._events = self._events, []
         return events
+
+    def _explain(self, exc: pyexpat.ExpatError, data: bytes) -> str:
+        if not self._opened and self._fed == len(data) and data[:2] == b"\x16\x03":
+            return "a TLS handshake where a stream header was expected: Direct TLS to a STARTTLS port?"
+        return pyexpat.ErrorString(exc.code)
 
     def _restricted(self, *args: object) -> None:
         raise StreamError("restricted-xml", "DTDs, comments, processing instructions and entities are not allowed")
@@ -140,6 +153,7 @@ class StreamParser:
     def _end(self, name: str) -> None:
         self._depth -= 1
         if self._depth == 0:
+            self._closed = True
             self._events.append(StreamClose())
             return
         el = self._stack.pop()
