@@ -82,8 +82,10 @@ class Mam(Module):
 
     def setup(self) -> None:
         self._prefs = CachedDocuments(self.server.storage.kv, self.name, self._parse_prefs)
-        for feature in (MAM, EXTENDED, SID):
-            self.add_feature(feature, "account")
+        # On the domain too, as ejabberd lists them: Profanity enables MAM only when the domain does.
+        for target in ("host", "account"):
+            for feature in (MAM, EXTENDED, SID):
+                self.add_feature(feature, target)
         self.iq("get", QUERY, self.form, target="account")
         self.iq("set", QUERY, self.query, target="account")
         self.iq("get", PREFS, self.get_prefs, target="account")
