@@ -118,7 +118,7 @@ class Mam(Module):
         if stanza.to.bare != user and archivable(stanza.el):
             written = await self._archive(user, stanza.to, stanza.el)
             if written is not None:
-                stanza.defer(written)
+                stanza.defer(_archived(written))
 
     def leaving(self, stanza: Stanza) -> None:
         """The sender's archive UID is for the sender's resources only (XEP-0313 4.1)."""
@@ -129,8 +129,9 @@ class Mam(Module):
         _remove_ids(stanza.el, user)  # XEP-0359 3: never trust an id claiming to come from this archive
         if archivable(stanza.el):
             written = await self._archive(user, stanza.from_, stanza.el)
-            if written is not None:
-                await written  # delivered only once archived
+            # Delivered only once archived; when the archive failed, without the id of a row that is not there.
+            if written is not None and not await _archived(written):
+                _remove_ids(stanza.el, user)
 
     async def _archive(self, user: JID, other: JID, el: Element) -> asyncio.Future[None] | None:
         """Queue the message for `user`'s archive and stamp its stanza-id; None when prefs say no.
@@ -263,6 +264,16 @@ async def archive_metadata(archive: ArchiveStore, owner: JID) -> Element:
         if message is not None:
             SubElement(answer, ns.qname(MAM, tag), {"id": message.id, "timestamp": xmpp_datetime(message.stamp)})
     return answer
+
+
+async def _archived(written: asyncio.Future[None]) -> bool:
+    """Wait for a message's archive row; False when it failed. A message the archive could not take (a full
+    disk) is delivered all the same: chat goes on, and the store has logged and counted the failure."""
+    try:
+        await written
+    except Exception:
+        return False
+    return True
 
 
 def _remove_ids(el: Element, archive: JID) -> None:
