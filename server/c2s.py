@@ -34,7 +34,7 @@ from server.sasl.plain import parse_plain
 from server.sasl.scram import ScramServer
 from server.sessions import Session
 from server.stanza import IQ, KINDS, Stanza, error_reply, reply
-from server.storage.engine import storage_condition
+from server.storage.engine import storage_condition, storage_error_text
 from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamClose, StreamOpen, StreamParser
@@ -447,5 +447,5 @@ class C2SConnection(StreamEdge):
             condition = storage_condition(exc)
             if condition is None:
                 raise
-            log.warning("storage failed for a %s from %s: %s", kind, session.jid, exc)
+            log.warning("storage failed for <%s/> from %s: %s", kind, session.jid, storage_error_text(exc))
             await self.server.router.bounce(stanza, StanzaError(condition))

@@ -24,6 +24,7 @@ from slixmpp import ClientXMPP
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from server.server import Server
+from server.stanza import parse_stored
 from server.storage.archive import ArchiveFilter
 from server.storage.engine import storage_condition
 from tests.conftest import IN_CI, PG_URL, Harness, drop_pg_schema, free_port, make_config, make_pg_schema
@@ -80,8 +81,10 @@ async def start(data_dir: Path, url: str) -> Harness:
     return Harness(server, port, direct_port, data_dir)
 
 
-async def chat_through_a_full_disk(harness: Harness, ballast: Path) -> None:
-    """What a full disk leaves working, and that everything works again once there is space."""
+async def chat_through_a_full_disk(harness: Harness, ballast: Path, caplog: pytest.LogCaptureFixture,
+                                   stored_before: bool) -> None:
+    """What a full disk leaves working, and that everything works again once there is space, with what was
+    `stored_before` the disk filled up (PostgreSQL would put new rows in the free space of its pages)."""
     for name in ("alice", "bob", "carol"):  # carol stays offline
         await harness.add_user(name)
     alice = await harness.client("alice@localhost", resource="phone")
@@ -95,6 +98,13 @@ async def chat_through_a_full_disk(harness: Harness, ballast: Path) -> None:
 
     def chat(sender: ClientXMPP, to: str, body: str) -> None:
         sender.send_message(mto=to, mbody=body, mtype="chat")
+
+    earlier = ["before"] if stored_before else []
+    for body in earlier:
+        chat(bob, "alice@localhost", body)
+        chat(bob, "carol@localhost", body)
+        await take(to_alice, 1)
+    await sync(bob)
 
     fill(ballast)
     chat(bob, "alice@localhost", "online 1")
@@ -115,6 +125,9 @@ async def chat_through_a_full_disk(harness: Harness, ballast: Path) -> None:
     assert dropped == [] and errors.empty()
     assert harness.server.storage.archive.outage.failures >= 6  # both copies of the three messages
     assert harness.server.hosts["localhost"].modules["offline"].outage.failures == 1
+    failures = [r.getMessage() for r in caplog.records if "a write failed" in r.getMessage()]
+    assert len(failures) == 2, failures  # once per burst: one for the archive, one for offline storage
+    assert not [r for r in caplog.records if "online 1" in r.getMessage()]  # no message bodies in the log
 
     ballast.unlink()
     chat(bob, "carol@localhost", "offline 2")
@@ -124,49 +137,52 @@ async def chat_through_a_full_disk(harness: Harness, ballast: Path) -> None:
     assert errors.empty()
     await send_iq(bob, "set", PRIVATE)
     page = await harness.server.storage.archive.query("localhost", "alice", ArchiveFilter(), 10)
-    assert len(page.messages) == 1 and "online 3" in page.messages[0].stanza_xml
+    assert [parse_stored(m.stanza_xml).findtext("{jabber:client}body") for m in page.messages] == \
+        [*earlier, "online 3"]
     carol = await harness.client("carol@localhost")
     to_carol = collect(carol)
     carol.send_presence()
-    assert (await take(to_carol, 1))[0].findtext("{jabber:client}body") == "offline 2"
+    got = await take(to_carol, len(earlier) + 1)
+    assert [m.findtext("{jabber:client}body") for m in got] == [*earlier, "offline 2"]
     await sync(carol)
     assert to_carol.empty()
 
 
-async def test_sqlite_on_a_full_disk(tmp_path: Path) -> None:
+async def test_sqlite_on_a_full_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with small_disk(tmp_path / "data") as data_dir:
         harness = await start(data_dir, f"sqlite+aiosqlite:///{data_dir}/parley.db")
         try:
-            await chat_through_a_full_disk(harness, data_dir / "ballast")
+            await chat_through_a_full_disk(harness, data_dir / "ballast", caplog, stored_before=True)
         finally:
             await harness.close()
             await harness.server.stop()
         with closing(sqlite3.connect(data_dir / "parley.db")) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-            assert db.execute("SELECT count(*) FROM archive").fetchone() == (4,)  # "online 3", "offline 2": 2 copies
+            assert db.execute("SELECT count(*) FROM archive").fetchone() == (8,)  # 2 copies of 4 messages
 
 
-async def test_postgresql_on_a_full_disk(tmp_path: Path) -> None:
+async def test_postgresql_on_a_full_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     schema = await make_pg_schema()
-    harness = await start(tmp_path, f"{PG_URL}?schema={schema}")
     space = f"parley_{schema}"
-    conn = await asyncpg.connect(PG_DSN)
+    # PostgreSQL (another user) reaches the tablespace's folder through /tmp, not through pytest's 0700 folders.
+    folder = Path(tempfile.mkdtemp(prefix="parley-pg-"))
     try:
-        # PostgreSQL (another user) reaches the tablespace's folder through /tmp, not through pytest's 0700 folders.
-        with small_disk(Path(tempfile.mkdtemp(prefix="parley-pg-")), owner="postgres") as folder:
-            await conn.execute(f"CREATE TABLESPACE {space} LOCATION '{folder}'")
+        with small_disk(folder, owner="postgres"):
+            harness = await start(tmp_path, f"{PG_URL}?schema={schema}")
+            conn = await asyncpg.connect(PG_DSN)
             try:
+                await conn.execute(f"CREATE TABLESPACE {space} LOCATION '{folder}'")
                 for table in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema):
                     await conn.execute(f'ALTER TABLE "{schema}"."{table[0]}" SET TABLESPACE {space}')
-                await chat_through_a_full_disk(harness, folder / "ballast")
+                await chat_through_a_full_disk(harness, folder / "ballast", caplog, stored_before=False)
             finally:
                 await harness.close()
                 await harness.server.stop()
                 await drop_pg_schema(schema)
-                await conn.execute(f"DROP TABLESPACE {space}")
-        folder.rmdir()
+                await conn.execute(f"DROP TABLESPACE IF EXISTS {space}")
+                await conn.close()
     finally:
-        await conn.close()
+        folder.rmdir()
 
 
 def test_storage_errors_map_to_stanza_errors() -> None:
@@ -176,16 +192,17 @@ def test_storage_errors_map_to_stanza_errors() -> None:
     def wrapped(orig: BaseException) -> DBAPIError:
         return OperationalError("INSERT", {}, orig)
 
-    full = sqlite3.OperationalError("database or disk is full")
-    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    with closing(sqlite3.connect(":memory:")) as db:  # a database full for real, at its page limit
+        db.execute("PRAGMA max_page_count = 2")
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            db.execute("CREATE TABLE t (x)")
+            db.execute("CREATE TABLE u (x)")
+    full = raised.value
     locked = sqlite3.OperationalError("database is locked")
     locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
 
     def pg(sqlstate: str) -> DBAPIError:
-        adapted = Exception("adapted")
-        adapted.__cause__ = asyncpg.PostgresError.new({"C": sqlstate, "M": "error"})
-        adapted.sqlstate = sqlstate  # type: ignore[attr-defined]  # as SQLAlchemy's asyncpg adapter sets it
-        return wrapped(adapted)
+        return wrapped(asyncpg.PostgresError.new({"C": sqlstate, "M": "error"}))
 
     cases: list[tuple[BaseException, str | None]] = [
         (full, "resource-constraint"),

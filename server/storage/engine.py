@@ -298,6 +298,12 @@ def storage_condition(exc: BaseException) -> str | None:
     return None
 
 
+def storage_error_text(exc: BaseException) -> str:
+    """What the database said, for the log: SQLAlchemy's own text adds the statement and its parameters,
+    which hold message bodies."""
+    return f"{type(exc.orig).__name__}: {exc.orig}" if isinstance(exc, DBAPIError) else str(exc)
+
+
 def _full(exc: BaseException | None) -> bool:
     """Whether ``exc``, or the driver error it wraps, says the disk or the database is full."""
     for _ in range(_CAUSES):
@@ -329,7 +335,8 @@ class Outage:
 
     def failed(self, exc: BaseException, count: int = 1) -> None:
         if self._burst == 0:
-            log.warning("%s: a write failed (%s); %s until a write succeeds", self.what, exc, self.effect)
+            log.warning("%s: a write failed (%s); %s until a write succeeds", self.what, storage_error_text(exc),
+                        self.effect)
         self._burst += count
         self.failures += count
 
