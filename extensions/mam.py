@@ -88,8 +88,10 @@ class Mam(Module):
 
     def setup(self) -> None:
         self._prefs = CachedDocuments(self.server.storage.kv, self.name, self._parse_prefs)
-        for feature in (MAM, EXTENDED, SID):
-            self.add_feature(feature, "account")
+        # On the domain too, as ejabberd lists them: Profanity enables MAM only when the domain does.
+        for target in ("host", "account"):
+            for feature in (MAM, EXTENDED, SID):
+                self.add_feature(feature, target)
         self.iq("get", QUERY, self.form, target="account")
         self.iq("set", QUERY, self.query, target="account")
         self.iq("get", PREFS, self.get_prefs, target="account")
@@ -122,7 +124,7 @@ class Mam(Module):
         if stanza.to.bare != user and archivable(stanza.el):
             written = await self._archive(user, stanza.to, stanza.el)
             if written is not None:
-                stanza.defer(written)
+                stanza.defer(_archived(written))
 
     def leaving(self, stanza: Stanza) -> None:
         """The sender's archive UID is for the sender's resources only (XEP-0313 4.1)."""
@@ -133,8 +135,9 @@ class Mam(Module):
         _remove_ids(stanza.el, user)  # XEP-0359 3: never trust an id claiming to come from this archive
         if archivable(stanza.el):
             written = await self._archive(user, stanza.from_, stanza.el)
-            if written is not None:
-                await written  # delivered only once archived
+            # Delivered only once archived; when the archive failed, without the id of a row that is not there.
+            if written is not None and not await _archived(written):
+                _remove_ids(stanza.el, user)
 
     async def _archive(self, user: JID, other: JID, el: Element) -> asyncio.Future[None] | None:
         """Queue the message for `user`'s archive and stamp its stanza-id; None when prefs say no.
@@ -267,6 +270,16 @@ async def archive_metadata(archive: ArchiveStore, owner: JID) -> Element:
         if message is not None:
             SubElement(answer, ns.qname(MAM, tag), {"id": message.id, "timestamp": xmpp_datetime(message.stamp)})
     return answer
+
+
+async def _archived(written: asyncio.Future[None]) -> bool:
+    """Wait for a message's archive row; False when it failed. A message the archive could not take (a full
+    disk) is delivered all the same: chat goes on, and the store has logged and counted the failure."""
+    try:
+        await written
+    except Exception:
+        return False
+    return True
 
 
 def _remove_ids(el: Element, archive: JID) -> None:

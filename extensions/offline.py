@@ -19,6 +19,7 @@ from server.module import Module
 from server.sessions import Session
 from server.stanza import Stanza, add_delay, parse_stored
 from server.storage import QuotaExceeded
+from server.storage.engine import Outage, storage_condition
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
 
@@ -28,6 +29,7 @@ NO_STORE = ns.qname(HINTS, "no-store")
 STORE = ns.qname(HINTS, "store")
 THREAD = ns.qname(ns.CLIENT, "thread")
 FULL = "offline storage full"
+UNAVAILABLE = "offline storage is not available"
 
 
 def has_content(el: Element) -> bool:
@@ -43,6 +45,8 @@ class Offline(Module):
 
     def setup(self) -> None:
         self.add_feature(ns.OFFLINE)
+        # Messages that could not be stored (a full disk): bounced, counted, logged once per burst.
+        self.outage = Outage("offline storage", "messages to offline users are bounced")
         self.hook("message/offline", self.store)
         self.hook("presence/initial", self.deliver)
 
@@ -67,6 +71,14 @@ class Offline(Module):
         except QuotaExceeded:
             self.log.info("offline storage of %s is full; bouncing a message from %s", user, stanza.from_)
             await self.server.router.bounce(stanza, StanzaError("resource-constraint", FULL))
+        except Exception as exc:
+            condition = storage_condition(exc)
+            if condition is None:
+                raise
+            self.outage.failed(exc)
+            await self.server.router.bounce(stanza, StanzaError(condition, UNAVAILABLE))
+        else:
+            self.outage.succeeded()
         return True
 
     async def deliver(self, session: Session) -> None:

@@ -34,6 +34,7 @@ from server.sasl.plain import parse_plain
 from server.sasl.scram import ScramServer
 from server.sessions import Session
 from server.stanza import IQ, KINDS, Stanza, error_reply, reply
+from server.storage.engine import storage_condition, storage_error_text
 from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamClose, StreamOpen, StreamParser
@@ -445,4 +446,13 @@ class C2SConnection(StreamEdge):
             if el.get("type") != "error":
                 session.send(error_reply(el, exc))
             return
-        await self.server.router.route(Stanza(el, kind, session.jid, to, session))
+        stanza = Stanza(el, kind, session.jid, to, session)
+        try:
+            await self.server.router.route(stanza)
+        except Exception as exc:
+            # A storage failure (a full disk) fails this stanza, not the stream and the stanzas after it.
+            condition = storage_condition(exc)
+            if condition is None:
+                raise
+            log.warning("storage failed for <%s/> from %s: %s", kind, session.jid, storage_error_text(exc))
+            await self.server.router.bounce(stanza, StanzaError(condition))

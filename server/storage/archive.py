@@ -24,7 +24,7 @@ from sqlalchemy import ColumnElement, Integer, case, column, delete, func, liter
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from server.storage.engine import user_rows, writer
+from server.storage.engine import Outage, storage_condition, user_rows, writer
 from server.storage.schema import archive
 
 _WORD = re.compile(r"\w+")
@@ -118,6 +118,8 @@ class ArchiveStore:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._indexing: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        # Appends that failed (outage.failures, for metrics), logged once per burst.
+        self.outage = Outage("message archive", "messages are delivered without being archived")
 
     def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
                with_resource: str | None, body: str | None, stanza_xml: str) -> asyncio.Future[None]:
@@ -126,7 +128,8 @@ class ArchiveStore:
         Callers deliver a message only after the future is done, so a message that reached anyone is in
         the archive even if the process dies right after. Appends queued while a transaction is being
         written share the next one (group commit): under load a commit is paid once per batch instead of
-        once per message.
+        once per message. A failed append (a full disk) raises from the future, and is logged and counted
+        in ``outage`` here: callers deliver the message all the same.
         """
         row = _row(host, user, NewMessage(stanza_id, stamp, with_jid, with_resource, body, stanza_xml))
         done = asyncio.get_running_loop().create_future()
@@ -141,20 +144,33 @@ class ArchiveStore:
                 batch, self._pending = self._pending, []
                 try:
                     await self._insert([row for row, _ in batch])
-                except Exception:
+                except Exception as exc:
+                    if storage_condition(exc) == "resource-constraint":
+                        # A full disk fails every row alike: trying them one by one would only wait longer.
+                        self._failed(batch, exc)
+                        continue
                     # One bad row must not fail the others: write them one by one to find it.
-                    for row, done in batch:
+                    for one in batch:
                         try:
-                            await self._insert([row])
-                        except Exception as exc:
-                            _settle(done, exc)
+                            await self._insert([one[0]])
+                        except Exception as row_exc:
+                            self._failed([one], row_exc)
                         else:
-                            _settle(done, None)
+                            self._written([one])
                     continue
-                for _, done in batch:
-                    _settle(done, None)
+                self._written(batch)
         finally:
             self._flushing = None
+
+    def _written(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        self.outage.succeeded()
+        for _, done in batch:
+            _settle(done, None)
+
+    def _failed(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: Exception) -> None:
+        self.outage.failed(exc, len(batch))
+        for _, done in batch:
+            _settle(done, exc)
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
         if self._writer.inline is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 from sqlalchemy import ColumnElement, Table, bindparam, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
@@ -228,10 +230,13 @@ class Writer:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A full disk may have rolled the transaction back already (SQLite does on SQLITE_FULL), or
+                # may fail the COMMIT and leave it open: the next BEGIN needs it closed either way.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
 
 # One lock per SQLite engine, shared by every store writing through it.
@@ -282,3 +287,70 @@ async def lock_user(conn: AsyncConnection, purpose: int, host: str, user: str) -
             text("SELECT pg_advisory_xact_lock(:purpose, hashtext(:key))"),
             {"purpose": purpose, "key": f"{user}@{host}"},
         )
+
+
+# SQLSTATE class 53, insufficient resources: disk full (53100), out of memory, too many connections.
+_PG_INSUFFICIENT_RESOURCES = "53"
+_CAUSES = 4  # SQLAlchemy's error, the adapter's, the driver's: a longer chain is not the database's
+
+
+def storage_condition(exc: BaseException) -> str | None:
+    """The stanza error for a stanza whose storage failed with ``exc``; None if ``exc`` is not the storage's.
+
+    A full disk or database is ``resource-constraint`` (it may pass: the sender can try again), any other
+    error of the database ``internal-server-error``. Either way it is that stanza that fails, not the
+    stream that carried it.
+    """
+    if _full(exc):
+        return "resource-constraint"
+    if isinstance(exc, DBAPIError | sqlite3.Error):
+        return "internal-server-error"
+    return None
+
+
+def storage_error_text(exc: BaseException) -> str:
+    """What the database said, for the log: SQLAlchemy's own text adds the statement and its parameters,
+    which hold message bodies."""
+    return f"{type(exc.orig).__name__}: {exc.orig}" if isinstance(exc, DBAPIError) else str(exc)
+
+
+def _full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or the driver error it wraps, says the disk or the database is full."""
+    for _ in range(_CAUSES):
+        if exc is None:
+            return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, sqlite3.Error) and (exc.sqlite_errorcode & 0xFF) == sqlite3.SQLITE_FULL:
+            return True
+        sqlstate = getattr(exc, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith(_PG_INSUFFICIENT_RESOURCES):
+            return True
+        exc = exc.orig if isinstance(exc, DBAPIError) else exc.__cause__
+    return False
+
+
+class Outage:
+    """The failures of one kind of write, logged once per burst and counted.
+
+    A full disk fails every message: a line per message would bury the one that says why. ``failures``
+    counts every failed write since the start, for metrics.
+    """
+
+    def __init__(self, what: str, effect: str) -> None:
+        self.what = what
+        self.effect = effect
+        self.failures = 0
+        self._burst = 0
+
+    def failed(self, exc: BaseException, count: int = 1) -> None:
+        if self._burst == 0:
+            log.warning("%s: a write failed (%s); %s until a write succeeds", self.what, storage_error_text(exc),
+                        self.effect)
+        self._burst += count
+        self.failures += count
+
+    def succeeded(self) -> None:
+        if self._burst:
+            log.warning("%s: writes work again, after %d failed", self.what, self._burst)
+            self._burst = 0
