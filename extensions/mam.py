@@ -1,6 +1,7 @@
 """XEP-0313 Message Archive Management for users, with XEP-0359 stanza-ids and XEP-0441 preferences.
 
-Every chat or normal message with a body that a user sends ('message/outbound') or receives
+Every chat or normal message worth keeping (server/archiving.py: a body, a reaction, a marker, a
+retraction or other fastening, a store hint) that a user sends ('message/outbound') or receives
 ('message/deliver', fired once per message whichever resources get it, offline storage included) is
 archived once in that user's archive, unless XEP-0334 hints forbid it or the preferences say no. A
 received message is stamped with its archive UID as a <stanza-id/> before delivery; a sent one carries it
@@ -25,6 +26,7 @@ from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
+from server.archiving import worth_archiving
 from server.forms import Field, build_form, find_form, first_value, read_form
 from server.jid import JID, JIDError
 from server.module import Module
@@ -47,8 +49,6 @@ METADATA = ns.qname(MAM, "metadata")
 FLIP_PAGE = ns.qname(MAM, "flip-page")
 STANZA_ID = ns.qname(SID, "stanza-id")
 BODY = ns.qname(ns.CLIENT, "body")
-NO_STORE = (ns.qname(ns.HINTS, "no-store"), ns.qname(ns.HINTS, "no-permanent-store"))
-STORE = ns.qname(ns.HINTS, "store")
 DEFAULTS = ("always", "never", "roster")
 FILTER_FIELDS = ("FORM_TYPE", "with", "start", "end", "before-id", "after-id", "ids", FULLTEXT)
 ARCHIVE_PRIORITY = 10  # ahead of carbons, so that copies carry the stanza-id
@@ -57,12 +57,8 @@ EXPIRY_INTERVAL = 3600.0
 
 
 def archivable(el: Element) -> bool:
-    """XEP-0313 5.1.1: chat and normal messages with a body (or a XEP-0334 store hint), unless hinted away."""
-    if (el.get("type") or "normal") not in ("chat", "normal"):
-        return False
-    if any(el.find(hint) is not None for hint in NO_STORE):
-        return False
-    return el.find(BODY) is not None or el.find(STORE) is not None
+    """XEP-0313 5.1.1: chat and normal messages whose content an archive keeps (server/archiving.py)."""
+    return (el.get("type") or "normal") in ("chat", "normal") and worth_archiving(el)
 
 
 @dataclass(frozen=True)

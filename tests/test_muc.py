@@ -143,7 +143,7 @@ async def test_create_instant_room_join_talk_and_leave(server: Harness) -> None:
     assert item_of(created)["affiliation"] == "owner" and item_of(created)["role"] == "moderator"
     alice_sees = presences(alice)
     bob_joined = await join(bob, "Bob")
-    assert statuses(bob_joined) == {"110"}
+    assert statuses(bob_joined) == {"110", "170"}  # archived, as every room by default
     assert item_of(bob_joined) == {"affiliation": "none", "role": "participant", "jid": "bob@localhost/r"}
     # Alice is a moderator of a semi-anonymous room, so she sees Bob's real JID.
     seen = await until(alice_sees, lambda p: p.get("from") == f"{ROOM}/Bob")
@@ -177,7 +177,7 @@ async def test_non_anonymous_room_says_so_and_shows_jids_to_all(server: Harness)
     await create(alice, "Alice", **{"muc#roomconfig_whois": "anyone"})
     bob_sees = presences(bob)
     joined = await join(bob, "Bob")
-    assert statuses(joined) == {"110", "100"}
+    assert statuses(joined) == {"110", "100", "170"}
     alice_seen = await until(bob_sees, lambda p: p.get("from") == f"{ROOM}/Alice")
     assert item_of(alice_seen)["jid"] == "alice@localhost/r"
 

@@ -42,8 +42,9 @@ MEMBER_RANK = affiliation_rank("member")
 
 @dataclass(frozen=True)
 class Actor:
-    """Who asks: their affiliation, and their occupant if they are in the room."""
+    """Who asks: their bare JID, their affiliation, and their occupant if they are in the room."""
 
+    jid: JID
     affiliation: str
     occupant: Occupant | None
 
@@ -61,7 +62,7 @@ class Actor:
 
 
 def actor_of(room: Room, st: Stanza) -> Actor:
-    return Actor(room.affiliation(st.from_), room.by_session.get(st.from_))
+    return Actor(st.from_.bare, room.affiliation(st.from_), room.by_session.get(st.from_))
 
 
 # --- lists --------------------------------------------------------------------------------------------
@@ -136,18 +137,26 @@ async def change(room: Room, st: Stanza) -> None:
     for jid in changed:
         await room.save_affiliation(jid)
     await room.flush(batches)
-    for jid in changed:
-        if not room.occupants_of(jid):
-            await tell_absent(room, jid)
+    for c in changes:
+        if isinstance(c, AffiliationChange) and not room.occupants_of(c.jid):
+            await tell_absent(room, c)
 
 
-async def tell_absent(room: Room, jid: JID) -> None:
-    """Status 101: a user who is not in the room learns of their new affiliation by message."""
+async def tell_absent(room: Room, c: AffiliationChange) -> None:
+    """The new affiliation of a user who is not in the room: the user learns it by message with status 101
+    (XEP-0045 17.1), and the occupants who may see real JIDs by a message from the room (10.3, 10.6, 10.7),
+    which is how their clients keep the member list that end-to-end encryption needs (OMEMO)."""
     x = user_x(AFFILIATION_CHANGED)
-    x.insert(0, item(USER, affiliation=room.affiliation(jid), jid=str(jid)))
-    message = element("message", from_=str(room.jid), to=str(jid))
+    x.insert(0, item(USER, affiliation=room.affiliation(c.jid), jid=str(c.jid)))
+    message = element("message", from_=str(room.jid), to=str(c.jid))
     message.append(x)
     await room.service.server.router.send(message)
+    observers = [session for o in room.occupants.values() if room.sees_jids(o) for session in o.sessions]
+    if observers:
+        notice = element("message", from_=str(room.jid))
+        notice.append(user_x())
+        notice[0].append(item(USER, c.reason, affiliation=room.affiliation(c.jid), jid=str(c.jid), role="none"))
+        await room.flush([(notice, observers)])
 
 
 def plan(room: Room, actor: Actor, it: Element) -> RoleChange | AffiliationChange:
@@ -199,6 +208,8 @@ def check_affiliation(room: Room, actor: Actor, jid: JID, affiliation: str) -> N
         raise StanzaError("bad-request", f"unknown affiliation {affiliation!r}")
     if actor.rank < ADMIN_RANK:
         raise StanzaError("forbidden", "only admins and owners change affiliations")
+    if affiliation == "outcast" and jid == actor.jid:
+        raise StanzaError("conflict", "you may not ban yourself")
     current = affiliation_rank(room.affiliation(jid))
     if actor.affiliation != "owner":
         if affiliation_rank(affiliation) >= ADMIN_RANK:
@@ -235,7 +246,8 @@ def set_affiliation(room: Room, c: AffiliationChange, actor: str | None) -> list
         room.affiliations.pop(c.jid, None)
     else:
         held = room.affiliations.get(c.jid)
-        nick = c.nick or (held.nick if held else None)
+        # XEP-0045 9.1: an outcast loses the nick they had registered.
+        nick = None if c.affiliation == "outcast" else c.nick or (held.nick if held else None)
         room.affiliations[c.jid] = Affiliation(c.affiliation, nick, c.reason)
     batches: list[Batch] = []
     for occupant in room.occupants_of(c.jid):

@@ -2,11 +2,13 @@
 
 Rooms share the server's message archive, each as its own owner (the service domain and the room name),
 so paging, filters and full-text search are those of users' archives (extensions/mam.py). What the room
-publishes with a body is archived under the room's stanza-id, and so are retraction and moderation notices,
+publishes is archived under the room's stanza-id when users' archives would keep it (server/archiving.py:
+bodies, reactions, markers, retractions and other fastenings, store hints), and so are moderation notices,
 which clients replay when they sync; a retracted message is replaced by its tombstone. Writes happen behind
-the conversation (Recorder). The 'mam' field of
-the room configuration turns archiving off. Who may read follows who may see the room's discussion: not
-outcasts, only members in a members-only room, only occupants in a password-protected one.
+the conversation (Recorder). Every room is archived unless its configuration (or the service's 'archive'
+option, for new rooms) turns it off; a temporary room's archive goes with the room (`clear`). Who may read
+follows who may see the room's discussion: not outcasts, only members in a members-only room, only
+occupants in a password-protected one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
 from extensions.mam import answer_query, archive_metadata, query_form
-from extensions.muc.protocol import BODY, RETRACT, affiliation_rank
+from extensions.muc.protocol import BODY, affiliation_rank
+from server.jid import JID
 from server.stanza import Stanza, parse_stored
 from server.storage.archive import ArchiveFilter, ArchiveStore, NewMessage, UnknownArchiveId
 from server.stream.errors import StanzaError
@@ -25,13 +28,11 @@ from server.stream.writer import serialize
 
 if TYPE_CHECKING:
     from extensions.muc.room import Room
+    from extensions.muc.service import Muc
+
 
 def store(room: Room) -> ArchiveStore:
     return room.service.server.storage.archive
-
-
-def archivable(el: Element) -> bool:
-    return el.find(BODY) is not None or el.find(RETRACT) is not None
 
 
 class Recorder:
@@ -44,6 +45,8 @@ class Recorder:
         self.room = room
         self.queued: list[NewMessage] = []
         self.task: asyncio.Task[None] | None = None
+        # The archive of an earlier room of the same name being deleted: nothing is written or read before.
+        self.cleared: asyncio.Task[None] | None = room.service.clearing.get(room.jid)
 
     def add(self, el: Element, uid: str, stamp: datetime) -> None:
         """Queue a published message; 'with' is the room with the sender's nick (none for the room's own)."""
@@ -56,6 +59,7 @@ class Recorder:
     async def _write(self) -> None:
         room = self.room
         try:
+            await self._after_clearing()
             while self.queued:
                 batch, self.queued = self.queued, []
                 try:
@@ -66,8 +70,35 @@ class Recorder:
             self.task = None
 
     async def flush(self) -> None:
+        await self._after_clearing()
         while self.task is not None:
             await asyncio.shield(self.task)
+
+    async def _after_clearing(self) -> None:
+        if self.cleared is not None:
+            await asyncio.shield(self.cleared)
+            self.cleared = None
+
+
+def clear(service: Muc, jid: JID, recorder: Recorder | None) -> None:
+    """Delete the archive of room name `jid` behind the conversation, once `recorder` (the room going away)
+    has written what it holds. A room created under that name meanwhile waits for it (Recorder.cleared),
+    and so does a later clearing, so that none deletes what a newer room wrote."""
+    earlier = service.clearing.get(jid)
+
+    async def run() -> None:
+        if earlier is not None:
+            await asyncio.shield(earlier)
+        if recorder is not None:
+            await recorder.flush()
+        try:
+            await service.server.storage.archive.delete_all(jid.domain, jid.local or "")
+        except Exception:
+            service.log.exception("the archive of %s could not be deleted", jid)
+
+    task = asyncio.get_running_loop().create_task(run())
+    service.clearing[jid] = task
+    task.add_done_callback(lambda done: service.clearing.pop(jid) if service.clearing.get(jid) is done else None)
 
 
 async def find(room: Room, uid: str) -> Element | None:
@@ -94,7 +125,7 @@ async def forget(room: Room) -> None:
 async def refill(room: Room) -> None:
     """The discussion history of a room loaded at start: its last archived messages."""
     size = room.history.entries.maxlen or 0
-    if not room.config.archived or not size:
+    if not room.config.archive or not size:
         return
     page = await store(room).query(room.jid.domain, room.jid.local or "", ArchiveFilter(), size, before="")
     for message in page.messages:

@@ -35,17 +35,13 @@ class RoomConfig:
     allow_invites: bool = False  # occupants may invite to a members-only room, not only admins
     allow_pm: str = "anyone"  # who may send private messages: anyone, participants, moderators, none
     max_history: int = 20  # messages of discussion history kept and sent on join
-    archive: bool = True  # a persistent room's messages are archived and can be queried (XEP-0313)
+    # The room's messages are archived and can be queried (XEP-0313). Temporary rooms too, as in Prosody and
+    # ejabberd, for clients that catch up from the archive (Gajim); their archive goes with them.
+    archive: bool = True
 
     @property
     def non_anonymous(self) -> bool:
         return self.whois == "anyone"
-
-    @property
-    def archived(self) -> bool:
-        """Only persistent rooms are archived: a temporary room's archive would outlive the room, and go to
-        whoever next creates a room of that name."""
-        return self.archive and self.persistent
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +60,7 @@ class Option:
     label: str
     kind: str  # 'boolean', 'text-single', 'text-private', 'list-single' (one of choices) or 'count' (integer >= 0)
     choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other names accepted for the field in a submitted form
 
 
 OPTIONS = (
@@ -84,7 +81,8 @@ OPTIONS = (
     Option("allow_pm", "muc#roomconfig_allowpm", "Who may send private messages", "list-single",
            ("anyone", "participants", "moderators", "none")),
     Option("max_history", "muc#maxhistoryfetch", "Messages of history sent on join", "count"),
-    Option("archive", "mam", "Archive messages (message archive, XEP-0313)", "boolean"),
+    Option("archive", "muc#roomconfig_enablearchiving", "Archive messages (message archive, XEP-0313)", "boolean",
+           aliases=("mam",)),
 )
 
 
@@ -127,8 +125,9 @@ def apply_form(config: RoomConfig, x: Element) -> RoomConfig:
     changes: dict[str, Any] = {}
     try:
         for option in OPTIONS:
-            if option.var in values:
-                changes[option.attr] = _decode(option, values[option.var])
+            var = next((v for v in (option.var, *option.aliases) if v in values), None)
+            if var is not None:
+                changes[option.attr] = _decode(option, values[var])
         protected = _decode(Option("", PASSWORD_PROTECTED, "", "boolean"), values[PASSWORD_PROTECTED]) \
             if PASSWORD_PROTECTED in values else None
     except ValueError as exc:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
 from extensions import mam
-from extensions.muc.protocol import MODERATE_NS, MUC, OCCUPANT_ID_NS, RETRACT_NS, ROOMINFO, SELF_PING, SID
+from extensions.muc.protocol import MODERATE_NS, MUC, OCCUPANT_ID_NS, RETRACT_NS, ROOMINFO, SELF_PING, SID, STABLE_ID
 from extensions.muc.registration import NICK_NODE, nick_info
 from extensions.muc.room import Room
 from extensions.muc.vcard import avatar_hash
@@ -36,7 +36,7 @@ def info(name: str, features: list[str]) -> Element:
 
 
 def service_info(service: Muc) -> Element:
-    return info(service.title, [])
+    return info(service.title, [STABLE_ID])
 
 
 def service_items(service: Muc) -> Element:
@@ -57,8 +57,8 @@ def room_features(room: Room) -> list[str]:
         "muc_moderated" if config.moderated else "muc_unmoderated",
         "muc_nonanonymous" if config.non_anonymous else "muc_semianonymous",
         "muc_passwordprotected" if config.password else "muc_unsecured",
-        ns.PING, SELF_PING, OCCUPANT_ID_NS, SID, RETRACT_NS, MODERATE_NS, ns.VCARD, ns.REGISTER,
-        *([mam.MAM, mam.EXTENDED] if config.archived else []),
+        ns.PING, SELF_PING, STABLE_ID, OCCUPANT_ID_NS, SID, RETRACT_NS, MODERATE_NS, ns.VCARD, ns.REGISTER,
+        *([mam.MAM, mam.EXTENDED] if config.archive else []),
     ]
 
 

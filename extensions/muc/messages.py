@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from extensions.muc.service import Muc
 
 ERROR = ns.qname(ns.CLIENT, "error")
+THREAD = ns.qname(ns.CLIENT, "thread")  # a subject with a thread is a message, not a subject change (8.1)
 # Errors saying that an occupant cannot be reached any more (XEP-0045 asks to remove such an occupant).
 UNREACHABLE = frozenset({"gone", "item-not-found", "recipient-unavailable", "redirect", "remote-server-not-found",
                          "remote-server-timeout", "service-unavailable"})
@@ -79,7 +80,7 @@ def _occupant(sender: Occupant | None) -> Occupant:
 async def groupchat(service: Muc, room: Room, sender: Occupant | None, st: Stanza) -> None:
     sender = _occupant(sender)
     subject = st.el.find(SUBJECT)
-    if subject is not None and st.el.find(BODY) is None:
+    if subject is not None and st.el.find(BODY) is None and st.el.find(THREAD) is None:
         await change_subject(room, sender, st, subject.text or "")
         return
     if sender.role == "visitor":

@@ -19,6 +19,7 @@ from extensions.muc.protocol import (
     OWNER,
     OWNER_QUERY,
     REMOVED_MEMBERS_ONLY,
+    SELF,
     USER,
     affiliation_rank,
 )
@@ -70,8 +71,8 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
     statuses = [] if was_locked else [CONFIG_CHANGED]
     if new.whois != old.whois:
         statuses.append(NOW_NON_ANONYMOUS if new.non_anonymous else NOW_SEMI_ANONYMOUS)
-    if new.archived != old.archived:
-        statuses.append(LOGGED if new.archived else NOT_LOGGED)
+    if new.archive != old.archive:
+        statuses.append(LOGGED if new.archive else NOT_LOGGED)
     batches: list[Batch] = []
     if statuses:
         batches.append((room.status_message(*statuses), room.sessions()))
@@ -81,7 +82,7 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
                 batches += room.broadcast_presence(occupant, unavailable=True, statuses=[REMOVED_MEMBERS_ONLY])
                 room.remove(occupant)
     service = room.service
-    if old.archived and not new.archived:
+    if old.archive and not new.archive:
         await archive.forget(room)
     if new.persistent and not old.persistent:
         await service.store.save_room(service.domain, room.stored())
@@ -95,7 +96,8 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
 
 
 async def destroy(room: Room, destroy_el: Element | None) -> None:
-    """XEP-0045 10.9: every occupant leaves with the <destroy/> (alternate venue and reason) the owner gave."""
+    """XEP-0045 10.9: every occupant leaves with the <destroy/> (alternate venue and reason) the owner gave,
+    each told only of its own departure, not of everyone else's."""
     reason = venue = None
     if destroy_el is not None:
         reason = destroy_el.findtext(ns.qname(OWNER, "reason"))
@@ -107,7 +109,8 @@ async def destroy(room: Room, destroy_el: Element | None) -> None:
                 raise StanzaError("jid-malformed", str(exc)) from None
     batches: list[Batch] = []
     for occupant in list(room.occupants.values()):
-        batches += room.broadcast_presence(occupant, unavailable=True, extra=_destroy_notice(venue, reason))
+        batches.append((room.presence(occupant, real_jid=occupant.real_jid, unavailable=True, statuses=[SELF],
+                                      extra=_destroy_notice(venue, reason)), list(occupant.sessions)))
         room.remove(occupant)
     # Until its data is gone, the room stays in place and lets nobody in, so that a room created under the
     # same name cannot inherit any of it.
@@ -115,7 +118,7 @@ async def destroy(room: Room, destroy_el: Element | None) -> None:
     await room.flush(batches)
     if room.config.persistent:
         await room.service.store.delete_room(room.service.domain, room.jid.local or "")
-    if room.config.archived:
+    if room.config.archive:
         await archive.forget(room)
     room.service.discard(room)
 

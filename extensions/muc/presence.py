@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
+from extensions.muc import archive
 from extensions.muc.history import HISTORY
 from extensions.muc.occupants import Occupant, nick_key, prepare_nick
 from extensions.muc.protocol import (
@@ -25,13 +26,16 @@ from extensions.muc.protocol import (
     NON_ANONYMOUS,
     REMOVED_ERROR,
     SELF,
+    USER,
     X_MUC,
     affiliation_rank,
+    item,
+    user_x,
 )
 from extensions.muc.room import Batch, Room
 from server import ns
 from server.jid import JID
-from server.stanza import Stanza
+from server.stanza import Stanza, element
 from server.storage.muc import Affiliation
 from server.stream.errors import StanzaError
 
@@ -48,8 +52,11 @@ async def handle_presence(service: Muc, room: Room | None, st: Stanza) -> None:
             await leave(service, room, session, st.el if st.type == "unavailable" else None,
                         [] if st.type == "unavailable" else [REMOVED_ERROR])
         return
+    if st.type == "probe" and room is not None and st.to.resource is not None:
+        await answer_probe(room, st)
+        return
     if st.type is not None:
-        return  # subscriptions and probes mean nothing to a room
+        return  # subscriptions, and probes to the room itself, mean nothing to a room
     nick = prepare_nick(st.to.resource)
     created = room is None
     if room is None:
@@ -61,7 +68,26 @@ async def handle_presence(service: Muc, room: Room | None, st: Stanza) -> None:
         await change_nick(room, occupant, st, nick)
     else:
         occupant.update(session, st.el)
-        await room.flush(room.broadcast_presence(occupant))
+        resync = st.el.find(X_MUC) is not None
+        await room.flush(welcome(room, occupant, st, nick) if resync else room.broadcast_presence(occupant))
+
+
+async def answer_probe(room: Room, st: Stanza) -> None:
+    """XEP-0045 17.3.4, as Prosody does: a probe of an occupant's room JID from an occupant (its client, or
+    its server after an outage) gets that occupant's current presence, as the prober is allowed to see it,
+    or unavailable presence when nobody has that nick. Others may not learn who is in the room."""
+    prober = room.by_session.get(st.from_)
+    if prober is None:
+        raise StanzaError("not-acceptable", "you are not in this room")
+    target = room.find(st.to.resource or "")
+    if target is None:
+        el = element("presence", from_=str(st.to), type="unavailable")
+        x = user_x()
+        x.append(item(USER, affiliation="none", role="none"))
+        el.append(x)
+        await room.flush([(el, [st.from_])])
+        return
+    await room.flush([(room.current_presence(target, with_jid=room.sees_jids(prober)), [st.from_])])
 
 
 def create(service: Muc, jid: JID, creator: JID, *, instant: bool) -> Room:
@@ -69,6 +95,9 @@ def create(service: Muc, jid: JID, creator: JID, *, instant: bool) -> Room:
     does not speak the MUC protocol (no <x/> in its presence), which gets an instant room."""
     if not service.may_create(creator):
         raise StanzaError("not-allowed", "you may not create rooms here")
+    # Whatever an earlier temporary room of this name left (the server stopped while it existed) is not
+    # the new room's; the new room writes and reads its archive only once that is gone.
+    archive.clear(service, jid, None)
     room = Room(service, jid, service.default_config(), datetime.now(UTC), {creator.bare: Affiliation("owner")})
     room.locked = not instant
     service.rooms[jid] = room
@@ -100,8 +129,7 @@ def check_entry(room: Room, st: Stanza, nick: str, affiliation: str) -> None:
 
 
 async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -> None:
-    """XEP-0045 7.2: the others' presence to the newcomer, its own to everyone (self last), the discussion
-    history, then the subject."""
+    """XEP-0045 7.2: the checks, in the XEP's order, then the welcome."""
     session = st.from_
     affiliation = room.affiliation(session)
     try:
@@ -112,12 +140,20 @@ async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -
         raise
     occupant = room.find(nick) or room.new_occupant(nick, session, room.default_role(affiliation))
     room.add_session(occupant, session, st.el)
+    await room.flush(welcome(room, occupant, st, nick, created))
+
+
+def welcome(room: Room, occupant: Occupant, st: Stanza, nick: str, created: bool = False) -> list[Batch]:
+    """What a session entering the room gets, and a joined one that joins again, which XEP-0045 (7.2.1 and
+    17.3.3) takes as a client that lost track asking to be brought up to date: the others' presence, its own
+    (also to everyone else), the discussion history it asks for, then the subject."""
+    session = st.from_
     batches: list[Batch] = [
         (room.current_presence(other, with_jid=room.sees_jids(occupant)), [session])
         for other in room.occupants.values() if other is not occupant
     ]
     self_statuses = [NON_ANONYMOUS] if room.config.non_anonymous else []
-    if room.config.archived:
+    if room.config.archive:
         self_statuses.append(LOGGED)
     if created:
         self_statuses.append(CREATED)
@@ -128,7 +164,7 @@ async def join(service: Muc, room: Room, st: Stanza, nick: str, created: bool) -
     history = room.history.select(x.find(HISTORY) if x is not None else None, datetime.now(UTC))
     batches += [(el, [session]) for el in history]
     batches.append((room.subject_message(), [session]))
-    await room.flush(batches)
+    return batches
 
 
 async def change_nick(room: Room, occupant: Occupant, st: Stanza, nick: str) -> None:

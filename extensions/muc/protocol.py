@@ -17,6 +17,7 @@ OWNER = f"{MUC}#owner"
 ROOMCONFIG = f"{MUC}#roomconfig"
 ROOMINFO = f"{MUC}#roominfo"
 REQUEST = f"{MUC}#request"
+STABLE_ID = f"{MUC}#stable_id"  # the room reflects a message with its sender's id (7.4)
 
 SID = "urn:xmpp:sid:0"  # XEP-0359 unique and stable stanza ids
 OCCUPANT_ID_NS = "urn:xmpp:occupant-id:0"  # XEP-0421

@@ -30,7 +30,7 @@ REASON = ns.qname(MODERATE_NS, "reason")
 
 async def original(room: Room, uid: str | None) -> Element:
     found = room.history.find(uid) if uid else None
-    if found is None and uid and room.config.archived:
+    if found is None and uid and room.config.archive:
         found = await archive.find(room, uid)
     if found is None:
         raise StanzaError("item-not-found", "no such message in this room")
@@ -84,5 +84,5 @@ async def tombstone(room: Room, uid: str, found: Element, moderation: tuple[Occu
         if reason:
             SubElement(retracted, ns.qname(RETRACT_NS, "reason")).text = reason
     room.history.replace(uid, stone)
-    if room.config.archived:
+    if room.config.archive:
         await archive.replace(room, uid, stone)

@@ -23,6 +23,7 @@ from extensions.muc.occupant_iq import OccupantIqs
 from extensions.muc.occupants import Occupant, nick_key
 from extensions.muc.protocol import OCCUPANT_ID, ROOM_ONLY, SELF, STANZA_ID, SUBJECT, USER, item, user_x
 from server import ns
+from server.archiving import worth_archiving
 from server.jid import JID
 from server.stanza import element
 from server.storage.muc import Affiliation, StoredRoom
@@ -161,7 +162,10 @@ class Room:
             el.extend(child for child in source if child.tag not in ROOM_ONLY)
         SubElement(el, OCCUPANT_ID, {"id": occupant.id})
         x = user_x(*statuses)
-        it = item(USER, None, affiliation=self.affiliation(occupant.jid), role="none" if unavailable else occupant.role,
+        # An unavailable presence naming a new nick is a nick change (XEP-0045 7.6): the occupant stays, and
+        # keeps its role; any other unavailable presence is someone leaving, whose role becomes none.
+        role = "none" if unavailable and nick is None else occupant.role
+        it = item(USER, None, affiliation=self.affiliation(occupant.jid), role=role,
                   jid=str(real_jid) if real_jid else None, nick=nick)
         if actor:
             SubElement(it, ns.qname(USER, "actor"), {"nick": actor})
@@ -244,7 +248,7 @@ class Room:
         server = self.service.server
         prepared = Prepared(el)
         remote = deliver_local(server, prepared, self.sessions())
-        if self.config.archived and archive.archivable(el):
+        if self.config.archive and worth_archiving(el):
             self.recorder.add(el, uid, stamp)
         await route_remote(server, prepared, remote)
         await server.hooks.fire("muc/message", self, el)
