@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     serve.add_argument("--workers", type=_workers, help="worker processes sharing the ports (cluster.workers)")
     check = sub.add_parser("check-config", help="validate a configuration file", parents=[option])
-    check.add_argument("file", nargs="?", help="the file (default: the one --config names or the server finds)")
+    check.add_argument("config_file", nargs="?", metavar="FILE",
+                       help="the file (default: the one --config names or the server finds)")
     user = sub.add_parser("user", help="manage accounts", parents=[option])
     actions = user.add_subparsers(dest="action", required=True)
     for action, help_text in (("add", "create an account"), ("passwd", "change a password")):
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     migrate.add_commands(sub)
     args = parser.parse_args(argv)
     try:
-        path = find_config(getattr(args, "file", None) or given)
+        path = find_config(getattr(args, "config_file", None) or given)
         if args.command == "check-config":
             if path is None:
                 raise ConfigError("", f"no configuration file to check: name one, or set {CONFIG_ENV}")

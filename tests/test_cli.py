@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from server.config import load_config
 from server.storage import open_storage
-from tests.conftest import Harness, free_port
+from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, make_pg_schema
 
 PARLEY = [sys.executable, "-m", "server.cli"]
 
@@ -219,3 +220,22 @@ def test_a_configured_certificate_that_is_missing_is_an_error(tmp_path: Path) ->
         assert f"config key 'hosts.localhost.certificate': {missing} does not exist" in result.stderr
     assert not missing.exists() and not (tmp_path / "tls").exists()
     assert not (tmp_path / "data" / "certs").exists()
+
+
+async def test_user_command_never_creates_a_postgresql_schema(tmp_path: Path) -> None:
+    schema = await make_pg_schema()
+    config = write_config(tmp_path, free_port(), free_port(), extra=f'[storage]\nurl = "{PG_URL}?schema={schema}"')
+    try:
+        result = await asyncio.to_thread(parley, "user", "list", "--config", str(config))
+        assert result.returncode == 2 and "no Parley database at postgresql+asyncpg://" in result.stderr
+        conn = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 0
+        finally:
+            await conn.close()
+        await (await open_storage(f"{PG_URL}?schema={schema}")).close()  # what the server's first start does
+        result = await asyncio.to_thread(parley, "user", "add", "alice@localhost", "--password", "pw",
+                                         "--config", str(config))
+        assert result.returncode == 0, result.stderr
+    finally:
+        await drop_pg_schema(schema)
