@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
 from ejabberd_compat import piefxis
+from ejabberd_compat.config import load_any_config
 from extensions.muc.admin import AffiliationChange, check_owners_remain, set_affiliation
 from extensions.muc.owner import destroy
 from extensions.muc.protocol import AFFILIATIONS
@@ -28,7 +29,7 @@ from extensions.muc.room import Room
 from server import ns
 from server.accounts import AccountError, create_account, password_matches, prepare_username
 from server.commands import COMMANDS, Arg, CommandError, Conflict, Context, NegativeAnswer, Run, command
-from server.config import ConfigError, load_config
+from server.config import ConfigError
 from server.jid import JID, JIDError
 from server.registry import available
 from server.storage.muc import Affiliation
@@ -450,7 +451,7 @@ async def reload_config(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     if server.config.source is None:
         raise CommandError("the server runs on the built-in configuration: there is no file to reload")
     try:
-        config = load_config(server.config.source, known_modules=available())
+        config, _ = load_any_config(server.config.source, known_modules=available())
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     for name, host in server.hosts.items():

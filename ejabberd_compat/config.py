@@ -22,12 +22,16 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from server.config import Config, ConfigError, parse_config
+from server.config import Config, ConfigError, load_config, parse_config
 from server.options import check_option
 from server.registry import load
 
 ALWAYS = ("presence",)  # Parley modules every server needs; ejabberd has them in its core
 STORAGE_SCHEMA = "parley"  # Parley's tables in ejabberd's PostgreSQL database, beside (never inside) ejabberd's
+# Parley's data folder for an ejabberd.yml (which has no place to name one), unless $PARLEY_DATA names it:
+# not the yml's folder (/etc is configuration, and often read-only to the service), not ejabberd's spool
+# (/var/lib/ejabberd holds its Mnesia files, owned by its user), but the FHS place of Parley's own state.
+DATA_DIR = "/var/lib/parley"
 
 
 class Unsupported(Exception):
@@ -273,6 +277,14 @@ MODULE_OPTIONS: dict[tuple[str, str], tuple[str, Converter]] = {
 # --- reading ---------------------------------------------------------------------------------------------
 
 
+def load_any_config(path: Path | None, known_modules: set[str] | None = None) -> tuple[Config, list[str]]:
+    """A Parley TOML file, or an ejabberd.yml (by its name) with the warnings naming what it could not apply;
+    None gives the built-in configuration. What `parley`, parleyctl and reload_config all read."""
+    if path is not None and path.suffix in (".yml", ".yaml"):
+        return load_ejabberd_config(path, known_modules)
+    return load_config(path, known_modules), []
+
+
 def load_ejabberd_config(path: Path, known_modules: set[str] | None = None) -> tuple[Config, list[str]]:
     """Parley's configuration from an ejabberd.yml, and the warnings naming what it could not apply."""
     try:
@@ -285,7 +297,7 @@ def load_ejabberd_config(path: Path, known_modules: set[str] | None = None) -> t
     if not isinstance(yml, dict):
         raise ConfigError("", f"config file {path} is not an ejabberd configuration (a YAML mapping)")
     data, warnings = translate(yml, Path(path).resolve().parent, known_modules)
-    return parse_config(data, Path(path), known_modules), warnings
+    return parse_config(data, Path(path), known_modules, data_dir=DATA_DIR), warnings
 
 
 def translate(yml: dict[str, Any], base: Path, known_modules: set[str] | None = None) -> tuple[dict[str, Any],

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.config import ConfigError, load_config
+from ejabberd_compat.config import load_any_config
+from server.config import CONFIG_ENV, SYSTEM_CONFIG, ConfigError, config_option, find_config
 from server.control import socket_path
 from server.registry import available
 
@@ -46,7 +47,10 @@ def request(path: Path, argv: list[str], timeout: float | None = RESPONSE_TIMEOU
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parleyctl", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="the server's TOML configuration file (default: built-in, ./parley-data)")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"the server's configuration, as given to `parley serve`: TOML or an ejabberd.yml, "
+                             f"before or after the command (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG} if it "
+                             f"exists, else built-in: ./parley-data)")
     # ejabberdctl's options, so that its scripts run unchanged; the configuration names the server here.
     parser.add_argument("--node", help="ignored (ejabberdctl's Erlang node)")
     parser.add_argument("--no-timeout", action="store_true",
@@ -57,9 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given, argv = config_option(sys.argv[1:] if argv is None else argv)  # also after the command's arguments
     args = _parser().parse_args(argv)
     try:
-        config = load_config(Path(args.config) if args.config else None, known_modules=available())
+        config, _ = load_any_config(find_config(given), known_modules=available())
         answer = request(socket_path(config), [args.command, *args.args], None if args.no_timeout else RESPONSE_TIMEOUT)
     except ConfigError as exc:
         print(f"parleyctl: {exc}", file=sys.stderr)

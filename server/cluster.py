@@ -567,7 +567,8 @@ def clear(config: ClusterConfig) -> None:
 
 def supervise(config: Config, serve: Callable[[int, int], None], started: Callable[[], None]) -> int:
     """Fork the workers and keep them running: `serve(index, ready_fd)` runs one and writes a byte to
-    `ready_fd` once it listens. A worker that dies is restarted; SIGTERM or SIGINT stops them all."""
+    `ready_fd` once it listens. A worker that dies is restarted; SIGTERM or SIGINT stops them all, SIGHUP goes
+    to every worker (each reloads the configuration)."""
     workers = config.cluster.workers
     clear(config.cluster)
     ready_read, ready_write = os.pipe()
@@ -579,6 +580,7 @@ def supervise(config: Config, serve: Callable[[int, int], None], started: Callab
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's own handler is in place
             code = 1
             try:
                 serve(index, ready_write)
@@ -596,8 +598,14 @@ def supervise(config: Config, serve: Callable[[int, int], None], started: Callab
         for pid in children:
             os.kill(pid, signal.SIGTERM)
 
+    def reload(_signum: int, _frame: object) -> None:
+        log.info("SIGHUP: passed on to %d workers", len(children))
+        for pid in list(children):
+            os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for index in range(workers):
         spawn(index)
     ready, failed = 0, False

@@ -30,6 +30,11 @@ TLS_MODES = ("starttls", "direct", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 STORAGE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 DEFAULT_STORAGE_URL = "sqlite+aiosqlite:///{data_dir}/parley.db"
+DEFAULT_DATA_DIR = "./parley-data"
+# Where `parley` and `parleyctl` look for the server's configuration when no --config is given.
+SYSTEM_CONFIG = Path("/etc/parley/parley.toml")
+CONFIG_ENV = "PARLEY_CONFIG"
+DATA_ENV = "PARLEY_DATA"  # the data folder of a configuration that names none (an ejabberd.yml cannot)
 DEFAULT_API_NETWORKS = ("127.0.0.0/8", "::1/128")
 MIN_TOKEN_LENGTH = 16
 # XEP-0114 components and plain HTTP have no STARTTLS; the XMPP stream listeners do.
@@ -190,6 +195,34 @@ class Config:
     components: dict[str, ComponentConfig] = field(default_factory=dict)  # by domain
 
 
+def find_config(given: str | None) -> Path | None:
+    """The configuration file a command means: the one given, else $PARLEY_CONFIG, else SYSTEM_CONFIG when
+    it exists; None for the built-in configuration. `parley serve`, `parley user` and parleyctl all look
+    here, so that run from any folder they agree on the server's data."""
+    if given:
+        return Path(given)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def config_option(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Take `--config FILE` (or `--config=FILE`) out of a command line wherever it stands, before or after a
+    subcommand and its arguments; the last one given wins."""
+    given, rest, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            given, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            given = arg.removeprefix("--config=")
+        else:
+            rest.append(arg)
+        i += 1
+    return given, rest
+
+
 def load_config(path: Path | None, known_modules: set[str] | None = None) -> Config:
     """Read and validate a config file; None gives the built-in defaults."""
     if path is None:
@@ -205,11 +238,13 @@ def load_config(path: Path | None, known_modules: set[str] | None = None) -> Con
 
 
 def parse_config(data: dict[str, Any], source: Path | None = None,
-                 known_modules: set[str] | None = None) -> Config:
-    """Validate already-decoded TOML; relative paths resolve against the folder of `source` (or the cwd)."""
+                 known_modules: set[str] | None = None, data_dir: str = DEFAULT_DATA_DIR) -> Config:
+    """Validate already-decoded TOML; relative paths resolve against the folder of `source` (or the cwd).
+    Without a `data_dir` key the data folder is $PARLEY_DATA (relative to the cwd), else `data_dir`."""
     base = Path(os.path.abspath(source)).parent if source is not None else Path.cwd()
     top = _Table(data, "")
-    data_dir = _resolve(base, top.string("data_dir", "./parley-data"))
+    from_env = os.path.abspath(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
+    data_dir = _resolve(base, top.string("data_dir", from_env or data_dir))
     require_encryption = top.boolean("require_encryption", True)
     scram_iterations = top.integer("scram_iterations", 4096, minimum=1)
     allow_unencrypted_plain = top.boolean("allow_unencrypted_plain", False)
@@ -574,8 +609,8 @@ def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str], options:
         errors += _unloaded(table.key("module_options"), own, host_modules, "on this host")
         hosts[name] = HostConfig(
             name=name,
-            certificate=_host_path(table, "certificate", base, data_dir / "certs" / f"{name}.crt"),
-            key=_host_path(table, "key", base, data_dir / "certs" / f"{name}.key"),
+            certificate=_tls_file(table, "certificate", base, data_dir / "certs" / f"{name}.crt"),
+            key=_tls_file(table, "key", base, data_dir / "certs" / f"{name}.key"),
             registration=table.boolean("registration", False),
             admins=_admins(table, host),
             modules=host_modules,
@@ -585,13 +620,24 @@ def _hosts(top: _Table, base: Path, data_dir: Path, modules: list[str], options:
     return hosts
 
 
-def _host_path(table: _Table, name: str, base: Path, default: Path) -> Path:
+def _tls_file(table: _Table, name: str, base: Path, default: Path) -> Path:
+    """A host's certificate or key. Only the default files are generated (self-signed) when missing: a
+    configured file that is not there is a mistake, and serving a self-signed certificate in its place would
+    hide it until clients refuse to connect."""
     value = table.get(name)
     if value is None:
         return default
     if not isinstance(value, str) or not value:
         raise ConfigError(table.key(name), "must be a non-empty string (a file path)")
-    return _resolve(base, value)
+    path = _resolve(base, value)
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(table.key(name), f"{path} does not exist (a self-signed pair is generated only "
+                                           f"for a host that leaves both out, in {default.parent})") from None
+    except OSError:
+        pass  # not ours to read (a check-config as another user): loading it at start names the problem
+    return path
 
 
 def _admins(table: _Table, host: JID) -> list[str]:

@@ -124,6 +124,7 @@ class ControlSocket:
         self.path = socket_path(server.config)
         self._listener: asyncio.base_events.Server | None = None
         self._inode: int | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
@@ -172,5 +173,27 @@ class ControlSocket:
             argv = cwd = None
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv) or not isinstance(cwd, str):
             return _output(1, err='Error: bad request: send {"argv": [COMMAND, ARG...], "cwd": PATH} on one line\n')
+        return await respond(argv, cwd, self._operator())
+
+    def _operator(self) -> Context:
         host = next(iter(self.server.hosts.values()))
-        return await respond(argv, cwd, Context(host, host.jid, operator=True))
+        return Context(host, host.jid, operator=True)
+
+    def reload_soon(self) -> None:
+        """SIGHUP (what `systemctl reload` sends): reload the configuration as `parleyctl reload_config` does,
+        with the outcome in the log; a signal handler cannot wait for it."""
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        command = find("reload_config")
+        if not self.server.hosts or command is None:
+            log.warning("SIGHUP ignored: %s", "reload_config is not installed" if command is None
+                        else "the server is starting or stopping")
+            return
+        answer = await execute(command, self._operator(), {})
+        if "error" in answer:
+            log.error("SIGHUP: configuration not reloaded: %s", answer["error"])
+        else:
+            log.info("SIGHUP: configuration reloaded from %s", self.server.config.source)

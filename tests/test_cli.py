@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from tests.conftest import Harness, free_port
+from server.config import load_config
+from server.storage import open_storage
+from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, make_pg_schema
 
 PARLEY = [sys.executable, "-m", "server.cli"]
 
@@ -40,12 +43,29 @@ admins = ["admin@localhost"]
     return path
 
 
-def parley(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PARLEY, *args], capture_output=True, text=True, input=stdin, timeout=60)
+def parley(*args: str, stdin: str | None = None, cwd: Path | None = None, env: dict[str, str] | None = None,
+           system_config: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`parley ARGS` in a subprocess; `system_config` stands for /etc/parley/parley.toml (which a test cannot
+    write), so that what the machine has there never counts."""
+    system = system_config or Path("/nonexistent/parley.toml")
+    command = [sys.executable, "-c", "import sys; import server.config as c; c.SYSTEM_CONFIG = "
+               "c.Path(sys.argv.pop(1)); from server.cli import main; sys.exit(main())", str(system)]
+    environment = {k: v for k, v in os.environ.items() if k not in ("PARLEY_CONFIG", "PARLEY_DATA")}
+    return subprocess.run([*command, *args], capture_output=True, text=True, input=stdin, timeout=timeout,
+                          cwd=cwd, env={**environment, **(env or {})})
+
+
+def create_database(config: Path) -> None:
+    """What the server's first start does: user commands work on an existing database only."""
+    async def create() -> None:
+        await (await open_storage(load_config(config).storage.url)).close()
+
+    asyncio.run(create())
 
 
 def test_user_management(tmp_path: Path) -> None:
     config = str(write_config(tmp_path, free_port(), free_port()))
+    create_database(Path(config))
     assert parley("user", "--config", config, "add", "Alice@LocalHost", "--password", "pw1").returncode == 0
     dup = parley("user", "--config", config, "add", "alice@localhost", "--password", "x")
     assert dup.returncode == 1 and "exists already" in dup.stderr
@@ -157,3 +177,65 @@ async def test_unauthenticated_connections_time_out(server: Harness) -> None:
     await raw.open()
     data = await raw.closed(timeout=5)
     assert b"connection-timeout" in data
+
+
+def test_config_option_anywhere_and_where_the_server_keeps_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port(), free_port())
+    create_database(config)
+    added = parley("user", "add", "alice@localhost", "--password", "pw", "--config", str(config))
+    assert added.returncode == 0, added.stderr
+    assert parley("--config", str(config), "user", "list").stdout.split() == ["alice@localhost"]
+    assert parley("user", "list", f"--config={config}").stdout.split() == ["alice@localhost"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    from_env = parley("user", "add", "bob@localhost", "--password", "pw", cwd=elsewhere,
+                      env={"PARLEY_CONFIG": str(config)})
+    assert from_env.returncode == 0, from_env.stderr
+    listed = parley("user", "list", cwd=elsewhere, system_config=config)  # as /etc/parley/parley.toml
+    assert listed.stdout.split() == ["alice@localhost", "bob@localhost"], listed.stderr
+    assert parley("check-config", "--config", str(config)).returncode == 0
+    assert f"{config}: OK" in parley("check-config", cwd=elsewhere, env={"PARLEY_CONFIG": str(config)}).stdout
+    assert not (elsewhere / "parley-data").exists()
+
+
+def test_user_command_never_creates_a_database(tmp_path: Path) -> None:
+    result = parley("user", "add", "alice@localhost", "--password", "pw", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"no database at {tmp_path}/parley-data/parley.db" in result.stderr
+    assert "--config" in result.stderr and "PARLEY_CONFIG" in result.stderr
+    assert not (tmp_path / "parley-data").exists()
+    config = write_config(tmp_path, free_port(), free_port())
+    result = parley("user", "list", cwd=tmp_path / "..", env={"PARLEY_CONFIG": str(config)})
+    assert result.returncode == 2 and f"no database at {tmp_path}/data/parley.db" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_configured_certificate_that_is_missing_is_an_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, free_port(), free_port())
+    config.write_text(config.read_text() + 'certificate = "tls/tpyo.crt"\nkey = "tls/tpyo.key"\n')
+    missing = tmp_path / "tls" / "tpyo.crt"
+    for command in ("check-config", "serve"):
+        result = parley(command, "--config", str(config), timeout=20)
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"config key 'hosts.localhost.certificate': {missing} does not exist" in result.stderr
+    assert not missing.exists() and not (tmp_path / "tls").exists()
+    assert not (tmp_path / "data" / "certs").exists()
+
+
+async def test_user_command_never_creates_a_postgresql_schema(tmp_path: Path) -> None:
+    schema = await make_pg_schema()
+    config = write_config(tmp_path, free_port(), free_port(), extra=f'[storage]\nurl = "{PG_URL}?schema={schema}"')
+    try:
+        result = await asyncio.to_thread(parley, "user", "list", "--config", str(config))
+        assert result.returncode == 2 and "no Parley database at postgresql+asyncpg://" in result.stderr
+        conn = await asyncpg.connect(PG_URL.replace("+asyncpg", ""))
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 0
+        finally:
+            await conn.close()
+        await (await open_storage(f"{PG_URL}?schema={schema}")).close()  # what the server's first start does
+        result = await asyncio.to_thread(parley, "user", "add", "alice@localhost", "--password", "pw",
+                                         "--config", str(config))
+        assert result.returncode == 0, result.stderr
+    finally:
+        await drop_pg_schema(schema)

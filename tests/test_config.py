@@ -36,21 +36,23 @@ def test_example_file_loads():
     assert config.data_dir == EXAMPLE.parent / "parley-data"
     host = config.hosts["example.org"]
     assert host.admins == ["admin@example.org"]
-    assert host.certificate == EXAMPLE.parent / "certs" / "example.org.crt"
+    assert host.certificate == EXAMPLE.parent / "parley-data" / "certs" / "example.org.crt"
     assert config.logging.file == EXAMPLE.parent / "parley.log"
     assert sorted(host.modules) == sorted(DEFAULT_MODULES)  # the example shows every default module
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):
     path = tmp_path / "etc" / "parley.toml"
-    path.parent.mkdir()
+    (tmp_path / "etc" / "tls").mkdir(parents=True)
+    (tmp_path / "etc" / "tls" / "x.crt").touch()
+    (tmp_path / "abs.key").touch()
     path.write_text('data_dir = "../var"\n[hosts."example.org"]\ncertificate = "tls/x.crt"\n'
-                    'key = "/abs/x.key"\n[storage]\nurl = "sqlite+aiosqlite:///{data_dir}/db.sqlite"\n')
+                    f'key = "{tmp_path}/abs.key"\n[storage]\nurl = "sqlite+aiosqlite:///{{data_dir}}/db.sqlite"\n')
     config = load_config(path)
     assert config.data_dir == tmp_path / "var"
     host = config.hosts["example.org"]
     assert host.certificate == tmp_path / "etc" / "tls" / "x.crt"
-    assert host.key == Path("/abs/x.key")
+    assert host.key == tmp_path / "abs.key"
     assert config.storage.url == f"sqlite+aiosqlite:///{tmp_path}/var/db.sqlite"
 
 

@@ -322,10 +322,12 @@ async def test_parleys_export_imports_into_ejabberd(server: Harness, ejabberd_da
 
 
 async def test_one_ejabberd_yml_for_parley_and_for_the_import(ejabberd_data: EjabberdData, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The drop-in case: Parley started on an ejabberd.yml with sql_type pgsql keeps its tables in a schema of
     ejabberd's database, `parley import-ejabberd-sql --config` finds ejabberd's tables there, and the users log
     in with their passwords."""
+    monkeypatch.setenv("PARLEY_DATA", str(tmp_path / "parley-data"))  # not /var/lib/parley
     database = ejabberd_data.database_url.rsplit("/", 1)[1]
     port = free_port()
     yml = tmp_path / "ejabberd.yml"

@@ -5,6 +5,8 @@ ejabberd way serves clients with its listener, certificate, macros and limits.""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from server.server import Server
 from server.tls import ensure_certificate
 from tests.conftest import Harness, RawClient, free_port
 from tests.test_offline import collect, take
+from tests.test_parleyctl import PARLEYCTL
+from tests.test_register import FEATURE, unauthenticated
 
 EXAMPLE = Path(__file__).resolve().parent / "data" / "ejabberd.yml"
 
@@ -171,7 +175,9 @@ def test_unusable_files_are_refused_with_the_reason(tmp_path: Path, text: str, r
         load_ejabberd_config(path, available())
 
 
-async def test_parley_serves_clients_on_a_configuration_written_for_ejabberd(tmp_path: Path) -> None:
+async def test_parley_serves_clients_on_a_configuration_written_for_ejabberd(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARLEY_DATA", str(tmp_path / "parley-data"))
     crt, key = tmp_path / "example.test.crt", tmp_path / "example.test.key"
     ensure_certificate("example.test", crt, key)
     (tmp_path / "certs").mkdir()
@@ -224,3 +230,76 @@ modules:
             await harness.close()
     finally:
         await server.stop()
+
+
+def test_the_data_folder_of_an_ejabberd_yml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the yml's folder (/etc/ejabberd/parley-data): /var/lib/parley, or $PARLEY_DATA."""
+    monkeypatch.delenv("PARLEY_DATA", raising=False)
+    config, _ = load_ejabberd_config(EXAMPLE, available())
+    assert config.data_dir == Path("/var/lib/parley")
+    assert config.storage.url == "sqlite+aiosqlite:////var/lib/parley/parley.db"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PARLEY_DATA", "spool")  # relative to the folder it is set in, not the yml's
+    config, _ = load_ejabberd_config(EXAMPLE, available())
+    assert config.data_dir == tmp_path / "spool"
+
+
+YML = """
+hosts: [example.test]
+listen:
+  - {{port: {port}, ip: 127.0.0.1, module: ejabberd_c2s, starttls_required: true}}
+acl:
+  admin: {{user: alice@example.test}}
+access_rules:
+  configure: {{allow: admin}}
+modules:
+  mod_roster: {{}}
+  mod_register: {{access: {register}}}
+"""
+
+
+async def test_the_ejabberd_path_end_to_end(tmp_path: Path) -> None:
+    """The README's way from ejabberd: `parley serve --config ejabberd.yml`, then parleyctl and `parley user`
+    with that file (before or after the command), and reload_config after an edit."""
+    port, yml = free_port(), tmp_path / "ejabberd.yml"
+    yml.write_text(YML.format(port=port, register="none"))
+    env = {**os.environ, "PARLEY_DATA": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PARLEY_CONFIG", None)
+
+    async def run(*command: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE, env=env)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode(), err.decode()
+
+    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "server.cli", "serve", "--config", str(yml),
+                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                  env=env)
+    harness = Harness(None, port, port, tmp_path)  # type: ignore[arg-type]
+    try:
+        banner = ""
+        while "Ctrl-C stops" not in banner:
+            line = (await asyncio.wait_for(server.stdout.readline(), 30)).decode()
+            assert line, f"server exited: {(await server.stderr.read()).decode()[-2000:]}"
+            banner += line
+        assert f"data in {tmp_path / 'data'}" in banner and "created admin account alice@example.test" in banner
+        code, out, err = await run(PARLEYCTL, "--config", str(yml), "register", "bob", "example.test", "pw")
+        assert code == 0, err
+        code, out, err = await run(sys.executable, "-m", "server.cli", "user", "add", "carol@example.test",
+                                   "--password", "pw", "--config", str(yml))
+        assert code == 0, err
+        code, out, err = await run(PARLEYCTL, "registered_users", "example.test", "--config", str(yml))
+        assert (code, out.split()) == (0, ["alice", "bob", "carol"]), err
+        _, features = await unauthenticated(harness, "example.test")
+        assert features.find(FEATURE) is None
+
+        yml.write_text(YML.format(port=port, register="all"))
+        assert await run(PARLEYCTL, "--config", str(yml), "reload_config") == (0, "", "")
+        _, features = await unauthenticated(harness, "example.test")
+        assert features.find(FEATURE) is not None
+        await harness.client("bob@example.test", "pw")
+    finally:
+        await harness.close()
+        server.terminate()
+        _, err = await asyncio.wait_for(server.communicate(), 20)
+    assert server.returncode == 0, err.decode()[-2000:]

@@ -301,3 +301,27 @@ def test_output_of_each_result_kind() -> None:
 def test_send_stanza_takes_one_restricted_stanza(xml: str, reason: str) -> None:
     with pytest.raises(CommandError, match=reason):
         parse_stanza(xml)
+
+
+async def test_config_after_the_command_or_from_the_environment(server: Harness,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    await server.add_user("alice")
+    config = str(config_file(server))
+    for argv in (["registered_users", "localhost", "--config", config], ["registered_users", f"--config={config}",
+                                                                          "localhost"]):
+        code, out, err = await asyncio.to_thread(_main, argv)
+        assert (code, out.split()) == (0, ["alice"]), err
+    monkeypatch.setenv("PARLEY_CONFIG", config)
+    code, out, err = await asyncio.to_thread(_main, ["registered_users", "localhost"])
+    assert (code, out.split()) == (0, ["alice"]), err
+
+
+async def test_reload_config_of_a_server_started_from_an_ejabberd_yml(server: Harness) -> None:
+    source = server.data_dir / "ejabberd.yml"
+    source.write_text("hosts: [localhost, example.test]\nacl: {admin: {user: [carol@localhost]}}\n"
+                      "access_rules: {configure: {allow: admin}}\nmodules: {mod_register: {access: none}}\n")
+    server.server.config.source = source  # as if started with --config ejabberd.yml
+    localhost = server.server.hosts["localhost"]
+    assert localhost.config.registration
+    assert await ok(server, "reload_config") == []
+    assert not localhost.config.registration and localhost.is_admin(JID.make("carol", "localhost"))

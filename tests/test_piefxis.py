@@ -23,6 +23,7 @@ from server.storage import RosterItem, open_storage
 from server.tls import ensure_certificate
 from tests.conftest import IN_CI, Harness, free_port, insecure_context
 from tests.test_basic_modules import send_iq
+from tests.test_cli import create_database
 from tests.test_mam import Archive
 from tests.test_offline import collect, take
 
@@ -262,6 +263,7 @@ def _config(folder: Path) -> str:
 def test_the_parley_commands_move_accounts_between_servers(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     old, new = _config(tmp_path / "old"), _config(tmp_path / "new")
+    create_database(Path(old))  # as the old server's first start did: user commands create no database
     assert main(["user", "--config", old, "add", "ann@example.test", "--password", "a password"]) == 0
     assert main(["export-piefxis", str(tmp_path / "export"), "--host", "example.test", "--config", old]) == 0
     main_file = capsys.readouterr().out.strip().rsplit(" ", 1)[1]
