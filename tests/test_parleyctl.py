@@ -301,3 +301,21 @@ def test_output_of_each_result_kind() -> None:
 def test_send_stanza_takes_one_restricted_stanza(xml: str, reason: str) -> None:
     with pytest.raises(CommandError, match=reason):
         parse_stanza(xml)
+
+
+async def test_text_xml_cannot_carry_is_refused(server: Harness) -> None:
+    """parleyctl exits 1 with the reason, and nothing reaches the recipient, who stays connected."""
+    await server.add_user("bob")
+    bob = await server.client("bob@localhost")
+    inbox = server.inbox(bob)
+    available = asyncio.Event()
+    bob.add_event_handler("presence_available", lambda p: p["from"] == bob.boundjid and available.set())
+    bob.send_presence()
+    await asyncio.wait_for(available.wait(), 5)  # online: a message to the bare JID comes here
+    code, _, err = await run(server, "send_message", "chat", "localhost", "bob@localhost", "", "a\x01b")
+    assert (code, err) == (1, "Error: Body: contains U+0001, a character XML does not allow\n")
+    code, _, err = await console(config_file(server), "set_vcard", "bob", "localhost", "FN", "B\x0bob")
+    assert (code, err) == (1, "Error: Content: contains U+000B, a character XML does not allow\n")
+    await ok(server, "send_message", "chat", "localhost", "bob@localhost", "", "valid")
+    assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "valid"
+    assert bob.is_connected()

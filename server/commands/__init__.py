@@ -14,6 +14,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from server.jid import JID, JIDError
+from server.stream.writer import not_xml
 
 if TYPE_CHECKING:
     from server.host import Host
@@ -55,7 +56,13 @@ class Arg:
     fields: tuple[str, ...] = ()  # of each record, for a result of type 'records'
 
     def parse(self, values: list[str]) -> Any:
-        """The typed value of what a front end received as strings (None when optional and absent)."""
+        """The typed value of what a front end received as strings (None when optional and absent).
+
+        Text from outside XML (the control socket, the HTTP API) may hold characters XML cannot carry, which
+        would end up in a stanza or in storage: refused here, where every front end passes."""
+        for value in values:
+            if self.type != "path" and (char := not_xml(value)):
+                raise CommandError(f"{self.label}: contains {char}, a character XML does not allow")
         if self.type != "password":
             values = [v.strip() for v in values if v.strip()]
         if not values or not values[0]:
