@@ -25,6 +25,7 @@ from server.accounts import password_matches
 from server.commands import Command, Context
 from server.control import execute, find
 from server.jid import JID, JIDError
+from server.stream.writer import not_xml
 
 if TYPE_CHECKING:
     from server.config import ListenerConfig
@@ -166,4 +167,7 @@ class HttpApi:
             raise _refusal(400, 10, "the body is not JSON") from None
         if not isinstance(given, dict) or not all(isinstance(v, str | int | float) for v in given.values()):
             raise _refusal(400, 10, 'the body must be a JSON object of arguments: {"name": "value", ...}')
+        for name, value in given.items():
+            if isinstance(value, str) and (char := not_xml(value)):
+                raise _refusal(400, 10, f"argument {name} contains {char}, a character XML does not allow")
         return given

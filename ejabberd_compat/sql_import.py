@@ -32,7 +32,7 @@ from server.stanza import add_delay, parse_datetime, parse_stored
 from server.storage import Storage, StoredCredentials
 from server.storage.archive import NewMessage
 from server.storage.muc import Affiliation, MucStore, StoredRoom
-from server.stream.writer import serialize
+from server.stream.writer import not_xml, serialize
 
 _SUBSCRIPTION = {"B": "both", "T": "to", "F": "from", "N": "none"}
 _ASK_OUT, _ASK_IN = frozenset("SOB"), frozenset("IB")  # ejabberd's ask: subscribe, out, both / in, both
@@ -198,6 +198,8 @@ async def _rosters(source: _Source, storage: Storage, host: str, created: dict[s
         for group in groups.get((row["username"], row["jid"]), []):
             SubElement(item_el, ns.qname(ROSTER, "group")).text = group
         try:
+            _xml_text(f"roster item {row['jid']}", row["nick"], row["askmessage"], groups.get((row["username"],
+                                                                                             row["jid"])))
             item = roster_item(item_el)
         except ValueError as exc:
             report.problems.append(f"{user}@{host}: {exc}")
@@ -295,7 +297,22 @@ def _stamp(message: Element, fallback: datetime) -> datetime:
         return fallback.replace(tzinfo=UTC)
 
 
+def _xml_text(what: str, *texts: Any) -> None:
+    """ValueError naming `what` when one of `texts` (strings, or lists and tuples of them, as in room
+    options) holds a character XML cannot carry: Parley writes these texts into stanzas."""
+    for text in texts:
+        if isinstance(text, str) and (char := not_xml(text)):
+            raise ValueError(f"{what} contains {char}, a character XML does not allow; not imported")
+        if isinstance(text, list | tuple):
+            _xml_text(what, *text)
+
+
 def _parse(xml: str, what: str, report: ImportReport) -> Element | None:
+    try:
+        _xml_text(what, xml)
+    except ValueError as exc:
+        report.problems.append(str(exc))
+        return None
     try:
         return parse_stored(xml)
     except (ParseError, IndexError):
@@ -392,6 +409,7 @@ def stored_room(name: str, options: Any, created: datetime) -> StoredRoom:
     """A Parley room from ejabberd's option list ([{Key, Value}]); ValueError if it is not one."""
     if not isinstance(options, list) or not all(isinstance(o, tuple) and len(o) == 2 for o in options):
         raise ValueError("room options are not a list of {Key, Value}")
+    _xml_text("room options", options)
     opts = dict(options)
     config: dict[str, Any] = {}
     for key, field_name in _ROOM_OPTIONS.items():

@@ -1,9 +1,10 @@
 """XEP-0050 Ad-Hoc Commands over the declarations of `server.commands` (XEP-0133 for admins).
 
-A command whose arguments come in several stages is a session: each stage is one XEP-0004 form, the
-client moves with next/prev and ends with complete or cancel, and the values of every stage are kept
-under a sessionid bound to the requesting full JID. Each requester sees in disco only the commands it
-may run; running another one is forbidden.
+A command with arguments asks for them in one XEP-0004 form, as XEP-0133 shows each command: `execute`
+returns the form under a sessionid bound to the requesting full JID, and the client ends with complete
+(or execute) and the submitted form, or cancel. A client that knows the form already may submit it with
+its first request (execute or complete, no sessionid), as scripts do. Each requester sees in disco only
+the commands it may run; running another one is forbidden.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from server.commands import (
     FIELD_TYPES,
     REFUSED,
     XML,
-    Arg,
     Command,
     CommandError,
     Context,
@@ -44,8 +44,6 @@ MAX_SESSIONS = 100  # unfinished sessions kept per host, so a client cannot pile
 class AdhocSession:
     command: Command
     owner: JID
-    stage: int = 0
-    raw: dict[str, list[str]] = field(default_factory=dict)  # submitted values, shown again on prev
     started: float = field(default_factory=time.monotonic)
 
 
@@ -111,62 +109,48 @@ class Adhoc(Module):
             raise StanzaError("forbidden", "you may not run this command")
         if action is not None and action not in ACTIONS:
             raise _error("bad-request", "malformed-action", f"unknown action {action!r}")
+        if action in ("next", "prev"):
+            raise _error("bad-request", "bad-action", "every command here has a single form: complete it")
+        submitted = find_form(stanza.el[0])
+        if submitted is not None and submitted.get("type") != "submit":
+            raise _error("bad-request", "bad-payload", "submit the form of the command")
         if sessionid is None:
-            if action not in (None, "execute"):
-                raise _error("bad-request", "bad-action", f"{action} needs a session")
-            return await self._start(stanza, command)
+            if action == "cancel":
+                raise _error("bad-request", "bad-action", "cancel needs a session")
+            if command.args and submitted is None and action != "complete":
+                return await self._start(stanza, command)
+            return await self._complete(stanza, command, secrets.token_hex(8), submitted)
         session = self.sessions.get(sessionid)
         if session is None or session.owner != stanza.from_ or session.command is not command:
             raise _error("bad-request", "bad-sessionid", "no such session")
         if action == "cancel":
             del self.sessions[sessionid]
             return _answer(command, sessionid, "canceled")
-        return await self._step(stanza, sessionid, session, action)
+        if submitted is None:
+            raise _error("bad-request", "bad-payload", "submit the form of the command")
+        answer = await self._complete(stanza, command, sessionid, submitted)
+        self.sessions.pop(sessionid, None)  # kept when the form was refused, so that the client can correct it
+        return answer
 
     async def _start(self, stanza: Stanza, command: Command) -> Element:
-        if command.stages == 0:
-            return await self._complete(stanza, command, secrets.token_hex(8), {})
         self._prune()
         sessionid = secrets.token_hex(8)
-        session = AdhocSession(command, stanza.from_)
+        current: dict[str, Any] = {}
         if command.defaults is not None:
             try:
                 current = await command.defaults(Context(self.host, stanza.from_))
             except CommandError as exc:
                 return _answer(command, sessionid, "completed", note=("error", str(exc)))
-            session.raw = {arg.name: arg.format(current.get(arg.name)) for arg in command.args}
-        self.sessions[sessionid] = session
-        return self._form(sessionid, session)
+        self.sessions[sessionid] = AdhocSession(command, stanza.from_)
+        return self._form(sessionid, command, current)
 
-    async def _step(self, stanza: Stanza, sessionid: str, session: AdhocSession, action: str | None) -> Element:
-        last = session.stage == session.command.stages - 1
-        if action == "prev":
-            if session.stage == 0:
-                raise _error("bad-request", "bad-action", "this is the first stage")
-            session.stage -= 1
-            return self._form(sessionid, session)
-        if action in (None, "execute"):
-            action = "complete" if last else "next"
-        if (action == "complete") != last:
-            raise _error("bad-request", "bad-action", f"{action} is not possible at this stage")
-        form = find_form(stanza.el[0])
-        if form is None or form.get("type") != "submit":
-            raise _error("bad-request", "bad-payload", "submit the form of this stage")
-        submitted = read_form(form)
-        for arg in self._stage_args(session):
-            session.raw[arg.name] = submitted.get(arg.name, [])
-            try:
-                arg.parse(session.raw[arg.name])
-            except CommandError as exc:
-                raise _error("bad-request", "bad-payload", str(exc)) from None
-        if not last:
-            session.stage += 1
-            return self._form(sessionid, session)
-        del self.sessions[sessionid]
-        values = {arg.name: arg.parse(session.raw.get(arg.name, [])) for arg in session.command.args}
-        return await self._complete(stanza, session.command, sessionid, values)
-
-    async def _complete(self, stanza: Stanza, command: Command, sessionid: str, values: dict[str, Any]) -> Element:
+    async def _complete(self, stanza: Stanza, command: Command, sessionid: str, form: Element | None) -> Element:
+        """Run `command` with the values of the submitted `form`; a form that does not parse is refused with
+        bad-payload, what the command refuses comes back as an error note."""
+        try:
+            values = command.parse_form(read_form(form) if form is not None else {})
+        except CommandError as exc:
+            raise _error("bad-request", "bad-payload", str(exc)) from None
         try:
             result = await command.run(Context(self.host, stanza.from_), values)
         except CommandError as exc:
@@ -183,21 +167,16 @@ class Adhoc(Module):
             answer.append(form)
         return answer
 
-    def _stage_args(self, session: AdhocSession) -> list[Arg]:
-        return [a for a in session.command.args if a.stage == session.stage]
-
-    def _form(self, sessionid: str, session: AdhocSession) -> Element:
-        command = session.command
+    def _form(self, sessionid: str, command: Command, current: dict[str, Any]) -> Element:
+        """The command's one form, showing the current values of what it edits."""
         answer = _answer(command, sessionid, "executing")
-        last = session.stage == command.stages - 1
-        actions = SubElement(answer, ns.qname(NS, "actions"), {"execute": "complete" if last else "next"})
-        if session.stage > 0:
-            SubElement(actions, ns.qname(NS, "prev"))
-        SubElement(actions, ns.qname(NS, "complete" if last else "next"))
+        actions = SubElement(answer, ns.qname(NS, "actions"), {"execute": "complete"})
+        SubElement(actions, ns.qname(NS, "complete"))
         answer.append(build_form("form", [
             Field(arg.name, "list-single" if arg.options else FIELD_TYPES[arg.type], arg.label,
-                  () if arg.type == "password" else tuple(session.raw.get(arg.name, ())), arg.required, arg.options)
-            for arg in self._stage_args(session)
+                  () if arg.type == "password" else tuple(arg.format(current.get(arg.name))), arg.required,
+                  arg.options)
+            for arg in command.args
         ], form_type=command.namespace, title=command.title))
         return answer
 

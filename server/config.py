@@ -18,6 +18,7 @@ from typing import Any
 from server.jid import JID, JIDError
 from server.options import check_option
 from server.registry import available, load
+from server.stream.writer import not_xml
 
 DEFAULT_MODULES: list[str] = [
     "roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "register", "vcard",
@@ -242,6 +243,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     """Validate already-decoded TOML; relative paths resolve against the folder of `source` (or the cwd).
     Without a `data_dir` key the data folder is $PARLEY_DATA (relative to the cwd), else `data_dir`."""
     base = Path(os.path.abspath(source)).parent if source is not None else Path.cwd()
+    _check_text(data, "")
     top = _Table(data, "")
     from_env = os.path.abspath(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
     data_dir = _resolve(base, top.string("data_dir", from_env or data_dir))
@@ -273,6 +275,21 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
         allow_unencrypted_plain=allow_unencrypted_plain, s2s=s2s, components=components,
     )
+
+
+def _check_text(value: Any, key: str) -> None:
+    """Refuse a string anywhere in the file that holds a character XML cannot carry: TOML and YAML escapes
+    can write one, and messages the server sends (welcome texts, module options) come from here."""
+    if isinstance(value, str):
+        if char := not_xml(value):
+            raise ConfigError(key, f"contains {char}, a character XML does not allow")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_text(name, key)
+            _check_text(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{key}[{i}]")
 
 
 class _Table:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
-from xml.etree.ElementTree import Element, SubElement, fromstring
+from xml.etree.ElementTree import Element, ParseError, SubElement, fromstring
 
 from server import ns
 from server.jid import JID
 from server.stream.errors import StanzaError
+from server.stream.writer import NOT_XML, REPLACEMENT
 
 if TYPE_CHECKING:
     from server.sessions import Session
@@ -117,5 +118,14 @@ def add_delay(el: Element, from_: str, when: datetime, reason: str | None = None
 
 
 def parse_stored(xml: str) -> Element:
-    """Stored stanzas are serialized inside jabber:client, so their top element has no xmlns."""
-    return fromstring(f'<w xmlns="{ns.CLIENT}">{xml}</w>')[0]
+    """Stored stanzas are serialized inside jabber:client, so their top element has no xmlns.
+
+    Before the writer replaced characters XML cannot carry, it stored them as they were: such a stanza is
+    read with U+FFFD in their place rather than failing the login (or query) that reads it."""
+    wrapped = f'<w xmlns="{ns.CLIENT}">{xml}</w>'
+    try:
+        return fromstring(wrapped)[0]
+    except ParseError:
+        if NOT_XML.search(xml) is None:
+            raise
+    return fromstring(NOT_XML.sub(REPLACEMENT, wrapped))[0]

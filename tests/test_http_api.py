@@ -203,3 +203,24 @@ def test_json_of_each_result_kind() -> None:
     assert shape(commands["stats"], {"stat": 3}) == {"stat": 3}
     assert shape(commands["registered_users"], {"users": ["a"]}) == ["a"]
     assert shape(commands["get_roster"], {"contacts": []}) == []
+
+
+async def test_text_xml_cannot_carry_is_refused_and_nothing_is_sent(api: Api) -> None:
+    """A body with U+0001 would reach the recipient's client as a stanza it cannot parse: 400 in ejabberd's
+    error shape, and the recipient, still connected, gets only the next, valid message."""
+    await api.h.add_user("bob")
+    bob = await api.h.client("bob@localhost")
+    inbox = api.h.inbox(bob)
+    available = asyncio.Event()
+    bob.add_event_handler("presence_available", lambda p: p["from"] == bob.boundjid and available.set())
+    bob.send_presence()
+    await asyncio.wait_for(available.wait(), 5)  # online: a message to the bare JID comes here
+    message = {"type": "chat", "from": "admin@localhost", "to": "bob@localhost", "subject": "", "body": "a\x01b"}
+    status, answer = await api.call("send_message", message)
+    assert (status, answer) == (400, {"status": "error", "code": 10, "message":
+                                      "argument body contains U+0001, a character XML does not allow"})
+    status, _ = await api.call("send_message", {**message, "body": "ok", "subject": "\ud800"})
+    assert status == 400
+    await api.ok("send_message", {**message, "body": "valid"})
+    assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "valid"
+    assert bob.is_connected()

@@ -152,10 +152,10 @@ async def test_create_instant_room_join_talk_and_leave(server: Harness) -> None:
 
     alice_inbox, bob_inbox = collect(alice), collect(bob)
     groupchat(bob, "hello room", id="m1")
-    for inbox in (alice_inbox, bob_inbox):
+    for inbox, to in ((alice_inbox, "alice@localhost/r"), (bob_inbox, "bob@localhost/r")):
         (msg,) = await take(inbox, 1)
-        assert (msg.get("from"), msg.get("type"), msg.get("id"), msg.findtext(BODY)) == \
-            (f"{ROOM}/Bob", "groupchat", "m1", "hello room")
+        assert (msg.get("to"), msg.get("from"), msg.get("type"), msg.get("id"), msg.findtext(BODY)) == \
+            (to, f"{ROOM}/Bob", "groupchat", "m1", "hello room")  # serialized once, addressed to each
 
     bob.plugin["xep_0045"].leave_muc(JID(ROOM), "Bob", "bye")
     gone = await until(alice_sees, lambda p: p.get("type") == "unavailable")

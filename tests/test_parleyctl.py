@@ -325,3 +325,21 @@ async def test_reload_config_of_a_server_started_from_an_ejabberd_yml(server: Ha
     assert localhost.config.registration
     assert await ok(server, "reload_config") == []
     assert not localhost.config.registration and localhost.is_admin(JID.make("carol", "localhost"))
+
+
+async def test_text_xml_cannot_carry_is_refused(server: Harness) -> None:
+    """parleyctl exits 1 with the reason, and nothing reaches the recipient, who stays connected."""
+    await server.add_user("bob")
+    bob = await server.client("bob@localhost")
+    inbox = server.inbox(bob)
+    available = asyncio.Event()
+    bob.add_event_handler("presence_available", lambda p: p["from"] == bob.boundjid and available.set())
+    bob.send_presence()
+    await asyncio.wait_for(available.wait(), 5)  # online: a message to the bare JID comes here
+    code, _, err = await run(server, "send_message", "chat", "localhost", "bob@localhost", "", "a\x01b")
+    assert (code, err) == (1, "Error: Body: contains U+0001, a character XML does not allow\n")
+    code, _, err = await console(config_file(server), "set_vcard", "bob", "localhost", "FN", "B\x0bob")
+    assert (code, err) == (1, "Error: Content: contains U+000B, a character XML does not allow\n")
+    await ok(server, "send_message", "chat", "localhost", "bob@localhost", "", "valid")
+    assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "valid"
+    assert bob.is_connected()

@@ -27,7 +27,7 @@ from tests.test_register import ask, legacy, unauthenticated
 register_stanza_plugin(Form, Roster)
 
 MINE = ("get-user-roster", "get-disabled-users-num", "get-disabled-users-list", "get-active-users-num",
-        "get-active-users-list", "get-idle-users-num", "get-idle-users-list", "set-motd", "edit-motd",
+        "get-active-users", "get-idle-users-num", "get-idle-users", "set-motd", "edit-motd",
         "delete-motd", "set-welcome", "delete-welcome", "edit-admin", "edit-blacklist", "edit-whitelist",
         "restart", "shutdown")
 SERVER_WIDE = ("edit-blacklist", "edit-whitelist", "restart", "shutdown")
@@ -86,15 +86,17 @@ async def test_get_user_roster(server: Harness) -> None:
     alice = await server.client("alice@localhost")
     await alice.update_roster("romeo@example.net", name="Romeo", groups=["Friends", "Lovers"], timeout=5)
     await alice.update_roster("mercutio@example.org", timeout=5)
-    result = await complete(admin, "get-user-roster", accountjid="alice@localhost")
-    assert result_values(result)["accountjid"] == "alice@localhost"
+    result = await complete(admin, "get-user-roster", accountjids=["alice@localhost"])
+    assert result_values(result)["accountjids"] == ["alice@localhost"]
     items = {str(jid): item for jid, item in result["form"]["roster"]["items"].items()}
     assert set(items) == {"romeo@example.net", "mercutio@example.org"}
     romeo = items["romeo@example.net"]
     assert (romeo["name"], romeo["subscription"], sorted(romeo["groups"])) == ("Romeo", "none", ["Friends", "Lovers"])
 
-    assert note(await complete(admin, "get-user-roster", accountjid="nobody@localhost"))[0] == "error"
-    assert note(await complete(admin, "get-user-roster", accountjid="alice@example.test"))[0] == "error"
+    assert note(await complete(admin, "get-user-roster", accountjids=["nobody@localhost"]))[0] == "error"
+    assert note(await complete(admin, "get-user-roster", accountjids=["alice@example.test"]))[0] == "error"
+    both = await complete(admin, "get-user-roster", accountjids=["alice@localhost", "admin@localhost"])
+    assert note(both) == ("error", "give one account: the result describes a single account")
 
 
 @pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
@@ -105,10 +107,12 @@ async def test_disabled_users(server: Harness) -> None:
     assert result_values(await run(admin, "get-disabled-users-num"))["disabledusersnum"] == "0"
     await complete(admin, "disable-user", accountjids=["emil@localhost", "carl@localhost"])
     assert result_values(await run(admin, "get-disabled-users-num"))["disabledusersnum"] == "2"
-    listed = result_values(await run(admin, "get-disabled-users-list"))["disableduserjids"]
+    listed = result_values(await complete(admin, "get-disabled-users-list", max_items="none"))["disableduserjids"]
     assert listed == ["carl@localhost", "emil@localhost"]
+    assert result_values(await complete(admin, "get-disabled-users-list", max_items="1"))["disableduserjids"] == \
+        ["carl@localhost"]
     await complete(admin, "reenable-user", accountjids=["carl@localhost"])
-    assert result_values(await run(admin, "get-disabled-users-list"))["disableduserjids"] == ["emil@localhost"]
+    assert result_values(await complete(admin, "get-disabled-users-list"))["disableduserjids"] == ["emil@localhost"]
 
 
 async def test_active_and_idle_users(server: Harness) -> None:
@@ -122,16 +126,19 @@ async def test_active_and_idle_users(server: Harness) -> None:
     await settled(fay)
     for session in server.server.sessions.of(JID.parse("gus@localhost")):
         session.last_active -= IDLE_AFTER  # as if gus had been quiet for that long
-    values = {name: result_values(await run(admin, name)) for name in (
-        "get-active-users-num", "get-active-users-list", "get-idle-users-num", "get-idle-users-list")}
-    assert values["get-active-users-list"]["activeuserjids"] == ["admin@localhost"]
+    values = {name: result_values(await run(admin, name, max_items="none")) for name in (
+        "get-active-users", "get-idle-users")}
+    values.update({name: result_values(await run(admin, name)) for name in (
+        "get-active-users-num", "get-idle-users-num")})
+    assert values["get-active-users"]["activeuserjids"] == ["admin@localhost"]
     assert values["get-active-users-num"]["activeusersnum"] == "1"
-    assert values["get-idle-users-list"]["idleuserjids"] == ["fay@localhost", "gus@localhost"]
+    # XEP-0133's example lists idle users in 'activeuserjids' too (its registry has no 'idleuserjids').
+    assert values["get-idle-users"]["activeuserjids"] == ["fay@localhost", "gus@localhost"]
     assert values["get-idle-users-num"]["idleusersnum"] == "2"
 
     fay.plugin["xep_0352"].send_active()
     await settled(fay)
-    assert result_values(await run(admin, "get-idle-users-list"))["idleuserjids"] == ["gus@localhost"]
+    assert result_values(await run(admin, "get-idle-users", max_items="none"))["activeuserjids"] == ["gus@localhost"]
 
 
 @pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)

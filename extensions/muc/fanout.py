@@ -18,19 +18,20 @@ from server.stream.writer import escape_attr, serialize
 if TYPE_CHECKING:
     from server.server import Server
 
-# A character XML forbids, so it cannot occur anywhere else in a serialized stanza.
-_HOLE = "\x00"
-
-
 class Prepared:
-    """A stanza serialized once, ready to be addressed to anyone; `el` is kept without a 'to'."""
+    """A stanza serialized once, ready to be addressed to anyone; `el` is kept without a 'to'.
+
+    The 'to' attribute goes right after the element's name: `head` ends with its opening quote and `tail`
+    starts with its closing one, so addressing is one concatenation around the escaped JID.
+    """
 
     __slots__ = ("el", "head", "tail")
 
     def __init__(self, el: Element) -> None:
-        el.set("to", _HOLE)
-        self.head, _, self.tail = serialize(el).partition(_HOLE)
-        del el.attrib["to"]
+        el.attrib.pop("to", None)
+        xml = serialize(el)
+        name_end = next(i for i, c in enumerate(xml) if c in " />" and i > 0)
+        self.head, self.tail = xml[:name_end] + ' to="', '"' + xml[name_end:]
         self.el = el
 
 

@@ -2,8 +2,8 @@
 
 Front ends (XEP-0050 ad-hoc commands, the CLI, the HTTP API) read these declarations to build
 their forms, options or JSON, parse arguments with `Arg.parse` and check `Command.allowed`, so no
-command is written once per front end. Arguments carry a `stage`: a front end that asks step by step
-(ad-hoc forms) asks for stage 0 first, then stage 1...; others ask for everything at once.
+command is written once per front end. Every front end asks for all the arguments of a command at once:
+XEP-0133 shows each of its commands as one form, which a client may also submit without asking for it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from server.jid import JID, JIDError
+from server.stream.writer import not_xml
 
 if TYPE_CHECKING:
     from server.host import Host
@@ -50,13 +51,18 @@ class Arg:
     type: str  # a key of FIELD_TYPES; commands that are not ad-hoc also take "path" and return "records"
     label: str
     required: bool = True
-    stage: int = 0
     # Values to choose from (XEP-0133's delays); a form offers them as a list, any value of the type is taken.
     options: tuple[str, ...] = ()
     fields: tuple[str, ...] = ()  # of each record, for a result of type 'records'
 
     def parse(self, values: list[str]) -> Any:
-        """The typed value of what a front end received as strings (None when optional and absent)."""
+        """The typed value of what a front end received as strings (None when optional and absent).
+
+        Text from outside XML (the control socket, the HTTP API) may hold characters XML cannot carry, which
+        would end up in a stanza or in storage: refused here, where every front end passes."""
+        for value in values:
+            if self.type != "path" and (char := not_xml(value)):
+                raise CommandError(f"{self.label}: contains {char}, a character XML does not allow")
         if self.type != "password":
             values = [v.strip() for v in values if v.strip()]
         if not values or not values[0]:
@@ -135,9 +141,10 @@ class Command:
     def node(self) -> str:
         return f"{self.namespace}#{self.name}"
 
-    @property
-    def stages(self) -> int:
-        return max((a.stage for a in self.args), default=-1) + 1
+    def parse_form(self, submitted: dict[str, list[str]]) -> dict[str, Any]:
+        """Typed values of every argument from a submitted form, where fields left out count as empty and
+        fields of no argument (FORM_TYPE, a client's extras) are ignored."""
+        return {a.name: a.parse(submitted.get(a.name, [])) for a in self.args}
 
     @property
     def adhoc(self) -> bool:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
-from xml.etree.ElementTree import Element
+from xml.etree.ElementTree import Element, SubElement
 
 from extensions.announce import broadcast, message
 from extensions.roster import item_element
@@ -19,6 +19,7 @@ from server.stream.errors import StreamError
 
 if TYPE_CHECKING:
     from extensions.announce import Announce
+    from extensions.vcard import VCard
     from server.sessions import Session
     from server.storage import Storage
 
@@ -60,14 +61,38 @@ async def _set_credentials(ctx: Context, jid: JID, password: str,
         raise CommandError(str(exc)) from None
 
 
-@command("add-user", "Add User", (ACCOUNT, Arg("password", "password", "The password for this account", stage=1),
-                                  Arg("password-verify", "password", "Retype password", stage=1)))
+@command("add-user", "Add User", (
+    Arg("accountjid", "jid", "The Jabber ID for the account to be added"), PASSWORD,
+    Arg("password-verify", "password", "Retype password"), Arg("email", "text", "Email address", required=False),
+    Arg("given_name", "text", "Given name", required=False), Arg("surname", "text", "Family name", required=False)))
 async def add_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """XEP-0133's one form; the email address and names, when given, start the new account's vCard."""
     if args["password"] != args["password-verify"]:
         raise CommandError("the passwords do not match")
     if not await _set_credentials(ctx, args["accountjid"], args["password"], create_account):
         raise CommandError(f"{args['accountjid']} exists already")
+    vcard = _new_vcard(args["email"], args["given_name"], args["surname"])
+    module = ctx.host.modules.get("vcard")
+    if vcard is not None and module is not None:
+        await cast("VCard", module).store(args["accountjid"], vcard)
     return {}
+
+
+def _new_vcard(email: str | None, given: str | None, family: str | None) -> Element | None:
+    """A vcard-temp with what add-user's form gave, or None when it gave nothing."""
+    if not (email or given or family):
+        return None
+    vcard = Element(ns.qname(ns.VCARD, "vCard"))
+    if given or family:
+        name = SubElement(vcard, ns.qname(ns.VCARD, "N"))
+        SubElement(name, ns.qname(ns.VCARD, "FAMILY")).text = family or ""
+        SubElement(name, ns.qname(ns.VCARD, "GIVEN")).text = given or ""
+        SubElement(vcard, ns.qname(ns.VCARD, "FN")).text = " ".join(p for p in (given, family) if p)
+    if email:
+        address = SubElement(vcard, ns.qname(ns.VCARD, "EMAIL"))
+        SubElement(address, ns.qname(ns.VCARD, "INTERNET"))
+        SubElement(address, ns.qname(ns.VCARD, "USERID")).text = email
+    return vcard
 
 
 @command("delete-user", "Delete User", (ACCOUNTS,))
@@ -92,11 +117,30 @@ async def registered_users_num(ctx: Context, args: dict[str, Any]) -> dict[str, 
     return {"registeredusersnum": await ctx.host.server.storage.accounts.count(ctx.host.name)}
 
 
-@command("get-registered-users-list", "Get List of Registered Users",
-         result=(Arg("registereduserjids", "jids", "The list of all users"),))
-async def registered_users_list(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+MAX_ITEMS = Arg("max_items", "text", "Maximum number of items to show", required=False,
+                options=("25", "50", "75", "100", "150", "200", "none"))
+
+
+def _user_list(name: str, title: str, var: str, label: str, users: Callable[[Context], Awaitable[list[JID]]]) -> None:
+    """Declare the list command `name`: XEP-0133 asks how many to show (max_items), then lists them in `var`."""
+    async def listed(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        found, limit = await users(ctx), args["max_items"]
+        if limit is None or limit == "none":
+            return {var: found}
+        if not limit.isdigit():
+            raise CommandError(f"{MAX_ITEMS.label}: a number or 'none', not {limit!r}")
+        return {var: found[:int(limit)]}
+
+    command(name, title, (MAX_ITEMS,), (Arg(var, "jids", label),))(listed)
+
+
+async def _registered(ctx: Context) -> list[JID]:
     users = await ctx.host.server.storage.accounts.list(ctx.host.name)
-    return {"registereduserjids": [JID.make(u, ctx.host.name) for u in sorted(users)]}
+    return [JID.make(u, ctx.host.name) for u in sorted(users)]
+
+
+_user_list("get-registered-users-list", "Get List of Registered Users", "registereduserjids", "The list of all users",
+           _registered)
 
 
 @command("get-online-users-num", "Get Number of Online Users",
@@ -105,10 +149,12 @@ async def online_users_num(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
     return {"onlineusersnum": len(ctx.host.server.sessions.users(ctx.host.name))}
 
 
-@command("get-online-users-list", "Get List of Online Users",
-         result=(Arg("onlineuserjids", "jids", "The list of all online users"),))
-async def online_users_list(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    return {"onlineuserjids": sorted(ctx.host.server.sessions.users(ctx.host.name), key=str)}
+async def _online(ctx: Context) -> list[JID]:
+    return sorted(ctx.host.server.sessions.users(ctx.host.name), key=str)
+
+
+_user_list("get-online-users-list", "Get List of Online Users", "onlineuserjids", "The list of all online users",
+           _online)
 
 
 @command("end-user-session", "End User Session", (ACCOUNTS,))
@@ -145,11 +191,9 @@ async def reenable_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-@command("announce", "Send Announcement to Online Users",
-         (Arg("subject", "text", "Subject", required=False), Arg("announcement", "lines", "Announcement")))
+@command("announce", "Send Announcement to Online Users", (Arg("announcement", "lines", "Announcement"),))
 async def announce(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    broadcast(ctx.host.server, ctx.host.name,
-              message(ctx.host.name, "\n".join(args["announcement"]), args["subject"]))
+    broadcast(ctx.host.server, ctx.host.name, message(ctx.host.name, "\n".join(args["announcement"])))
     return {}
 
 
@@ -167,48 +211,56 @@ async def user_stats(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
             "ipaddresses": sorted({s.remote_ip for s in sessions if s.remote_ip})}
 
 
-@command("get-user-lastlogin", "Get User Last Login Time", (ACCOUNT,), (
-    Arg("lastlogin", "text", "The last login time (XEP-0082); while offline, when the user last logged out"),))
+def _one(args: dict[str, Any]) -> JID:
+    """The account of a command whose XEP-0133 form takes several (accountjids) but whose result describes one."""
+    jids = args["accountjids"]
+    if len(jids) != 1:
+        raise CommandError("give one account: the result describes a single account")
+    return cast(JID, jids[0])
+
+
+@command("get-user-lastlogin", "Get User Last Login Time", (ACCOUNTS,), (
+    ACCOUNTS, Arg("lastlogin", "text", "The last login time (XEP-0082); while offline, when the user last logged out")))
 async def user_lastlogin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """Logins are not stored, logouts are: an online user's oldest session start, else the last logout."""
-    account = await ctx.host.server.storage.accounts.get(ctx.host.name, _local(ctx, args["accountjid"]))
+    jid = _one(args)
+    account = await ctx.host.server.storage.accounts.get(ctx.host.name, _local(ctx, jid))
     if account is None:
-        raise CommandError(f"{args['accountjid']} does not exist")
-    sessions = ctx.host.server.sessions.of(args["accountjid"])
+        raise CommandError(f"{jid} does not exist")
+    sessions = ctx.host.server.sessions.of(jid)
     if sessions:
         when: datetime | None = datetime.fromtimestamp(min(s.started for s in sessions), UTC)
     else:
         when = account.last_logout
-    return {"lastlogin": when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else "never"}
+    return {"accountjids": [jid], "lastlogin": when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else "never"}
 
 
-@command("get-user-roster", "Get User Roster", (ACCOUNT,),
-         (Arg("accountjid", "jid", "The Jabber ID"), Arg("roster", XML, "The roster")))
+@command("get-user-roster", "Get User Roster", (ACCOUNTS,), (ACCOUNTS, Arg("roster", XML, "The roster")))
 async def user_roster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """One account per request (XEP-0133's form asks for several but answers with one roster): the roster
     comes as a jabber:iq:roster <query/> inside the result form, as in the XEP's example."""
-    user = _local(ctx, args["accountjid"])
+    jid = _one(args)
+    user = _local(ctx, jid)
     storage = ctx.host.server.storage
     if not await storage.accounts.exists(ctx.host.name, user):
-        raise CommandError(f"{args['accountjid']} does not exist")
+        raise CommandError(f"{jid} does not exist")
     _, items = await storage.roster.get(ctx.host.name, user)
     query = Element(ns.qname(ns.ROSTER, "query"))
     query.extend(item_element(items[jid]) for jid in sorted(items))
-    return {"accountjid": args["accountjid"], "roster": query}
+    return {"accountjids": [jid], "roster": query}
 
 
-def _user_lists(kind: str, title: str, users: Callable[[Context], Awaitable[list[JID]]]) -> None:
-    """Declare get-KIND-users-num and get-KIND-users-list over the one function that finds those users."""
+def _user_lists(kind: str, title: str, users: Callable[[Context], Awaitable[list[JID]]], list_node: str,
+                list_var: str) -> None:
+    """Declare get-KIND-users-num and the list command over the one function that finds those users. The
+    list's node and field are XEP-0133's: get-disabled-users-list, but get-active-users and get-idle-users,
+    and the idle list comes in activeuserjids, as in the XEP's example (its registry has no idleuserjids)."""
     async def count(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         return {f"{kind}usersnum": len(await users(ctx))}
 
-    async def listed(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-        return {f"{kind}userjids": await users(ctx)}
-
     command(f"get-{kind}-users-num", f"Get Number of {title} Users",
             result=(Arg(f"{kind}usersnum", "int", f"The number of {kind} users"),))(count)
-    command(f"get-{kind}-users-list", f"Get List of {title} Users",
-            result=(Arg(f"{kind}userjids", "jids", f"The list of {kind} users"),))(listed)
+    _user_list(list_node, f"Get List of {title} Users", list_var, f"The list of {kind} users", users)
 
 
 async def _disabled(ctx: Context) -> list[JID]:
@@ -237,9 +289,9 @@ async def _idle_users(ctx: Context) -> list[JID]:
     return _online_by_activity(ctx, False)
 
 
-_user_lists("disabled", "Disabled", _disabled)
-_user_lists("active", "Active", _active_users)
-_user_lists("idle", "Idle", _idle_users)
+_user_lists("disabled", "Disabled", _disabled, "get-disabled-users-list", "disableduserjids")
+_user_lists("active", "Active", _active_users, "get-active-users", "activeuserjids")
+_user_lists("idle", "Idle", _idle_users, "get-idle-users", "activeuserjids")
 
 
 # --- standing messages: the message of the day and the welcome message (extensions/announce.py) ---------

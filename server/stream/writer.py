@@ -4,13 +4,35 @@ Written here rather than with `ElementTree.tostring` because that is an order of
 declares namespaces with generated prefixes. Inside a stream the stream's content namespace is the
 default namespace, so a stanza in the canonical jabber:client namespace is written without `xmlns`
 and takes jabber:client or jabber:server from the stream it is written into.
+
+What XML cannot carry (NOT_XML) is never written: the front ends that take text from outside XML refuse
+it, and should some reach an element anyway, the writer puts U+FFFD in its place and logs it, rather than
+send bytes that make the peer close the stream or store a stanza that cannot be read back.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from xml.etree.ElementTree import Element
 
 from server import ns
+
+log = logging.getLogger("parley.stream")
+
+# The characters XML 1.0 (section 2.2) forbids even as character references: the C0 controls but tab,
+# newline and carriage return, lone surrogates (which strings decoded from JSON may hold), U+FFFE, U+FFFF.
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+REPLACEMENT = "\ufffd"
+# Maps each C0 control XML forbids to NUL (itself one of them), so that one `in` finds them all afterwards.
+_C0_TO_NUL = bytes.maketrans(bytes(c for c in range(0x20) if c not in b"\t\n\r"),
+                             bytes(0x20 - 3))
+
+
+def not_xml(text: str) -> str | None:
+    """The first character of `text` that XML cannot carry, named as U+XXXX, or None when there is none."""
+    found = NOT_XML.search(text)
+    return f"U+{ord(found.group()):04X}" if found else None
 
 _XML_PREFIX = f"{{{ns.XML}}}"
 _STREAM_PREFIX = f"{{{ns.STREAM}}}"
@@ -92,11 +114,31 @@ def _write(el: Element, default_ns: str, out: list[str]) -> None:
         out.append(f"</{name}>")
 
 
+def _is_xml(xml: str) -> bool:
+    """Whether XML can carry every character of `xml`; this runs for every stanza, so it avoids a regular
+    expression, several times slower. The controls are found in the UTF-8 bytes with a byte translation
+    and one `in`; U+FFFE and U+FFFF with `in` on the string, which answers at once for a string of Latin-1
+    characters only (most stanzas), as it cannot hold them."""
+    try:
+        data = xml.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return b"\0" not in data.translate(_C0_TO_NUL) and "\ufffe" not in xml and "\uffff" not in xml
+
+
 def serialize(el: Element) -> str:
-    """Write a top-level element as it appears inside a client or server stream."""
+    """Write a top-level element as it appears inside a client or server stream.
+
+    One check of the written text finds what XML cannot carry, wherever it is (text, attribute, name):
+    cheaper than a check in each escape, and the markup written here never holds such characters."""
     out: list[str] = []
     _write(el, ns.CLIENT, out)
-    return "".join(out)
+    xml = "".join(out)
+    if _is_xml(xml):
+        return xml
+    log.warning("%s to %s held %s, which XML cannot carry; written as U+FFFD", _split(el.tag)[1], el.get("to"),
+                not_xml(xml))
+    return NOT_XML.sub(REPLACEMENT, xml)
 
 
 def stream_header(*, content_ns: str, from_: str | None, to: str | None, stream_id: str | None,
