@@ -7,8 +7,8 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
 from ejabberd_compat.http_api import HttpApi
@@ -200,7 +200,10 @@ class Server:
 
     def end_session_soon(self, session: Session) -> None:
         """End a session from synchronous code (a lost connection); stop() waits for these."""
-        task = asyncio.get_running_loop().create_task(self.end_session(session))
+        self._soon(self.end_session(session))
+
+    def _soon(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
@@ -215,6 +218,23 @@ class Server:
             await session.host.hooks.fire("session/closed", session)
         except Exception:
             log.exception("error while closing session %s", session.jid)
+        await self._hand_on(session)
+        session.flushed = True
+
+    def hand_on_soon(self, session: Session) -> None:
+        """Hand on what was sent to a session after it ended (a module that still held it)."""
+        self._soon(self._hand_on(session))
+
+    async def _hand_on(self, session: Session) -> None:
+        """Give what never reached the client to 'session/undelivered' (session, stanzas), oldest first: the
+        offline module sends messages to another resource or back to offline storage, and refuses iqs."""
+        while session.undelivered:
+            stanzas = list(session.undelivered)
+            session.undelivered.clear()
+            try:
+                await session.host.hooks.fire("session/undelivered", session, stanzas)
+            except Exception:
+                log.exception("error while handing on what %s did not get", session.jid)
 
     async def _sweep(self) -> None:
         """Whitespace keepalives and the unauthenticated-connection timeout, for all connections at once."""

@@ -60,6 +60,40 @@ class OfflineStore:
             popped = sorted(rows, key=lambda row: row.id)
         return [(row.stamp, row.stanza_xml) for row in popped]
 
+    async def pop(self, host: str, user: str, limit: int) -> list[tuple[datetime, str]]:
+        """Remove and return the `limit` oldest stored messages, oldest first: a page of a delivery that
+        waits for the client to take each page before it removes the next from storage."""
+        async with self._writer.begin() as conn:
+            oldest = select(offline.c.id).where(*user_rows(offline, host, user)).order_by(offline.c.id).limit(limit)
+            rows = await conn.execute(
+                delete(offline)
+                .where(offline.c.id.in_(oldest.scalar_subquery()))
+                .returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
+            )
+            popped = sorted(rows, key=lambda row: row.id)
+        return [(row.stamp, row.stanza_xml) for row in popped]
+
+    async def restore(self, host: str, user: str, messages: list[tuple[datetime, str]], after: int = 0) -> None:
+        """Put messages that were taken out for delivery and never reached the client back, in their order,
+        after the first `after` stored ones (0: before all of them), past the quota, since they were
+        accepted already: what is stored since then stays behind them.
+
+        The user's rows are written again in the new order (ids give the order), in one transaction.
+        """
+        async with self._writer.begin() as conn:
+            await lock_user(conn, _PUSH_LOCK, host, user)
+            rows = await conn.execute(
+                delete(offline)
+                .where(*user_rows(offline, host, user))
+                .returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
+            )
+            stored = [(row.stamp, row.stanza_xml) for row in sorted(rows, key=lambda row: row.id)]
+            ordered = stored[:after] + messages + stored[after:]
+            await conn.execute(
+                offline.insert(),
+                [{"host": host, "username": user, "stamp": stamp, "stanza_xml": xml} for stamp, xml in ordered],
+            )
+
     async def count(self, host: str, user: str) -> int:
         async with self._engine.begin() as conn:
             stored = await conn.scalar(
