@@ -111,7 +111,7 @@ class C2SConnection(StreamEdge):
     def connection_lost(self, exc: Exception | None) -> None:
         deliberate = self.closing  # the stream was closed or an error sent, not cut off
         self.closing = True
-        self.server.connections.discard(self)
+        self.server.forget(self)
         if self._counted_ip:
             self.server.ip_counter.release(self.remote_ip)
             self._counted_ip = False
@@ -129,6 +129,13 @@ class C2SConnection(StreamEdge):
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self.server.output.held(self, 0)
+
+    def flush(self) -> None:
+        """Write, and count what the client does not read fast enough against the server's output budget."""
+        super().flush()
+        if not self._writable.is_set() and self.transport is not None and not self.closing:
+            self.server.hold_output(self, self.transport.get_write_buffer_size())
 
     async def room(self, wait: bool) -> int:
         """The session's flow control without stream management: any number of stanzas, once the socket's
