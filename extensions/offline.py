@@ -5,6 +5,10 @@ available presence has a non-negative priority. Chat-state-only messages are dro
 not to store them, and bouncing them would only make noise); a XEP-0334 <no-store/> hint is honoured
 by bouncing the message, so the sender learns it was not delivered. <no-permanent-store/> does not
 forbid offline storage: XEP-0334 allows keeping such a message temporarily until delivery.
+
+Delivery goes in pages as fast as the client takes them. What never reached a client that went
+('session/undelivered') comes back here: messages go to another resource, or back to offline storage
+ahead of what was stored since, in their order.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from datetime import UTC, datetime
+from weakref import WeakKeyDictionary
 from xml.etree.ElementTree import Element
 
 from server import ns
@@ -51,6 +56,8 @@ class Offline(Module):
         self.hook("session/closed", self.session_closed, priority=-50)  # after stream management
         self.hook("session/undelivered", self.undelivered)
         self._delivering: dict[Session, asyncio.Task[None]] = {}
+        # How many messages of a session went back to storage: what it hands on later goes behind them.
+        self._restored: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
 
     async def store(self, stanza: Stanza) -> bool | None:
         """Take a chat or normal message for a user without an available resource.
@@ -137,8 +144,8 @@ class Offline(Module):
                         add_delay(message, self.host.name, now, "Offline Storage")
                     back.append((now, serialize(message)))
         if back:
-            restored = int(session.data.get(self.name) or 0)  # type: ignore[call-overload]
-            session.data[self.name] = restored + len(back)
+            restored = self._restored.get(session, 0)
+            self._restored[session] = restored + len(back)
             await self.server.storage.offline.restore(session.bare.domain, session.bare.local, back, restored)
 
     def _to_other_resources(self, session: Session, message: Element) -> bool:

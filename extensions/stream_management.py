@@ -131,7 +131,6 @@ class Managed:
     def close(self, condition: str | None) -> None:
         """The session's way to its connection's close; a detached session just ends."""
         if self.conn is not None:
-            self.session.closed = True  # what comes next waits in `undelivered`, after the queue
             self.conn.close_session(condition)
         elif not self.session.closed:
             # Out of the registry at once, so that nothing more is routed to a session that is going.

@@ -142,9 +142,9 @@ class Server:
             srv.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        connections = list(self.connections)
-        if connections:
-            _, late = await asyncio.wait([asyncio.ensure_future(conn.finish()) for conn in connections],
+        sessions = [conn for conn in self.connections if conn.session is not None]  # the rest has nothing to lose
+        if sessions:
+            _, late = await asyncio.wait([asyncio.ensure_future(conn.finish()) for conn in sessions],
                                          timeout=FINISH_TIMEOUT)
             if late:
                 log.warning("%d connections were still handling what they read after %g s", len(late),

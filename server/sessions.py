@@ -70,7 +70,7 @@ class Session:
 
     def send(self, el: Element) -> None:
         if self.closed:
-            self.send_raw("", el)
+            self._keep(el)
         else:
             self.send_raw(serialize(el), el)
 
@@ -81,14 +81,18 @@ class Session:
         data goes out as it is (as when `hold` lets go of what it took).
         """
         if self.closed:
-            self.undelivered.append(el if el is not None else parse_stored(data))
-            if self.flushed:
-                self.host.server.hand_on_soon(self)
+            self._keep(el if el is not None else parse_stored(data))
         elif el is None or self.hold is None or not self.hold(el, data):
             if self.outbox is None:
                 self._write(data)
             else:
                 self.outbox(data, el)
+
+    def _keep(self, el: Element) -> None:
+        """A stanza for a session that is closed: kept for the hand-on when it ends, or handed on now if it has."""
+        self.undelivered.append(el)
+        if self.flushed:
+            self.host.server.hand_on_soon(self)
 
     async def ready(self, most: int, wait: bool = True) -> int:
         """How many more stanzas (at most `most`) the client can take, once it can take any if `wait`; 0 once
