@@ -17,6 +17,7 @@ from xml.etree.ElementTree import Element, SubElement
 import pytest
 
 from server.jid import JID
+from server.limits import OutputBudget
 from server.stanza import parse_stored
 from server.storage import open_storage
 from tests.conftest import Harness, RawClient, free_port
@@ -145,3 +146,12 @@ async def test_output_held_for_clients_that_do_not_read_is_capped_server_wide(
     await until(lambda: len(received) == 3)
     assert not sessions["reader"].closed
     reading.cancel()
+
+
+def test_the_output_budget_closes_the_largest_holders_first() -> None:
+    budget: OutputBudget[str] = OutputBudget(100)
+    assert budget.held("a", 40) == [] and budget.held("b", 50) == []
+    assert budget.held("c", 30) == ["b"]  # 120 > 100: the largest goes, 70 left
+    assert budget.holding == 70
+    assert budget.held("a", 0) == [] and budget.holding == 30  # drained below its high mark
+    assert budget.held("c", 200) == ["c"] and budget.holding == 0
