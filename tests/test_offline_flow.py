@@ -26,6 +26,8 @@ SMALL_QUEUE = pytest.mark.parley_config(
     module_options={"stream_management": {"max_queue": 50, "resume_timeout": 30}},
 )
 
+BOTH_BACKENDS = pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+
 
 async def fill(server: Harness, count: int) -> ClientXMPP:
     """bob sends alice (offline) `count` numbered messages; returns bob once all are stored."""
@@ -60,6 +62,7 @@ async def test_a_backlog_larger_than_max_queue_reaches_a_stream_management_clien
 
 
 @SMALL_QUEUE
+@BOTH_BACKENDS
 async def test_a_backlog_stays_stored_in_order_when_the_client_stops_acknowledging(server: Harness) -> None:
     await fill(server, BACKLOG)
     raw = await bound(server, "alice", "phone")
@@ -91,6 +94,7 @@ def _body(xml: str) -> str:
     limits={"offline_quota": 2 * BACKLOG},
     module_options={"stream_management": {"max_queue": 5, "resume_timeout": 30}},
 )
+@BOTH_BACKENDS
 async def test_a_failed_resumption_tells_h_and_stores_what_was_not_acknowledged_once_in_order(
         server: Harness) -> None:
     await server.add_user("bob")

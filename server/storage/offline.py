@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import lock_user, read, user_params, user_rows, writer
@@ -44,31 +44,25 @@ class OfflineStore:
             )
 
     async def pop_all(self, host: str, user: str) -> list[tuple[datetime, str]]:
-        """Remove and return the stored messages, oldest first.
+        """Remove and return the stored messages, oldest first."""
+        return await self.pop(host, user, None)
+
+    async def pop(self, host: str, user: str, limit: int | None) -> list[tuple[datetime, str]]:
+        """Remove and return the `limit` oldest stored messages (all without a limit), oldest first: a page
+        of a delivery that waits for the client to take each page before it takes the next from storage.
 
         Most logins find nothing, so a read (which never waits for the write lock) looks first; then a
         single DELETE ... RETURNING, so concurrent pops never deliver a message twice.
         """
         if await read(self._engine, lambda conn: conn.scalar(_ANY, {"host": host, "username": user})) is None:
             return []
+        mine: tuple[ColumnElement[bool], ...] = user_rows(offline, host, user)
+        if limit is not None:
+            oldest = select(offline.c.id).where(*mine).order_by(offline.c.id).limit(limit)
+            mine = (offline.c.id.in_(oldest.scalar_subquery()),)
         async with self._writer.begin() as conn:
             rows = await conn.execute(
-                delete(offline)
-                .where(*user_rows(offline, host, user))
-                .returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
-            )
-            popped = sorted(rows, key=lambda row: row.id)
-        return [(row.stamp, row.stanza_xml) for row in popped]
-
-    async def pop(self, host: str, user: str, limit: int) -> list[tuple[datetime, str]]:
-        """Remove and return the `limit` oldest stored messages, oldest first: a page of a delivery that
-        waits for the client to take each page before it removes the next from storage."""
-        async with self._writer.begin() as conn:
-            oldest = select(offline.c.id).where(*user_rows(offline, host, user)).order_by(offline.c.id).limit(limit)
-            rows = await conn.execute(
-                delete(offline)
-                .where(offline.c.id.in_(oldest.scalar_subquery()))
-                .returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
+                delete(offline).where(*mine).returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
             )
             popped = sorted(rows, key=lambda row: row.id)
         return [(row.stamp, row.stanza_xml) for row in popped]
