@@ -127,8 +127,7 @@ async def test_output_held_for_clients_that_do_not_read_is_capped_server_wide(
     users = ["u0", "u1", "u2"]
     for user in [*users, "reader", "bob"]:
         await server.add_user(user, "pw")
-    for user in users:
-        await not_reading(server, user)
+    stalled = [await not_reading(server, user) for user in users]
     reader = await login(server, "reader", "desk")
     received: list[str] = []
     reading = asyncio.get_running_loop().create_task(read_messages(reader, received))
@@ -146,6 +145,8 @@ async def test_output_held_for_clients_that_do_not_read_is_capped_server_wide(
     await until(lambda: len(received) == 3)
     assert not sessions["reader"].closed
     reading.cancel()
+    for raw in stalled:
+        raw.writer.transport.abort()
 
 
 def test_the_output_budget_closes_the_largest_holders_first() -> None:
