@@ -5,19 +5,25 @@ available presence has a non-negative priority. Chat-state-only messages are dro
 not to store them, and bouncing them would only make noise); a XEP-0334 <no-store/> hint is honoured
 by bouncing the message, so the sender learns it was not delivered. <no-permanent-store/> does not
 forbid offline storage: XEP-0334 allows keeping such a message temporarily until delivery.
+
+Delivery goes in pages as fast as the client takes them. What never reached a client that went
+('session/undelivered') comes back here: messages go to another resource, or back to offline storage
+ahead of what was stored since, in their order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
-import sys
 from datetime import UTC, datetime
+from weakref import WeakKeyDictionary
 from xml.etree.ElementTree import Element
 
 from server import ns
+from server.jid import JID, JIDError
 from server.module import Module
 from server.sessions import Session
-from server.stanza import Stanza, add_delay, parse_stored
+from server.stanza import IQ, MESSAGE, Stanza, add_delay, parse_stored
 from server.storage import QuotaExceeded
 from server.storage.engine import Outage, storage_condition
 from server.stream.errors import StanzaError
@@ -28,8 +34,10 @@ CHATSTATES = "http://jabber.org/protocol/chatstates"
 NO_STORE = ns.qname(HINTS, "no-store")
 STORE = ns.qname(HINTS, "store")
 THREAD = ns.qname(ns.CLIENT, "thread")
+DELAY = ns.qname(ns.DELAY, "delay")
 FULL = "offline storage full"
 UNAVAILABLE = "offline storage is not available"
+PAGE = 100  # messages taken from storage at a time for a client that takes them
 
 
 def has_content(el: Element) -> bool:
@@ -49,6 +57,11 @@ class Offline(Module):
         self.outage = Outage("offline storage", "messages to offline users are bounced")
         self.hook("message/offline", self.store)
         self.hook("presence/initial", self.deliver)
+        self.hook("session/closed", self.session_closed, priority=-50)  # after stream management
+        self.hook("session/undelivered", self.undelivered)
+        self._delivering: dict[Session, asyncio.Task[None]] = {}
+        # How many messages of a session went back to storage: what it hands on later goes behind them.
+        self._restored: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
 
     async def store(self, stanza: Stanza) -> bool | None:
         """Take a chat or normal message for a user without an available resource.
@@ -82,16 +95,92 @@ class Offline(Module):
         return True
 
     async def deliver(self, session: Session) -> None:
+        """Deliver the stored messages, oldest first, a page at a time as the client takes them.
+
+        A page leaves storage only when the client has room for it (stream management's queue, or the
+        connection's buffer), so a backlog larger than stream management's 'max_queue' never overflows it
+        and what is not sent yet stays stored if the session ends. What the client has room for goes at
+        once; the rest follows from a task of its own, since the acknowledgements it waits for are read by
+        this connection's reader, which is running this hook.
+        """
         if session.priority < 0:
             return
+        if await self._page(session, wait=False) is not False:
+            task = self.spawn(self._pages(session))
+            self._delivering[session] = task
+            task.add_done_callback(lambda _: self._delivering.pop(session, None))
+
+    async def _pages(self, session: Session) -> None:
+        while await self._page(session, wait=True) is not False:
+            pass
+
+    async def _page(self, session: Session, wait: bool) -> bool | None:
+        """Send one page of the backlog: False when the backlog is done or the session is closed, None when
+        the client had no room and `wait` was False."""
+        wanted = await session.ready(PAGE, wait)
+        if not wanted:
+            return None if not wait and not session.closed else False
         bare = session.bare
-        offline = self.server.storage.offline
-        messages = await offline.pop_all(bare.domain, bare.local)
-        if session.closed:
-            # The session ended while the database answered: keep the messages for the next login,
-            # past the quota, since they were accepted already.
-            for stamp, xml in messages:
-                await offline.push(bare.domain, bare.local, xml, stamp, sys.maxsize)
-            return
-        for _, xml in messages:
-            session.send(parse_stored(xml))
+        page = await self.server.storage.offline.pop(bare.domain, bare.local, wanted)
+        for _, xml in page:
+            session.send(parse_stored(xml))  # a session that closed meanwhile hands them on when it ends
+        return len(page) == wanted
+
+    async def session_closed(self, session: Session) -> None:
+        """Let a page under way reach the session before the session hands on what it did not deliver."""
+        task = self._delivering.get(session)
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def undelivered(self, session: Session, stanzas: list[Element]) -> None:
+        """What never reached a client that went: messages to another resource, else back to offline storage
+        ahead of what was stored since (they are older), iq requests refused; the rest is dropped, as
+        XEP-0198 allows for what a session that is not resumed leaves behind."""
+        back: list[tuple[datetime, str]] = []
+        for el in stanzas:
+            sender = _sender(el)
+            if sender is None:
+                continue
+            if el.tag == IQ and el.get("type") in ("get", "set"):
+                await self.server.router.bounce(Stanza(el, "iq", sender, session.jid),
+                                                StanzaError("service-unavailable"))
+            elif el.tag == MESSAGE and _worth_keeping(session, el, sender):
+                message = copy.copy(el)
+                message.set("to", str(session.bare))
+                if el.find(NO_STORE) is not None:
+                    await self.server.router.bounce(Stanza(message, "message", sender, session.bare),
+                                                    StanzaError("service-unavailable"))
+                elif not self._to_other_resources(session, message):
+                    now = datetime.now(UTC)
+                    if message.find(DELAY) is None:
+                        add_delay(message, self.host.name, now, "Offline Storage")
+                    back.append((now, serialize(message)))
+        if back:
+            restored = self._restored.get(session, 0)
+            self._restored[session] = restored + len(back)
+            await self.server.storage.offline.restore(session.bare.domain, session.bare.local, back, restored)
+
+    def _to_other_resources(self, session: Session, message: Element) -> bool:
+        others = [s for s in self.server.sessions.available(session.bare)
+                  if s.priority >= 0 and not s.closed and s is not session]
+        if not others:
+            return False
+        top = max(s.priority for s in others)
+        add_delay(message, self.host.name, datetime.now(UTC), "Resent after a lost connection")
+        for other in others:
+            if other.priority == top:
+                other.send(message)
+        return True
+
+
+def _worth_keeping(session: Session, el: Element, sender: JID) -> bool:
+    """A chat or normal message with content from someone else; the account's own copies (carbons, archive
+    results) are elsewhere already."""
+    return (el.get("type") or "normal") in ("chat", "normal") and has_content(el) and sender.bare != session.bare
+
+
+def _sender(el: Element) -> JID | None:
+    try:
+        return JID.parse(el.get("from") or "")
+    except JIDError:
+        return None

@@ -13,33 +13,36 @@ authenticates again and sends <resume previd h/> within 'resume_timeout' seconds
 on its new connection, with everything it had not acknowledged sent again exactly once. Otherwise, when
 the timeout passes, the queue outgrows 'max_queue', or the session is replaced, it ends as any other.
 
-When a managed session ends, what the client never acknowledged is not lost: chat and normal messages
-with content go to the account's other available resources, or to offline storage when there are none,
-straight to them, not through the router, so the archive and carbons (which saw them the first time)
-do not see them again. A message that another resource already got (a message to the bare JID given to
-several resources, or copied by carbons) is not sent again. Iq requests get a service-unavailable error;
-presence, results, errors, group chat and the account's own copies are dropped, as XEP-0198 allows.
+When a managed session ends, what the client never acknowledged is not lost: it goes, oldest first, to
+the session's `undelivered` stanzas, which the server hands to the offline module when the session ends
+(chat and normal messages to another resource or back to offline storage, in their order, iq requests
+refused). A message that another resource already got (a message to the bare JID given to several
+resources, or copied by carbons) is not among them. A client that tries to resume a session that has
+ended gets <failed h/> with the count of its stanzas the server handled (XEP-0198 section 5), as long
+as the server remembers the session (the last `ENDED_KEPT` ended sessions).
+
+The session's `room` tells a long sender (offline delivery) how many stanzas the queue can take before
+it holds half of 'max_queue', asking the client for an acknowledgement when it is full, so that a backlog
+goes in pages as the client acknowledges them and never overflows the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import secrets
-from datetime import UTC, datetime
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 from weakref import WeakSet
 from xml.etree.ElementTree import Element, SubElement
 
 from extensions.carbons import eligible
-from extensions.offline import has_content
-from server.jid import JID, JIDError
+from server.jid import JID
 from server.module import Module
 from server.options import Option
 from server.sessions import Session
-from server.stanza import IQ, MESSAGE, Stanza, add_delay, parse_stored
-from server.stream.errors import StanzaError, StreamError
+from server.stanza import Stanza, parse_stored
+from server.stream.errors import StreamError
 from server.stream.sm import (
     ACK,
     ENABLE,
@@ -65,6 +68,7 @@ REQUEST_XML = serialize(request_element())
 RESUME_TIMEOUT = 300.0
 MAX_QUEUE = 500
 CARBONS = "carbons"  # the carbons module's mark on a session that enabled them
+ENDED_KEPT = 10_000  # ended resumable sessions whose 'h' a failed resumption is told
 
 
 class Managed:
@@ -81,6 +85,7 @@ class Managed:
         self.requested = False  # an <r/> is out and not answered yet
         self.timer: asyncio.TimerHandle | None = None
         self.shared: WeakSet[Element] = WeakSet()  # messages that other resources of the account got too
+        self.changed = asyncio.Event()  # set when the client acknowledges, resumes, or the session ends
 
     def outbox(self, data: str, el: Element | None) -> None:
         self.state.sent((data, el))
@@ -94,6 +99,24 @@ class Managed:
             if not self.requested:
                 self.requested = True
                 self.session.transmit(REQUEST_XML)
+
+    async def room(self, wait: bool) -> int:
+        """How many more stanzas the queue can take before it holds half of 'max_queue' (the other half is
+        for live traffic), once it can take any and the client is connected if `wait`; 0 when it cannot
+        (now, or at all since the session is closed). Asks the client for an acknowledgement when full."""
+        limit = max(1, self.module.max_queue // 2)
+        while not self.session.closed:
+            free = limit - len(self.state)
+            if free > 0 and not self.session.detached:
+                return free
+            if not self.session.detached and not self.requested:
+                self.requested = True
+                self.session.transmit(REQUEST_XML)
+            if not wait:
+                break
+            self.changed.clear()
+            await self.changed.wait()
+        return 0
 
     def hibernate(self) -> bool:
         self.conn = None
@@ -136,6 +159,7 @@ class Managed:
         self.requested = bool(pending)
         if pending:
             session.transmit(REQUEST_XML)
+        self.changed.set()
 
 
 class StreamManagementModule(Module):
@@ -151,6 +175,7 @@ class StreamManagementModule(Module):
         self.resume_timeout = self.option("resume_timeout")
         self.max_queue = self.option("max_queue")
         self._resumable: dict[str, Managed] = {}
+        self._ended: OrderedDict[str, tuple[JID, int]] = OrderedDict()  # resumption id -> (account, our 'h')
         self.hook("c2s/features", self.features)
         self.hook("c2s/element", self.element)
         self.hook("c2s/handled", self.handled)
@@ -203,6 +228,7 @@ class StreamManagementModule(Module):
         session.data[NAME] = managed
         session.attach(conn.write, managed.close)
         session.outbox = managed.outbox
+        session.room = managed.room
         enabled = Element(ENABLED)
         if managed.id is not None:
             self._resumable[managed.id] = managed
@@ -215,10 +241,11 @@ class StreamManagementModule(Module):
             # XEP-0198 5: after authentication, instead of resource binding.
             conn.send(failed("not-authorized" if conn.username is None else "unexpected-request"))
             return
-        managed = self._resumable.get(el.get("previd") or "")
-        if managed is None or managed.session.closed or \
-                managed.session.bare != JID.make(conn.username, conn.host.name):
-            conn.send(failed("item-not-found"))
+        previd = el.get("previd") or ""
+        account = JID.make(conn.username, conn.host.name)
+        managed = self._resumable.get(previd)
+        if managed is None or managed.session.closed or managed.session.bare != account:
+            conn.send(failed("item-not-found", self._last_h(previd, account)))
             return
         try:
             h = parse_h(el.get("h"))
@@ -240,6 +267,15 @@ class StreamManagementModule(Module):
             raise StreamError("invalid-xml", str(exc)) from None
         managed.state.acknowledge(h)
         managed.requested = False
+        managed.changed.set()
+
+    def _last_h(self, previd: str, account: JID) -> int | None:
+        """Our 'h' of the account's session `previd` that cannot be resumed, if it is still known."""
+        managed = self._resumable.get(previd)
+        if managed is not None and managed.session.bare == account:
+            return managed.state.handled
+        ended = self._ended.get(previd)
+        return ended[1] if ended is not None and ended[0] == account else None
 
     # --- detached sessions ------------------------------------------------------------------------
 
@@ -272,42 +308,12 @@ class StreamManagementModule(Module):
             managed.timer.cancel()
         if managed.id is not None:
             self._resumable.pop(managed.id, None)
-        session.outbox = session.hibernate = None
-        for data, el in managed.state.take_unacked():
-            stanza = el if el is not None else parse_stored(data)
-            if stanza.tag == MESSAGE and stanza not in managed.shared:
-                await self._redeliver(session, stanza)
-            elif stanza.tag == IQ and stanza.get("type") in ("get", "set"):
-                await self._refuse(session, stanza)
-
-    async def _redeliver(self, session: Session, el: Element) -> None:
-        """A message the gone session may not have shown: to another resource, else to offline storage."""
-        sender = _sender(el)
-        if (el.get("type") or "normal") not in ("chat", "normal") or not has_content(el) \
-                or sender is None or sender.bare == session.bare:
-            return  # the account's own copies (carbons, archive results) are elsewhere already
-        message = copy.copy(el)
-        message.set("to", str(session.bare))
-        others = [s for s in self.server.sessions.available(session.bare) if s.priority >= 0 and not s.closed]
-        if others:
-            top = max(s.priority for s in others)
-            add_delay(message, self.host.name, datetime.now(UTC), "Resent after a lost connection")
-            for other in others:
-                if other.priority == top:
-                    other.send(message)
-            return
-        stanza = Stanza(message, "message", sender, session.bare)
-        if await self.host.hooks.fire("message/offline", stanza) is None:
-            await self.server.router.bounce(stanza, StanzaError("service-unavailable"))
-
-    async def _refuse(self, session: Session, el: Element) -> None:
-        sender = _sender(el)
-        if sender is not None:
-            await self.server.router.bounce(Stanza(el, "iq", sender, session.jid), StanzaError("service-unavailable"))
-
-
-def _sender(el: Element) -> JID | None:
-    try:
-        return JID.parse(el.get("from") or "")
-    except JIDError:
-        return None
+            self._ended[managed.id] = (session.bare, managed.state.handled)
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
+        session.outbox = session.hibernate = session.room = None
+        managed.changed.set()
+        stanzas = [el if el is not None else parse_stored(data) for data, el in managed.state.take_unacked()]
+        stanzas += session.undelivered
+        session.undelivered.clear()
+        session.undelivered.extend(el for el in stanzas if el not in managed.shared)

@@ -19,6 +19,7 @@ import base64
 import binascii
 import logging
 import secrets
+import sys
 import time
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
@@ -93,6 +94,8 @@ class C2SConnection(StreamEdge):
         self._scram: ScramServer | None = None
         self._sasl_failures = 0
         self._channel_bindings: dict[str, bytes] = {}
+        self._writable = asyncio.Event()  # cleared while the socket's write buffer is above its high mark
+        self._writable.set()
 
     def __repr__(self) -> str:
         who = f" {self.session.jid}" if self.session is not None else ""
@@ -114,17 +117,44 @@ class C2SConnection(StreamEdge):
     def connection_lost(self, exc: Exception | None) -> None:
         deliberate = self.closing  # the stream was closed or an error sent, not cut off
         self.closing = True
-        self.server.connections.discard(self)
+        self.server.forget(self)
         if self._counted_ip:
             self.server.ip_counter.release(self.remote_ip)
             self._counted_ip = False
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
+        self._writable.set()
         if self.session is not None:
             session, self.session = self.session, None
             if deliberate or session.hibernate is None or not session.hibernate():
                 session.closed = True
                 self.server.end_session_soon(session)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        self.server.output.held(self, 0)
+
+    def flush(self) -> None:
+        """Write, and count what the client does not read fast enough against the server's output budget."""
+        super().flush()
+        if not self._writable.is_set() and self.transport is not None and not self.closing:
+            self.server.hold_output(self, self.transport.get_write_buffer_size())
+
+    async def room(self, wait: bool) -> int:
+        """The session's flow control without stream management: any number of stanzas, once the socket's
+        write buffer has drained below its high mark (asyncio's pause_writing/resume_writing)."""
+        self.flush()
+        if wait:
+            await self._writable.wait()
+        return sys.maxsize if self._writable.is_set() else 0
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.closed = True  # what is sent to it from now on is handed on when it ends
+        super().close()
 
     def _send_header(self) -> None:
         if not self.header_sent:
@@ -418,6 +448,7 @@ class C2SConnection(StreamEdge):
         elif len(sessions.of(jid.bare)) >= MAX_RESOURCES:
             raise StanzaError("resource-constraint", f"at most {MAX_RESOURCES} resources per account")
         self.session = Session(jid, self.host, self.write, self.close_session, self.remote_ip)
+        self.session.room = self.room
         sessions.add(self.session)
         return jid
 

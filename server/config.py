@@ -85,6 +85,7 @@ class LimitsConfig:
     auth_max_failures: int = 5
     auth_lockout: float = 60.0
     offline_quota: int = 1000
+    max_output_total: int = 256 * 1024 * 1024  # bytes held for clients that read slower than written, together
 
 
 @dataclass
@@ -454,6 +455,7 @@ def _limits(table: _Table) -> LimitsConfig:
         auth_max_failures=table.integer("auth_max_failures", d.auth_max_failures, minimum=1),
         auth_lockout=table.seconds("auth_lockout", d.auth_lockout, 0),
         offline_quota=table.integer("offline_quota", d.offline_quota, minimum=1),
+        max_output_total=table.integer("max_output_total", d.max_output_total, minimum=1),
     )
     table.finish()
     return limits

@@ -1,4 +1,4 @@
-"""Abuse limits as pure logic: read-rate buckets, auth throttling, per-IP caps.
+"""Abuse limits as pure logic: read-rate buckets, auth throttling, per-IP caps, the server-wide output budget.
 
 Clocks are injectable so the policies can be tested without sleeping.
 """
@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-__all__ = ["AuthThrottle", "ConnectionCounter", "TokenBucket"]
+__all__ = ["AuthThrottle", "ConnectionCounter", "OutputBudget", "TokenBucket"]
 
 Clock = Callable[[], float]
+K = TypeVar("K", bound=Hashable)
 
 
 class TokenBucket:
@@ -157,3 +159,34 @@ class ConnectionCounter:
     def count(self, ip: str) -> int:
         """Current connections from `ip`."""
         return self._counts.get(ip, 0)
+
+
+class OutputBudget(Generic[K]):
+    """Caps the output held in memory for all clients together, besides each connection's own cap.
+
+    Connections report what their write buffer holds while it is above its high mark (the client reads
+    slower than it is written to), and 0 once it is below again or they are gone. `held` answers which
+    connections to close so that the total fits the budget again: those holding the most first, since a
+    client that reads nothing holds most, and one slow reader alone does not cost everyone else.
+    """
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("the output budget must be positive")
+        self.total = total
+        self._held: dict[K, int] = {}
+        self.holding = 0  # bytes held by all connections together
+
+    def held(self, key: K, size: int) -> list[K]:
+        """Record that `key` holds `size` bytes; return the keys to close, largest first (now forgotten)."""
+        self.holding += size - self._held.pop(key, 0)
+        if size > 0:
+            self._held[key] = size
+        over: list[K] = []
+        if self.holding > self.total:
+            for other in sorted(self._held, key=self._held.__getitem__, reverse=True):
+                over.append(other)
+                self.holding -= self._held.pop(other)
+                if self.holding <= self.total:
+                    break
+        return over

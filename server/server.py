@@ -7,8 +7,8 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
 from ejabberd_compat.http_api import HttpApi
@@ -19,7 +19,7 @@ from server.config import Config
 from server.control import ControlSocket
 from server.hooks import Hooks
 from server.host import Host
-from server.limits import AuthThrottle, ConnectionCounter
+from server.limits import AuthThrottle, ConnectionCounter, OutputBudget
 from server.router import Router
 from server.sessions import Session, SessionRegistry
 from server.storage import Storage, open_storage
@@ -36,6 +36,8 @@ log = logging.getLogger("parley.server")
 KEEPALIVE_INTERVAL = 60.0
 SWEEP_INTERVAL = 5.0
 FD_RESERVE = 64  # descriptors kept back for the database, logs and certificates
+FINISH_TIMEOUT = 30.0  # seconds a shutdown waits for connections to handle what they read
+CLOSE_TIMEOUT = 5.0  # seconds a shutdown waits for clients to read what they were sent
 
 
 def raise_fd_limit() -> int:
@@ -80,6 +82,8 @@ class Server:
         self._acting: asyncio.Task[None] | None = None  # the restart or shutdown under way
         self._ending: set[asyncio.Task[None]] = set()
         self._last_refusal_log = 0.0
+        self._gone = asyncio.Event()  # set when a connection goes: stop() waits for all of them
+        self.output: OutputBudget[C2SConnection] = OutputBudget(limits.max_output_total)
 
     async def start(self) -> None:
         config = self.config
@@ -127,7 +131,9 @@ class Server:
         log.info("listening for clients on %s:%d (%s)", listener.address, listener.port, listener.tls)
 
     async def stop(self) -> None:
-        """Graceful shutdown: stop accepting, tell every client 'system-shutdown', then stop modules."""
+        """Graceful shutdown: stop accepting and reading, handle what clients sent already (delivered or
+        stored), tell every client 'system-shutdown' and give the streams time to take what they were sent,
+        end the sessions (what never reached a client goes back to offline storage), then stop modules."""
         if self._planned is not None:
             self._planned.cancel()
         await self.control.stop()
@@ -136,10 +142,17 @@ class Server:
             srv.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        sessions = [conn for conn in self.connections if conn.session is not None]  # the rest has nothing to lose
+        if sessions:
+            _, late = await asyncio.wait([asyncio.ensure_future(conn.finish()) for conn in sessions],
+                                         timeout=FINISH_TIMEOUT)
+            if late:
+                log.warning("%d connections were still handling what they read after %g s", len(late),
+                            FINISH_TIMEOUT)
         for conn in list(self.connections):
             conn.stream_error(StreamError("system-shutdown"))
         self.components.stop()
-        await asyncio.sleep(0.1)
+        await self._connections_gone(CLOSE_TIMEOUT)
         for session in self.sessions.all():
             await self.end_session(session)
         # Sessions whose connections dropped meanwhile still need their modules to say goodbye.
@@ -151,6 +164,33 @@ class Server:
         if self.storage is not None:
             await self.storage.close()
         log.info("Parley stopped")
+
+    async def _connections_gone(self, timeout: float) -> None:
+        """Wait until the closing connections have written what they hold, then cut those that do not read."""
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            self._gone.clear()
+            try:
+                await asyncio.wait_for(self._gone.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    def hold_output(self, conn: C2SConnection, size: int) -> None:
+        """Close the connections holding the most output once all together hold more than the budget."""
+        for over in self.output.held(conn, size):
+            log.warning("closing %r: clients hold more than %d bytes of output unread (this one %d)", over,
+                        self.output.total, over.transport.get_write_buffer_size() if over.transport else 0)
+            if over.transport is not None:
+                over.transport.abort()
+
+    def forget(self, conn: C2SConnection) -> None:
+        """A connection is gone."""
+        self.connections.discard(conn)
+        self.output.held(conn, 0)
+        self._gone.set()
 
     def plan(self, restart: bool, delay: float = 0.0) -> None:
         """Restart or shut down in `delay` seconds, outside the code that asks (an admin's command is answered
@@ -200,7 +240,10 @@ class Server:
 
     def end_session_soon(self, session: Session) -> None:
         """End a session from synchronous code (a lost connection); stop() waits for these."""
-        task = asyncio.get_running_loop().create_task(self.end_session(session))
+        self._soon(self.end_session(session))
+
+    def _soon(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
@@ -215,6 +258,23 @@ class Server:
             await session.host.hooks.fire("session/closed", session)
         except Exception:
             log.exception("error while closing session %s", session.jid)
+        await self._hand_on(session)
+        session.flushed = True
+
+    def hand_on_soon(self, session: Session) -> None:
+        """Hand on what was sent to a session after it ended (a module that still held it)."""
+        self._soon(self._hand_on(session))
+
+    async def _hand_on(self, session: Session) -> None:
+        """Give what never reached the client to 'session/undelivered' (session, stanzas), oldest first: the
+        offline module sends messages to another resource or back to offline storage, and refuses iqs."""
+        while session.undelivered:
+            stanzas = list(session.undelivered)
+            session.undelivered.clear()
+            try:
+                await session.host.hooks.fire("session/undelivered", session, stanzas)
+            except Exception:
+                log.exception("error while handing on what %s did not get", session.jid)
 
     async def _sweep(self) -> None:
         """Whitespace keepalives and the unauthenticated-connection timeout, for all connections at once."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
 from server.jid import JID
+from server.stanza import parse_stored
 from server.stream.writer import serialize
 
 if TYPE_CHECKING:
@@ -50,6 +52,15 @@ class Session:
         # closing stream; True when the session stays, detached, waiting for the client to resume.
         self.hibernate: Callable[[], bool] | None = None
         self.detached = False  # the connection is gone; stanzas wait in stream management's queue
+        # Flow control for a long stream of stanzas (an offline backlog): room(wait) returns how many more
+        # the client can take now, once it can take any if `wait`, else at once (0: none now). Set by the
+        # connection (its socket's write buffer), and by stream management (the client's acknowledgements).
+        self.room: Callable[[bool], Awaitable[int]] | None = None
+        # Stanzas that were on their way to the client when it went, oldest first: what was sent to the
+        # closed session, and what stream management says the client never acknowledged. The server hands
+        # them to the 'session/undelivered' hook when the session ends, so that none vanishes.
+        self.undelivered: deque[Element] = deque()
+        self.flushed = False  # 'session/undelivered' has had them: stragglers are handed on one by one
         self._write = write
         self._close = close
 
@@ -58,7 +69,9 @@ class Session:
         return self.presence is not None
 
     def send(self, el: Element) -> None:
-        if not self.closed:
+        if self.closed:
+            self._keep(el)
+        else:
             self.send_raw(serialize(el), el)
 
     def send_raw(self, data: str, el: Element | None = None) -> None:
@@ -67,11 +80,29 @@ class Session:
         `el` is the stanza `data` serializes ('to' aside), so that `hold` can judge it; without it the
         data goes out as it is (as when `hold` lets go of what it took).
         """
-        if not self.closed and (el is None or self.hold is None or not self.hold(el, data)):
+        if self.closed:
+            self._keep(el if el is not None else parse_stored(data))
+        elif el is None or self.hold is None or not self.hold(el, data):
             if self.outbox is None:
                 self._write(data)
             else:
                 self.outbox(data, el)
+
+    def _keep(self, el: Element) -> None:
+        """A stanza for a session that is closed: kept for the hand-on when it ends, or handed on now if it has."""
+        self.undelivered.append(el)
+        if self.flushed:
+            self.host.server.hand_on_soon(self)
+
+    async def ready(self, most: int, wait: bool = True) -> int:
+        """How many more stanzas (at most `most`) the client can take, once it can take any if `wait`; 0 once
+        the session is closed, or when it has no room now and `wait` is False.
+
+        For whoever writes many stanzas at once (an offline backlog), so that they go as fast as the client
+        takes them and not faster than stream management's queue or the connection's buffer allows.
+        """
+        room = most if self.closed or self.room is None else await self.room(wait)
+        return 0 if self.closed else min(most, room)
 
     def transmit(self, data: str) -> None:
         """Write to the client's connection as it is, stream management's nonzas included."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import ColumnElement, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import lock_user, read, user_params, user_rows, writer
@@ -44,21 +44,49 @@ class OfflineStore:
             )
 
     async def pop_all(self, host: str, user: str) -> list[tuple[datetime, str]]:
-        """Remove and return the stored messages, oldest first.
+        """Remove and return the stored messages, oldest first."""
+        return await self.pop(host, user, None)
+
+    async def pop(self, host: str, user: str, limit: int | None) -> list[tuple[datetime, str]]:
+        """Remove and return the `limit` oldest stored messages (all without a limit), oldest first: a page
+        of a delivery that waits for the client to take each page before it takes the next from storage.
 
         Most logins find nothing, so a read (which never waits for the write lock) looks first; then a
         single DELETE ... RETURNING, so concurrent pops never deliver a message twice.
         """
         if await read(self._engine, lambda conn: conn.scalar(_ANY, {"host": host, "username": user})) is None:
             return []
+        mine: tuple[ColumnElement[bool], ...] = user_rows(offline, host, user)
+        if limit is not None:
+            oldest = select(offline.c.id).where(*mine).order_by(offline.c.id).limit(limit)
+            mine = (offline.c.id.in_(oldest.scalar_subquery()),)
         async with self._writer.begin() as conn:
+            rows = await conn.execute(
+                delete(offline).where(*mine).returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
+            )
+            popped = sorted(rows, key=lambda row: row.id)
+        return [(row.stamp, row.stanza_xml) for row in popped]
+
+    async def restore(self, host: str, user: str, messages: list[tuple[datetime, str]], after: int = 0) -> None:
+        """Put messages that were taken out for delivery and never reached the client back, in their order,
+        after the first `after` stored ones (0: before all of them), past the quota, since they were
+        accepted already: what is stored since then stays behind them.
+
+        The user's rows are written again in the new order (ids give the order), in one transaction.
+        """
+        async with self._writer.begin() as conn:
+            await lock_user(conn, _PUSH_LOCK, host, user)
             rows = await conn.execute(
                 delete(offline)
                 .where(*user_rows(offline, host, user))
                 .returning(offline.c.id, offline.c.stamp, offline.c.stanza_xml)
             )
-            popped = sorted(rows, key=lambda row: row.id)
-        return [(row.stamp, row.stanza_xml) for row in popped]
+            stored = [(row.stamp, row.stanza_xml) for row in sorted(rows, key=lambda row: row.id)]
+            ordered = stored[:after] + messages + stored[after:]
+            await conn.execute(
+                offline.insert(),
+                [{"host": host, "username": user, "stamp": stamp, "stanza_xml": xml} for stamp, xml in ordered],
+            )
 
     async def count(self, host: str, user: str) -> int:
         async with self._engine.begin() as conn:

@@ -41,6 +41,7 @@ class StreamEdge(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._out: list[str] = []
         self._flush_pending = False
+        self._finishing = False  # the server is shutting down: read nothing more, handle what was read
 
     async def handle(self, event: object) -> None:
         raise NotImplementedError
@@ -67,8 +68,23 @@ class StreamEdge(asyncio.Protocol):
 
     # --- input ------------------------------------------------------------------------------------
 
+    async def finish(self) -> None:
+        """Stop reading and handle what was read: the events parsed, and the input held back by the read-rate
+        budget (a server that shuts down answers or stores what a client sent before it closes the stream)."""
+        self._finishing = True
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+        if self._held:
+            held, self._held = b"".join(self._held), []
+            self._feed(held)
+        while self._worker is not None:
+            await asyncio.wait([self._worker])
+
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self._finishing:
+            self._feed(data)  # read already (a TLS record that was under way): handled as the rest
             return
         if self._held:
             self._held.append(data)
@@ -87,7 +103,7 @@ class StreamEdge(asyncio.Protocol):
         if self.closing:
             return
         self._feed(held)
-        if self.transport is not None and not self.closing:
+        if self.transport is not None and not self.closing and not self._finishing:
             self.transport.resume_reading()
 
     def _feed(self, data: bytes) -> None:
