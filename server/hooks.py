@@ -50,6 +50,19 @@ class Hooks:
                 return result
         return None
 
+    async def fire_all(self, event: str, *args: Any) -> None:
+        """Run every handler, whatever the others do: for events where each module cleans up its own state.
+
+        A failing handler is logged and the rest still run, so that one module's error (the last-activity
+        write on a full disk) cannot keep another (stream management) from handing on what it holds."""
+        for _, _, handler in tuple(self._chains.get(event, ())):
+            try:
+                result = handler(*args)
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                log.exception("%s: %s failed", event, getattr(handler, "__qualname__", handler))
+
     def notify(self, event: str, *args: Any) -> None:
         """Tell every handler, synchronously, ignoring results (e.g. adding stream features)."""
         for _, _, handler in tuple(self._chains.get(event, ())):

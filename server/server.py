@@ -254,10 +254,7 @@ class Server:
         session.closed = True
         if self.sessions.get(session.jid) is session:
             self.sessions.remove(session)
-        try:
-            await session.host.hooks.fire("session/closed", session)
-        except Exception:
-            log.exception("error while closing session %s", session.jid)
+        await session.host.hooks.fire_all("session/closed", session)
         await self._hand_on(session)
         session.flushed = True
 

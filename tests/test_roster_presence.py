@@ -545,3 +545,20 @@ async def test_stale_subscription_is_corrected_by_the_probe_answer(server: Harne
     assert (await mw.push("alice@localhost"))["subscription"] == "none"
     await sync(mallory)
     assert not mw.saw_presence("available", "alice@localhost/home")
+
+
+async def test_a_failing_session_closed_handler_does_not_keep_the_others_from_running(server: Harness) -> None:
+    """One module's clean-up error (the last-activity write on a full disk) must not stop the presence
+    module from telling contacts, nor stream management from handing on what it holds."""
+    await users(server, "alice", "bob")
+    await befriend(server, "alice", "bob")
+
+    def broken(session: Session) -> None:
+        raise OSError(28, "No space left on device")
+
+    server.server.hosts["localhost"].hooks.add("session/closed", broken, priority=1000)
+    alice, _ = await online(server, "alice@localhost", "home")
+    bob, bw = await online(server, "bob@localhost", "work")
+    await bw.presence(from_="alice@localhost/home")
+    await disconnect(server, alice)
+    await bw.presence("unavailable", "alice@localhost/home")
