@@ -558,7 +558,7 @@ async def test_a_failing_session_closed_handler_does_not_keep_the_others_from_ru
 
     server.server.hosts["localhost"].hooks.add("session/closed", broken, priority=1000)
     alice, _ = await online(server, "alice@localhost", "home")
-    bob, bw = await online(server, "bob@localhost", "work")
+    _, bw = await online(server, "bob@localhost", "work")
     await bw.presence(from_="alice@localhost/home")
     await disconnect(server, alice)
     await bw.presence("unavailable", "alice@localhost/home")
