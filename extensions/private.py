@@ -36,12 +36,10 @@ class Private(Module):
 
     def setup(self) -> None:
         self.add_feature(PRIVATE)
-        self.iq("get", QUERY, self.get, target="account")
-        self.iq("set", QUERY, self.set, target="account")
+        self.iq("get", QUERY, self.get, target="own")
+        self.iq("set", QUERY, self.set, target="own")
 
     def _documents(self, stanza: Stanza) -> list[Element]:
-        if stanza.from_.bare != stanza.to.bare:
-            raise StanzaError("forbidden", "private storage belongs to the account's own clients")
         documents = list(stanza.el[0])
         if not documents:
             raise StanzaError("bad-request", "name the data to get or set")

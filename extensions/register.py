@@ -66,7 +66,7 @@ class Register(Module):
         self.add_feature(ns.REGISTER)
         self.hook("c2s/features", self.stream_feature)
         self.hook("c2s/unauthenticated-iq", self.unauthenticated_iq)
-        for target in ("host", "account"):
+        for target in ("host", "own"):
             self.iq("get", QUERY, self.registration_info, target)
             self.iq("set", QUERY, self.update, target)
 
@@ -153,10 +153,10 @@ class Register(Module):
     # --- after authentication: password change and removal ------------------------------------------
 
     def _own_account(self, stanza: Stanza) -> JID:
-        """The sender's bare JID, when it is a user of this host acting on its own account."""
+        """The sender's bare JID, when it is a user of this host. The router passes an iq to an account only
+        from that account; one to the host itself comes from anyone."""
         sender = stanza.from_.bare
-        own = sender.local is not None and sender.domain == self.host.name
-        if not own or stanza.to.bare not in (sender, self.host.jid):
+        if sender.local is None or sender.domain != self.host.name:
             raise StanzaError("forbidden", "you can only manage your own account")
         return sender
 

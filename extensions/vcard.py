@@ -61,7 +61,7 @@ class VCard(Module):
         self.add_feature(ns.VCARD)
         self.add_feature(CONVERSION, target="account")
         self.iq("get", VCARD, self.get_vcard, target="account")
-        self.iq("set", VCARD, self.set_vcard, target="account")
+        self.iq("set", VCARD, self.set_vcard, target="own")
         self.hook("pep/published", self.pep_published)
         self.hook("presence/self", self.stamp_presence, priority=150)
         self.hook("presence/outbound", self.stamp_presence, priority=150)
@@ -90,8 +90,6 @@ class VCard(Module):
 
     async def set_vcard(self, stanza: Stanza) -> None:
         user = stanza.to.bare
-        if stanza.from_.bare != user:
-            raise StanzaError("forbidden", "only the owner can change a vCard")
         vcard = stanza.el[0]
         limit = self.option("max_size")
         if len(serialize(vcard).encode()) > limit:

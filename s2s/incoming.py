@@ -182,11 +182,10 @@ class S2SIncoming(S2SStream):
     async def _starttls(self) -> None:
         if self.secure:
             raise StreamError("policy-violation", "TLS is already in place")
-        self.write(serialize(Element(ns.qname(ns.TLS, "proceed"))))
         # Ask for a certificate only where it has to verify; see s2s.certs on why not from everyone.
         request = self.remote is not None and self.manager.policy.certificate_mode(self.remote) == VERIFY
         context = self.manager.tls.server(self.manager.host_of(self.local), request)
-        if await self.start_tls(context, server_side=True):
+        if await self.proceed_with_tls(context, self.server.config.limits.unauthenticated_timeout):
             self.header_sent = False
 
     def _sasl_external(self, el: Element) -> None:

@@ -312,7 +312,8 @@ class S2SOutgoing(S2SStream):
 
     async def _tls(self) -> None:
         context = self.manager.tls.client(self.manager.host_of(self.local), self.mode)
-        if not await self.start_tls(context, server_side=False, server_hostname=a_label(self.remote)):
+        if not await self.start_tls(context, server_side=False, server_hostname=a_label(self.remote),
+                                    timeout=self.server.config.limits.unauthenticated_timeout):
             return
         if self._certificate_ok():
             self.send_header(self.local, self.remote)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import ssl
 import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING
@@ -51,7 +50,6 @@ class S2SStream(StreamEdge):
         self.budget = manager.limits.unauthenticated_budget()
         super().__init__(StreamParser(ns.SERVER, limits.max_stanza_size, limits.max_depth), self.budget.bytes)
         self.remote_ip = ""
-        self.secure = False
         self.created = time.monotonic()
         self.last_active = self.created  # last stanza either way, for the idle timeout
         self._headers_sent = 0
@@ -183,28 +181,6 @@ class S2SStream(StreamEdge):
         self.close()
 
     # --- TLS --------------------------------------------------------------------------------------
-
-    async def start_tls(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None) -> bool:
-        """Upgrade the connection after <proceed/>; False (connection dropped) when the handshake fails."""
-        self.flush()
-        self.parser.reset()  # the peer's next header can arrive before start_tls() returns
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
-                                             server_hostname=server_hostname,
-                                             ssl_handshake_timeout=self.server.config.limits.unauthenticated_timeout)
-        except (TimeoutError, OSError, ConnectionError, ssl.SSLError) as exc:
-            log.info("TLS handshake with %r failed: %s", self, exc)
-            if self.transport is not None:
-                self.transport.abort()
-            self._gone()
-            return False
-        if transport is None:
-            self._gone()
-            return False
-        self.transport = transport
-        self.secure = True
-        return True
 
     def peer_certificate(self) -> bytes | None:
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None

@@ -40,7 +40,6 @@ from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamClose, StreamOpen, StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
-from server.tls import handshake_failure
 
 if TYPE_CHECKING:
     from server.host import Host
@@ -279,28 +278,8 @@ class C2SConnection(StreamEdge):
             self.write(serialize(Element(ns.qname(ns.TLS, "failure"))) + STREAM_FOOTER)
             self.close()
             return
-        self.write(serialize(Element(ns.qname(ns.TLS, "proceed"))))
-        self.flush()
-        # The client's new stream header can arrive before start_tls() returns.
-        self.parser.reset()
-        self.header_sent = False
-        loop = asyncio.get_running_loop()
-        context = self.server.tls.context(self.host.name)
-        try:
-            transport = await loop.start_tls(self.transport, self, context, server_side=True,
-                                             ssl_handshake_timeout=self.limits.unauthenticated_timeout)
-        except (TimeoutError, OSError, ConnectionError) as exc:
-            log.info("TLS handshake with %s failed: %s", self.remote_ip, handshake_failure(exc))
-            self.closing = True
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if transport is None:
-            log.info("TLS handshake with %s failed: %s", self.remote_ip, handshake_failure(None))
-            self.closing = True
-            return
-        self.transport = transport
-        self.secure = True
+        if await self.proceed_with_tls(self.server.tls.context(self.host.name), self.limits.unauthenticated_timeout):
+            self.header_sent = False
 
     def _tls_established(self) -> None:
         """Channel-binding data for SCRAM-*-PLUS (RFC 5929, RFC 9266), once the host is known."""

@@ -6,8 +6,11 @@ exactly what it added. Modules are found by name in `extensions/` (see `server.r
 
 Iq handlers are keyed by the address they serve:
 - "host": iqs to the domain itself (e.g. version, time, disco of the server);
-- "account": iqs to a local user's bare JID, including a client's iq with no 'to' (RFC 6120 10.3.3),
-  e.g. roster or vCard.
+- "account": iqs to a local user's bare JID from anyone, e.g. a vCard get or a last activity query;
+- "own": iqs to a local user's bare JID from that user, including a client's iq with no 'to' (RFC 6120
+  10.3.3), e.g. roster, private storage, blocklist. The router answers anyone else with `forbidden`
+  (RFC 6121 2.3.3), the same for every payload; an "own" handler is preferred to an "account" one for
+  the same payload when the sender is the account itself.
 A handler receives the Stanza and returns the result's payload Element, None for an empty result,
 or `HANDLED` when it replied itself; raising StanzaError answers with that error.
 
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
     from server.stanza import Stanza
 
 IqHandler = Callable[["Stanza"], Awaitable[Element | object | None]]
-TARGETS = ("host", "account")
+TARGETS = ("host", "account", "own")
 
 
 @dataclass(frozen=True)

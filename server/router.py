@@ -118,7 +118,16 @@ class Router:
                 elif await host.hooks.fire("iq/full", st) is None:
                     await self.bounce(st, StanzaError("service-unavailable"))
                 return
-            handler = host.iq_handlers.get((st.type, "host" if target == "host" else "account", el[0].tag))
+            if target == "host":
+                handler = host.iq_handlers.get((st.type, "host", el[0].tag))
+            elif st.from_.bare == st.to:
+                handler = host.iq_handlers.get((st.type, "own", el[0].tag)) or \
+                    host.iq_handlers.get((st.type, "account", el[0].tag))
+            elif (st.type, "own", el[0].tag) in host.iq_handlers:
+                await self.bounce(st, StanzaError("forbidden", "only the account itself may do this"))
+                return
+            else:
+                handler = host.iq_handlers.get((st.type, "account", el[0].tag))
             if handler is None:
                 if await host.hooks.fire(f"iq/{target}", st) is None:
                     await self.bounce(st, StanzaError("service-unavailable"))

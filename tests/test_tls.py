@@ -8,6 +8,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from server.tls import TlsContexts, TlsError, ensure_certificate
+from tests.conftest import Harness
+
+STREAMS = "http://etherx.jabber.org/streams"
+TLS = "urn:ietf:params:xml:ns:xmpp-tls"
 
 
 def make_pair(tmp_path, host):
@@ -99,3 +103,25 @@ async def test_direct_tls_picks_certificate_by_sni(tmp_path):
         der, alpn = await handshake(ctx, name)
         assert der == contexts.cert_der(host), name
         assert alpn == "xmpp-client"
+
+
+@pytest.mark.parley_config(limits={"unauthenticated_timeout": 1.0, "max_connections_per_ip": 1})
+@pytest.mark.parametrize("client_then", ["stalls", "sends garbage", "hangs up"])
+async def test_a_failed_starttls_handshake_frees_the_clients_connection_slot(server: Harness, client_then: str):
+    """One connection per address here: a handshake that failed must not hold the address's only slot."""
+    raw = await server.raw()
+    await raw.open()
+    await raw.expect(f"{{{STREAMS}}}features")
+    await raw.send(f"<starttls xmlns='{TLS}'/>")
+    await raw.expect(f"{{{TLS}}}proceed")
+    if client_then == "sends garbage":
+        await raw.send(b"GET / HTTP/1.1\r\n\r\n")
+    elif client_then == "hangs up":
+        raw.writer.close()
+    deadline = asyncio.get_running_loop().time() + 5
+    while server.server.connections:
+        assert asyncio.get_running_loop().time() < deadline, "the failed connection is still counted"
+        await asyncio.sleep(0.05)
+    again = await server.raw()
+    await again.open()
+    await again.expect(f"{{{STREAMS}}}features")

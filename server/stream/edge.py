@@ -2,7 +2,8 @@
 
 Input over the read-rate budget waits unparsed until it has been paid for; parsed events are handled
 in order by one task per burst, so a slow database lookup for one stanza never reorders the next;
-output written during one loop iteration leaves in one transport write.
+output written during one loop iteration leaves in one transport write. STARTTLS, the same for clients
+and servers, is here too; what a certificate must prove stays with each kind of stream.
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import time
 from collections import deque
 from xml.etree.ElementTree import Element
 
+from server import ns
 from server.limits import TokenBucket
 from server.stream import trace
 from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize
+from server.tls import handshake_failure
 
 log = logging.getLogger("parley.stream")
 
 WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # a peer that lets this much pile up is not reading: drop it
 _connection_ids = itertools.count(1)
+PROCEED = serialize(Element(ns.qname(ns.TLS, "proceed")))
 
 
 class StreamEdge(asyncio.Protocol):
@@ -34,6 +39,7 @@ class StreamEdge(asyncio.Protocol):
         self.parser = parser
         self.bucket = bucket
         self.transport: asyncio.Transport | None = None
+        self.secure = False  # TLS is up: Direct TLS from the start, or after STARTTLS
         self.closing = False
         self.last_write = time.monotonic()
         self._events: deque[object] = deque()
@@ -159,3 +165,38 @@ class StreamEdge(asyncio.Protocol):
 
     def send(self, el: Element) -> None:
         self.write(serialize(el))
+
+    # --- TLS --------------------------------------------------------------------------------------
+
+    async def proceed_with_tls(self, context: ssl.SSLContext, timeout: float) -> bool:
+        """The receiving side of STARTTLS (RFC 6120 5.4.2.3): <proceed/>, then the handshake as the server."""
+        self.write(PROCEED)
+        return await self.start_tls(context, server_side=True, timeout=timeout)
+
+    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool, timeout: float,
+                        server_hostname: str | None = None) -> bool:
+        """Upgrade the connection once <proceed/> is on its way (RFC 6120 5.4.3.3); False when the handshake
+        fails, the connection then dropped and reported lost.
+
+        The parser starts afresh first: the peer's new stream header can arrive before start_tls() returns.
+        A handshake that times out leaves asyncio silent, so the loss is reported here (connection_lost
+        must bear a second call).
+        """
+        self.flush()
+        self.parser.reset()
+        failure: BaseException | None = None
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, context, server_side=server_side, server_hostname=server_hostname,
+                ssl_handshake_timeout=timeout)
+        except (TimeoutError, OSError, ConnectionError) as exc:  # ssl.SSLError is an OSError
+            failure, transport = exc, None
+        if transport is None:
+            log.info("TLS handshake with %r failed: %s", self, handshake_failure(failure))
+            if self.transport is not None:
+                self.transport.abort()
+            self.connection_lost(failure)
+            return False
+        self.transport = transport
+        self.secure = True
+        return True
