@@ -14,7 +14,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from slixmpp import ClientXMPP
@@ -43,6 +43,19 @@ def insecure_context() -> ssl.SSLContext:
     return ctx
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Something a test needs is missing: skip locally, fail under CI=true, where nothing may hide."""
+    if IN_CI:
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
+
+
+def needs_module(name: str) -> None:
+    """A test of a module this build may lack: skips locally, fails under CI."""
+    if name not in available():
+        unavailable(f"Parley has no {name} module")
+
+
 async def postgres_available() -> bool:
     try:
         import asyncpg
@@ -57,9 +70,7 @@ async def postgres_available() -> bool:
 async def make_pg_schema() -> str:
     """A private schema for one test; fails (not skips) under CI when PostgreSQL is missing."""
     if not await postgres_available():
-        if IN_CI:
-            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required under CI")
-        pytest.skip("PostgreSQL not reachable")
+        unavailable("PostgreSQL at 127.0.0.1:5432 is not reachable")
     return f"parley_t_{uuid.uuid4().hex[:12]}"
 
 

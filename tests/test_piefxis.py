@@ -21,7 +21,7 @@ from ejabberd_compat.piefxis import PiefxisError, export_piefxis, import_piefxis
 from server.cli import main
 from server.storage import RosterItem, open_storage
 from server.tls import ensure_certificate
-from tests.conftest import IN_CI, Harness, free_port, insecure_context
+from tests.conftest import Harness, free_port, insecure_context, unavailable
 from tests.test_basic_modules import send_iq
 from tests.test_mam import Archive
 from tests.test_offline import collect, take
@@ -186,9 +186,7 @@ async def prosody_export(tmp_path: Path) -> AsyncIterator[tuple[Path, list[str]]
     XEP-0227 files (which it writes into Prosody's data folder, from where they are moved), with alice's archive
     ids. Prosody runs as its own user, so its folder is under /tmp, not in pytest's private one."""
     if os.geteuid() != 0 or shutil.which("prosodyctl") is None or shutil.which("prosody-migrator") is None:
-        if IN_CI:
-            pytest.fail("Prosody is required under CI (apt-get install -y prosody)")
-        pytest.skip("needs root and Debian's prosody")
+        unavailable("needs root and Debian's prosody (apt-get install -y prosody)")
     work = Path(tempfile.mkdtemp(prefix="parley-prosody-export-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
