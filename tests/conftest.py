@@ -84,6 +84,17 @@ async def drop_pg_schema(schema: str) -> None:
         await conn.close()
 
 
+async def disconnect_all(clients: list[ClientXMPP]) -> None:
+    """End each client's stream and wait until it is closed (aborting one that does not close in time)."""
+    for client in clients:
+        if client.transport is None:
+            continue  # already gone: disconnect() would wait on a future that never completes
+        try:
+            await asyncio.wait_for(client.disconnect(wait=0.5), 3)
+        except Exception:
+            client.abort()
+
+
 class Harness:
     """A running server plus helpers to create accounts and connect clients to it."""
 
@@ -155,13 +166,7 @@ class Harness:
         await self.server.start()
 
     async def close(self) -> None:
-        for client in self._clients:
-            if client.transport is None:
-                continue  # already gone: disconnect() would wait on a future that never completes
-            try:
-                await asyncio.wait_for(client.disconnect(wait=0.5), 3)
-            except Exception:
-                client.abort()
+        await disconnect_all(self._clients)
         for raw in self._raw:
             raw.writer.close()
         await asyncio.sleep(0)

@@ -22,7 +22,7 @@ import pytest
 from slixmpp import ClientXMPP
 
 from server.registry import available
-from tests.conftest import needs_module, unavailable
+from tests.conftest import disconnect_all, needs_module, unavailable
 from tests.s2s_peers import (
     EJABBERD,
     PARLEY,
@@ -106,9 +106,7 @@ async def clients() -> AsyncIterator[list[ClientXMPP]]:
     """Peer-side clients, disconnected after the test."""
     opened: list[ClientXMPP] = []
     yield opened
-    for client in opened:
-        client.disconnect(wait=0.5)
-    await asyncio.sleep(0.2)
+    await disconnect_all(opened)
 
 
 async def remote_user(peer: Peer, clients: list[ClientXMPP], *, plugins: tuple[str, ...] = (),
