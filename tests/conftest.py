@@ -8,15 +8,17 @@ with 'postgresql' to run a test on PostgreSQL (a fresh schema, dropped afterward
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+import uvloop
 from slixmpp import ClientXMPP
 
 from server.accounts import create_account
@@ -27,12 +29,23 @@ from server.stream.parser import StreamParser
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 IN_CI = os.environ.get("CI") == "true"
+# End-to-end files that run on uvloop's event loop as well, as `parley serve` does (each test twice).
+ON_UVLOOP = {"test_c2s_guards.py", "test_delivery.py", "test_offline.py", "test_scram_plus_independent.py",
+             "test_s2s_dns.py", "test_carbons.py"}
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free now and all different: each socket stays bound until all are picked (one after another, the
+    kernel may hand out a port it just gave)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def insecure_context() -> ssl.SSLContext:
@@ -265,8 +278,8 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         url = f"{PG_URL}?schema={schema}"
     else:
         url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
-    port, direct_port = free_port(), free_port()
-    component_port = free_port() if "components" in overrides else None  # a listener for XEP-0114 tests only
+    port, direct_port, spare = free_ports(3)
+    component_port = spare if "components" in overrides else None  # a listener for XEP-0114 tests only
     config = make_config(tmp_path, port, direct_port, url, component_port, **overrides)
     srv = Server(config)
     await srv.start()
@@ -278,6 +291,14 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await harness.server.stop()
         if schema:
             await drop_pg_schema(schema)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """asyncio's own loop for every test, and uvloop's too for the files in ON_UVLOOP."""
+    factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
+    if item.path.name in ON_UVLOOP:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 def pytest_configure(config: pytest.Config) -> None:

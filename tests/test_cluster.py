@@ -37,7 +37,16 @@ from server.sessions import Session
 from server.stanza import Stanza
 from server.storage import RosterItem, Storage, open_storage
 from server.storage.kv import CachedDocuments
-from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, make_config, make_pg_schema, unavailable
+from tests.conftest import (
+    PG_URL,
+    Harness,
+    drop_pg_schema,
+    free_port,
+    free_ports,
+    make_config,
+    make_pg_schema,
+    unavailable,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 REPO = Path(__file__).resolve().parent.parent
@@ -439,7 +448,7 @@ async def test_a_block_made_on_one_worker_holds_on_the_other(workers: Workers) -
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Worker 1 of 2, its hosts made but nothing started: what it would send stays in its queue."""
-    config = make_config(tmp_path, free_port(), free_port(), f"sqlite+aiosqlite:///{tmp_path}/parley.db")
+    config = make_config(tmp_path, *free_ports(2), f"sqlite+aiosqlite:///{tmp_path}/parley.db")
     config.cluster = ClusterConfig(workers=2, prefix="unit")
     server = Server(config)
     server.hosts["localhost"] = Host(server, config.hosts["localhost"])

@@ -191,7 +191,7 @@ async def _log_in_and_check(server: Harness, data: EjabberdData) -> ClientXMPP:
     bob = items[f"bob@{DOMAIN}"]
     assert (bob["name"], set(bob["groups"]), bob["subscription"]) == ("Bobby", {"Friends", "Work"}, "both")
     assert items[f"carol@{DOMAIN}"]["subscription"] == "to"
-    vcard = (await alice["xep_0054"].get_vcard(f"alice@{DOMAIN}"))["vcard_temp"]
+    vcard = (await alice.plugin["xep_0054"].get_vcard(f"alice@{DOMAIN}"))["vcard_temp"]
     assert (vcard["FN"], vcard["N"]["GIVEN"]) == ("Alice Liddell", "Alice")
     private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
     assert private.findtext(f"{{jabber:iq:private}}query/{{{NOTES}}}notes/{{{NOTES}}}note") == "remember"

@@ -42,7 +42,7 @@ async def test_round_trip_through_parleys_own_export(server: Harness, tmp_path: 
     alice = await server.client(alice_jid, "wonderland", plugins=("xep_0054",))
     bob = await server.client(bob_jid, "builder")
     inbox = collect(bob)
-    await alice["xep_0054"].publish_vcard(alice["xep_0054"].make_vcard())
+    await alice.plugin["xep_0054"].publish_vcard(alice.plugin["xep_0054"].make_vcard())
     await send_iq(alice, "set", "<vCard xmlns='vcard-temp'><FN>Alice Liddell</FN></vCard>")
     await send_iq(alice, "set", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'><note>n</note></notes>"
                                 "</query>")
@@ -67,7 +67,7 @@ async def test_round_trip_through_parleys_own_export(server: Harness, tmp_path: 
     items = (await alice.get_roster())["roster"]["items"]
     assert (items[bob_jid]["name"], set(items[bob_jid]["groups"]), items[bob_jid]["subscription"]) == \
         ("Bobby", {"Friends", "Work"}, "both")
-    assert (await alice["xep_0054"].get_vcard(alice_jid))["vcard_temp"]["FN"] == "Alice Liddell"
+    assert (await alice.plugin["xep_0054"].get_vcard(alice_jid))["vcard_temp"]["FN"] == "Alice Liddell"
     private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
     assert private.findtext(f".//{{{NOTES}}}note") == "n"
     assert [r.id for r in await Archive(alice).all()] == history
@@ -244,7 +244,7 @@ async def test_prosodys_export_imports_and_users_keep_their_passwords_and_data(
     items = (await alice.get_roster())["roster"]["items"]
     bob = items[f"bob@{PROSODY_HOST}"]
     assert (bob["name"], bob["groups"]) == ("Bobby", ["Friends"])
-    assert (await alice["xep_0054"].get_vcard(f"alice@{PROSODY_HOST}"))["vcard_temp"]["FN"] == "Alice Prosody"
+    assert (await alice.plugin["xep_0054"].get_vcard(f"alice@{PROSODY_HOST}"))["vcard_temp"]["FN"] == "Alice Prosody"
     private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
     assert private.findtext(f".//{{{NOTES}}}note") == "n"
     archived = await Archive(alice).all()
