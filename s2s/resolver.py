@@ -25,6 +25,7 @@ log = logging.getLogger("parley.s2s.resolver")
 
 DEFAULT_PORT = 5269
 DNS_LIFETIME = 5.0
+RESOLVER: dns.asyncresolver.Resolver | None = None  # None: the system's (/etc/resolv.conf); tests set their own
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Target:
 async def _srv(name: str) -> list[dns.rdtypes.IN.SRV.SRV] | None:
     """The SRV records of `name`; None when there are none, [] when the service is declared absent."""
     try:
-        answer = await dns.asyncresolver.resolve(name, "SRV", lifetime=DNS_LIFETIME, search=False)
+        resolver = RESOLVER or dns.asyncresolver.get_default_resolver()
+        answer = await resolver.resolve(name, "SRV", lifetime=DNS_LIFETIME, search=False)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers):
         return None
     except dns.exception.DNSException as exc:

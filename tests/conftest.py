@@ -8,15 +8,17 @@ with 'postgresql' to run a test on PostgreSQL (a fresh schema, dropped afterward
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+import uvloop
 from slixmpp import ClientXMPP
 
 from server.accounts import create_account
@@ -27,12 +29,23 @@ from server.stream.parser import StreamParser
 
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 IN_CI = os.environ.get("CI") == "true"
+# End-to-end files that run on uvloop's event loop as well, as `parley serve` does (each test twice).
+ON_UVLOOP = {"test_c2s_guards.py", "test_delivery.py", "test_offline.py", "test_scram_plus_independent.py",
+             "test_s2s_dns.py", "test_carbons.py"}
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free now and all different: each socket stays bound until all are picked (one after another, the
+    kernel may hand out a port it just gave)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def insecure_context() -> ssl.SSLContext:
@@ -41,6 +54,19 @@ def insecure_context() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Something a test needs is missing: skip locally, fail under CI=true, where nothing may hide."""
+    if IN_CI:
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
+
+
+def needs_module(name: str) -> None:
+    """A test of a module this build may lack: skips locally, fails under CI."""
+    if name not in available():
+        unavailable(f"Parley has no {name} module")
 
 
 async def postgres_available() -> bool:
@@ -57,9 +83,7 @@ async def postgres_available() -> bool:
 async def make_pg_schema() -> str:
     """A private schema for one test; fails (not skips) under CI when PostgreSQL is missing."""
     if not await postgres_available():
-        if IN_CI:
-            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required under CI")
-        pytest.skip("PostgreSQL not reachable")
+        unavailable("PostgreSQL at 127.0.0.1:5432 is not reachable")
     return f"parley_t_{uuid.uuid4().hex[:12]}"
 
 
@@ -71,6 +95,17 @@ async def drop_pg_schema(schema: str) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+async def disconnect_all(clients: list[ClientXMPP]) -> None:
+    """End each client's stream and wait until it is closed (aborting one that does not close in time)."""
+    for client in clients:
+        if client.transport is None:
+            continue  # already gone: disconnect() would wait on a future that never completes
+        try:
+            await asyncio.wait_for(client.disconnect(wait=0.5), 3)
+        except Exception:
+            client.abort()
 
 
 class Harness:
@@ -144,13 +179,7 @@ class Harness:
         await self.server.start()
 
     async def close(self) -> None:
-        for client in self._clients:
-            if client.transport is None:
-                continue  # already gone: disconnect() would wait on a future that never completes
-            try:
-                await asyncio.wait_for(client.disconnect(wait=0.5), 3)
-            except Exception:
-                client.abort()
+        await disconnect_all(self._clients)
         for raw in self._raw:
             raw.writer.close()
         await asyncio.sleep(0)
@@ -249,8 +278,8 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         url = f"{PG_URL}?schema={schema}"
     else:
         url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
-    port, direct_port = free_port(), free_port()
-    component_port = free_port() if "components" in overrides else None  # a listener for XEP-0114 tests only
+    port, direct_port, spare = free_ports(3)
+    component_port = spare if "components" in overrides else None  # a listener for XEP-0114 tests only
     config = make_config(tmp_path, port, direct_port, url, component_port, **overrides)
     srv = Server(config)
     await srv.start()
@@ -262,6 +291,14 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
         await harness.server.stop()
         if schema:
             await drop_pg_schema(schema)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """asyncio's own loop for every test, and uvloop's too for the files in ON_UVLOOP."""
+    factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
+    if item.path.name in ON_UVLOOP:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -25,7 +25,7 @@ from server.config import parse_config
 from server.registry import available
 from server.server import Server
 from server.stream.parser import StreamOpen, StreamParser
-from tests.conftest import Harness, free_port, insecure_context
+from tests.conftest import Harness, free_ports, insecure_context
 
 
 def free_port_on(address: str) -> int:
@@ -120,7 +120,7 @@ async def start_parley(directory: Path, domains: dict[str, dict[str, Any]], addr
                        unauthenticated_timeout: float = 5.0) -> Parley:
     """Start Parley for `domains` (each with its host config) listening for servers on `address`."""
     directory.mkdir(parents=True, exist_ok=True)
-    port, direct_port = free_port(), free_port()
+    port, direct_port = free_ports(2)
     s2s_port = s2s_port or free_port_on(address)
     config = parse_config({
         "data_dir": str(directory),

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import make_url
 
 from server.storage import Storage, open_storage
+from tests.conftest import unavailable
 
 POSTGRES_DSN = os.environ.get("PARLEY_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -28,10 +29,7 @@ async def connect_postgres() -> asyncpg.Connection:
     try:
         return await asyncpg.connect(POSTGRES_DSN, timeout=5)
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        message = f"PostgreSQL unreachable at {POSTGRES_DSN}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"PostgreSQL unreachable at {POSTGRES_DSN}: {exc}")
 
 
 def postgres_url(schema: str) -> str:

@@ -24,7 +24,7 @@ async def admin_client(server: Harness) -> ClientXMPP:
 
 
 def submit(client: ClientXMPP, **values: str | list[str]) -> Any:
-    form = client["xep_0004"].make_form(ftype="submit")
+    form = client.plugin["xep_0004"].make_form(ftype="submit")
     for var, value in values.items():
         form.add_field(var=var, value=value)
     return form
@@ -34,7 +34,7 @@ async def run(client: ClientXMPP, name: str, action: str = "execute", sessionid:
               **values: str | list[str]) -> Any:
     """Send one step of the command `name`; returns the <command/> of the answer."""
     payload = submit(client, **values) if values else None
-    iq = await client["xep_0050"].send_command("localhost", f"{ADMIN}#{name}", action=action,
+    iq = await client.plugin["xep_0050"].send_command("localhost", f"{ADMIN}#{name}", action=action,
                                                sessionid=sessionid, payload=payload, timeout=5)
     return iq["command"]
 
@@ -53,17 +53,17 @@ def result_values(command: Any) -> dict[str, Any]:
 
 async def test_command_list_for_admin_and_non_admin(server: Harness) -> None:
     admin = await admin_client(server)
-    items = await admin["xep_0050"].get_commands("localhost", timeout=5)
+    items = await admin.plugin["xep_0050"].get_commands("localhost", timeout=5)
     nodes = {item[1] for item in items["disco_items"]["items"]}
     assert nodes == {c.node for c in COMMANDS.values() if c.adhoc and c.access == "admin"}
     assert f"{ADMIN}#restart" not in nodes  # for admins of every host, and the test server has two
     assert f"{ADMIN}#get-user-password" not in nodes
-    info = await admin["xep_0030"].get_info("localhost", node=f"{ADMIN}#add-user", timeout=5)
+    info = await admin.plugin["xep_0030"].get_info("localhost", node=f"{ADMIN}#add-user", timeout=5)
     assert ("automation", "command-node", None, "Add User") in info["disco_info"]["identities"]
 
     await server.add_user("bob")
     bob = await server.client("bob@localhost", plugins=PLUGINS)
-    items = await bob["xep_0050"].get_commands("localhost", timeout=5)
+    items = await bob.plugin["xep_0050"].get_commands("localhost", timeout=5)
     assert not items["disco_items"]["items"]
     condition, _ = await error_of(run(bob, "get-registered-users-num"))
     assert condition == "forbidden"

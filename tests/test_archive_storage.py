@@ -12,6 +12,7 @@ from sqlalchemy import text
 from server.storage import Storage, archive, open_storage, schema
 from server.storage.archive import ArchiveFilter
 from tests.storage_fixtures import storage_fixture, storage_url_fixture  # noqa: F401
+from tests.test_basic_modules import wait_for
 
 H = "example.org"
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -89,8 +90,11 @@ async def test_bodies_are_indexed_in_the_background_and_before_a_search(
     try:
         await fill(storage, "alice", 3)
         assert await fts_rows(storage, "apple") == (0, 3)  # queued, not yet indexed
-        await asyncio.sleep(0.3)
-        assert await fts_rows(storage, "apple") == (3, 0)
+
+        async def indexed() -> bool:
+            return await fts_rows(storage, "apple") == (3, 0)
+
+        await wait_for(indexed)  # by the background indexer, without a search to make it
         monkeypatch.setattr(archive, "INDEX_DELAY", 60)
         await fill(storage, "bob", 2)
         await storage.archive.expire(H, T0 + timedelta(hours=1))  # deletes alice-0 (indexed), bob-0 (queued)

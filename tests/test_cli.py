@@ -159,7 +159,8 @@ async def test_descriptor_limit_refuses_new_connections_and_keeps_sessions(tmp_p
                 sockets.append(await asyncio.open_connection("127.0.0.1", port))
             except OSError:
                 break
-        await asyncio.sleep(0.5)
+        reader, _ = sockets[-1]
+        assert await asyncio.wait_for(reader.read(100), 10) == b"", "the last connection was not refused"
         alice.send_message(mto="bob@localhost/r", mbody="still serving", mtype="chat")
         assert (await asyncio.wait_for(received.get(), 10))["body"] == "still serving"
         assert proc.returncode is None

@@ -19,6 +19,7 @@ from server.stream.parser import StreamOpen
 from tests.conftest import Harness, RawClient
 from tests.test_c2s import stream_error_condition
 from tests.test_offline import collect
+from tests.test_roster_presence import sync
 
 DOMAIN = "push.localhost"
 SECRET = "component-secret"
@@ -133,7 +134,7 @@ async def test_forged_from_closes_the_stream(server: Harness, forged: str) -> No
                        f"<message from='{forged}' to='{to}'><body>forged</body></message>")
         assert stream_error_condition(await raw.closed()) == "invalid-from"
     assert (await asyncio.wait_for(inbox.get(), 5)).findtext("{jabber:client}body") == "genuine"
-    await asyncio.sleep(0.2)
+    await sync(alice)  # the component's stream is closed: whatever it sent reached alice before this answer
     assert inbox.empty()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from xml.etree.ElementTree import Element
 
 from slixmpp import ClientXMPP
@@ -10,7 +9,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from tests.conftest import Harness
-from tests.test_roster_presence import befriend, online, sync, users
+from tests.test_roster_presence import Watch, befriend, online, sync, users
 
 CHATSTATES = "http://jabber.org/protocol/chatstates"
 
@@ -48,10 +47,12 @@ async def test_inactive_client_gets_messages_at_once_and_collapsed_presence_on_a
     bob, _ = await online(server, "bob@localhost", "desk")
     carol, _ = await online(server, "carol@localhost", "home")
     alice = await server.client("alice@localhost", resource="phone", plugins=("xep_0352",))
+    watch = Watch(alice)
     alice.send_presence()
+    for contact in ("bob@localhost/desk", "carol@localhost/home"):
+        await watch.presence(from_=contact)  # the probe answers are in
     await sync(alice, bob, carol)
     assert alice.plugin["xep_0352"].enabled  # the server offered the stream feature
-    await asyncio.sleep(0.2)  # the probe answers are in
     received = everything(alice)
 
     alice.plugin["xep_0352"].send_inactive()

@@ -9,6 +9,7 @@ from slixmpp import ClientXMPP
 
 from server.jid import JID
 from tests.conftest import Harness
+from tests.test_basic_modules import wait_for
 
 
 async def online(server: Harness, jid: str, resource: str, priority: int) -> tuple[ClientXMPP, asyncio.Queue]:
@@ -17,10 +18,12 @@ async def online(server: Harness, jid: str, resource: str, priority: int) -> tup
     client.add_event_handler("message_error", inbox.put_nowait)
     client.send_presence(ppriority=priority)
     session = server.server.sessions.get(JID.parse(f"{jid}/{resource}"))
-    for _ in range(100):
-        if session is not None and session.available and session.priority == priority:
-            break
-        await asyncio.sleep(0.02)
+    assert session is not None
+
+    async def announced() -> bool:
+        return session.available and session.priority == priority
+
+    await wait_for(announced)
     return client, inbox
 
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from bench.servers import fill_template
-from tests.conftest import IN_CI, Harness, free_port
+from tests.conftest import Harness, free_port, unavailable
 from tests.s2s_peers import Ejabberd, PeerUnavailable
 from tests.test_http_api import TOKEN, with_http_api
 from tests.test_parleyctl import run
@@ -93,16 +93,13 @@ class CtlEjabberd(Ejabberd):
 @pytest.fixture(scope="module")
 def ejabberd() -> Iterator[CtlEjabberd]:
     if os.geteuid() != 0 or shutil.which("ejabberdctl") is None:
-        message = "needs root and Debian's ejabberd (apt-get install -y ejabberd)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("needs root and Debian's ejabberd (apt-get install -y ejabberd)")
     peer = CtlEjabberd()
     try:
         peer.start()
     except PeerUnavailable as exc:
         peer.stop()
-        pytest.skip(f"ejabberd cannot run: {exc}")
+        unavailable(f"ejabberd cannot run: {exc}")
     yield peer
     peer.stop()
     peer.cleanup()

@@ -120,6 +120,15 @@ def body_of(i: int) -> str:
     return f"message number {i}" + (" with a Banana split" if i % 10 == 3 else "")
 
 
+async def instant_between() -> datetime:
+    """A moment, to the millisecond that queries carry, after every stamp so far and before every later one."""
+    now = datetime.now(UTC)
+    mark = now.replace(microsecond=now.microsecond // 1000 * 1000) + timedelta(milliseconds=1)
+    while datetime.now(UTC) <= mark:
+        await asyncio.sleep(0)
+    return mark
+
+
 @pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_paging_filters_and_search_over_a_hundred_messages(server: Harness) -> None:
     for name in ("alice", "bob", "carol"):
@@ -136,9 +145,7 @@ async def test_paging_filters_and_search_over_a_hundred_messages(server: Harness
     marks: dict[int, datetime] = {}
     for i in range(100):
         if i in (30, 60):
-            await asyncio.sleep(0.02)
-            marks[i] = datetime.now(UTC)
-            await asyncio.sleep(0.02)
+            marks[i] = await instant_between()
         # carol writes every fifth message, bob the other even ones; alice answers bob from the phone.
         sender, to = (carol, "alice@localhost") if i % 5 == 0 else \
             (bob, "alice@localhost") if i % 2 == 0 else (phone, "bob@localhost")

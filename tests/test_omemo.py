@@ -21,7 +21,7 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from server.pubsub import NodeConfig
-from tests.conftest import Harness
+from tests.conftest import Harness, unavailable
 from tests.omemo_clients import AXOLOTL, DEVICELIST, KEYS, GajimOmemo
 from tests.test_basic_modules import send_iq, wait_for
 from tests.test_roster_presence import befriend, disconnect, sync
@@ -266,7 +266,7 @@ async def test_legacy_omemo_from_slixmpp_omemo_to_an_offline_omemo_dr(server: Ha
 async def test_legacy_omemo_message_read_from_the_archive(server: Harness) -> None:
     """A device that was away reads the encrypted message from its archive (XEP-0313) and decrypts it."""
     if "mam" not in server.server.hosts["localhost"].modules:
-        pytest.skip("no archive (XEP-0313) module on this server")
+        unavailable("no archive (XEP-0313) module on this server")
     for name in ("alice", "bob"):
         await server.add_user(name)
     bob_client, bob = await gajim(server, "bob@localhost", "gajim")

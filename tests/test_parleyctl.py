@@ -24,6 +24,7 @@ from server.control import SOCKET_NAME, render
 from server.jid import JID
 from server.server import Server
 from tests.conftest import Harness
+from tests.test_basic_modules import wait_for
 
 PARLEYCTL = str(Path(sys.executable).with_name("parleyctl"))
 
@@ -165,8 +166,11 @@ async def test_sessions_messages_and_kick(server: Harness) -> None:
     client.add_event_handler("disconnected", lambda _: gone.set())
     await ok(server, "kick_session", "alice", "localhost", "phone", "maintenance")
     await asyncio.wait_for(gone.wait(), 5)
-    await asyncio.sleep(0.1)
-    assert await ok(server, "connected_users_number") == ["0"]
+
+    async def nobody_connected() -> bool:  # the server ends the session after the client saw the stream end
+        return await ok(server, "connected_users_number") == ["0"]
+
+    await wait_for(nobody_connected)
 
 
 async def test_roster_items(server: Harness) -> None:

@@ -21,7 +21,7 @@ from ejabberd_compat.piefxis import PiefxisError, export_piefxis, import_piefxis
 from server.cli import main
 from server.storage import RosterItem, open_storage
 from server.tls import ensure_certificate
-from tests.conftest import IN_CI, Harness, free_port, insecure_context
+from tests.conftest import Harness, free_port, insecure_context, unavailable
 from tests.test_basic_modules import send_iq
 from tests.test_cli import create_database
 from tests.test_mam import Archive
@@ -43,7 +43,7 @@ async def test_round_trip_through_parleys_own_export(server: Harness, tmp_path: 
     alice = await server.client(alice_jid, "wonderland", plugins=("xep_0054",))
     bob = await server.client(bob_jid, "builder")
     inbox = collect(bob)
-    await alice["xep_0054"].publish_vcard(alice["xep_0054"].make_vcard())
+    await alice.plugin["xep_0054"].publish_vcard(alice.plugin["xep_0054"].make_vcard())
     await send_iq(alice, "set", "<vCard xmlns='vcard-temp'><FN>Alice Liddell</FN></vCard>")
     await send_iq(alice, "set", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'><note>n</note></notes>"
                                 "</query>")
@@ -68,7 +68,7 @@ async def test_round_trip_through_parleys_own_export(server: Harness, tmp_path: 
     items = (await alice.get_roster())["roster"]["items"]
     assert (items[bob_jid]["name"], set(items[bob_jid]["groups"]), items[bob_jid]["subscription"]) == \
         ("Bobby", {"Friends", "Work"}, "both")
-    assert (await alice["xep_0054"].get_vcard(alice_jid))["vcard_temp"]["FN"] == "Alice Liddell"
+    assert (await alice.plugin["xep_0054"].get_vcard(alice_jid))["vcard_temp"]["FN"] == "Alice Liddell"
     private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
     assert private.findtext(f".//{{{NOTES}}}note") == "n"
     assert [r.id for r in await Archive(alice).all()] == history
@@ -187,9 +187,7 @@ async def prosody_export(tmp_path: Path) -> AsyncIterator[tuple[Path, list[str]]
     XEP-0227 files (which it writes into Prosody's data folder, from where they are moved), with alice's archive
     ids. Prosody runs as its own user, so its folder is under /tmp, not in pytest's private one."""
     if os.geteuid() != 0 or shutil.which("prosodyctl") is None or shutil.which("prosody-migrator") is None:
-        if IN_CI:
-            pytest.fail("Prosody is required under CI (apt-get install -y prosody)")
-        pytest.skip("needs root and Debian's prosody")
+        unavailable("needs root and Debian's prosody (apt-get install -y prosody)")
     work = Path(tempfile.mkdtemp(prefix="parley-prosody-export-"))
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -247,7 +245,7 @@ async def test_prosodys_export_imports_and_users_keep_their_passwords_and_data(
     items = (await alice.get_roster())["roster"]["items"]
     bob = items[f"bob@{PROSODY_HOST}"]
     assert (bob["name"], bob["groups"]) == ("Bobby", ["Friends"])
-    assert (await alice["xep_0054"].get_vcard(f"alice@{PROSODY_HOST}"))["vcard_temp"]["FN"] == "Alice Prosody"
+    assert (await alice.plugin["xep_0054"].get_vcard(f"alice@{PROSODY_HOST}"))["vcard_temp"]["FN"] == "Alice Prosody"
     private = await send_iq(alice, "get", f"<query xmlns='jabber:iq:private'><notes xmlns='{NOTES}'/></query>")
     assert private.findtext(f".//{{{NOTES}}}note") == "n"
     archived = await Archive(alice).all()

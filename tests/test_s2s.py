@@ -257,15 +257,18 @@ async def test_a_dialback_request_left_unanswered_holds_the_domains_stanzas_only
     a.server.config.s2s.static["conference.b.test"] = a.server.config.s2s.static["b.test"]
     alice, _, inbox = await linked(a, b)
     checks = b.manager.verify
+    asked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def silent_for_the_room_service(local: str, remote: str, stream_id: str, key: str) -> str:
         if local == "conference.b.test":
+            if not asked.done():
+                asked.set_result(None)
             await asyncio.Event().wait()
         return await checks(local, remote, stream_id, key)
 
     b.manager.verify = silent_for_the_room_service  # B never answers A's request for conference.b.test
     lookup = asyncio.ensure_future(disco_info(alice, "conference.b.test"))
-    await asyncio.sleep(0.2)
+    await asyncio.wait_for(asked, 10)  # A's request for conference.b.test is pending at B
     # a.test's stanzas wait while its request is pending (Prosody forgets a.test meanwhile), then go.
     await chat(alice, inbox, "bob@b.test", "held for a while")
     with pytest.raises(IqError) as info:

@@ -22,7 +22,7 @@ import pytest
 from slixmpp import ClientXMPP
 
 from server.registry import available
-from tests.conftest import IN_CI
+from tests.conftest import disconnect_all, needs_module, unavailable
 from tests.s2s_peers import (
     EJABBERD,
     PARLEY,
@@ -38,12 +38,6 @@ from tests.s2s_peers import (
 from tests.s2s_support import Inbox, Parley, TestCA, online, start_parley, until
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"federation peers cannot run: {reason}")
-    pytest.skip(f"federation peers cannot run: {reason}")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def _run(peer: Peer) -> Iterator[Peer]:
     except PeerUnavailable as exc:
         peer.stop()
         peer.cleanup()
-        unavailable(str(exc))
+        unavailable(f"federation peers cannot run: {exc}")
     try:
         yield peer
     finally:
@@ -112,9 +106,7 @@ async def clients() -> AsyncIterator[list[ClientXMPP]]:
     """Peer-side clients, disconnected after the test."""
     opened: list[ClientXMPP] = []
     yield opened
-    for client in opened:
-        client.disconnect(wait=0.5)
-    await asyncio.sleep(0.2)
+    await disconnect_all(opened)
 
 
 async def remote_user(peer: Peer, clients: list[ClientXMPP], *, plugins: tuple[str, ...] = (),
@@ -243,10 +235,10 @@ async def test_pep_devicelist_reaches_a_contact_on_parley(parley: Parley, peer: 
     assert len(await devices_arrive(remote, notifications)) == 1
 
 
-@pytest.mark.skipif(not PEP, reason="Parley has no PEP module")
 async def test_pep_devicelist_reaches_a_contact_on_the_peer(parley: Parley, peer: Peer,
                                                            clients: list[ClientXMPP]) -> None:
     """The other way: Parley's PEP service asks the peer's client over s2s whether it wants the node."""
+    needs_module("pep")
     alice = await parley.user(f"alice@{PARLEY[1]}", plugins=PEP_PLUGINS)
     remote = await remote_user(peer, clients, plugins=PEP_PLUGINS, available=False)
     notifications = await interested(remote)
@@ -285,7 +277,6 @@ async def test_parley_user_joins_a_room_on_the_peer(parley: Parley, peer: Peer, 
     assert got["from"] == f"{room}/alice"
 
 
-@pytest.mark.skipif(not MUC, reason="Parley has no MUC module")
 async def test_peer_user_joins_a_room_on_parley(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
     """conference.parley.test is a service domain: it authenticates on its own, multiplexed where it can."""
     alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0045", "xep_0004"))
@@ -322,6 +313,7 @@ async def test_parley_carries_the_peers_other_domain_over_its_link(parley: Parle
                                                                   clients: list[ClientXMPP]) -> None:
     """conference.<peer> is named by the peer's certificate and resolves to the same address: XEP-0220
     target multiplexing on the link Parley opened, instead of a second connection."""
+    needs_module("muc")
     alice = await parley.user(f"alice@{PARLEY[1]}", plugins=("xep_0030",))
     remote = await remote_user(peer, clients)
     inbox = Inbox(remote)
@@ -334,7 +326,6 @@ async def test_parley_carries_the_peers_other_domain_over_its_link(parley: Parle
     assert link.methods[PARLEY[1], f"conference.{peer.domain}"] == "dialback"
 
 
-@pytest.mark.skipif(not MUC, reason="Parley has no MUC module")
 async def test_parley_room_piggybacks_on_the_hosts_link(parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
     """A room's invitation goes from conference.parley.test over the link parley.test opened: XEP-0220
     sender multiplexing, authenticated by dialback on that link."""
@@ -359,6 +350,7 @@ async def test_a_message_the_frozen_peer_never_acknowledged_arrives_over_a_new_l
         parley: Parley, peer: Peer, clients: list[ClientXMPP]) -> None:
     """Prosody stops (SIGSTOP) with a message of Parley's unread: Parley gives up on the link when its
     <r/> goes unanswered and sends the message again over a new one once Prosody runs again."""
+    needs_module("muc")
     alice = await parley.user(f"alice@{PARLEY[1]}")
     remote = await remote_user(peer, clients)
     inbox = Inbox(remote)

@@ -19,6 +19,7 @@ from tests.s2s_support import (
     linked,
     options,
     servers_fixture,
+    until,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,10 +125,7 @@ async def test_incoming_connections_are_capped_per_address_and_in_total(servers:
         await first[0].send("<message from='alice@a.test/x' to='bob@b.test'><body>still served</body></message>")
         await inbox.wait(lambda m: m["body"] == "still served")
         first.pop().close()
-        for _ in range(50):
-            if len(b.manager.incoming) < 3:
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: len(b.manager.incoming) < 3)
         first.append(await authenticated_raw_peer(a, b, source="127.0.0.11"))
     finally:
         for peer in first:
