@@ -44,11 +44,11 @@ async def stored(server: Harness, user: str = "alice") -> int:
     return await server.server.storage.offline.count("localhost", user)
 
 
-async def wait_stored(server: Harness, count: int) -> None:
+async def wait_stored(server: Harness, count: int, timeout: float = 5.0) -> None:
     async def reached() -> bool:
         return await stored(server) == count
 
-    await wait_for(reached)
+    await wait_for(reached, timeout)
 
 
 async def come_online(server: Harness, priority: int = 0) -> asyncio.Queue[Element]:

@@ -36,7 +36,7 @@ async def fill(server: Harness, count: int) -> ClientXMPP:
     bob = await server.client("bob@localhost", resource="desk")
     for i in range(count):
         send(bob, f"m{i}")
-    await wait_stored(server, count)
+    await wait_stored(server, count, timeout=30)  # one transaction each, on a machine that may be busy
     return bob
 
 
