@@ -1,0 +1,92 @@
+"""What a service sends goes through the router like any other stanza: the recipients' blocklists
+(XEP-0191) and client state indication (XEP-0352) apply to a room's messages and presence."""
+
+from __future__ import annotations
+
+import asyncio
+from xml.etree.ElementTree import Element
+
+from slixmpp import ClientXMPP
+
+from tests.conftest import Harness
+from tests.test_csi import everything, summary
+from tests.test_muc import BODY, ROOM, create, groupchat, join
+from tests.test_offline import collect
+from tests.test_roster_presence import sync
+
+ALICE = f"{ROOM}/alice-nick"
+BOB = f"{ROOM}/bob-nick"
+CAROL = f"{ROOM}/carol-nick"
+
+
+async def occupant(server: Harness, name: str, *plugins: str) -> ClientXMPP:
+    """A new account's client, available, with the MUC plugin and `plugins`."""
+    await server.add_user(name)
+    client = await server.client(f"{name}@localhost", resource="r", plugins=("xep_0045", *plugins))
+    client.send_presence()
+    await sync(client)
+    return client
+
+
+def bodies(inbox: asyncio.Queue[Element]) -> set[tuple[str, str, str]]:
+    """(from, type, body) of each message with a body the inbox holds now; empties it."""
+    found = set()
+    while not inbox.empty():
+        el = inbox.get_nowait()
+        if el.findtext(BODY) is not None:
+            found.add((el.get("from"), el.get("type"), el.findtext(BODY)))
+    return found
+
+
+def private(sender: ClientXMPP, nick_jid: str, body: str) -> None:
+    sender.send_message(mto=nick_jid, mbody=body, mtype="chat")
+
+
+async def test_a_blocked_occupant_is_not_heard_by_the_blocker_only(server: Harness) -> None:
+    alice = await occupant(server, "alice")
+    bob = await occupant(server, "bob", "xep_0191")
+    carol = await occupant(server, "carol")
+    await create(alice, "alice-nick")
+    await join(bob, "bob-nick")
+    await join(carol, "carol-nick")
+    await bob.plugin["xep_0191"].block([ALICE])
+    bob_inbox, carol_inbox = collect(bob), collect(carol)
+
+    groupchat(alice, "alice to all")
+    private(alice, BOB, "alice to bob")
+    private(alice, CAROL, "alice to carol")
+    groupchat(carol, "carol to all")
+    private(carol, BOB, "carol to bob")
+    # Each sender's stanzas are handled before its ping is answered; then each recipient has read them.
+    await sync(alice, carol)
+    await sync(bob, carol)
+    assert bodies(bob_inbox) == {(CAROL, "groupchat", "carol to all"), (CAROL, "chat", "carol to bob")}
+    assert bodies(carol_inbox) == {(ALICE, "groupchat", "alice to all"), (ALICE, "chat", "alice to carol"),
+                                   (CAROL, "groupchat", "carol to all")}
+
+    await bob.plugin["xep_0191"].unblock([ALICE])
+    groupchat(alice, "alice again")
+    private(alice, BOB, "alice to bob again")
+    await sync(alice)
+    await sync(bob)
+    assert bodies(bob_inbox) == {(ALICE, "groupchat", "alice again"), (ALICE, "chat", "alice to bob again")}
+
+
+async def test_room_presence_to_an_inactive_client_is_held_like_any_presence(server: Harness) -> None:
+    alice = await occupant(server, "alice", "xep_0352")
+    bob = await occupant(server, "bob")
+    await create(alice, "alice-nick")
+    await join(bob, "bob-nick")
+    await sync(alice)
+    received = everything(alice)
+
+    alice.plugin["xep_0352"].send_inactive()
+    bob.send_presence(pto=BOB, pstatus="busy")
+    groupchat(bob, "wake up")
+    await sync(bob)
+    await sync(alice)
+    assert summary(received) == [(ROOM, "wake up")]  # the message at once, the presence held
+
+    alice.plugin["xep_0352"].send_active()
+    await sync(alice)
+    assert summary(received[1:]) == [(ROOM, "busy")]
