@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 Refuse = Callable[[Stanza, StanzaError], Awaitable[None]]
 
 log = logging.getLogger("parley.router")
+MANY = {tag: f"{kind}/inbound-many" for tag, kind in KINDS.items()}  # fan_out's event, by the stanza's tag
 
 
 def target_of(to: JID) -> str:
@@ -193,7 +194,7 @@ class Router:
                 remote.append(jid)
             else:
                 local.setdefault(host, []).append(jid)
-        event = f"{KINDS[el.tag]}/inbound-many"
+        event = MANY[el.tag]
         head, tail, session_of = prepared.head, prepared.tail, self.sessions.get
         for host, jids in local.items():
             if host.hooks.has(event):
