@@ -182,7 +182,8 @@ class Router:
         session gets the prepared text with its own address, written as any stanza to it is (client state
         indication, stream management, the cluster's forwarding to another worker's session). A local
         recipient without a session (it has just gone) gets nothing; one on another server gets a copy of
-        its own through `send` (federation).
+        its own through `send` (federation). 'message/deliver' is not fired: a room archives its own
+        messages, and carbons leave groupchat and a room's private messages alone (XEP-0280 6).
         """
         el = prepared.el
         hosts = self.server.hosts

@@ -20,6 +20,7 @@ from server.jid import JID
 from server.module import IqHandler, IqHandlers
 from server.router import payload_of, target_of
 from server.stanza import KINDS, Stanza
+from server.storage.engine import storage_condition
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
 
@@ -106,9 +107,10 @@ class Service:
             await self.stanza(st)
         except StanzaError as exc:
             await self.refuse(st, exc)
-        except Exception:
+        except Exception as exc:
+            # As for a client's stanza (c2s): a storage failure (a full disk) is resource-constraint.
             log.exception("%s: error handling %r", self.domain, st)
-            await self.refuse(st, StanzaError("internal-server-error"))
+            await self.refuse(st, StanzaError(storage_condition(exc) or "internal-server-error"))
 
     async def stanza(self, st: Stanza) -> None:
         """What no iq handler serves: an iq request or a message is refused, anything else ignored."""
