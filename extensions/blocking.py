@@ -7,7 +7,10 @@ Enforcement sits on the router's filtering events, ahead of every other module:
   dropped, an iq get or set gets service-unavailable, and a message is dropped, or bounced with
   service-unavailable when the 'bounce' option is set. What the server sends on a user's behalf
   (presence broadcasts, probe answers) to an address that user blocks is dropped here too, and on
-  'route/remote' when it is leaving for another server.
+  'route/remote' when it is leaving for another server;
+- '<kind>/inbound-many' (what a service sends to many at once, a room's messages and presence to its
+  occupants): the recipients who block the sender (an occupant's room JID, the room) are left out,
+  silently, as an error from an occupant would tell the room that it has gone.
 On block the contact gets the user's unavailable presence and the user's resources the contact's; on
 unblock the contact gets the current presence and is probed, so both sides see each other again.
 
@@ -74,6 +77,7 @@ class Blocking(Module):
         for kind in ("message", "presence", "iq"):
             self.hook(f"{kind}/outbound", self.outbound, priority=PRIORITY)
             self.hook(f"{kind}/inbound", self.inbound, priority=PRIORITY)
+            self.hook(f"{kind}/inbound-many", self.inbound_many, priority=PRIORITY)
         self.hook_global("route/remote", self.remote, priority=PRIORITY)
 
     # --- the list ---------------------------------------------------------------------------------
@@ -107,6 +111,19 @@ class Blocking(Module):
         sender = self.server.hosts.get(stanza.from_.domain)
         module = sender.modules.get(self.name) if sender is not None else None
         return await module.on_behalf(stanza) if isinstance(module, Blocking) else None
+
+    async def inbound_many(self, stanza: Stanza, recipients: list[JID]) -> None:
+        """Leave out the recipients who block the sender. Most have an empty list in the cache, which costs a
+        lookup each; the store is asked only for lists not cached."""
+        blocked = set()
+        for jid in recipients:
+            items = self._lists.cached(jid.domain, jid.local or "")
+            if items is None:
+                items = await self.blocklist(jid)
+            if items and await self.blocks(jid.bare, stanza.from_):
+                blocked.add(jid)
+        if blocked:
+            recipients[:] = [jid for jid in recipients if jid not in blocked]
 
     async def remote(self, stanza: Stanza) -> bool | None:
         return await self.on_behalf(stanza) if stanza.from_.domain == self.host.name else None

@@ -14,6 +14,7 @@ from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
 from server.module import Module
+from server.service import info_query
 from server.stanza import Stanza
 from server.stream.errors import StanzaError
 
@@ -51,16 +52,7 @@ class Disco(Module):
 
     def info_query(self, target: str = "host", node: str | None = None) -> Element:
         """The disco#info answer for the host or an account: sorted, without duplicates."""
-        query = Element(INFO, {"node": node} if node else {})
-        identities = set(self.host.identities[target])
-        for identity in sorted(identities, key=lambda i: (i.category, i.type, i.name or "")):
-            attrs = {"category": identity.category, "type": identity.type}
-            if identity.name:
-                attrs["name"] = identity.name
-            SubElement(query, ns.qname(ns.DISCO_INFO, "identity"), attrs)
-        for var in sorted(set(self.host.features[target])):
-            SubElement(query, ns.qname(ns.DISCO_INFO, "feature"), {"var": var})
-        return query
+        return info_query(self.host.identities[target], self.host.features[target], node)
 
     async def info(self, stanza: Stanza) -> Element:
         node = stanza.el[0].get("node")

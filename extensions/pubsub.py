@@ -13,14 +13,12 @@ from xml.etree.ElementTree import Element, SubElement
 from extensions.disco import Disco
 from server import ns
 from server.jid import JID
-from server.module import Module
+from server.module import Identity, Module
 from server.options import Domain, Option
 from server.pubsub import OWNER_QUERY, PUBSUB_QUERY, NodeConfig, PubSubService
-from server.stanza import Stanza, reply
-from server.stream.errors import StanzaError
+from server.service import ITEMS, Service, info_query
+from server.stanza import Stanza
 
-INFO = ns.qname(ns.DISCO_INFO, "query")
-ITEMS = ns.qname(ns.DISCO_ITEMS, "query")
 NAME = "Publish-Subscribe"
 
 
@@ -36,6 +34,39 @@ class DomainService(PubSubService):
         return requester.domain == self.module.host.name and requester.local is not None
 
 
+class Address(Service):
+    """The service's domain: its pubsub and pubsub#owner iqs, and the disco of the domain and its nodes."""
+
+    def __init__(self, module: PubSub, domain: str) -> None:
+        pubsub = module.service
+        super().__init__(module.server, domain, Identity("pubsub", "service", NAME), pubsub.features())
+        self.pubsub = pubsub
+        for type in ("get", "set"):
+            for payload in (PUBSUB_QUERY, OWNER_QUERY):
+                self.iq(type, payload, self.request)
+
+    async def request(self, stanza: Stanza) -> Element | None:
+        return await self.pubsub.handle(stanza, self.jid)
+
+    async def disco_info(self, stanza: Stanza) -> Element:
+        node = stanza.el[0].get("node")
+        if not node:
+            return await super().disco_info(stanza)
+        await self.pubsub.config(self.jid, node)
+        return info_query([Identity("pubsub", "leaf")], [ns.DISCO_INFO], node)
+
+    async def disco_items(self, stanza: Stanza) -> Element:
+        """The nodes of the service (XEP-0060 5.2); a node itself has no items to list here."""
+        node = stanza.el[0].get("node")
+        query = Element(ITEMS, {"node": node} if node else {})
+        if node:
+            await self.pubsub.config(self.jid, node)
+            return query
+        for name in sorted(await self.server.storage.pubsub.nodes(*self.pubsub.key(self.jid))):
+            SubElement(query, ns.qname(ns.DISCO_ITEMS, "item"), {"jid": self.domain, "node": name})
+        return query
+
+
 class PubSub(Module):
     name = "pubsub"
     depends = ("disco",)
@@ -43,66 +74,12 @@ class PubSub(Module):
                       "the service's address, pubsub.<host> unless set (in a host's own table)"),)
 
     def setup(self) -> None:
-        self.domain = JID.parse(self.option("domain") or f"pubsub.{self.host.name}")
+        domain = self.option("domain") or f"pubsub.{self.host.name}"
         self.service = DomainService(self)
-        self.add_service(str(self.domain), self.stanza)
-        self.disco.add_item(str(self.domain), NAME)
-        self._undo.append(lambda: self.disco.remove_item(str(self.domain)))
+        self.add_service(Address(self, domain))
+        self.disco.add_item(domain, NAME)
+        self._undo.append(lambda: self.disco.remove_item(domain))
 
     @property
     def disco(self) -> Disco:
         return cast(Disco, self.host.modules["disco"])
-
-    async def stanza(self, stanza: Stanza) -> None:
-        """Everything sent to the service's domain: iqs are answered, other stanzas are ignored."""
-        if stanza.kind != "iq" or stanza.type not in ("get", "set"):
-            if stanza.kind == "message":
-                await self.server.router.bounce(stanza, StanzaError("service-unavailable"))
-            return
-        try:
-            if len(stanza.el) != 1:
-                raise StanzaError("bad-request", "an iq get or set has exactly one child")
-            payload = await self.answer(stanza)
-        except StanzaError as exc:
-            await self.server.router.bounce(stanza, exc)
-            return
-        answer = reply(stanza.el)
-        answer.set("from", str(stanza.to))
-        if payload is not None:
-            answer.append(payload)
-        await self.server.router.deliver_reply(stanza, answer, stanza.to)
-
-    async def answer(self, stanza: Stanza) -> Element | None:
-        tag = stanza.el[0].tag
-        if stanza.to.local is not None or stanza.to.resource is not None:
-            raise StanzaError("service-unavailable")
-        if tag in (PUBSUB_QUERY, OWNER_QUERY):
-            return await self.service.handle(stanza, self.domain)
-        if stanza.type == "get" and tag == INFO:
-            return await self.info(stanza.el[0].get("node"))
-        if stanza.type == "get" and tag == ITEMS:
-            return await self.items(stanza.el[0].get("node"))
-        raise StanzaError("service-unavailable")
-
-    async def info(self, node: str | None) -> Element:
-        query = Element(INFO, {"node": node} if node else {})
-        if node:
-            await self.service.config(self.domain, node)
-            SubElement(query, ns.qname(ns.DISCO_INFO, "identity"), {"category": "pubsub", "type": "leaf"})
-            SubElement(query, ns.qname(ns.DISCO_INFO, "feature"), {"var": ns.DISCO_INFO})
-            return query
-        SubElement(query, ns.qname(ns.DISCO_INFO, "identity"), {"category": "pubsub", "type": "service",
-                                                               "name": NAME})
-        for var in sorted({ns.DISCO_INFO, ns.DISCO_ITEMS, *self.service.features()}):
-            SubElement(query, ns.qname(ns.DISCO_INFO, "feature"), {"var": var})
-        return query
-
-    async def items(self, node: str | None) -> Element:
-        """The nodes of the service (XEP-0060 5.2); a node itself has no items to list here."""
-        query = Element(ITEMS, {"node": node} if node else {})
-        if node:
-            await self.service.config(self.domain, node)
-            return query
-        for name in sorted(await self.server.storage.pubsub.nodes(*self.service.key(self.domain))):
-            SubElement(query, ns.qname(ns.DISCO_ITEMS, "item"), {"jid": str(self.domain), "node": name})
-        return query

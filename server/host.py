@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.hooks import Hooks
 from server.jid import JID
-from server.module import IqHandler, Module
+from server.module import TARGETS, IqHandlers, Module
 
 if TYPE_CHECKING:
     from server.config import HostConfig
@@ -24,7 +24,7 @@ class Host:
         self.name = config.name
         self.jid = JID.make(None, config.name)
         self.hooks = Hooks()
-        self.iq_handlers: dict[tuple[str, str, str], IqHandler] = {}
+        self.iq_handlers = IqHandlers(TARGETS)
         self.features: dict[str, list[str]] = {"host": [], "account": []}
         self.identities: dict[str, list[Any]] = {"host": [], "account": []}
         self.modules: dict[str, Module] = {}

@@ -12,18 +12,22 @@ Iq handlers are keyed by the address they serve:
   (RFC 6121 2.3.3), the same for every payload; an "own" handler is preferred to an "account" one for
   the same payload when the sender is the account itself.
 A handler receives the Stanza and returns the result's payload Element, None for an empty result,
-or `HANDLED` when it replied itself; raising StanzaError answers with that error.
+or `HANDLED` when it replied itself; raising StanzaError answers with that error. A service
+(`add_service`, `server.service`) registers its iq handlers the same way, on its own domain.
 
 Routing events (see `server.router`); a handler that returns a value has taken the stanza, and nothing
 after it sees it:
 - `<kind>/outbound` (stanza), on the sender's host: a stanza a local client sent, before it is routed;
 - `<kind>/inbound` (stanza), on the recipient's host: any stanza to a local account, before the
   `<kind>/<target>` events (`message/bare`, `presence/full`...);
+- `<kind>/inbound-many` (stanza, recipients), on the recipients' host: a stanza a service sends to many
+  local full JIDs at once (`Router.fan_out`, a room's message to its occupants), 'to' unset; a handler
+  removes from the list `recipients` those the host's inbound policy refuses, without answering;
 - `message/deliver` (stanza, sessions), on the recipient's host: the default delivery chose `sessions`
   (an empty list: offline storage, 'message/offline', is next). Fired once per message, so a module
   that copies or archives what the user receives sees each message exactly once.
-Blocking hooks the first two at a high priority to drop or bounce; carbons and the archive hook
-'message/outbound' and 'message/deliver'.
+Blocking hooks the inbound and outbound events at a high priority to drop or bounce; carbons and the
+archive hook 'message/outbound' and 'message/deliver'.
 """
 
 from __future__ import annotations
@@ -39,10 +43,30 @@ from server.options import Option
 
 if TYPE_CHECKING:
     from server.host import Host
+    from server.service import Service
     from server.stanza import Stanza
 
 IqHandler = Callable[["Stanza"], Awaitable[Element | object | None]]
 TARGETS = ("host", "account", "own")
+
+
+class IqHandlers(dict[tuple[str, str, str], IqHandler]):
+    """The iq get and set handlers of a host or a service, by (type, target, payload tag)."""
+
+    def __init__(self, targets: tuple[str, ...]) -> None:
+        super().__init__()
+        self.targets = targets
+
+    def add(self, type: str, target: str, payload: str, handler: IqHandler) -> Callable[[], None]:
+        """Serve iqs of `type` ('get' or 'set') to `target` whose child has tag `payload` (Clark notation);
+        returns what undoes it."""
+        if type not in ("get", "set") or target not in self.targets:
+            raise ValueError(f"bad iq registration {type!r} {target!r}")
+        key = (type, target, payload)
+        if key in self:
+            raise ValueError(f"iq handler for {key} already registered")
+        self[key] = handler
+        return lambda: self.pop(key, None)
 
 
 @dataclass(frozen=True)
@@ -98,13 +122,7 @@ class Module:
 
     def iq(self, type: str, payload: str, handler: IqHandler, target: str = "host") -> None:
         """Serve iqs of `type` ('get' or 'set') whose child has tag `payload` (Clark notation)."""
-        if type not in ("get", "set") or target not in TARGETS:
-            raise ValueError(f"bad iq registration {type!r} {target!r}")
-        key = (type, target, payload)
-        if key in self.host.iq_handlers:
-            raise ValueError(f"iq handler for {key} already registered")
-        self.host.iq_handlers[key] = handler
-        self._undo.append(lambda: self.host.iq_handlers.pop(key, None))
+        self._undo.append(self.host.iq_handlers.add(type, target, payload, handler))
 
     def hook(self, event: str, handler: Callable[..., Any], priority: int = 0) -> None:
         self.host.hooks.add(event, handler, priority)
@@ -115,11 +133,12 @@ class Module:
         self.server.hooks.add(event, handler, priority)
         self._undo.append(lambda: self.server.hooks.remove(event, handler))
 
-    def add_service(self, domain: str, handler: Callable[[Stanza], Awaitable[None]]) -> None:
-        """Serve every stanza addressed to `domain` (a subdomain such as conference.<host>)."""
+    def add_service(self, service: Service) -> None:
+        """Serve every stanza addressed to the service's domain (a subdomain such as conference.<host>)."""
+        domain = service.domain
         if domain in self.server.services or domain in self.server.hosts:
             raise ValueError(f"domain {domain} is already served")
-        self.server.services[domain] = handler
+        self.server.services[domain] = service.receive
         self._undo.append(lambda: self.server.services.pop(domain, None))
 
     def option(self, name: str) -> Any:

@@ -10,31 +10,50 @@ Two more events let modules see a local account's traffic whatever its route: `<
 recipient's host for every stanza to a local account, from anyone, before the events above (blocking),
 and `message/deliver` when the default delivery has chosen the sessions a message goes to, none
 meaning offline storage (carbons, the archive).
+
+Services (`server.service`: group chat, publish-subscribe) are routed to like hosts, share the iq
+dispatch (`answer_iq`) and send through here too: one stanza with `send`, one stanza to many recipients
+(a room's occupants) with `fan_out`, which serializes it once and applies each local host's inbound
+policy to the whole list at once (`<kind>/inbound-many`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
 from server.jid import JID, JIDError
 from server.stanza import HANDLED, KINDS, Stanza, error_reply, reply
 from server.stream.errors import StanzaError
+from server.stream.writer import escape_attr
 
 if TYPE_CHECKING:
     from server.host import Host
+    from server.module import IqHandler
     from server.server import Server
+    from server.service import Prepared
     from server.sessions import Session
 
+Refuse = Callable[[Stanza, StanzaError], Awaitable[None]]
+
 log = logging.getLogger("parley.router")
+MANY = {tag: f"{kind}/inbound-many" for tag, kind in KINDS.items()}  # fan_out's event, by the stanza's tag
 
 
 def target_of(to: JID) -> str:
     if to.local is None:
         return "host"
     return "bare" if to.resource is None else "full"
+
+
+def payload_of(st: Stanza) -> str:
+    """The tag of the one child an iq get or set has (RFC 6120 8.2.3); bad-request if it has not one."""
+    if len(st.el) != 1:
+        raise StanzaError("bad-request", "an iq get or set has exactly one child")
+    return st.el[0].tag
 
 
 class Router:
@@ -108,8 +127,10 @@ class Router:
     async def _iq(self, host: Host, st: Stanza, target: str) -> None:
         el = st.el
         if st.type in ("get", "set"):
-            if len(el) != 1:
-                await self.bounce(st, StanzaError("bad-request", "an iq get or set has exactly one child"))
+            try:
+                payload = payload_of(st)
+            except StanzaError as exc:
+                await self.bounce(st, exc)
                 return
             if target == "full":
                 session = self.sessions.get(st.to)
@@ -119,31 +140,20 @@ class Router:
                     await self.bounce(st, StanzaError("service-unavailable"))
                 return
             if target == "host":
-                handler = host.iq_handlers.get((st.type, "host", el[0].tag))
+                handler = host.iq_handlers.get((st.type, "host", payload))
             elif st.from_.bare == st.to:
-                handler = host.iq_handlers.get((st.type, "own", el[0].tag)) or \
-                    host.iq_handlers.get((st.type, "account", el[0].tag))
-            elif (st.type, "own", el[0].tag) in host.iq_handlers:
+                handler = host.iq_handlers.get((st.type, "own", payload)) or \
+                    host.iq_handlers.get((st.type, "account", payload))
+            elif (st.type, "own", payload) in host.iq_handlers:
                 await self.bounce(st, StanzaError("forbidden", "only the account itself may do this"))
                 return
             else:
-                handler = host.iq_handlers.get((st.type, "account", el[0].tag))
+                handler = host.iq_handlers.get((st.type, "account", payload))
             if handler is None:
                 if await host.hooks.fire(f"iq/{target}", st) is None:
                     await self.bounce(st, StanzaError("service-unavailable"))
                 return
-            try:
-                result = await handler(st)
-            except StanzaError as exc:
-                await self.bounce(st, exc)
-                return
-            if result is HANDLED:
-                return
-            answer = reply(el)
-            answer.set("from", str(st.to))
-            if result is not None:
-                answer.append(result)
-            await self.deliver_reply(st, answer, st.to)
+            await self.answer_iq(st, handler)
         elif st.type in ("result", "error"):
             if target == "full":
                 session = self.sessions.get(st.to)
@@ -153,6 +163,58 @@ class Router:
             await host.hooks.fire(f"iq-{st.type}/{target}", st)
         else:
             await self.bounce(st, StanzaError("bad-request", "iq type must be get, set, result or error"))
+
+    async def answer_iq(self, st: Stanza, handler: IqHandler, refuse: Refuse | None = None) -> None:
+        """Answer an iq get or set, of a host or a service, with what its handler returns, or with the
+        StanzaError it raises (through `refuse`, `bounce` unless the service words its errors itself)."""
+        try:
+            result = await handler(st)
+        except StanzaError as exc:
+            await (refuse or self.bounce)(st, exc)
+            return
+        if result is not HANDLED:
+            await self.result(st, result)
+
+    async def result(self, st: Stanza, payload: Element | None) -> None:
+        """The result of an iq get or set, from the address it was sent to, with `payload` (or empty)."""
+        answer = reply(st.el)
+        answer.set("from", str(st.to))
+        if payload is not None:
+            answer.append(payload)
+        await self.deliver_reply(st, answer, st.to)
+
+    async def fan_out(self, prepared: Prepared, recipients: Iterable[JID]) -> None:
+        """One stanza from a service to many full JIDs (a room's message to its occupants), serialized once.
+
+        As if it were routed to each: the recipients on a local host first pass that host's inbound policy,
+        the '<kind>/inbound-many' event, whose handlers remove those who refuse it (blocking); then each
+        session gets the prepared text with its own address, written as any stanza to it is (client state
+        indication, stream management, the cluster's forwarding to another worker's session). A local
+        recipient without a session (it has just gone) gets nothing; one on another server gets a copy of
+        its own through `send` (federation). 'message/deliver' is not fired: a room archives its own
+        messages, and carbons leave groupchat and a room's private messages alone (XEP-0280 6).
+        """
+        el = prepared.el
+        hosts = self.server.hosts
+        local: dict[Host, list[JID]] = {}
+        remote: list[JID] = []
+        for jid in recipients:
+            host = hosts.get(jid.domain)
+            if host is None:
+                remote.append(jid)
+            else:
+                local.setdefault(host, []).append(jid)
+        event = MANY[el.tag]
+        head, tail, session_of = prepared.head, prepared.tail, self.sessions.get
+        for host, jids in local.items():
+            if host.hooks.has(event):
+                await host.hooks.fire(event, prepared.stanza(), jids)
+            for jid in jids:
+                session = session_of(jid)
+                if session is not None:
+                    session.send_raw(head + escape_attr(str(jid)) + tail, el)
+        for jid in remote:
+            await self.send(prepared.addressed(jid))
 
     async def _message(self, host: Host, st: Stanza, target: str) -> None:
         mtype = st.type or "normal"

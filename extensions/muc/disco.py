@@ -17,6 +17,8 @@ from extensions.muc.room import Room
 from extensions.muc.vcard import avatar_hash
 from server import ns
 from server.forms import Field, build_form
+from server.module import Identity
+from server.service import info_query
 from server.stanza import Stanza
 from server.stream.errors import StanzaError
 
@@ -25,18 +27,6 @@ if TYPE_CHECKING:
 
 INFO = ns.qname(ns.DISCO_INFO, "query")
 ITEMS = ns.qname(ns.DISCO_ITEMS, "query")
-
-
-def info(name: str, features: list[str]) -> Element:
-    query = Element(INFO)
-    SubElement(query, ns.qname(ns.DISCO_INFO, "identity"), {"category": "conference", "type": "text", "name": name})
-    for var in sorted({ns.DISCO_INFO, ns.DISCO_ITEMS, MUC, *features}):
-        SubElement(query, ns.qname(ns.DISCO_INFO, "feature"), {"var": var})
-    return query
-
-
-def service_info(service: Muc) -> Element:
-    return info(service.title, [STABLE_ID])
 
 
 def service_items(service: Muc) -> Element:
@@ -75,7 +65,8 @@ async def room_info(room: Room, st: Stanza) -> Element:
         return nick_info(room, st)
     if node:
         raise StanzaError("item-not-found", "no such node")
-    query = info(room.title, room_features(room))
+    query = info_query([Identity("conference", "text", room.title)],
+                       [ns.DISCO_INFO, ns.DISCO_ITEMS, MUC, *room_features(room)])
     fields = [
         Field("muc#roominfo_description", label="Description", values=(room.config.description,)),
         Field("muc#roominfo_subject", label="Subject", values=(room.subject,)),

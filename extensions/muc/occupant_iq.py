@@ -61,7 +61,7 @@ async def handle(room: Room, st: Stanza) -> None:
     if target is None:
         raise StanzaError("item-not-found", "no such occupant")
     if target is sender and len(st.el) == 1 and st.el[0].tag == PING:
-        await room.service.answer(st, None)
+        await room.service.server.router.result(st, None)
         return
     to = target.jid if len(st.el) == 1 and st.el[0].tag == VCARD else target.real_jid
     key = room.iqs.remember(Pending(st.from_, st.id, to, target.room_jid))

@@ -16,8 +16,8 @@ from xml.etree.ElementTree import Element
 
 import precis_i18n
 
-from extensions.muc.fanout import Prepared
 from server.jid import JID
+from server.service import Prepared
 from server.stream.errors import StanzaError
 
 _PRESERVED = precis_i18n.get_profile("NicknameCasePreserved")

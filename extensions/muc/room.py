@@ -17,7 +17,7 @@ from xml.etree.ElementTree import Element, SubElement
 
 from extensions.muc import archive
 from extensions.muc.config import RoomConfig
-from extensions.muc.fanout import Prepared, deliver_local, fan_out, route_remote
+from extensions.muc.fanout import fan_out
 from extensions.muc.history import History
 from extensions.muc.occupant_iq import OccupantIqs
 from extensions.muc.occupants import Occupant, nick_key
@@ -25,6 +25,7 @@ from extensions.muc.protocol import OCCUPANT_ID, ROOM_ONLY, SELF, STANZA_ID, SUB
 from server import ns
 from server.archiving import worth_archiving
 from server.jid import JID
+from server.service import Prepared
 from server.stanza import element
 from server.storage.muc import Affiliation, StoredRoom
 
@@ -235,8 +236,8 @@ class Room:
         """A message to everyone in the room, stamped with the room's XEP-0359 stanza-id (any other claiming
         to be the room's is removed), kept in the discussion history and archived.
 
-        Local occupants get it at once, remote ones through the router; the archive is written behind. Then the
-        server-wide 'muc/message' (room, element) tells modules that serve members who are not in the room."""
+        The archive is written behind. Then the server-wide 'muc/message' (room, element) tells modules that
+        serve members who are not in the room."""
         by = str(self.jid)
         for found in el.findall(STANZA_ID):
             if found.get("by") == by:
@@ -245,12 +246,10 @@ class Room:
         SubElement(el, STANZA_ID, {"id": uid, "by": by})
         stamp = datetime.now(UTC)
         self.history.add(el, stamp)
-        server = self.service.server
-        prepared = Prepared(el)
-        remote = deliver_local(server, prepared, self.sessions())
         if self.config.archive and worth_archiving(el):
             self.recorder.add(el, uid, stamp)
-        await route_remote(server, prepared, remote)
+        server = self.service.server
+        await fan_out(server, el, self.sessions())
         await server.hooks.fire("muc/message", self, el)
 
     async def flush(self, batches: Iterable[Batch]) -> None:

@@ -98,6 +98,11 @@ class CachedDocuments(Generic[T]):
                 del self._cache[next(iter(self._cache))]
         return self._cache[key]
 
+    def cached(self, host: str, user: str) -> T | None:
+        """The document if it is in the cache, else None: for a check of many users at once that awaits
+        `get` only for those not cached."""
+        return self._cache.get((host, user))
+
     async def set(self, host: str, user: str, document: Any | None) -> None:
         """Store the document (None deletes it)."""
         await self._kv.set(host, user, self._store, "", document)
