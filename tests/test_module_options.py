@@ -58,7 +58,7 @@ retention_dayz = 30
 # Each bad option, by the full key it is reported under, with the reason.
 BAD_OPTION_ERRORS = [
     "'module_options.stream_management.resume_timeout': must be a number of at least 0 (got 'five minutes')",
-    "'hosts.\"example.test\".module_options.mam.retention_days': must be an integer of at least 0 (got 'thirty')",
+    "'hosts.\"example.test\".module_options.mam.retention_days': must be a number of at least 0 (got 'thirty')",
     "'hosts.\"example.test\".module_options.mam.retention_dayz': unknown option 'retention_dayz' "
     "(did you mean 'retention_days'?)",
 ]
