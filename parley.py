@@ -12,6 +12,7 @@ an ejabberd.yml and the subcommands that move data in and out. The console scrip
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from ejabberd_compat import commands as ejabberd_commands
 from ejabberd_compat import ctl, migrate
@@ -23,15 +24,22 @@ from server import cli
 from server.commands import Command
 from server.commands import service_admin as core_commands
 from server.config import Config
+from server.registry import available
 from server.server import Server
 
 # The commands of the parts that are not host modules; each module adds its own when a host loads it.
 COMMANDS: tuple[Command, ...] = (*core_commands.COMMANDS, *policy.COMMANDS, *ejabberd_commands.COMMANDS)
 
 
+def read_config(path: Path) -> Config:
+    """The configuration file again (reload_config, SIGHUP): Parley's TOML or an ejabberd.yml."""
+    return load_any_config(path, known_modules=available())[0]
+
+
 def build_server(config: Config) -> Server:
     """A server with every part: what `parley serve` runs and what the tests start."""
-    return Server(config, federation=S2SManager, front_ends={"http": HttpApi}, commands=COMMANDS)
+    return Server(config, federation=S2SManager, front_ends={"http": HttpApi}, commands=COMMANDS,
+                  read_config=read_config)
 
 
 PARTS = cli.Parts(load_config=load_any_config, build_server=build_server, tools=migrate)

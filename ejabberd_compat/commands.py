@@ -19,13 +19,10 @@ from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
 from ejabberd_compat import piefxis
-from ejabberd_compat.config import load_any_config
 from server import ns
 from server.accounts import AccountError, create_account, password_matches, prepare_username
 from server.commands import Arg, Command, CommandError, Conflict, Context, Declarations, NegativeAnswer, Run
-from server.config import ConfigError
 from server.jid import JID, JIDError
-from server.registry import available
 from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 
@@ -355,26 +352,7 @@ async def status(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 @ejabberd("reload_config", "Reload the configuration file: each host's admins, registration and module "
           "options (hosts, listeners and storage need a restart)", access="server")
 async def reload_config(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    server = ctx.host.server
-    if server.config.source is None:
-        raise CommandError("the server runs on the built-in configuration: there is no file to reload")
-    try:
-        config, _ = load_any_config(server.config.source, known_modules=available())
-    except ConfigError as exc:
-        raise CommandError(str(exc)) from None
-    for name, host in server.hosts.items():
-        new = config.hosts.get(name)
-        if new is not None:
-            added = host.admins - host.configured_admins  # by XEP-0133 edit-admin: they stay
-            host.configured_admins = frozenset(JID.parse(a) for a in new.admins)
-            host.admins = {*host.configured_admins, *added}
-            host.config, host.config_options = new, dict(new.options)
-    if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
-            or config.storage != server.config.storage:
-        log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
-                    server.config.source)
-    log.info("%s reloaded %s", ctx.actor, server.config.source)
-    return {}
+    return await ctx.host.server.commands.run("reload-configuration", ctx, {})
 
 
 # --- XEP-0227 --------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ class Announce(Module):
     def setup(self) -> None:
         self.motd: dict[str, Any] | None = None  # {'id': changes with each new message, 'text': ...}
         self.hook("presence/initial", self.deliver_motd)
+        self.hook("account/registered", self.welcome)
         for declared in COMMANDS:
             self.add_command(declared)
-        self.hook("account/registered", self.welcome)
 
     async def start(self) -> None:
         self.motd = await self.server.storage.kv.get(self.host.name, "", STORE, "motd")

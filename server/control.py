@@ -189,7 +189,7 @@ class ControlSocket:
         task.add_done_callback(self._reloads.discard)
 
     async def _reload(self) -> None:
-        command = find(self.server.commands, "reload_config")
+        command = self.server.commands.get("reload-configuration")
         if not self.server.hosts or command is None:
             log.warning("SIGHUP ignored: %s", "reload_config is not installed" if command is None
                         else "the server is starting or stopping")

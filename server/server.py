@@ -13,17 +13,19 @@ import os
 import resource
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from xml.etree.ElementTree import Element
 
 from server.c2s import C2SConnection
 from server.commands import Command, CommandTable
 from server.component import Components
-from server.config import Config
+from server.config import Config, load_config
 from server.control import ControlSocket
 from server.hooks import Hooks
 from server.host import Host
 from server.limits import AuthThrottle, ConnectionCounter
+from server.registry import available
 from server.router import Router
 from server.sessions import Session, SessionRegistry
 from server.storage import Storage, open_storage
@@ -70,8 +72,11 @@ class Federation(FrontEnd, Protocol):
 class Server:
     def __init__(self, config: Config, *, federation: Callable[[Server], Federation] | None = None,
                  front_ends: Mapping[str, Callable[[Server], FrontEnd]] | None = None,
-                 commands: Iterable[Command] = ()) -> None:
+                 commands: Iterable[Command] = (),
+                 read_config: Callable[[Path], Config] | None = None) -> None:
         self.config = config
+        # How reload_config and SIGHUP read the configuration file again: as it was read at start.
+        self.read_config = read_config or (lambda path: load_config(path, known_modules=available()))
         limits = config.limits
         self.hooks = Hooks()
         self.sessions = SessionRegistry()

@@ -6,6 +6,7 @@ that module; these are installed by the composition root.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -15,12 +16,15 @@ from xml.etree.ElementTree import Element, SubElement
 from server import ns
 from server.accounts import AccountError, create_account, set_password
 from server.commands import Arg, CommandError, Context, Declarations
+from server.config import ConfigError
 from server.jid import JID
 
 if TYPE_CHECKING:
     from server.server import Server
     from server.sessions import Session
     from server.storage import Storage
+
+log = logging.getLogger("parley.commands")
 
 COMMANDS = Declarations()
 command = COMMANDS.command
@@ -309,7 +313,33 @@ async def edit_admin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-# --- the whole server: restart and shut down ------------------------------------------------------------
+# --- the whole server: its configuration, restart and shut down ----------------------------------------
+
+@command("reload-configuration", "Reload the configuration file: each host's admins, registration and module "
+         "options (hosts, listeners and storage need a restart)", access="server", offered=False)
+async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """What SIGHUP and ejabberd's reload_config do; the file is read as at start (TOML, or an ejabberd.yml)."""
+    server = ctx.host.server
+    if server.config.source is None:
+        raise CommandError("the server runs on the built-in configuration: there is no file to reload")
+    try:
+        config = server.read_config(server.config.source)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    for name, host in server.hosts.items():
+        new = config.hosts.get(name)
+        if new is not None:
+            added = host.admins - host.configured_admins  # by XEP-0133 edit-admin: they stay
+            host.configured_admins = frozenset(JID.parse(a) for a in new.admins)
+            host.admins = {*host.configured_admins, *added}
+            host.config, host.config_options = new, dict(new.options)
+    if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
+            or config.storage != server.config.storage:
+        log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
+                    server.config.source)
+    log.info("%s reloaded %s", ctx.actor, server.config.source)
+    return {}
+
 
 DELAY = Arg("delay", "int", "Time delay in seconds (none: at once)", required=False,
             options=("0", "30", "60", "90", "120", "180", "240", "300"))
