@@ -59,6 +59,12 @@ def test_the_check_sees_every_kind_of_import() -> None:
                                                 "extensions"]
 
 
+def test_ejabberd_commands_only_map_onto_declared_ones() -> None:
+    """ejabberd's names run the commands the modules declare, through the server's table: no module's insides."""
+    path = REPO / "ejabberd_compat" / "commands.py"
+    assert [m for _, m in imported(path.read_text(encoding="utf-8")) if m.split(".")[0] == "extensions"] == []
+
+
 def test_the_core_names_no_plugin_module_by_string() -> None:
     """importlib would hide an import from the check above: only the registry may find modules by name."""
     wrong = [path.relative_to(REPO).as_posix() for path in (REPO / "server").rglob("*.py")
