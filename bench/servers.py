@@ -278,7 +278,7 @@ tls = "starttls"
                 await conn.execute(insert(roster), rows)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "server.cli", "serve", "--config", str(self.config_file)]
+        return [sys.executable, "-m", "parley", "serve", "--config", str(self.config_file)]
 
     @property
     def cwd(self) -> Path:

@@ -1,52 +1,39 @@
-"""ejabberd's administration commands, declared once in the command registry for `parleyctl` and the HTTP API.
+"""ejabberd's administration commands for `parleyctl` and the HTTP API, installed by the composition root.
 
 Names, argument names and order, and result kinds are ejabberd's (ejabberdctl and mod_http_api), so the
-scripts admins wrote for ejabberd work unchanged. Where a XEP-0133 command does the same thing, the
-ejabberd command calls it; where a module owns the state (roster, vCard, rooms), the command calls the
-module. Every command names its host in an argument and may only reach hosts the caller administers.
+scripts admins wrote for ejabberd work unchanged. Each maps ejabberd's arguments and result shape onto the
+command that does the work, run by name from the server's table: XEP-0133's over accounts and sessions,
+those the modules that own the data declare (roster, vCard, rooms). Every command names its host in an
+argument and may only reach hosts the caller administers.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
-import re
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
 from ejabberd_compat import piefxis
-from ejabberd_compat.config import load_any_config
-from extensions.muc.admin import AffiliationChange, check_owners_remain, set_affiliation
-from extensions.muc.owner import destroy
-from extensions.muc.protocol import AFFILIATIONS
-from extensions.muc.room import Room
 from server import ns
 from server.accounts import AccountError, create_account, password_matches, prepare_username
-from server.commands import COMMANDS, Arg, CommandError, Conflict, Context, NegativeAnswer, Run, command
-from server.config import ConfigError
+from server.commands import Arg, Command, CommandError, Conflict, Context, Declarations, NegativeAnswer, Run
 from server.jid import JID, JIDError
-from server.registry import available
-from server.storage.muc import Affiliation
-from server.storage.roster import RosterItem
-from server.stream.errors import StanzaError, StreamError
+from server.stream.errors import StreamError
 from server.stream.parser import StreamParser
 
 if TYPE_CHECKING:
-    from extensions.muc.service import Muc
-    from server.host import Host
+    from server.storage.roster import RosterItem
 
 log = logging.getLogger("parley.ejabberd_compat")
 
-SUBSCRIPTIONS = ("none", "from", "to", "both")
+COMMANDS = Declarations()
 MESSAGE_TYPES = ("chat", "normal", "headline", "groupchat")
 STATS = ("registeredusers", "onlineusers", "onlineusersnode", "uptimeseconds")
-VCARD_FIELD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 def _text(name: str, label: str, required: bool = True) -> Arg:
@@ -58,9 +45,9 @@ ROOM, SERVICE = _text("name", "Room name"), _text("service", "MUC service")
 
 
 def ejabberd(name: str, title: str, args: tuple[Arg, ...] = (), returns: str = "rescode",
-             result: Arg | None = None, access: str = "admin") -> Callable[[Run], Run]:
+             result: Arg | None = None, access: str = "admin") -> Callable[[Run], Command]:
     """Declare an ejabberd command: the title is ejabberd's description, shown by `parleyctl help`."""
-    return command(name, title, args, (result,) if result else (), access=access, returns=returns)
+    return COMMANDS.command(name, title, args, (result,) if result else (), access=access, returns=returns)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -74,16 +61,9 @@ def _account(ctx: Context, user: str, host: str) -> JID:
         raise CommandError(str(exc)) from None
 
 
-async def _existing(ctx: Context, user: str, host: str) -> JID:
-    jid = _account(ctx, user, host)
-    if not await ctx.host.server.storage.accounts.exists(jid.domain, jid.local or ""):
-        raise CommandError(f"{jid} does not exist")
-    return jid
-
-
-async def _xep0133(ctx: Context, name: str, host: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run the XEP-0133 command that does the same on `host`, as the same caller."""
-    return await COMMANDS[name].run(Context(ctx.target(host), ctx.actor, ctx.operator), args)
+async def _on(ctx: Context, name: str, host: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run the command `name` that does the work on `host`, as the same caller."""
+    return await ctx.host.server.commands.run(name, Context(ctx.target(host), ctx.actor, ctx.operator), args)
 
 
 def _jid(text: str) -> JID:
@@ -91,14 +71,6 @@ def _jid(text: str) -> JID:
         return JID.parse(text.strip())
     except JIDError as exc:
         raise CommandError(f"invalid JID {text!r}: {exc}") from None
-
-
-def _module(host: Host, name: str) -> Any:
-    """A module of the host, typed Any: commands call the methods of the module they name."""
-    module = host.modules.get(name)
-    if module is None:
-        raise CommandError(f"the {name} module is not enabled on {host.name}")
-    return module
 
 
 def _sender(ctx: Context, text: str) -> JID:
@@ -129,7 +101,7 @@ async def register(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 @ejabberd("unregister", "Unregister a user, with all the data of the account (roster, vCard...)",
           (USER, HOST), "restuple", Arg("res", "text", "Result"))
 async def unregister(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _xep0133(ctx, "delete-user", args["host"], {"accountjids": [_account(ctx, args["user"], args["host"])]})
+    await _on(ctx, "delete-user", args["host"], {"accountjids": [_account(ctx, args["user"], args["host"])]})
     return {"res": ""}
 
 
@@ -137,7 +109,7 @@ async def unregister(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
           (USER, HOST, Arg("newpass", "password", "New password")))
 async def change_password(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     jid = _account(ctx, args["user"], args["host"])
-    return await _xep0133(ctx, "change-user-password", args["host"], {"accountjid": jid, "password": args["newpass"]})
+    return await _on(ctx, "change-user-password", args["host"], {"accountjid": jid, "password": args["newpass"]})
 
 
 @ejabberd("check_account", "Check if an account exists or not", (USER, HOST))
@@ -168,7 +140,7 @@ async def registered_users(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
           (USER, HOST, _text("reason", "Reason", required=False)))
 async def ban_account(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     jid = _account(ctx, args["user"], args["host"])
-    await _xep0133(ctx, "disable-user", args["host"], {"accountjids": [jid]})
+    await _on(ctx, "disable-user", args["host"], {"accountjids": [jid]})
     log.info("%s banned %s: %s", ctx.actor, jid, args["reason"] or "no reason given")
     return {}
 
@@ -185,7 +157,7 @@ async def connected_users(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 @ejabberd("connected_users_number", "Get the number of established sessions", (), "integer",
           Arg("num_sessions", "int", "Number of sessions"))
 async def connected_users_number(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    return {"num_sessions": len((await connected_users(ctx, {}))["connected_users"])}
+    return {"num_sessions": len((await connected_users.run(ctx, {}))["connected_users"])}
 
 
 @ejabberd("kick_session", "Kick a user session",
@@ -196,7 +168,7 @@ async def kick_session(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         session = jid.with_resource(args["resource"])
     except JIDError as exc:
         raise CommandError(f"invalid resource: {exc}") from None
-    await _xep0133(ctx, "end-user-session", args["host"], {"accountjids": [session]})
+    await _on(ctx, "end-user-session", args["host"], {"accountjids": [session]})
     log.info("%s kicked %s: %s", ctx.actor, session, args["reason"] or "no reason given")
     return {}
 
@@ -258,37 +230,29 @@ CONTACT = (USER, HOST)
           (*ROSTER_OWNER, *CONTACT, _text("nick", "Nickname", required=False),
            _text("group", "Groups", required=False), _text("subs", "Subscription")))
 async def add_rosteritem(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    owner = await _existing(ctx, args["localuser"], args["localhost"])
-    if args["subs"] not in SUBSCRIPTIONS:
-        raise CommandError(f"the subscription must be one of {', '.join(SUBSCRIPTIONS)}")
-    contact = _jid(f"{args['user']}@{args['host']}")
-    groups = tuple(dict.fromkeys(g.strip() for g in (args["group"] or "").split(";") if g.strip()))
-    roster = _module(ctx.target(owner.domain), "roster")
-    async with roster.locked(owner):
-        await roster.update(owner, RosterItem(str(contact), args["nick"], args["subs"], groups=groups))
-    return {}
+    owner = _account(ctx, args["localuser"], args["localhost"])
+    groups = list(dict.fromkeys(g.strip() for g in (args["group"] or "").split(";") if g.strip()))
+    return await _on(ctx, "roster-set-item", owner.domain, {
+        "accountjid": owner, "contact": _jid(f"{args['user']}@{args['host']}"), "name": args["nick"],
+        "groups": groups, "subscription": args["subs"]})
 
 
 @ejabberd("delete_rosteritem", "Delete an item from a user's roster", (*ROSTER_OWNER, *CONTACT))
 async def delete_rosteritem(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    owner = await _existing(ctx, args["localuser"], args["localhost"])
-    contact = _jid(f"{args['user']}@{args['host']}")
-    roster = _module(ctx.target(owner.domain), "roster")
-    if await roster.item(owner, contact) is not None:
-        await roster.remove(owner, contact)
-    return {}
+    owner = _account(ctx, args["localuser"], args["localhost"])
+    return await _on(ctx, "roster-remove-item", owner.domain,
+                     {"accountjid": owner, "contact": _jid(f"{args['user']}@{args['host']}")})
 
 
 @ejabberd("get_roster", "Get roster of a local user: one line per contact and group", (USER, HOST), "records",
           Arg("contacts", "records", "Contacts", fields=("jid", "nick", "subscription", "ask", "group")))
 async def get_roster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    owner = await _existing(ctx, args["user"], args["host"])
-    roster = _module(ctx.target(owner.domain), "roster")
-    items: dict[str, RosterItem] = await roster.items(owner)
+    owner = _account(ctx, args["user"], args["host"])
+    items: list[RosterItem] = (await _on(ctx, "roster-items", owner.domain, {"accountjid": owner}))["items"]
     return {"contacts": [
         {"jid": item.jid, "nick": item.name or "", "subscription": item.subscription,
          "ask": "out" if item.ask else "none", "group": group}  # ejabberd's words for a pending request
-        for item in sorted(items.values(), key=lambda i: i.jid) for group in item.groups or ("",)
+        for item in items for group in item.groups or ("",)
     ]}
 
 
@@ -297,53 +261,21 @@ async def get_roster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 VCARD_NAME = _text("name", "vCard field (FN, NICKNAME, BDAY, TITLE, ROLE...)")
 
 
-def _vcard_field(name: str) -> str:
-    if not VCARD_FIELD.fullmatch(name):
-        raise CommandError(f"invalid vCard field name {name!r}")
-    return ns.qname(ns.VCARD, name)
-
-
 @ejabberd("get_vcard", "Get content from a vCard field", (USER, HOST, VCARD_NAME), "string",
           Arg("content", "text", "Content"))
 async def get_vcard(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    owner = await _existing(ctx, args["user"], args["host"])
-    tag = _vcard_field(args["name"])
-    vcard = await _module(ctx.target(owner.domain), "vcard").load(owner)
-    if vcard is None:
-        raise CommandError(f"{owner} has no vCard")
-    value = vcard.findtext(tag)
-    if not value:
-        raise CommandError(f"the vCard of {owner} has no {args['name']}")
-    return {"content": value}
+    owner = _account(ctx, args["user"], args["host"])
+    return await _on(ctx, "vcard-get-field", owner.domain, {"accountjid": owner, "field": args["name"]})
 
 
 @ejabberd("set_vcard", "Set content in a vCard field", (USER, HOST, VCARD_NAME, _text("content", "Content")))
 async def set_vcard(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    owner = await _existing(ctx, args["user"], args["host"])
-    tag = _vcard_field(args["name"])
-    module = _module(ctx.target(owner.domain), "vcard")
-    vcard = await module.load(owner)
-    if vcard is None:
-        vcard = Element(ns.qname(ns.VCARD, "vCard"))
-    field = vcard.find(tag)
-    if field is None:
-        field = Element(tag)
-        vcard.append(field)
-    field.text = args["content"]
-    await module.store(owner, vcard)
-    return {}
+    owner = _account(ctx, args["user"], args["host"])
+    return await _on(ctx, "vcard-set-field", owner.domain,
+                     {"accountjid": owner, "field": args["name"], "content": args["content"]})
 
 
 # --- rooms -----------------------------------------------------------------------------------------------
-
-def _services(ctx: Context, service: str) -> list[Muc]:
-    found: list[Any] = [h.modules["muc"] for h in ctx.hosts() if "muc" in h.modules]
-    if service != "global":
-        found = [m for m in found if m.domain == service.strip().lower()]
-        if not found:
-            raise CommandError(f"no MUC service {service} on a host you administer")
-    return found
-
 
 def _room_jid(name: str, service: str) -> JID:
     try:
@@ -352,68 +284,41 @@ def _room_jid(name: str, service: str) -> JID:
         raise CommandError(f"invalid room name {name!r}: {exc}") from None
 
 
-def _room(ctx: Context, name: str, service: str) -> Room:
-    jid = _room_jid(name, service)
-    room = _services(ctx, service)[0].rooms.get(jid)
-    if room is None or room.destroyed:
-        raise CommandError(f"room {jid} not found")
-    return room
+async def _on_room(ctx: Context, name: str, args: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """Run the command `name` on the room that ejabberd's arguments name and service designate."""
+    return await ctx.host.server.commands.run(name, ctx, {"room": _room_jid(args["name"], args["service"]), **more})
 
 
 @ejabberd("create_room", "Create a MUC room name@service in host: persistent, owned by the host's admins",
           (ROOM, SERVICE, HOST))
 async def create_room(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    host = ctx.target(args["host"])
-    muc = _module(host, "muc")
-    if muc.domain != args["service"].strip().lower():
-        raise CommandError(f"the MUC service of {host.name} is {muc.domain}")
-    jid = _room_jid(args["name"], muc.domain)
-    if jid in muc.rooms:
-        raise CommandError(f"room {jid} already exists")  # ejabberd answers 400 here, not 409
-    owners = host.admins if ctx.operator else {ctx.actor.bare}
-    room = Room(muc, jid, replace(muc.default_config(), persistent=True), datetime.now(UTC),
-                {owner: Affiliation("owner") for owner in owners})
-    muc.rooms[jid] = room
-    await muc.store.save_room(muc.domain, room.stored())
-    return {}
+    return await _on(ctx, "muc-create-room", args["host"], {"room": _room_jid(args["name"], args["service"])})
 
 
 @ejabberd("destroy_room", "Destroy a MUC room", (ROOM, SERVICE))
 async def destroy_room(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await destroy(_room(ctx, args["name"], args["service"]), None)
-    return {}
+    return await _on_room(ctx, "muc-destroy-room", args)
 
 
 @ejabberd("muc_online_rooms", "List existing rooms ('global' for every service)", (SERVICE,), "list",
           Arg("rooms", "lines", "Rooms"))
 async def muc_online_rooms(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    return {"rooms": sorted(str(jid) for muc in _services(ctx, args["service"])
-                            for jid, room in muc.rooms.items() if not room.destroyed)}
+    service = None if args["service"] == "global" else args["service"]
+    found = await ctx.host.server.commands.run("muc-rooms", ctx, {"service": service})
+    return {"rooms": sorted(str(jid) for jid in found["rooms"])}
 
 
 @ejabberd("get_room_occupants", "Get the list of occupants of a MUC room", (ROOM, SERVICE), "records",
           Arg("occupants", "records", "Occupants", fields=("jid", "nick", "role")))
 async def get_room_occupants(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    room = _room(ctx, args["name"], args["service"])
-    return {"occupants": [{"jid": str(o.real_jid), "nick": o.nick, "role": o.role}
-                          for o in sorted(room.occupants.values(), key=lambda o: o.nick)]}
+    found = await _on_room(ctx, "muc-room-occupants", args)
+    return {"occupants": [{**o, "jid": str(o["jid"])} for o in found["occupants"]]}
 
 
 @ejabberd("set_room_affiliation", "Change an affiliation in a MUC room",
           (ROOM, SERVICE, _text("jid", "JID"), _text("affiliation", "Affiliation")))
 async def set_room_affiliation(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    room = _room(ctx, args["name"], args["service"])
-    if args["affiliation"] not in AFFILIATIONS:
-        raise CommandError(f"the affiliation must be one of {', '.join(AFFILIATIONS)}")
-    change = AffiliationChange(_jid(args["jid"]).bare, args["affiliation"], None, None)
-    try:
-        check_owners_remain(room, [change])
-    except StanzaError as exc:
-        raise CommandError(exc.text or exc.condition) from None
-    batches = set_affiliation(room, change, None)
-    await room.save_affiliation(change.jid)
-    await room.flush(batches)
-    return {}
+    return await _on_room(ctx, "muc-set-affiliation", args, jid=_jid(args["jid"]), affiliation=args["affiliation"])
 
 
 # --- the server ------------------------------------------------------------------------------------------
@@ -425,7 +330,7 @@ async def stats(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     if name == "registeredusers":
         return {"stat": sum([await server.storage.accounts.count(h.name) for h in ctx.hosts()])}
     if name in ("onlineusers", "onlineusersnode"):
-        return {"stat": (await connected_users_number(ctx, {}))["num_sessions"]}
+        return {"stat": (await connected_users_number.run(ctx, {}))["num_sessions"]}
     if name == "uptimeseconds":
         return {"stat": int(time.time() - server.started)}
     raise CommandError(f"unknown statistic {name!r} (known: {', '.join(STATS)})")
@@ -447,26 +352,7 @@ async def status(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 @ejabberd("reload_config", "Reload the configuration file: each host's admins, registration and module "
           "options (hosts, listeners and storage need a restart)", access="server")
 async def reload_config(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    server = ctx.host.server
-    if server.config.source is None:
-        raise CommandError("the server runs on the built-in configuration: there is no file to reload")
-    try:
-        config, _ = load_any_config(server.config.source, known_modules=available())
-    except ConfigError as exc:
-        raise CommandError(str(exc)) from None
-    for name, host in server.hosts.items():
-        new = config.hosts.get(name)
-        if new is not None:
-            added = host.admins - host.configured_admins  # by XEP-0133 edit-admin: they stay
-            host.configured_admins = frozenset(JID.parse(a) for a in new.admins)
-            host.admins = {*host.configured_admins, *added}
-            host.config, host.config_options = new, dict(new.options)
-    if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
-            or config.storage != server.config.storage:
-        log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
-                    server.config.source)
-    log.info("%s reloaded %s", ctx.actor, server.config.source)
-    return {}
+    return await ctx.host.server.commands.run("reload-configuration", ctx, {})
 
 
 # --- XEP-0227 --------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class HttpApi:
     async def _handle(self, request: web.Request) -> web.Response:
         self._check_network(request.remote or "")
         ctx = await self._caller(request)
-        command = find(request.match_info["command"])
+        command = find(self.server.commands, request.match_info["command"])
         if command is None:
             raise _refusal(404, 40, "Endpoint not found.")
         if not ctx.operator and not command.allowed(ctx.host, ctx.actor):

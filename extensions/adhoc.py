@@ -1,4 +1,4 @@
-"""XEP-0050 Ad-Hoc Commands over the declarations of `server.commands` (XEP-0133 for admins).
+"""XEP-0050 Ad-Hoc Commands over the server's command table (`server.commands`; XEP-0133 for admins).
 
 A command with arguments asks for them in one XEP-0004 form, as XEP-0133 shows each command: `execute`
 returns the form under a sessionid bound to the requesting full JID, and the client ends with complete
@@ -15,18 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
-from server import commands, ns
-from server.commands import (
-    ADMIN_NS,
-    COMMANDS,
-    FIELD_TYPES,
-    REFUSED,
-    XML,
-    Command,
-    CommandError,
-    Context,
-    by_node,
-)
+from server import ns
+from server.commands import ADMIN_NS, FIELD_TYPES, REFUSED, XML, Command, CommandError, Context
 from server.forms import Field, build_form, find_form, read_form
 from server.jid import JID
 from server.module import Module
@@ -64,7 +54,6 @@ class Adhoc(Module):
     depends = ("disco",)
 
     def setup(self) -> None:
-        commands.load()
         self.sessions: dict[str, AdhocSession] = {}
         self.add_feature(NS)
         self.iq("set", COMMAND, self.execute)
@@ -72,7 +61,7 @@ class Adhoc(Module):
         self.hook("disco/info-node", self.info_node)
 
     def _visible(self, stanza: Stanza) -> list[Command]:
-        return [c for c in COMMANDS.values() if c.adhoc and c.allowed(self.host, stanza.from_)]
+        return [c for c in self.server.commands if c.adhoc and c.allowed(self.host, stanza.from_)]
 
     def items_node(self, stanza: Stanza, node: str) -> Element | None:
         if node != NS or stanza.to.local is not None:
@@ -84,7 +73,7 @@ class Adhoc(Module):
         return query
 
     def info_node(self, stanza: Stanza, node: str) -> Element | None:
-        command = by_node(node)
+        command = self.server.commands.by_node(node)
         if command is None or stanza.to.local is not None:
             return None
         if not command.allowed(self.host, stanza.from_):
@@ -99,7 +88,7 @@ class Adhoc(Module):
     async def execute(self, stanza: Stanza) -> Element:
         request = stanza.el[0]
         node, action, sessionid = request.get("node", ""), request.get("action"), request.get("sessionid")
-        command = by_node(node)
+        command = self.server.commands.by_node(node)
         if command is None:
             refused = next((r for n, r in REFUSED.items() if node == f"{ADMIN_NS}#{n}"), None)
             if refused:

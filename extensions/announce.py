@@ -11,35 +11,16 @@ from __future__ import annotations
 
 import secrets
 from typing import TYPE_CHECKING, Any
-from xml.etree.ElementTree import Element, SubElement
 
-from server import ns
+from server.commands import Arg, Context, Declarations, module_on
+from server.commands.service_admin import broadcast, message
 from server.jid import JID
 from server.module import Module
 
 if TYPE_CHECKING:
-    from server.server import Server
     from server.sessions import Session
 
 STORE = "announce"  # key-value documents: the host's 'motd' and 'welcome', each user's 'motd-seen'
-
-
-def message(sender: str, body: str, subject: str | None = None, type: str = "headline") -> Element:
-    el = Element(ns.qname(ns.CLIENT, "message"), {"from": sender, "type": type})
-    if subject:
-        SubElement(el, ns.qname(ns.CLIENT, "subject")).text = subject
-    SubElement(el, ns.qname(ns.CLIENT, "body")).text = body
-    return el
-
-
-def broadcast(server: Server, domain: str, el: Element) -> list[JID]:
-    """Send `el` to every session of the domain's online users; return those users."""
-    users = server.sessions.users(domain)
-    for user in users:
-        for session in server.sessions.of(user):
-            el.set("to", str(session.jid))
-            session.send(el)
-    return users
 
 
 class Announce(Module):
@@ -49,6 +30,8 @@ class Announce(Module):
         self.motd: dict[str, Any] | None = None  # {'id': changes with each new message, 'text': ...}
         self.hook("presence/initial", self.deliver_motd)
         self.hook("account/registered", self.welcome)
+        for declared in COMMANDS:
+            self.add_command(declared)
 
     async def start(self) -> None:
         self.motd = await self.server.storage.kv.get(self.host.name, "", STORE, "motd")
@@ -94,3 +77,57 @@ class Announce(Module):
             el = message(self.host.name, text, f"Welcome to {self.host.name}", type="normal")
             el.set("to", str(user))
             await self.server.router.send(el)
+
+
+# --- XEP-0133's commands over the standing messages -----------------------------------------------------
+
+COMMANDS = Declarations()
+command = COMMANDS.command
+
+
+def _announcer(ctx: Context) -> Announce:
+    return module_on(ctx.host, Announce)
+
+
+MOTD = Arg("motd", "lines", "Message of the Day")
+WELCOME = Arg("welcome", "lines", "Welcome Message")
+
+
+async def _current_motd(ctx: Context) -> dict[str, Any]:
+    motd = _announcer(ctx).motd
+    return {"motd": motd["text"].split("\n") if motd else None}
+
+
+@command("set-motd", "Set Message of the Day", (MOTD,))
+async def set_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_motd("\n".join(args["motd"]))
+    return {}
+
+
+@command("edit-motd", "Edit Message of the Day", (MOTD,), defaults=_current_motd)
+async def edit_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_motd("\n".join(args["motd"]), correction=True)
+    return {}
+
+
+@command("delete-motd", "Delete Message of the Day")
+async def delete_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).delete_motd()
+    return {}
+
+
+async def _current_welcome(ctx: Context) -> dict[str, Any]:
+    text = await _announcer(ctx).welcome_text()
+    return {"welcome": text.split("\n") if text else None}
+
+
+@command("set-welcome", "Set Welcome Message", (WELCOME,), defaults=_current_welcome)
+async def set_welcome(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_welcome("\n".join(args["welcome"]))
+    return {}
+
+
+@command("delete-welcome", "Delete Welcome Message")
+async def delete_welcome(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _announcer(ctx).set_welcome(None)
+    return {}

@@ -78,7 +78,7 @@ class Mam(Module):
     name = "mam"
     options = (
         Option("default", str, "always", "what is archived for a user who set no preferences", choices=DEFAULTS),
-        Option("retention_days", float, 0, "days messages are kept (a fraction is fine); 0 keeps them forever", minimum=0),
+        Option("retention_days", float, 0, "days messages are kept (fractions too); 0 keeps them forever", minimum=0),
         Option("max_page", int, MAX_PAGE, "the largest page of an archive query", minimum=1),
     )
 

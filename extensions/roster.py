@@ -18,10 +18,12 @@ import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
+from server.commands import XML, Arg, CommandError, Context, Declarations, module_on
+from server.commands.service_admin import ACCOUNTS, existing_account, single_account
 from server.jid import JID, JIDError
 from server.module import Module
 from server.stanza import Stanza, element
@@ -88,6 +90,8 @@ class Roster(Module):
         self.iq("set", QUERY, self.roster_set, target="own")
         self.hook("c2s/features", self.stream_features)
         self.hook("session/closed", self.forget, priority=-100)  # after presence has said goodbye
+        for declared in COMMANDS:
+            self.add_command(declared)
 
     # --- API for the presence module -------------------------------------------------------------
 
@@ -208,3 +212,55 @@ class Roster(Module):
         if stage == "post-auth":
             SubElement(features, ns.qname(ns.ROSTERVER, "ver"))
             SubElement(features, ns.qname(ns.PRE_APPROVAL, "sub"))
+
+
+# --- commands over rosters: XEP-0133's get-user-roster, and those ejabberd's names map onto ---------------
+
+COMMANDS = Declarations()
+command = COMMANDS.command
+SUBSCRIPTIONS = ("none", "from", "to", "both")
+OWNER = Arg("accountjid", "jid", "The Jabber ID of the roster's owner")
+CONTACT = Arg("contact", "jid", "The contact's Jabber ID")
+
+
+@command("get-user-roster", "Get User Roster", (ACCOUNTS,), (ACCOUNTS, Arg("roster", XML, "The roster")))
+async def user_roster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """One account per request (XEP-0133's form asks for several but answers with one roster): the roster
+    comes as a jabber:iq:roster <query/> inside the result form, as in the XEP's example."""
+    jid = await existing_account(ctx, single_account(args))
+    _, items = await ctx.host.server.storage.roster.get(ctx.host.name, jid.local or "")
+    query = Element(ns.qname(ns.ROSTER, "query"))
+    query.extend(item_element(items[jid]) for jid in sorted(items))
+    return {"accountjids": [jid], "roster": query}
+
+
+@command("roster-set-item", "Add or change a roster item, pushed to the owner's clients",
+         (OWNER, CONTACT, Arg("name", "text", "Nickname", required=False),
+          Arg("groups", "lines", "Groups", required=False), Arg("subscription", "text", "Subscription")),
+         offered=False)
+async def set_item(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    owner = await existing_account(ctx, args["accountjid"])
+    if args["subscription"] not in SUBSCRIPTIONS:
+        raise CommandError(f"the subscription must be one of {', '.join(SUBSCRIPTIONS)}")
+    roster = module_on(ctx.host, Roster)
+    item = RosterItem(str(args["contact"]), args["name"], args["subscription"], groups=tuple(args["groups"]))
+    async with roster.locked(owner):
+        await roster.update(owner, item)
+    return {}
+
+
+@command("roster-remove-item", "Remove a roster item if there is one", (OWNER, CONTACT), offered=False)
+async def remove_item(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    owner = await existing_account(ctx, args["accountjid"])
+    roster = module_on(ctx.host, Roster)
+    if await roster.item(owner, args["contact"]) is not None:
+        await roster.remove(owner, args["contact"])
+    return {}
+
+
+@command("roster-items", "The items of a roster, by JID", (OWNER,), (Arg("items", "records", "Roster items"),),
+         offered=False)
+async def roster_items(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    owner = await existing_account(ctx, args["accountjid"])
+    items = await module_on(ctx.host, Roster).items(owner)
+    return {"items": sorted(items.values(), key=lambda i: i.jid)}

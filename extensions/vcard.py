@@ -12,10 +12,13 @@ Conversions run only for what clients send, never for what this module publishes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+import re
+from typing import TYPE_CHECKING, Any, cast
 from xml.etree.ElementTree import Element, SubElement, fromstring
 
 from server import ns
+from server.commands import Arg, CommandError, Context, Declarations, module_on
+from server.commands.service_admin import ACCOUNT, existing_account
 from server.jid import JID
 from server.module import Module
 from server.options import Option
@@ -65,6 +68,9 @@ class VCard(Module):
         self.hook("pep/published", self.pep_published)
         self.hook("presence/self", self.stamp_presence, priority=150)
         self.hook("presence/outbound", self.stamp_presence, priority=150)
+        self.hook("account/details", self.start_vcard)
+        for declared in COMMANDS:
+            self.add_command(declared)
 
     @property
     def pep(self) -> Pep:
@@ -101,6 +107,10 @@ class VCard(Module):
         old = await self.load(user)
         await self.save(user, vcard)
         await self._publish(user, old, vcard)
+
+    async def start_vcard(self, user: JID, details: dict[str, str]) -> None:
+        """The vCard of an account an admin created with its email address or names (XEP-0133 add-user)."""
+        await self.store(user, new_vcard(details.get("email"), details.get("given_name"), details.get("surname")))
 
     # --- vcard-temp -> PEP ----------------------------------------------------------------------------
 
@@ -178,3 +188,63 @@ class VCard(Module):
         for child in list(x):
             x.remove(child)
         SubElement(x, UPDATE_PHOTO).text = known
+
+
+def new_vcard(email: str | None, given: str | None, family: str | None) -> Element:
+    """A vcard-temp with what add-user's form gave."""
+    vcard = Element(ns.qname(ns.VCARD, "vCard"))
+    if given or family:
+        name = SubElement(vcard, ns.qname(ns.VCARD, "N"))
+        SubElement(name, ns.qname(ns.VCARD, "FAMILY")).text = family or ""
+        SubElement(name, ns.qname(ns.VCARD, "GIVEN")).text = given or ""
+        SubElement(vcard, ns.qname(ns.VCARD, "FN")).text = " ".join(p for p in (given, family) if p)
+    if email:
+        address = SubElement(vcard, ns.qname(ns.VCARD, "EMAIL"))
+        SubElement(address, ns.qname(ns.VCARD, "INTERNET"))
+        SubElement(address, ns.qname(ns.VCARD, "USERID")).text = email
+    return vcard
+
+
+# --- commands over vCard fields, which ejabberd's get_vcard and set_vcard map onto ----------------------
+
+COMMANDS = Declarations()
+FIELD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+FIELD_NAME = Arg("field", "text", "vCard field (FN, NICKNAME, BDAY, TITLE, ROLE...)")
+
+
+def _field(name: str) -> str:
+    if not FIELD.fullmatch(name):
+        raise CommandError(f"invalid vCard field name {name!r}")
+    return ns.qname(ns.VCARD, name)
+
+
+@COMMANDS.command("vcard-get-field", "The content of a field of an account's vCard", (ACCOUNT, FIELD_NAME),
+                  (Arg("content", "text", "Content"),), offered=False)
+async def get_field(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    owner = await existing_account(ctx, args["accountjid"])
+    tag = _field(args["field"])
+    vcard = await module_on(ctx.host, VCard).load(owner)
+    if vcard is None:
+        raise CommandError(f"{owner} has no vCard")
+    value = vcard.findtext(tag)
+    if not value:
+        raise CommandError(f"the vCard of {owner} has no {args['field']}")
+    return {"content": value}
+
+
+@COMMANDS.command("vcard-set-field", "Set a field of an account's vCard",
+                  (ACCOUNT, FIELD_NAME, Arg("content", "text", "Content")), offered=False)
+async def set_field(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    owner = await existing_account(ctx, args["accountjid"])
+    tag = _field(args["field"])
+    module = module_on(ctx.host, VCard)
+    vcard = await module.load(owner)
+    if vcard is None:
+        vcard = Element(VCARD)
+    field = vcard.find(tag)
+    if field is None:
+        field = Element(tag)
+        vcard.append(field)
+    field.text = args["content"]
+    await module.store(owner, vcard)
+    return {}

@@ -29,7 +29,7 @@ from s2s.outgoing import S2SOutgoing
 from s2s.policy import Policy
 from server.jid import JID
 from server.stanza import KINDS, Stanza
-from server.stream.errors import StanzaError
+from server.stream.errors import StanzaError, StreamError
 
 if TYPE_CHECKING:
     from server.config import ListenerConfig
@@ -59,6 +59,7 @@ class S2SManager:
     # --- life cycle -------------------------------------------------------------------------------
 
     async def start(self, listeners: list[ListenerConfig]) -> None:
+        await self.policy.load(self.server.storage.kv)
         loop = asyncio.get_running_loop()
         for listener in listeners:
             direct = listener.tls == "direct"
@@ -86,6 +87,14 @@ class S2SManager:
         for stream in list(self.incoming):
             stream.end()
         await asyncio.sleep(0)
+
+    async def policy_changed(self) -> None:
+        """Apply the lists admins changed (XEP-0133): outgoing stanzas meet the policy one by one, but a stream
+        a refused domain opened earlier would go on."""
+        await self.policy.load(self.server.storage.kv)
+        for stream in list(self.incoming):
+            if any(not self.policy.allowed(remote) for remote, _ in stream.pairs):
+                stream.stream_error(StreamError("policy-violation", "federation with your domain has ended"))
 
     def descriptors_left(self) -> int:
         """What remains of the server's connection budget once clients and federation streams are counted."""

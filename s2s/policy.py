@@ -6,9 +6,13 @@ server also applies to its services (conference.example.org goes with example.or
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
+
+from server.commands import Arg, CommandError, Context, Declarations
+from server.jid import JID
 
 if TYPE_CHECKING:
+    from s2s.manager import S2SManager
     from server.config import S2SConfig
     from server.storage import KeyValueStore
 
@@ -46,3 +50,61 @@ class Policy:
         if covers(self.config.accept_self_signed, domain):
             return SELF_SIGNED
         return VERIFY if self.config.require_valid_certificates else UNCHECKED
+
+
+# --- XEP-0133's federation lists: what admins add to the configured ones --------------------------------
+
+COMMANDS = Declarations()
+
+
+def _domains(jids: list[JID]) -> list[str]:
+    """Federation lists name domains (a domain covers its subdomains); a JID with a user or resource is refused."""
+    wrong = [str(jid) for jid in jids if jid.local is not None or jid.resource is not None]
+    if wrong:
+        raise CommandError(f"only domains can be listed, not {', '.join(wrong)}")
+    return sorted({jid.domain for jid in jids})
+
+
+async def _federation_list(ctx: Context, name: str) -> list[str]:
+    """The [s2s] table's list `name` ('deny' or 'allow'), then the domains admins added to it."""
+    server = ctx.host.server
+    return [*getattr(server.config.s2s, name), *(await server.storage.kv.get("", "", ADDED, name) or [])]
+
+
+async def _set_federation_list(ctx: Context, name: str, jids: list[JID]) -> None:
+    """Store what is not configured already; federation applies it to the next stanza and stream."""
+    server = ctx.host.server
+    configured = getattr(server.config.s2s, name)
+    domains = _domains(jids)
+    kept = [d for d in configured if d not in domains]
+    if kept:
+        raise CommandError(f"{', '.join(kept)}: in the [s2s] {name} list of the configuration file, "
+                           "which must change instead")
+    await server.storage.kv.set("", "", ADDED, name, [d for d in domains if d not in configured] or None)
+    if server.s2s is not None:
+        await cast("S2SManager", server.s2s).policy_changed()
+
+
+BLACKLIST = Arg("blacklistjids", "jids", "The blacklist: domains refused for federation", required=False)
+WHITELIST = Arg("whitelistjids", "jids", "The whitelist: when not empty, the only domains for federation",
+                required=False)
+
+
+async def _current_blacklist(ctx: Context) -> dict[str, Any]:
+    return {"blacklistjids": await _federation_list(ctx, "deny")}
+
+
+async def _current_whitelist(ctx: Context) -> dict[str, Any]:
+    return {"whitelistjids": await _federation_list(ctx, "allow")}
+
+
+@COMMANDS.command("edit-blacklist", "Edit Blacklist", (BLACKLIST,), access="server", defaults=_current_blacklist)
+async def edit_blacklist(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _set_federation_list(ctx, "deny", args["blacklistjids"])
+    return {}
+
+
+@COMMANDS.command("edit-whitelist", "Edit Whitelist", (WHITELIST,), access="server", defaults=_current_whitelist)
+async def edit_whitelist(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    await _set_federation_list(ctx, "allow", args["whitelistjids"])
+    return {}

@@ -1,4 +1,9 @@
-"""The `parley` command: run the server and manage accounts and configuration."""
+"""The `parley` command: run the server and manage accounts and configuration.
+
+The composition root (`parley.py`) calls `main` with the parts this file does not know: how to read a
+configuration file (Parley's TOML or an ejabberd.yml), how to build the server, and the subcommands that
+move data in and out.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,14 @@ import os
 import secrets
 import signal
 import sys
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
-from ejabberd_compat import migrate
-from ejabberd_compat.config import load_any_config
 from server.accounts import AccountError, create_account, prepare_username, set_password
 from server.config import (
     CONFIG_ENV,
@@ -36,10 +41,34 @@ from server.storage import Storage, open_storage
 from server.storage.engine import make_engine
 from server.tls import TlsError
 
+if TYPE_CHECKING:
+    from server.server import Server
 
-def _load(path: Path | None) -> Config:
+
+class Tools(Protocol):
+    """`parley` subcommands of a part outside the core (ejabberd_compat.migrate: imports and exports)."""
+
+    COMMANDS: tuple[str, ...]
+    ERRORS: tuple[type[Exception], ...]
+
+    def add_commands(self, sub: argparse._SubParsersAction) -> None: ...
+
+    async def run(self, args: argparse.Namespace, config: Config) -> str: ...
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the composition root gives the command line."""
+
+    # A configuration file (None: the built-in one), with the warnings naming what it could not apply.
+    load_config: Callable[..., tuple[Config, list[str]]]
+    build_server: Callable[[Config], Server]
+    tools: Tools
+
+
+def _load(parts: Parts, path: Path | None) -> Config:
     """A Parley TOML file, or an ejabberd.yml whose settings Parley cannot apply are listed first."""
-    config, warnings = load_any_config(path, known_modules=available())
+    config, warnings = parts.load_config(path, known_modules=available())
     for warning in warnings:
         print(f"parley: {path}: not applied: {warning}", file=sys.stderr)
     return config
@@ -126,7 +155,7 @@ def _banner(config: Config, created: list[str]) -> None:
           "Add users with `parley user add USER@HOST --password PASSWORD`. Ctrl-C stops.", flush=True)
 
 
-def _serve_workers(config: Config) -> int:
+def _serve_workers(config: Config, build: Callable[[Config], Server]) -> int:
     """The parent prepares storage once (migrations, first admin), then forks the workers and watches them."""
     from server import cluster
     from server.tls import ensure_certificate
@@ -140,19 +169,18 @@ def _serve_workers(config: Config) -> int:
         created.extend(await _bootstrap_admins(config))
 
     _run(prepare())
-    return cluster.supervise(config, lambda index, ready: _run(_serve_worker(config, index, ready)),
+    return cluster.supervise(config, lambda index, ready: _run(_serve_worker(config, build, index, ready)),
                              lambda: _banner(config, created))
 
 
-async def _serve_worker(config: Config, index: int, ready: int) -> None:
+async def _serve_worker(config: Config, build: Callable[[Config], Server], index: int, ready: int) -> None:
     from server.cluster import Cluster
-    from server.server import Server
 
     signalled = asyncio.Event()  # from here on, even while starting: a worker always takes its sessions with it
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, signalled.set)
-    server = Server(config)
+    server = build(config)
     loop.add_signal_handler(signal.SIGHUP, server.control.reload_soon)
     cluster = Cluster(server, index, config.cluster)
     await cluster.start()
@@ -175,12 +203,10 @@ def _workers(text: str) -> int:
     return int(text)
 
 
-async def _serve(config: Config) -> None:
-    from server.server import Server
-
+async def _serve(config: Config, build: Callable[[Config], Server]) -> None:
     _make_data_dir(config)
     created = await _bootstrap_admins(config)
-    server = Server(config)
+    server = build(config)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, server.control.reload_soon)  # `systemctl reload`
     await server.start()
@@ -245,7 +271,7 @@ async def _user_command(args: argparse.Namespace, config: Config) -> str:
         await storage.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(parts: Parts, argv: list[str] | None = None) -> int:
     given, argv = config_option(sys.argv[1:] if argv is None else argv)  # wherever it stands on the line
     option = argparse.ArgumentParser(add_help=False)
     option.add_argument("--config", metavar="FILE",
@@ -270,26 +296,26 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--password", help="the password (read from stdin when omitted)")
     actions.add_parser("delete", help="delete an account and its data", parents=[option]).add_argument("jid")
     actions.add_parser("list", help="list accounts", parents=[option]).add_argument("host", nargs="?")
-    migrate.add_commands(sub)
+    parts.tools.add_commands(sub)
     args = parser.parse_args(argv)
     try:
         path = find_config(getattr(args, "config_file", None) or given)
         if args.command == "check-config":
             if path is None:
                 raise ConfigError("", f"no configuration file to check: name one, or set {CONFIG_ENV}")
-            config = _load(path)
+            config = _load(parts, path)
             print(f"{path}: OK ({len(config.hosts)} host(s), {len(config.listeners)} listener(s), "
                   f"storage {config.storage.url.split(':', 1)[0]})")
             return 0
         if args.command == "module-options":
             print(example_section({name: load(name).options for name in available()}), end="")
             return 0
-        config = _load(path)
-        if args.command in migrate.COMMANDS:
+        config = _load(parts, path)
+        if args.command in parts.tools.COMMANDS:
             done: list[str] = []
 
             async def migrate_main() -> None:
-                done.append(await migrate.run(args, config))
+                done.append(await parts.tools.run(args, config))
 
             _run(migrate_main())
             print(done[0])
@@ -301,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             os.umask(0o077)  # the database, keys, sockets and logs the server creates are its user's alone
             _setup_logging(config, args.verbose)
             if config.cluster.workers > 1:
-                return _serve_workers(config)
-            _run(_serve(config))
+                return _serve_workers(config, parts.build_server)
+            _run(_serve(config, parts.build_server))
             return 0
         result: list[str] = []
 
@@ -320,10 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     except TlsError as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 2
-    except (AccountError, *migrate.ERRORS) as exc:
+    except (AccountError, *parts.tools.ERRORS) as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

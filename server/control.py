@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.commands import Command, CommandError, Conflict, Context, NegativeAnswer, load
+from server.commands import Command, CommandError, CommandTable, Conflict, Context, NegativeAnswer
 
 if TYPE_CHECKING:
     from server.config import Config
@@ -34,10 +34,11 @@ def socket_path(config: Config) -> Path:
     return config.data_dir / SOCKET_NAME
 
 
-def find(name: str) -> Command | None:
-    """A command the CLI and HTTP API offer: the ejabberd-shaped ones (the others are ad-hoc commands)."""
-    command = load().get(name)
-    return command if command is not None and not command.adhoc else None
+def find(commands: CommandTable, name: str) -> Command | None:
+    """A command the CLI and HTTP API offer: the ejabberd-shaped ones (the others are ad-hoc commands or
+    building blocks)."""
+    command = commands.get(name)
+    return command if command is not None and command.offered and not command.adhoc else None
 
 
 async def execute(command: Command, ctx: Context, given: dict[str, Any]) -> dict[str, Any]:
@@ -82,8 +83,8 @@ def describe(command: Command) -> str:
             f"  Description: {command.title}\n")
 
 
-def overview() -> str:
-    commands = sorted((c for c in load().values() if not c.adhoc), key=lambda c: c.name)
+def overview(table: CommandTable) -> str:
+    commands = sorted((c for c in table if c.offered and not c.adhoc), key=lambda c: c.name)
     width = max(len(c.name) for c in commands)
     lines = "".join(f"  {c.name.ljust(width)}  {c.title}\n" for c in commands)
     return (f"Usage: parleyctl [--config FILE] COMMAND [ARGUMENT...]\n\nAvailable commands:\n{lines}\n"
@@ -96,12 +97,13 @@ def _output(exit: int = 0, out: str = "", err: str = "") -> dict[str, Any]:
 
 async def respond(argv: list[str], cwd: str, ctx: Context) -> dict[str, Any]:
     """Run an ejabberdctl command line: what parleyctl prints, and its exit code."""
+    table = ctx.host.server.commands
     if not argv or argv[0] == "help":
-        topic = find(argv[1]) if len(argv) > 1 else None
+        topic = find(table, argv[1]) if len(argv) > 1 else None
         if len(argv) > 1 and topic is None:
             return _output(1, err=f"Error: unknown command '{argv[1]}'\n")
-        return _output(out=describe(topic) if topic else overview())
-    command = find(argv[0])
+        return _output(out=describe(topic) if topic else overview(table))
+    command = find(table, argv[0])
     if command is None:
         return _output(1, err=f"Error: unknown command '{argv[0]}'; parleyctl help lists them\n")
     missing = len(command.args) - len(argv[1:])
@@ -187,7 +189,7 @@ class ControlSocket:
         task.add_done_callback(self._reloads.discard)
 
     async def _reload(self) -> None:
-        command = find("reload_config")
+        command = self.server.commands.get("reload-configuration")
         if not self.server.hosts or command is None:
             log.warning("SIGHUP ignored: %s", "reload_config is not installed" if command is None
                         else "the server is starting or stopping")

@@ -42,6 +42,7 @@ from xml.etree.ElementTree import Element
 from server.options import Option
 
 if TYPE_CHECKING:
+    from server.commands import Command
     from server.host import Host
     from server.service import Service
     from server.stanza import Stanza
@@ -140,6 +141,10 @@ class Module:
             raise ValueError(f"domain {domain} is already served")
         self.server.services[domain] = service.receive
         self._undo.append(lambda: self.server.services.pop(domain, None))
+
+    def add_command(self, command: Command) -> None:
+        """Offer an admin command (see `server.commands`) over the data this module owns, to every front end."""
+        self._undo.append(self.server.commands.add(command))
 
     def option(self, name: str) -> Any:
         """The value this host's configuration gives the option, already checked against its declaration in

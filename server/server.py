@@ -1,4 +1,9 @@
-"""The server: configuration, storage, hosts, listeners and the periodic housekeeping that ties them."""
+"""The server: configuration, storage, hosts, listeners and the periodic housekeeping that ties them.
+
+It knows no plugin: the composition root (`parley.py`) hands it the parts outside the core, the federation
+manager, the front ends of other listener kinds (the HTTP API) and the command declarations of the parts
+that are not host modules.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,20 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 from xml.etree.ElementTree import Element
 
-from ejabberd_compat.http_api import HttpApi
-from s2s.manager import S2SManager
 from server.c2s import C2SConnection
+from server.commands import Command, CommandTable
 from server.component import Components
-from server.config import Config
+from server.config import Config, load_config
 from server.control import ControlSocket
 from server.hooks import Hooks
 from server.host import Host
 from server.limits import AuthThrottle, ConnectionCounter, OutputBudget
+from server.registry import available
 from server.router import Router
 from server.sessions import Session, SessionRegistry
 from server.storage import Storage, open_storage
@@ -52,9 +58,27 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class FrontEnd(Protocol):
+    """What serves the listeners of one kind (the `type` of their configuration)."""
+
+    async def start(self, listeners: list[ListenerConfig]) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Federation(FrontEnd, Protocol):
+    """Server-to-server, on the 's2s' listeners: it takes the stanzas to remote domains from the
+    'route/remote' event, and stops after the sessions have ended so that their goodbyes still go out."""
+
+
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, federation: Callable[[Server], Federation] | None = None,
+                 front_ends: Mapping[str, Callable[[Server], FrontEnd]] | None = None,
+                 commands: Iterable[Command] = (),
+                 read_config: Callable[[Path], Config] | None = None) -> None:
         self.config = config
+        # How reload_config and SIGHUP read the configuration file again: as it was read at start.
+        self.read_config = read_config or (lambda path: load_config(path, known_modules=available()))
         limits = config.limits
         self.hooks = Hooks()
         self.sessions = SessionRegistry()
@@ -70,10 +94,14 @@ class Server:
         self.ip_counter = ConnectionCounter(limits.max_connections_per_ip)
         self.max_connections = limits.max_connections
         self.listeners: list[asyncio.base_events.Server] = []
-        self.s2s: S2SManager | None = None  # federation; on when an s2s listener is configured
+        self.s2s: Federation | None = None  # on when an s2s listener is configured
+        self._federation = federation
         self.cluster: Cluster | None = None  # set when this is one of several worker processes
+        self.commands = CommandTable()  # for parleyctl, the HTTP API and ad-hoc commands
+        for declared in commands:
+            self.commands.add(declared)
         self.control = ControlSocket(self)  # for parleyctl
-        self.http_api = HttpApi(self)  # ejabberd's mod_http_api on the 'http' listeners
+        self.front_ends = {kind: make(self) for kind, make in (front_ends or {}).items()}
         self.components = Components(self)  # XEP-0114
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
@@ -108,12 +136,12 @@ class Server:
                 await self._listen_c2s(listener)
         await self.components.start([listener for listener in config.listeners if listener.type == "component"])
         s2s_listeners = [listener for listener in config.listeners if listener.type == "s2s"]
-        if s2s_listeners:
-            self.s2s = S2SManager(self)
-            await self.s2s.policy.load(self.storage.kv)
+        if s2s_listeners and self._federation is not None:
+            self.s2s = self._federation(self)
             await self.s2s.start(s2s_listeners)
         await self.control.start()
-        await self.http_api.start([lc for lc in config.listeners if lc.type == "http"])
+        for kind, front_end in self.front_ends.items():
+            await front_end.start([lc for lc in config.listeners if lc.type == kind])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         await self.hooks.fire("server/started", self)
         log.info("Parley started: hosts %s, connection limit %d", ", ".join(self.hosts), self.max_connections)
@@ -137,7 +165,8 @@ class Server:
         if self._planned is not None:
             self._planned.cancel()
         await self.control.stop()
-        await self.http_api.stop()
+        for front_end in self.front_ends.values():
+            await front_end.stop()
         for srv in self.listeners:
             srv.close()
         if self._sweeper is not None:

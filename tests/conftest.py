@@ -21,6 +21,7 @@ import pytest
 import uvloop
 from slixmpp import ClientXMPP
 
+from parley import build_server
 from server.accounts import create_account
 from server.config import parse_config
 from server.registry import available
@@ -175,7 +176,7 @@ class Harness:
         self._clients.clear()
         self._raw.clear()
         await self.server.stop()
-        self.server = Server(self.server.config)
+        self.server = build_server(self.server.config)
         await self.server.start()
 
     async def close(self) -> None:
@@ -281,7 +282,7 @@ async def server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     port, direct_port, spare = free_ports(3)
     component_port = spare if "components" in overrides else None  # a listener for XEP-0114 tests only
     config = make_config(tmp_path, port, direct_port, url, component_port, **overrides)
-    srv = Server(config)
+    srv = build_server(config)
     await srv.start()
     harness = Harness(srv, port, direct_port, tmp_path, component_port or 0)
     try:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from slixmpp import ClientXMPP
 
+from parley import build_server
 from s2s.dialback import make_key
 from server import ns
 from server.config import parse_config
@@ -134,7 +135,7 @@ async def start_parley(directory: Path, domains: dict[str, dict[str, Any]], addr
         "hosts": domains,
         "s2s": s2s or {},
     }, known_modules=available())
-    server = Server(config)
+    server = build_server(config)
     await server.start()
     return Parley(server, Harness(server, port, direct_port, directory), address, s2s_port)
 

@@ -16,7 +16,7 @@ from server.config import load_config
 from server.storage import open_storage
 from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, make_pg_schema
 
-PARLEY = [sys.executable, "-m", "server.cli"]
+PARLEY = [sys.executable, "-m", "parley"]
 
 
 def write_config(tmp_path: Path, port: int, direct_port: int, extra: str = "") -> Path:
@@ -49,7 +49,7 @@ def parley(*args: str, stdin: str | None = None, cwd: Path | None = None, env: d
     write), so that what the machine has there never counts."""
     system = system_config or Path("/nonexistent/parley.toml")
     command = [sys.executable, "-c", "import sys; import server.config as c; c.SYSTEM_CONFIG = "
-               "c.Path(sys.argv.pop(1)); from server.cli import main; sys.exit(main())", str(system)]
+               "c.Path(sys.argv.pop(1)); from parley import main; sys.exit(main())", str(system)]
     environment = {k: v for k, v in os.environ.items() if k not in ("PARLEY_CONFIG", "PARLEY_DATA")}
     return subprocess.run([*command, *args], capture_output=True, text=True, input=stdin, timeout=timeout,
                           cwd=cwd, env={**environment, **(env or {})})

@@ -27,12 +27,12 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from parley import build_server
 from server.accounts import create_account
 from server.cluster import FIELD, FRAME, Cluster, _resolve, session_state
 from server.config import ClusterConfig
 from server.host import Host
 from server.jid import JID
-from server.server import Server
 from server.sessions import Session
 from server.stanza import Stanza
 from server.storage import RosterItem, Storage, open_storage
@@ -160,7 +160,7 @@ async def workers(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     config.write_text(_config(tmp_path, url, port, prefix))
     storage = await open_storage(url)
     with open(tmp_path / "server.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+        proc = subprocess.Popen([sys.executable, "-m", "parley", "serve", "--config", str(config)],
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     harness = Workers(proc, storage, port, tmp_path, redis, prefix)
     try:
@@ -373,7 +373,7 @@ def test_without_redis_the_workers_do_not_start(tmp_path: Path) -> None:
     config = tmp_path / "parley.toml"
     config.write_text(_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/parley.db", free_port(), "unused")
                       .replace(REDIS_URL, f"redis://127.0.0.1:{free_port()}/0"))
-    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(config)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "parley", "serve", "--config", str(config)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "config key 'cluster.redis_url': cannot use Redis" in done.stderr, done.stderr
 
@@ -450,7 +450,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Worker 1 of 2, its hosts made but nothing started: what it would send stays in its queue."""
     config = make_config(tmp_path, *free_ports(2), f"sqlite+aiosqlite:///{tmp_path}/parley.db")
     config.cluster = ClusterConfig(workers=2, prefix="unit")
-    server = Server(config)
+    server = build_server(config)
     server.hosts["localhost"] = Host(server, config.hosts["localhost"])
     try:
         yield Cluster(server, 1, config.cluster)

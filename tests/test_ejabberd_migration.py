@@ -26,9 +26,8 @@ from bench.servers import fill_template
 from ejabberd_compat.config import STORAGE_SCHEMA, load_ejabberd_config
 from ejabberd_compat.piefxis import export_piefxis, import_piefxis
 from ejabberd_compat.sql_import import SqlImportError, import_ejabberd_sql
-from server.cli import main
+from parley import build_server, main
 from server.registry import available
-from server.server import Server
 from server.storage import RosterItem
 from tests.conftest import Harness, free_port, unavailable
 from tests.s2s_peers import Ejabberd, PeerUnavailable
@@ -338,7 +337,7 @@ async def test_one_ejabberd_yml_for_parley_and_for_the_import(ejabberd_data: Eja
         assert await asyncio.to_thread(main, ["import-ejabberd-sql", "--config", str(yml)]) == 0
         assert capsys.readouterr().out.startswith(f"imported {users} user(s)")
         config, _ = load_ejabberd_config(yml, available())
-        server = Harness(Server(config), port, port, tmp_path)
+        server = Harness(build_server(config), port, port, tmp_path)
         await server.server.start()
         try:
             alice = await server.client(f"alice@{DOMAIN}", PASSWORDS["alice"])

@@ -15,11 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ejabberd_compat.config import load_ejabberd_config, translate
+from parley import build_server, main
 from server.accounts import create_account
-from server.cli import main
 from server.config import ConfigError
 from server.registry import available
-from server.server import Server
 from server.tls import ensure_certificate
 from tests.conftest import Harness, RawClient, free_port
 from tests.test_offline import collect, take
@@ -206,7 +205,7 @@ modules:
     access_max_user_messages: max_user_offline_messages
 """)
     config, _ = load_ejabberd_config(tmp_path / "ejabberd.yml", available())
-    server = Server(config)
+    server = build_server(config)
     await server.start()
     try:
         raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", port)
@@ -272,7 +271,7 @@ async def test_the_ejabberd_path_end_to_end(tmp_path: Path) -> None:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode or 0, out.decode(), err.decode()
 
-    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "server.cli", "serve", "--config", str(yml),
+    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "parley", "serve", "--config", str(yml),
                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                   env=env)
     harness = Harness(None, port, port, tmp_path)  # type: ignore[arg-type]
@@ -285,7 +284,7 @@ async def test_the_ejabberd_path_end_to_end(tmp_path: Path) -> None:
         assert f"data in {tmp_path / 'data'}" in banner and "created admin account alice@example.test" in banner
         code, out, err = await run(PARLEYCTL, "--config", str(yml), "register", "bob", "example.test", "pw")
         assert code == 0, err
-        code, out, err = await run(sys.executable, "-m", "server.cli", "user", "add", "carol@example.test",
+        code, out, err = await run(sys.executable, "-m", "parley", "user", "add", "carol@example.test",
                                    "--password", "pw", "--config", str(yml))
         assert code == 0, err
         code, out, err = await run(PARLEYCTL, "registered_users", "example.test", "--config", str(yml))

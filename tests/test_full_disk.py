@@ -23,7 +23,7 @@ import pytest
 from slixmpp import ClientXMPP
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from server.server import Server
+from parley import build_server
 from server.stanza import parse_stored
 from server.storage.archive import ArchiveFilter
 from server.storage.engine import storage_condition
@@ -76,7 +76,7 @@ def fill(ballast: Path) -> None:
 
 async def start(data_dir: Path, url: str) -> Harness:
     port, direct_port = free_port(), free_port()
-    server = Server(make_config(data_dir, port, direct_port, url))
+    server = build_server(make_config(data_dir, port, direct_port, url))
     await server.start()
     return Harness(server, port, direct_port, data_dir)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ejabberd_compat.config import MODULE_OPTIONS, translate
-from server.cli import main
+from parley import main
 from server.config import ConfigError, parse_config
 from server.module import Module
 from server.options import Option

@@ -19,14 +19,16 @@ from slixmpp.exceptions import PresenceError
 
 from ejabberd_compat import ctl
 from ejabberd_compat.commands import parse_stanza
-from server.commands import CommandError, load
+from parley import COMMANDS, build_server
+from server.commands import CommandError
 from server.control import SOCKET_NAME, render
 from server.jid import JID
-from server.server import Server
 from tests.conftest import Harness
 from tests.test_basic_modules import wait_for
 
 PARLEYCTL = str(Path(sys.executable).with_name("parleyctl"))
+
+DECLARED = {c.name: c for c in COMMANDS}  # those not of host modules
 
 
 def config_file(server: Harness) -> Path:
@@ -87,7 +89,7 @@ async def test_socket_goes_with_the_server(server: Harness) -> None:
     await server.server.stop()
     assert not sock.exists()
     assert (await run(server, "status"))[0] == 3
-    server.server = Server(server.server.config)  # started again on the same data folder
+    server.server = build_server(server.server.config)  # started again on the same data folder
     await server.server.start()
     assert (await ok(server, "status"))[0].startswith("The node parley@")
 
@@ -278,18 +280,18 @@ async def test_export_and_import_piefxis(server: Harness, tmp_path: Path, monkey
 
 
 def test_arguments_by_name_are_all_required_and_known() -> None:
-    register = load()["register"]
+    register = DECLARED["register"]
     assert register.parse({"user": " alice ", "host": "localhost", "password": " pw "}) == {
         "user": "alice", "host": "localhost", "password": " pw "}  # passwords are taken as typed
     with pytest.raises(CommandError, match="missing argument: password"):
         register.parse({"user": "alice", "host": "localhost"})
     with pytest.raises(CommandError, match="unknown arguments: extra"):
         register.parse({"user": "alice", "host": "localhost", "password": "pw", "extra": "1"})
-    assert not register.adhoc and load()["add-user"].adhoc
+    assert not register.adhoc and DECLARED["add-user"].adhoc
 
 
 def test_output_of_each_result_kind() -> None:
-    commands = load()
+    commands = DECLARED
     assert render(commands["registered_users"], {"users": ["alice", "bob"]}) == ["alice", "bob"]
     assert render(commands["get_room_occupants"], {"occupants": [{"jid": "a@h/r", "nick": "A", "role": "none"}]}) \
         == ["a@h/r\tA\tnone"]

@@ -8,8 +8,8 @@ from xml.etree.ElementTree import Element
 import pytest
 from slixmpp import ClientXMPP
 
+from parley import build_server
 from server.jid import JID
-from server.server import Server
 from tests.conftest import Harness
 from tests.test_basic_modules import features_of, identities_of, query_of, send_iq, wait_for
 from tests.test_offline import collect
@@ -284,7 +284,7 @@ async def test_items_survive_a_restart(server: Harness) -> None:
     config = server.server.config
     await server.close()
     await server.server.stop()
-    restarted = Server(config)
+    restarted = build_server(config)
     await restarted.start()
     server.server = restarted
     try:

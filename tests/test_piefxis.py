@@ -18,7 +18,7 @@ from slixmpp import ClientXMPP
 
 from bench.servers import fill_template, port_open
 from ejabberd_compat.piefxis import PiefxisError, export_piefxis, import_piefxis, read_xml
-from server.cli import main
+from parley import main
 from server.storage import RosterItem, open_storage
 from server.tls import ensure_certificate
 from tests.conftest import Harness, free_port, insecure_context, unavailable

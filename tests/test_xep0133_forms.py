@@ -9,7 +9,7 @@ from xml.etree.ElementTree import Element, fromstring
 
 from slixmpp import ClientXMPP
 
-from server.commands import ADMIN_NS, load
+from server.commands import ADMIN_NS
 from server.jid import JID
 from tests.conftest import Harness
 from tests.test_adhoc import PLUGINS, admin_client, error_of, result_values, run
@@ -63,8 +63,8 @@ def fields(command: Any) -> list[tuple[str, str]]:
     return [(var, field["type"]) for var, field in form.get_fields().items() if var != "FORM_TYPE"]
 
 
-def test_every_xep_0133_command_is_checked() -> None:
-    assert {c.name for c in load().values() if c.adhoc} == set(FORMS) | set(AT_ONCE)
+async def test_every_xep_0133_command_is_checked(server: Harness) -> None:
+    assert {c.name for c in server.server.commands if c.adhoc} == set(FORMS) | set(AT_ONCE)
 
 
 async def test_forms_and_results_are_shaped_as_the_xep_examples(server: Harness) -> None:

@@ -26,6 +26,7 @@ from xml.etree.ElementTree import Element
 
 from extensions import mam
 from extensions.muc import admin, archive, disco, occupant_iq, owner, registration, retraction, vcard
+from extensions.muc.commands import COMMANDS
 from extensions.muc.config import RoomConfig
 from extensions.muc.messages import handle_message
 from extensions.muc.presence import handle_presence
@@ -147,6 +148,8 @@ class Muc(Module):
         directory = self.host.modules["disco"]
         directory.add_item(self.domain, self.title)
         self._undo.append(lambda: directory.remove_item(self.domain))
+        for declared in COMMANDS:
+            self.add_command(declared)
 
     async def start(self) -> None:
         kv = self.server.storage.kv

@@ -1,23 +1,29 @@
 """Admin commands, each declared once: name, typed arguments, result fields, who may run it, and the code.
 
-Front ends (XEP-0050 ad-hoc commands, the CLI, the HTTP API) read these declarations to build
-their forms, options or JSON, parse arguments with `Arg.parse` and check `Command.allowed`, so no
+The part that owns the data declares each command: a module registers its own in `setup()` with
+`Module.add_command` (roster, vCard, rooms, the message of the day...), the core declares those over
+accounts, sessions and the server itself (`service_admin`), and the composition root installs those of
+the parts that are not modules (federation policy, ejabberd's names). All of them land in the server's
+`CommandTable`. Front ends (XEP-0050 ad-hoc commands, the CLI, the HTTP API) read these declarations to
+build their forms, options or JSON, parse arguments with `Arg.parse` and check `Command.allowed`, so no
 command is written once per front end. Every front end asks for all the arguments of a command at once:
 XEP-0133 shows each of its commands as one form, which a client may also submit without asking for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from server.jid import JID, JIDError
 from server.stream.writer import not_xml
 
 if TYPE_CHECKING:
     from server.host import Host
+    from server.module import Module
+
+M = TypeVar("M", bound="Module")
 
 ADMIN_NS = "http://jabber.org/protocol/admin"
 # Argument types and the XEP-0004 field type that asks for each.
@@ -136,6 +142,9 @@ class Command:
     # NegativeAnswer), 'restuple' (a message), 'string', 'integer', 'list', 'records'; the one result
     # argument, if any, names the value.
     returns: str = "form"
+    # False for a building block that other commands run by name (ejabberd's, through the table) and that
+    # no front end offers by itself.
+    offered: bool = True
 
     @property
     def node(self) -> str:
@@ -149,7 +158,7 @@ class Command:
     @property
     def adhoc(self) -> bool:
         """Offered as a XEP-0050 command: the ejabberd-shaped ones are for the CLI and HTTP API only."""
-        return self.returns == "form"
+        return self.offered and self.returns == "form"
 
     def parse(self, given: dict[str, Any]) -> dict[str, Any]:
         """Typed values of every argument from a front end that sends them all at once, by name."""
@@ -170,13 +179,20 @@ class Command:
         return host.is_admin(jid)
 
 
+def module_on(host: Host, cls: type[M]) -> M:
+    """The module `cls` as loaded on `host`, for a command over that module's data there."""
+    module = host.modules.get(cls.name)
+    if module is None:
+        raise CommandError(f"the {cls.name} module is not loaded on {host.name}")
+    return cast(M, module)
+
+
 def _strings(value: Any) -> list[str]:
     if isinstance(value, list | tuple):
         return [str(v) for v in value]
     return [] if value is None else [str(value)]
 
 
-COMMANDS: dict[str, Command] = {}
 # Commands of XEP-0133 that cannot exist here, with the reason every front end gives.
 REFUSED: dict[str, str] = {
     "get-user-password": "passwords are stored only as SCRAM keys and cannot be retrieved; "
@@ -184,32 +200,58 @@ REFUSED: dict[str, str] = {
 }
 
 
-def register(command: Command) -> Command:
-    if command.name in COMMANDS:
-        raise ValueError(f"command {command.name} is declared twice")
-    COMMANDS[command.name] = command
-    return command
+class Declarations(list[Command]):
+    """The commands one file declares, in order; `command` is the decorator that adds one."""
+
+    def command(self, name: str, title: str, args: tuple[Arg, ...] = (), result: tuple[Arg, ...] = (),
+                access: str = "admin", defaults: Defaults | None = None, returns: str = "form",
+                offered: bool = True) -> Callable[[Run], Command]:
+        """Declare the decorated coroutine as the command `name`; the name then stands for the Command."""
+        def declare(run: Run) -> Command:
+            declared = Command(name, title, run, args, result, access, defaults=defaults, returns=returns,
+                               offered=offered)
+            self.append(declared)
+            return declared
+        return declare
 
 
-def by_node(node: str) -> Command | None:
-    return next((c for c in COMMANDS.values() if c.adhoc and c.node == node), None)
+class CommandTable:
+    """The commands a server runs, by name. Every host that loads a module registers the module's commands
+    again: the same declaration counts once and goes when the last host unloads it."""
 
+    def __init__(self) -> None:
+        self._commands: dict[str, Command] = {}
+        self._holders: dict[str, int] = {}
 
-def command(name: str, title: str, args: tuple[Arg, ...] = (), result: tuple[Arg, ...] = (),
-            access: str = "admin", defaults: Defaults | None = None, returns: str = "form") -> Callable[[Run], Run]:
-    """Declare the decorated coroutine as the command `name`."""
-    def declare(run: Run) -> Run:
-        register(Command(name, title, run, args, result, access, defaults=defaults, returns=returns))
-        return run
-    return declare
+    def add(self, command: Command) -> Callable[[], None]:
+        """Install `command`; returns what removes it again."""
+        found = self._commands.get(command.name)
+        if found is not None and found is not command:
+            raise ValueError(f"command {command.name} is declared twice")
+        self._commands[command.name] = command
+        self._holders[command.name] = self._holders.get(command.name, 0) + 1
+        return lambda: self._remove(command.name)
 
+    def _remove(self, name: str) -> None:
+        self._holders[name] -= 1
+        if not self._holders[name]:
+            del self._holders[name], self._commands[name]
 
-# Modules that declare commands; `load` imports them so that every front end sees the same set.
-DECLARING_MODULES = ("server.commands.service_admin", "ejabberd_compat.commands")
+    def get(self, name: str) -> Command | None:
+        return self._commands.get(name)
 
+    def __getitem__(self, name: str) -> Command:
+        command = self._commands.get(name)
+        if command is None:
+            raise CommandError(f"the command {name} is not available: the module that declares it is not loaded")
+        return command
 
-def load() -> dict[str, Command]:
-    """Every declared command, by name."""
-    for module in DECLARING_MODULES:
-        import_module(module)
-    return COMMANDS
+    def __iter__(self) -> Iterator[Command]:
+        return iter(list(self._commands.values()))
+
+    def by_node(self, node: str) -> Command | None:
+        return next((c for c in self if c.adhoc and c.node == node), None)
+
+    async def run(self, name: str, ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+        """Run the command `name` with typed arguments, as another command does with the one it builds on."""
+        return await self[name].run(ctx, args)

@@ -1,38 +1,70 @@
-"""XEP-0133 Service Administration: the admin commands of the XEP, declared once for every front end."""
+"""XEP-0133 Service Administration over what the core owns: accounts, sessions, admins, the server itself.
+
+The XEP's commands over a module's data (the message of the day, rosters, federation lists) are declared by
+that module; these are installed by the composition root.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 from xml.etree.ElementTree import Element, SubElement
 
-from extensions.announce import broadcast, message
-from extensions.roster import item_element
-from s2s.policy import ADDED
 from server import ns
 from server.accounts import AccountError, create_account, set_password
-from server.commands import XML, Arg, CommandError, Context, command
+from server.commands import Arg, CommandError, Context, Declarations
+from server.config import ConfigError
 from server.jid import JID
-from server.stream.errors import StreamError
 
 if TYPE_CHECKING:
-    from extensions.announce import Announce
-    from extensions.vcard import VCard
+    from server.server import Server
     from server.sessions import Session
     from server.storage import Storage
+
+log = logging.getLogger("parley.commands")
+
+COMMANDS = Declarations()
+command = COMMANDS.command
 
 IDLE_AFTER = 600.0  # seconds without a stanza after which an online user counts as idle
 MAX_DELAY = 3600  # seconds a restart or shutdown may be put off
 
 # --- helpers shared by the commands -------------------------------------------------------------------
 
-def _local(ctx: Context, jid: JID) -> str:
+def message(sender: str, body: str, subject: str | None = None, type: str = "headline") -> Element:
+    """A message from the server to its users (an announcement, the message of the day)."""
+    el = Element(ns.qname(ns.CLIENT, "message"), {"from": sender, "type": type})
+    if subject:
+        SubElement(el, ns.qname(ns.CLIENT, "subject")).text = subject
+    SubElement(el, ns.qname(ns.CLIENT, "body")).text = body
+    return el
+
+
+def broadcast(server: Server, domain: str, el: Element) -> list[JID]:
+    """Send `el` to every session of the domain's online users; return those users."""
+    users = server.sessions.users(domain)
+    for user in users:
+        for session in server.sessions.of(user):
+            el.set("to", str(session.jid))
+            session.send(el)
+    return users
+
+
+def local_user(ctx: Context, jid: JID) -> str:
     """The username of `jid`, which must be an account address on the command's host."""
     if jid.domain != ctx.host.name or jid.local is None or jid.resource is not None:
         raise CommandError(f"{jid} is not an account of {ctx.host.name}")
     return jid.local
+
+
+async def existing_account(ctx: Context, jid: JID) -> JID:
+    """`jid`, which must name an existing account of the command's host."""
+    if not await ctx.host.server.storage.accounts.exists(ctx.host.name, local_user(ctx, jid)):
+        raise CommandError(f"{jid} does not exist")
+    return jid
 
 
 def _close_sessions(ctx: Context, jid: JID, condition: str) -> int:
@@ -56,7 +88,8 @@ async def _set_credentials(ctx: Context, jid: JID, password: str,
     command's error."""
     server = ctx.host.server
     try:
-        return await action(server.storage, ctx.host.name, _local(ctx, jid), password, server.config.scram_iterations)
+        return await action(server.storage, ctx.host.name, local_user(ctx, jid), password,
+                            server.config.scram_iterations)
     except AccountError as exc:
         raise CommandError(str(exc)) from None
 
@@ -66,38 +99,21 @@ async def _set_credentials(ctx: Context, jid: JID, password: str,
     Arg("password-verify", "password", "Retype password"), Arg("email", "text", "Email address", required=False),
     Arg("given_name", "text", "Given name", required=False), Arg("surname", "text", "Family name", required=False)))
 async def add_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    """XEP-0133's one form; the email address and names, when given, start the new account's vCard."""
+    """XEP-0133's one form; the email address and names, when given, go to the host's modules as
+    'account/details' (jid, {'email', 'given_name', 'surname'}): the vCard module starts the account's vCard."""
     if args["password"] != args["password-verify"]:
         raise CommandError("the passwords do not match")
     if not await _set_credentials(ctx, args["accountjid"], args["password"], create_account):
         raise CommandError(f"{args['accountjid']} exists already")
-    vcard = _new_vcard(args["email"], args["given_name"], args["surname"])
-    module = ctx.host.modules.get("vcard")
-    if vcard is not None and module is not None:
-        await cast("VCard", module).store(args["accountjid"], vcard)
+    details = {name: args[name] for name in ("email", "given_name", "surname") if args[name]}
+    if details:
+        await ctx.host.hooks.fire("account/details", args["accountjid"], details)
     return {}
-
-
-def _new_vcard(email: str | None, given: str | None, family: str | None) -> Element | None:
-    """A vcard-temp with what add-user's form gave, or None when it gave nothing."""
-    if not (email or given or family):
-        return None
-    vcard = Element(ns.qname(ns.VCARD, "vCard"))
-    if given or family:
-        name = SubElement(vcard, ns.qname(ns.VCARD, "N"))
-        SubElement(name, ns.qname(ns.VCARD, "FAMILY")).text = family or ""
-        SubElement(name, ns.qname(ns.VCARD, "GIVEN")).text = given or ""
-        SubElement(vcard, ns.qname(ns.VCARD, "FN")).text = " ".join(p for p in (given, family) if p)
-    if email:
-        address = SubElement(vcard, ns.qname(ns.VCARD, "EMAIL"))
-        SubElement(address, ns.qname(ns.VCARD, "INTERNET"))
-        SubElement(address, ns.qname(ns.VCARD, "USERID")).text = email
-    return vcard
 
 
 @command("delete-user", "Delete User", (ACCOUNTS,))
 async def delete_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    users = [(jid, _local(ctx, jid)) for jid in args["accountjids"]]
+    users = [(jid, local_user(ctx, jid)) for jid in args["accountjids"]]
     for jid, user in users:
         if await ctx.host.server.storage.accounts.delete(ctx.host.name, user):
             _close_sessions(ctx, jid, "not-authorized")
@@ -161,14 +177,14 @@ _user_list("get-online-users-list", "Get List of Online Users", "onlineuserjids"
 async def end_user_session(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """A full JID ends that session only, a bare JID every session of the account."""
     for jid in args["accountjids"]:
-        _local(ctx, jid.bare)
+        local_user(ctx, jid.bare)
     for jid in args["accountjids"]:
         _close_sessions(ctx, jid, "policy-violation")
     return {}
 
 
 async def _set_disabled(ctx: Context, jids: list[JID], disabled: bool) -> None:
-    users = [(jid, _local(ctx, jid)) for jid in jids]
+    users = [(jid, local_user(ctx, jid)) for jid in jids]
     accounts = ctx.host.server.storage.accounts
     missing = [str(jid) for jid, user in users if not await accounts.exists(ctx.host.name, user)]
     if missing:
@@ -201,17 +217,14 @@ async def announce(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     Arg("rostersize", "int", "Roster size"), Arg("onlineresources", "lines", "Online resources"),
     Arg("ipaddresses", "lines", "IP addresses")))
 async def user_stats(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    user = _local(ctx, args["accountjid"])
-    storage = ctx.host.server.storage
-    if not await storage.accounts.exists(ctx.host.name, user):
-        raise CommandError(f"{args['accountjid']} does not exist")
-    _, roster = await storage.roster.get(ctx.host.name, user)
+    user = (await existing_account(ctx, args["accountjid"])).local or ""
+    _, roster = await ctx.host.server.storage.roster.get(ctx.host.name, user)
     sessions = ctx.host.server.sessions.of(args["accountjid"])
     return {"rostersize": len(roster), "onlineresources": [s.jid.resource for s in sessions],
             "ipaddresses": sorted({s.remote_ip for s in sessions if s.remote_ip})}
 
 
-def _one(args: dict[str, Any]) -> JID:
+def single_account(args: dict[str, Any]) -> JID:
     """The account of a command whose XEP-0133 form takes several (accountjids) but whose result describes one."""
     jids = args["accountjids"]
     if len(jids) != 1:
@@ -223,8 +236,8 @@ def _one(args: dict[str, Any]) -> JID:
     ACCOUNTS, Arg("lastlogin", "text", "The last login time (XEP-0082); while offline, when the user last logged out")))
 async def user_lastlogin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """Logins are not stored, logouts are: an online user's oldest session start, else the last logout."""
-    jid = _one(args)
-    account = await ctx.host.server.storage.accounts.get(ctx.host.name, _local(ctx, jid))
+    jid = single_account(args)
+    account = await ctx.host.server.storage.accounts.get(ctx.host.name, local_user(ctx, jid))
     if account is None:
         raise CommandError(f"{jid} does not exist")
     sessions = ctx.host.server.sessions.of(jid)
@@ -233,21 +246,6 @@ async def user_lastlogin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     else:
         when = account.last_logout
     return {"accountjids": [jid], "lastlogin": when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else "never"}
-
-
-@command("get-user-roster", "Get User Roster", (ACCOUNTS,), (ACCOUNTS, Arg("roster", XML, "The roster")))
-async def user_roster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    """One account per request (XEP-0133's form asks for several but answers with one roster): the roster
-    comes as a jabber:iq:roster <query/> inside the result form, as in the XEP's example."""
-    jid = _one(args)
-    user = _local(ctx, jid)
-    storage = ctx.host.server.storage
-    if not await storage.accounts.exists(ctx.host.name, user):
-        raise CommandError(f"{jid} does not exist")
-    _, items = await storage.roster.get(ctx.host.name, user)
-    query = Element(ns.qname(ns.ROSTER, "query"))
-    query.extend(item_element(items[jid]) for jid in sorted(items))
-    return {"accountjids": [jid], "roster": query}
 
 
 def _user_lists(kind: str, title: str, users: Callable[[Context], Awaitable[list[JID]]], list_node: str,
@@ -294,59 +292,6 @@ _user_lists("active", "Active", _active_users, "get-active-users", "activeuserji
 _user_lists("idle", "Idle", _idle_users, "get-idle-users", "activeuserjids")
 
 
-# --- standing messages: the message of the day and the welcome message (extensions/announce.py) ---------
-
-def _announcer(ctx: Context) -> Announce:
-    module = ctx.host.modules.get("announce")
-    if module is None:
-        raise CommandError(f"the announce module is not loaded on {ctx.host.name}")
-    return cast("Announce", module)
-
-
-MOTD = Arg("motd", "lines", "Message of the Day")
-WELCOME = Arg("welcome", "lines", "Welcome Message")
-
-
-async def _current_motd(ctx: Context) -> dict[str, Any]:
-    motd = _announcer(ctx).motd
-    return {"motd": motd["text"].split("\n") if motd else None}
-
-
-@command("set-motd", "Set Message of the Day", (MOTD,))
-async def set_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _announcer(ctx).set_motd("\n".join(args["motd"]))
-    return {}
-
-
-@command("edit-motd", "Edit Message of the Day", (MOTD,), defaults=_current_motd)
-async def edit_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _announcer(ctx).set_motd("\n".join(args["motd"]), correction=True)
-    return {}
-
-
-@command("delete-motd", "Delete Message of the Day")
-async def delete_motd(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _announcer(ctx).delete_motd()
-    return {}
-
-
-async def _current_welcome(ctx: Context) -> dict[str, Any]:
-    text = await _announcer(ctx).welcome_text()
-    return {"welcome": text.split("\n") if text else None}
-
-
-@command("set-welcome", "Set Welcome Message", (WELCOME,), defaults=_current_welcome)
-async def set_welcome(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _announcer(ctx).set_welcome("\n".join(args["welcome"]))
-    return {}
-
-
-@command("delete-welcome", "Delete Welcome Message")
-async def delete_welcome(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _announcer(ctx).set_welcome(None)
-    return {}
-
-
 # --- lists: admins of the host, and the federation lists of the server ----------------------------------
 
 ADMINS = Arg("adminjids", "jids", "The admin list", required=False)
@@ -360,7 +305,7 @@ async def _current_admins(ctx: Context) -> dict[str, Any]:
 async def edit_admin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """The list replaces the admins added here; those of the configuration file can only be removed there.
     Like those, an admin is an account of the host."""
-    admins = {JID.make(_local(ctx, jid), ctx.host.name) for jid in args["adminjids"]}
+    admins = {JID.make(local_user(ctx, jid), ctx.host.name) for jid in args["adminjids"]}
     kept = sorted(str(a) for a in ctx.host.configured_admins - admins)
     if kept:
         raise CommandError(f"{', '.join(kept)}: admin in the configuration file, which must change instead")
@@ -368,65 +313,33 @@ async def edit_admin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _domains(jids: list[JID]) -> list[str]:
-    """Federation lists name domains (a domain covers its subdomains); a JID with a user or resource is refused."""
-    wrong = [str(jid) for jid in jids if jid.local is not None or jid.resource is not None]
-    if wrong:
-        raise CommandError(f"only domains can be listed, not {', '.join(wrong)}")
-    return sorted({jid.domain for jid in jids})
+# --- the whole server: its configuration, restart and shut down ----------------------------------------
 
-
-async def _federation_list(ctx: Context, name: str) -> list[str]:
-    """The [s2s] table's list `name` ('deny' or 'allow'), then the domains admins added to it."""
+@command("reload-configuration", "Reload the configuration file: each host's admins, registration and module "
+         "options (hosts, listeners and storage need a restart)", access="server", offered=False)
+async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """What SIGHUP and ejabberd's reload_config do; the file is read as at start (TOML, or an ejabberd.yml)."""
     server = ctx.host.server
-    return [*getattr(server.config.s2s, name), *(await server.storage.kv.get("", "", ADDED, name) or [])]
-
-
-async def _set_federation_list(ctx: Context, name: str, jids: list[JID]) -> None:
-    """Store what is not configured already; federation applies it to the next stanza and stream."""
-    server = ctx.host.server
-    configured = getattr(server.config.s2s, name)
-    domains = _domains(jids)
-    kept = [d for d in configured if d not in domains]
-    if kept:
-        raise CommandError(f"{', '.join(kept)}: in the [s2s] {name} list of the configuration file, "
-                           "which must change instead")
-    await server.storage.kv.set("", "", ADDED, name, [d for d in domains if d not in configured] or None)
-    manager = server.s2s
-    if manager is not None:
-        await manager.policy.load(server.storage.kv)
-        # Outgoing stanzas meet the policy one by one; a stream a refused domain opened earlier would go on.
-        for stream in list(manager.incoming):
-            if any(not manager.policy.allowed(remote) for remote, _ in stream.pairs):
-                stream.stream_error(StreamError("policy-violation", "federation with your domain has ended"))
-
-
-BLACKLIST = Arg("blacklistjids", "jids", "The blacklist: domains refused for federation", required=False)
-WHITELIST = Arg("whitelistjids", "jids", "The whitelist: when not empty, the only domains for federation",
-                required=False)
-
-
-async def _current_blacklist(ctx: Context) -> dict[str, Any]:
-    return {"blacklistjids": await _federation_list(ctx, "deny")}
-
-
-async def _current_whitelist(ctx: Context) -> dict[str, Any]:
-    return {"whitelistjids": await _federation_list(ctx, "allow")}
-
-
-@command("edit-blacklist", "Edit Blacklist", (BLACKLIST,), access="server", defaults=_current_blacklist)
-async def edit_blacklist(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _set_federation_list(ctx, "deny", args["blacklistjids"])
+    if server.config.source is None:
+        raise CommandError("the server runs on the built-in configuration: there is no file to reload")
+    try:
+        config = server.read_config(server.config.source)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    for name, host in server.hosts.items():
+        new = config.hosts.get(name)
+        if new is not None:
+            added = host.admins - host.configured_admins  # by XEP-0133 edit-admin: they stay
+            host.configured_admins = frozenset(JID.parse(a) for a in new.admins)
+            host.admins = {*host.configured_admins, *added}
+            host.config, host.config_options = new, dict(new.options)
+    if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
+            or config.storage != server.config.storage:
+        log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
+                    server.config.source)
+    log.info("%s reloaded %s", ctx.actor, server.config.source)
     return {}
 
-
-@command("edit-whitelist", "Edit Whitelist", (WHITELIST,), access="server", defaults=_current_whitelist)
-async def edit_whitelist(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    await _set_federation_list(ctx, "allow", args["whitelistjids"])
-    return {}
-
-
-# --- the whole server: restart and shut down ------------------------------------------------------------
 
 DELAY = Arg("delay", "int", "Time delay in seconds (none: at once)", required=False,
             options=("0", "30", "60", "90", "120", "180", "240", "300"))

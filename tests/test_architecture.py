@@ -1,0 +1,72 @@
+"""The direction of imports between the layers: the core knows no plugin, and plugins know only the core.
+
+`server/` imports nothing from `extensions/`, `s2s/` or `ejabberd_compat/` (the module registry finds host
+modules by name, through importlib, and may import the `extensions` package to list them); `extensions/`
+do not import `ejabberd_compat/`; `s2s/` does not import `extensions/`. Only the composition root,
+`parley.py`, knows them all. Every import counts, those for type checking and those inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# package -> the packages it must not import
+FORBIDDEN = {
+    "server": ("extensions", "s2s", "ejabberd_compat", "parley"),
+    "extensions": ("ejabberd_compat", "parley"),
+    "s2s": ("extensions", "ejabberd_compat", "parley"),
+    "ejabberd_compat": ("parley",),
+}
+# The registry lists the extension modules (their package's path) and loads one by name.
+ALLOWED = {("server/registry.py", "extensions")}
+
+
+def imported(source: str) -> list[tuple[int, str]]:
+    """(line, module) of every import in `source`, relative imports left out (the tree has none)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def violations(package: str) -> list[str]:
+    wrong = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        name = path.relative_to(REPO).as_posix()
+        for line, module in imported(path.read_text(encoding="utf-8")):
+            top = module.split(".")[0]
+            if top in FORBIDDEN[package] and (name, top) not in ALLOWED:
+                wrong.append(f"{name}:{line} imports {module}")
+    return wrong
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_layers_import_only_downwards(package: str) -> None:
+    assert violations(package) == []
+
+
+def test_the_check_sees_every_kind_of_import() -> None:
+    source = ("import extensions.roster\nfrom s2s.policy import ADDED\nif TYPE_CHECKING:\n"
+              "    from ejabberd_compat.config import X\ndef f():\n    import extensions\nfrom . import x\n")
+    assert [m for _, m in imported(source)] == ["extensions.roster", "s2s.policy", "ejabberd_compat.config",
+                                                "extensions"]
+
+
+def test_ejabberd_commands_only_map_onto_declared_ones() -> None:
+    """ejabberd's names run the commands the modules declare, through the server's table: no module's insides."""
+    path = REPO / "ejabberd_compat" / "commands.py"
+    assert [m for _, m in imported(path.read_text(encoding="utf-8")) if m.split(".")[0] == "extensions"] == []
+
+
+def test_the_core_names_no_plugin_module_by_string() -> None:
+    """importlib would hide an import from the check above: only the registry may find modules by name."""
+    wrong = [path.relative_to(REPO).as_posix() for path in (REPO / "server").rglob("*.py")
+             if "import_module" in path.read_text(encoding="utf-8") and path.name != "registry.py"]
+    assert wrong == []
