@@ -115,7 +115,7 @@ async def handshake_failures(caplog: pytest.LogCaptureFixture, count: int) -> li
 
 
 async def test_tls_handshake_failures_name_the_reason(server: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="parley.c2s")
+    caplog.set_level(logging.INFO, logger="parley.stream")  # STARTTLS is shared by c2s and s2s
     raw = await starttls_proceeded(server)
     raw.writer.close()
     assert await handshake_failures(caplog, 1) == ["client closed during handshake"]
