@@ -148,7 +148,7 @@ class Managed:
             self.timer.cancel()
             self.timer = None
         session = self.session
-        conn.session = session
+        conn.take_session(session)
         session.attach(conn.write, self.close)
         session.detached = False
         session.remote_ip = conn.remote_ip
