@@ -75,11 +75,14 @@ class Carbons(Module):
             el.remove(private)  # XEP-0280 8: the recipient needs no private marker
             return
         if eligible(el):
-            self._copy(stanza.to.bare, RECEIVED, el, (*sessions, stanza.origin))
+            stanza.copies = self._copy(stanza.to.bare, RECEIVED, el, (*sessions, stanza.origin))
 
-    def _copy(self, user: JID, direction: str, el: Element, exclude: Container[Session | None]) -> None:
-        for session in self.server.sessions.of(user):
-            if session.data.get(self.name) and session not in exclude:
-                wrapper = element("message", from_=str(user), to=str(session.jid), type=el.get("type"))
-                SubElement(SubElement(wrapper, direction), FORWARDED).append(el)
-                session.send(wrapper)
+    def _copy(self, user: JID, direction: str, el: Element,
+              exclude: Container[Session | None]) -> tuple[Session, ...]:
+        """Copy `el` to the user's sessions that enabled carbons, but those excluded; the sessions copied to."""
+        copied = tuple(s for s in self.server.sessions.of(user) if s.data.get(self.name) and s not in exclude)
+        for session in copied:
+            wrapper = element("message", from_=str(user), to=str(session.jid), type=el.get("type"))
+            SubElement(SubElement(wrapper, direction), FORWARDED).append(el)
+            session.send(wrapper)
+        return copied

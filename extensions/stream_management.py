@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 from weakref import WeakSet
 from xml.etree.ElementTree import Element, SubElement
 
-from extensions.carbons import eligible
 from server.jid import JID
 from server.module import Module
 from server.options import Option
@@ -67,7 +66,6 @@ NAME = "stream_management"
 REQUEST_XML = serialize(request_element())
 RESUME_TIMEOUT = 300.0
 MAX_QUEUE = 500
-CARBONS = "carbons"  # the carbons module's mark on a session that enabled them
 ENDED_KEPT = 10_000  # ended resumable sessions whose 'h' a failed resumption is told
 
 
@@ -148,7 +146,7 @@ class Managed:
             self.timer.cancel()
             self.timer = None
         session = self.session
-        conn.session = session
+        conn.take_session(session)
         session.attach(conn.write, self.close)
         session.detached = False
         session.remote_ip = conn.remote_ip
@@ -179,7 +177,7 @@ class StreamManagementModule(Module):
         self.hook("c2s/features", self.features)
         self.hook("c2s/element", self.element)
         self.hook("c2s/handled", self.handled)
-        self.hook("message/deliver", self.delivering, priority=5)  # after the archive, before carbons
+        self.hook("message/deliver", self.delivering, priority=-5)  # after carbons, which names its copies
         self.hook("session/closed", self.session_closed)
 
     async def stop(self) -> None:
@@ -289,16 +287,14 @@ class StreamManagementModule(Module):
             self.log.exception("sm/queued handler failed for %s", session.jid)
 
     def delivering(self, stanza: Stanza, sessions: list[Session]) -> None:
-        """Remember which messages a managed session shares with other resources, which need no resending."""
-        managed = [m for m in (s.data.get(NAME) for s in sessions) if isinstance(m, Managed)]
-        if not managed:
+        """Remember which messages a managed session shares with other sessions of the account (the router
+        chose several, or a module copied it to others), which need no handing on if it loses them."""
+        if len(sessions) < 2 and not stanza.copies:
             return
-        if len(sessions) == 1:
-            others = (s for s in self.server.sessions.of(stanza.to.bare) if s not in sessions)
-            if not (eligible(stanza.el) and any(s.data.get(CARBONS) and s is not stanza.origin for s in others)):
-                return
-        for state in managed:
-            state.shared.add(stanza.el)
+        for session in sessions:
+            managed = session.data.get(NAME)
+            if isinstance(managed, Managed):
+                managed.shared.add(stanza.el)
 
     async def session_closed(self, session: Session) -> None:
         managed = session.data.get(NAME)

@@ -1,9 +1,10 @@
 """Client-to-server connections: the asyncio edge around the sans-IO parser and SASL machines.
 
 One C2SConnection per TCP connection. Negotiation follows RFC 6120: stream header, STARTTLS (or Direct
-TLS from the start, XEP-0368), SASL, stream restart, resource binding. After binding, stanzas get the
-session's full JID stamped as 'from' and go to the router. Reading, ordering and writing are the shared
-StreamEdge's (server/stream/edge.py).
+TLS from the start, XEP-0368), SASL, stream restart, resource binding. Where it stands is one `State`,
+and what each state accepts is the table of server/c2s_state.py, consulted for every event but the
+stanzas of a bound session. After binding, stanzas get the session's full JID stamped as 'from' and go
+to the router. Reading, ordering and writing are the shared StreamEdge's (server/stream/edge.py).
 
 Modules see the stream through hooks on the host: 'c2s/features' (conn, features, stage); 'c2s/element'
 (conn, element) for a top-level element that is neither a stanza nor negotiation, before or after
@@ -26,6 +27,7 @@ from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
 from server.accounts import verify_plain
+from server.c2s_state import NOT_AUTHORIZED, Action, Event, Input, Refusal, Reply, State, advance, input_of, outcome
 from server.jid import JID, JIDError
 from server.limits import TokenBucket
 from server.router import parse_jid_attr
@@ -34,11 +36,11 @@ from server.sasl.channel_binding import tls_exporter, tls_server_end_point
 from server.sasl.plain import parse_plain
 from server.sasl.scram import ScramServer
 from server.sessions import Session
-from server.stanza import IQ, KINDS, Stanza, error_reply, reply
+from server.stanza import KINDS, Stanza, error_reply, reply
 from server.storage.engine import storage_condition, storage_error_text
 from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
-from server.stream.parser import StreamClose, StreamOpen, StreamParser
+from server.stream.parser import StreamOpen, StreamParser
 from server.stream.writer import STREAM_FOOTER, serialize, stream_header
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ MAX_SASL_FAILURES = 3
 MAX_RESOURCES = 10
 BIND = ns.qname(ns.BIND, "bind")
 SESSION = ns.qname(ns.SESSION, "session")
+BOUND = State.BOUND
 
 
 def _sasl(name: str, text: str | None = None) -> Element:
@@ -81,6 +84,7 @@ class C2SConnection(StreamEdge):
         self.server = server
         self.limits = limits
         self.secure = direct_tls
+        self.state = State.SECURED if direct_tls else State.PLAIN
         self.remote_ip = ""
         self.host: Host | None = None
         self.stream_id = ""
@@ -109,6 +113,7 @@ class C2SConnection(StreamEdge):
         if not self.server.admit(self):
             transport.abort()
             self.closing = True
+            self.state = advance(self.state, Event.CLOSE)
             return
         self._counted_ip = True
         self.server.connections.add(self)
@@ -116,6 +121,7 @@ class C2SConnection(StreamEdge):
     def connection_lost(self, exc: Exception | None) -> None:
         deliberate = self.closing  # the stream was closed or an error sent, not cut off
         self.closing = True
+        self.state = advance(self.state, Event.CLOSE)
         self.server.forget(self)
         if self._counted_ip:
             self.server.ip_counter.release(self.remote_ip)
@@ -151,6 +157,7 @@ class C2SConnection(StreamEdge):
         return sys.maxsize if self._writable.is_set() else 0
 
     def close(self) -> None:
+        self.state = advance(self.state, Event.CLOSE)
         if self.session is not None:
             self.session.closed = True  # what is sent to it from now on is handed on when it ends
         super().close()
@@ -181,18 +188,58 @@ class C2SConnection(StreamEdge):
             self._sasl_fail(exc)
 
     async def _handle(self, event: object) -> None:
+        if self.state is BOUND and isinstance(event, Element) and event.tag in KINDS:
+            await self._stanza(event)  # the table's (BOUND, stanza) entry without the look-up: most of the traffic
+            return
         if isinstance(event, Element):
-            if self.session is not None and event.tag in KINDS:
-                session = self.session
+            what = input_of(event.tag)
+        else:
+            what = Input.OPEN if isinstance(event, StreamOpen) else Input.CLOSE
+        done = outcome(self.state, what)
+        if isinstance(done, Refusal):
+            self._refuse(done)
+            return
+        match done:
+            case Action.OPEN:
+                self._stream_open(event)
+            case Action.CLOSE:
+                self.write(STREAM_FOOTER)
+                self.close()
+            case Action.STARTTLS:
+                await self._negotiate_tls()
+            case Action.SASL_AUTH:
+                await self._sasl_auth(event)
+            case Action.SASL_RESPONSE:
+                await self._sasl_response(event)
+            case Action.UNAUTHENTICATED_IQ:
+                if await self.host.hooks.fire("c2s/unauthenticated-iq", self, event) is None:
+                    self._refuse(NOT_AUTHORIZED)
+            case Action.BIND:
+                await self._bind_stage_iq(event)
+            case Action.STANZA:
                 await self._stanza(event)
-                self.host.hooks.notify("c2s/handled", session)
-            else:
-                await self._element(event)
-        elif isinstance(event, StreamOpen):
-            self._stream_open(event)
-        elif isinstance(event, StreamClose):
-            self.write(STREAM_FOOTER)
-            self.close()
+            case Action.ELEMENT:
+                await self._element(event, None)
+            case Action.NONZA:
+                await self._element(event, self.session)
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer an input the state does not allow; stream errors and SASL failures are raised, as those
+        the actions raise."""
+        if refusal.reply is Reply.STREAM_ERROR:
+            raise StreamError(refusal.condition, refusal.text)
+        if refusal.reply is Reply.SASL_FAILURE:
+            raise SaslFailure(refusal.condition, refusal.text)
+        self.write(serialize(Element(ns.qname(ns.TLS, "failure"))) + STREAM_FOOTER)
+        self.close()
+
+    async def _element(self, el: Element, session: Session | None) -> None:
+        """A top-level element that is neither a stanza nor negotiation: the modules' ('c2s/element', and
+        'c2s/nonza' once `session` is bound), or an unsupported-stanza-type stream error."""
+        if await self.host.hooks.fire("c2s/element", self, el) is not None:
+            return
+        if session is None or await self.host.hooks.fire("c2s/nonza", session, el) is None:
+            raise StreamError("unsupported-stanza-type", f"unexpected element {el.tag}")
 
     def _stream_open(self, header: StreamOpen) -> None:
         self.lang = header.get(ns.LANG) or self.lang
@@ -222,7 +269,7 @@ class C2SConnection(StreamEdge):
 
     def _features(self) -> Element:
         features = Element(ns.qname(ns.STREAM, "features"))
-        if self.username is None:
+        if self.state is not State.AUTHENTICATED:
             if self._tls_available():
                 tls = SubElement(features, ns.qname(ns.TLS, "starttls"))
                 if self.server.config.require_encryption:
@@ -251,27 +298,11 @@ class C2SConnection(StreamEdge):
             mechs.append("PLAIN")
         return mechs
 
-    async def _element(self, el: Element) -> None:
-        tag = el.tag
-        if tag == ns.qname(ns.TLS, "starttls"):
-            await self._starttls()
-        elif tag == ns.qname(ns.SASL, "auth"):
-            await self._sasl_auth(el)
-        elif tag == ns.qname(ns.SASL, "response"):
-            await self._sasl_response(el)
-        elif tag == ns.qname(ns.SASL, "abort"):
-            self._scram = None
-            raise SaslFailure("aborted")
-        elif tag == IQ and self.username is not None:
-            await self._bind_stage_iq(el)
-        elif tag == IQ and await self.host.hooks.fire("c2s/unauthenticated-iq", self, el) is not None:
-            return
-        elif tag in KINDS:
-            raise StreamError("not-authorized", "authenticate first")
-        elif await self.host.hooks.fire("c2s/element", self, el) is not None:
-            return
-        elif self.session is None or await self.host.hooks.fire("c2s/nonza", self.session, el) is None:
-            raise StreamError("unsupported-stanza-type", f"unexpected element {tag}")
+    async def _negotiate_tls(self) -> None:
+        self.state = advance(self.state, Event.TLS_STARTED)
+        await self._starttls()
+        if self.state is State.TLS_NEGOTIATING:  # neither refused (closed) nor cut meanwhile
+            self.state = advance(self.state, Event.TLS_DONE if self.secure else Event.CLOSE)
 
     async def _starttls(self) -> None:
         if not self._tls_available() or self.username is not None:
@@ -309,8 +340,6 @@ class C2SConnection(StreamEdge):
                               f"too many failed attempts; try again in {int(wait) + 1} s")
 
     async def _sasl_auth(self, el: Element) -> None:
-        if self.username is not None:
-            raise StreamError("policy-violation", "already authenticated")
         if self.host is None:
             raise StreamError("host-unknown")
         mechanism = el.get("mechanism", "")
@@ -380,6 +409,7 @@ class C2SConnection(StreamEdge):
         for key in self._throttle_keys(user):
             self.server.auth_throttle.succeeded(key)
         self.send(_sasl("success", base64.b64encode(additional).decode() if additional else None))
+        self.state = advance(self.state, Event.SASL_SUCCESS)
         self.username = user
         self.parser.reset()
         self.header_sent = False
@@ -399,18 +429,17 @@ class C2SConnection(StreamEdge):
 
     async def _bind_stage_iq(self, el: Element) -> None:
         payload = el[0] if len(el) == 1 else None
-        if el.get("type") == "set" and payload is not None and payload.tag == BIND and self.session is None:
-            try:
-                jid = self._bind(payload)
-            except StanzaError as exc:
-                self.send(error_reply(el, exc))
-                return
-            answer = reply(el)
-            SubElement(SubElement(answer, BIND), ns.qname(ns.BIND, "jid")).text = str(jid)
-            self.send(answer)
-            await self.host.hooks.fire("session/bound", self.session)
-        elif self.session is None:
+        if el.get("type") != "set" or payload is None or payload.tag != BIND:
             raise StreamError("not-authorized", "bind a resource first")
+        try:
+            jid = self._bind(payload)
+        except StanzaError as exc:
+            self.send(error_reply(el, exc))
+            return
+        answer = reply(el)
+        SubElement(SubElement(answer, BIND), ns.qname(ns.BIND, "jid")).text = str(jid)
+        self.send(answer)
+        await self.host.hooks.fire("session/bound", self.session)
 
     def _bind(self, payload: Element) -> JID:
         requested = (payload.findtext(ns.qname(ns.BIND, "resource")) or "").strip()
@@ -426,14 +455,22 @@ class C2SConnection(StreamEdge):
             existing.close("conflict")
         elif len(sessions.of(jid.bare)) >= MAX_RESOURCES:
             raise StanzaError("resource-constraint", f"at most {MAX_RESOURCES} resources per account")
-        self.session = Session(jid, self.host, self.write, self.close_session, self.remote_ip)
-        self.session.room = self.room
-        sessions.add(self.session)
+        session = Session(jid, self.host, self.write, self.close_session, self.remote_ip)
+        session.room = self.room
+        self.take_session(session)
+        sessions.add(session)
         return jid
+
+    def take_session(self, session: Session) -> None:
+        """Carry `session` from now on: the one bound here, or one that stream management resumes here."""
+        self.state = advance(self.state, Event.SESSION_BOUND)
+        self.session = session
 
     # --- stanzas ----------------------------------------------------------------------------------
 
     async def _stanza(self, el: Element) -> None:
+        """A stanza of the bound session, to the router; 'c2s/handled' once it is handled (not when it ends
+        the stream)."""
         session = self.session
         session.last_active = time.monotonic()
         claimed = el.get("from")
@@ -449,20 +486,22 @@ class C2SConnection(StreamEdge):
         if kind == "iq" and len(el) == 1 and el[0].tag == SESSION and el.get("type") == "set" \
                 and el.get("to") in (None, self.host.name):
             session.send(reply(el))
-            return
-        try:
-            to = parse_jid_attr(el.get("to"))
-        except StanzaError as exc:
-            if el.get("type") != "error":
-                session.send(error_reply(el, exc))
-            return
-        stanza = Stanza(el, kind, session.jid, to, session)
-        try:
-            await self.server.router.route(stanza)
-        except Exception as exc:
-            # A storage failure (a full disk) fails this stanza, not the stream and the stanzas after it.
-            condition = storage_condition(exc)
-            if condition is None:
-                raise
-            log.warning("storage failed for <%s/> from %s: %s", kind, session.jid, storage_error_text(exc))
-            await self.server.router.bounce(stanza, StanzaError(condition))
+        else:
+            try:
+                to = parse_jid_attr(el.get("to"))
+            except StanzaError as exc:
+                if el.get("type") != "error":
+                    session.send(error_reply(el, exc))
+            else:
+                stanza = Stanza(el, kind, session.jid, to, session)
+                try:
+                    await self.server.router.route(stanza)
+                except Exception as exc:
+                    # A storage failure (a full disk) fails this stanza, not the stream and the stanzas after it.
+                    condition = storage_condition(exc)
+                    if condition is None:
+                        raise
+                    log.warning("storage failed for <%s/> from %s: %s", kind, session.jid,
+                                storage_error_text(exc))
+                    await self.server.router.bounce(stanza, StanzaError(condition))
+        self.host.hooks.notify("c2s/handled", session)

@@ -29,10 +29,12 @@ class Stanza:
 
     `origin` is the local client session it came from (None for server-generated or remote stanzas).
     `pending` holds work a module started for the stanza that routing need not wait for but that must be
-    done before the stanza counts as handled (see `defer`).
+    done before the stanza counts as handled (see `defer`). `copies` are the sessions of a message's
+    recipient that a module sent a copy to besides those the router delivered it to (carbons), so that a
+    session that loses the message knows the account has it.
     """
 
-    __slots__ = ("el", "from_", "kind", "origin", "pending", "to", "type")
+    __slots__ = ("copies", "el", "from_", "kind", "origin", "pending", "to", "type")
 
     def __init__(self, el: Element, kind: str, from_: JID, to: JID | None, origin: Session | None = None) -> None:
         self.el = el
@@ -42,6 +44,7 @@ class Stanza:
         self.to = to
         self.origin = origin
         self.pending: list[Awaitable[object]] | None = None
+        self.copies: tuple[Session, ...] = ()
 
     def defer(self, work: Awaitable[object]) -> None:
         """Let routing go on while `work` runs; the router waits for it before it is done with the stanza.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 from collections.abc import Callable
 from datetime import timedelta
 from xml.etree.ElementTree import Element
@@ -13,6 +15,7 @@ import pytest
 from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError
 
+import extensions.stream_management as stream_management
 from extensions.stream_management import NAME, Managed
 from server.jid import JID
 from server.sessions import Session
@@ -489,3 +492,13 @@ async def test_enable_twice_or_before_binding_and_resume_before_auth_fail_cleanl
     assert (await twice.expect(f"{{{SM}}}failed")).find(f"{{{STANZAS}}}unexpected-request") is not None
     await twice.send("<iq type='get' id='p' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
     assert (await next_stanza(twice)).get("id") == "p"  # the stream goes on
+
+
+def test_stream_management_reads_no_other_module() -> None:
+    """What a lost session hands on depends on where the router and other modules put a message (the
+    router's chosen sessions, `Stanza.copies`), never on another module's code or session data."""
+    tree = ast.parse(inspect.getsource(stream_management))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {m for m in imported if m and m.startswith("extensions.")}
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert "carbons" not in strings
