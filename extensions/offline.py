@@ -22,6 +22,7 @@ from xml.etree.ElementTree import Element
 from server import ns
 from server.jid import JID, JIDError
 from server.module import Module
+from server.router import highest
 from server.sessions import Session
 from server.stanza import IQ, MESSAGE, Stanza, add_delay, parse_stored
 from server.storage import QuotaExceeded
@@ -161,15 +162,12 @@ class Offline(Module):
             await self.server.storage.offline.restore(session.bare.domain, session.bare.local, back, restored)
 
     def _to_other_resources(self, session: Session, message: Element) -> bool:
-        others = [s for s in self.server.sessions.available(session.bare)
-                  if s.priority >= 0 and not s.closed and s is not session]
+        others = highest([s for s in self.server.router.candidates(session.bare) if not s.closed and s is not session])
         if not others:
             return False
-        top = max(s.priority for s in others)
         add_delay(message, self.host.name, datetime.now(UTC), "Resent after a lost connection")
         for other in others:
-            if other.priority == top:
-                other.send(message)
+            other.send(message)
         return True
 
 

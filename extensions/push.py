@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakSet
 from xml.etree.ElementTree import Element, SubElement
 
-from extensions.carbons import eligible
 from server import ns
 from server.forms import Field, build_form, find_form, form_type_of, read_form
 from server.jid import JID, JIDError
@@ -144,7 +143,7 @@ class Push(Module):
         self.add_feature(PUSH, target="account")
         self.iq("set", ENABLE, self.enable, target="own")
         self.iq("set", DISABLE, self.disable, target="own")
-        self.hook("message/deliver", self.delivering)
+        self.hook("message/deliver", self.delivering, priority=-5)  # after carbons, which names its copies
         self.hook("message/offline", self.offline, priority=10)  # ahead of offline storage, which still runs
         self.hook("sm/queued", self.queued)
         self.hook("presence/initial", self.online)
@@ -204,9 +203,7 @@ class Push(Module):
     async def delivering(self, stanza: Stanza, sessions: list[Session]) -> None:
         """A message that an attached session gets, directly or as a carbon, needs no push; and the user, who
         is there to read it (a resumed session too), starts a new count."""
-        copied = eligible(stanza.el) and any(s.data.get("carbons") and not s.detached
-                                             for s in self.server.sessions.of(stanza.to.bare))
-        if copied or any(not s.detached for s in sessions):
+        if any(not s.detached for s in (*sessions, *stanza.copies)):
             self._reached.add(stanza.el)
             await self._restart_count(stanza.to.bare)
 

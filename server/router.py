@@ -236,7 +236,7 @@ class Router:
     async def deliver_to_bare(self, host: Host, st: Stanza, mtype: str) -> None:
         """RFC 6121 8.5.2: a message to a local bare JID (or to a full JID that is not online)."""
         bare = st.to.bare
-        sessions = [s for s in self.sessions.available(bare) if s.priority >= 0]
+        sessions = self.candidates(bare)
         if mtype == "error":
             return
         if mtype == "groupchat":
@@ -250,10 +250,11 @@ class Router:
             if sessions:
                 await self._deliver(host, st, sessions)
             return
-        if sessions:
-            top = max(s.priority for s in sessions)
-            sessions = [s for s in sessions if s.priority == top]
-        await self._deliver(host, st, sessions)
+        await self._deliver(host, st, highest(sessions))
+
+    def candidates(self, bare: JID) -> list[Session]:
+        """RFC 6121 8.5.2.1: the resources a message to `bare` may go to (available, priority not negative)."""
+        return [s for s in self.sessions.available(bare) if s.priority >= 0]
 
     async def _deliver(self, host: Host, st: Stanza, sessions: list[Session]) -> None:
         """Give a message to the chosen sessions of a local account, or to offline storage if there are none."""
@@ -272,6 +273,15 @@ class Router:
         elif target == "bare":
             for session in self.sessions.available(st.to):
                 session.send(st.el)
+
+
+def highest(sessions: list[Session]) -> list[Session]:
+    """RFC 6121 8.5.2.1.1: of the candidates, those of the highest priority (a chat or normal message goes
+    to them)."""
+    if not sessions:
+        return sessions
+    top = max(s.priority for s in sessions)
+    return [s for s in sessions if s.priority == top]
 
 
 def parse_jid_attr(value: str | None) -> JID | None:
