@@ -38,8 +38,9 @@ def read_config(path: Path) -> Config:
 
 def build_server(config: Config) -> Server:
     """A server with every part: what `parley serve` runs and what the tests start."""
-    return Server(config, federation=S2SManager, front_ends={"http": HttpApi}, commands=COMMANDS,
-                  read_config=read_config)
+    server = Server(config, federation=S2SManager, commands=COMMANDS, read_config=read_config)
+    HttpApi(server)  # ejabberd's API under /api/ on the http listeners
+    return server
 
 
 PARTS = cli.Parts(load_config=load_any_config, build_server=build_server, tools=migrate)

@@ -28,12 +28,10 @@ from server.jid import JID, JIDError
 from server.stream.writer import not_xml
 
 if TYPE_CHECKING:
-    from server.config import ListenerConfig
     from server.server import Server
 
 log = logging.getLogger("parley.http_api")
 
-MAX_BODY = 1 << 20
 REALM = 'Basic realm="Parley HTTP API"'
 CONFLICT_CODE = 10090  # ejabberd's code for "already registered"
 
@@ -59,28 +57,14 @@ def shape(command: Command, result: dict[str, Any]) -> Any:
 
 
 class HttpApi:
+    """`POST /api/COMMAND` on the server's HTTP listeners."""
+
+    PATH = "/api/"
+
     def __init__(self, server: Server) -> None:
         self.server = server
         self.settings = server.config.http_api
-        self._runner: web.AppRunner | None = None
-
-    async def start(self, listeners: list[ListenerConfig]) -> None:
-        if not listeners:
-            return
-        app = web.Application(client_max_size=MAX_BODY)
-        app.router.add_post("/api/{command}", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        for listener in listeners:
-            ssl = self.server.tls.direct_tls_context(["http/1.1"]) if listener.tls == "direct" else None
-            await web.TCPSite(self._runner, listener.address, listener.port, ssl_context=ssl,
-                              reuse_address=True).start()
-            log.info("HTTP API on %s:%d (%s)", listener.address, listener.port, listener.tls)
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        server.http.add("POST", self.PATH, self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
         try:
@@ -94,7 +78,7 @@ class HttpApi:
     async def _handle(self, request: web.Request) -> web.Response:
         self._check_network(request.remote or "")
         ctx = await self._caller(request)
-        command = find(self.server.commands, request.match_info["command"])
+        command = find(self.server.commands, request.path[len(self.PATH):])
         if command is None:
             raise _refusal(404, 40, "Endpoint not found.")
         if not ctx.operator and not command.allowed(ctx.host, ctx.actor):

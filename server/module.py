@@ -44,6 +44,7 @@ from server.options import Option
 if TYPE_CHECKING:
     from server.commands import Command
     from server.host import Host
+    from server.http import Handler as HttpHandler
     from server.service import Service
     from server.stanza import Stanza
 
@@ -141,6 +142,11 @@ class Module:
             raise ValueError(f"domain {domain} is already served")
         self.server.services[domain] = service.receive
         self._undo.append(lambda: self.server.services.pop(domain, None))
+
+    def add_http(self, method: str, path: str, handler: HttpHandler, *, this_host: bool = False) -> None:
+        """Serve an HTTP path on the server's `http` listeners (see `server.http`): for this module's host
+        only (the request's Host header names it) with `this_host`, else for every host, once per server."""
+        self._undo.append(self.server.http.add(method, path, handler, self.host.name if this_host else None))
 
     def add_command(self, command: Command) -> None:
         """Offer an admin command (see `server.commands`) over the data this module owns, to every front end."""

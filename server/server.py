@@ -12,7 +12,7 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from xml.etree.ElementTree import Element
@@ -24,6 +24,7 @@ from server.config import Config, load_config
 from server.control import ControlSocket
 from server.hooks import Hooks
 from server.host import Host
+from server.http import HttpServer
 from server.limits import AuthThrottle, ConnectionCounter, OutputBudget
 from server.registry import available
 from server.router import Router
@@ -58,22 +59,17 @@ def raise_fd_limit() -> int:
     return soft
 
 
-class FrontEnd(Protocol):
-    """What serves the listeners of one kind (the `type` of their configuration)."""
+class Federation(Protocol):
+    """Server-to-server, on the 's2s' listeners: it takes the stanzas to remote domains from the
+    'route/remote' event, and stops after the sessions have ended so that their goodbyes still go out."""
 
     async def start(self, listeners: list[ListenerConfig]) -> None: ...
 
     async def stop(self) -> None: ...
 
 
-class Federation(FrontEnd, Protocol):
-    """Server-to-server, on the 's2s' listeners: it takes the stanzas to remote domains from the
-    'route/remote' event, and stops after the sessions have ended so that their goodbyes still go out."""
-
-
 class Server:
     def __init__(self, config: Config, *, federation: Callable[[Server], Federation] | None = None,
-                 front_ends: Mapping[str, Callable[[Server], FrontEnd]] | None = None,
                  commands: Iterable[Command] = (),
                  read_config: Callable[[Path], Config] | None = None) -> None:
         self.config = config
@@ -101,7 +97,7 @@ class Server:
         for declared in commands:
             self.commands.add(declared)
         self.control = ControlSocket(self)  # for parleyctl
-        self.front_ends = {kind: make(self) for kind, make in (front_ends or {}).items()}
+        self.http = HttpServer(self)  # the 'http' listeners, where each part adds its paths
         self.components = Components(self)  # XEP-0114
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
@@ -140,8 +136,7 @@ class Server:
             self.s2s = self._federation(self)
             await self.s2s.start(s2s_listeners)
         await self.control.start()
-        for kind, front_end in self.front_ends.items():
-            await front_end.start([lc for lc in config.listeners if lc.type == kind])
+        await self.http.start([listener for listener in config.listeners if listener.type == "http"])
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         await self.hooks.fire("server/started", self)
         log.info("Parley started: hosts %s, connection limit %d", ", ".join(self.hosts), self.max_connections)
@@ -165,8 +160,7 @@ class Server:
         if self._planned is not None:
             self._planned.cancel()
         await self.control.stop()
-        for front_end in self.front_ends.values():
-            await front_end.stop()
+        await self.http.stop()
         for srv in self.listeners:
             srv.close()
         if self._sweeper is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ejabberd_compat.http_api import HttpApi, shape
+from ejabberd_compat.http_api import shape
 from parley import COMMANDS
 from server.config import ConfigError, ListenerConfig, parse_config
 from tests.conftest import Harness, free_port, insecure_context
@@ -174,16 +174,13 @@ async def test_registered_user_logs_in_on_postgresql(api: Api) -> None:
 
 async def test_https_listener(api: Api) -> None:
     """tls = "direct" serves the API over HTTPS with the hosts' certificates."""
-    https = HttpApi(api.h.server)
     port = free_port()
-    await https.start([ListenerConfig("http", "127.0.0.1", port, "direct")])
-    try:
-        async with aiohttp.ClientSession() as http, http.post(
-                f"https://127.0.0.1:{port}/api/connected_users_number", json={}, auth=ADMIN,
-                ssl=insecure_context()) as response:
-            assert (response.status, await response.json()) == (200, {"num_sessions": 0})
-    finally:
-        await https.stop()
+    api.h.server.config.listeners.append(ListenerConfig("http", "127.0.0.1", port, "direct"))
+    await api.h.restart()
+    async with aiohttp.ClientSession() as http, http.post(
+            f"https://127.0.0.1:{port}/api/connected_users_number", json={}, auth=ADMIN,
+            ssl=insecure_context()) as response:
+        assert (response.status, await response.json()) == (200, {"num_sessions": 0})
 
 
 def test_config_refuses_starttls_for_http_and_bad_networks() -> None:

@@ -1,0 +1,87 @@
+"""The HTTP server of the `http` listeners: one aiohttp application that every part adds its paths to.
+
+The HTTP API, the web transports (WebSocket, BOSH), host-meta, file uploads and metrics all share the
+listeners an admin configures, as Prosody's modules share mod_http. A part adds a handler for a method
+and a path (`add`, or `Module.add_http` from a host module) and gets back how to remove it, so a module
+that unloads takes its paths along. Paths are kept in a table of our own rather than in aiohttp's router,
+which freezes once the application runs: modules come and go while the server runs. A path ending in
+'/' serves everything below it; the longest match wins, an exact one before any prefix. A path may be
+served for one virtual host only (its name in the request's Host header, as /.well-known/host-meta is
+per domain), which wins over the same path served for every host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from server.config import ListenerConfig
+    from server.server import Server
+
+log = logging.getLogger("parley.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 1 << 20  # what a handler may read at once with request.read()/json(); uploads stream instead
+
+
+class HttpServer:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        # (host or None for every host, path) -> method -> handler
+        self._routes: dict[tuple[str | None, str], dict[str, Handler]] = {}
+        self._runner: web.AppRunner | None = None
+
+    def add(self, method: str, path: str, handler: Handler, host: str | None = None) -> Callable[[], None]:
+        """Serve `method` requests to `path` (everything below it if it ends in '/'), for the virtual host
+        `host` or for all; returns the undo."""
+        if not path.startswith("/"):
+            raise ValueError(f"an HTTP path starts with '/': {path!r}")
+        methods = self._routes.setdefault((host, path), {})
+        if method in methods:
+            raise ValueError(f"{method} {path} is served already" + (f" for {host}" if host else ""))
+        methods[method] = handler
+
+        def remove() -> None:
+            methods.pop(method, None)
+            if not methods:
+                self._routes.pop((host, path), None)
+        return remove
+
+    def _match(self, host: str, path: str) -> dict[str, Handler] | None:
+        for key in ((host, path), (None, path)):
+            if key in self._routes:
+                return self._routes[key]
+        prefixes = [(h, p) for h, p in self._routes if h in (host, None) and p.endswith("/") and path.startswith(p)]
+        return self._routes[max(prefixes, key=lambda k: (len(k[1]), k[0] is not None))] if prefixes else None
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        methods = self._match(request.host.rsplit(":", 1)[0].lower(), request.path)
+        if methods is None:
+            raise web.HTTPNotFound()
+        handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
+        if handler is None:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+        return await handler(request)
+
+    async def start(self, listeners: list[ListenerConfig]) -> None:
+        if not listeners:
+            return
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        for listener in listeners:
+            ssl = self.server.tls.direct_tls_context(["http/1.1"]) if listener.tls == "direct" else None
+            await web.TCPSite(self._runner, listener.address, listener.port, ssl_context=ssl,
+                              reuse_address=True).start()
+            log.info("HTTP on %s:%d (%s): %s", listener.address, listener.port, listener.tls,
+                     ", ".join(sorted({path for _, path in self._routes})) or "no paths yet")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
