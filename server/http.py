@@ -33,19 +33,34 @@ class HttpServer:
         self.server = server
         # (host or None for every host, path) -> method -> handler
         self._routes: dict[tuple[str | None, str], dict[str, Handler]] = {}
+        # (host, path, method) -> (the module name that shares it, how many of its instances hold it)
+        self._shared: dict[tuple[str | None, str, str], tuple[str, int]] = {}
         self._runner: web.AppRunner | None = None
 
-    def add(self, method: str, path: str, handler: Handler, host: str | None = None) -> Callable[[], None]:
+    def add(self, method: str, path: str, handler: Handler, host: str | None = None,
+            shared_by: str | None = None) -> Callable[[], None]:
         """Serve `method` requests to `path` (everything below it if it ends in '/'), for the virtual host
-        `host` or for all; returns the undo."""
+        `host` or for all; returns the undo.
+
+        `shared_by` names a module that several hosts load (the WebSocket endpoint, which finds the host in
+        the stream it carries): its instances share the path, served by the first, until the last lets go."""
         if not path.startswith("/"):
             raise ValueError(f"an HTTP path starts with '/': {path!r}")
+        key = (host, path, method)
+        owner, holders = self._shared.get(key, (None, 0))
         methods = self._routes.setdefault((host, path), {})
-        if method in methods:
+        if method in methods and (shared_by is None or owner != shared_by):
             raise ValueError(f"{method} {path} is served already" + (f" for {host}" if host else ""))
-        methods[method] = handler
+        methods.setdefault(method, handler)
+        if shared_by is not None:
+            self._shared[key] = (shared_by, holders + 1)
 
         def remove() -> None:
+            if key in self._shared:
+                owner, holders = self._shared.pop(key)
+                if holders > 1:
+                    self._shared[key] = (owner, holders - 1)
+                    return
             methods.pop(method, None)
             if not methods:
                 self._routes.pop((host, path), None)

@@ -145,8 +145,12 @@ class Module:
 
     def add_http(self, method: str, path: str, handler: HttpHandler, *, this_host: bool = False) -> None:
         """Serve an HTTP path on the server's `http` listeners (see `server.http`): for this module's host
-        only (the request's Host header names it) with `this_host`, else for every host, once per server."""
-        self._undo.append(self.server.http.add(method, path, handler, self.host.name if this_host else None))
+        only (the request's Host header names it) with `this_host`; else for every host, shared by the
+        module's instances on every host that loads it (the first one's handler serves)."""
+        if this_host:
+            self._undo.append(self.server.http.add(method, path, handler, self.host.name))
+        else:
+            self._undo.append(self.server.http.add(method, path, handler, shared_by=self.name))
 
     def add_command(self, command: Command) -> None:
         """Offer an admin command (see `server.commands`) over the data this module owns, to every front end."""

@@ -4,6 +4,7 @@ back; what nobody serves is 404, a method nobody serves 405 with Allow. Real req
 from __future__ import annotations
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from server.config import ListenerConfig
@@ -73,3 +74,31 @@ async def test_a_module_takes_its_paths_along_when_it_unloads(server: Harness) -
     assert (await fetch(base, "/hello", host="example.test"))[0] == 404  # another virtual host
     module.unload()
     assert (await fetch(base, "/hello", host="localhost"))[0] == 404
+
+
+async def test_hosts_that_load_one_module_share_its_paths(server: Harness) -> None:
+    base = await http_listener(server)
+    on_localhost = server.server.hosts["localhost"].modules["ping"]
+    on_example = server.server.hosts["example.test"].modules["ping"]
+
+    async def endpoint(_: web.Request) -> web.Response:
+        return answer("one endpoint for every host")
+
+    on_localhost.add_http("GET", "/endpoint", endpoint)
+    on_example.add_http("GET", "/endpoint", endpoint)  # the same module on another host: shared, not refused
+    on_localhost.unload()
+    assert (await fetch(base, "/endpoint"))[:2] == (200, "one endpoint for every host")
+    on_example.unload()
+    assert (await fetch(base, "/endpoint"))[0] == 404
+
+
+def test_a_path_is_served_once_unless_one_module_shares_it(server: Harness) -> None:
+    async def endpoint(_: web.Request) -> web.Response:
+        return answer("")
+
+    http = server.server.http
+    http.add("GET", "/mine", endpoint, shared_by="websocket")
+    with pytest.raises(ValueError, match="served already"):
+        http.add("GET", "/mine", endpoint, shared_by="bosh")
+    with pytest.raises(ValueError, match="served already"):
+        http.add("GET", "/mine", endpoint)
