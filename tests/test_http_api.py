@@ -4,6 +4,7 @@ argument errors, and ejabberd's JSON result shapes, against a running server ove
 from __future__ import annotations
 
 import asyncio
+import base64
 from dataclasses import dataclass
 from ipaddress import ip_network
 from typing import Any
@@ -17,7 +18,12 @@ from server.config import ConfigError, ListenerConfig, parse_config
 from tests.conftest import Harness, free_port, insecure_context
 
 TOKEN = "t0ken-for-the-operator-0123456789"
-ADMIN = aiohttp.BasicAuth("admin@localhost", "adminpw")
+def basic(user: str, password: str) -> dict[str, str]:
+    """HTTP Basic credentials as a header (aiohttp's BasicAuth is deprecated)."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+ADMIN = basic("admin@localhost", "adminpw")
 
 DECLARED = {c.name: c for c in COMMANDS}  # those not of host modules
 
@@ -29,12 +35,12 @@ class Api:
     h: Harness
     port: int
 
-    async def call(self, command: str, body: Any = None, auth: aiohttp.BasicAuth | None = ADMIN,
+    async def call(self, command: str, body: Any = None, auth: dict[str, str] | None = ADMIN,
                    token: str | None = None, raw: bytes | None = None) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {"Authorization": f"Bearer {token}"} if token else auth or {}
         async with aiohttp.ClientSession() as http, http.post(
                 f"http://127.0.0.1:{self.port}/api/{command}", json=None if raw is not None else body or {},
-                data=raw, auth=None if token else auth, headers=headers) as response:
+                data=raw, headers=headers) as response:
             text = await response.text()
             assert "Traceback" not in text
             return response.status, await response.json(content_type=None)
@@ -63,8 +69,8 @@ async def with_http_api(server: Harness) -> Api:
 
 async def test_no_or_wrong_credentials_get_401_and_change_nothing(api: Api) -> None:
     alice = {"user": "alice", "host": "localhost", "password": "pw"}
-    for kwargs in ({"auth": None}, {"auth": aiohttp.BasicAuth("admin@localhost", "wrong")}, {"token": "guess" * 4},
-                   {"auth": aiohttp.BasicAuth("nobody@nowhere.test", "x")}):
+    for kwargs in ({"auth": None}, {"auth": basic("admin@localhost", "wrong")}, {"token": "guess" * 4},
+                   {"auth": basic("nobody@nowhere.test", "x")}):
         status, answer = await api.call("register", alice, **kwargs)
         assert status == 401 and answer["status"] == "error", kwargs
     assert not await api.h.server.storage.accounts.exists("localhost", "alice")
@@ -76,7 +82,7 @@ async def test_no_or_wrong_credentials_get_401_and_change_nothing(api: Api) -> N
 async def test_non_admin_gets_403(api: Api) -> None:
     await api.h.add_user("bob", "bobpw")
     status, answer = await api.call("register", {"user": "eve", "host": "localhost", "password": "pw"},
-                                    auth=aiohttp.BasicAuth("bob@localhost", "bobpw"))
+                                    auth=basic("bob@localhost", "bobpw"))
     assert status == 403 and "not an admin" in answer["message"]
     assert not await api.h.server.storage.accounts.exists("localhost", "eve")
 
@@ -178,7 +184,7 @@ async def test_https_listener(api: Api) -> None:
     api.h.server.config.listeners.append(ListenerConfig("http", "127.0.0.1", port, "direct"))
     await api.h.restart()
     async with aiohttp.ClientSession() as http, http.post(
-            f"https://127.0.0.1:{port}/api/connected_users_number", json={}, auth=ADMIN,
+            f"https://127.0.0.1:{port}/api/connected_users_number", json={}, headers=ADMIN,
             ssl=insecure_context()) as response:
         assert (response.status, await response.json()) == (200, {"num_sessions": 0})
 

@@ -48,7 +48,7 @@ async def test_trace_shows_stanzas_both_ways_and_no_secret(server: Harness, capl
     raw, _ = await unauthenticated(server)  # XEP-0077 registration, then a password change (form-less)
     assert (await ask(raw, "set", legacy("carol", registered))).get("type") == "result"
     carol = await server.client("carol@localhost", registered, plugins=("xep_0077",))
-    await carol["xep_0077"].change_password(changed, timeout=5)
+    await carol.plugin["xep_0077"].change_password(changed, timeout=5)
 
     admin = await admin_client(server)  # XEP-0133, its password in a data form
     command = await complete(admin, "change-user-password", accountjid="bob@localhost", password=admin_password)
@@ -114,6 +114,7 @@ async def handshake_failures(caplog: pytest.LogCaptureFixture, count: int) -> li
     return [line.split("failed: ", 1)[1] for line in await logged(caplog, "TLS handshake with", count)]
 
 
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")  # on purpose
 async def test_tls_handshake_failures_name_the_reason(server: Harness, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="parley.stream")  # STARTTLS is shared by c2s and s2s
     raw = await starttls_proceeded(server)

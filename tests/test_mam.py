@@ -330,5 +330,5 @@ async def test_the_domain_advertises_the_archive(server: Harness) -> None:
     """Profanity enables MAM only when the server's domain lists urn:xmpp:mam:2 (issue 19, defect 8)."""
     await server.add_user("alice")
     alice = await server.client("alice@localhost", plugins=("xep_0030",))
-    info = await alice["xep_0030"].get_info(jid="localhost", timeout=5)
+    info = await alice.plugin["xep_0030"].get_info(jid="localhost", timeout=5)
     assert {MAM, f"{MAM}#extended", "urn:xmpp:sid:0"} <= set(info["disco_info"]["features"])

@@ -35,11 +35,11 @@ SERVER_WIDE = ("edit-blacklist", "edit-whitelist", "restart", "shutdown")
 
 async def complete(client: ClientXMPP, name: str, to: str = "localhost", **values: str | list[str]) -> Any:
     """Run a one-stage command: ask for its form, submit `values`; returns the final <command/>."""
-    first = await client["xep_0050"].send_command(to, f"http://jabber.org/protocol/admin#{name}", timeout=5)
-    form = client["xep_0004"].make_form(ftype="submit")
+    first = await client.plugin["xep_0050"].send_command(to, f"http://jabber.org/protocol/admin#{name}", timeout=5)
+    form = client.plugin["xep_0004"].make_form(ftype="submit")
     for var, value in values.items():
         form.add_field(var=var, value=value)
-    done = await client["xep_0050"].send_command(to, f"http://jabber.org/protocol/admin#{name}",
+    done = await client.plugin["xep_0050"].send_command(to, f"http://jabber.org/protocol/admin#{name}",
                                                  action="complete", sessionid=first["command"]["sessionid"],
                                                  payload=form, timeout=5)
     return done["command"]
@@ -51,7 +51,7 @@ def note(command: Any) -> tuple[str, str]:
 
 async def settled(client: ClientXMPP) -> None:
     """Wait until the server has handled what `client` sent before (its stanzas are handled in order)."""
-    await client["xep_0199"].send_ping("localhost", timeout=5)
+    await client.plugin["xep_0199"].send_ping("localhost", timeout=5)
 
 
 async def logged_in(server: Harness, jid: str) -> tuple[ClientXMPP, asyncio.Queue]:
@@ -71,7 +71,7 @@ async def test_non_admins_are_refused_and_server_wide_commands_need_every_host(s
     for name in MINE:
         condition, _ = await error_of(run(bob, name))
         assert condition == "forbidden", name
-    nodes = {item[1] for item in (await admin["xep_0050"].get_commands("localhost", timeout=5))
+    nodes = {item[1] for item in (await admin.plugin["xep_0050"].get_commands("localhost", timeout=5))
              ["disco_items"]["items"]}
     assert {node for node in nodes if node.rsplit("#")[1] in MINE} == \
         {f"http://jabber.org/protocol/admin#{name}" for name in MINE if name not in SERVER_WIDE}
@@ -159,7 +159,7 @@ async def test_message_of_the_day(server: Harness) -> None:
     _, hal_again = await logged_in(server, "hal@localhost")
     assert ivy_again.empty() and hal_again.empty()
 
-    first = await admin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#edit-motd",
+    first = await admin.plugin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#edit-motd",
                                                  timeout=5)
     assert first["command"]["form"].get_fields()["motd"].get_value() == ["Maintenance on Sunday", "-- the admins"]
     await complete(admin, "edit-motd", motd=["Maintenance on Saturday"])
@@ -182,7 +182,7 @@ async def register(server: Harness, username: str) -> None:
 async def test_welcome_message_for_registered_accounts(server: Harness) -> None:
     admin = await admin_client(server)
     await complete(admin, "set-welcome", welcome=["Welcome aboard!", "Rules: be nice."])
-    first = await admin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#set-welcome",
+    first = await admin.plugin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#set-welcome",
                                                  timeout=5)
     assert first["command"]["form"].get_fields()["welcome"].get_value() == ["Welcome aboard!", "Rules: be nice."]
     await register(server, "newbie")
@@ -201,7 +201,7 @@ async def test_welcome_message_for_registered_accounts(server: Harness) -> None:
 async def test_edit_admin_list_survives_restart(server: Harness) -> None:
     admin = await admin_client(server)
     await server.add_user("lea")
-    first = await admin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#edit-admin",
+    first = await admin.plugin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#edit-admin",
                                                  timeout=5)
     assert first["command"]["form"].get_fields()["adminjids"].get_value() == ["admin@localhost"]
     await complete(admin, "edit-admin", adminjids=["admin@localhost", "lea@localhost"])
@@ -247,7 +247,7 @@ async def test_federation_lists_take_effect_and_survive_restart(tmp_path: Path) 
         alice.send_message(mto="bob@b.test", mbody="not on the list", mtype="chat")
         assert (await errors.wait())["error"]["condition"] == "not-allowed"
         admin = await a.harness.client("admin@a.test", plugins=PLUGINS)
-        shown = await admin["xep_0050"].send_command("a.test", "http://jabber.org/protocol/admin#edit-whitelist",
+        shown = await admin.plugin["xep_0050"].send_command("a.test", "http://jabber.org/protocol/admin#edit-whitelist",
                                                      timeout=5)
         assert shown["command"]["form"].get_fields()["whitelistjids"].get_value() == ["c.test"]
 
@@ -262,7 +262,7 @@ async def test_restart_announces_and_comes_back(tmp_path: Path) -> None:
         inbox = solo.harness.inbox(await solo.harness.client("max@solo.test"))
         started = asyncio.Event()
         solo.server.hooks.add("server/started", lambda _: started.set())
-        form = (await admin["xep_0050"].send_command("solo.test", "http://jabber.org/protocol/admin#restart",
+        form = (await admin.plugin["xep_0050"].send_command("solo.test", "http://jabber.org/protocol/admin#restart",
                                                      timeout=5))["command"]["form"]
         delay = form.get_fields()["delay"]
         assert delay["type"] == "list-single" and "30" in [o["value"] for o in delay["options"]]
@@ -301,7 +301,7 @@ async def test_shutdown_stops_the_server_process(tmp_path: Path) -> None:
 @pytest.mark.parley_config(hosts={"localhost": {"admins": ["admin@localhost"], "modules_disabled": ["announce"]}})
 async def test_message_commands_without_the_announce_module(server: Harness) -> None:
     admin = await admin_client(server)
-    first = await admin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#edit-motd",
+    first = await admin.plugin["xep_0050"].send_command("localhost", "http://jabber.org/protocol/admin#edit-motd",
                                                  timeout=5)
     assert first["command"]["status"] == "completed"
     assert note(first["command"]) == ("error", "the announce module is not loaded on localhost")

@@ -71,7 +71,7 @@ async def test_an_online_recipient_stays_connected(server: Harness) -> None:
     client, inbox = await online(server, "bob")
     await server.server.router.send(chat("bob@localhost", "a\x01b"))
     assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "a\ufffdb"
-    await client["xep_0199"].send_ping("localhost", timeout=5)
+    await client.plugin["xep_0199"].send_ping("localhost", timeout=5)
     assert client.is_connected()
 
 
@@ -85,7 +85,7 @@ async def test_an_offline_message_stored_with_such_characters_is_delivered(serve
     inbox = server.inbox(client)
     client.send_presence()
     assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "a\ufffdb"
-    await client["xep_0199"].send_ping("localhost", timeout=5)
+    await client.plugin["xep_0199"].send_ping("localhost", timeout=5)
     assert await server.server.storage.offline.pop_all("localhost", "carol") == []
 
 
