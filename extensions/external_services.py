@@ -82,8 +82,8 @@ class ExternalServices(Module):
         self.check_user(stanza)
         wanted = stanza.el[0].get("type")
         answer = Element(SERVICES, {"type": wanted} if wanted else {})
-        answer.extend(self.describe(service, stanza) for service in self.offered()
-                      if wanted in (None, service["type"]))
+        answer.extend([self.describe(service, stanza) for service in self.offered()
+                      if wanted in (None, service["type"])])
         return answer
 
     async def credentials(self, stanza: Stanza) -> Element:
@@ -93,12 +93,13 @@ class ExternalServices(Module):
                      for service in stanza.el[0].iter(SERVICE)]
         if not requested or any(not type_ or not host for type_, host, _ in requested):
             raise StanzaError("bad-request", "name each service with its type and host")
-        answer = Element(CREDENTIALS)
-        answer.extend(self.describe(service, stanza) for service in self.offered() if service["restricted"] and any(
+        matching = [self.describe(service, stanza) for service in self.offered() if service["restricted"] and any(
             (type_, host) == (service["type"], self.host_of(service)) and port in (None, str(service["port"]))
-            for type_, host, port in requested))
-        if not len(answer):
+            for type_, host, port in requested)]
+        if not matching:
             raise StanzaError("item-not-found", "no service with credentials matches")
+        answer = Element(CREDENTIALS)
+        answer.extend(matching)
         return answer
 
     def check_user(self, stanza: Stanza) -> None:
@@ -116,7 +117,7 @@ class ExternalServices(Module):
             attributes["name"] = service["name"]
         if service["restricted"]:
             expires = int(time.time()) + service["ttl"]
-            username, password = turn_credentials(self.option("secret"), str(stanza.from_.bare()), expires)
+            username, password = turn_credentials(self.option("secret"), str(stanza.from_.bare), expires)
             attributes.update(username=username, password=password, restricted="1",
                               expires=xmpp_datetime(datetime.fromtimestamp(expires, UTC)))
         return Element(SERVICE, attributes)
