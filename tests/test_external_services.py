@@ -330,9 +330,10 @@ async def test_coturn_relays_with_the_credentials_parley_hands_out(tmp_path: Pat
         assert (await udp_answer(int(listed[0]["port"]), STUN_BINDING))[:2] == b"\x01\x01"
         requested = services_of(await send_iq(client, "get", credentials(
             f"<service type='turn' host='127.0.0.1' port='{port}'/>"), "localhost"), "credentials")
-    for service in (*listed[1:], *requested):
-        returncode, output = await allocate(port, peer_port, service["username"], service["password"],
-                                            service["transport"])
+    runs = await asyncio.gather(*(allocate(port, peer_port, service["username"], service["password"],
+                                           service["transport"]) for service in (*listed[1:], *requested)))
+    assert len(runs) == 4
+    for returncode, output in runs:
         assert relayed(returncode, output), output
 
 
@@ -342,8 +343,10 @@ async def test_coturn_refuses_expired_and_forged_credentials(coturn: tuple[int, 
     expired = turn_credentials(SECRET, "alice@localhost", now - 60)
     forged = turn_credentials("not the secret", "alice@localhost", now + 3600)
     valid_name, valid_password = turn_credentials(SECRET, "alice@localhost", now + 3600)
-    for username, password in (expired, forged, (valid_name.replace("alice", "mallory"), valid_password)):
-        returncode, output = await allocate(port, peer_port, username, password, "udp")
+    refused = (expired, forged, (valid_name.replace("alice", "mallory"), valid_password))
+    *runs, valid = await asyncio.gather(*(allocate(port, peer_port, username, password, "udp")
+                                          for username, password in (*refused, (valid_name, valid_password))))
+    for returncode, output in runs:
         assert returncode != 0 and "Received relay addr" not in output, output
         assert "Cannot complete Allocation" in output, output
-    assert relayed(*await allocate(port, peer_port, valid_name, valid_password, "udp"))  # the same, made right
+    assert relayed(*valid), valid[1]  # made right with the same secret, for the same user
