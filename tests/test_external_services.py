@@ -25,13 +25,14 @@ from slixmpp import ClientXMPP
 
 from extensions.external_services import EXTDISCO, SERVICE, turn_credentials
 from parley import build_server
-from server.config import DEFAULT_MODULES, ConfigError, parse_config
+from server.config import DEFAULT_MODULES, ConfigError, load_config, parse_config
 from server.options import Option, example_section
-from server.registry import available
+from server.registry import available, load
 from server.stanza import parse_datetime
 from tests.conftest import Harness, free_ports, make_config, unavailable
 from tests.test_basic_modules import INFO, features_of, iq_error, query_of, send_iq
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parley.example.toml"
 SECRET = "a secret coturn shares"
 MODULES = [*DEFAULT_MODULES, "external_services"]
 SERVICES = [
@@ -159,6 +160,15 @@ async def test_without_a_secret_restricted_services_are_not_offered(server: Harn
         "item-not-found", "no service with credentials matches")
     logged = [record.getMessage() for record in caplog.get_records("setup")]  # at the server's start
     assert any(line.startswith("localhost: restricted services are not offered") for line in logged), logged
+
+
+def test_the_example_configuration_offers_stun_and_turn_with_a_placeholder_secret() -> None:
+    host = load_config(EXAMPLE, known_modules=available()).hosts["example.org"]
+    assert "external_services" in host.modules
+    assert "REPLACE" in host.options["external_services.secret"]
+    services = host.options.get("external_services.services", load("external_services")._declared["services"].default)
+    assert [(s["type"], s["transport"], s["restricted"]) for s in services] == [
+        ("stun", "udp", False), ("turn", "udp", True), ("turn", "tcp", True)]
 
 
 # --- the option type: a list of tables ------------------------------------------------------------------------
