@@ -23,16 +23,21 @@ class Domain(str):
 
 # What each type accepts, as said in an error.
 _EXPECTED: dict[type, str] = {bool: "true or false", int: "an integer", float: "a number", str: "a non-empty string",
-                              Domain: "a domain name", tuple: "a list of non-empty strings"}
+                              Domain: "a domain name", tuple: "a list of non-empty strings", list: "a list of tables"}
 
 
 @dataclass(frozen=True)
 class Option:
     """One option of a module: ``NAME = value`` in its ``[module_options.MODULE]`` table.
 
-    `type` is bool, int, float (an integer is taken too), str, Domain or tuple (a list of strings, read as a
-    tuple). A `default` of None means the module works the value out itself (e.g. 'conference.<host>'), as
+    `type` is bool, int, float (an integer is taken too), str, Domain, tuple (a list of strings, read as a
+    tuple) or list (a list of tables such as `[{ type = "stun", port = 3478 }]`, read as a tuple of dicts).
+    A `default` of None means the module works the value out itself (e.g. 'conference.<host>'), as
     `doc` then says. `minimum` and `maximum` bound numbers (inclusive); `choices` lists the strings allowed.
+
+    The keys of a list's tables are declared as Options themselves, in `fields`: each key is checked as an
+    option is, a key left out takes its field's default, and a `required` field must be there. So a module
+    reads every key of every table, typed, and an operator's typo in one is an error like any other.
     """
 
     name: str
@@ -42,21 +47,49 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()
+    fields: tuple[Option, ...] = ()
+    required: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in _EXPECTED:
             raise TypeError(f"option {self.name}: unsupported type {self.type!r}")
+        if (self.type is list) != bool(self.fields):
+            raise TypeError(f"option {self.name}: a list of tables, and only that, declares its fields")
         if self.default is not None:
-            self.check(self.default)
+            typed = self.check(self.default)
+            if self.type is list:  # the module reads the default's tables complete, as it reads configured ones
+                object.__setattr__(self, "default", typed)
 
     def check(self, value: Any) -> Any:
         """The value as the module reads it; ValueError says what is expected instead."""
+        if self.type is list:
+            return self._tables(value)
         typed = _typed(self.type, value)
         if typed is None or (self.choices and typed not in self.choices) or \
                 (self.minimum is not None and typed < self.minimum) or \
                 (self.maximum is not None and typed > self.maximum):
             raise ValueError(f"must be {self.expected()} (got {value!r})")
         return typed
+
+    def _tables(self, value: Any) -> tuple[dict[str, Any], ...]:
+        if not isinstance(value, list | tuple) or not all(isinstance(item, Mapping) for item in value):
+            raise ValueError(f"must be {self.expected()} (got {value!r})")
+        return tuple(self._table(number, item) for number, item in enumerate(value, 1))
+
+    def _table(self, number: int, item: Mapping[str, Any]) -> dict[str, Any]:
+        """One table of a list, every field present: its keys checked as options, the missing ones defaulted."""
+        table: dict[str, Any] = {}
+        for key, value in item.items():
+            try:
+                table[key] = check_option(self.fields, key, value, kind="key")
+            except ValueError as error:
+                raise ValueError(f"table {number}, {key}: {error}") from None
+        for field in self.fields:
+            if field.name not in table:
+                if field.required:
+                    raise ValueError(f"table {number}: {field.name} is required")
+                table[field.name] = field.default
+        return table
 
     def expected(self) -> str:
         if self.choices:
@@ -93,9 +126,10 @@ def _typed(kind: type, value: Any) -> Any:
     return value
 
 
-def check_option(declared: Sequence[Option], name: str, value: Any) -> Any:
+def check_option(declared: Sequence[Option], name: str, value: Any, kind: str = "option") -> Any:
     """The value of option `name` as its module reads it; ValueError says why it is refused (an unknown name
-    is refused with the closest declared one, to catch typos)."""
+    is refused with the closest declared one, to catch typos). `kind` names what is declared in the error:
+    an option of a module, or a key of a list option's tables."""
     for option in declared:
         if option.name == name:
             return option.check(value)
@@ -103,7 +137,7 @@ def check_option(declared: Sequence[Option], name: str, value: Any) -> Any:
     close = difflib.get_close_matches(name, names, n=1)
     hint = f"did you mean {close[0]!r}?" if close else \
         f"valid: {', '.join(names)}" if names else "the module has no options"
-    raise ValueError(f"unknown option {name!r} ({hint})")
+    raise ValueError(f"unknown {kind} {name!r} ({hint})")
 
 
 def example_section(declared: Mapping[str, Iterable[Option]]) -> str:
@@ -118,12 +152,36 @@ def example_section(declared: Mapping[str, Iterable[Option]]) -> str:
             continue
         lines.append(f"[module_options.{module}]")
         for option in options:
-            doc = option.doc + (f" ({', '.join(option.choices)})" if option.choices else "")
-            if option.default is None:
-                lines.append(f"# {option.name}: {doc}")
+            if option.type is list:
+                lines += _list_example(option)
+            elif option.default is None:
+                lines.append(f"# {option.name}: {_doc(option)}")
             else:
-                lines.append(f"{f'{option.name} = {_toml(option.default)}':<25} # {doc}")
+                lines.append(f"{f'{option.name} = {_toml(option.default)}':<25} # {_doc(option)}")
     return "\n".join(lines) + "\n"
+
+
+def _doc(option: Option) -> str:
+    return option.doc + (f" ({', '.join(option.choices)})" if option.choices else "")
+
+
+def _list_example(option: Option) -> list[str]:
+    """A list of tables: its documentation and each key's above it, then the default one table a line, showing
+    the keys whose value is not their field's default."""
+    lines = [f"# {option.name}: {option.doc}; each table has the keys"]
+    for field in option.fields:
+        default = "required" if field.required else "optional" if field.default is None else \
+            f"default {_toml(field.default)}"
+        lines.append(f"#   {field.name}: {_doc(field)}; {default}")
+    if option.default is None:
+        return lines
+    lines.append(f"{option.name} = [")
+    for table in option.default:
+        shown = [f"{field.name} = {_toml(table[field.name])}" for field in option.fields
+                 if table[field.name] is not None and table[field.name] != field.default]
+        lines.append(f"  {{ {', '.join(shown)} }},")
+    lines.append("]")
+    return lines
 
 
 def _toml(value: Any) -> str:
