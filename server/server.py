@@ -21,7 +21,7 @@ from server.hooks import Hooks
 from server.host import Host
 from server.limits import AuthThrottle, ConnectionCounter, OutputBudget
 from server.router import Router
-from server.sessions import Session, SessionRegistry
+from server.sessions import Session, SessionDirectory, session_directory
 from server.storage import Storage, open_storage
 from server.stream.errors import StreamError
 from server.tls import TlsContexts, ensure_certificate
@@ -53,11 +53,11 @@ def raise_fd_limit() -> int:
 
 
 class Server:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, sessions: SessionDirectory | None = None) -> None:
         self.config = config
         limits = config.limits
         self.hooks = Hooks()
-        self.sessions = SessionRegistry()
+        self.sessions = sessions if sessions is not None else session_directory(config)
         self.router = Router(self)
         self.hosts: dict[str, Host] = {}
         # Service domains (e.g. conference.example.org) served in-process: domain -> stanza handler.
