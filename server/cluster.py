@@ -224,9 +224,9 @@ class Cluster:
         self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._heartbeat())]
 
     async def attach(self, _server: Server) -> None:
-        """Once the hosts exist (again after a restart): the others' sessions are read and their changes
-        followed, answers to other workers' queries go back to them before this worker's modules see them,
-        and the sessions a dead predecessor left are ended."""
+        """Once the hosts and the storage exist (again after a restart): the others' sessions are read and their
+        changes followed, answers to other workers' queries go back to them before this worker's modules see
+        them, the cached documents set here are announced, and the sessions a dead predecessor left are ended."""
         if self.index == 0 and any("pep" in host.modules for host in self.server.hosts.values()):
             log.warning("cluster: PEP notifications reach only the contacts on the publisher's worker")
         self.server.storage.kv.watch_cached(self.document_changed)
