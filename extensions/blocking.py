@@ -64,6 +64,7 @@ def parse_items(payload: Element) -> set[JID]:
 
 class Blocking(Module):
     name = "blocking"
+    shared_session_state = True  # blocklist pushes from other workers go to the sessions that asked for the list
     options = (Option("bounce", bool, False,
                       "answer blocked senders' messages with an error instead of dropping them silently"),)
 

@@ -41,6 +41,7 @@ def eligible(el: Element) -> bool:
 
 class Carbons(Module):
     name = "carbons"
+    shared_session_state = True  # a user's resources on other workers copy to the sessions that enabled carbons
 
     def setup(self) -> None:
         self.add_feature(ns.CARBONS)

@@ -7,7 +7,8 @@ Read-modify-write changes of one roster hold `locked(user)` so concurrent stanza
 Rosters of users with sessions on this server are cached: every presence a user sends or receives
 consults the roster, and reading it from the database each time made presence fan-out slow. All writes
 go through this module, which keeps the cache in step; a user's entry goes when the last session ends.
-With several worker processes, a change is announced ('roster/changed') and the others `invalidate()`.
+With several worker processes, a change is announced ('roster/changed'), and a change another process
+made arrives as 'roster/stale' on the user's host, which drops the copy (`invalidate()`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Roster(Module):
         self._locks: weakref.WeakValueDictionary[JID, asyncio.Lock] = weakref.WeakValueDictionary()
         self._cache: dict[JID, tuple[int, dict[str, RosterItem]]] = {}
         self._generation: dict[JID, int] = {}  # bumped by every write, so a racing read is not cached
+        self.hook("roster/stale", self.invalidate)  # a copy that another worker process made stale
         self.iq("get", QUERY, self.roster_get, target="own")
         self.iq("set", QUERY, self.roster_set, target="own")
         self.hook("c2s/features", self.stream_features)

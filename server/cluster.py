@@ -1,10 +1,12 @@
 """Several worker processes sharing the listening ports, routing to each other's sessions over Redis.
 
-Each worker keeps its own sessions and a mirror of the other workers' sessions. A session on another
-worker is an ordinary `Session` in the registry whose output goes to Redis instead of a socket, so the
-router, presence, roster pushes and carbons choose among all of a user's resources unchanged. Workers
-tell each other about their sessions (bound, priority and presence, roster interest, carbons, closed)
-as those change, and forward stanzas to the worker holding the session.
+Each worker's session directory (`ClusterSessions`, chosen when the server is composed) keeps its own
+sessions and a mirror of the other workers' sessions. A session on another worker is an ordinary `Session`
+in the directory whose output goes to Redis instead of a socket, so the router, presence, roster pushes and
+carbons choose among all of a user's resources unchanged. Workers tell each other about their sessions
+(bound, priority and presence, roster interest, directed presence, the per-session state of the modules
+that declare it shared with `Module.shared_session_state`, closed) as those change, and forward stanzas to
+the worker holding the session.
 
 Every worker has one Redis pub/sub channel, and everything another worker tells it (session changes
 and stanzas alike) goes through that channel in the order it happened: a session is known to be
@@ -13,7 +15,9 @@ same turn of the event loop are sent as one publication, which keeps Redis off t
 
 Services that keep state in memory (group chat, publish-subscribe) run on worker 0; the others forward
 what is addressed to them. What a worker caches of data any worker may change (rosters, blocklists,
-archive preferences) is dropped on the others when one changes it.
+archive preferences) is dropped on the others when one changes it: the roster module announces its
+changes ('roster/changed') and hears of the others' ('roster/stale'), the key-value store tells of the
+cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
 Each worker also keeps its sessions in a Redis hash that a starting worker reads, and refreshes a
 heartbeat key; the sessions of a worker whose heartbeat lapsed are forgotten (and announced again should
 it only have stalled). A worker started in place of a dead one ends the sessions that one left, so that
@@ -39,9 +43,9 @@ import redis.asyncio as aioredis
 
 from server.config import ConfigError
 from server.jid import JID
+from server.registry import resolve
 from server.sessions import Session, SessionRegistry
 from server.stanza import KINDS, Stanza, parse_stored
-from server.storage.kv import CachedDocuments
 from server.stream.errors import StanzaError
 from server.stream.writer import serialize
 
@@ -55,114 +59,51 @@ SERVICE_WORKER = 0  # where group chat and publish-subscribe keep their state
 HEARTBEAT = 2.0  # seconds between heartbeats
 HEARTBEAT_TTL = 6  # seconds without a heartbeat after which a worker's sessions are forgotten
 FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in JSON
-SHARED_DATA = frozenset({"carbons", "blocking"})  # module flags that other resources' fan-outs read
 PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
 
 
-def _shared(name: str) -> Any:
-    """An attribute of a local session whose changes the other workers are told of.
-
-    A property rather than a `__setattr__` override, so that the attributes set for every stanza
-    (`last_active`) cost what they cost in one process. The value stays in the instance dict, where
-    `Session.__init__` put it before the cluster turned the session into a `SharedSession`.
-    """
-
-    def get(session: SharedSession) -> Any:
-        return session.__dict__[name]
-
-    def set_(session: SharedSession, value: Any) -> None:
-        session.__dict__[name] = value
-        session.cluster.changed(session)
-
-    return property(get, set_)
-
-
-class SharedSession(Session):
-    """A local session whose routing-relevant state is told to the other workers as it changes.
-
-    The cluster turns sessions into this class when they are registered, so that neither the connection
-    code nor the modules that change this state need to know about workers.
-    """
-
-    cluster: Cluster
-    priority = _shared("priority")
-    presence = _shared("presence")
-    interested = _shared("interested")
-
-
-class SharedData(dict[str, object]):
-    """Session.data that tells the cluster when a flag other resources depend on changes."""
-
-    def __init__(self, session: SharedSession, data: dict[str, object]) -> None:
-        super().__init__(data)
-        self.session = session
-
-    def __setitem__(self, key: str, value: object) -> None:
-        super().__setitem__(key, value)
-        if key in SHARED_DATA:
-            self.session.cluster.changed(self.session)
-
-    def pop(self, key: str, *default: Any) -> Any:
-        value = super().pop(key, *default)
-        if key in SHARED_DATA:
-            self.session.cluster.changed(self.session)
-        return value
-
-
-class SharedDirected(set[JID]):
-    """Session.directed, kept with the session's state so that a successor can end a dead worker's sessions
-    everywhere their presence went (rooms among them)."""
-
-    def __init__(self, session: SharedSession, jids: set[JID]) -> None:
-        super().__init__(jids)
-        self.session = session
-
-    def add(self, jid: JID) -> None:
-        super().add(jid)
-        self.session.cluster.changed(self.session)
-
-    def discard(self, jid: JID) -> None:
-        super().discard(jid)
-        self.session.cluster.changed(self.session)
-
-    def clear(self) -> None:
-        super().clear()
-        self.session.cluster.changed(self.session)
-
-    def __isub__(self, other: Any) -> SharedDirected:
-        super().__isub__(other)
-        self.session.cluster.changed(self.session)
-        return self
-
-
 def session_state(session: Session) -> str:
+    """What the other workers are told of a local session (its watcher is the worker's directory)."""
+    shared = session.watcher.shared if session.watcher is not None else ()
     return json.dumps({
         "jid": str(session.jid), "priority": session.priority, "interested": session.interested,
         "presence": serialize(session.presence) if session.presence is not None else None,
-        "data": {k: True for k in SHARED_DATA if session.data.get(k)}, "started": session.started,
+        "data": {k: True for k in shared if session.data.get(k)}, "started": session.started,
         "directed": sorted(map(str, session.directed)),
     })
 
 
-class ClusterSessions(SessionRegistry):
-    """The registry of a worker: its own sessions plus the mirror of the other workers' sessions."""
+def shared_session_state(config: Config) -> frozenset[str]:
+    """The modules, among those configured on any host, that declare their per-session state shared."""
+    return frozenset(cls.name for host in config.hosts.values() for cls in resolve(host.modules)
+                     if cls.shared_session_state)
 
-    def __init__(self, cluster: Cluster) -> None:
+
+class ClusterSessions(SessionRegistry):
+    """The session directory of a worker: its own sessions plus the mirror of the other workers' sessions.
+
+    It watches its own sessions: as their shared state changes, the cluster tells the other workers. It is
+    chosen when the server is composed, and the `Cluster` made for that server connects to it.
+    """
+
+    cluster: Cluster  # set by the Cluster of this worker
+
+    def __init__(self, config: Config) -> None:
         super().__init__()
-        self.cluster = cluster
+        self.shared = shared_session_state(config)
         self.remote: dict[JID, tuple[int, Session]] = {}
         # This worker's own sessions by full JID text: a stanza from another worker finds its session with
         # one lookup of the text it came with, without making a JID of it.
         self.local: dict[str, Session] = {}
 
     def add(self, session: Session) -> None:
-        session.__class__ = SharedSession
-        session.cluster = self.cluster  # type: ignore[attr-defined]
-        session.data = SharedData(session, session.data)  # type: ignore[arg-type]
-        session.directed = SharedDirected(session, session.directed)  # type: ignore[arg-type]
+        session.watcher = self
         super().add(session)
         self.local[str(session.jid)] = session
+        self.changed(session)
+
+    def changed(self, session: Session) -> None:
         self.cluster.changed(session)
 
     def remove(self, session: Session) -> None:
@@ -234,8 +175,10 @@ class Cluster:
         self.workers = config.workers
         self.url = config.redis_url
         self.prefix = config.prefix
-        self.sessions = ClusterSessions(self)
-        server.sessions = server.router.sessions = self.sessions
+        if not isinstance(server.sessions, ClusterSessions):
+            raise TypeError("a worker's server needs the cluster's session directory: compose it with [cluster]")
+        self.sessions = server.sessions
+        self.sessions.cluster = self
         server.cluster = self
         if index != SERVICE_WORKER:
             server.services = PinnedServices(self)
@@ -243,11 +186,10 @@ class Cluster:
             server.control.path = server.control.path.with_name(f"worker{index}-{server.control.path.name}")
         server.hooks.add("roster/changed", self.roster_changed)
         server.hooks.add("server/started", self.attach)
-        CachedDocuments.on_set = self.document_changed
         # Frames waiting for the next publication, per worker; the lists stay, so forwarders hold them.
         self._out: dict[int, list[str]] = {worker: [] for worker in self.others()}
         self._gone: set[str] = set()  # JIDs of this worker's sessions that ended since the last publication
-        self._dirty: dict[JID, SharedSession] = {}
+        self._dirty: dict[JID, Session] = {}
         self._wake = asyncio.Event()
         self._pending_iq: dict[tuple[str, str], int] = {}  # (to, id) of a server's query -> asking worker
         self._redis: aioredis.Redis | None = None
@@ -282,11 +224,12 @@ class Cluster:
         self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._heartbeat())]
 
     async def attach(self, _server: Server) -> None:
-        """Once the hosts exist (again after a restart): the others' sessions are read and their changes
-        followed, answers to other workers' queries go back to them before this worker's modules see them,
-        and the sessions a dead predecessor left are ended."""
+        """Once the hosts and the storage exist (again after a restart): the others' sessions are read and their
+        changes followed, answers to other workers' queries go back to them before this worker's modules see
+        them, the cached documents set here are announced, and the sessions a dead predecessor left are ended."""
         if self.index == 0 and any("pep" in host.modules for host in self.server.hosts.values()):
             log.warning("cluster: PEP notifications reach only the contacts on the publisher's worker")
+        self.server.storage.kv.watch_cached(self.document_changed)
         for host in self.server.hosts.values():
             for event in ("iq-result/host", "iq-error/host", "iq-result/bare", "iq-error/bare"):
                 host.hooks.add(event, self.answer_elsewhere, priority=1000)
@@ -347,7 +290,7 @@ class Cluster:
             self._wake.set()
         frames.append(frame)
 
-    def changed(self, session: SharedSession) -> None:
+    def changed(self, session: Session) -> None:
         """A local session's state changed; its latest state goes out in the place of this first change."""
         if session.jid not in self._dirty:
             self._dirty[session.jid] = session
@@ -424,7 +367,7 @@ class Cluster:
                     # This worker stalled for so long that the others forgot its sessions: tell them again.
                     await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL)
                     for session in self.sessions.all():
-                        self.changed(session)  # type: ignore[arg-type]
+                        self.changed(session)
                 known = {w for w, _ in self.sessions.remote.values()}
                 for worker in known:
                     if not await self._redis.exists(self.alive_key(worker)):
@@ -502,7 +445,7 @@ class Cluster:
         elif kind == "i":
             self.forget_roster(JID.parse(rest))
         elif kind == "k":
-            CachedDocuments.forget(*rest.split(FIELD))
+            self.server.storage.kv.forget_cached(*rest.split(FIELD))
 
     def _expect_answer(self, sender: int, el: Element) -> None:
         """A query from a server or account address on another worker: its answer must go back there."""
@@ -532,10 +475,11 @@ class Cluster:
             await router.bounce(st, StanzaError("service-unavailable"))
 
     def forget_roster(self, user: JID) -> None:
+        """Another worker changed the user's roster, or the user's last session elsewhere ended: what this
+        worker cached of it is stale ('roster/stale' on the user's host)."""
         host = self.server.hosts.get(user.domain)
-        roster = host.modules.get("roster") if host is not None else None
-        if roster is not None:
-            roster.invalidate(user)  # type: ignore[attr-defined]
+        if host is not None:
+            host.hooks.notify("roster/stale", user)
 
 
 def _resolve(frame: str, states: dict[str, str]) -> str:

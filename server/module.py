@@ -86,6 +86,9 @@ class Module:
     depends: ClassVar[tuple[str, ...]] = ()
     # The options it reads with option(): the configuration is checked against them when it is loaded.
     options: ClassVar[tuple[Option, ...]] = ()
+    # True when worker processes other than the session's read its per-session state (`session.data[name]`, as
+    # set or not), e.g. to choose which of a user's resources get a copy: the cluster shares it with them.
+    shared_session_state: ClassVar[bool] = False
     _declared: ClassVar[dict[str, Option]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

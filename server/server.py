@@ -28,7 +28,7 @@ from server.http import HttpServer
 from server.limits import AuthThrottle, ConnectionCounter, OutputBudget
 from server.registry import available
 from server.router import Router
-from server.sessions import Session, SessionRegistry
+from server.sessions import Session, SessionDirectory, session_directory
 from server.storage import Storage, open_storage
 from server.stream.errors import StreamError
 from server.tls import TlsContexts, ensure_certificate
@@ -70,14 +70,14 @@ class Federation(Protocol):
 
 class Server:
     def __init__(self, config: Config, *, federation: Callable[[Server], Federation] | None = None,
-                 commands: Iterable[Command] = (),
-                 read_config: Callable[[Path], Config] | None = None) -> None:
+                 commands: Iterable[Command] = (), read_config: Callable[[Path], Config] | None = None,
+                 sessions: SessionDirectory | None = None) -> None:
         self.config = config
         # How reload_config and SIGHUP read the configuration file again: as it was read at start.
         self.read_config = read_config or (lambda path: load_config(path, known_modules=available()))
         limits = config.limits
         self.hooks = Hooks()
-        self.sessions = SessionRegistry()
+        self.sessions = sessions if sessions is not None else session_directory(config)
         self.router = Router(self)
         self.hosts: dict[str, Host] = {}
         # Service domains (e.g. conference.example.org) served in-process: domain -> stanza handler.

@@ -1,8 +1,13 @@
-"""Client sessions and the registry of who is connected.
+"""Client sessions and the directory of who is connected.
 
 A Session is what routing sees of a logged-in resource. It is kept apart from the TCP connection
 so that a session can outlive its connection (stream management resumption) and so that routing
 code never touches a socket.
+
+The session directory says where each user's sessions are. A server gets one when it is composed:
+`SessionRegistry` when it runs in one process, the cluster's (`server.cluster.ClusterSessions`) when
+worker processes share the users. The latter watches the state of its sessions that routing on the other
+workers reads, through `Session.watcher`.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Container, Iterable
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from xml.etree.ElementTree import Element
 
 from server.jid import JID
@@ -19,29 +25,115 @@ from server.stanza import parse_stored
 from server.stream.writer import serialize
 
 if TYPE_CHECKING:
+    from server.config import Config
     from server.host import Host
 
 log = logging.getLogger("parley.sessions")
 
 
+class SessionWatcher(Protocol):
+    """Told when the shared state of a session changes: what routing on other worker processes reads of it
+    (priority, presence, roster interest, directed presence, and `data` of the modules in `shared`)."""
+
+    shared: Container[str]  # the names of the modules whose `Session.data` entry is shared
+
+    def changed(self, session: Session) -> None: ...
+
+
+def _watched(name: str) -> Any:
+    """An attribute of the shared state: set, it tells the session's watcher.
+
+    A property rather than a `__setattr__` override, so that the attributes set for every stanza
+    (`last_active`) cost what they cost with no watcher; the getter is a C function, no Python frame.
+    """
+    key = f"_{name}"
+
+    def set_(session: Session, value: object) -> None:
+        setattr(session, key, value)
+        if session.watcher is not None:
+            session.watcher.changed(session)
+
+    return property(attrgetter(key), set_)
+
+
+class SessionData(dict[str, object]):
+    """Session.data: a module's entry, when the module declares it shared, tells the session's watcher as it
+    is set or removed."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    def __setitem__(self, key: str, value: object) -> None:
+        super().__setitem__(key, value)
+        self._changed(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        value = super().pop(key, *default)
+        self._changed(key)
+        return value
+
+    def _changed(self, key: str) -> None:
+        watcher = self.session.watcher
+        if watcher is not None and key in watcher.shared:
+            watcher.changed(self.session)
+
+
+class DirectedPresence(set[JID]):
+    """Session.directed, which tells the session's watcher as it changes: a worker that takes over from a dead
+    one ends that one's sessions everywhere their presence went (rooms among them)."""
+
+    def __init__(self, session: Session, jids: Iterable[JID] = ()) -> None:
+        super().__init__(jids)
+        self.session = session
+
+    def add(self, jid: JID) -> None:
+        super().add(jid)
+        self._changed()
+
+    def discard(self, jid: JID) -> None:
+        super().discard(jid)
+        self._changed()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def __isub__(self, other: Any) -> DirectedPresence:
+        super().__isub__(other)
+        self._changed()
+        return self
+
+    def _changed(self) -> None:
+        if self.session.watcher is not None:
+            self.session.watcher.changed(self.session)
+
+
 class Session:
     """One bound resource of one account."""
 
+    priority: int = _watched("priority")
+    presence: Element | None = _watched("presence")  # last broadcast available presence; None while unavailable
+    interested: bool = _watched("interested")  # requested the roster: gets roster pushes and subscription requests
+
     def __init__(self, jid: JID, host: Host, write: Callable[[str], None], close: Callable[[str | None], None],
                  remote_ip: str = "") -> None:
+        # Set by the session directory when other processes read this session's shared state.
+        self.watcher: SessionWatcher | None = None
         self.jid = jid
         self.bare = jid.bare
         self.host = host
         self.remote_ip = remote_ip
-        self.priority = 0
-        self.presence: Element | None = None  # last broadcast available presence; None while unavailable
-        self.interested = False  # requested the roster, so gets roster pushes and subscription requests
-        self.directed: set[JID] = set()  # JIDs that got directed presence from this session
+        self._priority = 0
+        self._presence: Element | None = None
+        self._interested = False
+        self.directed: set[JID] = DirectedPresence(self)  # JIDs that got directed presence from this session
         self.started = time.time()
         self.last_active = time.monotonic()
         self.closed = False  # no more output: the connection is gone or going
         self.ended = False  # 'session/closed' has run
-        self.data: dict[str, object] = {}  # per-session state owned by modules, keyed by module name
+        # Per-session state owned by modules, keyed by module name.
+        self.data: dict[str, object] = SessionData(self)
         # Set by a module that keeps stanzas back from the client for a while (client state indication):
         # it gets each stanza with its serialized form and returns True when it took it.
         self.hold: Callable[[Element, str], bool] | None = None
@@ -121,8 +213,44 @@ class Session:
         return f"<Session {self.jid}>"
 
 
+@runtime_checkable
+class SessionDirectory(Protocol):
+    """Where each user's sessions are: what routing, presence, roster pushes and the admin commands look up.
+
+    Routing looks up sessions for every stanza, so an implementation answers `get`, `of` and `available`
+    from memory, a dictionary access or two. Sessions of other processes, if any, are found like local ones.
+    """
+
+    def add(self, session: Session) -> None:
+        """A session bound a resource (a session that had it must have been removed first)."""
+
+    def remove(self, session: Session) -> None:
+        """A session is going: nothing more is routed to it. A session that replaced it stays."""
+
+    def get(self, jid: JID) -> Session | None:
+        """The session of a full JID."""
+
+    def of(self, bare: JID) -> list[Session]:
+        """All sessions of an account."""
+
+    def available(self, bare: JID) -> list[Session]:
+        """The sessions of an account that sent available presence."""
+
+    def interested(self, bare: JID) -> list[Session]:
+        """The sessions of an account that asked for the roster (they get roster pushes)."""
+
+    def all(self) -> list[Session]:
+        """The sessions this process serves: the ones it ends when it stops."""
+
+    def count(self) -> int:
+        """How many sessions there are, on every process."""
+
+    def users(self, domain: str | None = None) -> list[JID]:
+        """The accounts with a session (of `domain`, if given), on every process."""
+
+
 class SessionRegistry:
-    """All bound sessions of the server, keyed by bare JID then resource."""
+    """The session directory of a server in one process: its sessions, keyed by bare JID then resource."""
 
     def __init__(self) -> None:
         self._by_bare: dict[JID, dict[str, Session]] = {}
@@ -161,3 +289,13 @@ class SessionRegistry:
 
     def users(self, domain: str | None = None) -> list[JID]:
         return [b for b in self._by_bare if domain is None or b.domain == domain]
+
+
+def session_directory(config: Config) -> SessionDirectory:
+    """The directory the configuration asks for: this process's own, or, with several worker processes
+    ([cluster] workers), the one they share (which the worker's `server.cluster.Cluster` connects)."""
+    if config.cluster.workers == 1:
+        return SessionRegistry()
+    from server.cluster import ClusterSessions  # the Redis client: loaded for a cluster only
+
+    return ClusterSessions(config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,6 +26,18 @@ class KeyValueStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._writer = writer(engine)
+        self._caches: weakref.WeakSet[CachedDocuments[Any]] = weakref.WeakSet()  # read through this store
+        self._cache_watchers: list[Callable[[str, str, str], None]] = []
+
+    def watch_cached(self, watcher: Callable[[str, str, str], None]) -> None:
+        """Tell `watcher` (store, host, user) whenever a cached document is set through this store: with several
+        worker processes the others hear of it and `forget_cached` their copy."""
+        self._cache_watchers.append(watcher)
+
+    def forget_cached(self, store: str, host: str, user: str) -> None:
+        """Another process set a document: every cache of `store` drops its copy."""
+        for cache in self._caches:
+            cache.forget(store, host, user)
 
     async def get(self, host: str, user: str, store: str, key: str = "") -> Any | None:
         params = {"host": host, "username": user, "store": store, "key": key}
@@ -69,12 +81,9 @@ class CachedDocuments(Generic[T]):
     """One document per user in a module's store, parsed once and kept in a bounded cache.
 
     For documents read on every stanza (a blocklist, archiving preferences). Writes go through `set`,
-    so this server never serves a stale copy. With several worker processes, `on_set` tells the others,
-    which `forget` their copy.
+    so this server never serves a stale copy. With several worker processes, the store's cache watchers
+    tell the others, which forget their copy (`KeyValueStore.watch_cached` and `forget_cached`).
     """
-
-    instances: ClassVar[weakref.WeakSet[CachedDocuments[Any]]] = weakref.WeakSet()
-    on_set: ClassVar[Callable[[str, str, str], None] | None] = None  # (store, host, user)
 
     def __init__(self, kv: KeyValueStore, store: str, parse: Callable[[Any | None], T], size: int = 10000) -> None:
         self._kv = kv
@@ -83,7 +92,7 @@ class CachedDocuments(Generic[T]):
         self._size = size
         self._cache: dict[tuple[str, str], T] = {}
         self._forgotten = 0  # bumped by `forget`, so that a read it overtook is not kept
-        CachedDocuments.instances.add(self)
+        kv._caches.add(self)
 
     async def get(self, host: str, user: str) -> T:
         key = (host, user)
@@ -107,12 +116,11 @@ class CachedDocuments(Generic[T]):
         """Store the document (None deletes it)."""
         await self._kv.set(host, user, self._store, "", document)
         self._cache[(host, user)] = self._parse(document)
-        if CachedDocuments.on_set is not None:
-            CachedDocuments.on_set(self._store, host, user)
+        for watcher in self._kv._cache_watchers:
+            watcher(self._store, host, user)
 
-    @classmethod
-    def forget(cls, store: str, host: str, user: str) -> None:
-        for cache in cls.instances:
-            if cache._store == store:
-                cache._cache.pop((host, user), None)
-                cache._forgotten += 1
+    def forget(self, store: str, host: str, user: str) -> None:
+        """Drop the copy of a document another process set, if it is of this cache's store."""
+        if store == self._store:
+            self._cache.pop((host, user), None)
+            self._forgotten += 1
