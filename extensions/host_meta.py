@@ -14,6 +14,7 @@ from xml.etree.ElementTree import Element, SubElement, tostring
 
 from aiohttp import web
 
+from extensions.websocket import DEFAULT_PATH as DEFAULT_WEBSOCKET_PATH
 from server.module import Module
 from server.options import Option
 
@@ -47,14 +48,16 @@ class HostMeta(Module):
             base = f"{'https' if secure else 'http'}://{request.host}"
         base = base.rstrip("/")
         links = []
-        websocket = self.host.modules.get("websocket")
-        if websocket is not None:
+        if "websocket" in self.host.modules:
             ws_base = "ws" + base.removeprefix("http")  # http -> ws, https -> wss
-            links.append((WEBSOCKET_REL, ws_base + websocket.option("path")))
-        bosh = self.host.modules.get("bosh")
-        if bosh is not None:
-            links.append((BOSH_REL, base + _path_of(bosh, DEFAULT_BOSH_PATH)))
+            links.append((WEBSOCKET_REL, ws_base + self._path_of("websocket", DEFAULT_WEBSOCKET_PATH)))
+        if "bosh" in self.host.modules:
+            links.append((BOSH_REL, base + self._path_of("bosh", DEFAULT_BOSH_PATH)))
         return links
+
+    def _path_of(self, module: str, default: str) -> str:
+        """The HTTP path a transport module of this host serves: its 'path' option as configured."""
+        return str(self.host.config_options.get(f"{module}.path", default))
 
     async def xrd(self, request: web.Request) -> web.Response:
         root = Element("XRD", {"xmlns": XRD})
@@ -69,11 +72,3 @@ class HostMeta(Module):
 
     async def preflight(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers=CORS)
-
-
-def _path_of(module: Module, default: str) -> str:
-    """The HTTP path a transport module serves, by its 'path' option when it declares one."""
-    try:
-        return str(module.option("path"))
-    except KeyError:
-        return default

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from server.server import Server
 
 FRAMING = "urn:ietf:params:xml:ns:xmpp-framing"
+DEFAULT_PATH = "/xmpp-websocket"
 PROTOCOL = "xmpp"  # the WebSocket subprotocol (RFC 7395 3.1)
 OPEN = ns.qname(FRAMING, "open")
 CLOSE = ns.qname(FRAMING, "close")
@@ -159,7 +160,7 @@ class WebSocketConnection(WebSession):
 class WebSocket(Module):
     name = "websocket"
     options = (
-        Option("path", str, "/xmpp-websocket", "the HTTP path of the WebSocket endpoint on the http listeners"),
+        Option("path", str, DEFAULT_PATH, "the HTTP path of the WebSocket endpoint on the http listeners"),
         Option("allowed_origins", tuple, (),
                "web pages (scheme://host[:port]) whose scripts may open sessions, besides those served from the "
                "endpoint's own origin; [\"*\"]: any page"),

@@ -31,14 +31,17 @@ def test_defaults_without_file(tmp_path, monkeypatch):
 
 
 def test_example_file_loads():
-    config = load_config(EXAMPLE, known_modules=set(DEFAULT_MODULES))
+    config = load_config(EXAMPLE, known_modules=set(DEFAULT_MODULES) | {"websocket", "host_meta"})
     assert config.source == EXAMPLE
     assert config.data_dir == EXAMPLE.parent / "parley-data"
     host = config.hosts["example.org"]
     assert host.admins == ["admin@example.org"]
     assert host.certificate == EXAMPLE.parent / "parley-data" / "certs" / "example.org.crt"
     assert config.logging.file == EXAMPLE.parent / "parley.log"
-    assert sorted(host.modules) == sorted(DEFAULT_MODULES)  # the example shows every default module
+    # Every default module, and the web on its http listener.
+    assert sorted(host.modules) == sorted([*DEFAULT_MODULES, "websocket", "host_meta"])
+    assert [(listener.type, listener.port) for listener in config.listeners if listener.type == "http"] == \
+        [("http", 5280)]
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):
