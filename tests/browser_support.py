@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ STREAMS = "http://etherx.jabber.org/streams"
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 BROWSER_DIR = Path(__file__).parent / "browser"
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots and browser logs, not committed
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -144,7 +145,7 @@ async def static_site(pages: dict[str, str], folder: Path) -> AsyncIterator[str]
     """An HTTP server for a web client: `pages` by path, and the files under `folder` at /dist/; its origin."""
     app = web.Application()
     for path, html in pages.items():
-        app.router.add_get(path, lambda _, html=html: _html(html))
+        app.router.add_get(path, functools.partial(_html, html))
     app.router.add_static("/dist/", folder)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -156,7 +157,7 @@ async def static_site(pages: dict[str, str], folder: Path) -> AsyncIterator[str]
         await runner.cleanup()
 
 
-async def _html(html: str) -> web.Response:
+async def _html(html: str, _: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html")
 
 
@@ -192,3 +193,11 @@ async def wait_for(condition: Any, timeout: float = 20.0, what: str = "the condi
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
+
+
+async def screenshot(page: Any, name: str) -> Path:
+    """Save what the page shows as tests/artifacts/NAME."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    await page.screenshot(path=str(path), full_page=True)
+    return path
