@@ -224,6 +224,7 @@ class WsConnection(Connection):
                 self.upgraded.set_exception(LoginError(f"WebSocket upgrade refused: {head[:60]!r}"))
                 return
             self.upgraded.set_result(None)
+        texts: list[bytes] = []  # in raw mode, the chunk's messages go to the handler at once, as over TCP
         while len(buf) >= 2:
             opcode, size = buf[0] & 0x0F, buf[1] & 0x7F
             start = 2
@@ -238,8 +239,13 @@ class WsConnection(Connection):
             if len(buf) < start + size:
                 break
             payload, buf = buf[start:start + size], buf[start + size:]
-            self._frame(opcode, payload)
+            if opcode == 0x1 and self.on_raw is not None:
+                texts.append(payload)
+            else:
+                self._frame(opcode, payload)
         self._buffer = buf
+        if texts:
+            self.on_raw(b"".join(texts))  # type: ignore[misc]
 
     def _frame(self, opcode: int, payload: bytes) -> None:
         if opcode == 0x9:  # ping: pong with its payload
@@ -252,9 +258,6 @@ class WsConnection(Connection):
             self._message(payload)
 
     def _message(self, payload: bytes) -> None:
-        if self.on_raw is not None:
-            self.on_raw(payload)
-            return
         try:
             el = fromstring(payload)
         except ParseError as exc:

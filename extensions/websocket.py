@@ -171,7 +171,9 @@ class WebSocket(Module):
     )
 
     def setup(self) -> None:
+        self._open: set[WebSocketConnection] = set()  # the connections this instance serves
         self.add_http("GET", self.option("path"), self.serve)
+        self.hook_global("http/stopping", self.stopping)
 
     def origin_allowed(self, request: web.Request) -> bool:
         """No Origin (not a browser), the endpoint's own origin, or one the configuration lists."""
@@ -202,9 +204,16 @@ class WebSocket(Module):
         transport = MessageTransport(socket, peer, lambda messages: socket.write(text_frames(messages)),
                                      lambda: self.spawn(ws.close()))
         conn.connection_made(transport)  # type: ignore[arg-type]
+        self._open.add(conn)
         try:
             if not conn.closing:
                 await conn.read(ws, transport)
         finally:
+            self._open.discard(conn)
             conn.connection_lost(None)
         return ws
+
+    def stopping(self) -> None:
+        """The http listeners stop first when the server does: clients hear system-shutdown, as TCP ones do."""
+        for conn in list(self._open):
+            conn.stream_error(StreamError("system-shutdown"))

@@ -148,6 +148,7 @@ class HttpServer:
             return
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.on_shutdown.append(self._stopping)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         for listener in listeners:
@@ -156,6 +157,11 @@ class HttpServer:
                               reuse_address=True).start()
             log.info("HTTP on %s:%d (%s): %s", listener.address, listener.port, listener.tls,
                      ", ".join(sorted({path for _, path in self._routes})) or "no paths yet")
+
+    async def _stopping(self, _: web.Application) -> None:
+        """Before aiohttp waits for its handlers to return: 'http/stopping' (server-wide) lets the parts whose
+        handlers never return on their own (a WebSocket's) end them, with what their protocol says then."""
+        await self.server.hooks.fire_all("http/stopping")
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -276,6 +276,18 @@ async def test_unauthenticated_timeout_and_connections_per_address(server: Harne
 
 
 @WEB
+async def test_a_server_that_stops_says_system_shutdown(server: Harness) -> None:
+    base = await web_listener(server)
+    await server.add_user("juliet")
+    async with ws_client(base.replace("http", "ws") + "/xmpp-websocket") as client:
+        await logged_in(client, "juliet")
+        stopping = asyncio.ensure_future(server.server.stop())
+        assert stream_error(await client.closed()) == "system-shutdown"
+        await stopping
+        await server.server.start()  # for the fixture, which stops it again
+
+
+@WEB
 async def test_see_other_uri_sends_clients_elsewhere(server: Harness) -> None:
     base = await web_listener(server)
     for host in server.server.hosts.values():
