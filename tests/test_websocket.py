@@ -135,6 +135,34 @@ async def test_a_websocket_user_chats_with_a_tcp_user(server: Harness) -> None:
 
 
 @WEB
+async def test_a_websocket_session_has_roster_carbons_archive_and_csi(server: Harness) -> None:
+    base = await web_listener(server)
+    await server.add_user("juliet")
+    await server.add_user("romeo")
+    async with ws_client(base.replace("http", "ws") + "/xmpp-websocket") as web:
+        await logged_in(web, "juliet")
+        await web.send("<iq xmlns='jabber:client' type='get' id='r'><query xmlns='jabber:iq:roster'/></iq>")
+        assert (await web.expect("{jabber:client}iq")).get("type") == "result"
+        await web.send("<iq xmlns='jabber:client' type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
+        assert (await web.expect("{jabber:client}iq")).get("type") == "result"
+        await web.send("<presence xmlns='jabber:client'/>")
+        phone = await server.client("juliet@localhost", resource="phone")
+        phone.send_message(mto="romeo@localhost", mbody="sent from the phone", mtype="chat")
+        carbon = await web.expect("{jabber:client}message")
+        assert carbon.findtext(".//{jabber:client}body") == "sent from the phone"
+        assert carbon.find("{urn:xmpp:carbons:2}sent") is not None
+        await web.send("<iq xmlns='jabber:client' type='set' id='q'><query xmlns='urn:xmpp:mam:2' queryid='a'/></iq>")
+        result = await web.expect("{jabber:client}message")
+        assert result.find("{urn:xmpp:mam:2}result").get("queryid") == "a"
+        assert result.findtext(".//{jabber:client}body") == "sent from the phone"
+        assert (await web.expect("{jabber:client}iq")).get("type") == "result"
+        await web.send("<inactive xmlns='urn:xmpp:csi:0'/>")
+        await web.send("<active xmlns='urn:xmpp:csi:0'/>")
+        await web.send("<iq xmlns='jabber:client' type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>")
+        assert (await web.expect("{jabber:client}iq")).get("id") == "p"
+
+
+@WEB
 async def test_plain_only_over_tls_or_from_a_trusted_proxy_that_terminated_it(server: Harness) -> None:
     base = await web_listener(server)
     await server.add_user("juliet")
