@@ -315,6 +315,22 @@ async def test_a_server_that_stops_says_system_shutdown(server: Harness) -> None
         await server.server.start()  # for the fixture, which stops it again
 
 
+@pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "websocket"], limits={"c2s_rate": 2000, "c2s_burst": 2000})
+async def test_input_over_the_read_rate_waits_and_is_not_lost(server: Harness) -> None:
+    base = await web_listener(server)
+    await server.add_user("juliet")
+    async with ws_client(base.replace("http", "ws") + "/xmpp-websocket") as client:
+        await logged_in(client, "juliet")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(4):  # 4,000 bytes at 2,000 a second, the burst mostly spent by the login
+            await client.send(f"<iq xmlns='jabber:client' type='get' id='{i}{'x' * 900}'>"
+                              "<ping xmlns='urn:xmpp:ping'/></iq>")
+        answered = [(await client.expect("{jabber:client}iq", timeout=10)).get("id")[0] for _ in range(4)]
+        assert answered == ["0", "1", "2", "3"]
+        assert loop.time() - started > 1.0  # held back by the budget, as a TCP client's input is
+
+
 @WEB
 async def test_see_other_uri_sends_clients_elsewhere(server: Harness) -> None:
     base = await web_listener(server)
