@@ -203,6 +203,7 @@ class WebSocket(Module):
         conn = WebSocketConnection(self.server, peer, self.option("see_other_uri"))
         transport = MessageTransport(socket, peer, lambda messages: socket.write(text_frames(messages)),
                                      lambda: self.spawn(ws.close()))
+        transport.set_protocol(conn)
         conn.connection_made(transport)  # type: ignore[arg-type]
         self._open.add(conn)
         try:

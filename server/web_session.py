@@ -24,13 +24,20 @@ if TYPE_CHECKING:
 # Ends each message among what the edge batches into one write: XML never holds NUL (the writer replaces
 # it), so the transport splits a batch into messages without parsing it.
 SEPARATOR = "\0"
+# The socket belongs to the HTTP server's protocol, which gets its pause_writing/resume_writing: the session
+# learns of a client that reads slowly from the socket's buffer instead, over these marks (asyncio's own).
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+DRAIN_POLL = 0.05  # seconds between looks at a paused socket's buffer
 
 
 class MessageTransport:
     """What a WebSession sees as its transport: `write` takes a batch of messages, each ended by SEPARATOR,
     and hands each to `send` (which frames it for the wire); the rest goes to the HTTP connection's socket.
 
-    `close` is the carrier's orderly end (a WebSocket close handshake), `abort` cuts the socket."""
+    `close` is the carrier's orderly end (a WebSocket close handshake), `abort` cuts the socket. The protocol
+    (`set_protocol`) is paused while the socket holds more than HIGH_WATER bytes, until it is under LOW_WATER,
+    so that the session's flow control and the server's output budget see a client that does not read."""
 
     def __init__(self, socket: asyncio.Transport, peer: Peer, send: Callable[[list[bytes]], None],
                  close: Callable[[], None]) -> None:
@@ -39,12 +46,29 @@ class MessageTransport:
         self._send = send
         self._close = close
         self._closed = False
+        self._protocol: asyncio.BaseProtocol | None = None
+        self._draining: asyncio.Task[None] | None = None
         self.readable = asyncio.Event()  # cleared while the connection asks for no more input
         self.readable.set()
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
     def write(self, data: bytes) -> None:
-        if not self._closed:
-            self._send(data.split(SEPARATOR.encode())[:-1])
+        if self._closed:
+            return
+        self._send(data.split(SEPARATOR.encode())[:-1])
+        if self._draining is None and self._protocol is not None and \
+                self._socket.get_write_buffer_size() > HIGH_WATER:
+            self._protocol.pause_writing()
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while not self.is_closing() and self._socket.get_write_buffer_size() > LOW_WATER:
+            await asyncio.sleep(DRAIN_POLL)
+        self._draining = None
+        if self._protocol is not None:
+            self._protocol.resume_writing()
 
     def is_closing(self) -> bool:
         return self._closed or self._socket.is_closing()

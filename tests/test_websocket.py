@@ -332,6 +332,19 @@ async def test_input_over_the_read_rate_waits_and_is_not_lost(server: Harness) -
 
 
 @WEB
+async def test_pings_keep_connections_up_and_drop_clients_that_stopped_answering(server: Harness) -> None:
+    base = await web_listener(server)
+    server.server.hosts["localhost"].config_options["websocket.ping_interval"] = 0.4
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(base + "/xmpp-websocket", protocols=("xmpp",), autoping=False) as silent:
+        kinds = []
+        while (message := await silent.receive(5)).type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                                                 aiohttp.WSMsgType.CLOSING):
+            kinds.append(message.type)
+        assert aiohttp.WSMsgType.PING in kinds  # pinged, never answered: dropped
+
+
+@WEB
 async def test_see_other_uri_sends_clients_elsewhere(server: Harness) -> None:
     base = await web_listener(server)
     for host in server.server.hosts.values():
