@@ -354,3 +354,15 @@ async def test_see_other_uri_sends_clients_elsewhere(server: Harness) -> None:
         [close] = await client.closed()
         assert close.tag == f"{{{FRAMING}}}close"
         assert close.get("see-other-uri") == "wss://other.example/xmpp-websocket"
+
+
+async def test_the_http_api_sees_the_client_behind_a_trusted_proxy(server: Harness) -> None:
+    """Allowed networks are the client's: a proxy on loopback must not open the API to the whole internet."""
+    base = await web_listener(server)
+    server.server.config.trusted_proxies = [ipaddress.ip_network("127.0.0.1/32")]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/api/registered_users", json={"host": "localhost"},
+                             headers={"X-Forwarded-For": "203.0.113.9"}) as forwarded:
+            assert forwarded.status == 403
+        async with http.post(base + "/api/registered_users", json={"host": "localhost"}) as direct:
+            assert direct.status == 401  # from loopback itself: on to authentication
