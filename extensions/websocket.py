@@ -11,6 +11,9 @@ Browsers send the page's Origin with the upgrade: only pages of the same origin,
 reaches the server). A binary message, a message that is not one complete element, and an oversized one
 get the stream error they deserve and close that session only. WebSocket pings keep idle connections up
 and drop clients that stopped answering.
+
+One endpoint serves every host that loads the module (the stream's `to` names the host); the options of the
+endpoint (path aside) are those of the host that loaded it first.
 """
 
 from __future__ import annotations
@@ -187,7 +190,8 @@ class WebSocket(Module):
 
     async def serve(self, request: web.Request) -> web.StreamResponse:
         if not self.origin_allowed(request):
-            self.log.info("refused a WebSocket from %s: origin %s", request.remote, request.headers.get("Origin"))
+            self.log.info("refused a WebSocket from %s: origin %s", self.server.http.peer(request).address,
+                          request.headers.get("Origin"))
             raise web.HTTPForbidden(text="pages of this origin may not open XMPP sessions here")
         limits = self.server.config.limits
         ws = web.WebSocketResponse(protocols=(PROTOCOL,), heartbeat=self.option("ping_interval") or None,
