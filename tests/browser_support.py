@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -124,6 +125,28 @@ async def ws_client(url: str, *, protocols: tuple[str, ...] = ("xmpp",),
 
 
 # --- the browser ------------------------------------------------------------------------------------
+
+CONVERSE_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Parley in Converse.js</title>
+<link rel="stylesheet" href="/dist/converse.min.css"><script src="/dist/converse.min.js"></script></head>
+<body class="converse-fullscreen"><script>
+converse.plugins.add("parley-test", {initialize() { window.converseApi = this._converse.api; }});
+converse.initialize(%s);
+</script></body></html>
+"""
+
+
+def converse_page(connection: dict[str, str], jid: str, password: str, room: str) -> str:
+    """A page of Converse.js (served from /dist/) that logs `jid` in at once over `connection` (its
+    `websocket_url` or `bosh_service_url`) and joins `room`; `window.converseApi` is its API for the test."""
+    settings = {
+        **connection, "discover_connection_methods": False,
+        "authentication": "login", "auto_login": True, "jid": jid, "password": password,
+        "view_mode": "fullscreen", "auto_join_rooms": [room], "nickname": jid.split("@")[0].title(),
+        "allow_non_roster_messaging": True, "persistent_store": "localStorage", "loglevel": "info",
+        "play_sounds": False, "show_desktop_notifications": False, "whitelisted_plugins": ["parley-test"],
+    }
+    return CONVERSE_PAGE % json.dumps(settings)
 
 
 def node_modules() -> Path:

@@ -5,7 +5,6 @@ history it shows; a screenshot is saved in tests/artifacts/ (and /tmp/converse-w
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from typing import Any
 
@@ -13,30 +12,19 @@ import pytest
 
 from server.config import DEFAULT_MODULES
 from server.jid import JID
-from tests.browser_support import ARTIFACTS, chromium, node_modules, screenshot, static_site, wait_for, web_listener
+from tests.browser_support import (
+    ARTIFACTS,
+    chromium,
+    converse_page,
+    node_modules,
+    screenshot,
+    static_site,
+    wait_for,
+    web_listener,
+)
 from tests.conftest import Harness
 from tests.test_muc import ROOM
 from tests.test_muc_history import talk
-
-PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Parley in Converse.js</title>
-<link rel="stylesheet" href="/dist/converse.min.css"><script src="/dist/converse.min.js"></script></head>
-<body class="converse-fullscreen"><script>
-converse.plugins.add("parley-test", {initialize() { window.converseApi = this._converse.api; }});
-converse.initialize(%s);
-</script></body></html>
-"""
-
-
-def converse_page(websocket_url: str, jid: str, password: str, room: str) -> str:
-    settings = {
-        "websocket_url": websocket_url, "discover_connection_methods": False,
-        "authentication": "login", "auto_login": True, "jid": jid, "password": password,
-        "view_mode": "fullscreen", "auto_join_rooms": [room], "nickname": "Juliet",
-        "allow_non_roster_messaging": True, "persistent_store": "localStorage", "loglevel": "info",
-        "play_sounds": False, "show_desktop_notifications": False, "whitelisted_plugins": ["parley-test"],
-    }
-    return PAGE % json.dumps(settings)
 
 
 @pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "websocket", "host_meta"])
@@ -46,7 +34,8 @@ async def test_converse_logs_in_over_websocket_chats_and_sees_room_history(serve
     await server.add_user("juliet")
     alice = await talk(server, "Welcome to the balcony")  # a room with history, alice in it
     inbox = server.inbox(alice)
-    page_html = converse_page(base.replace("http", "ws") + "/xmpp-websocket", "juliet@localhost", "secret", ROOM)
+    page_html = converse_page({"websocket_url": base.replace("http", "ws") + "/xmpp-websocket"},
+                              "juliet@localhost", "secret", ROOM)
     async with static_site({"/": page_html}, modules) as origin, chromium() as browser:
         for host in server.server.hosts.values():  # the page is of another origin: allow it, as an admin would
             host.config_options["websocket.allowed_origins"] = (origin,)
