@@ -4,6 +4,10 @@ No client library sits in the measured loop: negotiation parses with ElementTree
 accelerated), and once a session is established a connection can switch to a raw byte handler so the
 hot path only scans bytes. Every server is spoken to the same way: no XML declaration on any stream
 header (ejabberd rejects one on restarted streams), PLAIN or SCRAM-SHA-1, optional STARTTLS.
+
+The same client speaks XMPP over WebSocket (RFC 7395) with `LoginOptions(websocket=True)`: a `WsConnection`
+upgrades an HTTP connection to the target's WebSocket path, sends each element as one masked text frame and
+hands each received message whole to the same element queue or raw handler; pings are answered.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import base64
 import functools
 import hashlib
 import hmac
+import os
 import secrets
 import ssl
+import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from xml.etree.ElementTree import Element, XMLPullParser
+from xml.etree.ElementTree import Element, ParseError, XMLPullParser, fromstring
 
 STREAM_NS = "http://etherx.jabber.org/streams"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -32,6 +38,7 @@ STREAM_ERROR = f"{{{STREAM_NS}}}error"
 IQ = "{jabber:client}iq"
 PRESENCE = "{jabber:client}presence"
 MESSAGE = "{jabber:client}message"
+FRAMING_NS = "urn:ietf:params:xml:ns:xmpp-framing"
 
 # Clients cache the salted password per salt, as real clients do, so repeated logins of one user do not
 # make the generator pay PBKDF2 again; the server's work is unchanged by it.
@@ -67,6 +74,8 @@ class Target:
     address: str
     port: int
     domain: str
+    http_port: int = 0  # where the WebSocket endpoint is (0: none)
+    ws_path: str = ""
 
 
 class Connection(asyncio.Protocol):
@@ -136,6 +145,9 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data.encode())
 
+    def send_many(self, elements: list[str]) -> None:
+        self.send("".join(elements))
+
     def open_stream(self) -> None:
         self._new_parser()
         self.send(f"<stream:stream xmlns='jabber:client' xmlns:stream='{STREAM_NS}' to='{self.domain}' "
@@ -181,19 +193,143 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+class WsConnection(Connection):
+    """One client stream over a WebSocket: the same queue, handlers and login as a TCP stream."""
+
+    def __init__(self, domain: str, host: str, path: str) -> None:
+        super().__init__(domain)
+        self._request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                         "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: xmpp\r\n\r\n").encode()
+        self._buffer = b""
+        self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport.write(self._request)  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.upgraded.done():
+            self.upgraded.set_exception(LoginError("WebSocket upgrade failed: connection closed"))
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer + data
+        if not self.upgraded.done():
+            head, sep, buf = buf.partition(b"\r\n\r\n")
+            if not sep:
+                self._buffer = head
+                return
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.upgraded.set_exception(LoginError(f"WebSocket upgrade refused: {head[:60]!r}"))
+                return
+            self.upgraded.set_result(None)
+        texts: list[bytes] = []  # in raw mode, the chunk's messages go to the handler at once, as over TCP
+        while len(buf) >= 2:
+            opcode, size = buf[0] & 0x0F, buf[1] & 0x7F
+            start = 2
+            if size == 126:
+                if len(buf) < 4:
+                    break
+                size, start = struct.unpack("!H", buf[2:4])[0], 4
+            elif size == 127:
+                if len(buf) < 10:
+                    break
+                size, start = struct.unpack("!Q", buf[2:10])[0], 10
+            if len(buf) < start + size:
+                break
+            payload, buf = buf[start:start + size], buf[start + size:]
+            if opcode == 0x1 and self.on_raw is not None:
+                texts.append(payload)
+            else:
+                self._frame(opcode, payload)
+        self._buffer = buf
+        if texts:
+            self.on_raw(b"".join(texts))  # type: ignore[misc]
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x9:  # ping: pong with its payload
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(self._write_frame(0xA, payload))
+        elif opcode == 0x8:
+            self._closed = True
+            self._wake()
+        elif opcode == 0x1:
+            self._message(payload)
+
+    def _message(self, payload: bytes) -> None:
+        try:
+            el = fromstring(payload)
+        except ParseError as exc:
+            self._error, self._closed = f"XML error: {exc}", True
+            self._wake()
+            return
+        if el.tag == f"{{{FRAMING_NS}}}close":
+            self._closed = True
+        elif self.on_element is not None and el.tag in (MESSAGE, PRESENCE, IQ):
+            self.on_element(el)
+        elif el.tag != f"{{{FRAMING_NS}}}open":
+            self._queue.append(el)
+        self._wake()
+
+    def _write_frame(self, opcode: int, payload: bytes) -> bytes:
+        """A client frame, masked with a zero key (RFC 6455 5.3 lets the key be any value; XOR with zeros
+        leaves the payload as it is, so the generator spends nothing on masking)."""
+        size = len(payload)
+        if size < 126:
+            head = bytes((0x80 | opcode, 0x80 | size))
+        elif size < 65536:
+            head = struct.pack("!BBH", 0x80 | opcode, 0xFE, size)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0xFF, size)
+        return head + b"\0\0\0\0" + payload
+
+    def send(self, data: str) -> None:
+        self.send_many([data])
+
+    def send_many(self, elements: list[str]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._write_frame(0x1, _standalone(e).encode()) for e in elements))
+
+    def open_stream(self) -> None:
+        self.send(f"<open xmlns='{FRAMING_NS}' to='{self.domain}' version='1.0'/>")
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.send(f"<close xmlns='{FRAMING_NS}'/>")
+            self.transport.close()
+
+
+def _standalone(element: str) -> str:
+    """A stanza written for a stream, declaring jabber:client as a WebSocket message must."""
+    if element.startswith(("<message ", "<iq ", "<presence")) and "jabber:client" not in element[:120]:
+        name_end = element.find(" ") if element[1] != "p" else len("<presence")
+        return element[:name_end] + " xmlns='jabber:client'" + element[name_end:]
+    return element
+
+
 @dataclass
 class LoginOptions:
     mechanism: str = "PLAIN"  # or SCRAM-SHA-1
     starttls: bool = False
+    websocket: bool = False  # over the target's WebSocket endpoint instead of a TCP stream
     roster: bool = True
     presence: bool = True
     timeout: float = 30.0
 
 
-async def connect(target: Target) -> Connection:
+async def connect(target: Target, websocket: bool = False) -> Connection:
     loop = asyncio.get_running_loop()
-    _, conn = await loop.create_connection(lambda: Connection(target.domain), target.address, target.port)
-    return conn
+    if not websocket:
+        _, conn = await loop.create_connection(lambda: Connection(target.domain), target.address, target.port)
+        return conn
+    if not target.http_port:
+        raise LoginError("this server has no WebSocket endpoint configured")
+    host = f"{target.address}:{target.http_port}"
+    _, ws = await loop.create_connection(lambda: WsConnection(target.domain, host, target.ws_path),
+                                         target.address, target.http_port)
+    await ws.upgraded
+    return ws
 
 
 async def _starttls(conn: Connection, timeout: float) -> None:
@@ -269,7 +405,7 @@ async def login(target: Target, user: str, password: str, resource: str,
     """Connect and log in: stream, [STARTTLS], SASL, bind, [roster get], [initial presence]."""
     opts = options or LoginOptions()
     timeout = opts.timeout
-    conn = await connect(target)
+    conn = await connect(target, opts.websocket)
     try:
         conn.open_stream()
         features = await conn.expect(FEATURES, timeout)

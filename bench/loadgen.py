@@ -173,7 +173,7 @@ class Pair:
         if n <= 0 or self.stats["stop"]:
             return
         stamp = time.perf_counter_ns()
-        self.sender.send("".join(f"{self.head}{stamp:020d}{self.rest}" for _ in range(n)))
+        self.sender.send_many([f"{self.head}{stamp:020d}{self.rest}"] * n)
         self.in_flight += n
         self.stats["sent"] += n
 
@@ -201,7 +201,7 @@ async def throughput(run: Run) -> dict[str, Any]:
     spec = run.spec
     pairs_wanted, window = spec["pairs"], spec["window"]
     users = [f"u{i}" for i in range(2 * pairs_wanted)]
-    options = LoginOptions(roster=False)
+    options = LoginOptions(roster=False, websocket=spec.get("websocket", False))
     conns = await run.login_many(users, options, concurrency=20)
     by_user = {bare(c.jid).split("@")[0]: c for c in conns}
     stats: dict[str, Any] = {"measuring": False, "stop": False, "sent": 0, "received": 0, "delivered": 0,

@@ -33,6 +33,7 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
     "login-plain": ("login", {"mechanism": "PLAIN", "starttls": False}),
     "login-scram-tls": ("login", {"mechanism": "SCRAM-SHA-1", "starttls": True}),
     "throughput": ("throughput", {}),
+    "throughput-ws": ("throughput", {"websocket": True}),  # the same 1:1 load over XMPP over WebSocket
     "idle": ("idle", {}),
     "fanout": ("fanout", {}),
 }
@@ -60,6 +61,8 @@ ROWS: dict[str, list[tuple[str, str, bool]]] = {
                         ("login_p99_ms", "login p99 ms", False)],
     "throughput": [("messages_per_s", "messages/s", True), ("latency_p50_ms", "latency p50 ms", False),
                    ("latency_p99_ms", "latency p99 ms", False)],
+    "throughput-ws": [("messages_per_s", "messages/s", True), ("latency_p50_ms", "latency p50 ms", False),
+                      ("latency_p99_ms", "latency p99 ms", False)],
     "idle": [("rss_per_session_kib", "RSS KiB/session", False),
              ("session_logins_per_s", "ramp logins/s", True)],
     "fanout": [("fanout_logins_per_s", "logins/s", True), ("presences_per_s", "presences/s", True),
@@ -151,7 +154,8 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
             if pin:
                 _pin(server.pid, 1)
             spec = {**size, **fixed, "kind": kind, "password": PASSWORD, "server_pid": server.pid,
-                    "target": {"address": server.address, "port": server.port, "domain": server.domain},
+                    "target": {"address": server.address, "port": server.port, "domain": server.domain,
+                               "http_port": server.http_port, "ws_path": server.ws_path},
                     "time_limit": _time_limit(kind, size)}
             result = await _loadgen(spec, 0 if pin else None)
         finally:

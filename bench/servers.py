@@ -93,10 +93,12 @@ class BenchServer:
 
     name = ""
     default_address = ""
+    ws_path = "/xmpp-websocket"  # the XMPP-over-WebSocket endpoint on the HTTP port
 
     def __init__(self, workdir: Path, profile: Profile, address: str | None = None, port: int = 5222) -> None:
         self.address = address or self.default_address
         self.port = port
+        self.http_port = port + 58  # 5280 beside 5222, as the servers' defaults
         self.domain = f"{self.name}.bench"
         self.profile = profile
         self.dir = workdir / self.name
@@ -107,7 +109,7 @@ class BenchServer:
 
     @property
     def target(self) -> Target:
-        return Target(self.address, self.port, self.domain)
+        return Target(self.address, self.port, self.domain, self.http_port, self.ws_path)
 
     @property
     def pid(self) -> int:
@@ -201,7 +203,8 @@ class Parley(BenchServer):
         from server.registry import available
 
         installed = available()
-        wanted = [*PARLEY_MODULES, "mam"] if self.profile.archive else PARLEY_MODULES
+        wanted = [*PARLEY_MODULES, "websocket"]
+        wanted = [*wanted, "mam"] if self.profile.archive else wanted
         missing = [m for m in wanted if m not in installed]
         if missing:
             self.notes.append(f"modules not in this checkout: {', '.join(missing)}")
@@ -237,6 +240,11 @@ type = "c2s"
 address = "{self.address}"
 port = {self.port}
 tls = "starttls"
+
+[[listeners]]
+type = "http"
+address = "{self.address}"
+port = {self.http_port}
 
 [hosts."{self.domain}"]
 """)
@@ -332,7 +340,8 @@ class Prosody(BenchServer):
         _self_signed(self.domain, self.dir)
         template = (CONFIGS / "prosody.cfg.lua").read_text()
         self.config_file.write_text(fill_template(template, {
-            "ADDRESS": self.address, "PORT": str(self.port), "DIR": str(self.dir), "DOMAIN": self.domain,
+            "ADDRESS": self.address, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "DIR": str(self.dir),
+            "DOMAIN": self.domain,
             "EXTRA_MODULES": '"mam";' if self.profile.archive else "",
         }))
         await self.start()
@@ -373,7 +382,7 @@ async def _register_all(target: Target, users: list[str], password: str, concurr
 class Ejabberd(BenchServer):
     name = "ejabberd"
     default_address = "127.0.1.3"
-    http_port = 5280
+    ws_path = "/ws"
     node = "parley-bench-ejabberd@localhost"
 
     def check(self) -> None:

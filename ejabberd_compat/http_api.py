@@ -76,7 +76,7 @@ class HttpApi:
             raise _refusal(500, 50, "internal error; the server's log says why") from None
 
     async def _handle(self, request: web.Request) -> web.Response:
-        self._check_network(request.remote or "")
+        self._check_network(self.server.http.peer(request).address)  # the client, behind a trusted proxy too
         ctx = await self._caller(request)
         command = find(self.server.commands, request.path[len(self.PATH):])
         if command is None:
@@ -109,7 +109,7 @@ class HttpApi:
     async def _caller(self, request: web.Request) -> Context:
         """Who calls: the operator (bearer token) or an admin (Basic); anyone else is refused."""
         scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-        throttle, key = self.server.auth_throttle, f"http {request.remote}"
+        throttle, key = self.server.auth_throttle, f"http {self.server.http.peer(request).address}"
         if throttle.blocked_for(key):
             raise _refusal(401, 31, "too many failed attempts; try again later", **{"WWW-Authenticate": REALM})
         scheme = scheme.lower()

@@ -195,6 +195,8 @@ class Config:
     s2s: S2SConfig = field(default_factory=S2SConfig)
     http_api: HttpApiConfig = field(default_factory=HttpApiConfig)
     components: dict[str, ComponentConfig] = field(default_factory=dict)  # by domain
+    # Reverse proxies in front of the http listeners whose X-Forwarded-For/Forwarded headers are believed.
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
 
 
 def find_config(given: str | None) -> Path | None:
@@ -263,6 +265,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     errors += _unloaded("module_options", options, {m for host in hosts.values() for m in host.modules}, "on any host")
     s2s = _s2s(top.table("s2s"), base)
     http_api = _http_api(top.table("http_api"))
+    trusted_proxies = _networks(top, "trusted_proxies", [])
     components = _components(top.table("components"), hosts)
     cluster = _cluster(top.table("cluster"))
     top.finish()
@@ -275,6 +278,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
         allow_unencrypted_plain=allow_unencrypted_plain, s2s=s2s, components=components,
+        trusted_proxies=trusted_proxies,
     )
 
 
@@ -548,14 +552,20 @@ def _http_api(table: _Table) -> HttpApiConfig:
     token = table.get("token")
     if token is not None and (not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH):
         raise ConfigError(table.key("token"), f"must be a string of at least {MIN_TOKEN_LENGTH} characters")
+    networks = _networks(table, "allowed_networks", list(DEFAULT_API_NETWORKS))
+    table.finish()
+    return HttpApiConfig(token=token, allowed_networks=networks)
+
+
+def _networks(table: _Table, name: str, default: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """A list of addresses or networks ("10.0.0.1", "10.0.0.0/8", "::1")."""
     networks = []
-    for i, text in enumerate(table.strings("allowed_networks", list(DEFAULT_API_NETWORKS))):
+    for i, text in enumerate(table.strings(name, default)):
         try:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError as exc:
-            raise ConfigError(f"{table.key('allowed_networks')}[{i}]", f"invalid network: {exc}") from None
-    table.finish()
-    return HttpApiConfig(token=token, allowed_networks=networks)
+            raise ConfigError(f"{table.key(name)}[{i}]", f"invalid network: {exc}") from None
+    return networks
 
 
 def _default_listeners() -> list[dict[str, Any]]:

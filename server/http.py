@@ -8,12 +8,19 @@ which freezes once the application runs: modules come and go while the server ru
 '/' serves everything below it; the longest match wins, an exact one before any prefix. A path may be
 served for one virtual host only (its name in the request's Host header, as /.well-known/host-meta is
 per domain), which wins over the same path served for every host.
+
+Behind a reverse proxy every request comes from the proxy's address: `peer(request)` gives the client's
+address and whether it used TLS, read from X-Forwarded-For/Forwarded and X-Forwarded-Proto only when the
+request comes from one of the `trusted_proxies` (anyone else could write those headers), so that
+per-address limits, throttling and logs see the client, and a proxy that terminated TLS counts as TLS.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -26,6 +33,40 @@ log = logging.getLogger("parley.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 1 << 20  # what a handler may read at once with request.read()/json(); uploads stream instead
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who sent a request: the client's address, and whether its connection to us or to our proxy is TLS."""
+
+    address: str
+    secure: bool
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address as X-Forwarded-For and Forwarded write it: bare, "[v6]:port", "v4:port", quoted or not."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+
+
+def _forwarded(request: web.Request) -> tuple[list[str], str | None]:
+    """The addresses the proxies name, the client's first, and the protocol the nearest proxy was reached
+    over: from Forwarded (RFC 7239) if present, else X-Forwarded-For and X-Forwarded-Proto."""
+    if "Forwarded" in request.headers:
+        hops = [dict(pair.strip().split("=", 1) for pair in element.split(";") if "=" in pair)
+                for element in ",".join(request.headers.getall("Forwarded")).split(",")]
+        hops = [{key.strip().lower(): value.strip('"') for key, value in hop.items()} for hop in hops]
+        return [hop.get("for", "") for hop in hops], hops[-1].get("proto") if hops else None
+    chain = [a for a in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if a.strip()]
+    protos = [p.strip() for p in request.headers.get("X-Forwarded-Proto", "").split(",") if p.strip()]
+    return chain, protos[-1].lower() if protos else None
 
 
 class HttpServer:
@@ -66,6 +107,26 @@ class HttpServer:
                 self._routes.pop((host, path), None)
         return remove
 
+    def _trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return address is not None and any(address in net for net in self.server.config.trusted_proxies)
+
+    def peer(self, request: web.Request) -> Peer:
+        """The client behind `request`: the peer itself, or, when the peer is a trusted proxy, the nearest
+        address its forwarding headers name that is not a trusted proxy too."""
+        direct = request.transport is not None and request.transport.get_extra_info("sslcontext") is not None
+        address = request.remote or ""
+        if not self._trusted(_ip(address)):
+            return Peer(address, direct)
+        chain, proto = _forwarded(request)
+        for hop in reversed(chain):
+            ip = _ip(hop)
+            if ip is None:
+                break  # an obfuscated or unknown hop: the last address known is as far as we can see
+            address = str(ip)
+            if not self._trusted(ip):
+                break
+        return Peer(address, direct or proto == "https")
+
     def _match(self, host: str, path: str) -> dict[str, Handler] | None:
         for key in ((host, path), (None, path)):
             if key in self._routes:
@@ -87,6 +148,7 @@ class HttpServer:
             return
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.on_shutdown.append(self._stopping)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         for listener in listeners:
@@ -95,6 +157,11 @@ class HttpServer:
                               reuse_address=True).start()
             log.info("HTTP on %s:%d (%s): %s", listener.address, listener.port, listener.tls,
                      ", ".join(sorted({path for _, path in self._routes})) or "no paths yet")
+
+    async def _stopping(self, _: web.Application) -> None:
+        """Before aiohttp waits for its handlers to return: 'http/stopping' (server-wide) lets the parts whose
+        handlers never return on their own (a WebSocket's) end them, with what their protocol says then."""
+        await self.server.hooks.fire_all("http/stopping")
 
     async def stop(self) -> None:
         if self._runner is not None:

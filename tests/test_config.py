@@ -6,7 +6,7 @@ from server.config import DEFAULT_MODULES, ConfigError, load_config, parse_confi
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parley.example.toml"
 # Modules the example loads beyond the built-in defaults: they need settings only a real deployment has.
-EXAMPLE_ONLY = ["external_services"]
+EXAMPLE_ONLY = ["external_services", "websocket", "host_meta"]
 
 
 def error_of(data, **kwargs) -> ConfigError:
@@ -40,7 +40,10 @@ def test_example_file_loads():
     assert host.admins == ["admin@example.org"]
     assert host.certificate == EXAMPLE.parent / "parley-data" / "certs" / "example.org.crt"
     assert config.logging.file == EXAMPLE.parent / "parley.log"
-    assert sorted(host.modules) == sorted([*DEFAULT_MODULES, *EXAMPLE_ONLY])  # every default module, and more
+    # Every default module, and those that need the example's settings (its http listener, a TURN secret).
+    assert sorted(host.modules) == sorted([*DEFAULT_MODULES, *EXAMPLE_ONLY])
+    assert [(listener.type, listener.port) for listener in config.listeners if listener.type == "http"] == \
+        [("http", 5280)]
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):

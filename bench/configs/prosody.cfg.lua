@@ -4,8 +4,12 @@
 interfaces = { "@ADDRESS@" }
 c2s_ports = { @PORT@ }
 s2s_ports = {}
-http_ports = {}
+http_ports = { @HTTP_PORT@ }  -- mod_websocket at /xmpp-websocket, as Parley's websocket module
+http_interfaces = { "@ADDRESS@" }
 https_ports = {}
+http_default_host = "@DOMAIN@"
+consider_websocket_secure = true  -- as Parley's allow_unencrypted_plain: PLAIN over ws:// in the bench
+cross_domain_websocket = true
 network_backend = "epoll"
 network_settings = { tcp_backlog = 1024 } -- as Parley's listen backlog; the default 128 drops SYNs in a storm
 data_path = "@DIR@/data"
@@ -13,6 +17,7 @@ pidfile = "@DIR@/prosody.pid"
 daemonize = false
 modules_enabled = {
   "roster"; "saslauth"; "tls"; "disco"; "version"; "time"; "lastactivity"; "ping"; "vcard"; "register";
+  "websocket";
   @EXTRA_MODULES@
 }
 modules_disabled = { "posix" }

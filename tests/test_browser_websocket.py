@@ -1,0 +1,77 @@
+"""A real web client: Converse.js (pinned in tests/browser/package-lock.json) in Debian's headless Chromium,
+logged in to Parley over WebSocket. It chats with a slixmpp user both ways and joins a room whose
+history it shows; a screenshot is saved in tests/artifacts/ (and /tmp/converse-ws.png)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from typing import Any
+
+import pytest
+
+from server.config import DEFAULT_MODULES
+from server.jid import JID
+from tests.browser_support import (
+    ARTIFACTS,
+    chromium,
+    converse_page,
+    node_modules,
+    screenshot,
+    static_site,
+    wait_for,
+    web_listener,
+)
+from tests.conftest import Harness
+from tests.test_muc import ROOM
+from tests.test_muc_history import talk
+
+
+@pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "websocket", "host_meta"])
+async def test_converse_logs_in_over_websocket_chats_and_sees_room_history(server: Harness) -> None:
+    modules = node_modules() / "converse.js" / "dist"
+    base = await web_listener(server)
+    await server.add_user("juliet")
+    alice = await talk(server, "Welcome to the balcony")  # a room with history, alice in it
+    inbox = server.inbox(alice)
+    page_html = converse_page({"websocket_url": base.replace("http", "ws") + "/xmpp-websocket"},
+                              "juliet@localhost", "secret", ROOM)
+    async with static_site({"/": page_html}, modules) as origin, chromium() as browser:
+        for host in server.server.hosts.values():  # the page is of another origin: allow it, as an admin would
+            host.config_options["websocket.allowed_origins"] = (origin,)
+        page = await browser.new_page()
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        try:
+            await page.goto(origin + "/")
+            juliet = JID.parse("juliet@localhost")
+            await wait_for(lambda: server.server.sessions.of(juliet), 30, "Converse.js to log in over WebSocket")
+            [session] = server.server.sessions.of(juliet)
+            assert session.remote_ip == "127.0.0.1"
+            # The room's history, shown in the room Converse joined.
+            await page.get_by_text("Welcome to the balcony").first.wait_for(timeout=20_000)
+            await screenshot(page, "converse-ws-room.png")
+            # Juliet opens a chat with alice and types; alice answers, and the browser shows it.
+            await page.evaluate("converseApi.chats.open('alice@localhost', {}, true)")  # as a click on a contact
+            textarea = page.locator("converse-chat textarea.chat-textarea").first
+            await textarea.fill("Here, on the balcony")
+            await textarea.press("Enter")
+            got = await asyncio.wait_for(_chat_from(inbox, "juliet@localhost"), 20)
+            assert got["body"] == "Here, on the balcony"
+            alice.send_message(mto=str(got["from"]), mbody="Are you there, Juliet?", mtype="chat")
+            await page.get_by_text("Are you there, Juliet?").first.wait_for(timeout=20_000)
+        finally:
+            await _screenshot(page, console)
+
+
+async def _chat_from(inbox: asyncio.Queue[Any], bare: str) -> Any:
+    while True:
+        message = await inbox.get()
+        if message["type"] == "chat" and message["from"].bare == bare:
+            return message
+
+
+async def _screenshot(page: Any, console: list[str]) -> None:
+    """The last screen, for the record (and for a failure's post-mortem, with the browser's console)."""
+    shutil.copy(await screenshot(page, "converse-ws.png"), "/tmp/converse-ws.png")
+    (ARTIFACTS / "converse-ws-console.txt").write_text("\n".join(console))
