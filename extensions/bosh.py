@@ -247,7 +247,7 @@ class BoshModule(Module):
         Option("max_wait", int, 60, "longest a request is held open waiting for something to send (seconds)",
                minimum=1),
         Option("max_hold", int, 1, "most requests a client may have held open at once", minimum=0, maximum=10),
-        Option("inactivity", int, 60, "seconds without any request before a session is ended", minimum=5),
+        Option("inactivity", int, 60, "seconds without any request before a session is ended", minimum=1),
         Option("polling", int, 5, "shortest interval between empty requests of a polling client (seconds)",
                minimum=0),
         Option("max_pause", int, 120, "longest a client may pause its session (seconds)", minimum=0),
