@@ -40,6 +40,7 @@ QUIET_CPU = 20.0  # percent of a core under which a freshly started server count
 QUIET_TIMEOUT = 60.0
 # Parley's modules on the hot path and around it, as in its default configuration (less registration).
 PARLEY_MODULES = ["roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "vcard"]
+BOSH_PORT = 5280  # every server's BOSH, on its own address: Parley's and Prosody's /http-bind, ejabberd's /bosh
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,11 @@ class BenchServer:
     @property
     def target(self) -> Target:
         return Target(self.address, self.port, self.domain)
+
+    @property
+    def bosh_url(self) -> str | None:
+        """Where the server serves BOSH (XEP-0124), if the benchmark turns it on."""
+        return None
 
     @property
     def pid(self) -> int:
@@ -197,11 +203,15 @@ class Parley(BenchServer):
         if self.profile.archive and "mam" not in available():
             raise ServerUnavailable("no archive (mam) module yet")
 
+    @property
+    def bosh_url(self) -> str | None:
+        return f"http://{self.address}:{BOSH_PORT}/http-bind"
+
     def _modules(self) -> list[str]:
         from server.registry import available
 
         installed = available()
-        wanted = [*PARLEY_MODULES, "mam"] if self.profile.archive else PARLEY_MODULES
+        wanted = [*PARLEY_MODULES, "bosh", "mam"] if self.profile.archive else [*PARLEY_MODULES, "bosh"]
         missing = [m for m in wanted if m not in installed]
         if missing:
             self.notes.append(f"modules not in this checkout: {', '.join(missing)}")
@@ -237,6 +247,11 @@ type = "c2s"
 address = "{self.address}"
 port = {self.port}
 tls = "starttls"
+
+[[listeners]]
+type = "http"
+address = "{self.address}"
+port = {BOSH_PORT}
 
 [hosts."{self.domain}"]
 """)
@@ -319,6 +334,10 @@ class Prosody(BenchServer):
     name = "prosody"
     default_address = "127.0.1.2"
 
+    @property
+    def bosh_url(self) -> str | None:
+        return f"http://{self.address}:{BOSH_PORT}/http-bind"
+
     def check(self) -> None:
         if shutil.which("prosody") is None:
             raise ServerUnavailable("not installed (apt-get install prosody lua-unbound)")
@@ -333,7 +352,7 @@ class Prosody(BenchServer):
         template = (CONFIGS / "prosody.cfg.lua").read_text()
         self.config_file.write_text(fill_template(template, {
             "ADDRESS": self.address, "PORT": str(self.port), "DIR": str(self.dir), "DOMAIN": self.domain,
-            "EXTRA_MODULES": '"mam";' if self.profile.archive else "",
+            "EXTRA_MODULES": '"mam";' if self.profile.archive else "", "HTTP_PORT": str(BOSH_PORT),
         }))
         await self.start()
         try:
@@ -373,8 +392,12 @@ async def _register_all(target: Target, users: list[str], password: str, concurr
 class Ejabberd(BenchServer):
     name = "ejabberd"
     default_address = "127.0.1.3"
-    http_port = 5280
+    http_port = BOSH_PORT
     node = "parley-bench-ejabberd@localhost"
+
+    @property
+    def bosh_url(self) -> str | None:
+        return f"http://{self.address}:{self.http_port}/bosh"
 
     def check(self) -> None:
         if shutil.which("ejabberdctl") is None:

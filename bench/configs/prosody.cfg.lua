@@ -4,7 +4,9 @@
 interfaces = { "@ADDRESS@" }
 c2s_ports = { @PORT@ }
 s2s_ports = {}
-http_ports = {}
+http_ports = { @HTTP_PORT@ } -- BOSH at /http-bind
+http_interfaces = { "@ADDRESS@" }
+consider_bosh_secure = true
 https_ports = {}
 network_backend = "epoll"
 network_settings = { tcp_backlog = 1024 } -- as Parley's listen backlog; the default 128 drops SYNs in a storm
@@ -13,6 +15,7 @@ pidfile = "@DIR@/prosody.pid"
 daemonize = false
 modules_enabled = {
   "roster"; "saslauth"; "tls"; "disco"; "version"; "time"; "lastactivity"; "ping"; "vcard"; "register";
+  "bosh";
   @EXTRA_MODULES@
 }
 modules_disabled = { "posix" }
