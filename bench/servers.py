@@ -8,6 +8,7 @@ loopback address, started as a child process, measured through its pid and stopp
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pwd
 import resource
@@ -203,9 +204,18 @@ class Parley(BenchServer):
         if self.profile.archive and "mam" not in available():
             raise ServerUnavailable("no archive (mam) module yet")
 
+    @functools.cached_property
+    def http_port(self) -> int:
+        """BOSH_PORT on the benchmark's own address; any free port when the run shares an address (tests)."""
+        if self.port == 5222:
+            return BOSH_PORT
+        with socket.socket() as s:
+            s.bind((self.address, 0))
+            return s.getsockname()[1]
+
     @property
     def bosh_url(self) -> str | None:
-        return f"http://{self.address}:{BOSH_PORT}/http-bind"
+        return f"http://{self.address}:{self.http_port}/http-bind"
 
     def _modules(self) -> list[str]:
         from server.registry import available
@@ -251,7 +261,7 @@ tls = "starttls"
 [[listeners]]
 type = "http"
 address = "{self.address}"
-port = {BOSH_PORT}
+port = {self.http_port}
 
 [hosts."{self.domain}"]
 """)
