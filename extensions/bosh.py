@@ -263,10 +263,18 @@ class BoshModule(Module):
         self.add_http("POST", path, self.post)
         self.add_http("OPTIONS", path, self.preflight)
         self.add_http("GET", path, self.info)
+        self.hook_global("server/stopping", self.stopping)
+
+    async def stopping(self, _: object) -> None:
+        """End every session with 'system-shutdown' once it has handled what it read: their held requests
+        are answered, so the HTTP server does not wait for them."""
+        sessions = list(self.sessions.values())
+        await asyncio.gather(*(conn.finish() for conn in sessions))
+        for conn in sessions:
+            conn.stream_error(StreamError("system-shutdown"))
 
     async def stop(self) -> None:
-        for conn in list(self.sessions.values()):
-            conn.stream_error(StreamError("system-shutdown"))
+        await self.stopping(None)
 
     # --- HTTP -------------------------------------------------------------------------------------
 

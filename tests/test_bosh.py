@@ -358,3 +358,20 @@ async def test_gone_client_times_out_and_its_messages_go_offline(server: Harness
     again.send_presence()
     got = await asyncio.wait_for(inbox.get(), 5)
     assert got["body"] == "while you were away"
+
+
+async def test_shutdown_answers_held_requests_at_once(server: Harness, http: aiohttp.ClientSession) -> None:
+    url = await bosh_listener(server)
+    bosh = Bosh(url, http)
+    await bosh.features(await bosh.create(wait=30))
+    held = asyncio.ensure_future(bosh.send())
+    done, _ = await asyncio.wait([held], timeout=0.3)
+    assert not done
+    started = time.monotonic()
+    await server.server.stop()
+    assert time.monotonic() - started < 5, "the HTTP server waited for a held BOSH request"
+    answer = await asyncio.wait_for(held, 5)
+    assert answer.get("condition") == "remote-stream-error"
+    assert answer.find("{http://etherx.jabber.org/streams}error/"
+                       "{urn:ietf:params:xml:ns:xmpp-streams}system-shutdown") is not None
+    await server.server.start()  # the fixture stops it again
