@@ -176,6 +176,13 @@ async def test_long_poll_holds_until_a_stanza_comes(server: Harness, http: aioht
     tcp.send_message(mto=jid, mbody="wake up")
     answer = await asyncio.wait_for(held, 5)
     assert answer.findtext(f"{C}message/{C}body") == "wake up"
+    # The session is the sid's, not a connection's: it goes on over a fresh TCP connection per request.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as fresh:
+        bosh.http = fresh
+        held = asyncio.ensure_future(bosh.send())
+        tcp.send_message(mto=jid, mbody="still here")
+        answer = await asyncio.wait_for(held, 5)
+    assert answer.findtext(f"{C}message/{C}body") == "still here"
 
 
 async def test_requests_out_of_order_and_replayed(server: Harness, http: aiohttp.ClientSession) -> None:
