@@ -149,6 +149,9 @@ def test_terminate_answers_held_and_waiting_and_leaves_output() -> None:
     assert [a.rid for a in answers] == [100, 102]
     assert "<message/>" in answers[0].body and 'condition="remote-stream-error"' in answers[0].body
     assert machine.take_output() == []
+    with pytest.raises(BoshError) as caught:
+        machine.receive(103, body(103), 3.0)
+    assert caught.value.condition == "item-not-found"
 
 
 def test_terminal_body_and_qualified_stanzas() -> None:

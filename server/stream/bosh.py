@@ -233,6 +233,8 @@ class BoshSession:
 
     def receive(self, rid: int, body: Body, now: float) -> Received:
         """Take a request; BoshError when it ends the session (XEP-0124 14.3, 11, 10)."""
+        if self.ended:
+            raise BoshError("item-not-found", "the session has ended")
         if rid in self._answered:
             return Received(replay=self._answered[rid])
         if rid in self._held or rid in self._waiting:
