@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from xml.etree.ElementTree import Element
 
+from bench.bosh_latency import bosh_latency
 from bench.client import (
     PRESENCE,
     ROSTER_NS,
@@ -381,6 +382,7 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
     "throughput": throughput,
     "idle": idle,
     "fanout": fanout,
+    "bosh": bosh_latency,
 }
 
 

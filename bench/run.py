@@ -36,7 +36,9 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
     "throughput-ws": ("throughput", {"websocket": True}),  # the same 1:1 load over XMPP over WebSocket
     "idle": ("idle", {}),
     "fanout": ("fanout", {}),
+    "bosh-latency": ("bosh", {}),
 }
+BOSH_PAIRS = 10  # long-polling web clients are fewer and slower than TCP ones: 10 pairs, one message each
 DEFAULT_SCENARIOS = list(SCENARIOS)
 SMOKE_SCENARIOS = ["login-plain", "throughput", "idle"]
 
@@ -67,6 +69,8 @@ ROWS: dict[str, list[tuple[str, str, bool]]] = {
              ("session_logins_per_s", "ramp logins/s", True)],
     "fanout": [("fanout_logins_per_s", "logins/s", True), ("presences_per_s", "presences/s", True),
                ("fanout_complete_s", "complete s", False)],
+    "bosh-latency": [("bosh_messages_per_s", "messages/s", True), ("bosh_latency_p50_ms", "latency p50 ms", False),
+                     ("bosh_latency_p99_ms", "latency p99 ms", False)],
 }
 
 
@@ -93,7 +97,8 @@ def _users_needed(scenarios: list[str], size: dict[str, Any]) -> list[str]:
     for name in scenarios:
         kind = SCENARIOS[name][0]
         general = max(general, {"login": size["clients"], "throughput": 2 * size["pairs"],
-                                "idle": size["sessions"], "fanout": 0}[kind])
+                                "idle": size["sessions"], "fanout": 0,
+                                "bosh": 2 * min(size["pairs"], BOSH_PAIRS)}[kind])
     users = [f"u{i}" for i in range(general)]
     if "fanout" in scenarios:
         users += [f"f{i}" for i in range(size["users"])]
@@ -156,7 +161,8 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
             spec = {**size, **fixed, "kind": kind, "password": PASSWORD, "server_pid": server.pid,
                     "target": {"address": server.address, "port": server.port, "domain": server.domain,
                                "http_port": server.http_port, "ws_path": server.ws_path},
-                    "time_limit": _time_limit(kind, size)}
+                    "time_limit": _time_limit(kind, size),
+                    "bosh_url": server.bosh_url, "bosh_pairs": min(size["pairs"], BOSH_PAIRS)}
             result = await _loadgen(spec, 0 if pin else None)
         finally:
             await server.stop()

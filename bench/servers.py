@@ -112,6 +112,11 @@ class BenchServer:
         return Target(self.address, self.port, self.domain, self.http_port, self.ws_path)
 
     @property
+    def bosh_url(self) -> str | None:
+        """Where the server serves BOSH (XEP-0124), if the benchmark turns it on."""
+        return None
+
+    @property
     def pid(self) -> int:
         """The process whose CPU and memory are measured."""
         assert self.proc is not None
@@ -199,11 +204,15 @@ class Parley(BenchServer):
         if self.profile.archive and "mam" not in available():
             raise ServerUnavailable("no archive (mam) module yet")
 
+    @property
+    def bosh_url(self) -> str | None:
+        return f"http://{self.address}:{self.http_port}/http-bind"
+
     def _modules(self) -> list[str]:
         from server.registry import available
 
         installed = available()
-        wanted = [*PARLEY_MODULES, "websocket"]
+        wanted = [*PARLEY_MODULES, "websocket", "bosh"]
         wanted = [*wanted, "mam"] if self.profile.archive else wanted
         missing = [m for m in wanted if m not in installed]
         if missing:
@@ -327,6 +336,10 @@ class Prosody(BenchServer):
     name = "prosody"
     default_address = "127.0.1.2"
 
+    @property
+    def bosh_url(self) -> str | None:
+        return f"http://{self.address}:{self.http_port}/http-bind"
+
     def check(self) -> None:
         if shutil.which("prosody") is None:
             raise ServerUnavailable("not installed (apt-get install prosody lua-unbound)")
@@ -384,6 +397,10 @@ class Ejabberd(BenchServer):
     default_address = "127.0.1.3"
     ws_path = "/ws"
     node = "parley-bench-ejabberd@localhost"
+
+    @property
+    def bosh_url(self) -> str | None:
+        return f"http://{self.address}:{self.http_port}/bosh"
 
     def check(self) -> None:
         if shutil.which("ejabberdctl") is None:

@@ -160,6 +160,8 @@ class Server:
         if self._planned is not None:
             self._planned.cancel()
         await self.control.stop()
+        # Parts that hold HTTP requests open (BOSH) answer them first: the HTTP server waits for every request.
+        await self.hooks.fire_all("server/stopping", self)
         await self.http.stop()
         for srv in self.listeners:
             srv.close()

@@ -6,6 +6,7 @@ c2s_ports = { @PORT@ }
 s2s_ports = {}
 http_ports = { @HTTP_PORT@ }  -- mod_websocket at /xmpp-websocket, as Parley's websocket module
 http_interfaces = { "@ADDRESS@" }
+consider_bosh_secure = true
 https_ports = {}
 http_default_host = "@DOMAIN@"
 consider_websocket_secure = true  -- as Parley's allow_unencrypted_plain: PLAIN over ws:// in the bench
@@ -18,6 +19,7 @@ daemonize = false
 modules_enabled = {
   "roster"; "saslauth"; "tls"; "disco"; "version"; "time"; "lastactivity"; "ping"; "vcard"; "register";
   "websocket";
+  "bosh";
   @EXTRA_MODULES@
 }
 modules_disabled = { "posix" }
