@@ -1,6 +1,7 @@
 """A real web client: Converse.js (pinned in tests/browser/package-lock.json) in Debian's headless Chromium,
-logged in to Parley over WebSocket. It chats with a slixmpp user both ways and joins a room whose
-history it shows; a screenshot is saved in tests/artifacts/ (and /tmp/converse-ws.png)."""
+logged in to Parley over WebSocket and over BOSH. It chats with a slixmpp user both ways and joins a room
+whose history it shows; screenshots are saved in tests/artifacts/ (and /tmp/converse-ws.png,
+/tmp/converse-bosh.png)."""
 
 from __future__ import annotations
 
@@ -26,16 +27,21 @@ from tests.conftest import Harness
 from tests.test_muc import ROOM
 from tests.test_muc_history import talk
 
+TRANSPORTS = {  # Converse.js's setting for each, from the http listener's base URL
+    "ws": lambda base: {"websocket_url": base.replace("http", "ws") + "/xmpp-websocket"},
+    "bosh": lambda base: {"bosh_service_url": base + "/http-bind"},
+}
 
-@pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "websocket", "host_meta"])
-async def test_converse_logs_in_over_websocket_chats_and_sees_room_history(server: Harness) -> None:
+
+@pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "websocket", "bosh", "host_meta"])
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+async def test_converse_logs_in_chats_and_sees_room_history(server: Harness, transport: str) -> None:
     modules = node_modules() / "converse.js" / "dist"
     base = await web_listener(server)
     await server.add_user("juliet")
     alice = await talk(server, "Welcome to the balcony")  # a room with history, alice in it
     inbox = server.inbox(alice)
-    page_html = converse_page({"websocket_url": base.replace("http", "ws") + "/xmpp-websocket"},
-                              "juliet@localhost", "secret", ROOM)
+    page_html = converse_page(TRANSPORTS[transport](base), "juliet@localhost", "secret", ROOM)
     async with static_site({"/": page_html}, modules) as origin, chromium() as browser:
         for host in server.server.hosts.values():  # the page is of another origin: allow it, as an admin would
             host.config_options["websocket.allowed_origins"] = (origin,)
@@ -45,12 +51,12 @@ async def test_converse_logs_in_over_websocket_chats_and_sees_room_history(serve
         try:
             await page.goto(origin + "/")
             juliet = JID.parse("juliet@localhost")
-            await wait_for(lambda: server.server.sessions.of(juliet), 30, "Converse.js to log in over WebSocket")
+            await wait_for(lambda: server.server.sessions.of(juliet), 30, f"Converse.js to log in over {transport}")
             [session] = server.server.sessions.of(juliet)
             assert session.remote_ip == "127.0.0.1"
             # The room's history, shown in the room Converse joined.
             await page.get_by_text("Welcome to the balcony").first.wait_for(timeout=20_000)
-            await screenshot(page, "converse-ws-room.png")
+            await screenshot(page, f"converse-{transport}-room.png")
             # Juliet opens a chat with alice and types; alice answers, and the browser shows it.
             await page.evaluate("converseApi.chats.open('alice@localhost', {}, true)")  # as a click on a contact
             textarea = page.locator("converse-chat textarea.chat-textarea").first
@@ -61,7 +67,7 @@ async def test_converse_logs_in_over_websocket_chats_and_sees_room_history(serve
             alice.send_message(mto=str(got["from"]), mbody="Are you there, Juliet?", mtype="chat")
             await page.get_by_text("Are you there, Juliet?").first.wait_for(timeout=20_000)
         finally:
-            await _screenshot(page, console)
+            await _screenshot(page, console, transport)
 
 
 async def _chat_from(inbox: asyncio.Queue[Any], bare: str) -> Any:
@@ -71,7 +77,7 @@ async def _chat_from(inbox: asyncio.Queue[Any], bare: str) -> Any:
             return message
 
 
-async def _screenshot(page: Any, console: list[str]) -> None:
+async def _screenshot(page: Any, console: list[str], transport: str) -> None:
     """The last screen, for the record (and for a failure's post-mortem, with the browser's console)."""
-    shutil.copy(await screenshot(page, "converse-ws.png"), "/tmp/converse-ws.png")
-    (ARTIFACTS / "converse-ws-console.txt").write_text("\n".join(console))
+    shutil.copy(await screenshot(page, f"converse-{transport}.png"), f"/tmp/converse-{transport}.png")
+    (ARTIFACTS / f"converse-{transport}-console.txt").write_text("\n".join(console))
