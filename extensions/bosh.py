@@ -8,7 +8,8 @@ request answers with what). The stream header is the session creation response, 
 
 Limits are c2s's: each session counts as a connection against the per-address and total caps, its request
 bodies against the read-rate budget, each body against the stanza size and restricted-XML rules, and it
-must bind within the unauthenticated timeout. PLAIN is offered only over HTTPS (no trusted proxies yet).
+must bind within the unauthenticated timeout. PLAIN is offered only over HTTPS, or from a trusted proxy that
+terminated TLS (`trusted_proxies`).
 Stream management is not offered: BOSH's rids carry requests across broken connections, and a session
 whose client goes (no request for 'inactivity' seconds) ends, its unsent stanzas handed on like those of
 any session (another resource, or offline storage).
@@ -307,7 +308,7 @@ class BoshModule(Module):
         try:
             body = parse_body(data, limits.max_stanza_size, limits.max_depth)
         except BoshError as exc:
-            log.info("unreadable BOSH body from %s: %s", request.remote, exc)
+            log.info("unreadable BOSH body from %s: %s", self.server.http.peer(request).address, exc)
             conn = self.sessions.get(exc.sid or "")
             if conn is not None:
                 conn.end(exc.condition)  # only the session it names
@@ -333,13 +334,14 @@ class BoshModule(Module):
         except BoshError as exc:
             return self._reply(request, terminal(exc.condition))
         sid = secrets.token_urlsafe(18)
+        peer = self.server.http.peer(request)  # behind a trusted proxy: the client, and TLS at the proxy
         greeting = {"sid": sid, "authid": sid, "from": host.name, **params.attributes(),
-                    "secure": "true" if request.secure else "false",
+                    "secure": "true" if peer.secure else "false",
                     "xmlns:xmpp": XBOSH, "xmpp:version": "1.0", "xmpp:restartlogic": "true"}
         if body.get(XMPP_VERSION) is None:
             greeting.pop("xmpp:restartlogic")
         machine = BoshSession(sid, params, body, greeting, time.monotonic())
-        conn = BoshConnection(self, host, sid, machine, request.remote or "", request.secure)
+        conn = BoshConnection(self, host, sid, machine, peer.address, peer.secure)
         if not conn.admitted():
             return self._reply(request, terminal("policy-violation"))
         self.sessions[sid] = conn

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import time
 from typing import Any
 from xml.etree.ElementTree import Element, fromstring
@@ -38,9 +39,10 @@ async def bosh_listener(server: Harness, tls: str = "none", **options: Any) -> s
 class Bosh:
     """A BOSH client that says what it sends, rid by rid, as a test needs to."""
 
-    def __init__(self, url: str, http: aiohttp.ClientSession) -> None:
+    def __init__(self, url: str, http: aiohttp.ClientSession, headers: dict[str, str] | None = None) -> None:
         self.url = url
         self.http = http
+        self.extra_headers = headers or {}
         self.rid = 1000
         self.sid = ""
         self.status = 0
@@ -48,8 +50,8 @@ class Bosh:
         self.text = ""
 
     async def post(self, text: str) -> Element:
-        async with self.http.post(self.url, data=text.encode(),
-                                  headers={"Content-Type": "text/xml; charset=utf-8"}) as response:
+        headers = {"Content-Type": "text/xml; charset=utf-8", **self.extra_headers}
+        async with self.http.post(self.url, data=text.encode(), headers=headers) as response:
             self.status = response.status
             self.headers = response.headers
             self.text = await response.text()
@@ -161,6 +163,26 @@ async def test_plain_only_over_https(server: Harness, http: aiohttp.ClientSessio
     plain = base64.b64encode(b"\0web\0secret").decode()
     answer = await bosh.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>{plain}</auth>")
     assert answer.find(f"{{{SASL}}}success") is not None
+
+
+async def test_plain_from_a_trusted_proxy_that_terminated_tls(server: Harness, http: aiohttp.ClientSession) -> None:
+    url = await bosh_listener(server)
+    await server.add_user("web")
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "192.0.2.7"}
+    untrusted = Bosh(url, http, forwarded)
+    created = await untrusted.create()
+    assert created.get("secure") == "false"  # anyone can write those headers
+    assert "PLAIN" not in [m.text for m in (await untrusted.features(created)).iter(f"{{{SASL}}}mechanism")]
+    server.server.config.trusted_proxies = [ipaddress.ip_network("127.0.0.1/32")]
+    bosh = Bosh(url, http, forwarded)
+    created = await bosh.create()
+    assert created.get("secure") == "true"
+    assert "PLAIN" in [m.text for m in (await bosh.features(created)).iter(f"{{{SASL}}}mechanism")]
+    plain = base64.b64encode(b"\0web\0secret").decode()
+    assert (await bosh.send(f"<auth xmlns='{SASL}' mechanism='PLAIN'>{plain}</auth>")).find(
+        f"{{{SASL}}}success") is not None
+    [conn] = [c for c in server.server.connections if getattr(c, "sid", None) == bosh.sid]
+    assert conn.remote_ip == "192.0.2.7"  # limits and logs see the client, not the proxy
 
 
 async def test_long_poll_holds_until_a_stanza_comes(server: Harness, http: aiohttp.ClientSession) -> None:
