@@ -31,14 +31,14 @@ def test_defaults_without_file(tmp_path, monkeypatch):
 
 
 def test_example_file_loads():
-    config = load_config(EXAMPLE, known_modules=set(DEFAULT_MODULES))
+    config = load_config(EXAMPLE, known_modules={*DEFAULT_MODULES, "http_upload"})
     assert config.source == EXAMPLE
     assert config.data_dir == EXAMPLE.parent / "parley-data"
     host = config.hosts["example.org"]
     assert host.admins == ["admin@example.org"]
     assert host.certificate == EXAMPLE.parent / "parley-data" / "certs" / "example.org.crt"
     assert config.logging.file == EXAMPLE.parent / "parley.log"
-    assert sorted(host.modules) == sorted(DEFAULT_MODULES)  # the example shows every default module
+    assert sorted(host.modules) == sorted([*DEFAULT_MODULES, "http_upload"])  # every default module, and uploads
 
 
 def test_relative_paths_resolve_against_config_folder(tmp_path):
