@@ -63,7 +63,7 @@ class ProsodyWithUpload(Prosody):
         text = self.config_file.read_text().replace("http_ports = {}", f"""http_ports = {{ {self.http_port} }}
 http_interfaces = {{ "{self.address}" }}
 http_external_url = "http://{self.address}:{self.http_port}/"
-http_max_content_size = {1 << 30}""")
+""")
         self.config_file.write_text(text + f"""
 Component "upload.{self.domain}" "http_file_share"
   http_host = "{self.address}"
