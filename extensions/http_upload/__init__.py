@@ -54,6 +54,7 @@ CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, HEAD, PUT, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type, Content-Length, Authorization",
+    "Access-Control-Expose-Headers": "Content-Length, Content-Range, Accept-Ranges, ETag, Last-Modified",
     "Access-Control-Max-Age": "86400",
 }
 # One thread for images: a burst of uploads queues rather than taking every core.
