@@ -4,7 +4,7 @@ mod_http_file_share in the same run; MB/s of each phase and the server's peak RS
 Slots are requested over XMPP with slixmpp's XEP-0363 plugin, files go over HTTP with aiohttp from memory
 (one shared 1 MB block, so the generator's own memory stays flat), on loopback.
 
-    .venv/bin/python -m bench.upload [--files 20] [--mb 50]
+    .venv/bin/python -m bench.upload [--files 20] [--mb 50] [--servers parley prosody]
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"files": args.files, "mb_each": args.mb}
     with tempfile.TemporaryDirectory(prefix="parley-upload-bench-") as workdir:
         for cls in (ParleyWithUpload, ProsodyWithUpload):
+            if cls.name not in args.servers:
+                continue
             server = cls(Path(workdir), Profile())
             try:
                 server.check()
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--mb", type=int, default=50)
+    parser.add_argument("--servers", nargs="+", default=["parley", "prosody"], choices=["parley", "prosody"])
     print(json.dumps(asyncio.run(run(parser.parse_args(argv))), indent=2))
 
 
