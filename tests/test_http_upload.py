@@ -20,6 +20,7 @@ from slixmpp.exceptions import IqError
 from parley import build_server
 from server.commands import Context
 from server.config import DEFAULT_MODULES
+from server.control import respond
 from server.jid import JID
 from tests.conftest import PG_URL, Harness, drop_pg_schema, free_ports, make_config, make_pg_schema
 
@@ -265,6 +266,11 @@ async def test_deleted_accounts_and_purged_users_lose_their_files(upload_server:
     result = await running.server.commands.run("upload-purge-user", admin(running),
                                                {"accountjid": JID.parse("bob@localhost")})
     assert result == {"files": 2}
+    assert files_of(running) == []
+    put_url, _ = await slot(bob, "d", 3)
+    assert (await put(put_url, b"xyz"))[0] == 201
+    assert await respond(["purge_uploads", "bob", "localhost"], "/", admin(running)) == {"exit": 0, "out": "1\n",
+                                                                                        "err": ""}
     assert files_of(running) == []
     assert (await http("GET", urls[1]))[0] == 404
 

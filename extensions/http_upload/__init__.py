@@ -381,6 +381,14 @@ async def purge_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {"files": await module_on(ctx.host, HttpUpload).purge_user(jid.local)}
 
 
+@COMMANDS.command("purge_uploads", "Delete a user's uploaded files", (Arg("user", "text", "Username"),
+                  Arg("host", "text", "Server name")), (Arg("files", "int", "Files deleted"),), returns="integer")
+async def purge_uploads(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """purge-user for parleyctl and the HTTP API, in ejabberd's shape (user, host)."""
+    host = ctx.target(args["host"])
+    return {"files": await module_on(host, HttpUpload).purge_user(args["user"])}
+
+
 @COMMANDS.command("upload-usage", "Get Uploaded Files Usage", (),
                   (Arg("files", "int", "Files stored"), Arg("bytes", "int", "Bytes stored")))
 async def usage(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
