@@ -248,6 +248,33 @@ async def test_files_expire_and_are_swept(upload_server: Starter) -> None:
     await eventually(gone, "the expired file to go")
 
 
+@pytest.mark.parametrize("upload_server", ["sqlite", "postgresql"], indirect=True)
+async def test_a_slot_never_used_frees_its_quota(upload_server: Starter) -> None:
+    running = await upload_server(slot_timeout=1, cleanup_interval=0.1, user_quota=10)
+    client = await uploader(running)
+    put_url, _ = await slot(client, "a.bin", 10)
+    assert (await slot_error(client, "b.bin", 1))["condition"] == "resource-constraint"
+    slot_id = put_url.split("/")[-3]
+
+    async def forgotten() -> bool:
+        return await running.server.storage.uploads.get(slot_id) is None
+    await eventually(forgotten, "the unused slot to go")
+    assert (await put(put_url, bytes(10)))[0] == 403  # its URL has expired too
+    await slot(client, "b.bin", 10)
+
+
+async def test_each_host_serves_its_own_files_with_its_own_secret(upload_server: Starter) -> None:
+    running = await upload_server()
+    await running.add_user("eve", host="example.test")
+    eve = await running.client("eve@example.test", plugins=("xep_0030", "xep_0363"))
+    put_url, get_url = await slot(eve, "e.txt", 3, "text/plain", service="upload.example.test")
+    assert "/upload/example.test/" in get_url
+    assert (await put(put_url, b"eve", "text/plain"))[0] == 201
+    assert (await http("GET", get_url))[1] == b"eve"
+    assert (await http("GET", get_url.replace("/upload/example.test/", "/upload/localhost/")))[0] == 404
+    assert files_of(running, "example.test") == [get_url.split("/")[-3]]
+
+
 @BOTH
 async def test_deleted_accounts_and_purged_users_lose_their_files(upload_server: Starter) -> None:
     running = await upload_server()

@@ -45,6 +45,7 @@ NAME = "HTTP File Upload"
 PREFIX = "/upload/"
 STORE = "http_upload"  # the host's key-value document 'secret'
 CHUNK = 1 << 16
+SWEEP_BATCH = 500  # slot ids looked up at once (SQLite bounds the parameters of a statement)
 # Types a browser may show in place; anything else (HTML, SVG, scripts, PDFs...) is a download, so an
 # uploaded page never runs with the server's origin.
 INLINE = {"image/jpeg", "image/png", "image/gif", "image/webp", "image/avif", "text/plain"}
@@ -347,8 +348,10 @@ class HttpUpload(Module):
         for slot_id in ids:
             await self._delete_files(slot_id)
         keys = self.blobs.keys()
-        slots = {key.split(".", 1)[0] for key in keys}
-        known = await self.server.storage.uploads.known(sorted(slots)) if slots else set()
+        slots = sorted({key.split(".", 1)[0] for key in keys})
+        known: set[str] = set()
+        for start in range(0, len(slots), SWEEP_BATCH):
+            known |= await self.server.storage.uploads.known(slots[start:start + SWEEP_BATCH])
         orphans = [key for key in keys if key.split(".", 1)[0] not in known]
         for key in orphans:
             await self.blobs.delete(key)
