@@ -369,6 +369,21 @@ async def test_location_is_stripped_and_a_thumbnail_served(upload_server: Starte
     assert small.size == (192, 256)  # upright (orientation applied), longest side 256
 
 
+async def test_an_animation_is_left_whole(upload_server: Starter) -> None:
+    running = await upload_server()
+    client = await uploader(running)
+    frames = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue")]
+    out = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"
+    frames[0].save(out, "WEBP", save_all=True, append_images=frames[1:], duration=100, loop=0, exif=exif.tobytes())
+    animation = out.getvalue()
+    url = await client.plugin["xep_0363"].upload_file("a.webp", input_file=io.BytesIO(animation),
+                                                      content_type="image/webp")
+    assert (await http("GET", url))[1] == animation
+    assert (await http("GET", url + "/thumb"))[0] == 200
+
+
 async def test_metadata_is_kept_when_configured(upload_server: Starter) -> None:
     running = await upload_server(strip_metadata=False, thumbnail_size=0)
     client = await uploader(running)

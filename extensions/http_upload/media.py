@@ -48,7 +48,9 @@ def process(path: Path, strip: bool, thumbnail_size: int, max_pixels: int) -> Pr
             image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise BadImage(f"the image is damaged: {exc}") from None
-        stripped = _stripped(image) if strip and _has_metadata(image) else None
+        # An animation (APNG, animated WebP) is left whole: saving it again could lose frames or their timing.
+        animated = getattr(image, "n_frames", 1) > 1
+        stripped = _stripped(image) if strip and not animated and _has_metadata(image) else None
         if not thumbnail_size:
             return Processed(stripped, None, None)
         thumb = ImageOps.exif_transpose(image)
