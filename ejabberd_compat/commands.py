@@ -33,7 +33,7 @@ log = logging.getLogger("parley.ejabberd_compat")
 
 COMMANDS = Declarations()
 MESSAGE_TYPES = ("chat", "normal", "headline", "groupchat")
-STATS = ("registeredusers", "onlineusers", "onlineusersnode", "uptimeseconds")
+STATS = ("registeredusers", "onlineusers", "onlineusersnode", "uptimeseconds", "uploadfiles", "uploadbytes")
 
 
 def _text(name: str, label: str, required: bool = True) -> Arg:
@@ -333,6 +333,8 @@ async def stats(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         return {"stat": (await connected_users_number.run(ctx, {}))["num_sessions"]}
     if name == "uptimeseconds":
         return {"stat": int(time.time() - server.started)}
+    if name in ("uploadfiles", "uploadbytes"):  # HTTP File Upload's files and their bytes (upload-usage)
+        return {"stat": (await server.commands.run("upload-usage", ctx, {}))[name.removeprefix("upload")]}
     raise CommandError(f"unknown statistic {name!r} (known: {', '.join(STATS)})")
 
 

@@ -16,6 +16,7 @@ from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
 from server.storage.roster import RosterItem, RosterStore
 from server.storage.schema import migrate
+from server.storage.uploads import UploadStore
 
 __all__ = [
     "Account",
@@ -31,6 +32,7 @@ __all__ = [
     "Storage",
     "StoredCredentials",
     "StoredItem",
+    "UploadStore",
     "open_storage",
 ]
 
@@ -46,6 +48,7 @@ class Storage:
         self.kv = KeyValueStore(engine)
         self.archive = ArchiveStore(engine)
         self.pubsub = PubSubStore(engine)
+        self.uploads = UploadStore(engine)
 
     async def close(self) -> None:
         self.archive.close()

@@ -24,6 +24,7 @@ from server.storage.schema import (
     pubsub_subscriptions,
     roster,
     roster_versions,
+    uploads,
 )
 
 # An account with its credentials (one row per hash, or one with NULL credentials), read at every login.
@@ -150,8 +151,10 @@ class AccountStore:
             gone = await conn.execute(delete(accounts).where(*user_rows(accounts, host, username)))
             if gone.rowcount == 0:
                 return False
+            # Upload rows go here too, so their URLs stop working at once; the files follow at the upload
+            # module's next sweep (it removes every file without a row), which also covers `parley user delete`.
             for table in (roster, pending_subscriptions, offline, kv, archive, pubsub_items, pubsub_subscriptions,
-                          pubsub_affiliations, pubsub_nodes):
+                          pubsub_affiliations, pubsub_nodes, uploads):
                 await conn.execute(delete(table).where(*user_rows(table, host, username)))
             await conn.execute(
                 update(roster_versions)

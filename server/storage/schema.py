@@ -288,6 +288,26 @@ _ARCHIVE_FULLTEXT = {
 }
 
 
+# HTTP file uploads (server.storage.uploads, XEP-0363): one row per slot, from the slot request on; `uploaded`
+# is set once its PUT has stored the file, `size` is then the stored file's (metadata stripped), and
+# `thumbnail` the content type of its thumbnail, if one was made.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("content_type", String, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Column("uploaded", UTCDateTime),
+    Column("thumbnail", String),
+    Index("ix_uploads_user", "host", "username"),
+    Index("ix_uploads_created", "created"),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -339,7 +359,12 @@ def _step_5(conn: Connection) -> None:
             conn.execute(text(statement))
 
 
-STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5]
+def _step_6(conn: Connection) -> None:
+    """HTTP file upload slots and files."""
+    uploads.create(conn)
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6]
 
 
 async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:
