@@ -207,6 +207,7 @@ class Register(Module):
         if not await self.server.storage.accounts.delete(user.domain, user.local):
             raise StanzaError("registration-required")
         self.log.info("%s removed their account in-band", user)
+        await self.host.hooks.fire_all("account/deleted", user.local)
         answer = reply(stanza.el)
         answer.set("from", str(stanza.to))
         await self.server.router.deliver_reply(stanza, answer, stanza.to)

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import aiohttp
 import pytest
@@ -300,6 +301,29 @@ async def test_deleted_accounts_and_purged_users_lose_their_files(upload_server:
                                                                                         "err": ""}
     assert files_of(running) == []
     assert (await http("GET", urls[1]))[0] == 404
+
+
+async def test_an_account_deleted_by_an_admin_or_in_band_takes_its_files_at_once(upload_server: Starter) -> None:
+    running = await upload_server()
+    client = await uploader(running)
+    bob = await uploader(running, "bob")
+    for who, name in ((client, "a"), (bob, "b")):
+        put_url, _ = await slot(who, name, 3)
+        assert (await put(put_url, b"xyz"))[0] == 201
+    assert len(files_of(running)) == 2
+    await running.server.commands.run("delete-user", admin(running), {"accountjids": [JID.parse("alice@localhost")]})
+    await wait_until(lambda: len(files_of(running)) == 1, "alice's file deleted with her account")
+    remove = bob.Iq(stype="set")  # XEP-0077 3.2: the account cancels itself
+    remove.append(ElementTree.fromstring("<query xmlns='jabber:iq:register'><remove/></query>"))
+    await remove.send(timeout=5)
+    await wait_until(lambda: files_of(running) == [], "bob's file deleted with his in-band removal")
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 # --- serving ---------------------------------------------------------------------------------------------

@@ -132,6 +132,11 @@ class HttpUpload(Module):
             self.add_http(method, PREFIX, handler)
         for declared in COMMANDS:
             self.add_command(declared)
+        self.hook("account/deleted", self.account_deleted)
+
+    async def account_deleted(self, user: str) -> None:
+        """The account's rows went with it (AccountStore.delete); its files go now, not at the next sweep."""
+        self.spawn(self.cleanup())
 
     async def start(self) -> None:
         kv = self.server.storage.kv

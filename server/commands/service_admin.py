@@ -117,6 +117,7 @@ async def delete_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     for jid, user in users:
         if await ctx.host.server.storage.accounts.delete(ctx.host.name, user):
             _close_sessions(ctx, jid, "not-authorized")
+            await ctx.host.hooks.fire_all("account/deleted", user)  # modules drop what they keep elsewhere
     return {}
 
 
