@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from server.config import DEFAULT_MODULES
@@ -81,3 +83,40 @@ async def _screenshot(page: Any, console: list[str], transport: str) -> None:
     """The last screen, for the record (and for a failure's post-mortem, with the browser's console)."""
     shutil.copy(await screenshot(page, f"converse-{transport}.png"), f"/tmp/converse-{transport}.png")
     (ARTIFACTS / f"converse-{transport}-console.txt").write_text("\n".join(console))
+
+
+@pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "websocket", "http_upload"])
+async def test_converse_sends_a_file_through_the_upload_service(server: Harness, tmp_path: Path) -> None:
+    """XEP-0363 from a browser: Converse.js finds upload.localhost, PUTs the file (CORS) and sends its URL,
+    which the slixmpp recipient downloads, byte for byte."""
+    modules = node_modules() / "converse.js" / "dist"
+    base = await web_listener(server)
+    await server.add_user("juliet")
+    await server.add_user("alice")
+    alice = await server.client("alice@localhost", resource="desk")
+    alice.send_presence()
+    inbox = server.inbox(alice)
+    note = tmp_path / "balcony-notes.txt"
+    note.write_bytes(b"Parting is such sweet sorrow\n" * 100)
+    page_html = converse_page(TRANSPORTS["ws"](base), "juliet@localhost", "secret", ROOM)
+    async with static_site({"/": page_html}, modules) as origin, chromium() as browser:
+        for host in server.server.hosts.values():
+            host.config_options["websocket.allowed_origins"] = (origin,)
+        page = await browser.new_page()
+        console: list[str] = []
+        page.on("console", lambda message: console.append(message.text))
+        try:
+            await page.goto(origin + "/")
+            juliet = JID.parse("juliet@localhost")
+            await wait_for(lambda: server.server.sessions.of(juliet), 30, "Converse.js to log in")
+            await page.evaluate("converseApi.chats.open('alice@localhost', {}, true)")
+            chooser = page.locator("converse-chat input.fileupload").first  # there once the service is found
+            await chooser.wait_for(state="attached", timeout=20_000)
+            await chooser.set_input_files(str(note))
+            got = await asyncio.wait_for(_chat_from(inbox, "juliet@localhost"), 20)
+            url = got["body"]
+            assert url.startswith(base + "/upload/localhost/") and url.endswith("/balcony-notes.txt")
+            async with aiohttp.ClientSession() as http, http.get(url) as response:
+                assert response.status == 200 and await response.read() == note.read_bytes()
+        finally:
+            await _screenshot(page, console, "upload")
