@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import os
 import secrets
 import signal
@@ -35,6 +34,7 @@ from server.config import (
     find_config,
 )
 from server.jid import JID, JIDError
+from server.logs import setup as _setup_logging
 from server.options import example_section
 from server.registry import available, load
 from server.storage import Storage, open_storage
@@ -103,24 +103,6 @@ async def _open_existing(config: Config) -> Storage:
         if not found:
             raise ConfigError("", f"no Parley database at {url.render_as_string(hide_password=True)} ({hint})")
     return await open_storage(config.storage.url)
-
-
-def _setup_logging(config: Config, verbose: int) -> None:
-    """Parley's loggers at the configured level (debug with -v, which adds the XML trace on `parley.xml`).
-
-    Libraries (aiosqlite, SQLAlchemy, asyncio, ...) stay at WARNING, or they would bury Parley's lines
-    at debug level; -vv lets them speak too. A log file the server creates is readable by its user only.
-    """
-    level = logging.DEBUG if verbose else getattr(logging, config.logging.level.upper())
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    if config.logging.file:
-        log_file = Path(config.logging.file)
-        if not log_file.exists():
-            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else max(logging.WARNING, level), handlers=[handler])
-    logging.getLogger("parley").setLevel(level)
 
 
 async def _bootstrap_admins(config: Config) -> list[str]:
