@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
+from server import backup
 from server.accounts import AccountError, create_account, prepare_username, set_password
+from server.backup import BackupError
 from server.config import (
     CONFIG_ENV,
     DATA_ENV,
@@ -39,6 +41,7 @@ from server.options import example_section
 from server.registry import available, load
 from server.storage import Storage, open_storage
 from server.storage.engine import make_engine
+from server.storage.schema import SchemaTooNew
 from server.tls import TlsError
 
 if TYPE_CHECKING:
@@ -253,6 +256,26 @@ async def _user_command(args: argparse.Namespace, config: Config) -> str:
         await storage.close()
 
 
+def _operate(args: argparse.Namespace, config: Config) -> int:
+    """backup, restore and db: their lines on standard output, and their exit code."""
+    outcome: list[tuple[int, list[str]]] = []
+
+    async def operate() -> None:
+        if args.command == "backup":
+            outcome.append((0, await backup.backup(config, args.folder)))
+        elif args.command == "restore":
+            outcome.append((0, await backup.restore(config, args.folder, args.force)))
+        elif args.action == "status":
+            outcome.append(await backup.status(config))
+        else:
+            outcome.append((0, await backup.upgrade(config)))
+
+    _run(operate())
+    code, lines = outcome[0]
+    print(*lines, sep="\n")
+    return code
+
+
 def main(parts: Parts, argv: list[str] | None = None) -> int:
     given, argv = config_option(sys.argv[1:] if argv is None else argv)  # wherever it stands on the line
     option = argparse.ArgumentParser(add_help=False)
@@ -278,6 +301,16 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
         p.add_argument("--password", help="the password (read from stdin when omitted)")
     actions.add_parser("delete", help="delete an account and its data", parents=[option]).add_argument("jid")
     actions.add_parser("list", help="list accounts", parents=[option]).add_argument("host", nargs="?")
+    backup_cmd = sub.add_parser("backup", help="copy the database (and uploads) into a new folder, even while "
+                                              "the server runs", parents=[option])
+    backup_cmd.add_argument("folder", type=Path)
+    restore_cmd = sub.add_parser("restore", help="put a backup back, with the server stopped", parents=[option])
+    restore_cmd.add_argument("folder", type=Path)
+    restore_cmd.add_argument("--force", action="store_true", help="replace the database that is in place")
+    db = sub.add_parser("db", help="the database's schema version", parents=[option])
+    db_actions = db.add_subparsers(dest="action", required=True)
+    db_actions.add_parser("status", help="the schema version against this Parley's", parents=[option])
+    db_actions.add_parser("upgrade", help="run the migrations the database lacks", parents=[option])
     parts.tools.add_commands(sub)
     args = parser.parse_args(argv)
     try:
@@ -302,6 +335,8 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
             _run(migrate_main())
             print(done[0])
             return 0
+        if args.command in ("backup", "restore", "db"):
+            return _operate(args, config)
         if args.command == "serve":
             if args.workers is not None:
                 config.cluster = replace(config.cluster, workers=args.workers)
@@ -325,9 +360,12 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(f"parley: {error}", file=sys.stderr)
         return 2
-    except TlsError as exc:
+    except (TlsError, SchemaTooNew) as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 2
+    except BackupError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        return 1
     except (AccountError, *parts.tools.ERRORS) as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 1
