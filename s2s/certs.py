@@ -117,6 +117,10 @@ class S2STls:
         self.config = config
         self._contexts: dict[tuple[str, str, bool], ssl.SSLContext] = {}
 
+    def forget(self) -> None:
+        """Build the contexts again on next use: the configuration's certificates or CA bundle changed."""
+        self._contexts.clear()
+
     def _trust(self, ctx: ssl.SSLContext) -> None:
         bundle = self.config.s2s.ca_bundle
         if bundle is not None:

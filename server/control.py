@@ -37,8 +37,8 @@ def socket_path(config: Config) -> Path:
 def find(commands: CommandTable, name: str) -> Command | None:
     """A command the CLI and HTTP API offer: the ejabberd-shaped ones (the others are ad-hoc commands or
     building blocks)."""
-    command = commands.get(name)
-    return command if command is not None and command.offered and not command.adhoc else None
+    command = commands.get_ctl(name)
+    return command if command is not None and command.offered else None
 
 
 async def execute(command: Command, ctx: Context, given: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_SOCKET = "/dev/log"
 
 _verbose = 0  # -v on the command line: debug whatever the configuration says
+_serving = False  # set up by `parley serve`: a server inside another program (the tests) leaves its logging alone
 
 
 def _handler(config: Config) -> logging.Handler:
@@ -47,8 +48,8 @@ def setup(config: Config, verbose: int) -> None:
     Libraries (aiosqlite, SQLAlchemy, asyncio, ...) stay at WARNING, or they would bury Parley's lines
     at debug level; -vv lets them speak too.
     """
-    global _verbose
-    _verbose = verbose
+    global _verbose, _serving
+    _verbose, _serving = verbose, True
     level = _level(config)
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else max(logging.WARNING, level),
                         handlers=[_handler(config)])
@@ -61,6 +62,8 @@ def _level(config: Config) -> int:
 
 def apply(config: Config) -> None:
     """A reloaded configuration: its level, and the log file reopened (a new name is taken too)."""
+    if not _serving:
+        return
     logging.getLogger("parley").setLevel(_level(config))
     root = logging.getLogger()
     if _verbose < 2:
@@ -73,7 +76,9 @@ def apply(config: Config) -> None:
 
 def reopen() -> list[Path]:
     """Reopen every log file (logrotate moved it away): the files reopened."""
-    reopened = []
+    reopened: list[Path] = []
+    if not _serving:
+        return reopened
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             path = Path(handler.baseFilename)
