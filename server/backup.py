@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sqlite3
 import subprocess
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 
 from server.config import Config
-from server.control import socket_path
+from server.control import server_running
 from server.storage.engine import make_engine
 from server.storage.schema import STEPS, current_version, migrate
 
@@ -61,16 +60,6 @@ class Database:
         """The libpq address pg_dump and pg_restore take."""
         return self.url.difference_update_query(["schema"]).set(drivername="postgresql") \
             .render_as_string(hide_password=False)
-
-
-def server_running(config: Config) -> bool:
-    """True when a server answers on the control socket of this configuration's data folder."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(socket_path(config)))
-        except OSError:
-            return False
-    return True
 
 
 def _command(argv: list[str], what: str) -> str:

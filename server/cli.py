@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
-from server import backup
+from server import backup, check
 from server.accounts import AccountError, create_account, prepare_username, set_password
 from server.backup import BackupError
 from server.config import (
@@ -256,6 +256,22 @@ async def _user_command(args: argparse.Namespace, config: Config) -> str:
         await storage.close()
 
 
+def _check(parts: Parts, path: Path | None, args: argparse.Namespace) -> int:
+    """`parley check`: every part's findings; exit 1 when one has a problem."""
+    try:
+        config = _load(parts, path)
+    except ConfigError as exc:
+        print(f"Configuration {path}: {len(exc.errors)} problem(s)")
+        for error in exc.errors:
+            print(f"  PROBLEM: {error}\n      fix: correct it in {path}; `parley check-config` checks it again")
+        return 1
+    print(f"Configuration {config.source or '(built-in)'}: OK")
+    reports = check.check(config, None if args.no_dns else check.make_resolver(args.nameserver))
+    for report in reports:
+        print(*report.lines(), sep="\n")
+    return 1 if any(report.problems for report in reports) else 0
+
+
 def _operate(args: argparse.Namespace, config: Config) -> int:
     """backup, restore and db: their lines on standard output, and their exit code."""
     outcome: list[tuple[int, list[str]]] = []
@@ -292,6 +308,11 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a configuration file", parents=[option])
     check.add_argument("config_file", nargs="?", metavar="FILE",
                        help="the file (default: the one --config names or the server finds)")
+    full_check = sub.add_parser("check", help="check a deployment before going live: configuration, certificates, "
+                                              "DNS and ports, each problem with its fix", parents=[option])
+    full_check.add_argument("--nameserver", metavar="ADDRESS[:PORT]",
+                            help="ask this DNS server (default: the system's)")
+    full_check.add_argument("--no-dns", action="store_true", help="leave DNS out (a server not yet in DNS)")
     sub.add_parser("module-options", help="print the [module_options] tables of the example configuration")
     user = sub.add_parser("user", help="manage accounts", parents=[option])
     actions = user.add_subparsers(dest="action", required=True)
@@ -322,6 +343,8 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
             print(f"{path}: OK ({len(config.hosts)} host(s), {len(config.listeners)} listener(s), "
                   f"storage {config.storage.url.split(':', 1)[0]})")
             return 0
+        if args.command == "check":
+            return _check(parts, path, args)
         if args.command == "module-options":
             print(example_section({name: load(name).options for name in available()}), end="")
             return 0

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,16 @@ MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, without the final NUL
 
 def socket_path(config: Config) -> Path:
     return config.data_dir / SOCKET_NAME
+
+
+def server_running(config: Config) -> bool:
+    """True when a server answers on the control socket of this configuration's data folder."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(socket_path(config)))
+        except OSError:
+            return False
+    return True
 
 
 def find(commands: CommandTable, name: str) -> Command | None:
