@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import socket
 import sys
 from pathlib import Path
 
-from server.config import Config
+from server.config import Config, ConfigError
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_SOCKET = "/dev/log"
@@ -23,6 +24,13 @@ _serving = False  # set up by `parley serve`: a server inside another program (t
 
 def _handler(config: Config) -> logging.Handler:
     if config.logging.syslog:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:  # the handler would drop lines silently
+            try:
+                probe.connect(SYSLOG_SOCKET)
+            except OSError as exc:
+                raise ConfigError("logging.syslog", f"no syslog daemon listens on {SYSLOG_SOCKET} "
+                                                    f"({exc.strerror}): start one (rsyslog), or log to standard "
+                                                    f"error or a file") from None
         handler: logging.Handler = logging.handlers.SysLogHandler(
             SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         handler.setFormatter(logging.Formatter("parley[%(process)d]: %(levelname)s %(name)s: %(message)s"))
@@ -60,9 +68,15 @@ def _level(config: Config) -> int:
     return logging.DEBUG if _verbose else getattr(logging, config.logging.level.upper())
 
 
-def apply(config: Config) -> None:
-    """A reloaded configuration: its level, and the log file reopened (a new name is taken too)."""
-    if not _serving:
+def destination(config: Config) -> logging.Handler | None:
+    """Where a reloaded configuration logs, opened (the log file reopened, a new name taken too) but not yet in
+    use; None when the server does not run under `parley serve`. Raises ConfigError when it cannot be opened."""
+    return _handler(config) if _serving else None
+
+
+def apply(config: Config, handler: logging.Handler | None) -> None:
+    """A reloaded configuration: its level, and `destination`'s handler in place of the current one."""
+    if handler is None:
         return
     logging.getLogger("parley").setLevel(_level(config))
     root = logging.getLogger()
@@ -71,7 +85,7 @@ def apply(config: Config) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
-    root.addHandler(_handler(config))
+    root.addHandler(handler)
 
 
 def reopen() -> list[Path]:

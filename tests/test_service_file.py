@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import configparser
+import logging
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from server import logs
+from server.config import ConfigError, parse_config
 
 UNIT = Path(__file__).parent.parent / "config" / "parley.service"
 
@@ -44,3 +49,28 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
                             timeout=60)
     problems = [line for line in result.stderr.splitlines() if str(unit) in line or "parley.service" in line]
     assert result.returncode == 0 and not problems, result.stderr
+
+
+def test_syslog_logging_sends_the_lines_to_the_syslog_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.bind(str(tmp_path / "log"))
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "log"))
+    config = parse_config({"logging": {"syslog": True}}, tmp_path / "parley.toml")
+    handler = logs._handler(config)
+    try:
+        handler.emit(logging.LogRecord("parley.c2s", logging.WARNING, __file__, 1, "hello %s", ("syslog",), None))
+        daemon.settimeout(5)
+        line = daemon.recv(4096).decode()
+    finally:
+        handler.close()
+        daemon.close()
+    assert line.startswith("<28>parley[") and "WARNING parley.c2s: hello syslog" in line  # daemon.warning = 3*8+4
+
+
+def test_syslog_without_a_daemon_and_syslog_with_a_file_are_configuration_errors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "nothing-here"))
+    with pytest.raises(ConfigError, match="no syslog daemon listens on"):
+        logs._handler(parse_config({"logging": {"syslog": True}}, tmp_path / "parley.toml"))
+    with pytest.raises(ConfigError, match="log to syslog or to a file, not both"):
+        parse_config({"logging": {"syslog": True, "file": "x.log"}}, tmp_path / "parley.toml")

@@ -331,7 +331,17 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
     _keep_generated_certificates(server, config)
-    _reload_certificates(server, config)
+    try:
+        handler = logs.destination(config)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        _reload_certificates(server, config)
+    except CommandError:
+        if handler is not None:
+            handler.close()
+        raise
+    logs.apply(config, handler)
     for name, host in server.hosts.items():
         new = config.hosts.get(name)
         if new is not None:
@@ -343,7 +353,6 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
     _reload_limits(server, config)
     _update(server.config.s2s, config.s2s)
     _update(server.config.logging, config.logging)
-    logs.apply(server.config)
     await server.hooks.fire_all("server/reloaded", server)
     if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
             or config.storage != server.config.storage:
