@@ -381,7 +381,8 @@ def _reload_certificates(server: Server, config: Config) -> None:
     """The hosts' certificates read again for connections from now on; one that does not load stops the reload."""
     if server.tls is None:
         return
-    certs = {name: (hc.certificate, hc.key) for name, hc in config.hosts.items() if name in server.hosts}
+    hosts = {name: config.hosts.get(name, server.config.hosts[name]) for name in server.hosts}  # removed: at restart
+    certs = {name: (hc.certificate, hc.key) for name, hc in hosts.items()}
     try:
         server.tls.reload(certs)
     except TlsError as exc:
