@@ -195,9 +195,9 @@ async def _serve(config: Config, build: Callable[[Config], Server]) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, server.control.reload_soon)  # `systemctl reload`
     await server.start()
-    _banner(config, created)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the banner, which tells scripts the server is up
         loop.add_signal_handler(sig, server.plan, False)
+    _banner(config, created)
     await server.finished.wait()  # after a signal, or an admin's shutdown command
 
 
