@@ -352,9 +352,26 @@ async def status(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 
 
 @ejabberd("reload_config", "Reload the configuration file: each host's admins, registration and module "
-          "options (hosts, listeners and storage need a restart)", access="server")
+          "options, limits, federation policy and lists, log level and certificates; the log file is reopened "
+          "(hosts, listeners and storage need a restart)", access="server")
 async def reload_config(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return await ctx.host.server.commands.run("reload-configuration", ctx, {})
+
+
+@ejabberd("reopen_log", "Reopen the log file (after logrotate moved it away)", access="server")
+async def reopen_log(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    return await ctx.host.server.commands.run("reopen-log", ctx, {})
+
+
+@ejabberd("stop", "Stop the server: clients are told it shuts down, and `parley serve` exits", access="server")
+async def stop(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    return await ctx.host.server.commands.run("shutdown", ctx, {"delay": None, "announcement": []})
+
+
+@ejabberd("restart", "Restart the server in its process, on the configuration it runs (clients reconnect)",
+          access="server")
+async def restart(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    return await ctx.host.server.commands.run("restart", ctx, {"delay": None, "announcement": []})
 
 
 # --- XEP-0227 --------------------------------------------------------------------------------------------

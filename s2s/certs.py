@@ -117,6 +117,14 @@ class S2STls:
         self.config = config
         self._contexts: dict[tuple[str, str, bool], ssl.SSLContext] = {}
 
+    def forget(self) -> None:
+        """Build the contexts again on next use: the configuration's certificates or CA bundle changed. A Direct
+        TLS listener's context, bound to it, takes its host's certificate again in place."""
+        bound = {key: ctx for key, ctx in self._contexts.items() if key[1] == "server-direct"}
+        for (host, _, _), ctx in bound.items():
+            self._identity(ctx, host)
+        self._contexts = bound
+
     def _trust(self, ctx: ssl.SSLContext) -> None:
         bundle = self.config.s2s.ca_bundle
         if bundle is not None:

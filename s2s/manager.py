@@ -70,12 +70,14 @@ class S2SManager:
             self.listeners.append(srv)
             log.info("listening for servers on %s:%d (%s)", listener.address, listener.port, listener.tls)
         self.server.hooks.add("route/remote", self.route)
+        self.server.hooks.add("server/reloaded", self.reloaded)
         self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self) -> None:
         """Stop accepting, close every stream, and bounce what was still waiting for a link."""
         self.stopping = True
         self.server.hooks.remove("route/remote", self.route)
+        self.server.hooks.remove("server/reloaded", self.reloaded)
         for srv in self.listeners:
             srv.close()
         if self._sweeper is not None:
@@ -95,6 +97,14 @@ class S2SManager:
         for stream in list(self.incoming):
             if any(not self.policy.allowed(remote) for remote, _ in stream.pairs):
                 stream.stream_error(StreamError("policy-violation", "federation with your domain has ended"))
+
+    async def reloaded(self, server: Server) -> None:
+        """reload_config changed the [s2s] table in place: what was copied from it at start, and the
+        certificates, follow; streams of domains the new lists refuse end."""
+        self.policy.require_encryption = self.config.require_encryption
+        self.limits.per_ip.max_per_ip = self.config.max_incoming_per_ip
+        self.tls.forget()
+        await self.policy_changed()
 
     def descriptors_left(self) -> int:
         """What remains of the server's connection budget once clients and federation streams are counted."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import os
 import secrets
 import signal
@@ -23,7 +22,9 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
+from server import backup, check
 from server.accounts import AccountError, create_account, prepare_username, set_password
+from server.backup import BackupError
 from server.config import (
     CONFIG_ENV,
     DATA_ENV,
@@ -35,10 +36,12 @@ from server.config import (
     find_config,
 )
 from server.jid import JID, JIDError
+from server.logs import setup as _setup_logging
 from server.options import example_section
 from server.registry import available, load
 from server.storage import Storage, open_storage
 from server.storage.engine import make_engine
+from server.storage.schema import SchemaTooNew
 from server.tls import TlsError
 
 if TYPE_CHECKING:
@@ -103,24 +106,6 @@ async def _open_existing(config: Config) -> Storage:
         if not found:
             raise ConfigError("", f"no Parley database at {url.render_as_string(hide_password=True)} ({hint})")
     return await open_storage(config.storage.url)
-
-
-def _setup_logging(config: Config, verbose: int) -> None:
-    """Parley's loggers at the configured level (debug with -v, which adds the XML trace on `parley.xml`).
-
-    Libraries (aiosqlite, SQLAlchemy, asyncio, ...) stay at WARNING, or they would bury Parley's lines
-    at debug level; -vv lets them speak too. A log file the server creates is readable by its user only.
-    """
-    level = logging.DEBUG if verbose else getattr(logging, config.logging.level.upper())
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    if config.logging.file:
-        log_file = Path(config.logging.file)
-        if not log_file.exists():
-            os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if verbose > 1 else max(logging.WARNING, level), handlers=[handler])
-    logging.getLogger("parley").setLevel(level)
 
 
 async def _bootstrap_admins(config: Config) -> list[str]:
@@ -210,9 +195,9 @@ async def _serve(config: Config, build: Callable[[Config], Server]) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, server.control.reload_soon)  # `systemctl reload`
     await server.start()
-    _banner(config, created)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the banner, which tells scripts the server is up
         loop.add_signal_handler(sig, server.plan, False)
+    _banner(config, created)
     await server.finished.wait()  # after a signal, or an admin's shutdown command
 
 
@@ -271,6 +256,42 @@ async def _user_command(args: argparse.Namespace, config: Config) -> str:
         await storage.close()
 
 
+def _check(parts: Parts, path: Path | None, args: argparse.Namespace) -> int:
+    """`parley check`: every part's findings; exit 1 when one has a problem."""
+    try:
+        config = _load(parts, path)
+    except ConfigError as exc:
+        print(f"Configuration {path}: {len(exc.errors)} problem(s)")
+        for error in exc.errors:
+            print(f"  PROBLEM: {error}\n      fix: correct it in {path}; `parley check-config` checks it again")
+        return 1
+    print(f"Configuration {config.source or '(built-in)'}: OK")
+    reports = check.check(config, None if args.no_dns else check.make_resolver(args.nameserver))
+    for report in reports:
+        print(*report.lines(), sep="\n")
+    return 1 if any(report.problems for report in reports) else 0
+
+
+def _operate(args: argparse.Namespace, config: Config) -> int:
+    """backup, restore and db: their lines on standard output, and their exit code."""
+    outcome: list[tuple[int, list[str]]] = []
+
+    async def operate() -> None:
+        if args.command == "backup":
+            outcome.append((0, await backup.backup(config, args.folder)))
+        elif args.command == "restore":
+            outcome.append((0, await backup.restore(config, args.folder, args.force)))
+        elif args.action == "status":
+            outcome.append(await backup.status(config))
+        else:
+            outcome.append((0, await backup.upgrade(config)))
+
+    _run(operate())
+    code, lines = outcome[0]
+    print(*lines, sep="\n")
+    return code
+
+
 def main(parts: Parts, argv: list[str] | None = None) -> int:
     given, argv = config_option(sys.argv[1:] if argv is None else argv)  # wherever it stands on the line
     option = argparse.ArgumentParser(add_help=False)
@@ -287,6 +308,11 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a configuration file", parents=[option])
     check.add_argument("config_file", nargs="?", metavar="FILE",
                        help="the file (default: the one --config names or the server finds)")
+    full_check = sub.add_parser("check", help="check a deployment before going live: configuration, certificates, "
+                                              "DNS and ports, each problem with its fix", parents=[option])
+    full_check.add_argument("--nameserver", metavar="ADDRESS[:PORT]",
+                            help="ask this DNS server (default: the system's)")
+    full_check.add_argument("--no-dns", action="store_true", help="leave DNS out (a server not yet in DNS)")
     sub.add_parser("module-options", help="print the [module_options] tables of the example configuration")
     user = sub.add_parser("user", help="manage accounts", parents=[option])
     actions = user.add_subparsers(dest="action", required=True)
@@ -296,6 +322,16 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
         p.add_argument("--password", help="the password (read from stdin when omitted)")
     actions.add_parser("delete", help="delete an account and its data", parents=[option]).add_argument("jid")
     actions.add_parser("list", help="list accounts", parents=[option]).add_argument("host", nargs="?")
+    backup_cmd = sub.add_parser("backup", help="copy the database (and uploads) into a new folder, even while "
+                                              "the server runs", parents=[option])
+    backup_cmd.add_argument("folder", type=Path)
+    restore_cmd = sub.add_parser("restore", help="put a backup back, with the server stopped", parents=[option])
+    restore_cmd.add_argument("folder", type=Path)
+    restore_cmd.add_argument("--force", action="store_true", help="replace the database that is in place")
+    db = sub.add_parser("db", help="the database's schema version", parents=[option])
+    db_actions = db.add_subparsers(dest="action", required=True)
+    db_actions.add_parser("status", help="the schema version against this Parley's", parents=[option])
+    db_actions.add_parser("upgrade", help="run the migrations the database lacks", parents=[option])
     parts.tools.add_commands(sub)
     args = parser.parse_args(argv)
     try:
@@ -307,6 +343,8 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
             print(f"{path}: OK ({len(config.hosts)} host(s), {len(config.listeners)} listener(s), "
                   f"storage {config.storage.url.split(':', 1)[0]})")
             return 0
+        if args.command == "check":
+            return _check(parts, path, args)
         if args.command == "module-options":
             print(example_section({name: load(name).options for name in available()}), end="")
             return 0
@@ -320,6 +358,8 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
             _run(migrate_main())
             print(done[0])
             return 0
+        if args.command in ("backup", "restore", "db"):
+            return _operate(args, config)
         if args.command == "serve":
             if args.workers is not None:
                 config.cluster = replace(config.cluster, workers=args.workers)
@@ -343,9 +383,12 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(f"parley: {error}", file=sys.stderr)
         return 2
-    except TlsError as exc:
+    except (TlsError, SchemaTooNew) as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 2
+    except BackupError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        return 1
     except (AccountError, *parts.tools.ERRORS) as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 1

@@ -118,6 +118,7 @@ class ClusterConfig:
 class LoggingConfig:
     level: str = "info"
     file: Path | None = None
+    syslog: bool = False  # to the local syslog daemon (/dev/log) instead of standard error or the file
 
 
 @dataclass
@@ -442,8 +443,11 @@ def _logging(table: _Table, base: Path) -> LoggingConfig:
     file = table.get("file")
     if file is not None and (not isinstance(file, str) or not file):
         raise ConfigError(table.key("file"), "must be a non-empty string")
+    syslog = table.boolean("syslog", False)
+    if syslog and file is not None:
+        raise ConfigError(table.key("syslog"), "log to syslog or to a file, not both: leave out one of them")
     table.finish()
-    return LoggingConfig(level=level, file=_resolve(base, file) if file else None)
+    return LoggingConfig(level=level, file=_resolve(base, file) if file else None, syslog=syslog)
 
 
 def _limits(table: _Table) -> LimitsConfig:

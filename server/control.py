@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +35,21 @@ def socket_path(config: Config) -> Path:
     return config.data_dir / SOCKET_NAME
 
 
+def server_running(config: Config) -> bool:
+    """True when a server answers on the control socket of this configuration's data folder."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(socket_path(config)))
+        except OSError:
+            return False
+    return True
+
+
 def find(commands: CommandTable, name: str) -> Command | None:
     """A command the CLI and HTTP API offer: the ejabberd-shaped ones (the others are ad-hoc commands or
     building blocks)."""
-    command = commands.get(name)
-    return command if command is not None and command.offered and not command.adhoc else None
+    command = commands.get_ctl(name)
+    return command if command is not None and command.offered else None
 
 
 async def execute(command: Command, ctx: Context, given: dict[str, Any]) -> dict[str, Any]:

@@ -103,16 +103,31 @@ class TlsContexts:
     """Server-side SSL contexts for every host, built once and reused for every connection."""
 
     def __init__(self, certs: dict[str, tuple[Path, Path]]) -> None:
+        self._direct: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._load(certs)
+        warn_if_exporter_unavailable()
+
+    def _load(self, certs: dict[str, tuple[Path, Path]]) -> None:
         if not certs:
             raise TlsError("no TLS certificates configured")
         self._files = {host: (Path(cert), Path(key)) for host, (cert, key) in certs.items()}
         self._default = next(iter(self._files))
         self._der: dict[str, bytes] = {}
         self._contexts: dict[tuple[str, tuple[str, ...]], ssl.SSLContext] = {}
-        self._direct: dict[tuple[str, ...], ssl.SSLContext] = {}
         for host in self._files:  # fail at start-up, not on the first connection
             self.context(host)
-        warn_if_exporter_unavailable()
+
+    def reload(self, certs: dict[str, tuple[Path, Path]]) -> None:
+        """Read the certificates again (renewed, or other files): connections from now on get them, open ones
+        keep theirs. When one fails to load, the error names it and every host keeps its current one."""
+        current = self._files, self._default, self._der, self._contexts
+        try:
+            self._load(certs)
+        except TlsError:
+            self._files, self._default, self._der, self._contexts = current
+            raise
+        for ctx in self._direct.values():  # bound to their listeners: their certificate is replaced in place
+            ctx.load_cert_chain(*self._files[self._default])
 
     def context(self, host: str | None, alpn: list[str] | None = None) -> ssl.SSLContext:
         """The context holding `host`'s certificate, or the first host's when `host` has none."""

@@ -217,31 +217,43 @@ class Declarations(list[Command]):
 
 class CommandTable:
     """The commands a server runs, by name. Every host that loads a module registers the module's commands
-    again: the same declaration counts once and goes when the last host unloads it."""
+    again: the same declaration counts once and goes when the last host unloads it.
+
+    XEP-0133's names (forms) and ejabberd's (the command line and HTTP API) are two name spaces, as both
+    have a `restart`: `get` looks in the first, then the second; `get_ctl` only in ejabberd's."""
 
     def __init__(self) -> None:
-        self._commands: dict[str, Command] = {}
-        self._holders: dict[str, int] = {}
+        self._commands: dict[tuple[bool, str], Command] = {}
+        self._holders: dict[tuple[bool, str], int] = {}
+
+    @staticmethod
+    def _key(command: Command) -> tuple[bool, str]:
+        return command.returns != "form", command.name
 
     def add(self, command: Command) -> Callable[[], None]:
         """Install `command`; returns what removes it again."""
-        found = self._commands.get(command.name)
+        key = self._key(command)
+        found = self._commands.get(key)
         if found is not None and found is not command:
             raise ValueError(f"command {command.name} is declared twice")
-        self._commands[command.name] = command
-        self._holders[command.name] = self._holders.get(command.name, 0) + 1
-        return lambda: self._remove(command.name)
+        self._commands[key] = command
+        self._holders[key] = self._holders.get(key, 0) + 1
+        return lambda: self._remove(key)
 
-    def _remove(self, name: str) -> None:
-        self._holders[name] -= 1
-        if not self._holders[name]:
-            del self._holders[name], self._commands[name]
+    def _remove(self, key: tuple[bool, str]) -> None:
+        self._holders[key] -= 1
+        if not self._holders[key]:
+            del self._holders[key], self._commands[key]
 
     def get(self, name: str) -> Command | None:
-        return self._commands.get(name)
+        return self._commands.get((False, name)) or self._commands.get((True, name))
+
+    def get_ctl(self, name: str) -> Command | None:
+        """An ejabberd-shaped command (parleyctl, the HTTP API) by its name."""
+        return self._commands.get((True, name))
 
     def __getitem__(self, name: str) -> Command:
-        command = self._commands.get(name)
+        command = self.get(name)
         if command is None:
             raise CommandError(f"the command {name} is not available: the module that declares it is not loaded")
         return command

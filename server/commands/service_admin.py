@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 from xml.etree.ElementTree import Element, SubElement
 
-from server import ns
+from server import logs, ns
 from server.accounts import AccountError, create_account, set_password
 from server.commands import Arg, CommandError, Context, Declarations
-from server.config import ConfigError
+from server.config import Config, ConfigError
 from server.jid import JID
+from server.tls import TlsError
 
 if TYPE_CHECKING:
     from server.server import Server
@@ -317,9 +319,11 @@ async def edit_admin(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 # --- the whole server: its configuration, restart and shut down ----------------------------------------
 
 @command("reload-configuration", "Reload the configuration file: each host's admins, registration and module "
-         "options (hosts, listeners and storage need a restart)", access="server", offered=False)
+         "options, limits, federation policy and lists, log level and certificates; the log file is reopened "
+         "(hosts, listeners and storage need a restart)", access="server", offered=False)
 async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    """What SIGHUP and ejabberd's reload_config do; the file is read as at start (TOML, or an ejabberd.yml)."""
+    """What SIGHUP and ejabberd's reload_config do; the file is read as at start (TOML, or an ejabberd.yml).
+    A file with an error, or a certificate that does not load, changes nothing."""
     server = ctx.host.server
     if server.config.source is None:
         raise CommandError("the server runs on the built-in configuration: there is no file to reload")
@@ -327,6 +331,18 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
         config = server.read_config(server.config.source)
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
+    _keep_generated_certificates(server, config)
+    try:
+        handler = logs.destination(config)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        _reload_certificates(server, config)
+    except CommandError:
+        if handler is not None:
+            handler.close()
+        raise
+    logs.apply(config, handler)
     for name, host in server.hosts.items():
         new = config.hosts.get(name)
         if new is not None:
@@ -334,11 +350,61 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
             host.configured_admins = frozenset(JID.parse(a) for a in new.admins)
             host.admins = {*host.configured_admins, *added}
             host.config, host.config_options = new, dict(new.options)
+            server.config.hosts[name] = new
+    _reload_limits(server, config)
+    _update(server.config.s2s, config.s2s)
+    _update(server.config.logging, config.logging)
+    await server.hooks.fire_all("server/reloaded", server)
     if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
             or config.storage != server.config.storage:
         log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
                     server.config.source)
     log.info("%s reloaded %s", ctx.actor, server.config.source)
+    return {}
+
+
+def _update(current: object, new: object) -> None:
+    """A section of the configuration takes the reloaded values in place, so that every part holding it (the
+    federation manager, its policy and limits) reads them from now on."""
+    vars(current).update(vars(new))
+
+
+def _keep_generated_certificates(server: Server, config: Config) -> None:
+    """A host without certificate files of its own keeps the pair generated at start: a data folder named
+    differently (which takes a restart) has none yet."""
+    for name, hc in config.hosts.items():
+        current = server.config.hosts.get(name)
+        if current is not None and not hc.certificate.exists() and not hc.key.exists():
+            config.hosts[name] = replace(hc, certificate=current.certificate, key=current.key)
+
+
+def _reload_certificates(server: Server, config: Config) -> None:
+    """The hosts' certificates read again for connections from now on; one that does not load stops the reload."""
+    if server.tls is None:
+        return
+    hosts = {name: config.hosts.get(name, server.config.hosts[name]) for name in server.hosts}  # removed: at restart
+    certs = {name: (hc.certificate, hc.key) for name, hc in hosts.items()}
+    try:
+        server.tls.reload(certs)
+    except TlsError as exc:
+        raise CommandError(f"certificates not reloaded: {exc}") from None
+
+
+def _reload_limits(server: Server, config: Config) -> None:
+    """[limits] for connections from now on; open ones keep the rates and sizes they started with."""
+    _update(server.config.limits, config.limits)
+    limits = server.config.limits
+    server.auth_throttle.max_failures, server.auth_throttle.lockout = limits.auth_max_failures, limits.auth_lockout
+    server.ip_counter.max_per_ip = limits.max_connections_per_ip
+    server.output.total = limits.max_output_total
+    if limits.max_connections:  # 0 keeps what the descriptor limit allowed at start
+        server.max_connections = limits.max_connections
+
+
+@command("reopen-log", "Reopen the log file (after logrotate moved it)", access="server", offered=False)
+async def reopen_log(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    for path in logs.reopen():
+        log.info("%s reopened the log file %s", ctx.actor, path)
     return {}
 
 

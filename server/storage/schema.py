@@ -40,6 +40,7 @@ from sqlalchemy import (
     Text,
     func,
     insert,
+    inspect,
     select,
     text,
 )
@@ -367,6 +368,27 @@ def _step_6(conn: Connection) -> None:
 STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6]
 
 
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer Parley: this one would misread it, so it refuses to start."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"the database has schema version {found}, newer than this Parley's {len(STEPS)}: "
+                         f"a newer Parley upgraded it; run that version again (or restore a backup taken "
+                         f"before the upgrade)")
+        self.found = found
+
+
+async def current_version(engine: AsyncEngine, schema: str | None = None) -> int:
+    """The schema version of the database (0: no Parley tables yet), without changing anything."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(
+            lambda c: _read_version(c) if inspect(c).has_table(schema_version.name, schema=schema) else 0)
+
+
+def _read_version(conn: Connection) -> int:
+    return int(conn.scalar(select(func.coalesce(func.max(schema_version.c.version), 0))))
+
+
 async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:
     """Bring the database up to the latest version, creating PostgreSQL ``schema`` if given; return it."""
     async with writer(engine).begin() as conn:
@@ -379,11 +401,9 @@ async def migrate(engine: AsyncEngine, schema: str | None = None) -> int:
 
 def _apply_steps(conn: Connection) -> int:
     schema_version.create(conn, checkfirst=True)
-    current: int = conn.scalar(select(func.coalesce(func.max(schema_version.c.version), 0)))
+    current = _read_version(conn)
     if current > len(STEPS):
-        raise RuntimeError(
-            f"database schema version {current} is newer than this server supports ({len(STEPS)})"
-        )
+        raise SchemaTooNew(current)
     for number, step in enumerate(STEPS[current:], start=current + 1):
         step(conn)
         conn.execute(insert(schema_version).values(version=number, applied=datetime.now(UTC)))
