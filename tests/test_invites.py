@@ -9,15 +9,19 @@ from datetime import timedelta
 from typing import Any
 from xml.etree.ElementTree import Element
 
+import aiohttp
 import pytest
 from slixmpp import ClientXMPP
 
 from extensions.invites import Invites, now
+from extensions.invites.web import language
 from server.commands import Context
 from server.config import DEFAULT_MODULES
 from server.control import respond
+from tests.browser_support import web_listener
 from tests.conftest import Harness, RawClient
 from tests.test_adhoc import PLUGINS, result_values
+from tests.test_http_api import TOKEN, basic, with_http_api
 from tests.test_register import ask, condition_of, legacy, unauthenticated
 
 INVITE = "urn:xmpp:invite"
@@ -227,3 +231,55 @@ async def test_parleyctl_generates_lists_and_deletes_invitations(server: Harness
     assert (await respond(["delete_invite", "localhost", token], "/", ctx))["exit"] == 0
     assert (await respond(["list_invites", "localhost"], "/", ctx))["out"] == ""
     assert (await respond(["delete_invite", "localhost", token], "/", ctx))["exit"] == 1
+
+
+async def test_the_http_api_generates_and_lists_invitations(server: Harness) -> None:
+    api = await with_http_api(server)
+    url = (await api.ok("generate_invite", {"host": "localhost", "uses": 2, "days": 1}, token=TOKEN))["url"]
+    assert url.startswith(f"http://127.0.0.1:{api.port}/invite/")
+    listed = await api.ok("list_invites", {"host": "localhost"}, token=TOKEN)
+    assert [(i["token"], i["uses_left"]) for i in listed] == [(url.rsplit("/", 1)[1], 2)]
+    await server.add_user("bob", "bobpw")
+    status, _ = await api.call("list_invites", {"host": "localhost"}, auth=basic("bob@localhost", "bobpw"))
+    assert status == 403
+
+
+# --- the web page, without a browser --------------------------------------------------------------------------
+
+async def test_the_web_form_needs_its_pages_token_and_a_valid_invitation(server: Harness) -> None:
+    base = await web_listener(server)
+    invite = await invites(server).create("account")
+    form = {"username": "mallory", "password": "pass-word", "confirm": "pass-word"}
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # cookies of an IP too
+        async with http.get(f"{base}/invite/{invite.token}") as page:
+            assert page.status == 200
+            assert page.headers["Referrer-Policy"] == "no-referrer"
+            assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+            csrf = csrf_of(await page.text())
+        # A page of another site posts without the cookie, or with a token it made up.
+        async with aiohttp.ClientSession() as other, \
+                other.post(f"{base}/invite/{invite.token}", data={**form, "csrf": csrf}) as forged:
+            assert forged.status == 403
+        async with http.post(f"{base}/invite/{invite.token}", data={**form, "csrf": "made-up"}) as forged:
+            assert forged.status == 403
+            csrf = csrf_of(await forged.text())  # the form again, with a fresh token
+        assert not await server.server.storage.accounts.exists("localhost", "mallory")
+        async with http.post(f"{base}/invite/{invite.token}", data={**form, "csrf": csrf}) as done:
+            assert done.status == 200 and "mallory@localhost" in await done.text()
+        for token in (invite.token, "forged", "a/b", ""):
+            async with http.get(f"{base}/invite/{token}") as gone:
+                assert gone.status == 404, token
+            async with http.post(f"{base}/invite/{token}", data={**form, "csrf": csrf}) as gone:
+                assert gone.status == 404, token
+
+
+def csrf_of(html: str) -> str:
+    return html.split("name='csrf' value='")[1].split("'")[0]
+
+
+def test_accept_language_picks_the_best_translation() -> None:
+    assert language("") == "en"
+    assert language("fr-CH, fr;q=0.9, de;q=0.8, en;q=0.7") == "de"
+    assert language("en-GB,de;q=0.5") == "en"
+    assert language("de;q=0, en;q=0.1") == "en"
+    assert language("de-AT;q=bad, xx") == "en"
