@@ -44,6 +44,12 @@ async def run(client: ClientXMPP, name: str) -> dict[str, Any]:
     return result_values(iq["command"])
 
 
+def operator(server: Harness) -> Context:
+    """Who runs parleyctl's commands."""
+    host = server.server.hosts["localhost"]
+    return Context(host, host.jid, operator=True)
+
+
 async def refusal(client: ClientXMPP, name: str) -> str:
     """The error note of a command the server refused to carry out."""
     iq = await client.plugin["xep_0050"].send_command("localhost", f"{INVITE}#{name}", timeout=5)
@@ -217,8 +223,7 @@ async def _equal(value: Awaitable[Any], expected: Any) -> bool:
 # --- the operator's commands --------------------------------------------------------------------------------
 
 async def test_parleyctl_generates_lists_and_deletes_invitations(server: Harness) -> None:
-    host = server.server.hosts["localhost"]
-    ctx = Context(host, host.jid, operator=True)
+    ctx = operator(server)
     made = await respond(["generate_invite", "localhost", "3", "2"], "/", ctx)
     assert made["exit"] == 0, made
     url = made["out"].strip()
@@ -283,3 +288,12 @@ def test_accept_language_picks_the_best_translation() -> None:
     assert language("en-GB,de;q=0.5") == "en"
     assert language("de;q=0, en;q=0.1") == "en"
     assert language("de-AT;q=bad, xx") == "en"
+
+
+async def test_a_deleted_accounts_invitations_go_with_it(server: Harness) -> None:
+    await server.add_user("alice")
+    contact = await invites(server).create("contact", "alice")
+    assert (await respond(["unregister", "alice", "localhost"], "/", operator(server)))["exit"] == 0
+    assert await server.server.storage.invites.get(contact.token) is None
+    _, refused, _ = await preauth_register(server, contact.token, "orphan")
+    assert condition_of(refused) == "item-not-found"

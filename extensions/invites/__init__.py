@@ -33,6 +33,7 @@ from server.storage import Invite, RosterItem
 from server.stream.errors import StanzaError
 
 if TYPE_CHECKING:
+    from extensions.register import Invitation
     from server.c2s import C2SConnection
     from server.host import Host
 
@@ -66,6 +67,7 @@ class Invites(Module):
         self.hook("c2s/unauthenticated-iq", self.unauthenticated_iq)
         self.hook("register/invitation", self.invitation_of)
         self.hook("presence/preauth", self.preauth)
+        self.hook("account/deleted", self.account_deleted)
         pages = InvitePages(self.server)
         for method in ("GET", "POST"):
             self.add_http(method, PATH, pages.handle)
@@ -79,11 +81,15 @@ class Invites(Module):
     # --- making invitations -------------------------------------------------------------------------
 
     async def create(self, kind: str, inviter: str = "", uses: int = 1, days: float | None = None) -> Invite:
+        await self.server.storage.invites.expire(self.host.name, now())  # spent and expired ones go as new come
         invite = Invite(secrets.token_urlsafe(TOKEN_BYTES), self.host.name, kind, inviter, uses, now(),
                         now() + timedelta(days=days if days is not None else self.option("expire_days")))
         await self.server.storage.invites.add(invite)
         self.log.info("invitation (%s, %d uses) created by %s", kind, uses, inviter or "an admin")
         return invite
+
+    async def account_deleted(self, user: str) -> None:
+        await self.server.storage.invites.remove_inviter(self.host.name, user)
 
     def registers(self, invite: Invite) -> bool:
         """Whether the invitation may create an account."""
@@ -165,7 +171,7 @@ class Invites(Module):
             conn.send(reply(el))
         return True
 
-    async def invitation_of(self, conn: C2SConnection) -> Any:
+    async def invitation_of(self, conn: C2SConnection) -> Invitation | None:
         """For the register module: what spends the invitation this stream presented, if it is still valid."""
         token = self._presented.get(conn)
         if token is None or await self.valid(token) is None:

@@ -120,14 +120,15 @@ class InvitePages:
 
     async def handle(self, request: web.Request) -> web.Response:
         token = request.path[len(PATH):]
-        text = MESSAGES[language(request.headers.get("Accept-Language", ""))]
+        lang = language(request.headers.get("Accept-Language", ""))
+        text = MESSAGES[lang]
         found = await self._invitation(token)
         if found is None:
-            return self._page(text, text["invalid"], f"<p role='alert'>{escape(text['invalid'])}</p>", 404)
+            return _page(lang, text["invalid"], f"<p role='alert'>{escape(text['invalid'])}</p>", 404)
         module, invite = found
         if request.method == "POST" and module.registers(invite):
-            return await self._register(request, text, module, invite)
-        return self._invite_page(request, text, module, invite)
+            return await self._register(request, lang, module, invite)
+        return self._invite_page(request, lang, module, invite)
 
     async def _invitation(self, token: str) -> tuple[Invites, Invite] | None:
         if not token or "/" in token:
@@ -140,8 +141,9 @@ class InvitePages:
         module = cast("Invites", module)
         return (module, invite) if await module.valid(token) is not None else None
 
-    def _invite_page(self, request: web.Request, text: dict[str, str], module: Invites, invite: Invite,
+    def _invite_page(self, request: web.Request, lang: str, module: Invites, invite: Invite,
                      error: str = "", username: str = "", status: int = 200) -> web.Response:
+        text = MESSAGES[lang]
         title = self._title(text, module, invite)
         uri = module.uri(invite)
         body = [f"<p>{escape(text['intro'])}</p>", f"<h2>{escape(text['install'])}</h2>",
@@ -166,32 +168,32 @@ class InvitePages:
                 f"<p><label for='confirm'>{escape(text['confirm'])}</label> "
                 f"<input id='confirm' name='confirm' type='password' autocomplete='new-password' required></p>"
                 f"<p><button type='submit'>{escape(text['create'])}</button></p></form>")
-        response = self._page(text, title, "\n".join(body), status)
+        response = _page(lang, title, "\n".join(body), status)
         if csrf:
             response.set_cookie(CSRF, csrf, path=PATH, httponly=True, samesite="Strict",
                                 secure=self.server.http.peer(request).secure)
         return response
 
-    async def _register(self, request: web.Request, text: dict[str, str], module: Invites,
-                        invite: Invite) -> web.Response:
+    async def _register(self, request: web.Request, lang: str, module: Invites, invite: Invite) -> web.Response:
+        text = MESSAGES[lang]
         form = await request.post()
         username = str(form.get("username", "")).strip()
         password, confirm = str(form.get("password", "")), str(form.get("confirm", ""))
         sent, cookie = str(form.get("csrf", "")), request.cookies.get(CSRF, "")
         if not sent or not hmac.compare_digest(sent.encode(), cookie.encode()):
-            return self._invite_page(request, text, module, invite, text["expired_form"], username, 403)
+            return self._invite_page(request, lang, module, invite, text["expired_form"], username, 403)
         if not username or not password:
-            return self._invite_page(request, text, module, invite, text["missing"], username, 400)
+            return self._invite_page(request, lang, module, invite, text["missing"], username, 400)
         if password != confirm:
-            return self._invite_page(request, text, module, invite, text["mismatch"], username, 400)
+            return self._invite_page(request, lang, module, invite, text["mismatch"], username, 400)
         try:
             user = await module.register(invite.token, username, password)
         except (AccountError, CommandError) as exc:
-            return self._invite_page(request, text, module, invite, str(exc), username, 400)
+            return self._invite_page(request, lang, module, invite, str(exc), username, 400)
         done = [f"<p role='status'>{escape(text['done'].format(jid=user))}</p>"]
         if invite.inviter:
             done.append(f"<p>{escape(text['done_contact'].format(inviter=f'{invite.inviter}@{invite.host}'))}</p>")
-        return self._page(text, text["done_title"], "\n".join(done), 200)
+        return _page(lang, text["done_title"], "\n".join(done), 200)
 
     @staticmethod
     def _title(text: dict[str, str], module: Invites, invite: Invite) -> str:
@@ -209,14 +211,13 @@ class InvitePages:
             rows.append(f"<li><strong>{escape(platform)}</strong>: {links}</li>")
         return f"<ul class='clients'>{''.join(rows)}</ul>"
 
-    @staticmethod
-    def _page(text: dict[str, str], title: str, body: str, status: int) -> web.Response:
-        lang = next(code for code, messages in MESSAGES.items() if messages is text)
-        page = (f"<!DOCTYPE html><html lang='{lang}'><head><meta charset='utf-8'>"
-                "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-                f"<title>{escape(title)}</title><style>body{{font-family:sans-serif;max-width:40em;margin:auto;"
-                "padding:1em}.button{display:inline-block;padding:.6em 1em;background:#1565c0;color:#fff;"
-                "border-radius:4px;text-decoration:none}.error{color:#b00020}label{display:inline-block;"
-                "min-width:10em}</style></head>"
-                f"<body><main><h1>{escape(title)}</h1>\n{body}</main></body></html>")
-        return web.Response(status=status, text=page, content_type="text/html", headers=HEADERS)
+
+def _page(lang: str, title: str, body: str, status: int) -> web.Response:
+    page = (f"<!DOCTYPE html><html lang='{lang}'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{escape(title)}</title><style>body{{font-family:sans-serif;max-width:40em;margin:auto;"
+            "padding:1em}.button{display:inline-block;padding:.6em 1em;background:#1565c0;color:#fff;"
+            "border-radius:4px;text-decoration:none}.error{color:#b00020}label{display:inline-block;"
+            "min-width:10em}</style></head>"
+            f"<body><main><h1>{escape(title)}</h1>\n{body}</main></body></html>")
+    return web.Response(status=status, text=page, content_type="text/html", headers=HEADERS)

@@ -84,6 +84,11 @@ class InviteStore:
             done = await conn.execute(delete(invites).where(invites.c.token == token))
         return done.rowcount == 1
 
+    async def remove_inviter(self, host: str, inviter: str) -> None:
+        """Forget the invitations of a user whose account goes: nobody may become their contact any more."""
+        async with self._writer.begin() as conn:
+            await conn.execute(delete(invites).where(invites.c.host == host, invites.c.inviter == inviter))
+
     async def expire(self, host: str, now: datetime) -> int:
         """Forget the host's spent and expired invitations; how many."""
         async with self._writer.begin() as conn:
