@@ -161,6 +161,7 @@ async def test_a_token_spent_between_preauth_and_registration_creates_nothing(se
     assert not await server.server.storage.accounts.exists("localhost", "slow")
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_a_multi_use_invitation_serves_its_uses_then_stops(server: Harness) -> None:
     multi = await invites(server).create("account", uses=2)
     for name in ("one", "two"):
