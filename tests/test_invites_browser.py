@@ -4,6 +4,8 @@ with alice. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from slixmpp import ClientXMPP
 
 from tests.browser_support import chromium, screenshot, wait_for, web_listener
@@ -12,6 +14,18 @@ from tests.test_adhoc import PLUGINS
 from tests.test_invites import CLOSED, run, subscription
 
 pytestmark = CLOSED
+# The labels of the form's fields and its button, by language.
+ENGLISH = ("Username", "Password", "Password again", "Create account")
+GERMAN = ("Benutzername", "Passwort", "Passwort wiederholen", "Konto erstellen")
+
+
+async def submit(page: Any, labels: tuple[str, str, str, str], username: str, password: str,
+                 confirm: str | None = None) -> None:
+    """Fill the registration form by its labels, as a person reads them, and send it."""
+    await page.get_by_label(labels[0]).fill(username)
+    await page.get_by_label(labels[1], exact=True).fill(password)
+    await page.get_by_label(labels[2]).fill(confirm if confirm is not None else password)
+    await page.get_by_role("button", name=labels[3]).click()
 
 
 async def test_register_on_the_invitation_page_then_log_in_subscribed(server: Harness) -> None:
@@ -30,10 +44,8 @@ async def test_register_on_the_invitation_page_then_log_in_subscribed(server: Ha
         assert await page.get_by_role("link", name="Open in your app").get_attribute("href") == invitation["uri"]
         assert await page.locator("figure svg").count() == 1  # the QR code
         assert await page.get_by_role("link", name="Conversations").count() >= 1
-        await page.get_by_label("Username").fill("juliet")
-        await page.get_by_label("Password", exact=True).fill("balcony-2026")
-        await page.get_by_label("Password again").fill("balcony-2026")
-        await page.get_by_role("button", name="Create account").click()
+        await screenshot(page, "invite-page.png")
+        await submit(page, ENGLISH, "juliet", "balcony-2026")
         await page.get_by_role("status").wait_for()
         assert "juliet@localhost" in await page.get_by_role("status").inner_text()
         await screenshot(page, "invite-registered.png")
@@ -59,17 +71,12 @@ async def test_the_page_speaks_the_browsers_language_and_refuses_a_used_invitati
         await page.goto(invitation["landing-url"])
         assert await page.locator("html").get_attribute("lang") == "de"
         await page.get_by_role("heading", name="Du bist zu localhost eingeladen").wait_for()
-        await page.get_by_label("Benutzername").fill("romeo")
-        await page.get_by_label("Passwort", exact=True).fill("verona-2026")
-        await page.get_by_label("Passwort wiederholen").fill("verona-2027")
-        await page.get_by_role("button", name="Konto erstellen").click()
+        await submit(page, GERMAN, "romeo", "verona-2026", "verona-2027")
         await page.get_by_role("alert").wait_for()
         assert "verschieden" in await page.get_by_role("alert").inner_text()
         assert not await server.server.storage.accounts.exists("localhost", "romeo")
 
-        await page.get_by_label("Passwort", exact=True).fill("verona-2026")
-        await page.get_by_label("Passwort wiederholen").fill("verona-2026")
-        await page.get_by_role("button", name="Konto erstellen").click()
+        await submit(page, GERMAN, "romeo", "verona-2026")
         await page.get_by_role("status").wait_for()
         await screenshot(page, "invite-registered-de.png")
 
