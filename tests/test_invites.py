@@ -79,6 +79,7 @@ async def subscription(server: Harness, owner: str, contact: str) -> str | None:
 async def preauth_register(server: Harness, token: str, username: str) -> tuple[RawClient, Any, Any]:
     """Present the token (XEP-0445), then register in-band; both answers."""
     raw, features = await unauthenticated(server)
+    assert features.find("{urn:xmpp:ibr-token:0}register") is not None
     assert features.find(f"{{{INVITE}}}register") is not None
     await raw.send(f"<iq type='set' id='pre'><preauth xmlns='urn:xmpp:pars:0' token='{token}'/></iq>")
     presented = await raw.expect("{jabber:client}iq")

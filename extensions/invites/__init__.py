@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 PARS = "urn:xmpp:pars:0"
 PREAUTH = f"{{{PARS}}}preauth"
 INVITE_NS = "urn:xmpp:invite"
+IBR_TOKEN_FEATURES = ("urn:xmpp:ibr-token:0", INVITE_NS)  # XEP-0445's feature, and the name clients knew first
 TOKEN_BYTES = 18
 
 
@@ -156,8 +157,10 @@ class Invites(Module):
     # --- XEP-0445: the token before in-band registration ---------------------------------------------
 
     def stream_feature(self, conn: C2SConnection, features: Element, stage: str) -> None:
-        if stage == "pre-auth":
-            SubElement(features, f"{{{INVITE_NS}}}register")
+        """Registration with a token, where registration may take place (the register module's rule)."""
+        if stage == "pre-auth" and (conn.secure or not self.server.config.require_encryption):
+            for namespace in IBR_TOKEN_FEATURES:
+                SubElement(features, f"{{{namespace}}}register")
 
     async def unauthenticated_iq(self, conn: C2SConnection, el: Element) -> bool | None:
         if el.get("type") != "set" or len(el) != 1 or el[0].tag != PREAUTH or \
