@@ -299,3 +299,18 @@ async def test_a_deleted_accounts_invitations_go_with_it(server: Harness) -> Non
     assert await server.server.storage.invites.get(contact.token) is None
     _, refused, _ = await preauth_register(server, contact.token, "orphan")
     assert condition_of(refused) == "item-not-found"
+
+
+@pytest.mark.parley_config(
+    modules=[*DEFAULT_MODULES, "invites"],
+    hosts={"localhost": {"registration": False, "module_options": {"invites": {"contact_invites_register": False}}},
+           "example.test": {}},
+)
+async def test_contact_invitations_may_be_kept_from_registering(server: Harness) -> None:
+    await server.add_user("alice")
+    alice = await server.client("alice@localhost", plugins=PLUGINS)
+    uri = (await run(alice, "invite"))["uri"]
+    assert uri == f"xmpp:alice@localhost?roster;preauth={token_of(uri)}"  # no ibr=y
+    _, refused, _ = await preauth_register(server, token_of(uri), "juliet")
+    assert condition_of(refused) == "item-not-found"
+    assert not await server.server.storage.accounts.exists("localhost", "juliet")
