@@ -314,3 +314,13 @@ async def test_contact_invitations_may_be_kept_from_registering(server: Harness)
     _, refused, _ = await preauth_register(server, token_of(uri), "juliet")
     assert condition_of(refused) == "item-not-found"
     assert not await server.server.storage.accounts.exists("localhost", "juliet")
+
+
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
+async def test_racing_uses_of_the_last_use_spend_it_once(server: Harness) -> None:
+    store = server.server.storage.invites
+    invite = await invites(server).create("account", uses=3)
+    spent = await asyncio.gather(*(store.use(invite.token, now()) for _ in range(8)))
+    assert sum(found is not None for found in spent) == 3
+    left = await store.get(invite.token)
+    assert left is not None and left.uses_left == 0
