@@ -28,6 +28,7 @@ from server.stream.errors import StanzaError
 from server.stream.writer import serialize
 
 PRIORITY = ns.qname(ns.CLIENT, "priority")
+PREAUTH = "{urn:xmpp:pars:0}preauth"
 SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
 LAST_UNAVAILABLE = "last-unavailable"  # kv key of the last unavailable presence, for probes
 
@@ -189,10 +190,15 @@ class Presence(Module):
         stamped = addressed(el, user, contact)
         deliver = False
         out: list[Element] = []
+        # XEP-0379: a request carrying a token of the user's invitation is approved, and answered in kind.
+        preauth = kind == "subscribe" and el.find(PREAUTH) is not None and \
+            bool(await self.host.hooks.fire("presence/preauth", user, contact, el.find(PREAUTH)))
         async with self.roster.locked(user):
             item = await self.roster.item(user, contact)
             new = item
             if kind == "subscribe":
+                if preauth and not has_from(item):
+                    item = new = replace(item or RosterItem(str(contact)), approved=True)
                 if item is not None and (has_from(item) or item.approved):
                     # Already subscribed (the user resynchronises), or pre-approved (RFC 6121 3.4): say yes.
                     new = replace(item, approved=False, subscription=subscription(has_to(item), True))
@@ -220,6 +226,8 @@ class Presence(Module):
         if deliver:
             self._deliver(user, stamped)
         await self._send(out)
+        if preauth and not has_to(new):
+            await self._outbound_subscription(user, contact, element("presence", type="subscribe"), "subscribe")
 
     async def _new_request(self, user: JID, contact: JID) -> bool:
         """A request to remember and deliver: the account exists and the contact has none pending yet."""

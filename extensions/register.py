@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
@@ -24,6 +25,10 @@ from server.stream.errors import StanzaError
 
 if TYPE_CHECKING:
     from server.c2s import C2SConnection
+
+# What 'register/invitation' answers for a stream that presented a valid invitation: called with the new
+# account, it spends one use and does what the invitation promised; False when it was spent meanwhile.
+Invitation = Callable[[JID], Awaitable[bool]]
 
 QUERY = ns.qname(ns.REGISTER, "query")
 USERNAME = ns.qname(ns.REGISTER, "username")
@@ -72,8 +77,9 @@ class Register(Module):
 
     # --- before authentication: account creation ---------------------------------------------------
 
-    def _open_to(self, conn: C2SConnection) -> bool:
-        return self.host.config.registration and (conn.secure or not self.server.config.require_encryption)
+    def _open_to(self, conn: C2SConnection, invited: bool = False) -> bool:
+        return (self.host.config.registration or invited) and \
+            (conn.secure or not self.server.config.require_encryption)
 
     def stream_feature(self, conn: C2SConnection, features: Element, stage: str) -> None:
         if stage == "pre-auth" and self._open_to(conn):
@@ -83,16 +89,18 @@ class Register(Module):
         if el.get("type") not in ("get", "set") or len(el) != 1 or el[0].tag != QUERY or \
                 el.get("to") not in (None, self.host.name):
             return None
+        # XEP-0445: an invitation the stream presented opens registration (the invites module answers).
+        invitation: Invitation | None = await self.host.hooks.fire("register/invitation", conn)
         try:
-            if not self.host.config.registration:
+            if not self.host.config.registration and invitation is None:
                 raise StanzaError("not-allowed", "registration is disabled on this server")
-            if not self._open_to(conn):
+            if not self._open_to(conn, invitation is not None):
                 raise StanzaError("not-authorized", "register over an encrypted connection (STARTTLS)")
             answer = reply(el)
             if el.get("type") == "get":
                 answer.append(self._registration_form())
             else:
-                await self._create(conn.remote_ip, el[0])
+                await self._create(conn.remote_ip, el[0], invitation)
         except StanzaError as exc:
             _redact(el[0])
             answer = error_reply(el, exc)
@@ -110,7 +118,7 @@ class Register(Module):
         ], form_type=ns.REGISTER, title=f"Create an account on {self.host.name}", instructions=INSTRUCTIONS))
         return query
 
-    async def _create(self, ip: str, query: Element) -> None:
+    async def _create(self, ip: str, query: Element, invitation: Invitation | None = None) -> None:
         if query.find(REMOVE) is not None:
             raise StanzaError("registration-required", "log in to remove your account")
         username, password = _credentials(query)
@@ -126,8 +134,12 @@ class Register(Module):
         if not created:
             self._release(ip, stamp)
             raise StanzaError("conflict", "that username is taken")
-        self.log.info("account %s@%s registered in-band from %s", username, self.host.name, ip)
-        await self.host.hooks.fire("account/registered", JID.make(username, self.host.name))
+        user = JID.make(username, self.host.name)
+        if invitation is not None and not await invitation(user) and not self.host.config.registration:
+            await self.server.storage.accounts.delete(self.host.name, username)  # its last use went meanwhile
+            raise StanzaError("not-allowed", "the invitation is no longer valid")
+        self.log.info("account %s registered in-band from %s", user, ip)
+        await self.host.hooks.fire("account/registered", user)
 
     def _reserve(self, ip: str) -> float:
         """Count a creation from `ip` before it happens, so concurrent attempts cannot exceed the limit."""

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.storage.accounts import Account, AccountStore, Credentials, StoredCredentials
 from server.storage.archive import ArchiveStore
 from server.storage.engine import dispose_inline, make_engine
+from server.storage.invites import Invite, InviteStore
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
@@ -23,6 +24,8 @@ __all__ = [
     "AccountStore",
     "ArchiveStore",
     "Credentials",
+    "Invite",
+    "InviteStore",
     "KeyValueStore",
     "OfflineStore",
     "PubSubStore",
@@ -49,6 +52,7 @@ class Storage:
         self.archive = ArchiveStore(engine)
         self.pubsub = PubSubStore(engine)
         self.uploads = UploadStore(engine)
+        self.invites = InviteStore(engine)
 
     async def close(self) -> None:
         self.archive.close()

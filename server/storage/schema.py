@@ -309,6 +309,23 @@ uploads = Table(
 )
 
 
+# Invitations (server.storage.invites, XEP-0401/0379/0445): a token that registers an account on `host`
+# ('account') or also approves a subscription to its `inviter` ('contact'), `uses_left` more times, until
+# `expires`. `inviter` is the local user whose contact the invitee becomes ('' for none).
+invites = Table(
+    "invites",
+    metadata,
+    Column("token", String, primary_key=True),
+    Column("host", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("inviter", String, nullable=False),
+    Column("uses_left", Integer, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Column("expires", UTCDateTime, nullable=False),
+    Index("ix_invites_host", "host", "inviter"),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -365,7 +382,12 @@ def _step_6(conn: Connection) -> None:
     uploads.create(conn)
 
 
-STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6]
+def _step_7(conn: Connection) -> None:
+    """Invitations."""
+    invites.create(conn)
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7]
 
 
 class SchemaTooNew(RuntimeError):
