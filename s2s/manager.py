@@ -26,7 +26,7 @@ from s2s.certs import S2STls
 from s2s.incoming import S2SIncoming
 from s2s.limits import FederationLimits
 from s2s.outgoing import S2SOutgoing
-from s2s.policy import Policy
+from s2s.policy import POLICY_CHANGED, Policy
 from server.jid import JID
 from server.stanza import KINDS, Stanza
 from server.stream.errors import StanzaError, StreamError
@@ -70,12 +70,14 @@ class S2SManager:
             self.listeners.append(srv)
             log.info("listening for servers on %s:%d (%s)", listener.address, listener.port, listener.tls)
         self.server.hooks.add("route/remote", self.route)
+        self.server.hooks.add(POLICY_CHANGED, self.policy_changed)
         self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self) -> None:
         """Stop accepting, close every stream, and bounce what was still waiting for a link."""
         self.stopping = True
         self.server.hooks.remove("route/remote", self.route)
+        self.server.hooks.remove(POLICY_CHANGED, self.policy_changed)
         for srv in self.listeners:
             srv.close()
         if self._sweeper is not None:
@@ -89,8 +91,8 @@ class S2SManager:
         await asyncio.sleep(0)
 
     async def policy_changed(self) -> None:
-        """Apply the lists admins changed (XEP-0133): outgoing stanzas meet the policy one by one, but a stream
-        a refused domain opened earlier would go on."""
+        """Apply the lists admins changed (XEP-0133) or modules loaded (POLICY_CHANGED): outgoing stanzas meet
+        the policy one by one, but a stream a refused domain opened earlier would go on."""
         await self.policy.load(self.server.storage.kv)
         for stream in list(self.incoming):
             if any(not self.policy.allowed(remote) for remote, _ in stream.pairs):

@@ -339,6 +339,7 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
         log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
                     server.config.source)
     log.info("%s reloaded %s", ctx.actor, server.config.source)
+    await server.hooks.fire_all("config/reloaded", server)  # for what modules read from elsewhere (deny-lists)
     return {}
 
 

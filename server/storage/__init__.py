@@ -14,6 +14,7 @@ from server.storage.engine import dispose_inline, make_engine
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
+from server.storage.reports import Report, ReportStore
 from server.storage.roster import RosterItem, RosterStore
 from server.storage.schema import migrate
 from server.storage.uploads import UploadStore
@@ -27,6 +28,8 @@ __all__ = [
     "OfflineStore",
     "PubSubStore",
     "QuotaExceeded",
+    "Report",
+    "ReportStore",
     "RosterItem",
     "RosterStore",
     "Storage",
@@ -49,6 +52,7 @@ class Storage:
         self.archive = ArchiveStore(engine)
         self.pubsub = PubSubStore(engine)
         self.uploads = UploadStore(engine)
+        self.reports = ReportStore(engine)
 
     async def close(self) -> None:
         self.archive.close()
