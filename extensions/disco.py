@@ -61,11 +61,18 @@ class Disco(Module):
         """The disco#info answer for the host or an account: sorted, without duplicates; the host's has its
         contact addresses, when configured."""
         query = info_query(self.host.identities[target], self.host.features[target], node)
-        contacts = [Field(f"{kind}-addresses", "list-multi", values=tuple(self.option(f"{kind}_addresses")))
-                    for kind in CONTACTS if self.option(f"{kind}_addresses")]
+        contacts = [Field(f"{kind}-addresses", "list-multi", values=addresses)
+                    for kind, addresses in self.contact_addresses().items() if addresses]
         if target == "host" and node is None and contacts:
             query.append(build_form("result", contacts, form_type=SERVERINFO))
         return query
+
+    def contact_addresses(self) -> dict[str, tuple[str, ...]]:
+        """XEP-0157's addresses by kind, in CONTACTS' order."""
+        return {"abuse": self.option("abuse_addresses"), "admin": self.option("admin_addresses"),
+                "feedback": self.option("feedback_addresses"), "sales": self.option("sales_addresses"),
+                "security": self.option("security_addresses"), "status": self.option("status_addresses"),
+                "support": self.option("support_addresses")}
 
     async def info(self, stanza: Stanza) -> Element:
         node = stanza.el[0].get("node")
