@@ -25,11 +25,11 @@ import aiohttp
 
 from extensions.block_strangers import known
 from extensions.blocking import matches
-from extensions.spam_reporting import DENIED
 from server.commands.service_admin import message
 from server.jid import JID, JIDError
 from server.module import Module
 from server.options import Option
+from server.storage.kv import CachedDocuments
 from server.stream.errors import StanzaError
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ log = logging.getLogger("parley.abuse")
 FEDERATION_LISTS = "s2s-lists"  # federation policy's documents (s2s.policy.ADDED, LOADED)
 POLICY_CHANGED = "federation/policy-changed"
 PRIORITY = 900  # after blocking (1000)
+DENIED = "abuse-denied"  # the host's document (user ''): the addresses admins denied (spam_reporting's deny-jid)
 FETCH_TIMEOUT = 30.0
 
 
@@ -89,6 +90,7 @@ class AbuseLimits(Module):
         self.denied: frozenset[JID] = frozenset()
         self._buckets: dict[JID, Bucket] = {}
         self._notified: dict[JID, float] = {}
+        self._added = CachedDocuments(self.server.storage.kv, DENIED, lambda jids: frozenset(jids or ()))
         self.hook("message/inbound", self.inbound, priority=PRIORITY)
         self.hook("presence/inbound", self.inbound, priority=PRIORITY)
         self.hook("message/outbound", self.outbound, priority=PRIORITY)
@@ -143,11 +145,13 @@ class AbuseLimits(Module):
             await kv.set("", "", FEDERATION_LISTS, key, domains or None)
             await self.server.hooks.fire_all(POLICY_CHANGED)
 
+    async def deny(self, jid: JID) -> None:
+        """Add an address to the host's deny-list for good (an admin's decision, not a loaded list)."""
+        added = await self._added.get(self.host.name, "")
+        await self._added.set(self.host.name, "", sorted({*added, str(jid.bare)}))
+
     async def refused(self, sender: JID) -> bool:
-        if matches(self.denied, sender):
-            return True
-        added = await self.server.storage.kv.get(self.host.name, "", DENIED, "jids") or []
-        return str(sender.bare) in added
+        return matches(self.denied, sender) or str(sender.bare) in await self._added.get(self.host.name, "")
 
     async def inbound(self, stanza: Stanza) -> bool | None:
         if (stanza.kind == "presence" and stanza.type != "subscribe") or stanza.type == "error":

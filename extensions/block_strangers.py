@@ -11,6 +11,7 @@ as they answer what the user sent.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +19,15 @@ from server.commands import Arg, CommandError, Context, Declarations, module_on
 from server.jid import JID
 from server.module import Module
 from server.options import Option
+from server.storage.kv import CachedDocuments
 from server.stream.errors import StanzaError
 
 if TYPE_CHECKING:
     from server.server import Server
     from server.stanza import Stanza
 
-STORE = "block-strangers"  # each user's documents 'enabled' (a bool) and 'held' (a list)
+STORE = "block-strangers"  # each user's choice: true, false, or no document (the host's default)
+HELD = "block-strangers-held"  # each user's held messages and requests, a list
 PRIORITY = 900  # after blocking (1000): a blocked address is blocked whatever this module says
 FILTERED = ("chat", "normal", "headline")  # message types from strangers; errors and groupchat pass
 
@@ -52,14 +55,19 @@ class BlockStrangers(Module):
     )
 
     def setup(self) -> None:
+        self._choices = CachedDocuments(self.server.storage.kv, STORE, lambda chosen: chosen)  # read per stanza
+        self._holding = asyncio.Lock()  # held lists are read, extended and written back: one at a time
         self.hook("message/inbound", self.inbound, priority=PRIORITY)
         self.hook("presence/inbound", self.inbound, priority=PRIORITY)
         for declared in COMMANDS:
             self.add_command(declared)
 
     async def enabled(self, user: JID) -> bool:
-        chosen = await self.server.storage.kv.get(user.domain, user.local or "", STORE, "enabled")
+        chosen = await self._choices.get(user.domain, user.local or "")
         return bool(self.option("default") if chosen is None else chosen)
+
+    async def choose(self, user: JID, block: bool) -> None:
+        await self._choices.set(user.domain, user.local or "", block)
 
     async def inbound(self, stanza: Stanza) -> bool | None:
         if stanza.kind == "message" and stanza.type not in FILTERED:
@@ -81,8 +89,9 @@ class BlockStrangers(Module):
         body = stanza.el.findtext("{jabber:client}body") or ""
         entry = {"from": str(stanza.from_), "kind": "subscription request" if stanza.kind == "presence" else "message",
                  "body": body, "stamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-        held = [*(await kv.get(user.domain, user.local or "", STORE, "held") or []), entry]
-        await kv.set(user.domain, user.local or "", STORE, "held", held[-self.option("max_held"):])
+        async with self._holding:
+            held = [*(await kv.get(user.domain, user.local or "", HELD) or []), entry]
+            await kv.set(user.domain, user.local or "", HELD, "", held[-self.option("max_held"):])
 
 
 COMMANDS = Declarations()
@@ -99,8 +108,7 @@ async def _current(ctx: Context) -> dict[str, Any]:
 async def block_strangers(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     if args["block"] not in ("on", "off"):
         raise CommandError("block: on or off")
-    user = ctx.actor.bare
-    await ctx.host.server.storage.kv.set(user.domain, user.local or "", STORE, "enabled", args["block"] == "on")
+    await module_on(ctx.host, BlockStrangers).choose(ctx.actor.bare, args["block"] == "on")
     return {"block": args["block"]}
 
 
@@ -109,7 +117,7 @@ async def block_strangers(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 async def held_from_strangers(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """Reading them clears them: the user adds whom it wants to the roster, the rest is gone."""
     user, kv = ctx.actor.bare, ctx.host.server.storage.kv
-    held = await kv.get(user.domain, user.local or "", STORE, "held") or []
-    await kv.set(user.domain, user.local or "", STORE, "held", None)
+    held = await kv.get(user.domain, user.local or "", HELD) or []
+    await kv.set(user.domain, user.local or "", HELD, "", None)
     return {"held": [f"{h['stamp']} {h['kind']} from {h['from']}{': ' + h['body'] if h['body'] else ''}"
                      for h in held]}

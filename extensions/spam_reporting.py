@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 from xml.etree.ElementTree import Element
 
+from extensions.abuse_limits import AbuseLimits
 from extensions.blocking import ITEM
 from server import ns
-from server.commands import Arg, CommandError, Context, Declarations
+from server.commands import Arg, CommandError, Context, Declarations, module_on
 from server.jid import JID, JIDError
 from server.module import Module
 from server.options import Option
@@ -28,8 +29,6 @@ TEXT = ns.qname(REPORTING, "text")
 STANZA_ID = ns.qname("urn:xmpp:sid:0", "stanza-id")
 REASONS = {"urn:xmpp:reporting:spam": "spam", "urn:xmpp:reporting:abuse": "abuse"}
 ACTIONS = ("dismiss", "disable-account", "deny-domain", "deny-jid")
-# What admins may add to the address deny-list of abuse_limits: documents of the host (user '').
-DENIED = "abuse-denied"
 
 
 class SpamReporting(Module):
@@ -100,9 +99,7 @@ async def act(ctx: Context, report_id: int, action: str) -> str:
         await host.server.commands.run("edit-blacklist", ctx, {"blacklistjids": [
             JID.make(None, d) for d in sorted({*denied, jid.domain})]})
     else:
-        kv = host.server.storage.kv
-        denied = await kv.get(host.name, "", DENIED, "jids") or []
-        await kv.set(host.name, "", DENIED, "jids", sorted({*denied, str(jid.bare)}))
+        await module_on(host, AbuseLimits).deny(jid)
     closed = await reports.close(host.name, report.jid, "acted")
     return f"{action}: {jid}; {closed} open report{'s' if closed != 1 else ''} on it closed"
 

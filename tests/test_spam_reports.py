@@ -3,6 +3,8 @@ admins list it and act on it through ad-hoc commands and parleyctl."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from slixmpp import ClientXMPP
 
@@ -12,7 +14,9 @@ from tests.conftest import Harness
 from tests.test_adhoc import PLUGINS, admin_client
 from tests.test_adhoc import run as run_adhoc
 from tests.test_basic_modules import iq_error, send_iq
+from tests.test_offline import collect
 from tests.test_parleyctl import ok, run
+from tests.test_roster_presence import sync
 from tests.test_service_admin import complete, note
 
 pytestmark = pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "spam_reporting"])
@@ -76,6 +80,35 @@ async def test_deny_domain_puts_the_reported_domain_on_the_federation_blacklist(
     done = await ok(server, "spam_report_act", "localhost", first.split("\t")[0], "deny-domain")
     assert done == ["deny-domain: spammer@spam.example; 1 open report on it closed"]
     assert await server.server.storage.kv.get("", "", "s2s-lists", "deny") == ["spam.example"]
+
+
+@pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "spam_reporting", "abuse_limits"])
+async def test_deny_jid_drops_the_reported_address_on_the_host(server: Harness) -> None:
+    alice = await reporter(server)
+    inbox = collect(alice)
+    await server.add_user("mallory", host="example.test")
+    await server.add_user("carol", host="example.test")
+    mallory = await server.client("mallory@example.test")
+    carol = await server.client("carol@example.test")
+    alice.send_presence()
+    await sync(alice)
+    await send_iq(alice, "set", block_with_report("mallory@example.test"))
+    await send_iq(alice, "set", "<unblock xmlns='urn:xmpp:blocking'/>")  # blocking alone would hide her too
+    [record] = await ok(server, "spam_reports", "localhost")
+    await ok(server, "spam_report_act", "localhost", record.split("\t")[0], "deny-jid")
+    mallory.send_message(mto="alice@localhost", mbody="spam again", mtype="chat")
+    await sync(mallory)
+    carol.send_message(mto="alice@localhost", mbody="hi alice", mtype="chat")
+    first = await asyncio.wait_for(inbox.get(), 5)
+    assert first.findtext("{jabber:client}body") == "hi alice"
+
+
+async def test_deny_jid_needs_abuse_limits(server: Harness) -> None:
+    alice = await reporter(server)
+    await send_iq(alice, "set", block_with_report("mallory@example.test"))
+    [record] = await ok(server, "spam_reports", "localhost")
+    code, _, err = await run(server, "spam_report_act", "localhost", record.split("\t")[0], "deny-jid")
+    assert code == 1 and "the abuse_limits module is not loaded on localhost" in err
 
 
 async def test_a_report_with_an_unknown_reason_blocks_nothing_and_stores_nothing(server: Harness) -> None:
