@@ -7,12 +7,13 @@ import asyncio
 from xml.etree.ElementTree import Element
 
 import pytest
+from aiohttp import web
 
 from extensions.abuse_limits import Bucket, parse_deny_list
 from s2s.manager import S2SManager
 from server.config import DEFAULT_MODULES
 from server.jid import JID
-from tests.conftest import Harness
+from tests.conftest import Harness, free_port
 from tests.test_basic_modules import wait_for
 from tests.test_block_strangers import add_contact, logged_in, next_body, subscriptions
 from tests.test_offline import collect
@@ -91,6 +92,38 @@ async def test_a_deny_list_reloaded_on_sighup_refuses_subscriptions_and_federati
     finally:
         server.server.s2s = None
         await federation.stop()
+
+
+@pytest.mark.parley_config(modules=MODULES)
+async def test_a_deny_list_from_a_url_and_one_that_fails_later_keeps_the_last(server: Harness) -> None:
+    served = {"text": "spam.example\n", "status": 200}
+
+    async def deny_list(request: web.Request) -> web.Response:
+        return web.Response(text=served["text"], status=served["status"])
+
+    app = web.Application()
+    app.router.add_get("/deny.txt", deny_list)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        host = server.server.hosts["localhost"]
+        host.config_options["abuse_limits.deny_urls"] = (f"http://127.0.0.1:{port}/deny.txt",)
+        module = host.modules["abuse_limits"]
+        await module.load()
+        assert module.denied == {JID.parse("spam.example")}
+        assert await server.server.storage.kv.get("", "", "s2s-lists", "loaded:localhost") == ["spam.example"]
+        alice = await logged_in(server, "alice@localhost")
+        asked = subscriptions(alice)
+        await server.server.router.send(subscribe("eve@spam.example", "alice@localhost"))
+        await server.server.router.send(subscribe("carol@fine.example", "alice@localhost"))
+        assert await asyncio.wait_for(asked.get(), 5) == "carol@fine.example"
+        served["status"] = 500
+        await module.load()
+        assert module.denied == {JID.parse("spam.example")}
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parley_config(modules=MODULES, module_options={"abuse_limits": {"deny_files": ["/nonexistent/deny"]}})
