@@ -94,7 +94,7 @@ class AbuseLimits(Module):
         self.hook("message/inbound", self.inbound, priority=PRIORITY)
         self.hook("presence/inbound", self.inbound, priority=PRIORITY)
         self.hook("message/outbound", self.outbound, priority=PRIORITY)
-        self.hook_global("config/reloaded", self.reloaded)
+        self.hook_global("server/reloaded", self.reloaded)
 
     async def start(self) -> None:
         await self.load()

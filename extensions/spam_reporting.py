@@ -38,8 +38,6 @@ class SpamReporting(Module):
 
     def setup(self) -> None:
         self.add_feature(REPORTING)
-        for reason in REASONS:
-            self.add_feature(reason)
         self.hook("blocking/block", self.reported)
         for declared in COMMANDS:
             self.add_command(declared)

@@ -60,6 +60,7 @@ class S2SManager:
 
     async def start(self, listeners: list[ListenerConfig]) -> None:
         await self.policy.load(self.server.storage.kv)
+        self.server.hooks.add(POLICY_CHANGED, self.policy_changed)
         loop = asyncio.get_running_loop()
         for listener in listeners:
             direct = listener.tls == "direct"
@@ -70,18 +71,17 @@ class S2SManager:
             self.listeners.append(srv)
             log.info("listening for servers on %s:%d (%s)", listener.address, listener.port, listener.tls)
         self.server.hooks.add("route/remote", self.route)
-        self.server.hooks.add(POLICY_CHANGED, self.policy_changed)
         self._sweeper = loop.create_task(self._sweep())
 
     async def stop(self) -> None:
         """Stop accepting, close every stream, and bounce what was still waiting for a link."""
         self.stopping = True
         self.server.hooks.remove("route/remote", self.route)
-        self.server.hooks.remove(POLICY_CHANGED, self.policy_changed)
         for srv in self.listeners:
             srv.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.server.hooks.remove(POLICY_CHANGED, self.policy_changed)
         for task in list(self._tasks):
             task.cancel()
         for link in set(self.links.values()):

@@ -334,12 +334,12 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
             host.configured_admins = frozenset(JID.parse(a) for a in new.admins)
             host.admins = {*host.configured_admins, *added}
             host.config, host.config_options = new, dict(new.options)
+    await server.hooks.fire_all("server/reloaded", server)
     if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
             or config.storage != server.config.storage:
         log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
                     server.config.source)
     log.info("%s reloaded %s", ctx.actor, server.config.source)
-    await server.hooks.fire_all("config/reloaded", server)  # for what modules read from elsewhere (deny-lists)
     return {}
 
 
