@@ -11,6 +11,8 @@ Enforcement sits on the router's filtering events, ahead of every other module:
 - '<kind>/inbound-many' (what a service sends to many at once, a room's messages and presence to its
   occupants): the recipients who block the sender (an occupant's room JID, the room) are left out,
   silently, as an error from an occupant would tell the room that it has gone.
+Before a block is stored, 'blocking/block' (user, <block/>) lets other modules read what its items carry
+(spam_reporting: XEP-0377 reports).
 On block the contact gets the user's unavailable presence and the user's resources the contact's; on
 unblock the contact gets the current presence and is probed, so both sides see each other again.
 
@@ -154,6 +156,8 @@ class Blocking(Module):
         jids = parse_items(stanza.el[0])
         if not jids:
             raise StanzaError("bad-request", "block at least one JID")
+        # What else the items carry (XEP-0377 spam reports) is for other modules; one may refuse the block.
+        await self.host.hooks.fire("blocking/block", user, stanza.el[0])
         async with self._changing:
             old = await self.blocklist(user)
             added = frozenset(jids - old)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
+from server.forms import Field, build_form
 from server.module import Module
+from server.options import Option
 from server.service import info_query
 from server.stanza import Stanza
 from server.stream.errors import StanzaError
@@ -21,6 +23,9 @@ from server.stream.errors import StanzaError
 INFO = ns.qname(ns.DISCO_INFO, "query")
 ITEMS = ns.qname(ns.DISCO_ITEMS, "query")
 SERVER_NAME = "Parley"
+# XEP-0157 Contact Addresses: the host's disco#info carries them in an extended form (XEP-0128).
+SERVERINFO = "http://jabber.org/network/serverinfo"
+CONTACTS = ("abuse", "admin", "feedback", "sales", "security", "status", "support")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class Item:
 
 class Disco(Module):
     name = "disco"
+    options = tuple(Option(f"{kind}_addresses", tuple, (), f"XEP-0157 {kind} contact addresses of the host "
+                           "(mailto:, xmpp:, https: URIs)") for kind in CONTACTS)
 
     def setup(self) -> None:
         self.items: list[Item] = []
@@ -51,8 +58,21 @@ class Disco(Module):
         self.items = [i for i in self.items if (i.jid, i.node) != (jid, node)]
 
     def info_query(self, target: str = "host", node: str | None = None) -> Element:
-        """The disco#info answer for the host or an account: sorted, without duplicates."""
-        return info_query(self.host.identities[target], self.host.features[target], node)
+        """The disco#info answer for the host or an account: sorted, without duplicates; the host's has its
+        contact addresses, when configured."""
+        query = info_query(self.host.identities[target], self.host.features[target], node)
+        contacts = [Field(f"{kind}-addresses", "list-multi", values=addresses)
+                    for kind, addresses in self.contact_addresses().items() if addresses]
+        if target == "host" and node is None and contacts:
+            query.append(build_form("result", contacts, form_type=SERVERINFO))
+        return query
+
+    def contact_addresses(self) -> dict[str, tuple[str, ...]]:
+        """XEP-0157's addresses by kind, in CONTACTS' order."""
+        return {"abuse": self.option("abuse_addresses"), "admin": self.option("admin_addresses"),
+                "feedback": self.option("feedback_addresses"), "sales": self.option("sales_addresses"),
+                "security": self.option("security_addresses"), "status": self.option("status_addresses"),
+                "support": self.option("support_addresses")}
 
     async def info(self, stanza: Stanza) -> Element:
         node = stanza.el[0].get("node")

@@ -26,7 +26,7 @@ from s2s.certs import S2STls
 from s2s.incoming import S2SIncoming
 from s2s.limits import FederationLimits
 from s2s.outgoing import S2SOutgoing
-from s2s.policy import Policy
+from s2s.policy import POLICY_CHANGED, Policy
 from server.jid import JID
 from server.stanza import KINDS, Stanza
 from server.stream.errors import StanzaError, StreamError
@@ -60,6 +60,7 @@ class S2SManager:
 
     async def start(self, listeners: list[ListenerConfig]) -> None:
         await self.policy.load(self.server.storage.kv)
+        self.server.hooks.add(POLICY_CHANGED, self.policy_changed)
         loop = asyncio.get_running_loop()
         for listener in listeners:
             direct = listener.tls == "direct"
@@ -82,6 +83,7 @@ class S2SManager:
             srv.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.server.hooks.remove(POLICY_CHANGED, self.policy_changed)
         for task in list(self._tasks):
             task.cancel()
         for link in set(self.links.values()):
@@ -91,8 +93,8 @@ class S2SManager:
         await asyncio.sleep(0)
 
     async def policy_changed(self) -> None:
-        """Apply the lists admins changed (XEP-0133): outgoing stanzas meet the policy one by one, but a stream
-        a refused domain opened earlier would go on."""
+        """Apply the lists admins changed (XEP-0133) or modules loaded (POLICY_CHANGED): outgoing stanzas meet
+        the policy one by one, but a stream a refused domain opened earlier would go on."""
         await self.policy.load(self.server.storage.kv)
         for stream in list(self.incoming):
             if any(not self.policy.allowed(remote) for remote, _ in stream.pairs):

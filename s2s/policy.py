@@ -1,7 +1,8 @@
 """Federation policy: which domains we talk to, and how much we demand of their certificates.
 
-A domain listed in `allow`, `deny` or `accept_self_signed` covers its subdomains too, so that a rule for a
-server also applies to its services (conference.example.org goes with example.org).
+Besides the configured lists, admins add domains at runtime (XEP-0133) and modules load deny-lists from
+files or URLs (LOADED). A domain listed in `allow`, `deny` or `accept_self_signed` covers its subdomains
+too, so that a rule for a server also applies to its services (conference.example.org goes with example.org).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ UNCHECKED = "unchecked"  # not checked at all: dialback alone vouches for the do
 # Where the domains admins add at runtime (XEP-0133 edit-blacklist, edit-whitelist) are kept, so that they
 # outlive a restart: documents 'deny' and 'allow' of the whole server (host and user '').
 ADDED = "s2s-lists"
+# Deny-lists that modules load from elsewhere (files, URLs: abuse_limits) are documents of the same store
+# named LOADED + the source's name, which they replace on every load and announce with the server-wide
+# event POLICY_CHANGED: the store is the interface, so federation never reaches into a module.
+LOADED = "loaded:"
+POLICY_CHANGED = "federation/policy-changed"
 
 
 def covers(rules: list[str], domain: str) -> bool:
@@ -35,13 +41,19 @@ class Policy:
         self.config = config
         self.require_encryption = config.require_encryption
         self.added: dict[str, list[str]] = {"deny": [], "allow": []}  # besides the configured lists
+        self.loaded: list[str] = []  # denied by the loaded lists of every source
 
     async def load(self, kv: KeyValueStore) -> None:
         for name in self.added:
             self.added[name] = await kv.get("", "", ADDED, name) or []
+        loaded: set[str] = set()
+        for key in await kv.keys("", "", ADDED):
+            if key.startswith(LOADED):
+                loaded.update(await kv.get("", "", ADDED, key) or [])
+        self.loaded = sorted(loaded)
 
     def allowed(self, domain: str) -> bool:
-        if covers(self.config.deny, domain) or covers(self.added["deny"], domain):
+        if covers(self.config.deny, domain) or covers(self.added["deny"], domain) or covers(self.loaded, domain):
             return False
         allow = self.config.allow + self.added["allow"]
         return not allow or covers(allow, domain)

@@ -15,6 +15,7 @@ from server.storage.invites import Invite, InviteStore
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
+from server.storage.reports import Report, ReportStore
 from server.storage.roster import RosterItem, RosterStore
 from server.storage.schema import migrate
 from server.storage.uploads import UploadStore
@@ -30,6 +31,8 @@ __all__ = [
     "OfflineStore",
     "PubSubStore",
     "QuotaExceeded",
+    "Report",
+    "ReportStore",
     "RosterItem",
     "RosterStore",
     "Storage",
@@ -53,6 +56,7 @@ class Storage:
         self.pubsub = PubSubStore(engine)
         self.uploads = UploadStore(engine)
         self.invites = InviteStore(engine)
+        self.reports = ReportStore(engine)
 
     async def close(self) -> None:
         self.archive.close()

@@ -326,6 +326,24 @@ invites = Table(
 )
 
 
+# Spam and abuse reports (server.storage.reports, XEP-0377): what users reported while blocking an address,
+# kept for the host's admins until one of them dismisses it or acts on it (`state`).
+spam_reports = Table(
+    "spam_reports",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("host", String, nullable=False),
+    Column("reporter", String, nullable=False),
+    Column("jid", String, nullable=False),
+    Column("reason", String, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("stanza_ids", JSON, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Column("state", String, nullable=False),
+    Index("ix_spam_reports_host", "host", "state", "id"),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -387,7 +405,13 @@ def _step_7(conn: Connection) -> None:
     invites.create(conn)
 
 
-STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7]
+def _step_8(conn: Connection) -> None:
+    """Spam and abuse reports."""
+    spam_reports.create(conn)
+
+
+STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7,
+                                             _step_8]
 
 
 class SchemaTooNew(RuntimeError):
