@@ -11,23 +11,39 @@ The promise checked after `kill -9`: every message whose receipt the sender's st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from xml.etree.ElementTree import Element
+from xml.etree.ElementTree import Element, fromstring
 
 import pytest
 from sqlalchemy import func, select
 
+from parley import build_server
 from server.accounts import create_account
 from server.storage import open_storage
 from server.storage.schema import archive, offline
-from tests.conftest import Harness, drop_pg_schema, free_ports, make_pg_schema
+from tests.conftest import (
+    Harness,
+    RawClient,
+    drop_pg_schema,
+    free_port,
+    free_ports,
+    make_config,
+    make_pg_schema,
+    unavailable,
+)
 from tests.test_cli import PARLEY, write_config
 from tests.test_offline import collect
 from tests.test_roster_presence import sync
+from tests.test_shutdown import login
 
 BURST = 1000  # messages the sender would send; the server is killed once ACKED_BEFORE_KILL are acknowledged
 ACKED_BEFORE_KILL = 60
@@ -82,7 +98,7 @@ class Parley:
         """Resident memory of the server process, in kB."""
         assert self.proc is not None
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+        return int(next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), 0))
 
 
 @pytest.fixture(name="storage_url", params=["sqlite", "postgresql"])
@@ -211,4 +227,270 @@ async def test_kill_9_during_archived_online_delivery(tmp_path: Path, storage_ur
         assert set(acked) <= set(received) | set(archived), sorted(set(acked) - set(received) - set(archived))
         await harness.close()
     finally:
+        await parley.stop()
+
+
+def _as_postgres(*command: str) -> list[str]:
+    """PostgreSQL's tools refuse to run as root: as root, run them as the 'postgres' user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+class PrivatePostgres:
+    """A PostgreSQL instance of the test's own in a temporary folder, on a free port: restarted at will
+    without disturbing the machine's shared one."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not found:
+            unavailable("no PostgreSQL server binaries under /usr/lib/postgresql")
+        self.bin = found[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+        self.port = free_port()
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run(_as_postgres(str(self.bin / tool), *args), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"{tool} {args}: {done.stdout}{done.stderr}"
+
+    def _ctl(self, action: str, *args: str) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", *args, action)
+
+    def start(self) -> None:
+        if not (self.dir / "data").exists():
+            self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._ctl("start", "-o", options)
+
+    def restart(self) -> None:
+        self._ctl("restart", "-m", "fast")
+
+    def remove(self) -> None:
+        with contextlib.suppress(AssertionError):
+            self._ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+
+@pytest.fixture(name="private_postgres")
+async def private_postgres_fixture() -> AsyncIterator[PrivatePostgres]:
+    postgres = PrivatePostgres()
+    try:
+        await asyncio.to_thread(postgres.start)
+        yield postgres
+    finally:
+        await asyncio.to_thread(postgres.remove)
+
+
+async def test_a_postgresql_restart_while_serving(tmp_path: Path, private_postgres: PrivatePostgres) -> None:
+    """Parley keeps serving across a PostgreSQL restart: the connections it had are gone, new ones are made."""
+    port, direct_port = free_ports(2)
+    harness = Harness(build_server(make_config(tmp_path, port, direct_port, private_postgres.url)), port,
+                      direct_port, tmp_path)
+    await harness.server.start()
+    try:
+        for name in ("alice", "bob"):
+            await harness.add_user(name)
+        alice = await harness.client("alice@localhost", resource="phone")
+        errors = collect(alice, "error")
+        alice.send_message(mto="bob@localhost", mbody="before", mtype="chat")
+        await sync(alice)
+        await asyncio.to_thread(private_postgres.restart)
+        alice.send_message(mto="bob@localhost", mbody="after", mtype="chat")
+        await sync(alice)
+        assert errors.empty(), "a message was refused after PostgreSQL came back"
+        bob = await harness.client("bob@localhost", resource="desk")  # a login reads the accounts
+        inbox = collect(bob)
+        bob.send_presence()
+        got = [(await asyncio.wait_for(inbox.get(), 10)).findtext("{jabber:client}body") for _ in range(2)]
+        assert got == ["before", "after"]
+    finally:
+        await harness.close()
+        await harness.server.stop()
+
+
+class MemoryWatch:
+    """The server's resident memory, sampled every 50 ms from a baseline until stopped: the peak growth."""
+
+    def __init__(self, parley: Parley) -> None:
+        self.parley = parley
+        self.baseline = parley.rss()
+        self.peak = self.baseline
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.parley.rss())
+            await asyncio.sleep(0.05)
+
+    def growth_mb(self) -> float:
+        return (self.peak - self.baseline) / 1024
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def chatting(harness: Harness, rounds: int, every: float) -> None:
+    """Alice writes to Bob `rounds` times, `every` seconds; each message must arrive within 3 s."""
+    alice = await harness.client("alice@localhost", resource="phone")
+    bob = await harness.client("bob@localhost", resource="desk")
+    inbox = collect(bob)
+    for i in range(rounds):
+        sent = time.monotonic()
+        alice.send_message(mto="bob@localhost/desk", mbody=f"still here {i}", mtype="chat")
+        got = await asyncio.wait_for(inbox.get(), 3)
+        assert got.findtext("{jabber:client}body") == f"still here {i}"
+        await asyncio.sleep(max(0.0, every - (time.monotonic() - sent)))
+
+
+SLOW_CONNECTIONS = 300
+HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+          b"xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>")
+
+
+async def test_slowloris_is_cut_and_costs_little(tmp_path: Path) -> None:
+    """300 connections that send a byte a second: cut after the unauthenticated timeout, bounded memory,
+    and other users log in and chat meanwhile."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/data/parley.db"
+    await accounts(url, "alice", "bob", "carol")
+    parley = Parley(tmp_path, url, "[limits]\nmax_connections_per_ip = 1000\nunauthenticated_timeout = 4.0\n")
+    await parley.start()
+    harness = Harness(None, parley.port, parley.direct_port, tmp_path)  # type: ignore[arg-type]
+    slow: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    memory = MemoryWatch(parley)
+    try:
+        slow = [await asyncio.open_connection("127.0.0.1", parley.port) for _ in range(SLOW_CONNECTIONS)]
+        cut: set[int] = set()
+
+        async def drip() -> None:
+            for second in range(10):
+                for i, (reader, writer) in enumerate(slow):
+                    if i in cut:
+                        continue
+                    if reader.at_eof() or writer.is_closing():
+                        cut.add(i)
+                        continue
+                    writer.write(HEADER[second:second + 1])
+                await asyncio.sleep(1)
+                for i, (reader, _) in enumerate(slow):
+                    with contextlib.suppress(OSError):
+                        if i not in cut and (reader.at_eof() or await _eof_now(reader)):
+                            cut.add(i)
+
+        dripping = asyncio.get_running_loop().create_task(drip())
+        await chatting(harness, rounds=5, every=1.0)
+        carol = await harness.client("carol@localhost", resource="late", timeout=5)  # a login under the attack
+        assert carol.boundjid.bare == "carol@localhost"
+        await dripping
+        assert len(cut) == SLOW_CONNECTIONS, f"{SLOW_CONNECTIONS - len(cut)} slow connections were never cut"
+        assert memory.growth_mb() < 40, f"{memory.growth_mb():.1f} MB more for {SLOW_CONNECTIONS} slow connections"
+    finally:
+        memory.stop()
+        for _, writer in slow:
+            writer.transport.abort()
+        await harness.close()
+        await parley.stop()
+
+
+async def _eof_now(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closed the connection (what it sent meanwhile, a stream error, is read and dropped)."""
+    with contextlib.suppress(TimeoutError):
+        while await asyncio.wait_for(reader.read(65536), 0.001):
+            pass
+        return True
+    return reader.at_eof()
+
+
+NOT_READING = 10
+FLOOD = 130  # messages of 60 kB to each client that does not read: 78 MB in all, twice what the kernel buffers
+
+
+async def not_reading(harness: Harness, user: str) -> RawClient:
+    """A logged-in client with a small receive buffer that stops reading."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so the window stays small
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", harness.port))
+    raw = await login(harness, user, "desk", RawClient(*await asyncio.open_connection(sock=sock)))
+    raw.writer.transport.pause_reading()
+    return raw
+
+BIG = "x" * 60_000
+
+
+async def not_readers(tmp_path: Path) -> tuple[Parley, Harness, list[RawClient]]:
+    """A server with a 4 MB output budget, Alice, Bob and a 60 kB vCard, and NOT_READING clients that stopped
+    reading."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/data/parley.db"
+    await accounts(url, "alice", "bob", "flood")
+    storage = await open_storage(url)
+    for i in range(NOT_READING):
+        await create_account(storage, "localhost", f"n{i}", "pw", 4096)
+    await storage.close()
+    parley = Parley(tmp_path, url, "[limits]\nmax_output_total = 4000000\nc2s_rate = 100000000\n"
+                                   "c2s_burst = 100000000\n")
+    await parley.start()
+    harness = Harness(None, parley.port, parley.direct_port, tmp_path)  # type: ignore[arg-type]
+    return parley, harness, [await not_reading(harness, f"n{i}") for i in range(NOT_READING)]
+
+
+async def test_clients_that_never_read_are_cut_within_the_output_budget(tmp_path: Path) -> None:
+    """Another user sends ten clients that read nothing 7.8 MB each: the server cuts them within its output
+    budget, its memory stays bounded, and Alice and Bob chat on."""
+    parley, harness, stalled = await not_readers(tmp_path)
+    memory = MemoryWatch(parley)
+    try:
+        flood = await harness.client("flood@localhost", resource="hose")
+
+        async def send() -> None:
+            for i in range(FLOOD):
+                for n in range(NOT_READING):
+                    # Headlines: once a client is cut, the rest are dropped rather than stored for it.
+                    flood.send_message(mto=f"n{n}@localhost/desk", mbody=f"{i} {BIG}", mtype="headline")
+                await asyncio.sleep(0.005)
+
+        flooding = asyncio.get_running_loop().create_task(send())
+        await chatting(harness, rounds=5, every=0.5)
+        await flooding
+
+        def cut() -> bool:
+            return "output unread" in parley.log.read_text()
+
+        await until(cut, "clients that do not read cut")
+        assert memory.growth_mb() < 40, f"{memory.growth_mb():.1f} MB more for {NOT_READING} clients that do not read"
+    finally:
+        memory.stop()
+        for raw in stalled:
+            raw.writer.transport.abort()
+        await harness.close()
+        await parley.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="defect found here, not fixed: a burst of large answers to one client "
+                   "leaves in one TLS write, which asyncio's SSL transport hands to the TCP transport whole; "
+                   "get_write_buffer_size() no longer counts it, so neither the output budget nor "
+                   "WRITE_BUFFER_LIMIT sees it (server/c2s.py, server/stream/edge.py)")
+async def test_clients_that_ask_for_large_answers_and_never_read_are_cut(tmp_path: Path) -> None:
+    """Ten clients that read nothing ask for a 60 kB vCard 200 times each (120 MB of answers)."""
+    parley, harness, stalled = await not_readers(tmp_path)
+    memory = MemoryWatch(parley)
+    try:
+        flood = await harness.client("flood@localhost", resource="hose")
+        vcard = flood.Iq(stype="set")
+        vcard.append(fromstring(f"<vCard xmlns='vcard-temp'><DESC>{BIG}</DESC></vCard>"))
+        await vcard.send(timeout=5)
+        requests = "".join(f"<iq type='get' to='flood@localhost' id='v{i}'><vCard xmlns='vcard-temp'/></iq>"
+                           for i in range(200))
+        for raw in stalled:
+            await raw.send(requests)
+        await chatting(harness, rounds=5, every=0.5)
+        assert memory.growth_mb() < 40, f"{memory.growth_mb():.1f} MB more for {NOT_READING} clients that do not read"
+    finally:
+        memory.stop()
+        for raw in stalled:
+            raw.writer.transport.abort()
+        await harness.close()
         await parley.stop()
