@@ -15,12 +15,14 @@ than whether storage answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import time
 import weakref
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -69,8 +71,10 @@ class Stats:
     """What the core counts as it goes, read at scrape time."""
 
     def __init__(self) -> None:
-        self.received: dict[str, int] = dict.fromkeys(KINDS, 0)  # stanza tag -> from clients
-        self.sent: dict[str, int] = dict.fromkeys(KINDS, 0)  # stanza tag -> to clients
+        # Stanza tag -> count, from clients and to clients; a Counter, so that an element of another name
+        # (a module's mistake) is counted as 'other' rather than failing the send.
+        self.received: Counter[str] = Counter(dict.fromkeys(KINDS, 0))
+        self.sent: Counter[str] = Counter(dict.fromkeys(KINDS, 0))
         self.auth: dict[tuple[str, str], int] = {}  # (mechanism, "success" or "failure") -> count
         self.delivery = LatencyHistogram()  # a client's message: read -> handed to its recipients
         self.loop_lag = LatencyHistogram()
@@ -96,10 +100,15 @@ class Metrics:
         server.http.add("GET", "/health", self.health)
 
     def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> Callable[[], None]:
-        """Export what `collect` returns at each scrape (a part outside the core: federation); returns the undo."""
+        """Export what `collect` returns at each scrape (a part outside the core: federation); returns the undo,
+        which may be called more than once (a part stopped twice)."""
         collector = _Collector(collect)
         self.registry.register(collector)
-        return lambda: self.registry.unregister(collector)
+
+        def remove() -> None:
+            with contextlib.suppress(KeyError):
+                self.registry.unregister(collector)
+        return remove
 
     def watch(self, outage: Outage) -> None:
         """Export the failed writes `outage` counts, for as long as its owner lives."""
@@ -200,8 +209,11 @@ class _CoreCollector(Collector):
         for name, what, counts in (("parley_c2s_stanzas_received", "stanzas read from clients", stats.received),
                                    ("parley_c2s_stanzas_sent", "stanzas written to clients", stats.sent)):
             family = CounterMetricFamily(name, what + ", by kind", labels=["kind"])
+            by_kind: Counter[str] = Counter()
             for tag, count in counts.items():
-                family.add_metric([KINDS[tag]], count)
+                by_kind[KINDS.get(tag, "other")] += count
+            for kind, count in sorted(by_kind.items()):
+                family.add_metric([kind], count)
             yield family
         auth = CounterMetricFamily("parley_c2s_authentications", "SASL authentications by mechanism and outcome",
                                    labels=["mechanism", "outcome"])

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parley import build_server
 from server.config import ListenerConfig
 from server.ns import SASL
+from server.server import Server
 from tests.conftest import Harness, drop_pg_schema, free_ports, make_config, make_pg_schema
+from tests.s2s_support import Parley, linked, servers_fixture
 
+servers = servers_fixture
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -204,3 +208,19 @@ async def test_health_503_while_postgresql_is_gone(behind_proxy: tuple[Harness, 
         return (await get(base, "/health"))[0] == 200
 
     await until(healthy, 10)
+
+
+def registry_samples(server: Server) -> Samples:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in
+            text_string_to_metric_families(generate_latest(server.metrics.registry).decode()) for s in family.samples}
+
+
+async def test_s2s_links_by_direction_and_state(servers: tuple[Parley, Parley]) -> None:
+    a, b = servers
+    assert value(registry_samples(a.server), "parley_s2s_links", direction="outgoing", state="established") == 0
+    await linked(a, b)
+    sent, received = registry_samples(a.server), registry_samples(b.server)
+    assert value(sent, "parley_s2s_links", direction="outgoing", state="established") == 1
+    assert value(sent, "parley_s2s_links", direction="outgoing", state="connecting") == 0
+    assert value(received, "parley_s2s_links", direction="incoming", state="established") == 1
+    assert value(sent, "parley_s2s_queued_stanzas") == 0
