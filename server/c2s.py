@@ -77,7 +77,15 @@ def _b64decode(text: str | None) -> bytes:
 
 
 class C2SConnection(StreamEdge):
-    transport_label = "tcp"  # the sessions metric's label; Direct TLS connections say so
+    # The sessions metric's label: 'tcp', or 'direct_tls' for a Direct TLS listener's connection. A subclass
+    # for another carrier is labelled by its class name without 'Connection' (WebSocketConnection:
+    # 'websocket') unless it names its own.
+    transport_label = "tcp"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "transport_label" not in cls.__dict__:
+            cls.transport_label = cls.__name__.removesuffix("Connection").lower()
 
     def __init__(self, server: Server, direct_tls: bool) -> None:
         limits = server.config.limits
@@ -86,7 +94,7 @@ class C2SConnection(StreamEdge):
         self.server = server
         self.limits = limits
         self.secure = direct_tls
-        if direct_tls:
+        if direct_tls and type(self) is C2SConnection:
             self.transport_label = "direct_tls"
         self.state = State.SECURED if direct_tls else State.PLAIN
         self.remote_ip = ""

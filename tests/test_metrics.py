@@ -16,6 +16,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from parley import build_server
+from server.c2s import C2SConnection
 from server.config import ListenerConfig
 from server.ns import SASL
 from server.server import Server
@@ -107,6 +108,17 @@ async def test_scrape_after_logins_and_messages(server: Harness) -> None:
     assert value(after, "process_resident_memory_bytes") > 0
     status, body, _ = await get(base, "/health")
     assert status == 200 and '"status": "ok"' in body
+
+
+def test_a_transport_is_labelled_by_its_connection_class() -> None:
+    class WebSocketConnection(C2SConnection):
+        pass
+
+    class Named(C2SConnection):
+        transport_label = "carrier-pigeon"
+
+    assert (C2SConnection.transport_label, WebSocketConnection.transport_label, Named.transport_label) == \
+        ("tcp", "websocket", "carrier-pigeon")
 
 
 async def test_event_loop_lag_is_sampled(server: Harness) -> None:
