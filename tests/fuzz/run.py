@@ -13,7 +13,7 @@ import sys
 
 import atheris
 
-with atheris.instrument_imports(include=["server"]):
+with atheris.instrument_imports(include=["server", "extensions.websocket"]):
     from tests.fuzz.targets import TARGETS
 
 

@@ -12,6 +12,7 @@ seconds and replays every input in tests/fuzz/crashes/.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import tomllib
 from collections.abc import Callable
 from xml.etree.ElementTree import Element
@@ -141,6 +142,43 @@ def config(data: bytes) -> None:
         parse_config(document, known_modules=KNOWN_MODULES, data_dir="/nonexistent/parley-fuzz")
 
 
+def bosh(data: bytes) -> None:
+    """BOSH request bodies (server/stream/bosh.py), NUL-separated: the first creates a session, the others
+    are its requests at a second each; every refusal is a BoshError, and the session answers each rid once."""
+    from server.stream.bosh import BoshError, BoshSession, Limits, Params, parse_body
+
+    answered: set[int] = set()
+    try:
+        bodies = [parse_body(part, 1 << 16, 32) for part in data.split(b"\0")[:16]]
+        session = BoshSession("sid", Params.negotiate(bodies[0], Limits()), bodies[0], {}, 0.0)
+        for now, body in enumerate(bodies, 1):
+            received = session.receive(body.rid(), body, float(now))
+            session.write("<message/>")
+            for answer in [*received.answers, *session.flush(float(now)), *session.tick(float(now) + 0.5)]:
+                assert answer.rid not in answered, f"rid {answer.rid} answered twice"
+                answered.add(answer.rid)
+    except BoshError:
+        pass
+
+
+def websocket(data: bytes) -> None:
+    """WebSocket messages (RFC 7395), NUL-separated, through the framed parser of extensions/websocket.py:
+    each is one complete element or a StreamError."""
+    from extensions.websocket import FramedParser
+
+    parser = FramedParser(ns.CLIENT, max_stanza_size=1 << 16, max_depth=32)
+    for message in data.split(b"\0")[:32]:
+        try:
+            events = parser.feed(message)
+        except StreamError:
+            parser.reset()
+            continue
+        assert len(events) <= 1 and all(isinstance(e, Element | StreamOpen | StreamClose) for e in events)
+
+
+# Transports that arrive with other work are fuzzed once their module is there (see docs/fuzzing.md).
+_LATER = {"bosh": ("server.stream.bosh", bosh), "websocket": ("extensions.websocket", websocket)}
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "stream_parser": stream_parser,
     "scram": scram,
@@ -148,4 +186,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "forms": forms,
     "jid": jid,
     "config": config,
+    **{name: target for name, (module, target) in _LATER.items() if importlib.util.find_spec(module) is not None},
 }
