@@ -159,9 +159,11 @@ class Metrics:
 
     def _allowed(self, request: web.Request) -> bool:
         try:
-            address = ipaddress.ip_address(request.remote or "")
+            address = ipaddress.ip_address((request.remote or "").split("%")[0])
         except ValueError:
             return False
+        if address.version == 6 and address.ipv4_mapped:
+            address = address.ipv4_mapped
         return any(address in network for network in self.server.config.http_api.allowed_networks)
 
     def outages(self) -> dict[str, int]:

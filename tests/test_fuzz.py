@@ -16,7 +16,7 @@ from tests.fuzz.targets import TARGETS
 
 HERE = Path(__file__).parent / "fuzz"
 ROOT = HERE.parent.parent
-FUZZ_SECONDS = int(os.environ.get("PARLEY_FUZZ_SECONDS", "40"))  # with the start-ups, within a minute
+FUZZ_SECONDS = int(os.environ.get("PARLEY_FUZZ_SECONDS", "30"))  # with the start-ups, within a minute
 SAVED = sorted(p for kind in ("corpus", "crashes") for p in (HERE / kind).glob("*/*") if p.is_file())
 
 
