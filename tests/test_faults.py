@@ -23,6 +23,7 @@ from pathlib import Path
 from xml.etree.ElementTree import Element, fromstring
 
 import pytest
+from slixmpp import ClientXMPP
 from sqlalchemy import func, select
 
 from parley import build_server
@@ -112,11 +113,11 @@ async def storage_url_fixture(request: pytest.FixtureRequest, tmp_path: Path) ->
         await drop_pg_schema(schema)
 
 
-async def accounts(url: str, *names: str) -> None:
+async def accounts(url: str, *names: str, password: str = "secret") -> None:
     storage = await open_storage(url)
     try:
         for name in names:
-            await create_account(storage, "localhost", name, "secret", 4096)
+            await create_account(storage, "localhost", name, password, 4096)
     finally:
         await storage.close()
 
@@ -173,18 +174,35 @@ async def burst_until_killed(harness: Harness, parley: Parley, to: str) -> list[
     return [f"m{i}" for i in range(acked)]
 
 
-async def test_kill_9_during_a_burst_to_an_offline_user(tmp_path: Path, storage_url: str) -> None:
-    await accounts(storage_url, "alice", "bob")
-    parley = Parley(tmp_path, storage_url)
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, url: str, *users: str, extra: str = "") -> AsyncIterator[tuple[Parley, Harness]]:
+    """`parley serve` on `url` with these accounts (password 'secret'), and a harness for its clients."""
+    await accounts(url, *users)
+    parley = Parley(tmp_path, url, extra)
     await parley.start()
+    harness = Harness(None, parley.port, parley.direct_port, tmp_path)  # type: ignore[arg-type]
     try:
-        harness = Harness(None, parley.port, parley.direct_port, tmp_path)  # type: ignore[arg-type]
+        yield parley, harness
+    finally:
+        await harness.close()
+        await parley.stop()
+
+
+async def online(harness: Harness, jid: str) -> tuple[ClientXMPP, asyncio.Queue[Element]]:
+    """A client logged in and available, with the queue of the messages it receives."""
+    client = await harness.client(jid, resource="desk")
+    inbox = collect(client)
+    client.send_presence()
+    await sync(client)
+    return client, inbox
+
+
+async def test_kill_9_during_a_burst_to_an_offline_user(tmp_path: Path, storage_url: str) -> None:
+    async with serving(tmp_path, storage_url, "alice", "bob") as (parley, harness):
         acked = await burst_until_killed(harness, parley, "bob@localhost")
         await harness.close()
         await parley.start()
-        bob = await harness.client("bob@localhost", resource="desk")
-        inbox = collect(bob)
-        bob.send_presence()
+        bob, inbox = await online(harness, "bob@localhost")
 
         async def all_taken() -> bool:
             return not await stored(storage_url, "offline", "bob")
@@ -194,39 +212,23 @@ async def test_kill_9_during_a_burst_to_an_offline_user(tmp_path: Path, storage_
         received = bodies(inbox)
         assert len(received) == len(set(received)), "a message was delivered twice"
         assert set(acked) <= set(received), sorted(set(acked) - set(received), key=lambda b: int(b[1:]))
-        await harness.close()
-    finally:
-        await parley.stop()
 
 
 async def test_kill_9_during_archived_online_delivery(tmp_path: Path, storage_url: str) -> None:
-    await accounts(storage_url, "alice", "bob")
-    parley = Parley(tmp_path, storage_url)
-    await parley.start()
-    try:
-        harness = Harness(None, parley.port, parley.direct_port, tmp_path)  # type: ignore[arg-type]
-        bob = await harness.client("bob@localhost", resource="desk")
-        before = collect(bob)
-        bob.send_presence()
-        await sync(bob)
+    async with serving(tmp_path, storage_url, "alice", "bob") as (parley, harness):
+        bob, before = await online(harness, "bob@localhost")
         acked = await burst_until_killed(harness, parley, "bob@localhost")
         bob.abort()
         received = bodies(before)
         await harness.close()
         await parley.start()
-        bob = await harness.client("bob@localhost", resource="desk")
-        after = collect(bob)
-        bob.send_presence()
-        await sync(bob)
+        _, after = await online(harness, "bob@localhost")
         received += bodies(after)
         archived = await stored(storage_url, "archive", "bob")
         assert len(received) == len(set(received)), "a message was delivered twice"
         assert len(archived) == len(set(archived)), "a message was archived twice"
         assert set(received) <= set(archived), "delivered without being archived"
         assert set(acked) <= set(received) | set(archived), sorted(set(acked) - set(received) - set(archived))
-        await harness.close()
-    finally:
-        await parley.stop()
 
 
 def _as_postgres(*command: str) -> list[str]:
@@ -354,10 +356,12 @@ async def test_slowloris_is_cut_and_costs_little(tmp_path: Path) -> None:
     """300 connections that send a byte a second: cut after the unauthenticated timeout, bounded memory,
     and other users log in and chat meanwhile."""
     url = f"sqlite+aiosqlite:///{tmp_path}/data/parley.db"
-    await accounts(url, "alice", "bob", "carol")
-    parley = Parley(tmp_path, url, "[limits]\nmax_connections_per_ip = 1000\nunauthenticated_timeout = 4.0\n")
-    await parley.start()
-    harness = Harness(None, parley.port, parley.direct_port, tmp_path)  # type: ignore[arg-type]
+    limits = "[limits]\nmax_connections_per_ip = 1000\nunauthenticated_timeout = 4.0\n"
+    async with serving(tmp_path, url, "alice", "bob", "carol", extra=limits) as (parley, harness):
+        await slowloris(parley, harness)
+
+
+async def slowloris(parley: Parley, harness: Harness) -> None:
     slow: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     memory = MemoryWatch(parley)
     try:
@@ -390,8 +394,6 @@ async def test_slowloris_is_cut_and_costs_little(tmp_path: Path) -> None:
         memory.stop()
         for _, writer in slow:
             writer.transport.abort()
-        await harness.close()
-        await parley.stop()
 
 
 async def _eof_now(reader: asyncio.StreamReader) -> bool:
@@ -415,29 +417,22 @@ async def not_readers(tmp_path: Path) -> AsyncIterator[tuple[Parley, Harness, li
     """A server with a 4 MB output budget, users alice, bob and flood, NOT_READING clients n0… that stopped
     reading, and the watch of its memory, which must not grow by 40 MB."""
     url = f"sqlite+aiosqlite:///{tmp_path}/data/parley.db"
-    await accounts(url, "alice", "bob", "flood")
-    storage = await open_storage(url)
-    for i in range(NOT_READING):
-        await create_account(storage, "localhost", f"n{i}", "pw", 4096)
-    await storage.close()
-    parley = Parley(tmp_path, url, "[limits]\nmax_output_total = 4000000\nc2s_rate = 100000000\n"
-                                   "c2s_burst = 100000000\n")
-    await parley.start()
-    harness = Harness(None, parley.port, parley.direct_port, tmp_path)  # type: ignore[arg-type]
-    stalled: list[RawClient] = []
-    memory: MemoryWatch | None = None
-    try:
-        stalled = [await stop_reading(harness, f"n{i}") for i in range(NOT_READING)]
-        memory = MemoryWatch(parley)
-        yield parley, harness, stalled, memory
-        assert memory.growth_mb() < 40, f"{memory.growth_mb():.1f} MB more for {NOT_READING} clients that do not read"
-    finally:
-        if memory is not None:
-            memory.stop()
-        for raw in stalled:
-            raw.writer.transport.abort()
-        await harness.close()
-        await parley.stop()
+    await accounts(url, *(f"n{i}" for i in range(NOT_READING)), password="pw")  # as stop_reading logs in
+    limits = "[limits]\nmax_output_total = 4000000\nc2s_rate = 100000000\nc2s_burst = 100000000\n"
+    async with serving(tmp_path, url, "alice", "bob", "flood", extra=limits) as (parley, harness):
+        stalled: list[RawClient] = []
+        memory: MemoryWatch | None = None
+        try:
+            stalled = [await stop_reading(harness, f"n{i}") for i in range(NOT_READING)]
+            memory = MemoryWatch(parley)
+            yield parley, harness, stalled, memory
+            growth = memory.growth_mb()
+            assert growth < 40, f"{growth:.1f} MB more for {NOT_READING} clients that do not read"
+        finally:
+            if memory is not None:
+                memory.stop()
+            for raw in stalled:
+                raw.writer.transport.abort()
 
 
 async def test_clients_that_never_read_are_cut_within_the_output_budget(tmp_path: Path) -> None:
