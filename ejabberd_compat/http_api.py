@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from aiohttp import web
 from server.accounts import password_matches
 from server.commands import Command, Context
 from server.control import execute, find
+from server.http import within
 from server.jid import JID, JIDError
 from server.stream.writer import not_xml
 
@@ -97,13 +97,7 @@ class HttpApi:
         return web.json_response(message, status=400)
 
     def _check_network(self, remote: str) -> None:
-        try:
-            address = ipaddress.ip_address(remote.split("%")[0])
-        except ValueError:
-            raise _refusal(403, 32, "the API is not open to your address") from None
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if not any(address in network for network in self.settings.allowed_networks):
+        if not within(remote, self.settings.allowed_networks):
             raise _refusal(403, 32, "the API is not open to your address")
 
     async def _caller(self, request: web.Request) -> Context:

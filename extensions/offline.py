@@ -56,6 +56,7 @@ class Offline(Module):
         self.add_feature(ns.OFFLINE)
         # Messages that could not be stored (a full disk): bounced, counted, logged once per burst.
         self.outage = Outage("offline storage", "messages to offline users are bounced")
+        self.server.metrics.watch(self.outage)
         self.hook("message/offline", self.store)
         self.hook("presence/initial", self.deliver)
         self.hook("session/closed", self.session_closed, priority=-50)  # after stream management

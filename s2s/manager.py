@@ -19,8 +19,11 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
+
+from prometheus_client.core import GaugeMetricFamily
 
 from s2s.certs import S2STls
 from s2s.incoming import S2SIncoming
@@ -55,6 +58,7 @@ class S2SManager:
         self._sweeper: asyncio.Task[None] | None = None
         self._retried: weakref.WeakSet[Element] = weakref.WeakSet()  # stanzas already sent over a lost link
         self.stopping = False
+        self._unexport = server.metrics.add_collector(self.collect)
 
     # --- life cycle -------------------------------------------------------------------------------
 
@@ -77,6 +81,7 @@ class S2SManager:
     async def stop(self) -> None:
         """Stop accepting, close every stream, and bounce what was still waiting for a link."""
         self.stopping = True
+        self._unexport()
         self.server.hooks.remove("route/remote", self.route)
         self.server.hooks.remove("server/reloaded", self.reloaded)
         for srv in self.listeners:
@@ -91,6 +96,22 @@ class S2SManager:
         for stream in list(self.incoming):
             stream.end()
         await asyncio.sleep(0)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Links by direction and state, for metrics: 'established' once a domain pair is authenticated on it."""
+        links = GaugeMetricFamily("parley_s2s_links", "server-to-server streams by direction and state",
+                                  labels=["direction", "state"])
+        outgoing = set(self.links.values())
+        established = sum(1 for link in outgoing if link.methods)
+        links.add_metric(["outgoing", "established"], established)
+        links.add_metric(["outgoing", "connecting"], len(outgoing) - established)
+        established = sum(1 for stream in self.incoming if stream.pairs)
+        links.add_metric(["incoming", "established"], established)
+        links.add_metric(["incoming", "authenticating"], len(self.incoming) - established)
+        yield links
+        queued = GaugeMetricFamily("parley_s2s_queued_stanzas", "stanzas waiting for an outgoing link to be ready")
+        queued.add_metric([], sum(len(q) for link in outgoing for q in link.queues.values()))
+        yield queued
 
     async def policy_changed(self) -> None:
         """Apply the lists admins changed (XEP-0133) or modules loaded (POLICY_CHANGED): outgoing stanzas meet

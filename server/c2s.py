@@ -77,6 +77,16 @@ def _b64decode(text: str | None) -> bytes:
 
 
 class C2SConnection(StreamEdge):
+    # The sessions metric's label: 'tcp', or 'direct_tls' for a Direct TLS listener's connection. A subclass
+    # for another carrier is labelled by its class name without 'Connection' (WebSocketConnection:
+    # 'websocket') unless it names its own.
+    transport_label = "tcp"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "transport_label" not in cls.__dict__:
+            cls.transport_label = cls.__name__.removesuffix("Connection").lower()
+
     def __init__(self, server: Server, direct_tls: bool) -> None:
         limits = server.config.limits
         super().__init__(StreamParser(ns.CLIENT, limits.max_stanza_size, limits.max_depth),
@@ -84,6 +94,8 @@ class C2SConnection(StreamEdge):
         self.server = server
         self.limits = limits
         self.secure = direct_tls
+        if direct_tls and type(self) is C2SConnection:
+            self.transport_label = "direct_tls"
         self.state = State.SECURED if direct_tls else State.PLAIN
         self.remote_ip = ""
         self.host: Host | None = None
@@ -96,6 +108,7 @@ class C2SConnection(StreamEdge):
         self._counted_ip = False
         self._scram: ScramServer | None = None
         self._sasl_failures = 0
+        self._mechanism = ""  # the SASL mechanism tried last, for metrics
         self._channel_bindings: dict[str, bytes] = {}
         self._writable = asyncio.Event()  # cleared while the socket's write buffer is above its high mark
         self._writable.set()
@@ -349,6 +362,7 @@ class C2SConnection(StreamEdge):
             raise SaslFailure("invalid-mechanism")
         self._check_throttle(None)
         initial = _b64decode(el.text)
+        self._mechanism = mechanism
         if mechanism == "PLAIN":
             authzid, authcid, password = parse_plain(initial)
             user = self._prepare_user(authcid)
@@ -401,6 +415,7 @@ class C2SConnection(StreamEdge):
         for key in self._throttle_keys(user):
             self.server.auth_throttle.failed(key)
         self._sasl_failures += 1
+        self.server.stats.authenticated(self._mechanism, "failure")
         log.info("authentication failed for %s@%s from %s", user, self.host.name, self.remote_ip)
 
     def _auth_succeeded(self, user: str, disabled: bool, additional: bytes) -> None:
@@ -408,6 +423,7 @@ class C2SConnection(StreamEdge):
             raise SaslFailure("account-disabled")
         for key in self._throttle_keys(user):
             self.server.auth_throttle.succeeded(key)
+        self.server.stats.authenticated(self._mechanism, "success")
         self.send(_sasl("success", base64.b64encode(additional).decode() if additional else None))
         self.state = advance(self.state, Event.SASL_SUCCESS)
         self.username = user
@@ -483,6 +499,8 @@ class C2SConnection(StreamEdge):
                 raise StreamError("invalid-from", "'from' does not match your address")
         el.set("from", str(session.jid))
         kind = KINDS[el.tag]
+        stats = self.server.stats
+        stats.received[el.tag] += 1
         if kind == "iq" and len(el) == 1 and el[0].tag == SESSION and el.get("type") == "set" \
                 and el.get("to") in (None, self.host.name):
             session.send(reply(el))
@@ -494,8 +512,11 @@ class C2SConnection(StreamEdge):
                     session.send(error_reply(el, exc))
             else:
                 stanza = Stanza(el, kind, session.jid, to, session)
+                began = time.perf_counter()
                 try:
                     await self.server.router.route(stanza)
+                    if kind == "message":
+                        stats.delivery.observe(time.perf_counter() - began)
                 except Exception as exc:
                     # A storage failure (a full disk) fails this stanza, not the stream and the stanzas after it.
                     condition = storage_condition(exc)

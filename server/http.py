@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,6 +54,15 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
+
+
+def within(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether a client's address (as `Peer.address` holds it) is in one of `networks`; an IPv4-mapped IPv6
+    address counts as the IPv4 one, as a dual-stack listener reports IPv4 clients."""
+    ip = _ip(address)
+    if ip is not None and ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip is not None and any(ip in network for network in networks)
 
 
 def _forwarded(request: web.Request) -> tuple[list[str], str | None]:

@@ -107,6 +107,12 @@ def _prepare_label(label: str) -> str:
             return label
     try:
         ulabel = idna.ulabel(label)
+        if label.isascii():
+            # An A-label's U-label is mapped as a typed one is, so that both forms prepare alike and what
+            # this returns prepares to itself.
+            mapped = unicodedata.normalize("NFC", _map_width(ulabel).lower())
+            if mapped != ulabel:
+                ulabel = idna.ulabel(mapped)
         alabel = idna.alabel(ulabel)
     except (idna.IDNAError, UnicodeError) as exc:
         raise JIDError(f"invalid internationalised domain label: {exc}") from None

@@ -26,6 +26,7 @@ from server.hooks import Hooks
 from server.host import Host
 from server.http import HttpServer
 from server.limits import AuthThrottle, ConnectionCounter, OutputBudget
+from server.metrics import Metrics, Stats
 from server.registry import available
 from server.router import Router
 from server.sessions import Session, SessionDirectory, session_directory
@@ -98,6 +99,8 @@ class Server:
             self.commands.add(declared)
         self.control = ControlSocket(self)  # for parleyctl
         self.http = HttpServer(self)  # the 'http' listeners, where each part adds its paths
+        self.stats = Stats()  # counted as stanzas go, for metrics
+        self.metrics = Metrics(self)  # /metrics and /health
         self.components = Components(self)  # XEP-0114
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
@@ -115,6 +118,7 @@ class Server:
         if not self.max_connections:
             self.max_connections = max(16, fd_limit - FD_RESERVE)
         self.storage = await open_storage(config.storage.url)
+        self.metrics.start()
         certs = {}
         for name, hc in config.hosts.items():
             if ensure_certificate(name, hc.certificate, hc.key):
@@ -163,6 +167,7 @@ class Server:
         # Parts that hold HTTP requests open (BOSH) answer them first: the HTTP server waits for every request.
         await self.hooks.fire_all("server/stopping", self)
         await self.http.stop()
+        self.metrics.stop()
         for srv in self.listeners:
             srv.close()
         if self._sweeper is not None:

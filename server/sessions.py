@@ -172,6 +172,8 @@ class Session:
         `el` is the stanza `data` serializes ('to' aside), so that `hold` can judge it; without it the
         data goes out as it is (as when `hold` lets go of what it took).
         """
+        if el is not None:
+            self.host.server.stats.sent[el.tag] += 1
         if self.closed:
             self._keep(el if el is not None else parse_stored(data))
         elif el is None or self.hold is None or not self.hold(el, data):

@@ -102,14 +102,20 @@ async def test_sigterm_delivers_or_stores_everything_that_was_read(tmp_path: Pat
 BUDGET = 1_000_000
 
 
-async def not_reading(harness: Harness, user: str) -> RawClient:
-    """A logged-in client that stops reading, with small socket buffers so that output piles up in the server."""
+async def stop_reading(harness: Harness, user: str) -> RawClient:
+    """A logged-in client with a small receive buffer that stops reading."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting, so the window stays small
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", harness.port))
     raw = await login(harness, user, "desk", RawClient(*await asyncio.open_connection(sock=sock)))
     raw.writer.transport.pause_reading()
+    return raw
+
+
+async def not_reading(harness: Harness, user: str) -> RawClient:
+    """A logged-in client that stops reading, with small socket buffers so that output piles up in the server."""
+    raw = await stop_reading(harness, user)
     conn = next(c for c in harness.server.connections if c.session and c.session.bare == JID.parse(f"{user}@localhost"))
     conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     return raw

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +25,7 @@ from sqlalchemy import ColumnElement, Integer, case, column, delete, func, liter
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from server.metrics import LatencyHistogram
 from server.storage.engine import Outage, storage_condition, user_rows, writer
 from server.storage.schema import archive
 
@@ -120,6 +122,7 @@ class ArchiveStore:
         self._indexing: asyncio.TimerHandle | asyncio.Task[None] | None = None
         # Appends that failed (outage.failures, for metrics), logged once per burst.
         self.outage = Outage("message archive", "messages are delivered without being archived")
+        self.commits = LatencyHistogram()  # seconds each group commit takes, for metrics
 
     def append(self, host: str, user: str, stanza_id: str, stamp: datetime, with_jid: str,
                with_resource: str | None, body: str | None, stanza_xml: str) -> asyncio.Future[None]:
@@ -142,8 +145,10 @@ class ArchiveStore:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                began = time.perf_counter()
                 try:
                     await self._insert([row for row, _ in batch])
+                    self.commits.observe(time.perf_counter() - began)
                 except Exception as exc:
                     if storage_condition(exc) == "resource-constraint":
                         # A full disk fails every row alike: trying them one by one would only wait longer.
@@ -161,6 +166,11 @@ class ArchiveStore:
                 self._written(batch)
         finally:
             self._flushing = None
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the next commit (not those of the commit under way)."""
+        return len(self._pending)
 
     def _written(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
         self.outage.succeeded()
