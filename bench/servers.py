@@ -197,6 +197,7 @@ class BenchServer:
 class Parley(BenchServer):
     name = "parley"
     default_address = "127.0.1.4"
+    web = True  # an http listener with WebSocket and BOSH, for the web scenarios
 
     def check(self) -> None:
         from server.registry import available
@@ -212,7 +213,7 @@ class Parley(BenchServer):
         from server.registry import available
 
         installed = available()
-        wanted = [*PARLEY_MODULES, "websocket", "bosh"]
+        wanted = [*PARLEY_MODULES, "websocket", "bosh"] if self.web else PARLEY_MODULES
         wanted = [*wanted, "mam"] if self.profile.archive else wanted
         missing = [m for m in wanted if m not in installed]
         if missing:
@@ -225,6 +226,12 @@ class Parley(BenchServer):
 
     def _write_config(self) -> None:
         modules = ", ".join(f'"{m}"' for m in self._modules())
+        http = f'''
+[[listeners]]
+type = "http"
+address = "{self.address}"
+port = {self.http_port}
+''' if self.web else ""
         self.config_file.write_text(f"""\
 data_dir = "{self.dir / 'data'}"
 require_encryption = false
@@ -249,12 +256,7 @@ type = "c2s"
 address = "{self.address}"
 port = {self.port}
 tls = "starttls"
-
-[[listeners]]
-type = "http"
-address = "{self.address}"
-port = {self.http_port}
-
+{http}
 [hosts."{self.domain}"]
 """)
 
@@ -308,6 +310,11 @@ class ParleyWorkers(Parley):
 
     name = "parley-2w"
     default_address = "127.0.1.5"
+    web = False  # http listeners need a single process
+
+    @property
+    def bosh_url(self) -> str | None:
+        return None
 
     def check(self) -> None:
         super().check()
