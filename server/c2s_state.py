@@ -8,6 +8,11 @@ which mechanisms are offered, are the credentials right) is decided by the actio
 
     PLAIN ──STARTTLS──> TLS_NEGOTIATING ──handshake──> SECURED      (Direct TLS starts in SECURED)
     PLAIN, SECURED ──SASL success──> AUTHENTICATED ──bind or resume──> BOUND
+    SECURED ──SASL2 success──> AUTHENTICATED ──inline Bind2 or resume, in the same step──> BOUND
+
+SASL2 (XEP-0388) needs TLS: a plain stream is not offered it and its <authenticate/> is refused. It has no
+stream restart, and its success may carry Bind2's resource (XEP-0386) or stream management's resumption,
+so one <authenticate/> may take a stream from SECURED to BOUND.
     any state ──close──> CLOSED
 
 A stream restart (after TLS and after SASL) changes no state: the parser is reset, so a new stream header
@@ -41,6 +46,9 @@ class Input(Enum):
     AUTH = "sasl auth"
     RESPONSE = "sasl response"
     ABORT = "sasl abort"
+    AUTHENTICATE = "sasl2 authenticate"
+    SASL2_RESPONSE = "sasl2 response"
+    SASL2_ABORT = "sasl2 abort"
     IQ = "iq"
     STANZA = "message or presence"
     OTHER = "other element"  # stream management, client state indication, or unknown
@@ -54,6 +62,8 @@ class Action(Enum):
     STARTTLS = "proceed with TLS"
     SASL_AUTH = "start SASL"
     SASL_RESPONSE = "continue SASL"
+    SASL2_AUTH = "start SASL2, with its inline requests"
+    SASL2_RESPONSE = "continue SASL2"
     UNAUTHENTICATED_IQ = "'c2s/unauthenticated-iq' (registration), else not-authorized"
     BIND = "bind a resource, else not-authorized"
     STANZA = "route the session's stanza"
@@ -65,6 +75,7 @@ class Action(Enum):
 class Reply(Enum):
     STREAM_ERROR = "stream error"  # the stream ends
     SASL_FAILURE = "SASL failure"  # the stream goes on; the client may try again
+    SASL2_FAILURE = "SASL2 failure"  # the same, in SASL2's <failure/>
     TLS_FAILURE = "TLS failure"  # <failure xmlns='...xmpp-tls'/>, then the stream ends
 
 
@@ -94,6 +105,9 @@ ALREADY_AUTHENTICATED = Refusal(Reply.STREAM_ERROR, "policy-violation", "already
 NO_SASL_UNDER_WAY = Refusal(Reply.SASL_FAILURE, "malformed-request", "no authentication in progress")
 ABORTED = Refusal(Reply.SASL_FAILURE, "aborted")
 TLS_REFUSED = Refusal(Reply.TLS_FAILURE)
+SASL2_NEEDS_TLS = Refusal(Reply.SASL2_FAILURE, "encryption-required", "SASL2 is offered over TLS only")
+NO_SASL2_UNDER_WAY = Refusal(Reply.SASL2_FAILURE, "malformed-request", "no authentication in progress")
+SASL2_ABORTED = Refusal(Reply.SASL2_FAILURE, "aborted")
 
 _UNAUTHENTICATED: dict[Input, Outcome] = {
     Input.OPEN: Action.OPEN,
@@ -102,6 +116,9 @@ _UNAUTHENTICATED: dict[Input, Outcome] = {
     Input.AUTH: Action.SASL_AUTH,
     Input.RESPONSE: Action.SASL_RESPONSE,
     Input.ABORT: ABORTED,
+    Input.AUTHENTICATE: Action.SASL2_AUTH,
+    Input.SASL2_RESPONSE: Action.SASL2_RESPONSE,
+    Input.SASL2_ABORT: SASL2_ABORTED,
     Input.IQ: Action.UNAUTHENTICATED_IQ,
     Input.STANZA: NOT_AUTHORIZED,
     Input.OTHER: Action.ELEMENT,
@@ -113,6 +130,9 @@ _AUTHENTICATED: dict[Input, Outcome] = {
     Input.AUTH: ALREADY_AUTHENTICATED,
     Input.RESPONSE: NO_SASL_UNDER_WAY,
     Input.ABORT: ABORTED,
+    Input.AUTHENTICATE: ALREADY_AUTHENTICATED,
+    Input.SASL2_RESPONSE: NO_SASL2_UNDER_WAY,
+    Input.SASL2_ABORT: SASL2_ABORTED,
     Input.IQ: Action.BIND,
     Input.STANZA: NOT_AUTHORIZED,
     Input.OTHER: Action.ELEMENT,
@@ -120,7 +140,7 @@ _AUTHENTICATED: dict[Input, Outcome] = {
 _NOTHING: dict[Input, Outcome] = dict.fromkeys(Input, Action.IGNORE)
 
 ACCEPTS: dict[State, dict[Input, Outcome]] = {
-    State.PLAIN: _UNAUTHENTICATED,
+    State.PLAIN: {**_UNAUTHENTICATED, Input.AUTHENTICATE: SASL2_NEEDS_TLS, Input.SASL2_RESPONSE: SASL2_NEEDS_TLS},
     # The reader waits for the handshake: nothing is read in this state.
     State.TLS_NEGOTIATING: _NOTHING,
     State.SECURED: {**_UNAUTHENTICATED, Input.STARTTLS: TLS_REFUSED},
@@ -143,6 +163,9 @@ _INPUTS = {
     ns.qname(ns.SASL, "auth"): Input.AUTH,
     ns.qname(ns.SASL, "response"): Input.RESPONSE,
     ns.qname(ns.SASL, "abort"): Input.ABORT,
+    ns.qname(ns.SASL2, "authenticate"): Input.AUTHENTICATE,
+    ns.qname(ns.SASL2, "response"): Input.SASL2_RESPONSE,
+    ns.qname(ns.SASL2, "abort"): Input.SASL2_ABORT,
     IQ: Input.IQ,
     MESSAGE: Input.STANZA,
     PRESENCE: Input.STANZA,

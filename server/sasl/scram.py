@@ -28,6 +28,7 @@ __all__ = [
     "ScramCredentials",
     "ScramServer",
     "derive_credentials",
+    "downgrade_hash",
     "verify_password",
 ]
 
@@ -175,6 +176,14 @@ def _mechanism_hash(mechanism: str) -> tuple[str, bool]:
     return mechanism.removeprefix("SCRAM-").removesuffix("-PLUS"), plus
 
 
+def downgrade_hash(hash_name: str, mechanisms: list[str], cb_types: list[str]) -> str:
+    """XEP-0474's 'd' attribute: the hash of what the server offered - its mechanisms and channel-binding
+    types, each sorted and joined by ',', the two lists joined by '|' - so that a client can tell whether
+    the lists it saw were stripped on the way."""
+    offered = ",".join(sorted(mechanisms)) + "|" + ",".join(sorted(cb_types))
+    return _b64encode(hashlib.new(_hashlib_name(hash_name), offered.encode()).digest())
+
+
 def _new_nonce() -> str:
     return _b64encode(os.urandom(18))
 
@@ -193,8 +202,10 @@ class ScramServer:
         plus_advertised: bool,
         secret: bytes,
         server_nonce: str | None = None,
+        offered: tuple[list[str], list[str]] | None = None,
     ) -> None:
         self.mechanism = mechanism
+        self._offered = offered  # (mechanisms, channel-binding types) for XEP-0474
         self.hash_name, self._plus = _mechanism_hash(mechanism)
         self._algo = _hashlib_name(self.hash_name)
         self._channel_bindings = dict(channel_bindings)
@@ -295,6 +306,8 @@ class ScramServer:
         self._creds = creds
         self._nonce += self._server_nonce
         self._server_first = f"r={self._nonce},s={_b64encode(creds.salt)},i={creds.iterations}"
+        if self._offered is not None:
+            self._server_first += f",d={downgrade_hash(self.hash_name, *self._offered)}"
         self._state = "finish"
         return self._server_first.encode()
 

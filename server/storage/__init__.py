@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.storage.accounts import Account, AccountStore, Credentials, StoredCredentials
 from server.storage.archive import ArchiveStore
 from server.storage.engine import dispose_inline, make_engine
+from server.storage.fast import FastTokenStore
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
@@ -23,6 +24,7 @@ __all__ = [
     "AccountStore",
     "ArchiveStore",
     "Credentials",
+    "FastTokenStore",
     "KeyValueStore",
     "OfflineStore",
     "PubSubStore",
@@ -49,6 +51,7 @@ class Storage:
         self.archive = ArchiveStore(engine)
         self.pubsub = PubSubStore(engine)
         self.uploads = UploadStore(engine)
+        self.fast = FastTokenStore(engine)
 
     async def close(self) -> None:
         self.archive.close()
