@@ -19,6 +19,7 @@ from server.sasl.ht import initiator_proof, responder_proof
 from server.sasl.scram import ScramClient, downgrade_hash
 from server.storage.schema import fast_tokens
 from tests.conftest import Harness, RawClient
+from tests.test_adhoc import PLUGINS, admin_client, result_values, run
 from tests.test_c2s import SASL, STREAMS, stream_error_condition, tls_raw
 from tests.test_stream_management import cut, detached
 
@@ -387,3 +388,26 @@ async def test_a_failed_inline_resumption_binds_a_new_session(server: Harness) -
     success, _ = await scram2(raw, f"<resume xmlns='{SM}' previd='gone' h='0'/>" + bind_xml())
     assert success.find(f"{{{SM}}}failed") is not None
     assert success.find(f"{{{BIND2}}}bound") is not None
+
+
+# --- revoking ---------------------------------------------------------------------------------------------
+
+
+async def test_an_admin_revokes_a_device_s_tokens_by_ad_hoc_command(server: Harness) -> None:
+    await server.add_user("alice")
+    token = await issued_token(server)
+    admin = await admin_client(server)
+    done = await run(admin, "revoke-fast-tokens", "complete", None, accountjid="alice@localhost", device=AGENT)
+    assert result_values(done)["revoked"] == "1"
+    raw, _ = await offered(server)
+    assert condition(await fast_login(raw, token, 1)) == "not-authorized"
+
+
+async def test_a_user_revokes_its_own_tokens(server: Harness) -> None:
+    await server.add_user("alice")
+    token = await issued_token(server)
+    alice = await server.client("alice@localhost", plugins=PLUGINS)
+    done = await run(alice, "revoke-my-fast-tokens", "complete", None)
+    assert result_values(done)["revoked"] == "1"
+    raw, _ = await offered(server)
+    assert condition(await fast_login(raw, token, 1)) == "not-authorized"
