@@ -218,30 +218,37 @@ async def test_sasl2_abort_and_a_response_out_of_turn(server: Harness) -> None:
 # --- XEP-0474 ---------------------------------------------------------------------------------------
 
 
-def offered_lists(features: Element) -> tuple[list[str], list[str]]:
-    mechanisms = [m.text for m in features.iter(f"{{{SASL}}}mechanism")]
+def offered_lists(features: Element, namespace: str = SASL) -> tuple[list[str], list[str]]:
+    mechanisms = [m.text for m in features.iter(f"{{{namespace}}}mechanism")]
     bindings = [cb.get("type") for cb in features.iter(f"{{{SASL_CB}}}channel-binding")]
     return mechanisms, bindings
 
 
-def d_attribute(server_first: bytes) -> str:
+def ssdp(algorithm: str, mechanisms: list[str], bindings: list[str]) -> str:
+    """XEP-0474 section 6.1, written out from the XEP: mechanisms sorted, joined by 0x1E; 0x1F; bindings."""
+    text = "\x1e".join(sorted(mechanisms)) + "\x1f" + "\x1e".join(sorted(bindings))
+    return b64(hashlib.new(algorithm, text.encode("ascii")).digest())
+
+
+def h_attribute(server_first: bytes) -> str:
     attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
-    return attrs["d"]
+    return attrs["h"]
 
 
 async def test_server_first_message_hashes_what_was_offered_in_sasl2(server: Harness) -> None:
     await server.add_user("alice")
     raw, features = await offered(server)
-    mechanisms, bindings = offered_lists(features)
-    assert "tls-server-end-point" in bindings
-    for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-1"):
+    mechanisms, _ = offered_lists(features.find(f"{{{SASL2}}}authentication"), SASL2)
+    _, bindings = offered_lists(features)
+    assert "tls-server-end-point" in bindings and "SCRAM-SHA-256-PLUS" in mechanisms
+    for mechanism, algorithm in (("SCRAM-SHA-256", "sha256"), ("SCRAM-SHA-1", "sha1")):
         failure, server_first = await scram2(raw, mechanism=mechanism, password="wrong")
         assert condition(failure) == "not-authorized"
-        hash_name = mechanism.removeprefix("SCRAM-")
-        assert d_attribute(server_first) == downgrade_hash(hash_name, mechanisms, bindings)
+        assert h_attribute(server_first) == ssdp(algorithm, mechanisms, bindings)
         # What a man in the middle stripped changes the hash the client computes.
-        assert d_attribute(server_first) != downgrade_hash(hash_name, [m for m in mechanisms if "PLUS" not in m],
-                                                           bindings)
+        stripped = [m for m in mechanisms if "PLUS" not in m]
+        assert h_attribute(server_first) != ssdp(algorithm, stripped, bindings)
+        assert h_attribute(server_first) != ssdp(algorithm, mechanisms, ["tls-server-end-point"])
 
 
 async def test_server_first_message_hashes_what_was_offered_in_legacy_sasl(server: Harness) -> None:
@@ -250,7 +257,12 @@ async def test_server_first_message_hashes_what_was_offered_in_legacy_sasl(serve
     client = ScramClient("SCRAM-SHA-256", "alice", "secret", cb_type="tls-exporter", plus_supported_by_server=True)
     await raw.send(f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{b64(client.first())}</auth>")
     challenge = await raw.expect(f"{{{SASL}}}challenge")
-    assert d_attribute(base64.b64decode(challenge.text)) == downgrade_hash("SHA-256", *offered_lists(features))
+    assert h_attribute(base64.b64decode(challenge.text)) == ssdp("sha256", *offered_lists(features))
+
+
+def test_without_channel_bindings_the_hash_covers_the_mechanisms_only() -> None:
+    assert downgrade_hash("SHA-256", ["SCRAM-SHA-256", "PLAIN"], []) == \
+        b64(hashlib.sha256(b"PLAIN\x1eSCRAM-SHA-256").digest())
 
 
 # --- FAST ---------------------------------------------------------------------------------------------

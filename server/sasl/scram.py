@@ -177,10 +177,12 @@ def _mechanism_hash(mechanism: str) -> tuple[str, bool]:
 
 
 def downgrade_hash(hash_name: str, mechanisms: list[str], cb_types: list[str]) -> str:
-    """XEP-0474's 'd' attribute: the hash of what the server offered - its mechanisms and channel-binding
-    types, each sorted and joined by ',', the two lists joined by '|' - so that a client can tell whether
-    the lists it saw were stripped on the way."""
-    offered = ",".join(sorted(mechanisms)) + "|" + ",".join(sorted(cb_types))
+    """XEP-0474's 'h' attribute: the hash of what the server offered, so that a client can tell whether the
+    lists it saw were stripped on the way. The mechanisms sorted by octet and joined by U+001E, then, when
+    channel-binding types were offered (XEP-0440), U+001F and those types sorted and joined the same way."""
+    offered = "\x1e".join(sorted(mechanisms))
+    if cb_types:
+        offered += "\x1f" + "\x1e".join(sorted(cb_types))
     return _b64encode(hashlib.new(_hashlib_name(hash_name), offered.encode()).digest())
 
 
@@ -307,7 +309,7 @@ class ScramServer:
         self._nonce += self._server_nonce
         self._server_first = f"r={self._nonce},s={_b64encode(creds.salt)},i={creds.iterations}"
         if self._offered is not None:
-            self._server_first += f",d={downgrade_hash(self.hash_name, *self._offered)}"
+            self._server_first += f",h={downgrade_hash(self.hash_name, *self._offered)}"
         self._state = "finish"
         return self._server_first.encode()
 
