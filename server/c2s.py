@@ -541,8 +541,8 @@ class C2SConnection(StreamEdge):
         authcid, proof = parse_ht(initial)
         user = self._prepare_user(authcid)
         self._check_throttle(user)
-        if request.agent is None or request.fast_count is None:
-            raise SaslFailure("malformed-request", "a FAST login needs the user-agent id and <fast count/>")
+        if request.agent is None or not request.fast:
+            raise SaslFailure("malformed-request", "a FAST login needs the user-agent id and <fast/>")
         cb_type = ht_binding(request.mechanism)
         cb_data = self._channel_bindings[cb_type] if cb_type else b""
         try:

@@ -61,7 +61,8 @@ class Request:
     agent: str | None = None
     bind: Element | None = None
     token_mechanism: str | None = None  # <request-token mechanism/>
-    fast_count: int | None = None  # <fast count/> of a login with a token
+    fast: bool = False  # a <fast/> element: a login with a token
+    fast_count: int | None = None  # its replay counter, if the client sent one
     invalidate: bool = False  # <fast invalidate='true'/>: the token ends with this login
     inline: list[Element] = field(default_factory=list)  # other modules' elements (stream management)
 
@@ -88,10 +89,11 @@ def parse_request(el: Element) -> Request:
         elif child.tag == REQUEST_TOKEN:
             request.token_mechanism = child.get("mechanism", "")
         elif child.tag == FAST:
-            count = child.get("count") or "0"
-            if not count.isdigit() or len(count) > 18:
+            count = child.get("count")
+            if count is not None and (not count.isdigit() or len(count) > 18):
                 raise SaslFailure("malformed-request", "the FAST count is not a number")
-            request.fast_count = int(count)
+            request.fast = True
+            request.fast_count = int(count) if count is not None else None
             request.invalidate = child.get("invalidate") in ("true", "1")
         elif child.tag != INITIAL_RESPONSE:
             request.inline.append(child)
@@ -109,14 +111,15 @@ def check_agent_id(agent: str | None) -> str | None:
 
 
 def stable_resource(tag: str | None, account: str, agent: str) -> str:
-    """Bind2's resource for a device that names none (XEP-0386 section 4): its tag and a short hash of the
-    account and the device's user-agent id, the same at every login, revealing neither."""
-    digest = hashlib.sha256(f"{account}\0{agent}".encode()).digest()
-    return f"{tag or 'device'}.{base64.b32encode(digest[:5]).decode().lower()}"
+    """Bind2's resource for a device (XEP-0386 4.1, '[client tag]/[server generated identifier]'): its tag
+    and a short hash of the account, tag and user-agent id, the same at every login, revealing neither."""
+    digest = hashlib.sha256(f"{account}\0{tag}\0{agent}".encode()).digest()
+    return f"{tag or 'device'}/{base64.b32encode(digest[:5]).decode().lower()}"
 
 
 def random_resource(tag: str | None) -> str:
-    return f"{tag or 'parley'}.{secrets.token_hex(4)}"
+    """Bind2's resource for a client that gave no user-agent id: a new one at every login."""
+    return f"{tag or 'parley'}/{secrets.token_hex(4)}"
 
 
 @functools.cache
@@ -154,7 +157,7 @@ class FastTokens:
         return token_of(self.key, token.seed), token.expires
 
     async def check(self, host: str, user: str, agent: str, mechanism: str, proof: bytes,
-                    cb_data: bytes, count: int) -> tuple[FastToken, str]:
+                    cb_data: bytes, count: int | None) -> tuple[FastToken, str]:
         """The device's token the proof was made with, and the token; SaslFailure if none (forged,
         expired, another mechanism or channel binding, a count used before)."""
         now = datetime.now(UTC)

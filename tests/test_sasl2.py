@@ -158,7 +158,7 @@ async def test_scram_with_inline_bind2_carbons_csi_and_sm_in_one_exchange(server
     success, _ = await scram2(raw, bind_xml(*inline))
     assert success.tag == f"{{{SASL2}}}success"
     jid = JID.parse(success.findtext(f"{{{SASL2}}}authorization-identifier"))
-    assert jid.bare == JID.parse("alice@localhost") and jid.resource.startswith("Test.")
+    assert jid.bare == JID.parse("alice@localhost") and jid.resource.startswith("Test/")
     enabled = success.find(f"{{{BIND2}}}bound/{{{SM}}}enabled")
     assert enabled is not None and enabled.get("resume") == "true" and enabled.get("id")
     session = server.server.sessions.get(jid)
@@ -275,7 +275,7 @@ async def test_a_fast_token_logs_in_and_binds_in_one_round_trip(server: Harness)
     success = await fast_login(raw, token, 1, bind_xml())
     assert success.tag == f"{{{SASL2}}}success"  # no challenge: one round trip
     jid = success.findtext(f"{{{SASL2}}}authorization-identifier")
-    assert JID.parse(jid).resource.startswith("Test.")
+    assert JID.parse(jid).resource.startswith("Test/")
     assert success.find(f"{{{BIND2}}}bound") is not None
 
 
@@ -423,3 +423,15 @@ async def test_a_user_revokes_its_own_tokens(server: Harness) -> None:
     assert result_values(done)["revoked"] == "1"
     raw, _ = await offered(server)
     assert condition(await fast_login(raw, token, 1)) == "not-authorized"
+
+
+async def test_a_login_without_a_count_is_taken_and_a_token_needs_fast_and_a_device(server: Harness) -> None:
+    """The count is for TLS 0-RTT (XEP-0484 3.4), which is not offered: a login may leave it out."""
+    await server.add_user("alice")
+    token = await issued_token(server)
+    raw, _ = await offered(server)
+    initial = b"alice\0" + initiator_proof(token, b"")
+    assert condition(await authenticate(raw, "HT-SHA-256-NONE", initial)) == "malformed-request"  # no <fast/>
+    fast = f"<fast xmlns='{FAST}'/>"
+    assert condition(await authenticate(raw, "HT-SHA-256-NONE", initial, fast, agent=None)) == "malformed-request"
+    assert (await authenticate(raw, "HT-SHA-256-NONE", initial, fast)).tag == f"{{{SASL2}}}success"

@@ -51,12 +51,15 @@ class FastTokenStore:
                 fast_tokens.c.seed != (keep or b"")))
             await conn.execute(insert(fast_tokens).values(**token.__dict__))
 
-    async def used(self, token: FastToken, count: int) -> bool:
-        """Record a use with `count`, retiring the device's older token; False if the count was used
-        already (a replay) or the token is gone."""
+    async def used(self, token: FastToken, count: int | None) -> bool:
+        """Record a use (with the client's replay counter, if it sent one), retiring the device's older
+        token; False if the count was used already (a replay) or the token is gone."""
+        where = [fast_tokens.c.seed == token.seed]
+        if count is not None:
+            where.append(fast_tokens.c.count < count)
         async with self._writer.begin() as conn:
-            done = await conn.execute(update(fast_tokens).where(fast_tokens.c.seed == token.seed,
-                                                                fast_tokens.c.count < count).values(count=count))
+            done = await conn.execute(update(fast_tokens).where(*where)
+                                      .values(count=fast_tokens.c.count if count is None else count))
             if done.rowcount != 1:
                 return False
             await conn.execute(delete(fast_tokens).where(
