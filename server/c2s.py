@@ -28,10 +28,12 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import secrets
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
@@ -46,7 +48,7 @@ from server.sasl import SaslFailure
 from server.sasl.channel_binding import tls_exporter, tls_server_end_point
 from server.sasl.ht import HT_MECHANISMS, ht_binding, parse_ht, responder_proof
 from server.sasl.plain import parse_plain
-from server.sasl.scram import ScramServer
+from server.sasl.scram import ScramServer, credentials_from_salted
 from server.sasl2 import (
     ADDITIONAL_DATA,
     AUTHENTICATION,
@@ -60,6 +62,8 @@ from server.sasl2 import (
     MECHANISM,
     SUCCESS,
     TOKEN,
+    UPGRADE,
+    UPGRADE_SHA256,
     FastTokens,
     Request,
     fast_key,
@@ -70,6 +74,7 @@ from server.sasl2 import (
 )
 from server.sessions import Session
 from server.stanza import KINDS, Stanza, error_reply, reply
+from server.storage.accounts import Account
 from server.storage.engine import storage_condition, storage_error_text
 from server.storage.fast import FastToken
 from server.stream.edge import StreamEdge
@@ -121,6 +126,15 @@ def _b64decode(text: str | None) -> bytes:
         raise SaslFailure("incorrect-encoding") from None
 
 
+@dataclass
+class Upgrade:
+    """An upgrade task under way: the account it upgrades, the FAST token the login used, the salt sent."""
+
+    account: Account
+    used: FastToken | None
+    salt: bytes | None = None
+
+
 class C2SConnection(StreamEdge):
     def __init__(self, server: Server, direct_tls: bool) -> None:
         limits = server.config.limits
@@ -143,6 +157,7 @@ class C2SConnection(StreamEdge):
         self._sasl_failures = 0
         self._channel_bindings: dict[str, bytes] = {}
         self._sasl2: Request | None = None  # the <authenticate/> under way
+        self._upgrade: Upgrade | None = None  # its upgrade task (XEP-0480), between the proof and the success
         self.after_success: list[Callable[[], None]] = []  # what modules write after a SASL2 <success/>
         self._writable = asyncio.Event()  # cleared while the socket's write buffer is above its high mark
         self._writable.set()
@@ -263,6 +278,8 @@ class C2SConnection(StreamEdge):
                 await self._sasl2_auth(event)
             case Action.SASL2_RESPONSE:
                 await self._sasl2_response(event)
+            case Action.SASL2_TASK:
+                await self._sasl2_task(event)
             case Action.UNAUTHENTICATED_IQ:
                 if await self.host.hooks.fire("c2s/unauthenticated-iq", self, event) is None:
                     self._refuse(NOT_AUTHORIZED)
@@ -366,6 +383,7 @@ class C2SConnection(StreamEdge):
         for mech in self._fast_mechanisms():
             SubElement(fast, FAST_MECHANISM).text = mech
         self.host.hooks.notify("sasl2/features", self, inline)
+        SubElement(auth, UPGRADE).text = UPGRADE_SHA256
         return auth
 
     async def _negotiate_tls(self) -> None:
@@ -500,6 +518,7 @@ class C2SConnection(StreamEdge):
     def _sasl_fail(self, exc: SaslFailure, namespace: str = ns.SASL) -> None:
         self._scram = None
         self._sasl2 = None
+        self._upgrade = None
         failure = Element(ns.qname(namespace, "failure"))
         SubElement(failure, ns.qname(ns.SASL, exc.condition))
         if exc.text:
@@ -560,6 +579,53 @@ class C2SConnection(StreamEdge):
 
     async def _sasl2_succeeded(self, user: str, disabled: bool, additional: bytes,
                                used: FastToken | None = None) -> None:
+        """The credentials are right: the upgrade task first if the client can do it and the account has
+        SHA-1 keys only (XEP-0480), else the <success/>."""
+        if UPGRADE_SHA256 in self._sasl2.upgrades and not disabled:
+            account = await self.server.storage.accounts.get(self.host.name, user)
+            if account is not None and "SHA-256" not in account.credentials:
+                self._upgrade = Upgrade(account, used)
+                proceed = _sasl2("continue")
+                if additional:
+                    SubElement(proceed, ADDITIONAL_DATA).text = _b64(additional)
+                SubElement(SubElement(proceed, ns.qname(ns.SASL2, "tasks")), ns.qname(ns.SASL2, "task")).text = \
+                    UPGRADE_SHA256
+                self.send(proceed)
+                return
+        await self._sasl2_success(user, disabled, additional, used)
+
+    async def _sasl2_task(self, el: Element) -> None:
+        """XEP-0480's SCRAM upgrade: <next/> gets a new salt and the iteration count, <task-data/> brings
+        the client's SaltedPassword, from which the account's SHA-256 keys are made."""
+        task = self._upgrade
+        if task is None or self._sasl2 is None:
+            raise SaslFailure("malformed-request", "no task in progress")
+        iterations = self.server.config.scram_iterations
+        if el.tag == ns.qname(ns.SASL2, "next"):
+            if el.get("task") != UPGRADE_SHA256 or task.salt is not None:
+                raise SaslFailure("malformed-request", f"the task to do is {UPGRADE_SHA256}")
+            task.salt = os.urandom(16)
+            data = _sasl2("task-data")
+            SubElement(data, ns.qname(ns.SCRAM_UPGRADE, "salt"), {"iterations": str(iterations)}).text = \
+                _b64(task.salt)
+            self.send(data)
+            return
+        salted = el.findtext(ns.qname(ns.SCRAM_UPGRADE, "hash"))
+        if task.salt is None or salted is None:
+            raise SaslFailure("malformed-request", f"send <next task='{UPGRADE_SHA256}'/>, then the hash")
+        try:
+            keys = credentials_from_salted("SHA-256", task.salt, iterations, _b64decode(salted.strip()))
+        except ValueError as exc:
+            raise SaslFailure("malformed-request", str(exc)) from None
+        account = task.account
+        await self.server.storage.accounts.set_credentials(account.host, account.username,
+                                                           [*account.credentials.values(), keys])
+        self._upgrade = None
+        log.info("%s@%s has SHA-256 keys now (XEP-0480)", account.username, account.host)
+        await self._sasl2_success(account.username, account.disabled, b"", task.used)
+
+    async def _sasl2_success(self, user: str, disabled: bool, additional: bytes,
+                             used: FastToken | None = None) -> None:
         """The <success/>, with what was asked inline: a FAST token, a resumption or a Bind2 session."""
         request, self._sasl2 = self._sasl2, None
         self._authenticated(user, disabled)

@@ -12,7 +12,8 @@ which mechanisms are offered, are the credentials right) is decided by the actio
 
 SASL2 (XEP-0388) needs TLS: a plain stream is not offered it and its <authenticate/> is refused. It has no
 stream restart, and its success may carry Bind2's resource (XEP-0386) or stream management's resumption,
-so one <authenticate/> may take a stream from SECURED to BOUND.
+so one <authenticate/> may take a stream from SECURED to BOUND. An upgrade task (XEP-0480) runs between
+the proof of the credentials and the <success/>: the stream stays SECURED until the task is done.
     any state ──close──> CLOSED
 
 A stream restart (after TLS and after SASL) changes no state: the parser is reset, so a new stream header
@@ -49,6 +50,7 @@ class Input(Enum):
     AUTHENTICATE = "sasl2 authenticate"
     SASL2_RESPONSE = "sasl2 response"
     SASL2_ABORT = "sasl2 abort"
+    SASL2_TASK = "sasl2 next or task-data"  # an upgrade task (XEP-0480) between authentication and success
     IQ = "iq"
     STANZA = "message or presence"
     OTHER = "other element"  # stream management, client state indication, or unknown
@@ -64,6 +66,7 @@ class Action(Enum):
     SASL_RESPONSE = "continue SASL"
     SASL2_AUTH = "start SASL2, with its inline requests"
     SASL2_RESPONSE = "continue SASL2"
+    SASL2_TASK = "go on with the SASL2 task under way, else malformed-request"
     UNAUTHENTICATED_IQ = "'c2s/unauthenticated-iq' (registration), else not-authorized"
     BIND = "bind a resource, else not-authorized"
     STANZA = "route the session's stanza"
@@ -119,6 +122,7 @@ _UNAUTHENTICATED: dict[Input, Outcome] = {
     Input.AUTHENTICATE: Action.SASL2_AUTH,
     Input.SASL2_RESPONSE: Action.SASL2_RESPONSE,
     Input.SASL2_ABORT: SASL2_ABORTED,
+    Input.SASL2_TASK: Action.SASL2_TASK,
     Input.IQ: Action.UNAUTHENTICATED_IQ,
     Input.STANZA: NOT_AUTHORIZED,
     Input.OTHER: Action.ELEMENT,
@@ -133,6 +137,7 @@ _AUTHENTICATED: dict[Input, Outcome] = {
     Input.AUTHENTICATE: ALREADY_AUTHENTICATED,
     Input.SASL2_RESPONSE: NO_SASL2_UNDER_WAY,
     Input.SASL2_ABORT: SASL2_ABORTED,
+    Input.SASL2_TASK: NO_SASL2_UNDER_WAY,
     Input.IQ: Action.BIND,
     Input.STANZA: NOT_AUTHORIZED,
     Input.OTHER: Action.ELEMENT,
@@ -140,7 +145,8 @@ _AUTHENTICATED: dict[Input, Outcome] = {
 _NOTHING: dict[Input, Outcome] = dict.fromkeys(Input, Action.IGNORE)
 
 ACCEPTS: dict[State, dict[Input, Outcome]] = {
-    State.PLAIN: {**_UNAUTHENTICATED, Input.AUTHENTICATE: SASL2_NEEDS_TLS, Input.SASL2_RESPONSE: SASL2_NEEDS_TLS},
+    State.PLAIN: {**_UNAUTHENTICATED, Input.AUTHENTICATE: SASL2_NEEDS_TLS, Input.SASL2_RESPONSE: SASL2_NEEDS_TLS,
+                  Input.SASL2_TASK: SASL2_NEEDS_TLS},
     # The reader waits for the handshake: nothing is read in this state.
     State.TLS_NEGOTIATING: _NOTHING,
     State.SECURED: {**_UNAUTHENTICATED, Input.STARTTLS: TLS_REFUSED},
@@ -166,6 +172,8 @@ _INPUTS = {
     ns.qname(ns.SASL2, "authenticate"): Input.AUTHENTICATE,
     ns.qname(ns.SASL2, "response"): Input.SASL2_RESPONSE,
     ns.qname(ns.SASL2, "abort"): Input.SASL2_ABORT,
+    ns.qname(ns.SASL2, "next"): Input.SASL2_TASK,
+    ns.qname(ns.SASL2, "task-data"): Input.SASL2_TASK,
     IQ: Input.IQ,
     MESSAGE: Input.STANZA,
     PRESENCE: Input.STANZA,

@@ -43,6 +43,8 @@ FAST = ns.qname(ns.FAST, "fast")
 FAST_MECHANISM = ns.qname(ns.FAST, "mechanism")
 REQUEST_TOKEN = ns.qname(ns.FAST, "request-token")
 TOKEN = ns.qname(ns.FAST, "token")
+UPGRADE = ns.qname(ns.SASL_UPGRADE, "upgrade")
+UPGRADE_SHA256 = "UPGR-SCRAM-SHA-256"  # the one upgrade task (XEP-0480): SHA-1 keys only get SHA-256 keys
 
 MAX_AGENT_ID = 64  # a UUID is 36
 MAX_AGENT_TEXT = 256  # <software/>, <device/>, Bind2's <tag/>
@@ -64,6 +66,7 @@ class Request:
     fast: bool = False  # a <fast/> element: a login with a token
     fast_count: int | None = None  # its replay counter, if the client sent one
     invalidate: bool = False  # <fast invalidate='true'/>: the token ends with this login
+    upgrades: list[str] = field(default_factory=list)  # upgrade tasks the client can do (XEP-0480)
     inline: list[Element] = field(default_factory=list)  # other modules' elements (stream management)
 
 
@@ -95,6 +98,8 @@ def parse_request(el: Element) -> Request:
             request.fast = True
             request.fast_count = int(count) if count is not None else None
             request.invalidate = child.get("invalidate") in ("true", "1")
+        elif child.tag == UPGRADE:
+            request.upgrades.append((child.text or "").strip())
         elif child.tag != INITIAL_RESPONSE:
             request.inline.append(child)
     return request

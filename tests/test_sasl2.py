@@ -16,7 +16,7 @@ from server.accounts import set_password
 from server.jid import JID
 from server.sasl.channel_binding import tls_exporter
 from server.sasl.ht import initiator_proof, responder_proof
-from server.sasl.scram import ScramClient, downgrade_hash
+from server.sasl.scram import ScramClient, derive_credentials, downgrade_hash
 from server.storage.schema import fast_tokens
 from tests.conftest import Harness, RawClient
 from tests.test_adhoc import PLUGINS, admin_client, result_values, run
@@ -435,3 +435,71 @@ async def test_a_login_without_a_count_is_taken_and_a_token_needs_fast_and_a_dev
     fast = f"<fast xmlns='{FAST}'/>"
     assert condition(await authenticate(raw, "HT-SHA-256-NONE", initial, fast, agent=None)) == "malformed-request"
     assert (await authenticate(raw, "HT-SHA-256-NONE", initial, fast)).tag == f"{{{SASL2}}}success"
+
+
+# --- XEP-0480 ---------------------------------------------------------------------------------------------
+
+UPGRADE = "urn:xmpp:sasl:upgrade:0"
+SCRAM_UPGRADE = "urn:xmpp:scram-upgrade:0"
+ASK_UPGRADE = f"<upgrade xmlns='{UPGRADE}'>UPGR-SCRAM-SHA-256</upgrade>"
+
+
+async def sha1_only(server: Harness) -> None:
+    """alice as imported from a server that kept SHA-1 keys only."""
+    await server.add_user("alice")
+    await server.server.storage.accounts.set_credentials("localhost", "alice", [derive_credentials("secret", "SHA-1")])
+
+
+async def test_scram_upgrade_task_gives_a_sha1_account_sha256_keys(server: Harness) -> None:
+    await sha1_only(server)
+    raw, features = await offered(server)
+    assert features.findtext(f"{{{SASL2}}}authentication/{{{UPGRADE}}}upgrade") == "UPGR-SCRAM-SHA-256"
+    client = ScramClient("SCRAM-SHA-1", "alice", "secret", cb_type="tls-exporter", plus_supported_by_server=True)
+    challenge = await authenticate(raw, "SCRAM-SHA-1", client.first(), ASK_UPGRADE + bind_xml())
+    await raw.send(f"<response xmlns='{SASL2}'>{b64(client.final(base64.b64decode(challenge.text)))}</response>")
+    proceed = await raw.next()
+    assert proceed.tag == f"{{{SASL2}}}continue"
+    client.verify(base64.b64decode(proceed.findtext(f"{{{SASL2}}}additional-data")))
+    assert [t.text for t in proceed.iter(f"{{{SASL2}}}task")] == ["UPGR-SCRAM-SHA-256"]
+    assert server.server.sessions.of(JID.parse("alice@localhost")) == []  # not yet authenticated
+    await raw.send(f"<next xmlns='{SASL2}' task='UPGR-SCRAM-SHA-256'/>")
+    data = await raw.next()
+    salt_el = data.find(f"{{{SCRAM_UPGRADE}}}salt")
+    salt, iterations = base64.b64decode(salt_el.text), int(salt_el.get("iterations"))
+    salted = hashlib.pbkdf2_hmac("sha256", b"secret", salt, iterations)
+    await raw.send(f"<task-data xmlns='{SASL2}'><hash xmlns='{SCRAM_UPGRADE}'>{b64(salted)}</hash></task-data>")
+    success = await raw.next()
+    assert success.tag == f"{{{SASL2}}}success" and success.find(f"{{{BIND2}}}bound") is not None
+    account = await server.server.storage.accounts.get("localhost", "alice")
+    assert set(account.credentials) == {"SHA-1", "SHA-256"}
+    raw, _ = await offered(server)
+    success, _ = await scram2(raw, mechanism="SCRAM-SHA-256")  # the new keys work
+    assert success.tag == f"{{{SASL2}}}success"
+
+
+async def test_no_upgrade_when_not_asked_or_not_needed(server: Harness) -> None:
+    await sha1_only(server)
+    raw, _ = await offered(server)
+    success, _ = await scram2(raw, mechanism="SCRAM-SHA-1")
+    assert success.tag == f"{{{SASL2}}}success"
+    assert set((await server.server.storage.accounts.get("localhost", "alice")).credentials) == {"SHA-1"}
+    await server.add_user("bob")
+    raw, _ = await offered(server)
+    success, _ = await scram2(raw, ASK_UPGRADE, user="bob", mechanism="SCRAM-SHA-1")
+    assert success.tag == f"{{{SASL2}}}success"  # bob has SHA-256 keys already: no task
+
+
+async def test_a_bad_upgrade_hash_fails_and_a_task_out_of_turn_is_refused(server: Harness) -> None:
+    await sha1_only(server)
+    raw, _ = await offered(server)
+    await raw.send(f"<next xmlns='{SASL2}' task='UPGR-SCRAM-SHA-256'/>")
+    assert condition(await raw.next()) == "malformed-request"
+    client = ScramClient("SCRAM-SHA-1", "alice", "secret")
+    challenge = await authenticate(raw, "SCRAM-SHA-1", client.first(), ASK_UPGRADE)
+    await raw.send(f"<response xmlns='{SASL2}'>{b64(client.final(base64.b64decode(challenge.text)))}</response>")
+    assert (await raw.next()).tag == f"{{{SASL2}}}continue"
+    await raw.send(f"<next xmlns='{SASL2}' task='UPGR-SCRAM-SHA-256'/>")
+    await raw.next()
+    await raw.send(f"<task-data xmlns='{SASL2}'><hash xmlns='{SCRAM_UPGRADE}'>{b64(b'short')}</hash></task-data>")
+    assert condition(await raw.next()) == "malformed-request"
+    assert set((await server.server.storage.accounts.get("localhost", "alice")).credentials) == {"SHA-1"}

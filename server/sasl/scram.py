@@ -27,6 +27,7 @@ __all__ = [
     "ScramClient",
     "ScramCredentials",
     "ScramServer",
+    "credentials_from_salted",
     "derive_credentials",
     "downgrade_hash",
     "verify_password",
@@ -95,6 +96,15 @@ def derive_credentials(
     if not salt:
         raise ValueError("salt must not be empty")
     salted = hashlib.pbkdf2_hmac(algo, _prepare_password(password), salt, iterations)
+    _, stored_key, server_key = _salted_keys(salted, algo)
+    return ScramCredentials(hash_name, salt, iterations, stored_key, server_key)
+
+
+def credentials_from_salted(hash_name: str, salt: bytes, iterations: int, salted: bytes) -> ScramCredentials:
+    """The storable keys from a SaltedPassword a client computed (XEP-0480's upgrade of an account's hash)."""
+    algo = _hashlib_name(hash_name)
+    if len(salted) != hashlib.new(algo).digest_size:
+        raise ValueError(f"a {hash_name} SaltedPassword has {hashlib.new(algo).digest_size} bytes")
     _, stored_key, server_key = _salted_keys(salted, algo)
     return ScramCredentials(hash_name, salt, iterations, stored_key, server_key)
 
