@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from xml.etree.ElementTree import Element
 
+from slixmpp import ClientXMPP
 from sqlalchemy import update
 
 from server.accounts import set_password
@@ -19,7 +20,7 @@ from server.sasl.ht import initiator_proof, responder_proof
 from server.sasl.scram import ScramClient, derive_credentials, downgrade_hash
 from server.storage.schema import fast_tokens
 from tests.conftest import Harness, RawClient
-from tests.test_adhoc import PLUGINS, admin_client, result_values, run
+from tests.test_adhoc import PLUGINS, admin_client, result_values, submit
 from tests.test_c2s import SASL, STREAMS, stream_error_condition, tls_raw
 from tests.test_stream_management import cut, detached
 
@@ -405,12 +406,18 @@ async def test_a_failed_inline_resumption_binds_a_new_session(server: Harness) -
 # --- revoking ---------------------------------------------------------------------------------------------
 
 
+async def revoke(client: ClientXMPP, name: str, **values: str) -> str:
+    """Run a FAST command (XEP-0050, in the FAST namespace) with its form submitted at once; tokens revoked."""
+    iq = await client.plugin["xep_0050"].send_command("localhost", f"{FAST}#{name}", action="complete",
+                                                       payload=submit(client, **values), timeout=5)
+    return result_values(iq["command"])["revoked"]
+
+
 async def test_an_admin_revokes_a_device_s_tokens_by_ad_hoc_command(server: Harness) -> None:
     await server.add_user("alice")
     token = await issued_token(server)
     admin = await admin_client(server)
-    done = await run(admin, "revoke-fast-tokens", "complete", None, accountjid="alice@localhost", device=AGENT)
-    assert result_values(done)["revoked"] == "1"
+    assert await revoke(admin, "revoke-fast-tokens", accountjid="alice@localhost", device=AGENT) == "1"
     raw, _ = await offered(server)
     assert condition(await fast_login(raw, token, 1)) == "not-authorized"
 
@@ -419,8 +426,7 @@ async def test_a_user_revokes_its_own_tokens(server: Harness) -> None:
     await server.add_user("alice")
     token = await issued_token(server)
     alice = await server.client("alice@localhost", plugins=PLUGINS)
-    done = await run(alice, "revoke-my-fast-tokens", "complete", None)
-    assert result_values(done)["revoked"] == "1"
+    assert await revoke(alice, "revoke-my-fast-tokens") == "1"
     raw, _ = await offered(server)
     assert condition(await fast_login(raw, token, 1)) == "not-authorized"
 

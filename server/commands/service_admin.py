@@ -379,14 +379,15 @@ DEVICE = Arg("device", "text", "The device's user-agent id (all devices if empty
 REVOKED = (Arg("revoked", "int", "Tokens revoked"),)
 
 
-@command("revoke-fast-tokens", "Revoke FAST Login Tokens", (ACCOUNT, DEVICE), REVOKED)
+@command("revoke-fast-tokens", "Revoke FAST Login Tokens", (ACCOUNT, DEVICE), REVOKED, namespace=ns.FAST)
 async def revoke_fast_tokens(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """A lost phone or a leaked token: the device must log in with the password again."""
     jid = await existing_account(ctx, args["accountjid"])
     return {"revoked": await ctx.host.server.storage.fast.revoke(ctx.host.name, jid.local, args["device"])}
 
 
-@command("revoke-my-fast-tokens", "Revoke My FAST Login Tokens", (DEVICE,), REVOKED, access="user")
+@command("revoke-my-fast-tokens", "Revoke My FAST Login Tokens", (DEVICE,), REVOKED, access="user",
+         namespace=ns.FAST)
 async def revoke_my_fast_tokens(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """The same for one's own account, from any of one's clients."""
     return {"revoked": await ctx.host.server.storage.fast.revoke(ctx.host.name, ctx.actor.local, args["device"])}
