@@ -22,6 +22,7 @@ from server.storage.schema import fast_tokens
 from tests.conftest import Harness, RawClient
 from tests.test_adhoc import PLUGINS, admin_client, result_values, submit
 from tests.test_c2s import SASL, STREAMS, stream_error_condition, tls_raw
+from tests.test_parleyctl import ok
 from tests.test_stream_management import cut, detached
 
 SASL2 = "urn:xmpp:sasl:2"
@@ -509,3 +510,11 @@ async def test_a_bad_upgrade_hash_fails_and_a_task_out_of_turn_is_refused(server
     await raw.send(f"<task-data xmlns='{SASL2}'><hash xmlns='{SCRAM_UPGRADE}'>{b64(b'short')}</hash></task-data>")
     assert condition(await raw.next()) == "malformed-request"
     assert set((await server.server.storage.accounts.get("localhost", "alice")).credentials) == {"SHA-1"}
+
+
+async def test_parleyctl_revokes_an_account_s_tokens(server: Harness) -> None:
+    await server.add_user("alice")
+    token = await issued_token(server)
+    assert await ok(server, "revoke_fast_tokens", "alice", "localhost") == ["1"]
+    raw, _ = await offered(server)
+    assert condition(await fast_login(raw, token, 1)) == "not-authorized"

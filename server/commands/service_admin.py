@@ -386,6 +386,14 @@ async def revoke_fast_tokens(ctx: Context, args: dict[str, Any]) -> dict[str, An
     return {"revoked": await ctx.host.server.storage.fast.revoke(ctx.host.name, jid.local, args["device"])}
 
 
+@command("revoke_fast_tokens", "Revoke every FAST login token of an account", (
+    Arg("user", "text", "Username"), Arg("host", "text", "Server name")), REVOKED, returns="integer")
+async def revoke_fast_tokens_of(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """revoke-fast-tokens for parleyctl and the HTTP API, in ejabberd's shape (user, host)."""
+    host = ctx.target(args["host"])
+    return {"revoked": await host.server.storage.fast.revoke(host.name, args["user"])}
+
+
 @command("revoke-my-fast-tokens", "Revoke My FAST Login Tokens", (DEVICE,), REVOKED, access="user",
          namespace=ns.FAST)
 async def revoke_my_fast_tokens(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
