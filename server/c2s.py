@@ -99,15 +99,8 @@ SESSION = ns.qname(ns.SESSION, "session")
 BOUND = State.BOUND
 
 
-def _sasl(name: str, text: str | None = None) -> Element:
-    el = Element(ns.qname(ns.SASL, name))
-    if text is not None:
-        el.text = text
-    return el
-
-
-def _sasl2(name: str, text: str | None = None) -> Element:
-    el = Element(ns.qname(ns.SASL2, name))
+def _sasl(name: str, text: str | None = None, namespace: str = ns.SASL) -> Element:
+    el = Element(ns.qname(namespace, name))
     if text is not None:
         el.text = text
     return el
@@ -428,6 +421,7 @@ class C2SConnection(StreamEdge):
                               f"too many failed attempts; try again in {int(wait) + 1} s")
 
     async def _sasl_auth(self, el: Element) -> None:
+        self._sasl2 = self._upgrade = None  # a SASL2 exchange the client gave up for this one
         done = await self._begin(el.get("mechanism", ""), _b64decode(el.text))
         if isinstance(done, bytes):
             self.send(_sasl("challenge", _b64(done)))
@@ -519,7 +513,7 @@ class C2SConnection(StreamEdge):
         self._scram = None
         self._sasl2 = None
         self._upgrade = None
-        failure = Element(ns.qname(namespace, "failure"))
+        failure = _sasl("failure", namespace=namespace)
         SubElement(failure, ns.qname(ns.SASL, exc.condition))
         if exc.text:
             SubElement(failure, ns.qname(namespace, "text")).text = exc.text
@@ -532,7 +526,7 @@ class C2SConnection(StreamEdge):
     async def _sasl2_auth(self, el: Element) -> None:
         request = parse_request(el)
         initial = _b64decode(request.initial)
-        self._sasl2 = request
+        self._sasl2, self._upgrade = request, None
         if request.mechanism in self._fast_mechanisms():
             await self._fast_login(request, initial)
             return
@@ -540,7 +534,7 @@ class C2SConnection(StreamEdge):
             raise SaslFailure("malformed-request", "send the initial response with <authenticate/>")
         done = await self._begin(request.mechanism, initial)
         if isinstance(done, bytes):
-            self.send(_sasl2("challenge", _b64(done)))
+            self.send(_sasl("challenge", _b64(done), ns.SASL2))
         else:
             await self._sasl2_succeeded(*done)
 
@@ -585,7 +579,7 @@ class C2SConnection(StreamEdge):
             account = await self.server.storage.accounts.get(self.host.name, user)
             if account is not None and "SHA-256" not in account.credentials:
                 self._upgrade = Upgrade(account, used)
-                proceed = _sasl2("continue")
+                proceed = _sasl("continue", namespace=ns.SASL2)
                 if additional:
                     SubElement(proceed, ADDITIONAL_DATA).text = _b64(additional)
                 SubElement(SubElement(proceed, ns.qname(ns.SASL2, "tasks")), ns.qname(ns.SASL2, "task")).text = \
@@ -605,7 +599,7 @@ class C2SConnection(StreamEdge):
             if el.get("task") != UPGRADE_SHA256 or task.salt is not None:
                 raise SaslFailure("malformed-request", f"the task to do is {UPGRADE_SHA256}")
             task.salt = os.urandom(16)
-            data = _sasl2("task-data")
+            data = _sasl("task-data", namespace=ns.SASL2)
             SubElement(data, ns.qname(ns.SCRAM_UPGRADE, "salt"), {"iterations": str(iterations)}).text = \
                 _b64(task.salt)
             self.send(data)

@@ -13,7 +13,6 @@ from xml.etree.ElementTree import Element
 from slixmpp import ClientXMPP
 from sqlalchemy import update
 
-from server.accounts import set_password
 from server.jid import JID
 from server.sasl.channel_binding import tls_exporter
 from server.sasl.ht import initiator_proof, responder_proof
@@ -112,6 +111,12 @@ async def fast_login(raw: RawClient, token: str, count: int, inner: str = "", me
 def condition(failure: Element) -> str:
     assert failure.tag == f"{{{SASL2}}}failure", failure.tag
     return failure[0].tag.split("}")[1]
+
+
+async def expire_tokens(server: Harness, after: timedelta) -> None:
+    """Every stored token expires `after` from now (negative: it has expired)."""
+    async with server.server.storage.engine.begin() as conn:
+        await conn.execute(update(fast_tokens).values(expires=datetime.now(UTC) + after))
 
 
 async def issued_token(server: Harness, mechanism: str = "HT-SHA-256-NONE") -> str:
@@ -304,8 +309,7 @@ async def test_a_reused_count_and_a_forged_token_are_refused(server: Harness) ->
 async def test_an_expired_token_is_refused(server: Harness) -> None:
     await server.add_user("alice")
     token = await issued_token(server)
-    async with server.server.storage.engine.begin() as conn:
-        await conn.execute(update(fast_tokens).values(expires=datetime.now(UTC) - timedelta(seconds=1)))
+    await expire_tokens(server, timedelta(seconds=-1))
     raw, _ = await offered(server)
     assert condition(await fast_login(raw, token, 1)) == "credentials-expired"
 
@@ -328,8 +332,7 @@ async def test_rotation_retires_the_old_token_once_the_new_one_is_used(server: H
 async def test_a_token_near_its_expiry_is_replaced_unasked(server: Harness) -> None:
     await server.add_user("alice")
     old = await issued_token(server)
-    async with server.server.storage.engine.begin() as conn:
-        await conn.execute(update(fast_tokens).values(expires=datetime.now(UTC) + timedelta(hours=1)))
+    await expire_tokens(server, timedelta(hours=1))
     raw, _ = await offered(server)
     assert token_of(await fast_login(raw, old, 1)) != old
 
@@ -337,7 +340,7 @@ async def test_a_token_near_its_expiry_is_replaced_unasked(server: Harness) -> N
 async def test_a_password_change_ends_the_tokens(server: Harness) -> None:
     await server.add_user("alice")
     token = await issued_token(server)
-    assert await set_password(server.server.storage, "localhost", "alice", "new", 4096)
+    await ok(server, "change_password", "alice", "localhost", "new")  # as an admin would, with parleyctl
     raw, _ = await offered(server)
     assert condition(await fast_login(raw, token, 1)) == "not-authorized"
 
@@ -346,7 +349,6 @@ async def test_invalidate_ends_the_token_with_its_last_login(server: Harness) ->
     await server.add_user("alice")
     token = await issued_token(server)
     raw, _ = await offered(server)
-    await raw.send("")
     initial = b"alice\0" + initiator_proof(token, b"")
     answer = await authenticate(raw, "HT-SHA-256-NONE", initial, f"<fast xmlns='{FAST}' count='1' invalidate='true'/>")
     assert answer.tag == f"{{{SASL2}}}success"
