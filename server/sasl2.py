@@ -131,15 +131,20 @@ def random_resource(tag: str | None) -> str:
 def fast_key(data_dir: Path) -> bytes:
     """The key tokens are derived with, made once in the data folder and readable by the server only."""
     path = data_dir / KEY_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    key = os.urandom(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key)
-    return key
+    if not path.exists():
+        # Written whole under a name of its own, then linked into place: another process (of a cluster
+        # sharing the folder) that gets there first wins, and nobody reads a half-written key.
+        draft = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(os.urandom(32))
+        try:
+            os.link(draft, path)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    return path.read_bytes()
 
 
 def token_of(key: bytes, seed: bytes) -> str:
