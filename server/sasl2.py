@@ -171,7 +171,8 @@ class FastTokens:
         """The device's token the proof was made with, and the token; SaslFailure if none (forged,
         expired, another mechanism or channel binding, a count used before)."""
         now = datetime.now(UTC)
-        for stored in await self.store.of_device(host, user, agent):
+        tokens = await self.store.of_device(host, user, agent)
+        for stored in tokens:
             token = token_of(self.key, stored.seed)
             if not hmac.compare_digest(initiator_proof(token, cb_data), proof):
                 continue
@@ -179,7 +180,8 @@ class FastTokens:
                 break
             if stored.expires <= now:
                 raise SaslFailure("credentials-expired", "the token has expired")
-            if not await self.store.used(stored, count):
+            older = [t.seed for t in tokens if t.issued < stored.issued]
+            if not await self.store.used(stored, count, older):
                 raise SaslFailure("not-authorized", "the token was used with this count already")
             return stored, token
         raise SaslFailure("not-authorized")

@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from xml.etree.ElementTree import Element
 
+import pytest
 from slixmpp import ClientXMPP
 from sqlalchemy import update
 
@@ -293,6 +294,7 @@ async def test_a_token_is_stored_only_as_its_seed(server: Harness) -> None:
     assert token.encode() not in stored.seed and base64.urlsafe_b64encode(stored.seed).decode() not in token
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_a_reused_count_and_a_forged_token_are_refused(server: Harness) -> None:
     await server.add_user("alice")
     token = await issued_token(server)
@@ -314,6 +316,7 @@ async def test_an_expired_token_is_refused(server: Harness) -> None:
     assert condition(await fast_login(raw, token, 1)) == "credentials-expired"
 
 
+@pytest.mark.parametrize("server", ["sqlite", "postgresql"], indirect=True)
 async def test_rotation_retires_the_old_token_once_the_new_one_is_used(server: Harness) -> None:
     await server.add_user("alice")
     old = await issued_token(server)

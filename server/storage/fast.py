@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.engine import user_rows, writer
+from server.storage.engine import read, user_rows, writer
 from server.storage.schema import fast_tokens
+
+_COUNT_SQL = "UPDATE fast_tokens SET count = ? WHERE seed = ? AND count < ?"
+_RETIRE_SQL = "DELETE FROM fast_tokens WHERE seed = ?"
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,14 @@ class FastTokenStore:
         self._writer = writer(engine)
 
     async def of_device(self, host: str, username: str, agent: str) -> list[FastToken]:
-        """The device's tokens, newest first."""
-        async with self._engine.connect() as conn:
-            rows = await conn.execute(select(fast_tokens).where(*user_rows(fast_tokens, host, username),
-                                                                fast_tokens.c.agent == agent)
-                                      .order_by(fast_tokens.c.issued.desc()))
-        return [FastToken(**row._mapping) for row in rows]
+        """The device's tokens, newest first (a read on a login's path: inline on SQLite)."""
+        query = select(fast_tokens).where(*user_rows(fast_tokens, host, username), fast_tokens.c.agent == agent) \
+            .order_by(fast_tokens.c.issued.desc())
+
+        def rows(conn: Connection) -> list[FastToken]:
+            return [FastToken(**row._mapping) for row in conn.execute(query)]
+
+        return await read(self._engine, rows)
 
     async def issue(self, token: FastToken, keep: bytes | None) -> None:
         """Store a new token of the device, dropping its others but `keep` (the one it logged in with)."""
@@ -51,20 +56,26 @@ class FastTokenStore:
                 fast_tokens.c.seed != (keep or b"")))
             await conn.execute(insert(fast_tokens).values(**token.__dict__))
 
-    async def used(self, token: FastToken, count: int | None) -> bool:
-        """Record a use (with the client's replay counter, if it sent one), retiring the device's older
-        token; False if the count was used already (a replay) or the token is gone."""
-        where = [fast_tokens.c.seed == token.seed]
-        if count is not None:
-            where.append(fast_tokens.c.count < count)
+    async def used(self, token: FastToken, count: int | None, older: list[bytes]) -> bool:
+        """Record a use with the client's replay counter and retire the device's `older` tokens (seeds);
+        False if the count was used already (a replay) or the token is gone. Without a counter and with
+        nothing to retire, a login writes nothing."""
+        if count is None and not older:
+            return True
+        if self._writer.inline is not None:  # SQLite: on the event loop's thread, as the archive writes
+            async with self._writer.begin_inline() as dbapi:
+                if count is not None and dbapi.execute(_COUNT_SQL, (count, token.seed, count)).rowcount != 1:
+                    return False
+                dbapi.executemany(_RETIRE_SQL, [(seed,) for seed in older])
+            return True
         async with self._writer.begin() as conn:
-            done = await conn.execute(update(fast_tokens).where(*where)
-                                      .values(count=fast_tokens.c.count if count is None else count))
-            if done.rowcount != 1:
-                return False
-            await conn.execute(delete(fast_tokens).where(
-                *user_rows(fast_tokens, token.host, token.username), fast_tokens.c.agent == token.agent,
-                fast_tokens.c.issued < token.issued))
+            if count is not None:
+                done = await conn.execute(update(fast_tokens).where(fast_tokens.c.seed == token.seed,
+                                                                    fast_tokens.c.count < count).values(count=count))
+                if done.rowcount != 1:
+                    return False
+            if older:
+                await conn.execute(delete(fast_tokens).where(fast_tokens.c.seed.in_(older)))
         return True
 
     async def revoke(self, host: str, username: str, agent: str | None = None) -> int:
