@@ -8,7 +8,10 @@ Two ways in, each over STARTTLS on a fresh TCP connection:
 `logins`: W workers log in N times each, one after the other, and close; logins/s and the latency of each.
 `fast_counted` sends XEP-0484's replay counter, which only TLS 0-RTT needs and which costs a write per login.
 `reconnect`: a session enables resumable stream management, its connection is cut, a contact sends it a
-message; the time from the new TCP connection to that message on the new stream. The client keeps its
+message; the time from the new TCP connection to that message on the new stream, on loopback and with a
+simulated round-trip time (`--rtt`, a mobile network's): what the server writes reaches the client that
+much later, so the password login's extra round trips (challenge, success, stream restart, resumption)
+show. The TLS handshake is not delayed: it costs both ways the same. The client keeps its
 SCRAM SaltedPassword, as real clients do, so no PBKDF2 runs in the measured loop (bench.client caches it).
 Prosody and ejabberd 23.01 have no FAST: Parley only.
 
@@ -61,9 +64,25 @@ class ParleyWithSM(Parley):
         return [*super()._modules(), "stream_management"]
 
 
-async def secured(target: Target) -> Connection:
+class Distant(Connection):
+    """A client `rtt` seconds away: what the server writes reaches it that much later (the TLS handshake
+    excepted), so each request and answer costs one round trip."""
+
+    def __init__(self, domain: str, rtt: float) -> None:
+        super().__init__(domain)
+        self.rtt = rtt
+
+    def data_received(self, data: bytes) -> None:
+        asyncio.get_running_loop().call_later(self.rtt, super().data_received, data)
+
+
+async def secured(target: Target, rtt: float = 0.0) -> Connection:
     """A stream over STARTTLS, its features read."""
-    conn = await connect(target)
+    if rtt:
+        _, conn = await asyncio.get_running_loop().create_connection(
+            lambda: Distant(target.domain, rtt), target.address, target.port)
+    else:
+        conn = await connect(target)
     conn.open_stream()
     await conn.expect(FEATURES, TIMEOUT)
     await _starttls(conn, TIMEOUT)
@@ -109,9 +128,9 @@ class Device:
         self.token = token.get("token")
         conn.close()
 
-    async def fast(self, target: Target, inner: str) -> tuple[Connection, Element]:
+    async def fast(self, target: Target, inner: str, rtt: float = 0.0) -> tuple[Connection, Element]:
         """The one round trip: a FAST login with `inner` (Bind2, a resumption)."""
-        conn = await secured(target)
+        conn = await secured(target, rtt)
         self.count += 1
         proof = initiator_proof(self.token, b"")
         count = f" count='{self.count}'" if self.counted else ""
@@ -168,8 +187,8 @@ async def _first_message(conn: Connection) -> None:
     await conn.expect(MESSAGE, TIMEOUT)
 
 
-async def resume_scram(target: Target, user: str, previd: str) -> Connection:
-    conn = await secured(target)
+async def resume_scram(target: Target, user: str, previd: str, rtt: float) -> Connection:
+    conn = await secured(target, rtt)
     await _sasl_scram(conn, user, PASSWORD, "SHA-256", TIMEOUT)
     conn.open_stream()
     await conn.expect(FEATURES, TIMEOUT)
@@ -178,8 +197,8 @@ async def resume_scram(target: Target, user: str, previd: str) -> Connection:
     return conn
 
 
-async def resume_fast(target: Target, device: Device, previd: str) -> Connection:
-    conn, success = await device.fast(target, f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+async def resume_fast(target: Target, device: Device, previd: str, rtt: float) -> Connection:
+    conn, success = await device.fast(target, f"<resume xmlns='{SM}' previd='{previd}' h='0'/>", rtt)
     if success.find(f"{{{SM}}}resumed") is None:
         raise LoginError("the inline resumption failed")
     return conn
@@ -204,7 +223,7 @@ async def reconnect(target: Target, rounds: int, sender: Connection, user: str,
     return _figures(latencies)
 
 
-async def measure(server: Parley, workers: int, logins: int, rounds: int) -> dict[str, Any]:
+async def measure(server: Parley, workers: int, logins: int, rounds: int, rtts: list[float]) -> dict[str, Any]:
     target = server.target
     users = [f"u{n}" for n in range(workers)]
     devices = [Device(u) for u in users]
@@ -223,29 +242,31 @@ async def measure(server: Parley, workers: int, logins: int, rounds: int) -> dic
     sender = await scram_bound(target, "sender")
     phone = Device("phone")
     await phone.get_token(target)
-    results["reconnect"]["scram"] = await reconnect(
-        target, rounds, sender, "phone", lambda: scram_bound(target, "phone"),
-        lambda previd: resume_scram(target, "phone", previd))
-    results["reconnect"]["fast"] = await reconnect(
-        target, rounds, sender, "phone", lambda: fast_bound(target, phone),
-        lambda previd: resume_fast(target, phone, previd))
+    for rtt in rtts:
+        print(f"reconnect, {rtt:g} ms round trips ...", file=sys.stderr, flush=True)
+        seconds = rtt / 1000
+        results["reconnect"][f"rtt_{rtt:g}ms"] = {
+            "scram": await reconnect(target, rounds, sender, "phone", lambda: scram_bound(target, "phone"),
+                                     lambda previd, s=seconds: resume_scram(target, "phone", previd, s)),
+            "fast": await reconnect(target, rounds, sender, "phone", lambda: fast_bound(target, phone),
+                                    lambda previd, s=seconds: resume_fast(target, phone, previd, s)),
+        }
     sender.close()
     scram, fast = results["logins"]["scram"], results["logins"]["fast"]
-    results["fast_to_scram"] = {
-        "login_rate": round(fast["per_s"] / scram["per_s"], 2),
-        "reconnect_p50": round(results["reconnect"]["fast"]["p50_ms"] / results["reconnect"]["scram"]["p50_ms"], 2),
-    }
+    results["fast_to_scram"] = {"login_rate": round(fast["per_s"] / scram["per_s"], 2)}
+    for name, pair in results["reconnect"].items():
+        results["fast_to_scram"][f"reconnect_p50_{name}"] = round(pair["fast"]["p50_ms"] / pair["scram"]["p50_ms"], 2)
     return results
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="parley-fast-bench-") as workdir:
-        server = ParleyWithSM(Path(workdir), Profile())
+        server = ParleyWithSM(Path(workdir), Profile(), args.address, args.port)
         users = [f"u{n}" for n in range(args.workers)] + ["sender", "phone"]
         await server.setup(users, PASSWORD, {})
         await server.start()
         try:
-            figures = await measure(server, args.workers, args.logins, args.rounds)
+            figures = await measure(server, args.workers, args.logins, args.rounds, args.rtt)
         finally:
             await server.stop()
     return {"workers": args.workers, "logins_each": args.logins, "rounds": args.rounds, **figures}
@@ -256,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--logins", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--address", default=None, help="where the Parley under test listens")
+    parser.add_argument("--port", type=int, default=5222)
+    parser.add_argument("--rtt", type=float, nargs="+", default=[0.0, 50.0],
+                        help="round-trip times (ms) the reconnecting phone is measured at")
     print(json.dumps(asyncio.run(run(parser.parse_args(argv))), indent=2))
 
 
