@@ -114,6 +114,12 @@ def condition(failure: Element) -> str:
     return failure[0].tag.split("}")[1]
 
 
+async def refused(server: Harness, token: str) -> bool:
+    """Whether a new stream's FAST login with `token` is refused as not authorized."""
+    raw, _ = await offered(server)
+    return condition(await fast_login(raw, token, 1)) == "not-authorized"
+
+
 async def expire_tokens(server: Harness, after: timedelta) -> None:
     """Every stored token expires `after` from now (negative: it has expired)."""
     async with server.server.storage.engine.begin() as conn:
@@ -344,8 +350,7 @@ async def test_a_password_change_ends_the_tokens(server: Harness) -> None:
     await server.add_user("alice")
     token = await issued_token(server)
     await ok(server, "change_password", "alice", "localhost", "new")  # as an admin would, with parleyctl
-    raw, _ = await offered(server)
-    assert condition(await fast_login(raw, token, 1)) == "not-authorized"
+    assert await refused(server, token)
 
 
 async def test_invalidate_ends_the_token_with_its_last_login(server: Harness) -> None:
@@ -424,8 +429,7 @@ async def test_an_admin_revokes_a_device_s_tokens_by_ad_hoc_command(server: Harn
     token = await issued_token(server)
     admin = await admin_client(server)
     assert await revoke(admin, "revoke-fast-tokens", accountjid="alice@localhost", device=AGENT) == "1"
-    raw, _ = await offered(server)
-    assert condition(await fast_login(raw, token, 1)) == "not-authorized"
+    assert await refused(server, token)
 
 
 async def test_a_user_revokes_its_own_tokens(server: Harness) -> None:
@@ -433,8 +437,7 @@ async def test_a_user_revokes_its_own_tokens(server: Harness) -> None:
     token = await issued_token(server)
     alice = await server.client("alice@localhost", plugins=PLUGINS)
     assert await revoke(alice, "revoke-my-fast-tokens") == "1"
-    raw, _ = await offered(server)
-    assert condition(await fast_login(raw, token, 1)) == "not-authorized"
+    assert await refused(server, token)
 
 
 async def test_a_login_without_a_count_is_taken_and_a_token_needs_fast_and_a_device(server: Harness) -> None:
@@ -521,5 +524,4 @@ async def test_parleyctl_revokes_an_account_s_tokens(server: Harness) -> None:
     await server.add_user("alice")
     token = await issued_token(server)
     assert await ok(server, "revoke_fast_tokens", "alice", "localhost") == ["1"]
-    raw, _ = await offered(server)
-    assert condition(await fast_login(raw, token, 1)) == "not-authorized"
+    assert await refused(server, token)
