@@ -11,6 +11,7 @@ received copies carry it as XEP-0313 4.1 asks.
 from __future__ import annotations
 
 from collections.abc import Container
+from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
@@ -19,6 +20,9 @@ from server.module import Module
 from server.sessions import Session
 from server.stanza import Stanza, element
 from server.stream.errors import StanzaError
+
+if TYPE_CHECKING:
+    from server.c2s import C2SConnection
 
 ENABLE = ns.qname(ns.CARBONS, "enable")
 DISABLE = ns.qname(ns.CARBONS, "disable")
@@ -49,6 +53,18 @@ class Carbons(Module):
         self.iq("set", DISABLE, self.disable, target="own")
         self.hook("message/outbound", self.sent)
         self.hook("message/deliver", self.received)
+        self.hook("bind2/features", self.bind2_features)
+        self.hook("bind2/inline", self.bind2_inline)
+
+    def bind2_features(self, conn: C2SConnection, inline: Element) -> None:
+        SubElement(inline, ns.qname(ns.BIND2, "feature"), {"var": ns.CARBONS})
+
+    def bind2_inline(self, conn: C2SConnection, el: Element) -> bool | None:
+        """<enable/> in Bind2's <bind/>: carbons from the session's first stanza on (XEP-0386)."""
+        if el.tag != ENABLE:
+            return None
+        conn.session.data[self.name] = True
+        return True
 
     def _own_session(self, stanza: Stanza) -> Session:
         """Carbons are switched for the session that asks (XEP-0280 4.1): an iq the server made has none."""

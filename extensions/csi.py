@@ -75,6 +75,15 @@ class Csi(Module):
     def setup(self) -> None:
         self.hook("c2s/features", self.features)
         self.hook("c2s/nonza", self.nonza)
+        self.hook("bind2/features", self.bind2_features)
+        self.hook("bind2/inline", self.bind2_inline)
+
+    def bind2_features(self, conn: C2SConnection, inline: Element) -> None:
+        SubElement(inline, ns.qname(ns.BIND2, "feature"), {"var": CSI})
+
+    def bind2_inline(self, conn: C2SConnection, el: Element) -> bool | None:
+        """<inactive/> or <active/> in Bind2's <bind/>: the session starts in that state (XEP-0386)."""
+        return self.nonza(conn.session, el) if el.tag in (ACTIVE, INACTIVE) else None
 
     def features(self, conn: C2SConnection, features: Element, stage: str) -> None:
         if stage == "post-auth":

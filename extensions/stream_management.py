@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from weakref import WeakSet
 from xml.etree.ElementTree import Element, SubElement
 
+from server import ns
 from server.jid import JID
 from server.module import Module
 from server.options import Option
@@ -50,6 +51,7 @@ from server.stream.sm import (
     REQUEST,
     RESUME,
     RESUMED,
+    SM,
     HandledCountTooHigh,
     StreamManagement,
     ack_element,
@@ -137,7 +139,8 @@ class Managed:
             self.module.server.sessions.remove(self.session)
             self.module.server.end_session_soon(self.session)
 
-    def resume_on(self, conn: C2SConnection) -> None:
+    def resume_on(self, conn: C2SConnection) -> Element:
+        """Carry the session on `conn`; the <resumed/> to send, before `replay`."""
         old, self.conn = self.conn, conn
         if old is not None:
             old.session = None  # its end no longer concerns the session
@@ -150,7 +153,11 @@ class Managed:
         session.attach(conn.write, self.close)
         session.detached = False
         session.remote_ip = conn.remote_ip
-        conn.send(Element(RESUMED, {"previd": self.id or "", "h": str(self.state.handled)}))
+        return Element(RESUMED, {"previd": self.id or "", "h": str(self.state.handled)})
+
+    def replay(self) -> None:
+        """Send again what the client had not acknowledged, once it was told of the resumption."""
+        session = self.session
         pending = self.state.unacked
         for data, _ in pending:
             session.transmit(data)
@@ -176,6 +183,10 @@ class StreamManagementModule(Module):
         self._ended: OrderedDict[str, tuple[JID, int]] = OrderedDict()  # resumption id -> (account, our 'h')
         self.hook("c2s/features", self.features)
         self.hook("c2s/element", self.element)
+        self.hook("sasl2/features", self.sasl2_features)
+        self.hook("bind2/features", self.bind2_features)
+        self.hook("sasl2/inline", self.sasl2_inline)
+        self.hook("bind2/inline", self.bind2_inline)
         self.hook("c2s/handled", self.handled)
         self.hook("message/deliver", self.delivering, priority=-5)  # after carbons, which names its copies
         self.hook("session/closed", self.session_closed)
@@ -189,11 +200,32 @@ class StreamManagementModule(Module):
         if stage == "post-auth":
             SubElement(features, FEATURE)
 
+    def sasl2_features(self, conn: C2SConnection, inline: Element) -> None:
+        SubElement(inline, FEATURE)  # <resume/> inline in SASL2's <authenticate/> (XEP-0198 section 5)
+
+    def bind2_features(self, conn: C2SConnection, inline: Element) -> None:
+        SubElement(inline, ns.qname(ns.BIND2, "feature"), {"var": SM})
+
+    def sasl2_inline(self, conn: C2SConnection, el: Element) -> Element | None:
+        """<resume/> in <authenticate/>: its answer goes into the <success/>, the replay after it."""
+        if el.tag != RESUME:
+            return None
+        answer, managed = self.resume(conn, el)
+        if managed is not None:
+            conn.after_success.append(managed.replay)
+        return answer
+
+    def bind2_inline(self, conn: C2SConnection, el: Element) -> Element | None:
+        return self.enable(conn, el) if el.tag == ENABLE else None
+
     def element(self, conn: C2SConnection, el: Element) -> bool | None:
         if el.tag == ENABLE:
-            self.enable(conn, el)
+            conn.send(self.enable(conn, el))
         elif el.tag == RESUME:
-            self.resume(conn, el)
+            answer, managed = self.resume(conn, el)
+            conn.send(answer)
+            if managed is not None:
+                managed.replay()
         else:
             managed = conn.session.data.get(NAME) if conn.session is not None else None
             if not isinstance(managed, Managed) or el.tag not in (ACK, REQUEST):
@@ -211,12 +243,12 @@ class StreamManagementModule(Module):
 
     # --- enabling and resuming --------------------------------------------------------------------
 
-    def enable(self, conn: C2SConnection, el: Element) -> None:
+    def enable(self, conn: C2SConnection, el: Element) -> Element:
+        """Manage the connection's session; the <enabled/> (or <failed/>) to send."""
         session = conn.session
         if session is None or NAME in session.data:
             # XEP-0198 3: after authentication and resource binding, and only once.
-            conn.send(failed("not-authorized" if conn.username is None else "unexpected-request"))
-            return
+            return failed("not-authorized" if conn.username is None else "unexpected-request")
         resumable = el.get("resume") in ("true", "1")
         timeout = self.resume_timeout
         wanted = el.get("max") or ""
@@ -232,31 +264,29 @@ class StreamManagementModule(Module):
             self._resumable[managed.id] = managed
             session.hibernate = managed.hibernate
             enabled.attrib.update({"id": managed.id, "resume": "true", "max": str(math.ceil(timeout))})
-        conn.send(enabled)
+        return enabled
 
-    def resume(self, conn: C2SConnection, el: Element) -> None:
+    def resume(self, conn: C2SConnection, el: Element) -> tuple[Element, Managed | None]:
+        """The <resumed/> and the session to replay once it is sent, or the <failed/> and None."""
         if conn.username is None or conn.session is not None:
             # XEP-0198 5: after authentication, instead of resource binding.
-            conn.send(failed("not-authorized" if conn.username is None else "unexpected-request"))
-            return
+            return failed("not-authorized" if conn.username is None else "unexpected-request"), None
         previd = el.get("previd") or ""
         account = JID.make(conn.username, conn.host.name)
         managed = self._resumable.get(previd)
         if managed is None or managed.session.closed or managed.session.bare != account:
-            conn.send(failed("item-not-found", self._last_h(previd, account)))
-            return
+            return failed("item-not-found", self._last_h(previd, account)), None
         try:
             h = parse_h(el.get("h"))
         except ValueError:
-            conn.send(failed("bad-request"))
-            return
+            return failed("bad-request"), None
         try:
             managed.state.acknowledge(h)
         except HandledCountTooHigh:
             managed.close(None)  # the client lost track; what it did not get goes elsewhere
             raise
         self.log.info("%s resumed from %s", managed.session.jid, conn.remote_ip)
-        managed.resume_on(conn)
+        return managed.resume_on(conn), managed
 
     def acknowledged(self, managed: Managed, el: Element) -> None:
         try:

@@ -49,9 +49,13 @@ async def create_account(storage: Storage, host: str, username: str, password: s
 
 
 async def set_password(storage: Storage, host: str, username: str, password: str, iterations: int) -> bool:
+    """A new password ends the FAST tokens (XEP-0484) its devices got with the old one."""
     check_password(password)
     user = prepare_username(username, host)
-    return await storage.accounts.set_credentials(host, user, credentials_for(password, iterations))
+    changed = await storage.accounts.set_credentials(host, user, credentials_for(password, iterations))
+    if changed:
+        await storage.fast.revoke(host, user)
+    return changed
 
 
 async def password_matches(storage: Storage, host: str, username: str, password: str) -> bool:

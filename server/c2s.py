@@ -11,6 +11,15 @@ Modules see the stream through hooks on the host: 'c2s/features' (conn, features
 binding (stream management's <enable/>, <resume/>, <r/>, <a/>); 'c2s/nonza' (session, element) for the
 rest once bound (CSI); 'c2s/handled' (session) after each stanza from the client. A connection that drops
 without a closing stream ends its session unless `session.hibernate` keeps it for a resumption.
+
+SASL2 (XEP-0388, over TLS only) authenticates and sets the session up in one step (server/sasl2.py for
+the request, Bind2 and FAST tokens). Modules take part through hooks: 'sasl2/features' (conn, inline) and
+'bind2/features' (conn, inline) to offer what they do inline; 'sasl2/inline' (conn, element) for a child
+of <authenticate/> (stream management's <resume/>) and 'bind2/inline' (conn, element) for a child of
+Bind2's <bind/> once the session is bound (<enable/> of carbons or stream management, CSI's <inactive/>),
+each returning the element that goes into the <success/> (or <bound/>), True when there is none, or None
+when not theirs. A module that must write after the <success/> (a resumption's unacknowledged stanzas)
+appends to `conn.after_success`.
 """
 
 from __future__ import annotations
@@ -19,9 +28,13 @@ import asyncio
 import base64
 import binascii
 import logging
+import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
@@ -33,11 +46,37 @@ from server.limits import TokenBucket
 from server.router import parse_jid_attr
 from server.sasl import SaslFailure
 from server.sasl.channel_binding import tls_exporter, tls_server_end_point
+from server.sasl.ht import HT_MECHANISMS, ht_binding, parse_ht, responder_proof
 from server.sasl.plain import parse_plain
-from server.sasl.scram import ScramServer
+from server.sasl.scram import ScramServer, credentials_from_salted
+from server.sasl2 import (
+    ADDITIONAL_DATA,
+    AUTHENTICATION,
+    AUTHORIZATION_IDENTIFIER,
+    BIND2,
+    BIND2_INLINE,
+    BIND2_TAG,
+    FAST,
+    FAST_MECHANISM,
+    INLINE,
+    MECHANISM,
+    SUCCESS,
+    TOKEN,
+    UPGRADE,
+    UPGRADE_SHA256,
+    FastTokens,
+    Request,
+    fast_key,
+    parse_request,
+    random_resource,
+    stable_resource,
+    wants_new_token,
+)
 from server.sessions import Session
 from server.stanza import KINDS, Stanza, error_reply, reply
+from server.storage.accounts import Account
 from server.storage.engine import storage_condition, storage_error_text
+from server.storage.fast import FastToken
 from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamOpen, StreamParser
@@ -60,11 +99,15 @@ SESSION = ns.qname(ns.SESSION, "session")
 BOUND = State.BOUND
 
 
-def _sasl(name: str, text: str | None = None) -> Element:
-    el = Element(ns.qname(ns.SASL, name))
+def _sasl(name: str, text: str | None = None, namespace: str = ns.SASL) -> Element:
+    el = Element(ns.qname(namespace, name))
     if text is not None:
         el.text = text
     return el
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 def _b64decode(text: str | None) -> bytes:
@@ -74,6 +117,15 @@ def _b64decode(text: str | None) -> bytes:
         return base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise SaslFailure("incorrect-encoding") from None
+
+
+@dataclass
+class Upgrade:
+    """An upgrade task under way: the account it upgrades, the FAST token the login used, the salt sent."""
+
+    account: Account
+    used: FastToken | None
+    salt: bytes | None = None
 
 
 class C2SConnection(StreamEdge):
@@ -110,6 +162,9 @@ class C2SConnection(StreamEdge):
         self._sasl_failures = 0
         self._mechanism = ""  # the SASL mechanism tried last, for metrics
         self._channel_bindings: dict[str, bytes] = {}
+        self._sasl2: Request | None = None  # the <authenticate/> under way
+        self._upgrade: Upgrade | None = None  # its upgrade task (XEP-0480), between the proof and the success
+        self.after_success: list[Callable[[], None]] = []  # what modules write after a SASL2 <success/>
         self._writable = asyncio.Event()  # cleared while the socket's write buffer is above its high mark
         self._writable.set()
 
@@ -198,7 +253,8 @@ class C2SConnection(StreamEdge):
         try:
             await self._handle(event)
         except SaslFailure as exc:
-            self._sasl_fail(exc)
+            in_sasl2 = isinstance(event, Element) and event.tag.startswith(f"{{{ns.SASL2}}}")
+            self._sasl_fail(exc, ns.SASL2 if in_sasl2 else ns.SASL)
 
     async def _handle(self, event: object) -> None:
         if self.state is BOUND and isinstance(event, Element) and event.tag in KINDS:
@@ -224,6 +280,12 @@ class C2SConnection(StreamEdge):
                 await self._sasl_auth(event)
             case Action.SASL_RESPONSE:
                 await self._sasl_response(event)
+            case Action.SASL2_AUTH:
+                await self._sasl2_auth(event)
+            case Action.SASL2_RESPONSE:
+                await self._sasl2_response(event)
+            case Action.SASL2_TASK:
+                await self._sasl2_task(event)
             case Action.UNAUTHENTICATED_IQ:
                 if await self.host.hooks.fire("c2s/unauthenticated-iq", self, event) is None:
                     self._refuse(NOT_AUTHORIZED)
@@ -241,7 +303,7 @@ class C2SConnection(StreamEdge):
         the actions raise."""
         if refusal.reply is Reply.STREAM_ERROR:
             raise StreamError(refusal.condition, refusal.text)
-        if refusal.reply is Reply.SASL_FAILURE:
+        if refusal.reply in (Reply.SASL_FAILURE, Reply.SASL2_FAILURE):
             raise SaslFailure(refusal.condition, refusal.text)
         self.write(serialize(Element(ns.qname(ns.TLS, "failure"))) + STREAM_FOOTER)
         self.close()
@@ -295,6 +357,8 @@ class C2SConnection(StreamEdge):
                 cb = SubElement(features, ns.qname(ns.SASL_CB, "sasl-channel-binding"))
                 for cb_type in self._channel_bindings:
                     SubElement(cb, ns.qname(ns.SASL_CB, "channel-binding"), {"type": cb_type})
+            if self.secure:
+                features.append(self._sasl2_feature())
             self.server.fire_features(self, features, "pre-auth")
         else:
             SubElement(features, BIND)
@@ -310,6 +374,23 @@ class C2SConnection(StreamEdge):
         if self.secure or self.server.config.allow_unencrypted_plain:
             mechs.append("PLAIN")
         return mechs
+
+    def _fast_mechanisms(self) -> list[str]:
+        return [m for m in HT_MECHANISMS if ht_binding(m) is None or ht_binding(m) in self._channel_bindings]
+
+    def _sasl2_feature(self) -> Element:
+        """SASL2's mechanisms and what may come inline: Bind2 with the modules' features, FAST, the rest."""
+        auth = Element(AUTHENTICATION)
+        for mech in self._mechanisms():
+            SubElement(auth, MECHANISM).text = mech
+        inline = SubElement(auth, INLINE)
+        self.host.hooks.notify("bind2/features", self, SubElement(SubElement(inline, BIND2), BIND2_INLINE))
+        fast = SubElement(inline, FAST)
+        for mech in self._fast_mechanisms():
+            SubElement(fast, FAST_MECHANISM).text = mech
+        self.host.hooks.notify("sasl2/features", self, inline)
+        SubElement(auth, UPGRADE).text = UPGRADE_SHA256
+        return auth
 
     async def _negotiate_tls(self) -> None:
         self.state = advance(self.state, Event.TLS_STARTED)
@@ -353,15 +434,22 @@ class C2SConnection(StreamEdge):
                               f"too many failed attempts; try again in {int(wait) + 1} s")
 
     async def _sasl_auth(self, el: Element) -> None:
+        self._sasl2 = self._upgrade = None  # a SASL2 exchange the client gave up for this one
+        done = await self._begin(el.get("mechanism", ""), _b64decode(el.text))
+        if isinstance(done, bytes):
+            self.send(_sasl("challenge", _b64(done)))
+        else:
+            self._auth_succeeded(*done)
+
+    async def _begin(self, mechanism: str, initial: bytes) -> bytes | tuple[str, bool, bytes]:
+        """Start `mechanism`: SCRAM's challenge, or PLAIN's (user, disabled, additional data)."""
         if self.host is None:
             raise StreamError("host-unknown")
-        mechanism = el.get("mechanism", "")
         if not self.secure and self._tls_available() and self.server.config.require_encryption:
             raise SaslFailure("encryption-required")
         if mechanism not in self._mechanisms():
             raise SaslFailure("invalid-mechanism")
         self._check_throttle(None)
-        initial = _b64decode(el.text)
         self._mechanism = mechanism
         if mechanism == "PLAIN":
             authzid, authcid, password = parse_plain(initial)
@@ -372,9 +460,9 @@ class C2SConnection(StreamEdge):
             if account is None or not await verify_plain(self.server.storage, account, password):
                 self._auth_failed(user)
                 raise SaslFailure("not-authorized")
-            self._auth_succeeded(user, account.disabled, b"")
-            return
-        scram = ScramServer(mechanism, self._channel_bindings, bool(self._channel_bindings), self.server.secret)
+            return user, account.disabled, b""
+        scram = ScramServer(mechanism, self._channel_bindings, bool(self._channel_bindings), self.server.secret,
+                            offered=(self._mechanisms(), list(self._channel_bindings)))
         user = self._prepare_user(scram.start(initial))
         self._check_authzid(scram.authzid, user)
         self._check_throttle(user)
@@ -383,19 +471,22 @@ class C2SConnection(StreamEdge):
         creds = account.credentials.get(hash_name) if account else None
         self._scram = scram
         self._scram_account = (user, account.disabled if account else False)
-        self.send(_sasl("challenge", base64.b64encode(scram.challenge(creds)).decode()))
+        return scram.challenge(creds)
 
     async def _sasl_response(self, el: Element) -> None:
+        self._auth_succeeded(*self._finish_scram(el.text))
+
+    def _finish_scram(self, response: str | None) -> tuple[str, bool, bytes]:
         scram, self._scram = self._scram, None
         if scram is None:
             raise SaslFailure("malformed-request", "no authentication in progress")
         user, disabled = self._scram_account
         try:
-            final = scram.finish(_b64decode(el.text))
+            final = scram.finish(_b64decode(response))
         except SaslFailure:
             self._auth_failed(user)
             raise
-        self._auth_succeeded(user, disabled, final)
+        return user, disabled, final
 
     def _prepare_user(self, authcid: str) -> str:
         try:
@@ -418,28 +509,181 @@ class C2SConnection(StreamEdge):
         self.server.stats.authenticated(self._mechanism, "failure")
         log.info("authentication failed for %s@%s from %s", user, self.host.name, self.remote_ip)
 
-    def _auth_succeeded(self, user: str, disabled: bool, additional: bytes) -> None:
+    def _authenticated(self, user: str, disabled: bool) -> None:
         if disabled:
             raise SaslFailure("account-disabled")
         for key in self._throttle_keys(user):
             self.server.auth_throttle.succeeded(key)
         self.server.stats.authenticated(self._mechanism, "success")
-        self.send(_sasl("success", base64.b64encode(additional).decode() if additional else None))
         self.state = advance(self.state, Event.SASL_SUCCESS)
         self.username = user
-        self.parser.reset()
-        self.header_sent = False
         log.info("%s@%s authenticated from %s", user, self.host.name, self.remote_ip)
 
-    def _sasl_fail(self, exc: SaslFailure) -> None:
+    def _auth_succeeded(self, user: str, disabled: bool, additional: bytes) -> None:
+        self._authenticated(user, disabled)
+        self.send(_sasl("success", _b64(additional) if additional else None))
+        self.parser.reset()
+        self.header_sent = False
+
+    def _sasl_fail(self, exc: SaslFailure, namespace: str = ns.SASL) -> None:
         self._scram = None
-        failure = _sasl("failure")
+        self._sasl2 = None
+        self._upgrade = None
+        failure = _sasl("failure", namespace=namespace)
         SubElement(failure, ns.qname(ns.SASL, exc.condition))
         if exc.text:
-            SubElement(failure, ns.qname(ns.SASL, "text")).text = exc.text
+            SubElement(failure, ns.qname(namespace, "text")).text = exc.text
         self.send(failure)
         if self._sasl_failures >= MAX_SASL_FAILURES:
             self.stream_error(StreamError("policy-violation", "too many failed authentication attempts"))
+
+    # --- SASL2, Bind2, FAST -----------------------------------------------------------------------
+
+    async def _sasl2_auth(self, el: Element) -> None:
+        request = parse_request(el)
+        initial = _b64decode(request.initial)
+        self._sasl2, self._upgrade = request, None
+        if request.mechanism in self._fast_mechanisms():
+            self._mechanism = request.mechanism
+            await self._fast_login(request, initial)
+            return
+        if request.initial is None:
+            raise SaslFailure("malformed-request", "send the initial response with <authenticate/>")
+        done = await self._begin(request.mechanism, initial)
+        if isinstance(done, bytes):
+            self.send(_sasl("challenge", _b64(done), ns.SASL2))
+        else:
+            await self._sasl2_succeeded(*done)
+
+    async def _sasl2_response(self, el: Element) -> None:
+        if self._sasl2 is None:
+            raise SaslFailure("malformed-request", "no authentication in progress")
+        await self._sasl2_succeeded(*self._finish_scram(el.text))
+
+    def _fast(self) -> FastTokens:
+        return FastTokens(self.server.storage.fast, fast_key(self.server.config.data_dir))
+
+    async def _fast_login(self, request: Request, initial: bytes) -> None:
+        """A login with a FAST token: one round trip, the token proved over the mechanism's binding."""
+        if self.host is None:
+            raise StreamError("host-unknown")
+        self._check_throttle(None)
+        authcid, proof = parse_ht(initial)
+        user = self._prepare_user(authcid)
+        self._check_throttle(user)
+        if request.agent is None or not request.fast:
+            raise SaslFailure("malformed-request", "a FAST login needs the user-agent id and <fast/>")
+        cb_type = ht_binding(request.mechanism)
+        cb_data = self._channel_bindings[cb_type] if cb_type else b""
+        try:
+            used, token = await self._fast().check(self.host.name, user, request.agent, request.mechanism,
+                                                   proof, cb_data, request.fast_count)
+        except SaslFailure:
+            self._auth_failed(user)
+            raise
+        account = await self.server.storage.accounts.get(self.host.name, user)
+        if account is None:
+            raise SaslFailure("not-authorized")
+        if request.invalidate:
+            await self.server.storage.fast.revoke(self.host.name, user, request.agent)
+        await self._sasl2_succeeded(user, account.disabled, responder_proof(token, cb_data), used)
+
+    async def _sasl2_succeeded(self, user: str, disabled: bool, additional: bytes,
+                               used: FastToken | None = None) -> None:
+        """The credentials are right: the upgrade task first if the client can do it and the account has
+        SHA-1 keys only (XEP-0480), else the <success/>."""
+        if UPGRADE_SHA256 in self._sasl2.upgrades and not disabled:
+            account = await self.server.storage.accounts.get(self.host.name, user)
+            if account is not None and "SHA-256" not in account.credentials:
+                self._upgrade = Upgrade(account, used)
+                proceed = _sasl("continue", namespace=ns.SASL2)
+                if additional:
+                    SubElement(proceed, ADDITIONAL_DATA).text = _b64(additional)
+                SubElement(SubElement(proceed, ns.qname(ns.SASL2, "tasks")), ns.qname(ns.SASL2, "task")).text = \
+                    UPGRADE_SHA256
+                self.send(proceed)
+                return
+        await self._sasl2_success(user, disabled, additional, used)
+
+    async def _sasl2_task(self, el: Element) -> None:
+        """XEP-0480's SCRAM upgrade: <next/> gets a new salt and the iteration count, <task-data/> brings
+        the client's SaltedPassword, from which the account's SHA-256 keys are made."""
+        task = self._upgrade
+        if task is None or self._sasl2 is None:
+            raise SaslFailure("malformed-request", "no task in progress")
+        iterations = self.server.config.scram_iterations
+        if el.tag == ns.qname(ns.SASL2, "next"):
+            if el.get("task") != UPGRADE_SHA256 or task.salt is not None:
+                raise SaslFailure("malformed-request", f"the task to do is {UPGRADE_SHA256}")
+            task.salt = os.urandom(16)
+            data = _sasl("task-data", namespace=ns.SASL2)
+            SubElement(data, ns.qname(ns.SCRAM_UPGRADE, "salt"), {"iterations": str(iterations)}).text = \
+                _b64(task.salt)
+            self.send(data)
+            return
+        salted = el.findtext(ns.qname(ns.SCRAM_UPGRADE, "hash"))
+        if task.salt is None or salted is None:
+            raise SaslFailure("malformed-request", f"send <next task='{UPGRADE_SHA256}'/>, then the hash")
+        try:
+            keys = credentials_from_salted("SHA-256", task.salt, iterations, _b64decode(salted.strip()))
+        except ValueError as exc:
+            raise SaslFailure("malformed-request", str(exc)) from None
+        account = task.account
+        await self.server.storage.accounts.set_credentials(account.host, account.username,
+                                                           [*account.credentials.values(), keys])
+        self._upgrade = None
+        log.info("%s@%s has SHA-256 keys now (XEP-0480)", account.username, account.host)
+        await self._sasl2_success(account.username, account.disabled, b"", task.used)
+
+    async def _sasl2_success(self, user: str, disabled: bool, additional: bytes,
+                             used: FastToken | None = None) -> None:
+        """The <success/>, with what was asked inline: a FAST token, a resumption or a Bind2 session."""
+        request, self._sasl2 = self._sasl2, None
+        self._authenticated(user, disabled)
+        success = Element(SUCCESS)
+        if additional:
+            SubElement(success, ADDITIONAL_DATA).text = _b64(additional)
+        identifier = SubElement(success, AUTHORIZATION_IDENTIFIER)
+        for child in request.inline:
+            answer = await self.host.hooks.fire("sasl2/inline", self, child)
+            if isinstance(answer, Element):
+                success.append(answer)
+        bound = None
+        if self.session is None and request.bind is not None:
+            bound = await self._bind2(request)
+            success.append(bound)
+        identifier.text = str(self.session.jid if self.session is not None else JID.make(user, self.host.name))
+        mechanism = wants_new_token(request, used)
+        if mechanism in self._fast_mechanisms():
+            token, expires = await self._fast().issue(self.host.name, user, request.agent, mechanism, used)
+            expiry = expires.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            SubElement(success, TOKEN, {"token": token, "expiry": expiry})
+        self.send(success)
+        after, self.after_success = self.after_success, []
+        for step in after:
+            step()
+        if bound is not None:
+            await self.host.hooks.fire("session/bound", self.session)
+
+    async def _bind2(self, request: Request) -> Element:
+        """Bind2 (XEP-0386): a resource of the server's choosing (stable per device), then the modules'
+        inline requests on the new session."""
+        bind = request.bind
+        tag = (bind.findtext(BIND2_TAG) or "").strip() or None
+        account = f"{self.username}@{self.host.name}"
+        resource = stable_resource(tag, account, request.agent) if request.agent else random_resource(tag)
+        try:
+            self._bind_resource(resource)
+        except StanzaError as exc:
+            raise StreamError("policy-violation", exc.text or exc.condition) from None
+        bound = Element(ns.qname(ns.BIND2, "bound"))
+        for child in bind:
+            if child.tag == BIND2_TAG:
+                continue
+            answer = await self.host.hooks.fire("bind2/inline", self, child)
+            if isinstance(answer, Element):
+                bound.append(answer)
+        return bound
 
     # --- resource binding -------------------------------------------------------------------------
 
@@ -459,8 +703,11 @@ class C2SConnection(StreamEdge):
 
     def _bind(self, payload: Element) -> JID:
         requested = (payload.findtext(ns.qname(ns.BIND, "resource")) or "").strip()
+        return self._bind_resource(requested or f"parley-{secrets.token_hex(6)}")
+
+    def _bind_resource(self, resource: str) -> JID:
         try:
-            jid = JID.make(self.username, self.host.name, requested or f"parley-{secrets.token_hex(6)}")
+            jid = JID.make(self.username, self.host.name, resource)
         except JIDError as exc:
             raise StanzaError("bad-request", f"invalid resource: {exc}") from None
         sessions = self.server.sessions

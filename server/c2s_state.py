@@ -8,6 +8,12 @@ which mechanisms are offered, are the credentials right) is decided by the actio
 
     PLAIN ──STARTTLS──> TLS_NEGOTIATING ──handshake──> SECURED      (Direct TLS starts in SECURED)
     PLAIN, SECURED ──SASL success──> AUTHENTICATED ──bind or resume──> BOUND
+    SECURED ──SASL2 success──> AUTHENTICATED ──inline Bind2 or resume, in the same step──> BOUND
+
+SASL2 (XEP-0388) needs TLS: a plain stream is not offered it and its <authenticate/> is refused. It has no
+stream restart, and its success may carry Bind2's resource (XEP-0386) or stream management's resumption,
+so one <authenticate/> may take a stream from SECURED to BOUND. An upgrade task (XEP-0480) runs between
+the proof of the credentials and the <success/>: the stream stays SECURED until the task is done.
     any state ──close──> CLOSED
 
 A stream restart (after TLS and after SASL) changes no state: the parser is reset, so a new stream header
@@ -41,6 +47,10 @@ class Input(Enum):
     AUTH = "sasl auth"
     RESPONSE = "sasl response"
     ABORT = "sasl abort"
+    AUTHENTICATE = "sasl2 authenticate"
+    SASL2_RESPONSE = "sasl2 response"
+    SASL2_ABORT = "sasl2 abort"
+    SASL2_TASK = "sasl2 next or task-data"  # an upgrade task (XEP-0480) between authentication and success
     IQ = "iq"
     STANZA = "message or presence"
     OTHER = "other element"  # stream management, client state indication, or unknown
@@ -54,6 +64,9 @@ class Action(Enum):
     STARTTLS = "proceed with TLS"
     SASL_AUTH = "start SASL"
     SASL_RESPONSE = "continue SASL"
+    SASL2_AUTH = "start SASL2, with its inline requests"
+    SASL2_RESPONSE = "continue SASL2"
+    SASL2_TASK = "go on with the SASL2 task under way, else malformed-request"
     UNAUTHENTICATED_IQ = "'c2s/unauthenticated-iq' (registration), else not-authorized"
     BIND = "bind a resource, else not-authorized"
     STANZA = "route the session's stanza"
@@ -65,6 +78,7 @@ class Action(Enum):
 class Reply(Enum):
     STREAM_ERROR = "stream error"  # the stream ends
     SASL_FAILURE = "SASL failure"  # the stream goes on; the client may try again
+    SASL2_FAILURE = "SASL2 failure"  # the same, in SASL2's <failure/>
     TLS_FAILURE = "TLS failure"  # <failure xmlns='...xmpp-tls'/>, then the stream ends
 
 
@@ -94,6 +108,9 @@ ALREADY_AUTHENTICATED = Refusal(Reply.STREAM_ERROR, "policy-violation", "already
 NO_SASL_UNDER_WAY = Refusal(Reply.SASL_FAILURE, "malformed-request", "no authentication in progress")
 ABORTED = Refusal(Reply.SASL_FAILURE, "aborted")
 TLS_REFUSED = Refusal(Reply.TLS_FAILURE)
+SASL2_NEEDS_TLS = Refusal(Reply.SASL2_FAILURE, "encryption-required", "SASL2 is offered over TLS only")
+NO_SASL2_UNDER_WAY = Refusal(Reply.SASL2_FAILURE, "malformed-request", "no authentication in progress")
+SASL2_ABORTED = Refusal(Reply.SASL2_FAILURE, "aborted")
 
 _UNAUTHENTICATED: dict[Input, Outcome] = {
     Input.OPEN: Action.OPEN,
@@ -102,6 +119,10 @@ _UNAUTHENTICATED: dict[Input, Outcome] = {
     Input.AUTH: Action.SASL_AUTH,
     Input.RESPONSE: Action.SASL_RESPONSE,
     Input.ABORT: ABORTED,
+    Input.AUTHENTICATE: Action.SASL2_AUTH,
+    Input.SASL2_RESPONSE: Action.SASL2_RESPONSE,
+    Input.SASL2_ABORT: SASL2_ABORTED,
+    Input.SASL2_TASK: Action.SASL2_TASK,
     Input.IQ: Action.UNAUTHENTICATED_IQ,
     Input.STANZA: NOT_AUTHORIZED,
     Input.OTHER: Action.ELEMENT,
@@ -113,6 +134,10 @@ _AUTHENTICATED: dict[Input, Outcome] = {
     Input.AUTH: ALREADY_AUTHENTICATED,
     Input.RESPONSE: NO_SASL_UNDER_WAY,
     Input.ABORT: ABORTED,
+    Input.AUTHENTICATE: ALREADY_AUTHENTICATED,
+    Input.SASL2_RESPONSE: NO_SASL2_UNDER_WAY,
+    Input.SASL2_ABORT: SASL2_ABORTED,
+    Input.SASL2_TASK: NO_SASL2_UNDER_WAY,
     Input.IQ: Action.BIND,
     Input.STANZA: NOT_AUTHORIZED,
     Input.OTHER: Action.ELEMENT,
@@ -120,7 +145,8 @@ _AUTHENTICATED: dict[Input, Outcome] = {
 _NOTHING: dict[Input, Outcome] = dict.fromkeys(Input, Action.IGNORE)
 
 ACCEPTS: dict[State, dict[Input, Outcome]] = {
-    State.PLAIN: _UNAUTHENTICATED,
+    State.PLAIN: {**_UNAUTHENTICATED, Input.AUTHENTICATE: SASL2_NEEDS_TLS, Input.SASL2_RESPONSE: SASL2_NEEDS_TLS,
+                  Input.SASL2_TASK: SASL2_NEEDS_TLS},
     # The reader waits for the handshake: nothing is read in this state.
     State.TLS_NEGOTIATING: _NOTHING,
     State.SECURED: {**_UNAUTHENTICATED, Input.STARTTLS: TLS_REFUSED},
@@ -143,6 +169,11 @@ _INPUTS = {
     ns.qname(ns.SASL, "auth"): Input.AUTH,
     ns.qname(ns.SASL, "response"): Input.RESPONSE,
     ns.qname(ns.SASL, "abort"): Input.ABORT,
+    ns.qname(ns.SASL2, "authenticate"): Input.AUTHENTICATE,
+    ns.qname(ns.SASL2, "response"): Input.SASL2_RESPONSE,
+    ns.qname(ns.SASL2, "abort"): Input.SASL2_ABORT,
+    ns.qname(ns.SASL2, "next"): Input.SASL2_TASK,
+    ns.qname(ns.SASL2, "task-data"): Input.SASL2_TASK,
     IQ: Input.IQ,
     MESSAGE: Input.STANZA,
     PRESENCE: Input.STANZA,

@@ -31,6 +31,11 @@ SASL_CB = "urn:xmpp:sasl-cb:0"
 HINTS = "urn:xmpp:hints"
 FORWARD = "urn:xmpp:forward:0"
 CARBONS = "urn:xmpp:carbons:2"
+SASL2 = "urn:xmpp:sasl:2"
+BIND2 = "urn:xmpp:bind:0"
+FAST = "urn:xmpp:fast:0"
+SASL_UPGRADE = "urn:xmpp:sasl:upgrade:0"
+SCRAM_UPGRADE = "urn:xmpp:scram-upgrade:0"
 
 LANG = f"{{{XML}}}lang"
 

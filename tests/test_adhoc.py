@@ -54,7 +54,7 @@ async def test_command_list_for_admin_and_non_admin(server: Harness) -> None:
     admin = await admin_client(server)
     items = await admin.plugin["xep_0050"].get_commands("localhost", timeout=5)
     nodes = {item[1] for item in items["disco_items"]["items"]}
-    assert nodes == {c.node for c in server.server.commands if c.adhoc and c.access == "admin"}
+    assert nodes == {c.node for c in server.server.commands if c.adhoc and c.access in ("admin", "user")}
     assert f"{ADMIN}#restart" not in nodes  # for admins of every host, and the test server has two
     assert f"{ADMIN}#get-user-password" not in nodes
     info = await admin.plugin["xep_0030"].get_info("localhost", node=f"{ADMIN}#add-user", timeout=5)
@@ -63,7 +63,8 @@ async def test_command_list_for_admin_and_non_admin(server: Harness) -> None:
     await server.add_user("bob")
     bob = await server.client("bob@localhost", plugins=PLUGINS)
     items = await bob.plugin["xep_0050"].get_commands("localhost", timeout=5)
-    assert not items["disco_items"]["items"]
+    own = {c.node for c in server.server.commands if c.adhoc and c.access == "user"}
+    assert {item[1] for item in items["disco_items"]["items"]} == own  # a user's own commands, no admin's
     condition, _ = await error_of(run(bob, "get-registered-users-num"))
     assert condition == "forbidden"
     condition, _ = await error_of(run(admin, "get-user-password"))

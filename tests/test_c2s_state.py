@@ -29,6 +29,9 @@ AGAIN = Refusal(Reply.STREAM_ERROR, "policy-violation", "already authenticated")
 NO_EXCHANGE = Refusal(Reply.SASL_FAILURE, "malformed-request", "no authentication in progress")
 ABORTED = Refusal(Reply.SASL_FAILURE, "aborted")
 NO_TLS = Refusal(Reply.TLS_FAILURE)
+SASL2_NEEDS_TLS = Refusal(Reply.SASL2_FAILURE, "encryption-required", "SASL2 is offered over TLS only")
+NO_SASL2 = Refusal(Reply.SASL2_FAILURE, "malformed-request", "no authentication in progress")
+SASL2_ABORTED = Refusal(Reply.SASL2_FAILURE, "aborted")
 IGNORE = Action.IGNORE
 
 # Written out row by row (not derived from the module), so that a change to the table shows here.
@@ -40,6 +43,12 @@ EXPECTED: dict[Input, dict[State, Action | Refusal]] = {
     Input.RESPONSE: {P: Action.SASL_RESPONSE, N: IGNORE, S: Action.SASL_RESPONSE, A: NO_EXCHANGE, B: NO_EXCHANGE,
                      C: IGNORE},
     Input.ABORT: {P: ABORTED, N: IGNORE, S: ABORTED, A: ABORTED, B: ABORTED, C: IGNORE},
+    Input.AUTHENTICATE: {P: SASL2_NEEDS_TLS, N: IGNORE, S: Action.SASL2_AUTH, A: AGAIN, B: AGAIN, C: IGNORE},
+    Input.SASL2_RESPONSE: {P: SASL2_NEEDS_TLS, N: IGNORE, S: Action.SASL2_RESPONSE, A: NO_SASL2, B: NO_SASL2,
+                           C: IGNORE},
+    Input.SASL2_ABORT: {P: SASL2_ABORTED, N: IGNORE, S: SASL2_ABORTED, A: SASL2_ABORTED, B: SASL2_ABORTED,
+                        C: IGNORE},
+    Input.SASL2_TASK: {P: SASL2_NEEDS_TLS, N: IGNORE, S: Action.SASL2_TASK, A: NO_SASL2, B: NO_SASL2, C: IGNORE},
     Input.IQ: {P: Action.UNAUTHENTICATED_IQ, N: IGNORE, S: Action.UNAUTHENTICATED_IQ, A: Action.BIND,
                B: Action.STANZA, C: IGNORE},
     Input.STANZA: {P: NOT_AUTHORIZED, N: IGNORE, S: NOT_AUTHORIZED, A: NOT_AUTHORIZED, B: Action.STANZA, C: IGNORE},
@@ -86,6 +95,11 @@ def test_every_step(state: State, event: Event) -> None:
     ("{urn:ietf:params:xml:ns:xmpp-sasl}auth", Input.AUTH),
     ("{urn:ietf:params:xml:ns:xmpp-sasl}response", Input.RESPONSE),
     ("{urn:ietf:params:xml:ns:xmpp-sasl}abort", Input.ABORT),
+    ("{urn:xmpp:sasl:2}authenticate", Input.AUTHENTICATE),
+    ("{urn:xmpp:sasl:2}response", Input.SASL2_RESPONSE),
+    ("{urn:xmpp:sasl:2}abort", Input.SASL2_ABORT),
+    ("{urn:xmpp:sasl:2}next", Input.SASL2_TASK),
+    ("{urn:xmpp:sasl:2}task-data", Input.SASL2_TASK),
     ("{jabber:client}iq", Input.IQ),
     ("{jabber:client}message", Input.STANZA),
     ("{jabber:client}presence", Input.STANZA),

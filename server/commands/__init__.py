@@ -205,11 +205,11 @@ class Declarations(list[Command]):
 
     def command(self, name: str, title: str, args: tuple[Arg, ...] = (), result: tuple[Arg, ...] = (),
                 access: str = "admin", defaults: Defaults | None = None, returns: str = "form",
-                offered: bool = True) -> Callable[[Run], Command]:
+                offered: bool = True, namespace: str = ADMIN_NS) -> Callable[[Run], Command]:
         """Declare the decorated coroutine as the command `name`; the name then stands for the Command."""
         def declare(run: Run) -> Command:
-            declared = Command(name, title, run, args, result, access, defaults=defaults, returns=returns,
-                               offered=offered)
+            declared = Command(name, title, run, args, result, access, namespace, defaults=defaults,
+                               returns=returns, offered=offered)
             self.append(declared)
             return declared
         return declare

@@ -437,3 +437,31 @@ async def shutdown(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """The server stops, and `parley serve` exits."""
     _plan(ctx, args, restart=False)
     return {}
+
+
+# --- FAST tokens (XEP-0484) ------------------------------------------------------------------------------
+
+DEVICE = Arg("device", "text", "The device's user-agent id (all devices if empty)", required=False)
+REVOKED = (Arg("revoked", "int", "Tokens revoked"),)
+
+
+@command("revoke-fast-tokens", "Revoke FAST Login Tokens", (ACCOUNT, DEVICE), REVOKED, namespace=ns.FAST)
+async def revoke_fast_tokens(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """A lost phone or a leaked token: the device must log in with the password again."""
+    jid = await existing_account(ctx, args["accountjid"])
+    return {"revoked": await ctx.host.server.storage.fast.revoke(ctx.host.name, jid.local, args["device"])}
+
+
+@command("revoke_fast_tokens", "Revoke every FAST login token of an account", (
+    Arg("user", "text", "Username"), Arg("host", "text", "Server name")), REVOKED, returns="integer")
+async def revoke_fast_tokens_of(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """revoke-fast-tokens for parleyctl and the HTTP API, in ejabberd's shape (user, host)."""
+    host = ctx.target(args["host"])
+    return {"revoked": await host.server.storage.fast.revoke(host.name, args["user"])}
+
+
+@command("revoke-my-fast-tokens", "Revoke My FAST Login Tokens", (DEVICE,), REVOKED, access="user",
+         namespace=ns.FAST)
+async def revoke_my_fast_tokens(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """The same for one's own account, from any of one's clients."""
+    return {"revoked": await ctx.host.server.storage.fast.revoke(ctx.host.name, ctx.actor.local, args["device"])}

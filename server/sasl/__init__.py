@@ -28,6 +28,7 @@ from .scram import (  # noqa: E402
     ScramCredentials,
     ScramServer,
     derive_credentials,
+    downgrade_hash,
     verify_password,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "ScramCredentials",
     "ScramServer",
     "derive_credentials",
+    "downgrade_hash",
     "parse_plain",
     "tls_exporter",
     "tls_server_end_point",

@@ -27,7 +27,9 @@ __all__ = [
     "ScramClient",
     "ScramCredentials",
     "ScramServer",
+    "credentials_from_salted",
     "derive_credentials",
+    "downgrade_hash",
     "verify_password",
 ]
 
@@ -94,6 +96,15 @@ def derive_credentials(
     if not salt:
         raise ValueError("salt must not be empty")
     salted = hashlib.pbkdf2_hmac(algo, _prepare_password(password), salt, iterations)
+    _, stored_key, server_key = _salted_keys(salted, algo)
+    return ScramCredentials(hash_name, salt, iterations, stored_key, server_key)
+
+
+def credentials_from_salted(hash_name: str, salt: bytes, iterations: int, salted: bytes) -> ScramCredentials:
+    """The storable keys from a SaltedPassword a client computed (XEP-0480's upgrade of an account's hash)."""
+    algo = _hashlib_name(hash_name)
+    if len(salted) != hashlib.new(algo).digest_size:
+        raise ValueError(f"a {hash_name} SaltedPassword has {hashlib.new(algo).digest_size} bytes")
     _, stored_key, server_key = _salted_keys(salted, algo)
     return ScramCredentials(hash_name, salt, iterations, stored_key, server_key)
 
@@ -175,6 +186,16 @@ def _mechanism_hash(mechanism: str) -> tuple[str, bool]:
     return mechanism.removeprefix("SCRAM-").removesuffix("-PLUS"), plus
 
 
+def downgrade_hash(hash_name: str, mechanisms: list[str], cb_types: list[str]) -> str:
+    """XEP-0474's 'h' attribute: the hash of what the server offered, so that a client can tell whether the
+    lists it saw were stripped on the way. The mechanisms sorted by octet and joined by U+001E, then, when
+    channel-binding types were offered (XEP-0440), U+001F and those types sorted and joined the same way."""
+    offered = "\x1e".join(sorted(mechanisms))
+    if cb_types:
+        offered += "\x1f" + "\x1e".join(sorted(cb_types))
+    return _b64encode(hashlib.new(_hashlib_name(hash_name), offered.encode()).digest())
+
+
 def _new_nonce() -> str:
     return _b64encode(os.urandom(18))
 
@@ -193,8 +214,10 @@ class ScramServer:
         plus_advertised: bool,
         secret: bytes,
         server_nonce: str | None = None,
+        offered: tuple[list[str], list[str]] | None = None,
     ) -> None:
         self.mechanism = mechanism
+        self._offered = offered  # (mechanisms, channel-binding types) for XEP-0474
         self.hash_name, self._plus = _mechanism_hash(mechanism)
         self._algo = _hashlib_name(self.hash_name)
         self._channel_bindings = dict(channel_bindings)
@@ -295,6 +318,8 @@ class ScramServer:
         self._creds = creds
         self._nonce += self._server_nonce
         self._server_first = f"r={self._nonce},s={_b64encode(creds.salt)},i={creds.iterations}"
+        if self._offered is not None:
+            self._server_first += f",h={downgrade_hash(self.hash_name, *self._offered)}"
         self._state = "finish"
         return self._server_first.encode()
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.storage.accounts import Account, AccountStore, Credentials, StoredCredentials
 from server.storage.archive import ArchiveStore
 from server.storage.engine import dispose_inline, make_engine
+from server.storage.fast import FastTokenStore
 from server.storage.invites import Invite, InviteStore
 from server.storage.kv import KeyValueStore
 from server.storage.offline import OfflineStore, QuotaExceeded
@@ -25,6 +26,7 @@ __all__ = [
     "AccountStore",
     "ArchiveStore",
     "Credentials",
+    "FastTokenStore",
     "Invite",
     "InviteStore",
     "KeyValueStore",
@@ -57,6 +59,7 @@ class Storage:
         self.uploads = UploadStore(engine)
         self.invites = InviteStore(engine)
         self.reports = ReportStore(engine)
+        self.fast = FastTokenStore(engine)
 
     async def close(self) -> None:
         self.archive.close()

@@ -344,6 +344,25 @@ spam_reports = Table(
 )
 
 
+# FAST tokens (XEP-0484, server.storage.fast): one row per token, at most two per account and device (the
+# token in use and the one that replaces it). The token itself is never stored: it is derived from `seed`
+# with a key kept outside the database (server.sasl2), so a copy of the database logs no one in.
+fast_tokens = Table(
+    "fast_tokens",
+    metadata,
+    Column("seed", LargeBinary, primary_key=True),
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("agent", String, nullable=False),
+    Column("mechanism", String, nullable=False),
+    Column("issued", UTCDateTime, nullable=False),
+    Column("expires", UTCDateTime, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Index("ix_fast_tokens_user", "host", "username", "agent"),
+    ForeignKeyConstraint(["host", "username"], ["accounts.host", "accounts.username"], ondelete="CASCADE"),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -410,8 +429,13 @@ def _step_8(conn: Connection) -> None:
     spam_reports.create(conn)
 
 
+def _step_9(conn: Connection) -> None:
+    """FAST tokens."""
+    fast_tokens.create(conn)
+
+
 STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7,
-                                             _step_8]
+                                             _step_8, _step_9]
 
 
 class SchemaTooNew(RuntimeError):
