@@ -12,6 +12,7 @@ from server.storage.accounts import Account, AccountStore, Credentials, StoredCr
 from server.storage.archive import ArchiveStore
 from server.storage.engine import dispose_inline, make_engine
 from server.storage.kv import KeyValueStore
+from server.storage.notifications import NotificationStore
 from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
 from server.storage.roster import RosterItem, RosterStore
@@ -24,6 +25,7 @@ __all__ = [
     "ArchiveStore",
     "Credentials",
     "KeyValueStore",
+    "NotificationStore",
     "OfflineStore",
     "PubSubStore",
     "QuotaExceeded",
@@ -49,6 +51,7 @@ class Storage:
         self.archive = ArchiveStore(engine)
         self.pubsub = PubSubStore(engine)
         self.uploads = UploadStore(engine)
+        self.notifications = NotificationStore(engine)
 
     async def close(self) -> None:
         self.archive.close()
