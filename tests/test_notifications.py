@@ -11,11 +11,13 @@ import hashlib
 import hmac
 import re
 import threading
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from xml.etree.ElementTree import SubElement
 
 import aiohttp
 import pytest
@@ -31,6 +33,7 @@ from server.storage.notifications import DEAD, SENT
 from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, free_ports, make_config, make_pg_schema
 from tests.test_adhoc import result_values
 from tests.test_basic_modules import wait_for
+from tests.test_stream_management import cut, detached, phone
 
 NOTIFY = "http://jabber.org/protocol/admin"
 PLUGINS = ("xep_0030", "xep_0050", "xep_0004")
@@ -338,36 +341,83 @@ async def test_restart_with_pending_sends_once(notify_server: Starter, smtp: Smt
     assert len(smtp.mailbox.to("alice@example.org")) == 2
 
 
+async def phone_detached(server: Harness) -> None:
+    """alice's phone loses its connection with a resumable session: messages wait in its queue."""
+    raw, _ = await phone(server)
+    cut(raw)
+    await detached(server, "alice@localhost/phone")
+
+
+async def waiting_for(server: Harness, *conversations: str) -> None:
+    async def there() -> bool:
+        waiting = await server.server.storage.notifications.waiting("localhost", "alice")
+        return sorted(w.conversation for w in waiting) == sorted(conversations)
+    await wait_for(there)
+
+
 async def test_displayed_marker_from_another_device_cancels(notify_server: Starter, smtp: Smtp) -> None:
-    """Alice's phone keeps a detached session (messages wait for it); her desktop shows the message and sends a
-    displayed marker: no email for that conversation."""
-    server = await notify_server(smtp.port, digest_interval=0.8)
+    """Alice's phone keeps a detached session (messages wait in its queue); her desktop, connected, shows bob's
+    message and sends a displayed marker: the digest names only carol."""
+    server = await notify_server(smtp.port, digest_interval=1.0)
     await opted_in(server, smtp, "alice")
-    await server.add_user("bob")
+    await phone_detached(server)
     await server.add_user("carol")
-    desktop = await server.client("alice@localhost", resource="desktop")
     bob = await server.client("bob@localhost")
     carol = await server.client("carol@localhost")
-    mod = module(server)
-    user = JID.parse("alice@localhost")
-    # What would wait for a detached session: counted through the same path the 'sm/queued' event takes.
-    await mod.note(user, "bob@localhost", "bob@localhost", "message")
-    await mod.note(user, "carol@localhost", "carol@localhost", "message")
-    desktop.send_message(mto="bob@localhost", mbody=None, mtype="chat")
+    await send_chat(bob, "alice@localhost", "look")
+    await send_chat(carol, "alice@localhost", "and here")
+    await waiting_for(server, "bob@localhost", "carol@localhost")
+
+    desktop = await server.client("alice@localhost", resource="desktop")
     marker = desktop.make_message(mto="bob@localhost", mtype="chat")
-    from xml.etree.ElementTree import SubElement
     SubElement(marker.xml, "{urn:xmpp:chat-markers:0}displayed", {"id": "m1"})
     marker.send()
-
-    async def cancelled() -> bool:
-        waiting = await mod.store.waiting("localhost", "alice")
-        return [w.conversation for w in waiting] == ["carol@localhost"]
-
-    await wait_for(cancelled)
+    await waiting_for(server, "carol@localhost")
     await desktop.disconnect()
     digest = (await smtp.mailbox.wait("alice@example.org", 2))[1]
-    assert "carol@localhost" in digest.get_content() and "bob@localhost" not in digest.get_content()
-    assert bob and carol
+    assert "carol@localhost: 1 message" in digest.get_content() and "bob@localhost" not in digest.get_content()
+
+
+async def test_mds_from_another_device_cancels(notify_server: Starter, smtp: Smtp) -> None:
+    """XEP-0490: a device publishes to urn:xmpp:mds:displayed:0 an item named by the conversation's JID."""
+    server = await notify_server(smtp.port, digest_interval=30.0)
+    await opted_in(server, smtp, "alice")
+    await phone_detached(server)
+    bob = await server.client("bob@localhost")
+    await send_chat(bob, "alice@localhost", "look")
+    await waiting_for(server, "bob@localhost")
+    desktop = await server.client("alice@localhost", resource="desktop", plugins=("xep_0060",))
+    payload = ET.Element("{urn:xmpp:mds:displayed:0}displayed")
+    SubElement(payload, "{urn:xmpp:sid:0}stanza-id", {"id": "x1", "by": "alice@localhost"})
+    await desktop.plugin["xep_0060"].publish(SlixJID("alice@localhost"), "urn:xmpp:mds:displayed:0",
+                                             id="bob@localhost", payload=payload, timeout=5)
+    await waiting_for(server)
+
+
+async def _available(server: Harness, jid: str) -> bool:
+    session = server.server.sessions.get(JID.parse(jid))
+    return session is not None and session.available
+
+
+async def test_an_attached_device_online_means_nothing_is_missed(notify_server: Starter, smtp: Smtp) -> None:
+    server = await notify_server(smtp.port, digest_interval=30.0)
+    await opted_in(server, smtp, "alice")
+    await phone_detached(server)
+    queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    hooks = server.server.hosts["localhost"].hooks
+
+    def seen(session: Any, el: Any) -> None:  # runs after the module's handler
+        if el.find("{jabber:client}body") is not None and not queued.done():
+            queued.set_result(None)
+
+    hooks.add("sm/queued", seen, -100)
+    laptop = await server.client("alice@localhost", resource="laptop")
+    laptop.send_presence()
+    bob = await server.client("bob@localhost")
+    await wait_for(lambda: _available(server, "alice@localhost/laptop"))
+    await send_chat(bob, "alice@localhost", "seen on the laptop, queued for the phone")
+    await asyncio.wait_for(queued, 5)
+    assert not await server.server.storage.notifications.waiting("localhost", "alice")
 
 
 async def test_mention_in_room_while_away(notify_server: Starter, smtp: Smtp) -> None:

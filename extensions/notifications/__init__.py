@@ -234,7 +234,9 @@ class Notifications(Module):
         self.spawn(self._direct(stanza.to.bare, stanza.el))
 
     async def queued(self, session: Session, el: Element) -> None:
-        await self._direct(session.bare, el)
+        """Waits for a detached session: missed, unless an attached device of the user is online to read it."""
+        if not any(not s.detached for s in self.server.sessions.available(session.bare)):
+            await self._direct(session.bare, el)
 
     async def _direct(self, user: JID, el: Element) -> None:
         if not pushable(el):
