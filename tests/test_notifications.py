@@ -33,6 +33,7 @@ from server.storage.notifications import DEAD, SENT
 from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, free_ports, make_config, make_pg_schema
 from tests.test_adhoc import result_values
 from tests.test_basic_modules import wait_for
+from tests.test_parleyctl import run
 from tests.test_stream_management import cut, detached, phone
 
 NOTIFY = "http://jabber.org/protocol/admin"
@@ -514,3 +515,25 @@ async def test_webhook_signed(notify_server: Starter, smtp: Smtp) -> None:
         assert got.empty()
     finally:
         await runner.cleanup()
+
+
+async def test_admin_settings_webhook_and_dead_letters_over_parleyctl(notify_server: Starter) -> None:
+    server = await notify_server(free_port(), max_attempts=1)  # no SMTP server: the confirmation dies
+    await server.add_user("alice")
+    code, out, err = await run(server, "notification_settings", "alice", "localhost", "alice@example.org", "600",
+                               "22:00-07:00", "Europe/Berlin")
+    assert code == 0 and "confirmation link was sent to alice@example.org" in out, err
+    prefs = await module(server).preferences(JID.parse("alice@localhost"))
+    assert (prefs.email, prefs.verified, prefs.interval, prefs.quiet, prefs.zone) == (
+        "alice@example.org", False, 600.0, "22:00-07:00", "Europe/Berlin")
+    code, out, err = await run(server, "notification_settings", "alice", "localhost", "alice@example.org\r\nBcc: x",
+                               "", "", "")
+    assert code == 1 and "not an email address" in err
+    code, out, err = await run(server, "notification_webhook", "alice", "localhost", "ftp://x", "0123456789abcdef")
+    assert code == 1 and "http:// or https://" in err
+
+    async def dead() -> bool:
+        return len(await module(server).dead_letters()) == 1
+    await wait_for(dead)
+    code, out, err = await run(server, "notification_dead_letters", "localhost")
+    assert code == 0 and " alice email alice@example.org tries=1: SMTP 127.0.0.1" in out

@@ -118,8 +118,37 @@ async def webhook_of(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 @COMMANDS.command("notification-dead-letters", "List notifications that could not be sent", (),
                   (Arg("letters", "lines", "Dead letters"),))
 async def dead_letters(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    rows = await ctx.host.server.storage.notifications.list(ctx.host.name, DEAD)
-    return {"letters": [f"{r.id} {r.username} {r.channel} {r.target} tries={r.attempts}: {r.error}" for r in rows]}
+    return {"letters": await module_on(ctx.host, Notifications).dead_letters()}
+
+
+# The same for parleyctl and the HTTP API, in ejabberd's shape (user, host).
+USER, HOST = Arg("user", "text", "Username"), Arg("host", "text", "Server name")
+
+
+def _module_for(ctx: Context, args: dict[str, Any]) -> tuple[Notifications, JID]:
+    host = ctx.target(args.pop("host"))
+    return module_on(host, Notifications), JID.make(args.pop("user"), host.name)
+
+
+@COMMANDS.command("notification_settings", "Set a user's missed-message email notifications",
+                  (USER, HOST, *SETTINGS[:4]), STATUS, returns="string")
+async def ctl_settings(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    module, user = _module_for(ctx, args)
+    return {"status": await module.configure(user, {**args, "muted": None})}
+
+
+@COMMANDS.command("notification_webhook", "Set a user's notification webhook (empty URL: none)", (
+    USER, HOST, Arg("url", "text", "Endpoint URL", required=False),
+    Arg("secret", "password", "Signing secret", required=False)), STATUS, returns="string")
+async def ctl_webhook(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    module, user = _module_for(ctx, args)
+    return {"status": await module.set_webhook(user, args["url"] or "", args["secret"] or "")}
+
+
+@COMMANDS.command("notification_dead_letters", "List notifications of HOST that could not be sent", (HOST,),
+                  (Arg("letters", "lines", "Dead letters"),), returns="list")
+async def ctl_dead_letters(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    return {"letters": await module_on(ctx.target(args["host"]), Notifications).dead_letters()}
 
 
 class Notifications(Module):
@@ -207,7 +236,7 @@ class Notifications(Module):
             raise CommandError(f"{self.host.name} has no mail server configured; emails cannot be sent")
         if interval and interval < self.option("min_interval"):
             raise CommandError(f"the interval must be at least {self.option('min_interval'):g} seconds")
-        muted = tuple(sorted({str(j.bare) for j in args["muted"] or ()}))
+        muted = current.muted if args["muted"] is None else tuple(sorted({str(j.bare) for j in args["muted"]}))
         prefs = replace(current, interval=interval, quiet=quiet, zone=zone, muted=muted).with_email(email)
         await self._save(user, prefs)
         if not email:
@@ -226,6 +255,11 @@ class Notifications(Module):
         current = await self.preferences(user)
         await self._save(user, replace(current, webhook=url, webhook_secret=secret if url else ""))
         return f"webhook set to {url}" if url else "webhook removed"
+
+    async def dead_letters(self) -> list[str]:
+        """The dead-letter list, one line each: key, account, channel, target, tries and the last error."""
+        rows = await self.store.list(self.host.name, DEAD)
+        return [f"{r.id} {r.username} {r.channel} {r.target} tries={r.attempts}: {r.error}" for r in rows]
 
     # --- when to notify ---------------------------------------------------------------------------
 
