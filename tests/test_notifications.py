@@ -10,6 +10,7 @@ import email.policy
 import hashlib
 import hmac
 import re
+import ssl
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from slixmpp import JID as SlixJID
 from slixmpp import ClientXMPP
 
@@ -30,6 +32,7 @@ from parley import build_server
 from server.config import DEFAULT_MODULES
 from server.jid import JID
 from server.storage.notifications import DEAD, SENT
+from server.tls import ensure_certificate
 from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, free_ports, make_config, make_pg_schema
 from tests.test_adhoc import result_values
 from tests.test_basic_modules import wait_for
@@ -65,13 +68,14 @@ class Mailbox:
 
 
 class Smtp:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, **kwargs: Any) -> None:
         self.port = port
         self.mailbox = Mailbox()
+        self.kwargs = kwargs  # aiosmtpd's: TLS, authentication
         self.controller: Controller | None = None
 
     def start(self) -> None:
-        self.controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port)
+        self.controller = Controller(self.mailbox, hostname="127.0.0.1", port=self.port, **self.kwargs)
         self.controller.start()
 
     def stop(self) -> None:
@@ -537,3 +541,35 @@ async def test_admin_settings_webhook_and_dead_letters_over_parleyctl(notify_ser
     await wait_for(dead)
     code, out, err = await run(server, "notification_dead_letters", "localhost")
     assert code == 0 and " alice email alice@example.org tries=1: SMTP 127.0.0.1" in out
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # implicit TLS: see below
+@pytest.mark.parametrize("mode", ["starttls", "direct"])
+async def test_tls_and_authentication(notify_server: Starter, tmp_path: Path, mode: str) -> None:
+    """The SMTP server's certificate checked against the configured CA file, and the login it requires."""
+    cert, key = tmp_path / "smtp.crt", tmp_path / "smtp.key"
+    ensure_certificate("127.0.0.1", cert, key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    logins: list[tuple[str, str]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        logins.append((data.login.decode(), data.password.decode()))
+        return AuthResult(success=data.password == b"mail-pass")
+
+    # aiosmtpd does not count implicit TLS as TLS for AUTH: it offers AUTH there only when told it need not.
+    tls = {"tls_context": context, "require_starttls": True} if mode == "starttls" else \
+        {"ssl_context": context, "auth_require_tls": False}
+    secure = Smtp(free_port(), auth_required=True, authenticator=authenticator, **tls)
+    secure.start()
+    try:
+        server = await notify_server(secure.port, smtp_tls=mode, smtp_ca_file=str(cert), smtp_username="parley",
+                                     smtp_password="mail-pass", sender="Parley <noreply@example.org>")
+        await server.add_user("alice")
+        alice = await server.client("alice@localhost", plugins=PLUGINS)
+        await settings(alice, email="alice@example.org")
+        confirm = (await secure.mailbox.wait("alice@example.org"))[0]
+        assert confirm["From"] == "Parley <noreply@example.org>"
+        assert logins == [("parley", "mail-pass")]
+    finally:
+        secure.stop()

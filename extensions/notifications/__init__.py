@@ -156,8 +156,10 @@ class Notifications(Module):
     options = (
         Option("smtp_host", str, None, "the SMTP server to send through (unset: no emails are sent)"),
         Option("smtp_port", int, 587, "its port", minimum=1, maximum=65535),
-        Option("smtp_tls", str, "starttls", "'starttls', 'direct' (implicit TLS) or 'none'",
-               choices=("starttls", "direct", "none")),
+        Option("smtp_tls", str, "starttls", "how TLS is used: direct is implicit TLS (port 465); none only on a "
+               "trusted network", choices=("starttls", "direct", "none")),
+        Option("smtp_ca_file", str, None, "PEM file of the CAs that may sign the SMTP server's certificate (unset: "
+               "the system's)"),
         Option("smtp_username", str, None, "the account to authenticate as (unset: no authentication)"),
         Option("smtp_password", str, None, "its password"),
         Option("sender", str, None, "the From address, notifications@<host> unless set"),
@@ -186,7 +188,7 @@ class Notifications(Module):
         smtp = self.option("smtp_host")
         self.email = EmailChannel(SmtpSettings(
             smtp, self.option("smtp_port"), self.option("smtp_tls"), self.option("smtp_username"),
-            self.option("smtp_password"), self.option("timeout"))) if smtp else None
+            self.option("smtp_password"), self.option("smtp_ca_file"), self.option("timeout"))) if smtp else None
         self.webhook = WebhookChannel(self.option("timeout"))
         self._wake = asyncio.Event()
         self.hook("message/offline", self.offline, priority=20)  # ahead of push and offline storage

@@ -39,6 +39,7 @@ class SmtpSettings:
     tls: str  # 'none', 'starttls' or 'direct'
     username: str | None
     password: str | None
+    ca_file: str | None
     timeout: float
 
 
@@ -56,7 +57,7 @@ class EmailChannel:
             await aiosmtplib.send(
                 message, recipients=[target], hostname=s.host, port=s.port, username=s.username,
                 password=s.password, use_tls=s.tls == "direct", start_tls=s.tls == "starttls",
-                timeout=s.timeout)
+                cert_bundle=s.ca_file, timeout=s.timeout)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise ChannelError(f"SMTP {s.host}:{s.port}: {exc}") from exc
 
