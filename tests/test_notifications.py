@@ -128,6 +128,9 @@ async def notify_server(tmp_path: Path, request: pytest.FixtureRequest) -> Async
                 await drop_pg_schema(schema)
 
 
+BOTH = pytest.mark.parametrize("notify_server", ["sqlite", "postgresql"], indirect=True)
+
+
 async def settings(client: ClientXMPP, **values: str | list[str]) -> str:
     """Submit the user's own 'notification-settings' form at once; returns the status line, or 'refused: ' and
     the reason the command gave in its error note."""
@@ -183,6 +186,7 @@ def module(server: Harness) -> Any:
     return server.server.hosts["localhost"].modules["notifications"]
 
 
+@BOTH
 async def test_digest_lists_senders_and_counts_without_bodies(notify_server: Starter, smtp: Smtp) -> None:
     server = await notify_server(smtp.port)
     await opted_in(server, smtp, "alice")
@@ -295,8 +299,11 @@ async def test_smtp_down_then_up_delivers_once(notify_server: Starter) -> None:
     down.start()
     try:
         await down.mailbox.wait("alice@example.org")
-        rows = await store.list("localhost")
-        assert [r.status for r in rows] == [SENT]
+
+        async def marked_sent() -> bool:
+            return [r.status for r in await store.list("localhost")] == [SENT]
+
+        await wait_for(marked_sent)
         for _ in range(3):
             await module(server).run_once()
         assert len(down.mailbox.to("alice@example.org")) == 1
@@ -324,6 +331,7 @@ async def test_dead_letter_after_max_attempts(notify_server: Starter) -> None:
     assert len(letters) == 1 and " alice email alice@example.org tries=2: SMTP 127.0.0.1" in letters[0]
 
 
+@BOTH
 async def test_restart_with_pending_sends_once(notify_server: Starter, smtp: Smtp) -> None:
     server = await notify_server(smtp.port, digest_interval=1.0)
     await opted_in(server, smtp, "alice")
