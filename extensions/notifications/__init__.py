@@ -355,10 +355,8 @@ class Notifications(Module):
         now = datetime.now(UTC)
         for username, _ in await self.store.due_users(self.host.name, now):
             await self._digest(JID.make(username, self.host.name), now)
-        sent = 0
-        for item in await self.store.claim(self.host.name, now, timedelta(seconds=self.option("lease"))):
-            sent += await self._send(item)
-        return sent
+        claimed = await self.store.claim(self.host.name, now, timedelta(seconds=self.option("lease")))
+        return sum(await asyncio.gather(*(self._send(item) for item in claimed)))  # one SMTP session each
 
     async def _digest(self, user: JID, now: datetime) -> None:
         prefs = await self.preferences(user)

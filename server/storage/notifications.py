@@ -64,23 +64,21 @@ class NotificationStore:
     # --- pending counts ---------------------------------------------------------------------------
 
     async def note(self, host: str, username: str, conversation: str, sender: str, first: datetime) -> None:
-        """Count one more message of `conversation` for the user, `first` being when a digest may tell it."""
+        """Count one more message of `conversation` for the user, `first` being when a digest may tell it.
+
+        One statement when the sender is the conversation (a 1:1 chat, the hot path); in a room the speakers'
+        names are kept too, up to MAX_SENDERS."""
+        where = (*user_rows(notify_pending, host, username), notify_pending.c.conversation == conversation)
         async with self._writer.begin() as conn:
-            row = (await conn.execute(select(notify_pending.c.senders).where(
-                *user_rows(notify_pending, host, username), notify_pending.c.conversation == conversation))).first()
-            if row is None:
-                await conn.execute(dialect_insert(conn, notify_pending).values(
-                    host=host, username=username, conversation=conversation, count=1, senders=[sender],
-                    first=first).on_conflict_do_update(
-                    index_elements=["host", "username", "conversation"],
-                    set_={"count": notify_pending.c.count + 1}))
+            await conn.execute(dialect_insert(conn, notify_pending).values(
+                host=host, username=username, conversation=conversation, count=1, senders=[sender], first=first)
+                .on_conflict_do_update(index_elements=["host", "username", "conversation"],
+                                       set_={"count": notify_pending.c.count + 1}))
+            if sender == conversation:
                 return
-            senders = list(row.senders)
+            senders = list(await conn.scalar(select(notify_pending.c.senders).where(*where)) or [])
             if sender not in senders and len(senders) < MAX_SENDERS:
-                senders.append(sender)
-            await conn.execute(update(notify_pending).where(
-                *user_rows(notify_pending, host, username), notify_pending.c.conversation == conversation)
-                .values(count=notify_pending.c.count + 1, senders=senders))
+                await conn.execute(update(notify_pending).where(*where).values(senders=[*senders, sender]))
 
     async def cancel(self, host: str, username: str, conversation: str | None = None) -> int:
         """Forget what waits for the user (in one conversation, or all): the user has seen it."""
