@@ -48,12 +48,14 @@ class Mailbox:
 
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
+        self.raw: dict[int, bytes] = {}  # by id() of the parsed message: the bytes as they came
         self._lock = threading.Lock()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self._lock:
             self.messages.append((list(envelope.rcpt_tos), parsed))  # type: ignore[arg-type]
+            self.raw[id(parsed)] = envelope.content
         return "250 OK"
 
     def to(self, address: str) -> list[EmailMessage]:
@@ -210,6 +212,8 @@ async def test_digest_lists_senders_and_counts_without_bodies(notify_server: Sta
     assert "secret" not in digest.as_string()
     unsubscribe = link(digest, "unsubscribe")
     assert digest["List-Unsubscribe"] == f"<{unsubscribe}>"
+    raw = smtp.mailbox.raw[id(digest)]
+    assert f"\r\nList-Unsubscribe: <{unsubscribe}>\r\n".encode() in raw  # as it came: not folded, not encoded
     assert await server.server.storage.offline.count("localhost", "alice") == 4  # offline storage still has them
 
     code, text = await get(unsubscribe)

@@ -54,9 +54,11 @@ class EmailChannel:
     async def send(self, target: str, message: EmailMessage) -> None:
         s = self.settings
         try:
+            # Flattened here with the message's own policy: aiosmtplib's would fold long headers again.
             await aiosmtplib.send(
-                message, recipients=[target], hostname=s.host, port=s.port, username=s.username,
-                password=s.password, use_tls=s.tls == "direct", start_tls=s.tls == "starttls",
+                message.as_bytes(policy=message.policy.clone(linesep="\r\n")),
+                sender=message["From"].addresses[0].addr_spec, recipients=[target], hostname=s.host, port=s.port,
+                username=s.username, password=s.password, use_tls=s.tls == "direct", start_tls=s.tls == "starttls",
                 cert_bundle=s.ca_file, timeout=s.timeout)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise ChannelError(f"SMTP {s.host}:{s.port}: {exc}") from exc

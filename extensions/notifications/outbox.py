@@ -9,6 +9,7 @@ headers itself, so no name can write a header of its own.
 from __future__ import annotations
 
 import base64
+import email.policy
 import hashlib
 import hmac
 import json
@@ -101,8 +102,13 @@ class Letterhead:
     base_url: str
 
 
+# Headers up to RFC 5322's hard limit: a long List-Unsubscribe URL has nowhere to fold, and folding it anyway
+# would encode it (RFC 2047), which mail clients do not read as a link.
+POLICY = email.policy.default.clone(max_line_length=998)
+
+
 def _message(head: Letterhead, to: str, subject: str, key: str) -> EmailMessage:
-    msg = EmailMessage()
+    msg = EmailMessage(policy=POLICY)
     msg["From"] = head.sender
     msg["To"] = to
     msg["Subject"] = clean(subject, 200)
