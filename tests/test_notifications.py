@@ -585,3 +585,41 @@ async def test_tls_and_authentication(notify_server: Starter, tmp_path: Path, mo
         assert logins == [("parley", "mail-pass")]
     finally:
         secure.stop()
+
+
+async def test_per_user_rate_limit_holds_digests(notify_server: Starter, smtp: Smtp) -> None:
+    """user_per_hour 2: the confirmation and one digest; what comes next waits for the hour to pass."""
+    server = await notify_server(smtp.port, user_per_hour=2)
+    await opted_in(server, smtp, "alice")
+    mod = module(server)
+    alice = JID.parse("alice@localhost")
+    await mod.note(alice, "bob@localhost", "bob@localhost", "message")
+    await smtp.mailbox.wait("alice@example.org", 2)
+    await mod.note(alice, "carol@localhost", "carol@localhost", "message")
+    await wait_for(lambda: _due(server))
+    for _ in range(3):
+        await mod.run_once()
+    assert len(smtp.mailbox.to("alice@example.org")) == 2
+    assert [w.conversation for w in await mod.store.waiting("localhost", "alice")] == ["carol@localhost"]
+
+
+async def _due(server: Harness) -> bool:
+    return bool(await server.server.storage.notifications.due_users("localhost", _now()))
+
+
+async def test_push_users_hear_later(notify_server: Starter, smtp: Smtp) -> None:
+    """A user whose phone has a push registration gets the digest push_grace seconds later."""
+    server = await notify_server(smtp.port, push_grace=100.0)
+    await opted_in(server, smtp, "alice")
+    await opted_in(server, smtp, "bob")
+    push = server.server.hosts["localhost"].modules["push"]
+    await push.registrations.set("localhost", "alice", {"apps": [{"jid": "push.example.org", "node": "n",
+                                                                  "options": []}], "count": 0})
+    mod = module(server)
+    before = _now()
+    for user in ("alice", "bob"):
+        await mod.note(JID.make(user, "localhost"), "carol@localhost", "carol@localhost", "message")
+    alice_first = (await mod.store.waiting("localhost", "alice"))[0].first
+    bob_first = (await mod.store.waiting("localhost", "bob"))[0].first
+    assert alice_first - before >= timedelta(seconds=100.3)
+    assert bob_first - before < timedelta(seconds=10)
