@@ -322,15 +322,21 @@ class Notifications(Module):
     async def outbound(self, stanza: Stanza) -> None:
         """A displayed marker from any of the user's devices: that conversation was read."""
         if stanza.el.find(DISPLAYED) is not None and stanza.from_.local:
-            await self.store.cancel(self.host.name, stanza.from_.local, str(stanza.to.bare))
+            await self._cancel(stanza.from_.bare, str(stanza.to.bare))
 
     async def pep_published(self, service: JID, node: str, item: StoredItem, payload: Element | None) -> None:
         """XEP-0490: a device published how far the user read a conversation (the item id is its JID)."""
         if node == MDS_NODE and service.local and service.domain == self.host.name:
-            await self.store.cancel(self.host.name, service.local, item.id)
+            await self._cancel(service.bare, item.id)
 
     async def online(self, session: Session) -> None:
-        await self.store.cancel(self.host.name, session.bare.local or "")
+        await self._cancel(session.bare)
+
+    async def _cancel(self, user: JID, conversation: str | None = None) -> None:
+        """The user read the conversation (or, None, is back): what waits for it is not missed. Only users
+        who opted in have anything waiting, and their preferences are cached: the others cost no query."""
+        if (await self.preferences(user)).emailing:
+            await self.store.cancel(user.domain, user.local or "", conversation)
 
     # --- the outbox -------------------------------------------------------------------------------
 
