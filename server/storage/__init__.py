@@ -14,6 +14,7 @@ from server.storage.engine import dispose_inline, make_engine
 from server.storage.fast import FastTokenStore
 from server.storage.invites import Invite, InviteStore
 from server.storage.kv import KeyValueStore
+from server.storage.notifications import NotificationStore
 from server.storage.offline import OfflineStore, QuotaExceeded
 from server.storage.pubsub import PubSubStore, StoredItem
 from server.storage.reports import Report, ReportStore
@@ -30,6 +31,7 @@ __all__ = [
     "Invite",
     "InviteStore",
     "KeyValueStore",
+    "NotificationStore",
     "OfflineStore",
     "PubSubStore",
     "QuotaExceeded",
@@ -60,6 +62,7 @@ class Storage:
         self.invites = InviteStore(engine)
         self.reports = ReportStore(engine)
         self.fast = FastTokenStore(engine)
+        self.notifications = NotificationStore(engine)
 
     async def close(self) -> None:
         self.archive.close()

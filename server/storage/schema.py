@@ -363,6 +363,42 @@ fast_tokens = Table(
 )
 
 
+# Missed-message notifications (server.storage.notifications): what waits to be told to each user, by
+# conversation, until a digest takes it; and the outbox of notifications to send, one row each, whose id is
+# the idempotency key. A row is claimed by one process at a time (status 'sending' until `lease`).
+notify_pending = Table(
+    "notify_pending",
+    metadata,
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("conversation", String, nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("senders", JSON, nullable=False),
+    Column("first", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("host", "username", "conversation"),
+    Index("ix_notify_pending_first", "first"),
+)
+
+notify_outbox = Table(
+    "notify_outbox",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("host", String, nullable=False),
+    Column("username", String, nullable=False),
+    Column("channel", String, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("status", String, nullable=False),
+    Column("due", UTCDateTime, nullable=False),
+    Column("lease", UTCDateTime),
+    Column("attempts", Integer, nullable=False),
+    Column("error", Text),
+    Column("created", UTCDateTime, nullable=False),
+    Index("ix_notify_outbox_due", "status", "due"),
+    Index("ix_notify_outbox_user", "host", "username"),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -434,8 +470,13 @@ def _step_9(conn: Connection) -> None:
     fast_tokens.create(conn)
 
 
+def _step_10(conn: Connection) -> None:
+    """Missed-message notifications: pending counts and the outbox."""
+    metadata.create_all(conn, tables=[notify_pending, notify_outbox], checkfirst=False)
+
+
 STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7,
-                                             _step_8, _step_9]
+                                             _step_8, _step_9, _step_10]
 
 
 class SchemaTooNew(RuntimeError):
