@@ -139,12 +139,7 @@ class HttpUpload(Module):
         self.spawn(self.cleanup())
 
     async def start(self) -> None:
-        kv = self.server.storage.kv
-        secret = await kv.get(self.host.name, "", STORE, "secret")
-        if secret is None:
-            secret = secrets.token_hex(32)
-            await kv.set(self.host.name, "", STORE, "secret", secret)
-        self.secret = bytes.fromhex(secret)
+        self.secret = await self.server.storage.kv.host_secret(self.host.name, STORE)
         self.spawn(self._cleanup_loop())
 
     @property

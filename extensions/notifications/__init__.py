@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import secrets
 import time
 import uuid
 from dataclasses import replace
@@ -203,12 +202,7 @@ class Notifications(Module):
             self.add_command(declared)
 
     async def start(self) -> None:
-        kv = self.server.storage.kv
-        secret = await kv.get(self.host.name, "", STORE, "secret")
-        if secret is None:
-            secret = secrets.token_hex(32)
-            await kv.set(self.host.name, "", STORE, "secret", secret)
-        self.secret = bytes.fromhex(secret)
+        self.secret = await self.server.storage.kv.host_secret(self.host.name, STORE)
         self.spawn(self._loop())
 
     # --- preferences ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ inside it ('' when a store keeps one document per user).
 
 from __future__ import annotations
 
+import secrets
 import weakref
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -42,6 +43,15 @@ class KeyValueStore:
     async def get(self, host: str, user: str, store: str, key: str = "") -> Any | None:
         params = {"host": host, "username": user, "store": store, "key": key}
         return await read(self._engine, lambda conn: conn.scalar(_GET, params))
+
+    async def host_secret(self, host: str, store: str) -> bytes:
+        """A random 32-byte key of `store` on `host`, made at first use and kept: what signs the URLs a module
+        hands out (uploads, unsubscribe links), so that they survive a restart and no two hosts share one."""
+        secret = await self.get(host, "", store, "secret")
+        if secret is None:
+            secret = secrets.token_hex(32)
+            await self.set(host, "", store, "secret", secret)
+        return bytes.fromhex(secret)
 
     async def set(self, host: str, user: str, store: str, key: str, value: Any) -> None:
         """Store a JSON-serialisable ``value``; None deletes the document."""
