@@ -441,6 +441,12 @@ class C2SConnection(StreamEdge):
         else:
             self._auth_succeeded(*done)
 
+    def _hash_offer(self) -> bool:
+        """Whether SCRAM's challenge carries XEP-0474's hash of what was offered. Always in SASL2, whose clients
+        are newer; in legacy SASL only when configured: Strophe.js before 2.0 (Converse.js 10 and older, and
+        the web apps built on it) refuses any attribute it does not know there, as ejabberd 24.02 found."""
+        return self._sasl2 is not None or self.server.config.scram_downgrade_protection
+
     async def _begin(self, mechanism: str, initial: bytes) -> bytes | tuple[str, bool, bytes]:
         """Start `mechanism`: SCRAM's challenge, or PLAIN's (user, disabled, additional data)."""
         if self.host is None:
@@ -462,7 +468,7 @@ class C2SConnection(StreamEdge):
                 raise SaslFailure("not-authorized")
             return user, account.disabled, b""
         scram = ScramServer(mechanism, self._channel_bindings, bool(self._channel_bindings), self.server.secret,
-                            offered=(self._mechanisms(), list(self._channel_bindings)))
+                            offered=(self._mechanisms(), list(self._channel_bindings)) if self._hash_offer() else None)
         user = self._prepare_user(scram.start(initial))
         self._check_authzid(scram.authzid, user)
         self._check_throttle(user)

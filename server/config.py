@@ -191,6 +191,8 @@ class Config:
     require_encryption: bool = True
     scram_iterations: int = 4096
     allow_unencrypted_plain: bool = False
+    # XEP-0474's 'h' in legacy SASL's SCRAM challenge; SASL2 always has it (see server/c2s.py)
+    scram_downgrade_protection: bool = False
     source: Path | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     s2s: S2SConfig = field(default_factory=S2SConfig)
@@ -254,6 +256,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     require_encryption = top.boolean("require_encryption", True)
     scram_iterations = top.integer("scram_iterations", 4096, minimum=1)
     allow_unencrypted_plain = top.boolean("allow_unencrypted_plain", False)
+    scram_downgrade_protection = top.boolean("scram_downgrade_protection", False)
     modules = _module_list(top, "modules", list(DEFAULT_MODULES), known_modules)
     errors: list[ConfigError] = []  # in module options: reported together at the end
     options = _module_options(top, known_modules, errors)
@@ -278,7 +281,8 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
         http_api=http_api,
         data_dir=data_dir, hosts=hosts, listeners=listeners, storage=storage, limits=limits, logging=logging,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
-        allow_unencrypted_plain=allow_unencrypted_plain, s2s=s2s, components=components,
+        allow_unencrypted_plain=allow_unencrypted_plain, scram_downgrade_protection=scram_downgrade_protection,
+        s2s=s2s, components=components,
         trusted_proxies=trusted_proxies,
     )
 

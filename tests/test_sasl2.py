@@ -265,13 +265,26 @@ async def test_server_first_message_hashes_what_was_offered_in_sasl2(server: Har
         assert h_attribute(server_first) != ssdp(algorithm, mechanisms, ["tls-server-end-point"])
 
 
-async def test_server_first_message_hashes_what_was_offered_in_legacy_sasl(server: Harness) -> None:
+async def legacy_challenge(server: Harness) -> tuple[bytes, Element]:
     await server.add_user("alice")
     raw, features = await offered(server)
     client = ScramClient("SCRAM-SHA-256", "alice", "secret", cb_type="tls-exporter", plus_supported_by_server=True)
     await raw.send(f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{b64(client.first())}</auth>")
     challenge = await raw.expect(f"{{{SASL}}}challenge")
-    assert h_attribute(base64.b64decode(challenge.text)) == ssdp("sha256", *offered_lists(features))
+    return base64.b64decode(challenge.text), features
+
+
+@pytest.mark.parley_config(scram_downgrade_protection=True)
+async def test_server_first_message_hashes_what_was_offered_in_legacy_sasl(server: Harness) -> None:
+    server_first, features = await legacy_challenge(server)
+    assert h_attribute(server_first) == ssdp("sha256", *offered_lists(features))
+
+
+async def test_legacy_sasl_leaves_the_hash_out_unless_configured(server: Harness) -> None:
+    """Strophe.js before 2.0 fails SCRAM on any attribute it does not know (Converse.js logs 'incorrect
+    nonce'): RFC 5802's r, s and i only, as Prosody and ejabberd's defaults of their time sent."""
+    server_first, _ = await legacy_challenge(server)
+    assert [part.split("=", 1)[0] for part in server_first.decode().split(",")] == ["r", "s", "i"]
 
 
 def test_without_channel_bindings_the_hash_covers_the_mechanisms_only() -> None:
