@@ -136,6 +136,22 @@ class HttpServer:
                 break
         return Peer(address, direct or proto == "https")
 
+    def base_url(self, configured: str | None, name: str) -> str:
+        """Where clients reach the http listeners, for the links a module hands out (uploads, invitations,
+        unsubscribe links): the operator's `configured` URL (behind a proxy), else the first http listener,
+        named `name` when it listens on every address; `https://name` when there is no http listener."""
+        if configured:
+            return configured.rstrip("/")
+        listener = next((li for li in self.server.config.listeners if li.type == "http"), None)
+        if listener is None:
+            return f"https://{name}"
+        address = listener.address
+        if address in ("0.0.0.0", "::", ""):
+            address = name
+        elif ":" in address:
+            address = f"[{address}]"
+        return f"{'https' if listener.tls == 'direct' else 'http'}://{address}:{listener.port}"
+
     def _match(self, host: str, path: str) -> dict[str, Handler] | None:
         for key in ((host, path), (None, path)):
             if key in self._routes:

@@ -192,18 +192,7 @@ class HttpUpload(Module):
                f"{quote(slot.filename, safe='')}"
 
     def base_url(self) -> str:
-        url = self.option("url")
-        if url:
-            return str(url).rstrip("/")
-        listener = next((li for li in self.server.config.listeners if li.type == "http"), None)
-        if listener is None:
-            return f"https://{self.domain}"
-        address = listener.address
-        if address in ("0.0.0.0", "::", ""):
-            address = self.domain
-        elif ":" in address:
-            address = f"[{address}]"
-        return f"{'https' if listener.tls == 'direct' else 'http'}://{address}:{listener.port}"
+        return self.server.http.base_url(self.option("url"), self.domain)
 
     # --- HTTP -------------------------------------------------------------------------------------------
 

@@ -103,15 +103,7 @@ class Invites(Module):
         return f"xmpp:{self.host.name}?register;preauth={invite.token}"
 
     def landing_url(self, invite: Invite) -> str:
-        url = self.option("url")
-        if not url:
-            listener = next((li for li in self.server.config.listeners if li.type == "http"), None)
-            if listener is None:
-                url = f"https://{self.host.name}"
-            else:
-                address = self.host.name if listener.address in ("0.0.0.0", "::", "") else listener.address
-                url = f"{'https' if listener.tls == 'direct' else 'http'}://{address}:{listener.port}"
-        return f"{str(url).rstrip('/')}{PATH}{invite.token}"
+        return f"{self.server.http.base_url(self.option('url'), self.host.name)}{PATH}{invite.token}"
 
     # --- using them ---------------------------------------------------------------------------------
 

@@ -427,13 +427,7 @@ class Notifications(Module):
         return jid.partition("@")[2] in self.server.services
 
     def base_url(self) -> str:
-        url = self.option("url")
-        if url:
-            return str(url).rstrip("/")
-        listener = next((li for li in self.server.config.listeners if li.type == "http"), None)
-        if listener is None:
-            return f"https://{self.host.name}"
-        return f"{'https' if listener.tls == 'direct' else 'http'}://{listener.address}:{listener.port}"
+        return self.server.http.base_url(self.option("url"), self.host.name)
 
     # --- the links of the emails ------------------------------------------------------------------
 
