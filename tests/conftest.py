@@ -13,7 +13,7 @@ import os
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,7 +23,7 @@ from slixmpp import ClientXMPP
 
 from parley import build_server
 from server.accounts import create_account
-from server.config import parse_config
+from server.config import DEFAULT_MODULES, parse_config
 from server.registry import available
 from server.server import Server
 from server.stream.parser import StreamParser
@@ -304,3 +304,33 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "parley_config(**overrides): top-level config keys for the server fixture")
+
+
+@contextlib.asynccontextmanager
+async def module_servers(tmp_path: Path, backend: str, module: str) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    """Starts servers with `module` (given its options) besides the default ones, with c2s, Direct TLS and http
+    listeners, on SQLite or on a fresh PostgreSQL schema (`backend`); stops them and drops the schemas after."""
+    started: list[tuple[Harness, str | None]] = []
+
+    async def start(**options: Any) -> Harness:
+        schema = await make_pg_schema() if backend == "postgresql" else None
+        url = f"{PG_URL}?schema={schema}" if schema else f"sqlite+aiosqlite:///{tmp_path}/parley.db"
+        port, direct, http = free_ports(3)
+        config = make_config(tmp_path, port, direct, url, listeners=[
+            {"type": "c2s", "address": "127.0.0.1", "port": port, "tls": "starttls"},
+            {"type": "c2s", "address": "127.0.0.1", "port": direct, "tls": "direct"},
+            {"type": "http", "address": "127.0.0.1", "port": http, "tls": "none"},
+        ], modules=[*DEFAULT_MODULES, module], module_options={module: options})
+        srv = build_server(config)
+        await srv.start()
+        started.append((Harness(srv, port, direct, tmp_path), schema))
+        return started[-1][0]
+
+    try:
+        yield start
+    finally:
+        for harness, schema in started:
+            await harness.close()
+            await harness.server.stop()
+            if schema:
+                await drop_pg_schema(schema)

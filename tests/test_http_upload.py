@@ -18,53 +18,21 @@ import pytest
 from PIL import Image
 from slixmpp.exceptions import IqError
 
-from parley import build_server
 from server.commands import Context
-from server.config import DEFAULT_MODULES
 from server.control import respond
 from server.jid import JID
-from tests.conftest import PG_URL, Harness, drop_pg_schema, free_ports, make_config, make_pg_schema
+from tests.conftest import Harness, module_servers
 
 NS = "urn:xmpp:http:upload:0"
 Starter = Callable[..., Awaitable[Harness]]
-
-
-async def start_server(tmp_path: Path, backend: str, **options: Any) -> tuple[Harness, str | None]:
-    schema = await make_pg_schema() if backend == "postgresql" else None
-    url = f"{PG_URL}?schema={schema}" if schema else f"sqlite+aiosqlite:///{tmp_path}/parley.db"
-    port, direct, http = free_ports(3)
-    config = make_config(tmp_path, port, direct, url, listeners=[
-        {"type": "c2s", "address": "127.0.0.1", "port": port, "tls": "starttls"},
-        {"type": "c2s", "address": "127.0.0.1", "port": direct, "tls": "direct"},
-        {"type": "http", "address": "127.0.0.1", "port": http, "tls": "none"},
-    ], modules=[*DEFAULT_MODULES, "http_upload"], module_options={"http_upload": options})
-    srv = build_server(config)
-    await srv.start()
-    return Harness(srv, port, direct, tmp_path), schema
-
-
-async def _stop(harness: Harness, schema: str | None) -> None:
-    await harness.close()
-    await harness.server.stop()
-    if schema:
-        await drop_pg_schema(schema)
 
 
 @pytest.fixture
 async def upload_server(tmp_path: Path, request: pytest.FixtureRequest
                         ) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
     """Starts a server with the upload module and the given options (on the backend of the test's param)."""
-    started: list[tuple[Harness, str | None]] = []
-
-    async def start(**options: Any) -> Harness:
-        started.append(await start_server(tmp_path, getattr(request, "param", "sqlite"), **options))
-        return started[-1][0]
-
-    try:
+    async with module_servers(tmp_path, getattr(request, "param", "sqlite"), "http_upload") as start:
         yield start
-    finally:
-        for harness, schema in started:
-            await _stop(harness, schema)
 
 
 BOTH = pytest.mark.parametrize("upload_server", ["sqlite", "postgresql"], indirect=True)

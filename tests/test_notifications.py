@@ -28,12 +28,10 @@ from aiosmtpd.smtp import AuthResult
 from slixmpp import JID as SlixJID
 from slixmpp import ClientXMPP
 
-from parley import build_server
-from server.config import DEFAULT_MODULES
 from server.jid import JID
 from server.storage.notifications import DEAD, SENT
 from server.tls import ensure_certificate
-from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, free_ports, make_config, make_pg_schema
+from tests.conftest import Harness, free_port, module_servers
 from tests.test_adhoc import result_values
 from tests.test_basic_modules import wait_for
 from tests.test_parleyctl import run
@@ -100,34 +98,15 @@ Starter = Callable[..., Awaitable[Harness]]
 @pytest.fixture
 async def notify_server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Starter]:
     """Starts a server with the notifications module (short intervals) sending to `smtp_port`."""
-    started: list[tuple[Harness, str | None]] = []
+    async with module_servers(tmp_path, getattr(request, "param", "sqlite"), "notifications") as start_module:
 
-    async def start(smtp_port: int, **options: Any) -> Harness:
-        backend = getattr(request, "param", "sqlite")
-        schema = await make_pg_schema() if backend == "postgresql" else None
-        url = f"{PG_URL}?schema={schema}" if schema else f"sqlite+aiosqlite:///{tmp_path}/parley.db"
-        port, direct, http = free_ports(3)
-        settings = {"smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_tls": "none", "tick": 0.05,
-                    "digest_interval": 0.3, "min_interval": 0.1, "push_grace": 0.0, "retry_base": 0.1,
-                    "retry_cap": 0.5, "breaker_cooldown": 0.2, **options}
-        config = make_config(tmp_path, port, direct, url, listeners=[
-            {"type": "c2s", "address": "127.0.0.1", "port": port, "tls": "starttls"},
-            {"type": "c2s", "address": "127.0.0.1", "port": direct, "tls": "direct"},
-            {"type": "http", "address": "127.0.0.1", "port": http, "tls": "none"},
-        ], modules=[*DEFAULT_MODULES, "notifications"], module_options={"notifications": settings})
-        srv = build_server(config)
-        await srv.start()
-        started.append((Harness(srv, port, direct, tmp_path), schema))
-        return started[-1][0]
+        async def start(smtp_port: int, **options: Any) -> Harness:
+            return await start_module(**{
+                "smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_tls": "none", "tick": 0.05,
+                "digest_interval": 0.3, "min_interval": 0.1, "push_grace": 0.0, "retry_base": 0.1,
+                "retry_cap": 0.5, "breaker_cooldown": 0.2, **options})
 
-    try:
         yield start
-    finally:
-        for harness, schema in started:
-            await harness.close()
-            await harness.server.stop()
-            if schema:
-                await drop_pg_schema(schema)
 
 
 BOTH = pytest.mark.parametrize("notify_server", ["sqlite", "postgresql"], indirect=True)
