@@ -13,7 +13,9 @@ since the user was last online and the last sender (and the body, only with the 
 it crosses the app server and the phone vendor's push service).
 
 An app server answering with an error (other than 'wait') loses its registration, as Prosody's
-mod_cloud_notify does, so a dead registration stops costing a round trip per message.
+mod_cloud_notify does, so a dead registration stops costing a round trip per message. An app server that
+accepts a publish (a result) is told to other modules: 'push/delivered' (user, message element) fires once
+per message and user, so missed-message notifications need not email what the phone was woken for.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
-from weakref import WeakSet
+from weakref import WeakKeyDictionary, WeakSet
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
@@ -136,7 +138,9 @@ class Push(Module):
 
     def setup(self) -> None:
         self.registrations = CachedDocuments(self.server.storage.kv, self.name, Registrations.parse)
-        self._pending: dict[str, tuple[JID, App]] = {}  # publish id -> whose registration it used
+        self._pending: dict[str, tuple[JID, App, Element]] = {}  # publish id -> whose registration, which message
+        # Messages an app server accepted, and for whom (a room's message goes to several members).
+        self._delivered: WeakKeyDictionary[Element, set[JID]] = WeakKeyDictionary()
         self._reached: WeakSet[Element] = WeakSet()  # messages an attached session got, or already pushed
         self._pushed: dict[str, None] = {}  # archive ids of pushed messages, oldest first
         self._locks = [asyncio.Lock() for _ in range(LOCKS)]
@@ -259,7 +263,7 @@ class Push(Module):
         body = el.findtext(BODY) if self.option("include_body") else None
         for app in current.apps:
             iq_id = secrets.token_hex(8)
-            self._pending[iq_id] = (user, app)
+            self._pending[iq_id] = (user, app, el)
             if len(self._pending) > MAX_PENDING:
                 del self._pending[next(iter(self._pending))]
             await self.server.router.send(notification(user, app, current.count, el.get("from") or "", body, iq_id))
@@ -271,7 +275,13 @@ class Push(Module):
         if pending is None or pending[0] != stanza.to.bare or str(stanza.from_) != pending[1].jid:
             return None
         del self._pending[stanza.id or ""]
-        user, app = pending
+        user, app, el = pending
+        if stanza.type == "result":
+            reached = self._delivered.setdefault(el, set())
+            if user not in reached:  # a user with several app servers: one delivery is enough
+                reached.add(user)
+                await self.host.hooks.fire_all("push/delivered", user, el)
+            return True
         if stanza.type == "error":
             error = stanza.el.find(ns.qname(ns.CLIENT, "error"))
             if error is not None and error.get("type") == "wait":

@@ -38,6 +38,7 @@ from tests.test_parleyctl import run
 from tests.test_stream_management import cut, detached, phone
 
 NOTIFY = "http://jabber.org/protocol/admin"
+USER_NS = "urn:parley:notifications"
 PLUGINS = ("xep_0030", "xep_0050", "xep_0004")
 
 
@@ -118,7 +119,7 @@ async def settings(client: ClientXMPP, **values: str | list[str]) -> str:
     form = client.plugin["xep_0004"].make_form(ftype="submit")
     for var, value in values.items():
         form.add_field(var=var, value=value)
-    iq = await client.plugin["xep_0050"].send_command("localhost", f"{NOTIFY}#notification-settings",
+    iq = await client.plugin["xep_0050"].send_command("localhost", f"{USER_NS}#notification-settings",
                                                       action="execute", payload=form, timeout=5)
     note = iq.xml.find("{http://jabber.org/protocol/commands}command/{http://jabber.org/protocol/commands}note")
     if note is not None and note.get("type") == "error":

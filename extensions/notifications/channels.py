@@ -19,6 +19,9 @@ import aiosmtplib
 
 SIGNATURE = "X-Parley-Signature"
 TIMESTAMP = "X-Parley-Timestamp"
+# The notification's key, the same on every try (a retry after a timeout, or after a crash between the
+# receiver's 2xx and the 'sent' mark): a receiver that remembers the keys it saw handles each event once.
+IDEMPOTENCY = "X-Parley-Idempotency-Key"
 
 
 class ChannelError(Exception):
@@ -80,10 +83,13 @@ class WebhookChannel:
         self.timeout = timeout
 
     async def send(self, target: str, message: tuple[str, dict[str, Any]]) -> None:
+        """`message` is (secret, event); the event's 'id' is its idempotency key, sent as a header too, and
+        signed with the body (a fresh timestamp on each try)."""
         secret, event = message
         body = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
         stamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", TIMESTAMP: stamp, SIGNATURE: signature(secret, stamp, body)}
+        headers = {"Content-Type": "application/json", TIMESTAMP: stamp, SIGNATURE: signature(secret, stamp, body),
+                   IDEMPOTENCY: str(event["id"])}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session, \
                     session.post(target, data=body, headers=headers) as response:

@@ -18,12 +18,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime
 from typing import Any
 from urllib.parse import quote
 
 MAX_LISTED = 50  # conversations a digest lists by name; the rest are counted
 MAX_NAME = 80  # characters of a name in a subject or a line
+MAX_BODY = 200  # characters of a message body quoted in a digest
 
 
 def clean(text: str, limit: int = MAX_NAME) -> str:
@@ -113,10 +114,16 @@ def _message(head: Letterhead, to: str, subject: str, key: str) -> EmailMessage:
     msg["To"] = to
     msg["Subject"] = clean(subject, 200)
     msg["Date"] = format_datetime(datetime.now(UTC))
-    # The idempotency key names the message: a retry after a lost answer is recognisably the same email.
-    msg["Message-ID"] = make_msgid(idstring=key.replace("@", "."), domain=head.host)
+    # The idempotency key names the message, the same on every try: a retry after a lost answer, or after a
+    # crash between the server's acceptance and the 'sent' mark, is recognisably the same email.
+    msg["Message-ID"] = message_id(key, head.host)
     msg["Auto-Submitted"] = "auto-generated"
     return msg
+
+
+def message_id(key: str, host: str) -> str:
+    """RFC 5322 msg-id of a notification: its idempotency key (hex) at the host, stable across retries."""
+    return f"<{clean(key, 64).replace('@', '.').replace('>', '')}@{host}>"
 
 
 def xmpp_uri(jid: str, room: bool) -> str:
@@ -126,7 +133,9 @@ def xmpp_uri(jid: str, room: bool) -> str:
 
 def digest_email(head: Letterhead, user: str, to: str, conversations: list[dict[str, Any]], unsubscribe: str,
                  key: str) -> EmailMessage:
-    """One email listing who wrote and how many messages per conversation; never a body."""
+    """One email listing who wrote and how many messages per conversation; the last bodies only where the
+    conversation has them (the user and the admin allowed it, and none of an encrypted message), each quoted
+    on one line of its own, so that no body can write lines that look like the email's."""
     total = sum(int(c["count"]) for c in conversations)
     names = [clean(c["jid"], 40) for c in conversations[:3]]
     more = f" and {len(conversations) - 3} more" if len(conversations) > 3 else ""
@@ -140,6 +149,7 @@ def digest_email(head: Letterhead, user: str, to: str, conversations: list[dict[
         who = ", ".join(clean(s, 40) for s in c["senders"])
         lines.append(f"* {clean(c['jid'])}: {count} message{'s' if count != 1 else ''}"
                      + (f" from {who}" if c.get("room") and who else ""))
+        lines += [f"  > {clean(sender, 40)}: {clean(body, MAX_BODY)}" for sender, body in c.get("bodies", ())]
         lines.append(f"  {xmpp_uri(c['jid'], bool(c.get('room')))}")
     if len(conversations) > MAX_LISTED:
         rest = conversations[MAX_LISTED:]

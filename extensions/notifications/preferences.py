@@ -84,6 +84,7 @@ class Preferences:
     muted: tuple[str, ...] = ()
     webhook: str = ""  # an integrator's endpoint for this account's events (set by an admin)
     webhook_secret: str = ""
+    bodies: bool = False  # the user's consent to message bodies in digests and events (the host must allow it)
 
     @property
     def emailing(self) -> bool:
@@ -99,7 +100,7 @@ class Preferences:
             return None
         return {"email": self.email, "verified": self.verified, "interval": self.interval, "quiet": self.quiet,
                 "zone": self.zone, "muted": list(self.muted), "webhook": self.webhook,
-                "webhook_secret": self.webhook_secret}
+                "webhook_secret": self.webhook_secret, "bodies": self.bodies}
 
     @classmethod
     def parse(cls, doc: dict[str, Any] | None) -> Preferences:
@@ -107,10 +108,45 @@ class Preferences:
             return cls()
         return cls(doc.get("email", ""), doc.get("verified", False), doc.get("interval", 0.0), doc.get("quiet", ""),
                    doc.get("zone", "UTC"), tuple(doc.get("muted", ())), doc.get("webhook", ""),
-                   doc.get("webhook_secret", ""))
+                   doc.get("webhook_secret", ""), doc.get("bodies", False))
 
     def with_email(self, email: str) -> Preferences:
         """A new address must be confirmed again; the same one keeps its state."""
         if email == self.email:
             return self
         return replace(self, email=email, verified=False)
+
+
+def check_yes_no(text: str | None, current: bool) -> bool:
+    """'yes' or 'no' (a form's choice), or the current value when left empty."""
+    if not text:
+        return current
+    answer = text.strip().lower()
+    if answer not in ("yes", "no"):
+        raise BadPreference(f"answer yes or no, not {text[:16]!r}")
+    return answer == "yes"
+
+
+@dataclass(frozen=True)
+class RoomHook:
+    """A room's webhook, kept per room: set by an owner of the room or an admin of its host. `created` is the
+    room's creation time when it was set: a room destroyed and created again under the same name is another
+    room, whose messages must not reach the first one's integrator."""
+
+    url: str = ""
+    secret: str = ""
+    bodies: bool = False
+    created: str = ""
+    by: str = ""
+
+    def document(self) -> dict[str, Any] | None:
+        if not self.url:
+            return None
+        return {"url": self.url, "secret": self.secret, "bodies": self.bodies, "created": self.created,
+                "by": self.by}
+
+    @classmethod
+    def parse(cls, doc: dict[str, Any] | None) -> RoomHook:
+        if not doc:
+            return cls()
+        return cls(doc["url"], doc["secret"], doc.get("bodies", False), doc.get("created", ""), doc.get("by", ""))

@@ -21,6 +21,7 @@ from server.storage.engine import dialect_insert, user_rows, writer
 from server.storage.schema import notify_outbox, notify_pending
 
 MAX_SENDERS = 5  # names kept per conversation for the digest ("alice, bob and 3 others")
+MAX_BODIES = 3  # bodies kept per conversation, the latest, for users who opted in to them
 PENDING, SENDING, SENT, DEAD = "pending", "sending", "sent", "dead"
 
 
@@ -32,6 +33,7 @@ class Waiting:
     count: int
     senders: tuple[str, ...]
     first: datetime
+    bodies: tuple[tuple[str, str], ...] = ()  # (sender, body), oldest first: only for users who opted in
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class Outgoing:
     created: datetime
 
 
+def _waiting(row: Any) -> Waiting:
+    return Waiting(row.conversation, row.count, tuple(row.senders), row.first,
+                   tuple((sender, body) for _, sender, body in row.recent or ()))
+
+
 def _outgoing(row: Any) -> Outgoing:
     return Outgoing(row.id, row.host, row.username, row.channel, row.target, row.payload, row.status, row.due,
                     row.attempts, row.error, row.created)
@@ -63,22 +70,48 @@ class NotificationStore:
 
     # --- pending counts ---------------------------------------------------------------------------
 
-    async def note(self, host: str, username: str, conversation: str, sender: str, first: datetime) -> None:
-        """Count one more message of `conversation` for the user, `first` being when a digest may tell it.
+    async def note(self, host: str, username: str, conversation: str, sender: str, first: datetime,
+                   body: tuple[str, str] | None = None) -> None:
+        """Count one more message of `conversation` for the user, `first` being when a digest may tell it;
+        `body` is (key, text) for users who opted in to bodies: the last MAX_BODIES are kept.
 
-        One statement when the sender is the conversation (a 1:1 chat, the hot path); in a room the speakers'
-        names are kept too, up to MAX_SENDERS."""
+        One statement when the sender is the conversation and no body is kept (a 1:1 chat, the hot path); in a
+        room the speakers' names are kept too, up to MAX_SENDERS."""
         where = (*user_rows(notify_pending, host, username), notify_pending.c.conversation == conversation)
         async with self._writer.begin() as conn:
             await conn.execute(dialect_insert(conn, notify_pending).values(
                 host=host, username=username, conversation=conversation, count=1, senders=[sender], first=first)
                 .on_conflict_do_update(index_elements=["host", "username", "conversation"],
                                        set_={"count": notify_pending.c.count + 1}))
-            if sender == conversation:
+            if sender == conversation and body is None:
                 return
-            senders = list(await conn.scalar(select(notify_pending.c.senders).where(*where)) or [])
+            row = (await conn.execute(select(notify_pending.c.senders, notify_pending.c.recent).where(*where)
+                                      .with_for_update())).one()
+            senders, recent = list(row.senders or []), list(row.recent or [])
+            values: dict[str, Any] = {}
             if sender not in senders and len(senders) < MAX_SENDERS:
-                await conn.execute(update(notify_pending).where(*where).values(senders=[*senders, sender]))
+                values["senders"] = [*senders, sender]
+            if body is not None:
+                values["recent"] = [*recent, [body[0], sender, body[1]]][-MAX_BODIES:]
+            if values:
+                await conn.execute(update(notify_pending).where(*where).values(**values))
+
+    async def unnote(self, host: str, username: str, conversation: str, key: str) -> bool:
+        """Take back one message counted by `note` (push delivered it): one less in the count, its body (by
+        `key`) forgotten, the row gone at zero. False when nothing waits for the conversation any more."""
+        where = (*user_rows(notify_pending, host, username), notify_pending.c.conversation == conversation)
+        async with self._writer.begin() as conn:
+            row = (await conn.execute(select(notify_pending.c.count, notify_pending.c.recent).where(*where)
+                                      .with_for_update())).one_or_none()
+            if row is None:
+                return False
+            if row.count <= 1:
+                await conn.execute(delete(notify_pending).where(*where))
+            else:
+                recent = [r for r in row.recent or [] if r[0] != key]
+                await conn.execute(update(notify_pending).where(*where).values(
+                    count=notify_pending.c.count - 1, recent=recent or None))
+            return True
 
     async def cancel(self, host: str, username: str, conversation: str | None = None) -> int:
         """Forget what waits for the user (in one conversation, or all): the user has seen it."""
@@ -92,7 +125,7 @@ class NotificationStore:
         async with self._engine.connect() as conn:
             rows = await conn.execute(select(notify_pending).where(*user_rows(notify_pending, host, username))
                                       .order_by(notify_pending.c.first))
-            return [Waiting(r.conversation, r.count, tuple(r.senders), r.first) for r in rows]
+            return [_waiting(r) for r in rows]
 
     async def due_users(self, host: str, before: datetime, limit: int = 500) -> list[tuple[str, datetime]]:
         """Users of `host` with messages waiting since `before` or earlier, and since when."""
@@ -112,12 +145,14 @@ class NotificationStore:
         async with self._writer.begin() as conn:
             rows = list(await conn.execute(delete(notify_pending).where(*user_rows(notify_pending, host, username))
                                            .returning(notify_pending.c.conversation, notify_pending.c.count,
-                                                      notify_pending.c.senders, notify_pending.c.first)))
-            taken = sorted((Waiting(r.conversation, r.count, tuple(r.senders), r.first) for r in rows),
+                                                      notify_pending.c.senders, notify_pending.c.first,
+                                                      notify_pending.c.recent)))
+            taken = sorted((_waiting(r) for r in rows),
                            key=lambda w: (-w.count, w.conversation))  # the busiest conversations first
             if taken and make is not None:
                 payload = {**make.payload, "conversations": [
-                    {"jid": w.conversation, "count": w.count, "senders": list(w.senders)} for w in taken]}
+                    {"jid": w.conversation, "count": w.count, "senders": list(w.senders),
+                     **({"bodies": [list(b) for b in w.bodies]} if w.bodies else {})} for w in taken]}
                 await self._insert(conn, make, payload)
             return taken
 

@@ -375,6 +375,7 @@ notify_pending = Table(
     Column("count", Integer, nullable=False),
     Column("senders", JSON, nullable=False),
     Column("first", UTCDateTime, nullable=False),
+    Column("recent", JSON),  # the last few bodies, [key, sender, body], only for users who opted in to them
     PrimaryKeyConstraint("host", "username", "conversation"),
     Index("ix_notify_pending_first", "first"),
 )
@@ -475,8 +476,15 @@ def _step_10(conn: Connection) -> None:
     metadata.create_all(conn, tables=[notify_pending, notify_outbox], checkfirst=False)
 
 
+def _step_11(conn: Connection) -> None:
+    """Missed-message notifications: the last bodies of each conversation, for users who opted in to them (step
+    10 creates the table from its current definition, which has the column already)."""
+    if "recent" not in {c["name"] for c in inspect(conn).get_columns(notify_pending.name)}:
+        conn.execute(text("ALTER TABLE notify_pending ADD COLUMN recent JSON"))
+
+
 STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7,
-                                             _step_8, _step_9, _step_10]
+                                             _step_8, _step_9, _step_10, _step_11]
 
 
 class SchemaTooNew(RuntimeError):
