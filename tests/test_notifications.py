@@ -85,8 +85,8 @@ class Smtp:
             self.controller = None
 
 
-@pytest.fixture
-def smtp() -> Any:
+@pytest.fixture(name="smtp")
+def smtp_fixture() -> Any:
     server = Smtp(free_port())
     server.start()
     yield server
@@ -96,8 +96,8 @@ def smtp() -> Any:
 Starter = Callable[..., Awaitable[Harness]]
 
 
-@pytest.fixture
-async def notify_server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Starter]:
+@pytest.fixture(name="notify_server")
+async def notify_server_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Starter]:
     """Starts a server with the notifications module (short intervals) sending to `smtp_port`."""
     async with module_servers(tmp_path, getattr(request, "param", "sqlite"), "notifications") as start_module:
 

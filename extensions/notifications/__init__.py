@@ -208,6 +208,11 @@ async def ctl_dead_letters(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
     return {"letters": await module_on(ctx.target(args["host"]), Notifications).dead_letters()}
 
 
+def _incarnation(room: Room) -> str:
+    """Which room of that name it is: its creation time, the same after a restart on either backend."""
+    return room.created.astimezone(UTC).isoformat()
+
+
 @dataclass
 class Seen:
     """A message this module counts, remembered while push may still report it delivered: when, its key
@@ -361,7 +366,7 @@ class Notifications(Module):
             with_bodies = check_yes_no(bodies, False)
         except BadPreference as exc:
             raise CommandError(str(exc)) from None
-        hook = RoomHook(url, secret, with_bodies, room.created.isoformat(), str(by)) if url else RoomHook()
+        hook = RoomHook(url, secret, with_bodies, _incarnation(room), str(by)) if url else RoomHook()
         await self.room_hooks.set(room.jid.domain, room.jid.local or "", hook.document())
         if not url:
             return f"webhook of {room.jid} removed"
@@ -420,7 +425,7 @@ class Notifications(Module):
         mentioned = self._mentioned(room, text) if text else []
         if self.serves(room.jid):
             hook = await self.room_hooks.get(room.jid.domain, room.jid.local or "")
-            if hook.url and hook.created == room.created.isoformat():
+            if hook.url and hook.created == _incarnation(room):
                 await self._room_events(room, el, hook, speaker, mentioned)
         if not (room.config.persistent or room.config.members_only):
             return
