@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from extensions.notifications.outbox import CircuitBreaker, backoff, clean, sign, unsign
 from extensions.notifications.preferences import BadPreference, check_address, quiet_now
@@ -120,3 +122,44 @@ def test_addresses_and_names() -> None:
             check_address(bad)
     assert clean("evil\r\nBcc: x@example.org") == "evil  Bcc: x@example.org"
     assert len(clean("x" * 500)) == 80
+
+
+async def test_bodies_kept_and_push_delivered_taken_back(storage_url: str) -> None:
+    """The last bodies per conversation, oldest first; `unnote` takes one message back by its key (its body
+    with it) and the conversation away at zero."""
+    storage = await open_storage(storage_url)
+    try:
+        store = storage.notifications
+        for i in range(5):
+            await store.note("localhost", "alice", "bob@localhost", "bob@localhost", NOW, (f"k{i}", f"body {i}"))
+        await store.note("localhost", "alice", "bob@localhost", "bob@localhost", NOW)  # an OMEMO one: no body
+        await store.note("localhost", "alice", "carol@localhost", "carol@localhost", NOW, ("c0", "hi"))
+        bob, carol = sorted(await store.waiting("localhost", "alice"), key=lambda w: w.conversation)
+        assert carol.bodies == (("carol@localhost", "hi"),)
+        assert (bob.count, bob.bodies) == (6, tuple(("bob@localhost", f"body {i}") for i in (2, 3, 4)))
+        assert await store.unnote("localhost", "alice", "bob@localhost", "k3")
+        assert await store.unnote("localhost", "alice", "carol@localhost", "c0")
+        assert not await store.unnote("localhost", "alice", "carol@localhost", "c0")
+        (bob,) = await store.waiting("localhost", "alice")
+        assert (bob.count, bob.bodies) == (5, (("bob@localhost", "body 2"), ("bob@localhost", "body 4")))
+        taken = await store.take("localhost", "alice", item("d1"))
+        assert [w.conversation for w in taken] == ["bob@localhost"]
+        (row,) = await store.list("localhost")
+        assert row.payload["conversations"][0]["bodies"] == [["bob@localhost", "body 2"], ["bob@localhost", "body 4"]]
+    finally:
+        await storage.close()
+
+
+async def test_step_11_adds_the_bodies_to_a_database_of_step_10(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'parley.db'}"
+    storage = await open_storage(url)
+    async with storage.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE notify_pending DROP COLUMN recent"))
+        await conn.execute(text("DELETE FROM schema_version WHERE version = 11"))
+    await storage.close()
+    storage = await open_storage(url)
+    try:
+        await storage.notifications.note("localhost", "alice", "bob@localhost", "bob@localhost", NOW, ("k", "hi"))
+        assert (await storage.notifications.waiting("localhost", "alice"))[0].bodies == (("bob@localhost", "hi"),)
+    finally:
+        await storage.close()
