@@ -1,6 +1,7 @@
 """Missed-message notifications: how fast digests go out, and what the hooks cost on the message path.
 
-    python -m bench.notifications [--users 1000] [--messages 2000] [--json FILE]
+    python -m bench.notifications [--users 1000] [--messages 900] [--throughput quick|smoke|off] [--rounds 1]
+                                  [--json FILE]
 
 Parley runs in this process on SQLite, with an aiosmtpd server on loopback as its mail server.
 
@@ -30,6 +31,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 
 from bench.client import LoginOptions, Target, login
+from bench.servers import Parley, Profile
 
 PASSWORD = "bench-password"
 DEADLINE = 120.0  # seconds a phase may take before the run fails
@@ -144,6 +146,70 @@ async def offline(workdir: Path, messages: int, mode: str) -> dict[str, Any]:
             "messages_per_second": round(messages / elapsed, 1)}
 
 
+THROUGHPUT_MODES = ("without module", "not opted in", "opted in")
+
+
+class ParleyNotifying(Parley):
+    """bench.run's Parley with the notifications module, and its throughput users opted in or not."""
+
+    def __init__(self, workdir: Path, mode: str, port: int) -> None:
+        super().__init__(workdir, Profile(), "127.0.0.1", port)
+        self.http_port = free_port()
+        self.mode = mode
+
+    def _modules(self) -> list[str]:
+        return [*super()._modules(), *(["notifications"] if self.mode != "without module" else [])]
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        if self.mode != "without module":
+            with open(self.config_file, "a") as fh:
+                fh.write(f'\n[module_options.notifications]\nsmtp_host = "127.0.0.1"\nsmtp_port = {free_port()}\n'
+                         'smtp_tls = "none"\n')
+
+    async def setup(self, users: list[str], password: str, rosters: dict[str, list[str]]) -> None:
+        await super().setup(users, password, rosters)
+        if self.mode != "opted in":
+            return
+        from extensions.notifications.preferences import Preferences
+        from server.config import load_config
+        from server.registry import available
+        from server.storage import open_storage
+
+        storage = await open_storage(load_config(self.config_file, known_modules=available()).storage.url)
+        try:
+            for user in users:
+                await storage.kv.set(self.domain, user, "notifications", "",
+                                     Preferences(f"{user}@example.org", True).document())
+        finally:
+            await storage.close()
+
+
+async def throughput(workdir: Path, size_name: str, rounds: int) -> list[dict[str, Any]]:
+    """bench.run's throughput scenario against Parley in each mode, the modes taking turns for `rounds` rounds
+    (on a shared machine a lull or a burst then falls on every mode). The server's CPU time per message is
+    the steadier figure when the machine is busy: messages per second follow whatever else runs."""
+    from bench.run import SIZES, bench_server
+
+    rows = []
+    for round_ in range(rounds):
+        for mode in THROUGHPUT_MODES:
+            server = ParleyNotifying(workdir / f"{round_}-{mode.replace(' ', '-')}", mode, free_port())
+            report = await bench_server(server, ["throughput"], SIZES[size_name], pin=False)
+            result = report.get("scenarios", {}).get("throughput", {})
+            if "skipped" in report or "error" in result:
+                raise RuntimeError(f"throughput ({mode}): {report.get('skipped') or result.get('error')}")
+            rate, cpu = result["metrics"]["messages_per_s"], result.get("cpu", {})
+            rows.append({
+                "mode": mode, "size": size_name, "round": round_, "messages_per_second": round(rate, 1),
+                "latency_p50_ms": round(result["metrics"]["latency_p50_ms"], 2),
+                "latency_p99_ms": round(result["metrics"]["latency_p99_ms"], 2),
+                "server_cpu_percent": cpu.get("server"), "generator_cpu_percent": cpu.get("generator"),
+                "server_cpu_us_per_message": round(cpu["server"] / 100 / rate * 1e6, 2) if cpu.get("server") else None,
+            })
+    return rows
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as workdir:
@@ -152,6 +218,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     for mode in ("without module", "not opted in", "opted in"):
         with tempfile.TemporaryDirectory() as workdir:
             result["offline"].append(await offline(Path(workdir), args.messages, mode))
+    if args.throughput != "off":
+        with tempfile.TemporaryDirectory() as workdir:
+            result["throughput"] = await throughput(Path(workdir), args.throughput, args.rounds)
     return result
 
 
@@ -159,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=900, help="at most the offline quota (1000 by default)")
+    parser.add_argument("--throughput", choices=["quick", "smoke", "off"], default="quick",
+                        help="bench.run's size of the 1:1 throughput phase (off: skip it)")
+    parser.add_argument("--rounds", type=int, default=1, help="turns of the three throughput modes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
@@ -166,6 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"digests: {d['users']} in {d['seconds']} s, {d['digests_per_second']}/s")
     for row in result["offline"]:
         print(f"offline 1:1 ({row['mode']}): {row['messages']} in {row['seconds']} s, {row['messages_per_second']}/s")
+    for row in result.get("throughput", ()):
+        print(f"throughput 1:1 online ({row['mode']}, {row['size']}, round {row['round']}): "
+              f"{row['messages_per_second']} messages/s, p50 {row['latency_p50_ms']} ms, "
+              f"p99 {row['latency_p99_ms']} ms, "
+              f"server CPU {row['server_cpu_percent']}% ({row['server_cpu_us_per_message']} us/message), "
+              f"generator CPU {row['generator_cpu_percent']}%")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -417,9 +417,6 @@ class Notifications(Module):
         event too; members of this host who are not in a persistent or members-only room count it as missed."""
         if not has_content(el):
             return
-        await self._track(el, self.spawn(self._room_message(room, el)))
-
-    async def _room_message(self, room: Room, el: Element) -> None:
         speaker = (el.get("from") or "").partition("/")[2]
         text = el.findtext(BODY)
         mentioned = self._mentioned(room, text) if text else []
@@ -429,9 +426,13 @@ class Notifications(Module):
                 await self._room_events(room, el, hook, speaker, mentioned)
         if not (room.config.persistent or room.config.members_only):
             return
-        for jid, _ in mentioned:
-            if jid.domain == self.host.name and not room.occupants_of(jid):
-                await self.note(jid, str(room.jid), speaker, "mention", el)
+        away = [jid for jid, _ in mentioned if jid.domain == self.host.name and not room.occupants_of(jid)]
+        if away:
+            await self._track(el, self.spawn(self._mentions(room, el, speaker, away)))
+
+    async def _mentions(self, room: Room, el: Element, speaker: str, away: list[JID]) -> None:
+        for jid in away:
+            await self.note(jid, str(room.jid), speaker, "mention", el)
 
     @staticmethod
     def _mentioned(room: Room, body: str) -> list[tuple[JID, str]]:
