@@ -87,6 +87,7 @@ if TYPE_CHECKING:
 DISPLAYED = "{urn:xmpp:chat-markers:0}displayed"
 MDS_NODE = "urn:xmpp:mds:displayed:0"
 MEMBERS = ("member", "admin", "owner")
+MAX_KEPT_BODY = 1000  # characters of a body kept for a digest (which shows fewer): a stanza may hold far more
 PREFIX = "/notifications/"
 STORE = "notifications"  # the host's key-value document 'secret' (signs the links of the emails)
 ROOM_STORE = "notifications-rooms"  # a room's webhook, by the room's domain and name
@@ -472,7 +473,7 @@ class Notifications(Module):
                 delay += self.option("push_grace")
             key = seen.key if seen is not None else secrets.token_hex(8)
             await self.store.note(user.domain, user.local or "", conversation, sender, now + timedelta(seconds=delay),
-                                  (key, body) if body is not None else None)
+                                  (key, body[:MAX_KEPT_BODY]) if body is not None else None)
             if seen is not None:
                 seen.noted[user.bare] = conversation
         if prefs.webhook:
@@ -497,10 +498,11 @@ class Notifications(Module):
         registrations = getattr(push, "registrations", None)
         return registrations is not None and bool((await registrations.get(user.domain, user.local or "")).apps)
 
-    async def outbound(self, stanza: Stanza) -> None:
-        """A displayed marker from any of the user's devices: that conversation was read."""
+    def outbound(self, stanza: Stanza) -> None:
+        """A displayed marker from any of the user's devices: that conversation was read. Every message a
+        user sends passes here, so it is a plain function (no coroutine) that starts work only for markers."""
         if stanza.el.find(DISPLAYED) is not None and stanza.from_.local:
-            await self._cancel(stanza.from_.bare, str(stanza.to.bare))
+            self.spawn(self._cancel(stanza.from_.bare, str(stanza.to.bare)))
 
     async def pep_published(self, service: JID, node: str, item: StoredItem, payload: Element | None) -> None:
         """XEP-0490: a device published how far the user read a conversation (the item id is its JID)."""
