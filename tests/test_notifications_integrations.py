@@ -45,6 +45,7 @@ from tests.test_notifications import (
     settings,
     smtp_fixture,  # noqa: F401
 )
+from tests.test_parleyctl import run
 from tests.test_push import COMPONENTS, alice_registers, app_server
 from tests.test_roster_presence import disconnect, sync
 
@@ -343,6 +344,13 @@ async def test_admin_commands_over_the_http_api(notify_server: Starter, smtp: Sm
     status, letters = await call_api(port, "notification_dead_letters", {"host": "localhost"})
     assert status == 200 and len(letters) == 1 and " carol webhook http://127.0.0.1:" in letters[0]
     assert (await call_api(port, "notification_dead_letters", {"host": "localhost"}, password="wrong"))[0] == 401
+
+    code, out, err = await run(server, "notification_room_webhook", ROOM, "", "", "")  # parleyctl: removed
+    assert code == 0 and f"webhook of {ROOM} removed" in out, err
+    groupchat(alice, "nobody hears this")
+    await sync(alice)
+    await asyncio.sleep(0.3)
+    assert receiver.events["/room"].empty()
 
 
 class BlockingMailbox(Mailbox):
