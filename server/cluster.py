@@ -258,7 +258,7 @@ class Cluster:
         self._following = False  # reading the other members' channel messages
         self.connected = False  # Redis answers; while not, this member serves its own users alone
         self._steady_since = 0.0  # monotonic time since which Redis has answered without a break
-        self._reconnected = asyncio.Event()
+        self._reconnecting: asyncio.Task[None] | None = None
         self.local_locks: dict[str, asyncio.Lock] = {}
 
     # --- the API of the other parts --------------------------------------------------------------------
@@ -512,7 +512,9 @@ class Cluster:
         self.connected = False
         log.error("cluster: %s; serving this member's users alone until Redis is back", what)
         self._wake.set()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._reconnect()))
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+            self._tasks.append(self._reconnecting)
 
     async def _reconnect(self) -> None:
         assert self._redis is not None
@@ -527,12 +529,13 @@ class Cluster:
                     await self._pubsub.aclose()
                 self._pubsub = self._redis.pubsub()
                 await self._pubsub.subscribe(self.channel(self.member))
+                self.connected = True  # what the resynchronisation queues goes out
                 await self._resync()
             except (redis.RedisError, OSError) as exc:
+                self.connected = False
                 log.debug("cluster: Redis still out of reach: %s", exc)
                 continue
             log.warning("cluster: Redis is back; %s announced its sessions again", self.member)
-            self.connected = True
             self._wake.set()
             self._tasks.append(asyncio.get_running_loop().create_task(self._receive_loop()))
             return
