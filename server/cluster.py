@@ -69,6 +69,7 @@ SERVICE_WORKER = 0  # where group chat and publish-subscribe keep their state, o
 HEARTBEAT = 2.0  # seconds between heartbeats
 HEARTBEAT_TTL = 6  # seconds without a heartbeat after which a member is lost and its sessions forgotten
 FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in JSON
+STANZA = f"s{FIELD}"  # the start of a frame that carries a stanza for a session
 PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
 
@@ -644,11 +645,11 @@ class Cluster:
 
     async def _bounce(self, frames: list[str]) -> None:
         for frame in frames:
-            if frame[0] == "s":
-                _, _, data = frame.split(FIELD, 2)
-                st = _stanza(data)
-            elif frame[0] in "rv":
-                st = _stanza(frame[2:])
+            kind, _, rest = frame.partition(FIELD)
+            if kind == "s":
+                st = _stanza(rest.partition(FIELD)[2])
+            elif kind in ("r", "v"):
+                st = _stanza(rest)
             else:
                 continue
             if st.kind != "presence" and (st.kind != "iq" or st.type in ("get", "set")):
@@ -672,7 +673,7 @@ class Cluster:
             sender = frames[0]
             for frame in frames[1:]:
                 try:
-                    if frame[0] != "s" or not self._deliver(sender, frame):
+                    if not frame.startswith(STANZA) or not self._deliver(sender, frame):
                         await self._dispatch(sender, frame)
                 except Exception:
                     log.exception("cluster: could not handle %r from %s", frame[:200], sender)
@@ -773,7 +774,7 @@ class Cluster:
 
 def _resolve(frame: str, states: dict[str, str]) -> str:
     """A state placeholder becomes the session's state as of now; a session that ended sends nothing."""
-    if frame[0] != "u":
+    if not frame.startswith(f"u{FIELD}"):
         return frame
     state = states.get(frame[2:])
     return f"u{FIELD}{state}" if state is not None else f"d{FIELD}{frame[2:]}"
