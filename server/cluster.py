@@ -462,6 +462,8 @@ class Cluster:
         assert self._redis is not None
         stale = await self._take_sessions(member)
         await self._redis.srem(self.members_key(), member)
+        for other in self._out:  # before the presence that ends its sessions: nothing more goes its way
+            self._queue(other, f"l{FIELD}{member}")
         if stale:
             log.warning("cluster: ending %d sessions of lost member %s", len(stale), member)
         for state in stale:
@@ -713,10 +715,11 @@ class Cluster:
             if sender not in self._out:
                 self._members = sorted({*self._members, sender})
                 self._member_up(sender)
-        elif kind == "b":  # goodbye: the member stopped
-            if sender in self._members:
-                self._members = [m for m in self._members if m != sender]
-                self._member_lost(sender)
+        elif kind in ("b", "l"):  # goodbye: the member stopped; or another found it lost
+            lost = sender if kind == "b" else rest
+            if lost in self._members:
+                self._members = [m for m in self._members if m != lost]
+                self._member_lost(lost)
         elif kind == "c":
             text, _, condition = rest.partition(FIELD)
             jid = JID.parse(text)
