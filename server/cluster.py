@@ -8,29 +8,33 @@ said goodbye) is lost: the server hooks `cluster/member-up` and `cluster/member-
 sessions are forgotten, and one survivor ends them (contacts see them go). Other parts talk to a member with
 `Cluster.send` and their own frame kinds (`Cluster.on`).
 
-Each worker's session directory (`ClusterSessions`, chosen when the server is composed) keeps its own
-sessions and a mirror of the other workers' sessions. A session on another worker is an ordinary `Session`
+Each member's session directory (`ClusterSessions`, chosen when the server is composed) keeps its own
+sessions and a mirror of the other members' sessions. A session on another member is an ordinary `Session`
 in the directory whose output goes to Redis instead of a socket, so the router, presence, roster pushes and
-carbons choose among all of a user's resources unchanged. Workers tell each other about their sessions
+carbons choose among all of a user's resources unchanged. Members tell each other about their sessions
 (bound, priority and presence, roster interest, directed presence, the per-session state of the modules
 that declare it shared with `Module.shared_session_state`, closed) as those change, and forward stanzas to
-the worker holding the session.
+the member holding the session.
 
-Every member has one Redis pub/sub channel, and everything another worker tells it (session changes
+Every member has one Redis pub/sub channel, and everything another member tells it (session changes
 and stanzas alike) goes through that channel in the order it happened: a session is known to be
 available on the other side before any stanza that follows from it arrives. Messages queued in the
 same turn of the event loop are sent as one publication, which keeps Redis off the hot path.
 
 Services that keep state in memory (group chat, publish-subscribe) run on worker 0 of each node; the node's
-other workers forward what is addressed to them.
-What a worker caches of data any worker may change (rosters, blocklists,
-archive preferences) is dropped on the others when one changes it: the roster module announces its
-changes ('roster/changed') and hears of the others' ('roster/stale'), the key-value store tells of the
-cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
-Each worker also keeps its sessions in a Redis hash that a starting worker reads, and refreshes a
-heartbeat key; the sessions of a worker whose heartbeat lapsed are forgotten (and announced again should
-it only have stalled). A worker started in place of a dead one ends the sessions that one left, so that
-contacts and rooms see them go.
+other workers forward what is addressed to them. What a member caches of data any member may change
+(rosters, blocklists, archive preferences) is dropped on the others when one changes it: the roster module
+announces its changes ('roster/changed') and hears of the others' ('roster/stale'), the key-value store
+tells of the cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
+
+Each member also keeps its sessions in a Redis hash that a starting member reads. A member started in place
+of a dead one (same node and worker number) ends the sessions that one left; the sessions of a member that
+is lost are ended by one survivor (whichever takes its hash first), after it told the others to forget the
+member. A member that stalled past its heartbeat announces its sessions again when it resumes.
+
+While Redis is out of reach a member serves its own users alone: what is for other members is dropped, their
+stanzas bounced with remote-server-timeout, locks are local; when Redis answers again it subscribes again,
+publishes its sessions afresh, tells the others to forget what they knew of it, and reads theirs again.
 """
 
 from __future__ import annotations
