@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -498,16 +499,26 @@ class Cluster:
         await self._read_members()
 
     async def _republish(self) -> None:
-        """Publish this member's sessions afresh and tell every member to forget what it knew of them."""
+        """Publish this member's sessions afresh and tell every member to forget what it knew of them. If
+        their published states are gone, another member may have ended them as those of a lost member: their
+        presence goes out again, so that contacts see them back."""
         assert self._redis is not None
+        local = self.sessions.all()
+        taken = bool(local) and not await self._redis.exists(self.sessions_key(self.member))
         await self._announce()
         await self._redis.delete(self.sessions_key(self.member))
         await self._read_members()
         for member in self._members:
             if member != self.member:
                 self._queue(member, "x")
-        for session in self.sessions.all():
+        for session in local:
             self.changed(session)
+        if taken:
+            for session in local:
+                if session.presence is not None and not session.closed:
+                    presence = copy.deepcopy(session.presence)
+                    presence.attrib.pop("to", None)
+                    await self.server.router.route(Stanza(presence, "presence", session.jid, None, origin=session))
 
     # --- Redis out of reach ------------------------------------------------------------------------------
 
