@@ -363,7 +363,7 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
         if args.command == "serve":
             if args.workers is not None:
                 config.cluster = replace(config.cluster, workers=args.workers)
-                check_cluster(config.cluster, config.listeners)
+                check_cluster(config.cluster, config.listeners, config.hosts)
             os.umask(0o077)  # the database, keys, sockets and logs the server creates are its user's alone
             _setup_logging(config, args.verbose)
             if config.cluster.workers > 1:

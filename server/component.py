@@ -83,7 +83,8 @@ class Components:
         loop = asyncio.get_running_loop()
         for listener in listeners:
             srv = await loop.create_server(lambda: ComponentConnection(self.server, self), listener.address,
-                                           listener.port, reuse_address=True)
+                                           listener.port, reuse_address=True,
+                                           reuse_port=self.server.config.cluster.workers > 1)
             self.listeners.append(srv)
             log.info("listening for components on %s:%d", listener.address, listener.port)
 
