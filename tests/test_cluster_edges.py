@@ -1,0 +1,198 @@
+"""Federation, components and HTTP on every member of a cluster: `parley serve --workers 2` subprocesses (real
+Redis under a prefix of their own), real Prosody and ejabberd, slixmpp clients and components.
+
+The kernel spreads the connections to a shared port over the workers (SO_REUSEPORT), so which worker holds a
+server-to-server stream or serves an HTTP request is chance: the tests put users on both workers, so that
+whichever worker holds a link, one of them is on the other, and repeat HTTP requests on new connections so
+that both workers serve some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from slixmpp import ClientXMPP
+
+from s2s.dialback import make_key
+from s2s.manager import DIALBACK_STORE
+from server.storage import open_storage
+from tests import test_s2s_interop
+from tests.conftest import free_port
+from tests.s2s_peers import PARLEY, Peer
+from tests.s2s_support import Inbox, RawPeer, TestCA, free_port_on, online
+from tests.test_cluster import REDIS_URL, Workers, redis_or_skip
+
+REPO = Path(__file__).resolve().parent.parent
+# The peers of tests/test_s2s_interop.py, started once for this module.
+ca, prosody, ejabberd, peer, clients = (test_s2s_interop.ca, test_s2s_interop.prosody, test_s2s_interop.ejabberd,
+                                        test_s2s_interop.peer, test_s2s_interop.clients)
+
+
+@contextlib.asynccontextmanager
+async def serve(tmp_path: Path, domain: str, extra: str = "", host: str = "") -> AsyncIterator[Workers]:
+    """`parley serve` with two workers for `domain` (its table given `host`), a c2s listener on 127.0.0.1 and
+    the `extra` configuration; stopped afterwards, its Redis keys checked gone."""
+    redis = await redis_or_skip()
+    prefix = f"parley-test-{uuid.uuid4().hex[:12]}"
+    url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
+    port = free_port()
+    config = tmp_path / "parley.toml"
+    config.write_text(f"""\
+data_dir = "{tmp_path}"
+[storage]
+url = "{url}"
+[limits]
+unauthenticated_timeout = 15.0
+[cluster]
+workers = 2
+redis_url = "{REDIS_URL}"
+prefix = "{prefix}"
+[[listeners]]
+type = "c2s"
+address = "127.0.0.1"
+port = {port}
+{extra}
+[hosts."{domain}"]
+{host}
+""")
+    storage = await open_storage(url)
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "parley", "serve", "--config", str(config)],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    workers = Workers(proc, storage, port, tmp_path, redis, prefix)
+    try:
+        deadline = time.monotonic() + 30
+        while not (await workers.pid(0) and await workers.pid(1) and b"is running" in
+                   (tmp_path / "server.log").read_bytes()):
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "the workers did not start in 30 s"
+            await asyncio.sleep(0.1)
+        yield workers
+    finally:
+        await workers.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(proc.wait, 15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")]
+        if leftover:
+            await redis.delete(*leftover)
+        await redis.aclose()
+        await storage.close()
+    assert proc.returncode == 0, (tmp_path / "server.log").read_text()
+    assert not leftover, f"workers left {leftover} in Redis"
+
+
+async def test_processes_starting_together_on_a_new_database_share_one_host_secret(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
+    first, second = await open_storage(url), await open_storage(url)
+    try:
+        secrets = await asyncio.gather(*(store.kv.host_secret("localhost", "test")
+                                         for store in (first, second, first, second)))
+        assert len(set(secrets)) == 1
+        assert await second.kv.host_secret("localhost", "test") == secrets[0]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_every_worker_verifies_the_dialback_keys_made_with_the_stored_secret(tmp_path: Path) -> None:
+    """A remote server checks our key over a connection of its own, which may reach either worker."""
+    address = "127.0.0.7"
+    port = free_port_on(address)
+    listener = f'[[listeners]]\ntype = "s2s"\naddress = "{address}"\nport = {port}\n'
+    async with serve(tmp_path, "a.test", f"[s2s]\nrequire_encryption = false\n{listener}") as workers:
+        secret = await workers.storage.kv.host_secret("a.test", DIALBACK_STORE)
+        answers = []
+        for attempt in range(8):  # both workers answer some, but for a chance of 1 in 128
+            peer = await RawPeer.connect(address, port)
+            await peer.open("b.test", "a.test")
+            stream_id = f"stream-{attempt}"
+            for key, expected in ((make_key(secret, "b.test", "a.test", stream_id), "valid"), ("forged", "invalid")):
+                await peer.send(f"<db:verify from='b.test' to='a.test' id='{stream_id}'>{key}</db:verify>")
+                answer = await peer.expect("{jabber:server:dialback}verify")
+                answers.append((answer.get("type"), expected))
+            peer.close()
+        assert all(got == expected for got, expected in answers), answers
+
+
+@pytest.fixture
+async def federated(peer: Peer, ca: TestCA, tmp_path: Path) -> AsyncIterator[Workers]:
+    """Parley on PARLEY's address with two workers, with a self-signed certificate the peers do not trust: they
+    check our dialback keys by connecting back to us, on whichever worker the kernel picks."""
+    address, domain = PARLEY
+    extra = f"""\
+[[listeners]]
+type = "s2s"
+address = "{address}"
+port = 5269
+[s2s]
+ca_bundle = "{ca.path}"
+accept_self_signed = ["{test_s2s_interop.EJABBERD[1]}"]
+bidi = false
+"""
+    async with serve(tmp_path, domain, extra) as workers:
+        yield workers
+
+
+async def test_federation_from_both_workers(federated: Workers, peer: Peer, clients: list[ClientXMPP]) -> None:
+    """Users on both workers: the peer's stream reaches one of them and delivers to both; each worker opens its
+    own link to the peer, whose key the peer checks over its stream to us, held by one worker for both."""
+    domain = PARLEY[1]
+    users = {}
+    for worker, name in ((0, "alice"), (1, "bob")):
+        await federated.add_user(name, host=domain)
+        users[name] = await federated.client_on(worker, f"{name}@{domain}", f"w{worker}")
+        await online(users[name])
+    remote = await test_s2s_interop.remote_user(peer, clients)
+    remote_inbox = Inbox(remote)
+    for name, client in users.items():
+        inbox = Inbox(client)
+        remote.send_message(mto=f"{name}@{domain}", mbody=f"to {name}", mtype="chat")
+        got = await inbox.wait(lambda m, n=name: m["body"] == f"to {n}", timeout=20)
+        assert got["from"] == remote.boundjid
+        client.send_message(mto=remote.boundjid.bare, mbody=f"from {name}", mtype="chat")
+        got = await remote_inbox.wait(lambda m, n=name: m["body"] == f"from {n}", timeout=20)
+        assert got["from"] == client.boundjid
+    # An iq to a full JID: asked on the peer's stream, answered by the client over its own worker's link.
+    ping = remote.make_iq_get(ito=users["bob"].boundjid.full, queryxmlns="urn:xmpp:ping")
+    await ping.send(timeout=20)
+
+
+async def test_uploads_slot_on_one_worker_put_and_get_on_any(tmp_path: Path) -> None:
+    """Every PUT and GET on a new connection, so both workers serve some (but for a chance of 1 in 2^17); the
+    workers started together on a new database, each reading the host's upload secret at once."""
+    port = free_port()
+    extra = f"""\
+[[listeners]]
+type = "http"
+address = "127.0.0.1"
+port = {port}
+[module_options.http_upload]
+url = "http://127.0.0.1:{port}"
+"""
+    async with serve(tmp_path, "localhost", extra, 'modules_enabled = ["http_upload"]') as workers:
+        await workers.add_user("alice")
+        client = await workers.client("alice@localhost", plugins=("xep_0030", "xep_0363"))
+        for n in range(6):
+            iq = await client.plugin["xep_0363"].request_slot("upload.localhost", f"{n}.txt", 2, "text/plain")
+            put_url, get_url = iq["http_upload_slot"]["put"]["url"], iq["http_upload_slot"]["get"]["url"]
+            async with aiohttp.ClientSession() as http, \
+                    http.put(put_url, data=f"{n}!".encode(), headers={"Content-Type": "text/plain"}) as response:
+                assert response.status == 201, await response.text()
+            for _ in range(2):
+                async with aiohttp.ClientSession() as http, http.get(get_url) as response:
+                    assert (response.status, await response.read()) == (200, f"{n}!".encode())
