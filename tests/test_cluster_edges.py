@@ -155,9 +155,9 @@ async def test_federation_from_both_workers(federated: Workers, peer: Peer, clie
     users = {}
     for worker, name in ((0, "alice"), (1, "bob")):
         await federated.add_user(name, host=domain)
-        users[name] = await federated.client_on(worker, f"{name}@{domain}", f"w{worker}")
+        users[name] = await federated.client_on(worker, f"{name}@{domain}", f"w{worker}", ("xep_0199",))
         await online(users[name])
-    remote = await test_s2s_interop.remote_user(peer, clients)
+    remote = await test_s2s_interop.remote_user(peer, clients, plugins=("xep_0199",))
     remote_inbox = Inbox(remote)
     for name, client in users.items():
         inbox = Inbox(client)
@@ -168,8 +168,7 @@ async def test_federation_from_both_workers(federated: Workers, peer: Peer, clie
         got = await remote_inbox.wait(lambda m, n=name: m["body"] == f"from {n}", timeout=20)
         assert got["from"] == client.boundjid
     # An iq to a full JID: asked on the peer's stream, answered by the client over its own worker's link.
-    ping = remote.make_iq_get(ito=users["bob"].boundjid.full, queryxmlns="urn:xmpp:ping")
-    await ping.send(timeout=20)
+    await remote.plugin["xep_0199"].ping(jid=users["bob"].boundjid.full, timeout=20)
 
 
 async def test_uploads_slot_on_one_worker_put_and_get_on_any(tmp_path: Path) -> None:
