@@ -26,14 +26,19 @@ from slixmpp import ClientXMPP
 
 from s2s.dialback import make_key
 from s2s.manager import DIALBACK_STORE
+from server.component import handshake_digest
 from server.storage import open_storage
 from tests import test_s2s_interop
 from tests.conftest import free_port
 from tests.s2s_peers import PARLEY, Peer
 from tests.s2s_support import Inbox, RawPeer, TestCA, free_port_on, online
+from tests.test_c2s import stream_error_condition
 from tests.test_cluster import REDIS_URL, Workers, redis_or_skip
+from tests.test_component import app_component, condition_of, raw_component, received
+from tests.test_offline import collect
 
 REPO = Path(__file__).resolve().parent.parent
+COMPONENT_DOMAIN, SECRET = "push.localhost", "component-secret"
 # The peers of tests/test_s2s_interop.py, started once for this module.
 ca, prosody, ejabberd, peer, clients = (test_s2s_interop.ca, test_s2s_interop.prosody, test_s2s_interop.ejabberd,
                                         test_s2s_interop.peer, test_s2s_interop.clients)
@@ -195,3 +200,73 @@ url = "http://127.0.0.1:{port}"
             for _ in range(2):
                 async with aiohttp.ClientSession() as http, http.get(get_url) as response:
                     assert (response.status, await response.read()) == (200, f"{n}!".encode())
+
+
+async def registered(workers: Workers, domain: str) -> str | None:
+    """The member the cluster's registry says holds `domain`'s component."""
+    member = await workers.redis.hget(f"{workers.prefix}:components", domain)
+    return member.decode() if member else None
+
+
+async def until_registered(workers: Workers, domain: str, wanted: object) -> str | None:
+    """Wait until the registry's entry for `domain` is `wanted` (a member, None, or ANY member)."""
+    deadline = time.monotonic() + 15
+    while True:
+        member = await registered(workers, domain)
+        if member == wanted or (wanted is ANY and member is not None):
+            return member
+        assert time.monotonic() < deadline, f"{domain}: registered at {member}, not {wanted}"
+        await asyncio.sleep(0.05)
+
+
+ANY = object()
+
+
+async def bounced(client: ClientXMPP) -> None:
+    """A message from `client` to the component comes back with service-unavailable."""
+    errors = collect(client, "error")
+    client.send_message(mto=COMPONENT_DOMAIN, mbody="anyone there?")
+    assert condition_of(await asyncio.wait_for(errors.get(), 10)) == "service-unavailable"
+
+
+async def test_a_component_on_one_worker_is_reached_from_both(tmp_path: Path) -> None:
+    port = free_port()
+    extra = f"""\
+[[listeners]]
+type = "component"
+address = "127.0.0.1"
+port = {port}
+[components."{COMPONENT_DOMAIN}"]
+secret = "{SECRET}"
+"""
+    async with serve(tmp_path, "localhost", extra) as workers:
+        workers.component_port = port
+        users = {}
+        for worker, name in ((0, "alice"), (1, "bob")):
+            await workers.add_user(name)
+            users[name] = await workers.client_on(worker, f"{name}@localhost", f"w{worker}")
+            await online(users[name])
+        async with app_component(workers, COMPONENT_DOMAIN, SECRET) as component:
+            holder = await until_registered(workers, COMPONENT_DOMAIN, ANY)
+            got = received(component, "message")
+            for name, client in users.items():  # one of them on the component's worker, the other not
+                inbox = Inbox(client)
+                component.send_message(mto=f"{name}@localhost", mfrom=COMPONENT_DOMAIN, mbody=f"to {name}")
+                assert (await inbox.wait(lambda m, n=name: m["body"] == f"to {n}"))["from"] == COMPONENT_DOMAIN
+                client.send_message(mto=COMPONENT_DOMAIN, mbody=f"from {name}")
+                message = await asyncio.wait_for(got.get(), 10)
+                assert (message.get("from"), message.findtext("{jabber:component:accept}body")) == \
+                       (str(client.boundjid), f"from {name}")
+            for _ in range(3):  # on either worker, a second connection for the domain is refused
+                async with raw_component(workers, COMPONENT_DOMAIN) as (raw, stream_id):
+                    await raw.send(f"<handshake>{handshake_digest(stream_id, SECRET)}</handshake>")
+                    assert stream_error_condition(await raw.closed()) == "conflict"
+        await until_registered(workers, COMPONENT_DOMAIN, None)
+        for client in users.values():  # gone: both workers bounce what is sent to it
+            await bounced(client)
+        # The worker holding it dies: its entry goes and the other worker bounces instead of forwarding.
+        async with app_component(workers, COMPONENT_DOMAIN, SECRET):
+            holder = await until_registered(workers, COMPONENT_DOMAIN, ANY)
+            os.kill(await workers.pid(int(holder.rpartition("/")[2])), signal.SIGKILL)
+            await until_registered(workers, COMPONENT_DOMAIN, None)
+        await bounced(users["alice" if holder.endswith("/1") else "bob"])
