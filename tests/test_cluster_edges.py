@@ -29,13 +29,16 @@ from s2s.manager import DIALBACK_STORE
 from server.component import handshake_digest
 from server.storage import open_storage
 from tests import test_s2s_interop
+from tests.browser_support import ws_client
 from tests.conftest import free_port
 from tests.s2s_peers import PARLEY, Peer
 from tests.s2s_support import Inbox, RawPeer, TestCA, free_port_on, online
 from tests.test_c2s import stream_error_condition
 from tests.test_cluster import REDIS_URL, Workers, redis_or_skip
 from tests.test_component import app_component, condition_of, raw_component, received
+from tests.test_http_api import TOKEN
 from tests.test_offline import collect
+from tests.test_websocket import logged_in
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENT_DOMAIN, SECRET = "push.localhost", "component-secret"
@@ -270,3 +273,32 @@ secret = "{SECRET}"
             os.kill(await workers.pid(int(holder.rpartition("/")[2])), signal.SIGKILL)
             await until_registered(workers, COMPONENT_DOMAIN, None)
         await bounced(users["alice" if holder.endswith("/1") else "bob"])
+
+
+async def test_websocket_sessions_on_either_worker_and_bosh_told_to_need_sticky_sessions(tmp_path: Path) -> None:
+    """And the HTTP API, answered by either worker, counts the sessions of both."""
+    port = free_port()
+    extra = f'[[listeners]]\ntype = "http"\naddress = "127.0.0.1"\nport = {port}\n[http_api]\ntoken = "{TOKEN}"\n'
+    host = 'modules_enabled = ["websocket", "bosh"]'
+    async with serve(tmp_path, "localhost", extra, host) as workers:
+        assert "proxy with sticky sessions" in (tmp_path / "server.log").read_text()
+        await workers.add_user("juliet")
+        async with ws_client(f"ws://127.0.0.1:{port}/xmpp-websocket") as juliet:
+            jid = await logged_in(juliet, "juliet")
+            landed, _ = await workers.until_state(jid)
+            await workers.add_user("romeo")
+            romeo = await workers.client_on(1 - landed, "romeo@localhost", "tcp")
+            inbox = workers.inbox(romeo)
+            await juliet.send("<presence xmlns='jabber:client'/>")
+            await juliet.send(f"<message xmlns='jabber:client' to='{romeo.boundjid}' type='chat'>"
+                              "<body>Wherefore</body></message>")
+            got = await asyncio.wait_for(inbox.get(), 10)
+            assert (got["body"], str(got["from"])) == ("Wherefore", jid)
+            romeo.send_message(mto=jid, mbody="By a name", mtype="chat")
+            reply = await juliet.expect("{jabber:client}message")
+            assert reply.findtext("{jabber:client}body") == "By a name"
+            for _ in range(6):  # each on a new connection: both workers answer some
+                async with aiohttp.ClientSession() as http, http.post(
+                        f"http://127.0.0.1:{port}/api/connected_users_number", json={},
+                        headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+                    assert (response.status, await response.json()) == (200, {"num_sessions": 2})
