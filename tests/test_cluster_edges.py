@@ -30,7 +30,7 @@ from server.component import handshake_digest
 from server.storage import open_storage
 from tests import test_s2s_interop
 from tests.browser_support import ws_client
-from tests.conftest import free_port
+from tests.conftest import PG_URL, drop_pg_schema, free_port, make_pg_schema
 from tests.s2s_peers import PARLEY, Peer
 from tests.s2s_support import Inbox, RawPeer, TestCA, free_port_on, online
 from tests.test_c2s import stream_error_condition
@@ -48,13 +48,17 @@ ca, prosody, ejabberd, peer, clients = (test_s2s_interop.ca, test_s2s_interop.pr
 
 
 @contextlib.asynccontextmanager
-async def serve(tmp_path: Path, domain: str, extra: str = "", host: str = "") -> AsyncIterator[Workers]:
-    """`parley serve` with two workers for `domain` (its table given `host`), a c2s listener on 127.0.0.1 and
-    the `extra` configuration; stopped afterwards, its Redis keys checked gone."""
+async def serve(tmp_path: Path, domain: str, extra: str = "", host: str = "", *, node: str | None = None,
+                workers: int = 2, url: str | None = None, prefix: str | None = None) -> AsyncIterator[Workers]:
+    """`parley serve` with `workers` workers for `domain` (its table given `host`), a c2s listener on 127.0.0.1
+    and the `extra` configuration, as `node` of the cluster under `prefix` when given; stopped afterwards, and
+    unless it shares the prefix, its Redis keys checked gone."""
     redis = await redis_or_skip()
-    prefix = f"parley-test-{uuid.uuid4().hex[:12]}"
-    url = f"sqlite+aiosqlite:///{tmp_path}/parley.db"
+    own_prefix = prefix is None
+    prefix = prefix or f"parley-test-{uuid.uuid4().hex[:12]}"
+    url = url or f"sqlite+aiosqlite:///{tmp_path}/parley.db"
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "parley.toml"
     config.write_text(f"""\
 data_dir = "{tmp_path}"
@@ -63,7 +67,7 @@ url = "{url}"
 [limits]
 unauthenticated_timeout = 15.0
 [cluster]
-workers = 2
+workers = {workers}
 redis_url = "{REDIS_URL}"
 prefix = "{prefix}"
 [[listeners]]
@@ -75,27 +79,26 @@ port = {port}
 {host}
 """)
     storage = await open_storage(url)
+    command = [sys.executable, "-m", "parley", "serve", "--config", str(config)] + (["--node", node] if node else [])
     with open(tmp_path / "server.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "parley", "serve", "--config", str(config)],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    workers = Workers(proc, storage, port, tmp_path, redis, prefix)
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    harness = Workers(proc, storage, port, tmp_path, redis, prefix)
     try:
         deadline = time.monotonic() + 30
-        while not (await workers.pid(0) and await workers.pid(1) and b"is running" in
-                   (tmp_path / "server.log").read_bytes()):
+        while b"is running" not in (tmp_path / "server.log").read_bytes():
             assert proc.poll() is None, (tmp_path / "server.log").read_text()
             assert time.monotonic() < deadline, "the workers did not start in 30 s"
             await asyncio.sleep(0.1)
-        yield workers
+        yield harness
     finally:
-        await workers.close()
+        await harness.close()
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.to_thread(proc.wait, 15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")]
+        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")] if own_prefix else []
         if leftover:
             await redis.delete(*leftover)
         await redis.aclose()
@@ -177,6 +180,47 @@ async def test_federation_from_both_workers(federated: Workers, peer: Peer, clie
         assert got["from"] == client.boundjid
     # An iq to a full JID: asked on the peer's stream, answered by the client over its own worker's link.
     await remote.plugin["xep_0199"].ping(jid=users["bob"].boundjid.full, timeout=20)
+
+
+@pytest.fixture
+async def two_nodes(peer: Peer, ca: TestCA, tmp_path: Path) -> AsyncIterator[tuple[Workers, Workers]]:
+    """Nodes A and B of one cluster (one worker each, sharing a PostgreSQL schema and a Redis prefix): the peers
+    reach parley.test at A's address only; B listens for servers on an address nobody is told of."""
+    schema = await make_pg_schema()
+    url, prefix = f"{PG_URL}?schema={schema}", f"parley-test-{uuid.uuid4().hex[:12]}"
+    address, domain = PARLEY
+    trust = f'[s2s]\nca_bundle = "{ca.path}"\naccept_self_signed = ["{test_s2s_interop.EJABBERD[1]}"]\nbidi = false\n'
+    a_s2s = f'[[listeners]]\ntype = "s2s"\naddress = "{address}"\nport = 5269\n'
+    b_s2s = f'[[listeners]]\ntype = "s2s"\naddress = "127.0.0.8"\nport = {free_port_on("127.0.0.8")}\n'
+    redis = await redis_or_skip()
+    try:
+        async with serve(tmp_path / "a", domain, a_s2s + trust, node="a", workers=1, url=url, prefix=prefix) as a, \
+                serve(tmp_path / "b", domain, b_s2s + trust, node="b", workers=1, url=url, prefix=prefix) as b:
+            yield a, b
+        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")]
+        assert not leftover, f"the nodes left {leftover} in Redis"
+    finally:
+        await redis.aclose()
+        await drop_pg_schema(schema)
+
+
+async def test_federation_through_a_node_that_holds_none_of_the_users(two_nodes: tuple[Workers, Workers],
+                                                                     peer: Peer, clients: list[ClientXMPP]) -> None:
+    """The peer's stream reaches node A, for alice on node B; alice's replies go over B's own link, whose
+    dialback key the peer checks with A (which never made it)."""
+    _, b = two_nodes
+    domain = PARLEY[1]
+    await b.add_user("alice", host=domain)
+    alice = await b.client(f"alice@{domain}", resource="b", plugins=("xep_0199",))
+    await online(alice)
+    remote = await test_s2s_interop.remote_user(peer, clients, plugins=("xep_0199",))
+    alice_inbox, remote_inbox = Inbox(alice), Inbox(remote)
+    remote.send_message(mto=f"alice@{domain}", mbody="to alice", mtype="chat")
+    assert (await alice_inbox.wait(lambda m: m["body"] == "to alice", timeout=20))["from"] == remote.boundjid
+    alice.send_message(mto=remote.boundjid.bare, mbody="from alice", mtype="chat")
+    assert (await remote_inbox.wait(lambda m: m["body"] == "from alice", timeout=20))["from"] == alice.boundjid
+    await remote.plugin["xep_0199"].ping(jid=alice.boundjid.full, timeout=20)
+    await alice.plugin["xep_0199"].ping(jid=remote.boundjid.full, timeout=20)
 
 
 async def test_uploads_slot_on_one_worker_put_and_get_on_any(tmp_path: Path) -> None:
