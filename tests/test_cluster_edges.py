@@ -141,7 +141,7 @@ async def test_every_worker_verifies_the_dialback_keys_made_with_the_stored_secr
 
 
 @pytest.fixture
-async def federated(peer: Peer, ca: TestCA, tmp_path: Path) -> AsyncIterator[Workers]:
+async def federated(ca: TestCA, tmp_path: Path) -> AsyncIterator[Workers]:
     """Parley on PARLEY's address with two workers, with a self-signed certificate the peers do not trust: they
     check our dialback keys by connecting back to us, on whichever worker the kernel picks."""
     address, domain = PARLEY
@@ -159,16 +159,17 @@ bidi = false
         yield workers
 
 
-async def test_federation_from_both_workers(federated: Workers, peer: Peer, clients: list[ClientXMPP]) -> None:
-    """Users on both workers: the peer's stream reaches one of them and delivers to both; each worker opens its
-    own link to the peer, whose key the peer checks over its stream to us, held by one worker for both."""
+async def test_federation_from_both_workers(prosody: Peer, federated: Workers, clients: list[ClientXMPP]) -> None:
+    """Users on both workers: Prosody's stream reaches one of them and delivers to both; each worker opens its
+    own link to Prosody, which checks our key over its stream to us, held by one worker for both (with
+    ejabberd as well: see the test of two nodes)."""
     domain = PARLEY[1]
     users = {}
     for worker, name in ((0, "alice"), (1, "bob")):
         await federated.add_user(name, host=domain)
         users[name] = await federated.client_on(worker, f"{name}@{domain}", f"w{worker}", ("xep_0199",))
         await online(users[name])
-    remote = await test_s2s_interop.remote_user(peer, clients, plugins=("xep_0199",))
+    remote = await test_s2s_interop.remote_user(prosody, clients, plugins=("xep_0199",))
     remote_inbox = Inbox(remote)
     for name, client in users.items():
         inbox = Inbox(client)
