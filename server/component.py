@@ -74,6 +74,7 @@ class Component:
         self.domain = domain
         self.secret = secret
         self.connection: ComponentConnection | None = None
+        self.claiming: ComponentConnection | None = None  # past the handshake, while the cluster is asked
 
     async def receive(self, st: Stanza) -> None:
         """Every stanza to the domain comes here, connected or not: nothing meant for it may leak elsewhere."""
@@ -337,16 +338,19 @@ class ComponentConnection(StreamEdge):
         if not hmac.compare_digest((el.text or "").strip().lower(), expected):
             log.warning("component %s from %s: wrong secret", component.domain, self.remote_ip)
             raise StreamError("not-authorized", "wrong handshake")
-        if component.connection is not None:
+        if component.connection is not None or component.claiming is not None:
             raise StreamError("conflict", "the component is already connected")
-        component.connection = self  # held while the cluster is asked, so that no other connection takes it
-        if not await self.components.claim(component.domain):
-            component.connection = None
+        component.claiming = self
+        try:
+            claimed = await self.components.claim(component.domain)
+        finally:
+            component.claiming = None
+        if not claimed:
             raise StreamError("conflict", "the component is already connected to another member of the cluster")
         if self.closing:  # the connection went while the cluster was asked
-            component.connection = None
             self.components.released(component.domain)
             return
+        component.connection = self
         self.component = component
         self.send(Element(HANDSHAKE))
         log.info("component %s connected from %s", component.domain, self.remote_ip)
