@@ -17,6 +17,7 @@ arrives to the users wherever their sessions are) and opens its own outgoing lin
 does; no link state is shared. A remote server checks a dialback key we gave it by connecting back, and
 that connection may reach any member: the key is made with the host's secret in the shared storage
 (`KeyValueStore.host_secret`), so the member that answers <db:verify/> need not be the one that made it.
+The federation lists admins edit are in that storage too; the member where they change tells the others.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger("parley.s2s")
 
 SWEEP_INTERVAL = 5.0
 DIALBACK_STORE = "dialback"  # the host's key-value document 'secret'
+CLUSTER_FRAME = "s2s"  # frames to the federation of other members: 'policy' (read the lists again)
 
 
 
@@ -74,6 +76,8 @@ class S2SManager:
     async def start(self, listeners: list[ListenerConfig]) -> None:
         await self.policy.load(self.server.storage.kv)
         await self._load_secrets()
+        if self.server.cluster is not None:
+            self.server.cluster.on(CLUSTER_FRAME, self._heard)
         self.server.hooks.add(POLICY_CHANGED, self.policy_changed)
         loop = asyncio.get_running_loop()
         for listener in listeners:
@@ -125,8 +129,22 @@ class S2SManager:
         yield queued
 
     async def policy_changed(self) -> None:
-        """Apply the lists admins changed (XEP-0133) or modules loaded (POLICY_CHANGED): outgoing stanzas meet
-        the policy one by one, but a stream a refused domain opened earlier would go on."""
+        """Apply the lists admins changed (XEP-0133) or modules loaded (POLICY_CHANGED), here and on the other
+        members of a cluster, which read them again from the shared storage."""
+        await self._apply_policy()
+        cluster = self.server.cluster
+        if cluster is not None:
+            for member in cluster.members():
+                if member != cluster.member:
+                    cluster.send(member, CLUSTER_FRAME, "policy")
+
+    async def _heard(self, _sender: str, payload: str) -> None:
+        """A frame of another member's federation: its policy changed."""
+        if payload == "policy":
+            await self._apply_policy()
+
+    async def _apply_policy(self) -> None:
+        """Outgoing stanzas meet the policy one by one, but a stream a refused domain opened earlier would go on."""
         await self.policy.load(self.server.storage.kv)
         for stream in list(self.incoming):
             if any(not self.policy.allowed(remote) for remote, _ in stream.pairs):
@@ -139,7 +157,7 @@ class S2SManager:
         self.limits.per_ip.max_per_ip = self.config.max_incoming_per_ip
         self.tls.forget()
         await self._load_secrets()
-        await self.policy_changed()
+        await self._apply_policy()  # every member reloads its configuration: none needs telling
 
     async def _load_secrets(self) -> None:
         for host in self.server.hosts:

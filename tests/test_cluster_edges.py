@@ -38,6 +38,7 @@ from tests.test_cluster import REDIS_URL, Workers, redis_or_skip
 from tests.test_component import app_component, condition_of, raw_component, received
 from tests.test_http_api import TOKEN
 from tests.test_offline import collect
+from tests.test_service_admin import complete
 from tests.test_websocket import logged_in
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,12 +121,14 @@ async def test_processes_starting_together_on_a_new_database_share_one_host_secr
         await second.close()
 
 
-async def test_every_worker_verifies_the_dialback_keys_made_with_the_stored_secret(tmp_path: Path) -> None:
-    """A remote server checks our key over a connection of its own, which may reach either worker."""
+async def test_every_worker_verifies_dialback_keys_and_applies_the_lists_an_admin_edits_on_one(tmp_path: Path) -> None:
+    """A remote server checks our key over a connection of its own, which may reach either worker; a domain an
+    admin denies on one worker (XEP-0133) is refused by both."""
     address = "127.0.0.7"
     port = free_port_on(address)
     listener = f'[[listeners]]\ntype = "s2s"\naddress = "{address}"\nport = {port}\n'
-    async with serve(tmp_path, "a.test", f"[s2s]\nrequire_encryption = false\n{listener}") as workers:
+    async with serve(tmp_path, "a.test", f"[s2s]\nrequire_encryption = false\n{listener}",
+                     'admins = ["admin@a.test"]') as workers:
         secret = await workers.storage.kv.host_secret("a.test", DIALBACK_STORE)
         answers = []
         for attempt in range(8):  # both workers answer some, but for a chance of 1 in 128
@@ -138,6 +141,16 @@ async def test_every_worker_verifies_the_dialback_keys_made_with_the_stored_secr
                 answers.append((answer.get("type"), expected))
             peer.close()
         assert all(got == expected for got, expected in answers), answers
+
+        password = (tmp_path / "admin-password-a.test.txt").read_text().split()[1]  # made at the first start
+        admin = await workers.client("admin@a.test", password, plugins=("xep_0004", "xep_0030", "xep_0050"))
+        await complete(admin, "edit-blacklist", "a.test", blacklistjids=["b.test"])
+        await asyncio.sleep(0.2)  # the other worker hears of it after its next turn
+        for _ in range(8):
+            peer = await RawPeer.connect(address, port)
+            await peer.send("<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+                            "from='b.test' to='a.test' version='1.0'>")
+            assert b"policy-violation" in await peer.closed()
 
 
 @pytest.fixture
