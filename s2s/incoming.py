@@ -272,7 +272,7 @@ class S2SIncoming(S2SStream):
         if not self.manager.is_local(originating):
             self.write(dialback.element("verify", originating, receiving, id=stream_id, error="item-not-found"))
             return
-        valid = dialback.key_valid(self.server.secret, receiving, originating, stream_id, el.text or "")
+        valid = dialback.key_valid(self.manager.secret(originating), receiving, originating, stream_id, el.text or "")
         self.write(dialback.element("verify", originating, receiving, id=stream_id,
                                     type="valid" if valid else "invalid"))
 

@@ -11,6 +11,13 @@ conference.<host>) shares a link to the same remote domain when that link is up 
 (XEP-0220 sender multiplexing); a second remote domain shares a link when the link's certificate names
 it and it resolves to the same address (target multiplexing, see s2s.outgoing); otherwise each gets
 its own.
+
+In a cluster every member runs a manager: each accepts incoming streams on the shared port (routing what
+arrives to the users wherever their sessions are) and opens its own outgoing links, as each ejabberd node
+does; no link state is shared. A remote server checks a dialback key we gave it by connecting back, and
+that connection may reach any member: the key is made with the host's secret in the shared storage
+(`KeyValueStore.host_secret`), so the member that answers <db:verify/> need not be the one that made it.
+The federation lists admins edit are in that storage too; the member where they change tells the others.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("parley.s2s")
 
 SWEEP_INTERVAL = 5.0
+DIALBACK_STORE = "dialback"  # the host's key-value document 'secret'
+CLUSTER_FRAME = "s2s"  # frames to the federation of other members: 'policy' (read the lists again)
+
 
 
 class S2SManager:
@@ -57,6 +67,7 @@ class S2SManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._retried: weakref.WeakSet[Element] = weakref.WeakSet()  # stanzas already sent over a lost link
+        self.secrets: dict[str, bytes] = {}  # host -> its dialback secret
         self.stopping = False
         self._unexport = server.metrics.add_collector(self.collect)
 
@@ -64,6 +75,9 @@ class S2SManager:
 
     async def start(self, listeners: list[ListenerConfig]) -> None:
         await self.policy.load(self.server.storage.kv)
+        await self._load_secrets()
+        if self.server.cluster is not None:
+            self.server.cluster.on(CLUSTER_FRAME, self._heard)
         self.server.hooks.add(POLICY_CHANGED, self.policy_changed)
         loop = asyncio.get_running_loop()
         for listener in listeners:
@@ -71,7 +85,8 @@ class S2SManager:
             ssl = self.tls.server_direct(next(iter(self.server.hosts)), self.host_of) if direct else None
             timeout = self.server.config.limits.unauthenticated_timeout if direct else None
             srv = await loop.create_server(lambda: S2SIncoming(self), listener.address, listener.port,
-                                           ssl=ssl, reuse_address=True, backlog=256, ssl_handshake_timeout=timeout)
+                                           ssl=ssl, reuse_address=True, backlog=256, ssl_handshake_timeout=timeout,
+                                           reuse_port=self.server.config.cluster.workers > 1)
             self.listeners.append(srv)
             log.info("listening for servers on %s:%d (%s)", listener.address, listener.port, listener.tls)
         self.server.hooks.add("route/remote", self.route)
@@ -114,8 +129,22 @@ class S2SManager:
         yield queued
 
     async def policy_changed(self) -> None:
-        """Apply the lists admins changed (XEP-0133) or modules loaded (POLICY_CHANGED): outgoing stanzas meet
-        the policy one by one, but a stream a refused domain opened earlier would go on."""
+        """Apply the lists admins changed (XEP-0133) or modules loaded (POLICY_CHANGED), here and on the other
+        members of a cluster, which read them again from the shared storage."""
+        await self._apply_policy()
+        cluster = self.server.cluster
+        if cluster is not None:
+            for member in cluster.members():
+                if member != cluster.member:
+                    cluster.send(member, CLUSTER_FRAME, "policy")
+
+    async def _heard(self, _sender: str, payload: str) -> None:
+        """A frame of another member's federation: its policy changed."""
+        if payload == "policy":
+            await self._apply_policy()
+
+    async def _apply_policy(self) -> None:
+        """Outgoing stanzas meet the policy one by one, but a stream a refused domain opened earlier would go on."""
         await self.policy.load(self.server.storage.kv)
         for stream in list(self.incoming):
             if any(not self.policy.allowed(remote) for remote, _ in stream.pairs):
@@ -127,7 +156,17 @@ class S2SManager:
         self.policy.require_encryption = self.config.require_encryption
         self.limits.per_ip.max_per_ip = self.config.max_incoming_per_ip
         self.tls.forget()
-        await self.policy_changed()
+        await self._load_secrets()
+        await self._apply_policy()  # every member reloads its configuration: none needs telling
+
+    async def _load_secrets(self) -> None:
+        for host in self.server.hosts:
+            if host not in self.secrets:
+                self.secrets[host] = await self.server.storage.kv.host_secret(host, DIALBACK_STORE)
+
+    def secret(self, domain: str) -> bytes:
+        """What dialback keys for a local domain are made with: its host's secret, the same on every member."""
+        return self.secrets[self.host_of(domain)]
 
     def descriptors_left(self) -> int:
         """What remains of the server's connection budget once clients and federation streams are counted."""

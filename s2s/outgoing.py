@@ -323,7 +323,7 @@ class S2SOutgoing(S2SStream):
             return
         self.requested.add(pair)
         local, remote = pair
-        key = dialback.make_key(self.server.secret, remote, local, self.stream_id)
+        key = dialback.make_key(self.manager.secret(local), remote, local, self.stream_id)
         self.write(dialback.element("result", local, remote, key=key))
         asyncio.get_running_loop().call_later(self.server.config.limits.unauthenticated_timeout,
                                               self._unanswered, pair)

@@ -5,6 +5,14 @@ handshake (the hex SHA-1 of our stream id and the secret); from then on it excha
 would, from its domain or subdomains only. Each configured domain stays in `server.services` for the
 server's lifetime, so a stanza to a component that is not connected is bounced (service-unavailable,
 as Prosody does) instead of being sent to federation or lost.
+
+In a cluster a component connects to any member (the listeners share their port) and is reached from all:
+a Redis hash (`components`: domain -> member) says which member holds each connected component, one at a
+time, and every member keeps a copy of it, told of changes by the members (frames of kind "component")
+and read whole when it starts. A member without the connection hands the component's stanzas to the one
+that has it, which sends them on or bounces them; what the component sends is routed where it connected,
+and the router reaches users on any member. An entry goes when its component disconnects, when its member
+is lost ('cluster/member-lost') and when a member starts again in the place of one that died holding it.
 """
 
 from __future__ import annotations
@@ -14,18 +22,21 @@ import hashlib
 import hmac
 import logging
 import secrets
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
+
+import redis
 
 from server import ns
 from server.jid import JID, JIDError
 from server.limits import TokenBucket
 from server.router import parse_jid_attr
-from server.stanza import KINDS, Stanza, error_reply
+from server.stanza import KINDS, Stanza, error_reply, parse_stored
 from server.stream.edge import StreamEdge
 from server.stream.errors import StanzaError, StreamError
 from server.stream.parser import StreamClose, StreamOpen, StreamParser
-from server.stream.writer import STREAM_FOOTER, stream_header
+from server.stream.writer import STREAM_FOOTER, serialize, stream_header
 
 if TYPE_CHECKING:
     from server.config import ListenerConfig
@@ -37,6 +48,11 @@ log = logging.getLogger("parley.component")
 READ_RATE = 1024 * 1024  # bytes/s
 READ_BURST = 4 * 1024 * 1024
 HANDSHAKE = ns.qname(ns.CLIENT, "handshake")  # the parser gives the component namespace as jabber:client
+REGISTRY = "components"  # the cluster's Redis hash: component domain -> member holding its connection
+FRAME = "component"  # the cluster frames of components: '+domain', '-domain', 's' and a stanza
+# Remove a registry entry only if it is still the given member's (a newer connection elsewhere stays).
+RELEASE = "if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('hdel', KEYS[1], ARGV[1]) end " \
+          "return 0"
 
 
 def handshake_digest(stream_id: str, secret: str) -> str:
@@ -52,18 +68,20 @@ def serves(domain: str, sender: JID) -> bool:
 class Component:
     """A configured component domain and the connection serving it, if one is authenticated."""
 
-    def __init__(self, server: Server, domain: str, secret: str) -> None:
-        self.server = server
+    def __init__(self, components: Components, domain: str, secret: str) -> None:
+        self.components = components
+        self.server = components.server
         self.domain = domain
         self.secret = secret
         self.connection: ComponentConnection | None = None
+        self.claiming: ComponentConnection | None = None  # past the handshake, while the cluster is asked
 
     async def receive(self, st: Stanza) -> None:
         """Every stanza to the domain comes here, connected or not: nothing meant for it may leak elsewhere."""
-        if self.connection is None:
-            await self.server.router.bounce(st, StanzaError("service-unavailable", "the component is not connected"))
-        else:
+        if self.connection is not None:
             self.connection.send(st.el)
+        elif not self.components.forward(self.domain, st):
+            await self.server.router.bounce(st, StanzaError("service-unavailable", "the component is not connected"))
 
 
 class Components:
@@ -71,10 +89,17 @@ class Components:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.by_domain = {domain: Component(server, domain, c.secret) for domain, c in server.config.components.items()}
+        self.by_domain = {domain: Component(self, domain, c.secret) for domain, c in server.config.components.items()}
         self.listeners: list[asyncio.base_events.Server] = []
+        self.elsewhere: dict[str, str] = {}  # domain -> the other member holding its component (a cluster's)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._joined = False  # hooked into the cluster (once: a restart keeps the hooks)
 
     async def start(self, listeners: list[ListenerConfig]) -> None:
+        self._stopping = False
+        if self.server.cluster is not None and self.by_domain:
+            await self._join_cluster()
         services = self.server.services
         for domain, component in self.by_domain.items():
             if domain in services:
@@ -83,11 +108,13 @@ class Components:
         loop = asyncio.get_running_loop()
         for listener in listeners:
             srv = await loop.create_server(lambda: ComponentConnection(self.server, self), listener.address,
-                                           listener.port, reuse_address=True)
+                                           listener.port, reuse_address=True,
+                                           reuse_port=self.server.config.cluster.workers > 1)
             self.listeners.append(srv)
             log.info("listening for components on %s:%d", listener.address, listener.port)
 
     def stop(self) -> None:
+        self._stopping = True
         for srv in self.listeners:
             srv.close()
         for component in self.by_domain.values():
@@ -95,6 +122,130 @@ class Components:
                 del self.server.services[component.domain]
             if component.connection is not None:
                 component.connection.stream_error(StreamError("system-shutdown"))
+
+
+    # --- in a cluster ------------------------------------------------------------------------------
+
+    async def _join_cluster(self) -> None:
+        """Read where the components are; forget what a process of this member that died left."""
+        cluster = self.server.cluster
+        assert cluster is not None
+        if not self._joined:
+            self._joined = True
+            cluster.on(FRAME, self._heard)
+            self.server.hooks.add("cluster/member-lost", self._member_lost)
+            self.server.hooks.add("cluster/member-up", self._member_up)
+            self.server.hooks.add("server/stopping", self._release_all)
+        try:
+            registry = await cluster.redis.hgetall(cluster.key(REGISTRY))
+        except (redis.RedisError, OSError) as exc:
+            log.warning("components: cannot read where the cluster's components are: %s", exc)
+            return
+        for raw_domain, raw_member in registry.items():
+            domain, member = raw_domain.decode(), raw_member.decode()
+            if domain not in self.by_domain:
+                continue
+            if member == cluster.member:
+                await self._release(domain)
+            else:
+                self.elsewhere[domain] = member
+
+    def _broadcast(self, payload: str) -> None:
+        cluster = self.server.cluster
+        assert cluster is not None
+        for member in cluster.members():
+            if member != cluster.member:
+                cluster.send(member, FRAME, payload)
+
+    async def claim(self, domain: str) -> bool:
+        """Record that this member holds the domain's component; False if another live member does."""
+        cluster = self.server.cluster
+        if cluster is None:
+            return True
+        key = cluster.key(REGISTRY)
+        try:
+            if not await cluster.redis.hsetnx(key, domain, cluster.member):
+                holder = (await cluster.redis.hget(key, domain) or b"").decode()
+                if holder != cluster.member and holder in cluster.members():
+                    return False
+                await cluster.redis.hset(key, domain, cluster.member)
+        except (redis.RedisError, OSError) as exc:
+            # Without Redis the component serves this member's users; the others learn of it from the frame.
+            log.warning("components: could not record %s in Redis: %s", domain, exc)
+        self.elsewhere.pop(domain, None)
+        self._broadcast(f"+{domain}")
+        return True
+
+    def released(self, domain: str) -> None:
+        """The domain's component disconnected from this member (the entry goes unless the server stops, when
+        `_release_all` has removed it already)."""
+        if self.server.cluster is not None and not self._stopping:
+            self._spawn(self._release(domain))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, domain: str, member: str | None = None) -> None:
+        """Remove the entry of `domain` if `member` (this one by default) still holds it, and tell the others."""
+        cluster = self.server.cluster
+        assert cluster is not None
+        holder = member or cluster.member
+        try:
+            await cluster.redis.eval(RELEASE, 1, cluster.key(REGISTRY), domain, holder)  # type: ignore[misc]
+        except (redis.RedisError, OSError) as exc:
+            log.warning("components: could not remove %s from Redis: %s", domain, exc)
+        if holder == cluster.member:
+            self._broadcast(f"-{domain}")
+
+    async def _release_all(self, _server: Server) -> None:
+        """'server/stopping': this member's components are about to be disconnected."""
+        self._stopping = True
+        for domain, component in self.by_domain.items():
+            if component.connection is not None:
+                await self._release(domain)
+
+    def forward(self, domain: str, st: Stanza) -> bool:
+        """Hand a stanza for a component connected to another member to that member; False if none has it."""
+        cluster = self.server.cluster
+        member = self.elsewhere.get(domain)
+        if cluster is None or member is None or member not in cluster.members():
+            return False
+        cluster.send(member, FRAME, "s" + serialize(st.el))
+        return True
+
+    async def _heard(self, sender: str, payload: str) -> None:
+        """A frame of another member: a component connected to it or gone from it, or a stanza for one here."""
+        kind, rest = payload[:1], payload[1:]
+        if kind == "+":
+            self.elsewhere[rest] = sender
+        elif kind == "-":
+            if self.elsewhere.get(rest) == sender:
+                del self.elsewhere[rest]
+        elif kind == "s":
+            el = parse_stored(rest)
+            st = Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""), JID.parse(el.get("to") or ""))
+            component = self.by_domain.get(st.to.domain)
+            if component is not None and component.connection is not None:
+                component.connection.send(el)
+            else:  # it went meanwhile: never sent on again, which could go round between members
+                await self.server.router.bounce(st, StanzaError("service-unavailable",
+                                                                "the component is not connected"))
+
+    def _member_up(self, member: str) -> None:
+        """A member that started after this one read the registry may have missed our latest change."""
+        cluster = self.server.cluster
+        assert cluster is not None
+        for domain, component in self.by_domain.items():
+            if component.connection is not None:
+                cluster.send(member, FRAME, f"+{domain}")
+
+    def _member_lost(self, member: str) -> None:
+        """Its components went with it: stanzas for them bounce here until they connect again somewhere."""
+        for domain in [domain for domain, holder in self.elsewhere.items() if holder == member]:
+            del self.elsewhere[domain]
+            self._spawn(self._release(domain, member))
 
 
 class ComponentConnection(StreamEdge):
@@ -133,6 +284,7 @@ class ComponentConnection(StreamEdge):
         component, self.component = self.component, None
         if component is not None and component.connection is self:
             component.connection = None
+            self.components.released(component.domain)
             log.info("component %s disconnected", component.domain)
 
     def _handshake_overdue(self) -> None:
@@ -159,7 +311,7 @@ class ComponentConnection(StreamEdge):
 
     async def _element(self, el: Element) -> None:
         if self.component is None:
-            self._handshake(el)
+            await self._handshake(el)
         elif el.tag in KINDS:
             await self._stanza(el)
         else:
@@ -178,7 +330,7 @@ class ComponentConnection(StreamEdge):
         if self.wanted is None:
             raise StreamError("host-unknown", "no component is configured for that domain")
 
-    def _handshake(self, el: Element) -> None:
+    async def _handshake(self, el: Element) -> None:
         component = self.wanted
         if el.tag != HANDSHAKE or component is None:
             raise StreamError("not-authorized", "send the handshake first")
@@ -186,8 +338,18 @@ class ComponentConnection(StreamEdge):
         if not hmac.compare_digest((el.text or "").strip().lower(), expected):
             log.warning("component %s from %s: wrong secret", component.domain, self.remote_ip)
             raise StreamError("not-authorized", "wrong handshake")
-        if component.connection is not None:
+        if component.connection is not None or component.claiming is not None:
             raise StreamError("conflict", "the component is already connected")
+        component.claiming = self
+        try:
+            claimed = await self.components.claim(component.domain)
+        finally:
+            component.claiming = None
+        if not claimed:
+            raise StreamError("conflict", "the component is already connected to another member of the cluster")
+        if self.closing:  # the connection went while the cluster was asked
+            self.components.released(component.domain)
+            return
         component.connection = self
         self.component = component
         self.send(Element(HANDSHAKE))

@@ -7,6 +7,7 @@ is reported as a single ConfigError that names the offending key.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -41,6 +42,7 @@ DEFAULT_API_NETWORKS = ("127.0.0.0/8", "::1/128")
 MIN_TOKEN_LENGTH = 16
 # XEP-0114 components and plain HTTP have no STARTTLS; the XMPP stream listeners do.
 _DEFAULT_TLS = {"c2s": "starttls", "s2s": "starttls", "component": "none", "http": "none"}
+log = logging.getLogger("parley.config")
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 
 
@@ -286,7 +288,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     components = _components(top.table("components"), hosts)
     cluster = _cluster(top.table("cluster"))
     top.finish()
-    check_cluster(cluster, listeners)
+    check_cluster(cluster, listeners, hosts)
     check_cluster_storage(cluster, storage)
     if errors:
         raise ConfigErrors(errors)
@@ -466,13 +468,19 @@ def check_cluster_storage(cluster: ClusterConfig, storage: StorageConfig) -> Non
                           "PostgreSQL (postgresql+asyncpg://...), SQLite is a file on one machine")
 
 
-def check_cluster(cluster: ClusterConfig, listeners: list[ListenerConfig]) -> None:
-    """Federation and components keep their links in one process, so several workers serve clients only."""
-    if cluster.active:
-        for i, listener in enumerate(listeners):
-            if listener.type != "c2s":
-                raise ConfigError(f"listeners[{i}].type", f"{listener.type} listeners need a single process "
-                                  "(cluster.workers = 1 and no cluster.node)")
+def check_cluster(cluster: ClusterConfig, listeners: list[ListenerConfig],
+                  hosts: dict[str, HostConfig] | None = None) -> None:
+    """Every listener kind works with several processes: each binds its port with SO_REUSEPORT and the kernel
+    spreads connections over them. BOSH alone cannot follow: a session's HTTP requests come on connections
+    of their own, which the kernel may hand to any process, so it needs a proxy routing each session to one
+    process (sticky sessions); said once here rather than failing requests later."""
+    if not cluster.active or not any(listener.type == "http" for listener in listeners):
+        return
+    bosh = sorted(name for name, host in (hosts or {}).items() if "bosh" in host.modules)
+    if bosh:
+        log.warning("bosh on %s in a cluster: every request of a BOSH session must reach the process that "
+                    "started it; put a proxy with sticky sessions in front (WebSocket needs none)",
+                    ", ".join(bosh))
 
 
 def _logging(table: _Table, base: Path) -> LoggingConfig:

@@ -178,8 +178,10 @@ class HttpServer:
         await self._runner.setup()
         for listener in listeners:
             ssl = self.server.tls.direct_tls_context(["http/1.1"]) if listener.tls == "direct" else None
-            await web.TCPSite(self._runner, listener.address, listener.port, ssl_context=ssl,
-                              reuse_address=True).start()
+            # Several workers share the port, as they share the c2s ones: each request is a client's like any
+            # other, BOSH's excepted (see check_cluster).
+            await web.TCPSite(self._runner, listener.address, listener.port, ssl_context=ssl, reuse_address=True,
+                              reuse_port=self.server.config.cluster.workers > 1).start()
             log.info("HTTP on %s:%d (%s): %s", listener.address, listener.port, listener.tls,
                      ", ".join(sorted({path for _, path in self._routes})) or "no paths yet")
 

@@ -327,7 +327,7 @@ async def authenticated_raw_peer(a: Parley, b: Parley, domain: str = "a.test", s
     vouches for (computed here with A's secret, as A's own outgoing link would)."""
     peer = await RawPeer.connect(B_ADDR, b.s2s_port, source)
     await peer.starttls(domain, "b.test")
-    key = make_key(a.server.secret, "b.test", domain, peer.stream_id)
+    key = make_key(a.manager.secret(domain), "b.test", domain, peer.stream_id)
     await peer.send(f"<db:result from='{domain}' to='b.test'>{key}</db:result>")
     result = await peer.expect("{jabber:server:dialback}result")
     assert result.get("type") == "valid"

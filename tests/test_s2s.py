@@ -378,7 +378,7 @@ async def test_encryption_is_required_before_dialback(servers: tuple[Parley, Par
         features = await peer.open("a.test", "b.test")
         assert features.find("{urn:ietf:params:xml:ns:xmpp-tls}starttls/{urn:ietf:params:xml:ns:xmpp-tls}required") \
             is not None
-        key = make_key(a.server.secret, "b.test", "a.test", peer.stream_id)
+        key = make_key(a.manager.secret("a.test"), "b.test", "a.test", peer.stream_id)
         await peer.send(f"<db:result from='a.test' to='b.test'>{key}</db:result>")
         result = await peer.expect("{jabber:server:dialback}result")
         assert result.get("type") == "error"
@@ -393,7 +393,7 @@ async def test_unknown_target_domain_is_a_dialback_error(servers: tuple[Parley, 
     inbox = Inbox(bob)
     peer = await authenticated_raw_peer(a, b)
     try:
-        key = make_key(a.server.secret, "c.test", "a.test", peer.stream_id)
+        key = make_key(a.manager.secret("a.test"), "c.test", "a.test", peer.stream_id)
         await peer.send(f"<db:result from='a.test' to='c.test'>{key}</db:result>")
         result = await peer.expect("{jabber:server:dialback}result")
         assert result.get("type") == "error" and result.get("from") == "c.test"

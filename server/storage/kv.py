@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import bindparam, delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.storage.engine import read, upsert, user_params, user_rows, writer
+from server.storage.engine import dialect_insert, read, upsert, user_params, user_rows, writer
 from server.storage.schema import kv
 
 T = TypeVar("T")
@@ -46,11 +46,16 @@ class KeyValueStore:
 
     async def host_secret(self, host: str, store: str) -> bytes:
         """A random 32-byte key of `store` on `host`, made at first use and kept: what signs the URLs a module
-        hands out (uploads, unsubscribe links), so that they survive a restart and no two hosts share one."""
+        hands out (uploads, unsubscribe links) and the dialback keys of federation, so that they survive a restart,
+        no two hosts share one and every process of a cluster (sharing the database) has the same."""
         secret = await self.get(host, "", store, "secret")
         if secret is None:
-            secret = secrets.token_hex(32)
-            await self.set(host, "", store, "secret", secret)
+            # Several processes starting at once on a new database: the first one's secret is everyone's.
+            async with self._writer.begin() as conn:
+                await conn.execute(dialect_insert(conn, kv).values(
+                    host=host, username="", store=store, key="secret", value=secrets.token_hex(32),
+                ).on_conflict_do_nothing())
+            secret = await self.get(host, "", store, "secret")
         return bytes.fromhex(secret)
 
     async def set(self, host: str, user: str, store: str, key: str, value: Any) -> None:
