@@ -204,6 +204,16 @@ class Ownership:
         raw = await asyncio.wait_for(self.redis.hgetall(self.state_key(key)), REDIS_TIMEOUT)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
+    async def owner(self, key: str) -> str | None:
+        """The member that owns `key` now, if any."""
+        value = await asyncio.wait_for(self.redis.get(self.owner_key(key)), REDIS_TIMEOUT)
+        return value.decode().split(SEP, 1)[0] if value else None
+
+    async def owned(self, pattern: str) -> list[str]:
+        """The keys matching a glob pattern that some member owns now."""
+        start = len(self.owner_key(""))
+        return [key.decode()[start:] async for key in self.redis.scan_iter(self.owner_key(pattern), count=1000)]
+
     async def release(self, key: str, forget_state: bool = False) -> None:
         """Give the entity up (it is empty, or this member stops): the next stanza's member takes it at once."""
         lease = self.held.pop(key, None)
