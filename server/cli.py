@@ -32,8 +32,10 @@ from server.config import (
     Config,
     ConfigError,
     check_cluster,
+    check_cluster_storage,
     config_option,
     find_config,
+    node_name_problem,
 )
 from server.jid import JID, JIDError
 from server.logs import setup as _setup_logging
@@ -132,7 +134,10 @@ async def _bootstrap_admins(config: Config) -> list[str]:
 
 def _banner(config: Config, created: list[str]) -> None:
     listeners = ", ".join(f"{lc.address}:{lc.port} ({lc.tls})" for lc in config.listeners if lc.type == "c2s")
-    workers = f" in {config.cluster.workers} worker processes" if config.cluster.workers > 1 else ""
+    cluster = config.cluster
+    workers = f" in {cluster.workers} worker processes" if cluster.workers > 1 else ""
+    if cluster.active:
+        workers += f" as node {cluster.node_name} of the cluster on {cluster.redis_url} ({cluster.prefix})"
     print(f"Parley is running for {', '.join(config.hosts)}{workers}; clients connect to {listeners}.", flush=True)
     print(f"  configuration {config.source or 'built-in'}, data in {config.data_dir}", flush=True)
     print(*created, sep="\n", flush=True) if created else None
@@ -180,6 +185,12 @@ async def _serve_worker(config: Config, build: Callable[[Config], Server], index
     else:
         await server.shutdown()
     await cluster.stop()
+
+
+def _node(text: str) -> str:
+    if problem := node_name_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _workers(text: str) -> int:
@@ -305,6 +316,7 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
     serve.add_argument("--verbose", "-v", action="count", default=0,
                        help="debug logging with an XML trace (-vv: the libraries' debug logging too)")
     serve.add_argument("--workers", type=_workers, help="worker processes sharing the ports (cluster.workers)")
+    serve.add_argument("--node", type=_node, help="this node's name in a cluster of machines (cluster.node)")
     check = sub.add_parser("check-config", help="validate a configuration file", parents=[option])
     check.add_argument("config_file", nargs="?", metavar="FILE",
                        help="the file (default: the one --config names or the server finds)")
@@ -361,12 +373,14 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
         if args.command in ("backup", "restore", "db"):
             return _operate(args, config)
         if args.command == "serve":
-            if args.workers is not None:
-                config.cluster = replace(config.cluster, workers=args.workers)
+            if args.workers is not None or args.node is not None:
+                config.cluster = replace(config.cluster, workers=args.workers or config.cluster.workers,
+                                         node=args.node or config.cluster.node)
                 check_cluster(config.cluster, config.listeners)
+                check_cluster_storage(config.cluster, config.storage)
             os.umask(0o077)  # the database, keys, sockets and logs the server creates are its user's alone
             _setup_logging(config, args.verbose)
-            if config.cluster.workers > 1:
+            if config.cluster.active:
                 return _serve_workers(config, parts.build_server)
             _run(_serve(config, parts.build_server))
             return 0

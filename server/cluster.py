@@ -1,4 +1,12 @@
-"""Several worker processes sharing the listening ports, routing to each other's sessions over Redis.
+"""A cluster: nodes (machines, each with its own listeners) of one or more worker processes, routing to each
+other's sessions over Redis and sharing one PostgreSQL database.
+
+Every process is a *member*, named `"{node}/{worker}"` (e.g. `"n1/0"`). Members find each other through Redis:
+each refreshes a heartbeat key with a time to live and lists itself in the members set; the others read that
+set and those keys at every heartbeat, so the cluster has no fixed size. A member whose key lapsed (or that
+said goodbye) is lost: the server hooks `cluster/member-up` and `cluster/member-lost` tell the other parts, its
+sessions are forgotten, and one survivor ends them (contacts see them go). Other parts talk to a member with
+`Cluster.send` and their own frame kinds (`Cluster.on`).
 
 Each worker's session directory (`ClusterSessions`, chosen when the server is composed) keeps its own
 sessions and a mirror of the other workers' sessions. A session on another worker is an ordinary `Session`
@@ -8,13 +16,14 @@ carbons choose among all of a user's resources unchanged. Workers tell each othe
 that declare it shared with `Module.shared_session_state`, closed) as those change, and forward stanzas to
 the worker holding the session.
 
-Every worker has one Redis pub/sub channel, and everything another worker tells it (session changes
+Every member has one Redis pub/sub channel, and everything another worker tells it (session changes
 and stanzas alike) goes through that channel in the order it happened: a session is known to be
 available on the other side before any stanza that follows from it arrives. Messages queued in the
 same turn of the event loop are sent as one publication, which keeps Redis off the hot path.
 
-Services that keep state in memory (group chat, publish-subscribe) run on worker 0; the others forward
-what is addressed to them. What a worker caches of data any worker may change (rosters, blocklists,
+Services that keep state in memory (group chat, publish-subscribe) run on worker 0 of each node; the node's
+other workers forward what is addressed to them.
+What a worker caches of data any worker may change (rosters, blocklists,
 archive preferences) is dropped on the others when one changes it: the roster module announces its
 changes ('roster/changed') and hears of the others' ('roster/stale'), the key-value store tells of the
 cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
@@ -27,6 +36,7 @@ contacts and rooms see them go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -55,9 +65,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("parley.cluster")
 
-SERVICE_WORKER = 0  # where group chat and publish-subscribe keep their state
+SERVICE_WORKER = 0  # where group chat and publish-subscribe keep their state, on each node
 HEARTBEAT = 2.0  # seconds between heartbeats
-HEARTBEAT_TTL = 6  # seconds without a heartbeat after which a worker's sessions are forgotten
+HEARTBEAT_TTL = 6  # seconds without a heartbeat after which a member is lost and its sessions forgotten
 FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in JSON
 PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
@@ -92,7 +102,7 @@ class ClusterSessions(SessionRegistry):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.shared = shared_session_state(config)
-        self.remote: dict[JID, tuple[int, Session]] = {}
+        self.remote: dict[JID, tuple[str, Session]] = {}  # sessions of other members: (member, session)
         # This worker's own sessions by full JID text: a stanza from another worker finds its session with
         # one lookup of the text it came with, without making a JID of it.
         self.local: dict[str, Session] = {}
@@ -120,17 +130,17 @@ class ClusterSessions(SessionRegistry):
         """Sessions connected to this worker: the ones it ends when it stops."""
         return list(self.local.values())
 
-    def put_remote(self, worker: int, state: dict[str, Any]) -> None:
+    def put_remote(self, member: str, state: dict[str, Any]) -> None:
         jid = JID.parse(state["jid"])
         host = self.cluster.server.hosts.get(jid.domain)
         current = self.get(jid)
         if host is None or (current is not None and self.remote.get(jid, (None, None))[1] is not current):
             return  # a local session holds that resource: ours wins, the other worker is closing it
         entry = self.remote.get(jid)
-        if entry is None or entry[0] != worker:
-            session = Session(jid, host, self.cluster.forwarder(worker, jid),
-                              self.cluster.closer(worker, jid))
-            self.remote[jid] = (worker, session)
+        if entry is None or entry[0] != member:
+            session = Session(jid, host, self.cluster.forwarder(member, jid),
+                              self.cluster.closer(member, jid))
+            self.remote[jid] = (member, session)
             super().add(session)
         else:
             session = entry[1]
@@ -140,9 +150,9 @@ class ClusterSessions(SessionRegistry):
         session.data = dict(state["data"])
         session.started = state["started"]
 
-    def drop_remote(self, worker: int, jid: JID) -> None:
+    def drop_remote(self, member: str, jid: JID) -> None:
         entry = self.remote.get(jid)
-        if entry is None or entry[0] != worker:
+        if entry is None or entry[0] != member:
             return
         del self.remote[jid]
         entry[1].closed = entry[1].ended = True
@@ -150,13 +160,20 @@ class ClusterSessions(SessionRegistry):
         if not self.of(jid.bare):
             self.cluster.forget_roster(jid.bare)
 
-    def drop_worker(self, worker: int) -> None:
-        for jid in [jid for jid, (w, _) in self.remote.items() if w == worker]:
-            self.drop_remote(worker, jid)
+    def drop_member(self, member: str) -> None:
+        for jid in [jid for jid, (m, _) in self.remote.items() if m == member]:
+            self.drop_remote(member, jid)
+
+    def members_of(self) -> dict[str, int]:
+        """How many sessions each other member has, as far as this one knows."""
+        counts: dict[str, int] = {}
+        for member, _ in self.remote.values():
+            counts[member] = counts.get(member, 0) + 1
+        return counts
 
 
 class PinnedServices(dict[str, Callable[[Stanza], Awaitable[None]]]):
-    """server.services on a worker other than the service worker: every service is a forwarder to it."""
+    """server.services on a worker other than its node's service worker: every service forwards to that one."""
 
     def __init__(self, cluster: Cluster) -> None:
         super().__init__()
@@ -166,13 +183,50 @@ class PinnedServices(dict[str, Callable[[Stanza], Awaitable[None]]]):
         super().__setitem__(domain, self.cluster.to_service)
 
 
+class FallbackLock:
+    """The cluster-wide lock of a name, or, while Redis is out of reach, a lock of this process only: what one
+    process does for its own users goes on through an outage (the cluster-wide part resumes with Redis)."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self._held: Any = None
+
+    async def __aenter__(self) -> None:
+        if self.cluster.connected:
+            lock = self.cluster.redis.lock(self.cluster.key(f"lock:{self.name}"), timeout=LOCK_TTL, sleep=0.002,
+                                           blocking_timeout=LOCK_TTL)
+            try:
+                await lock.acquire()
+                self._held = lock
+                return
+            except (redis.RedisError, OSError) as exc:
+                self.cluster.disconnected(f"lock {self.name}: {exc}")
+        local = self.cluster.local_locks.setdefault(self.name, asyncio.Lock())
+        await local.acquire()
+        self._held = local
+
+    async def __aexit__(self, *_exc: object) -> None:
+        held, self._held = self._held, None
+        if isinstance(held, asyncio.Lock):
+            held.release()
+            if not held.locked() and not held._waiters:  # type: ignore[attr-defined]
+                self.cluster.local_locks.pop(self.name, None)
+            return
+        with contextlib.suppress(redis.RedisError, OSError):  # lapsed or unreachable: it expires by itself
+            await held.release()
+
+
 class Cluster:
-    """This worker's side of the cluster: Redis connections, the outgoing queue and the incoming dispatch."""
+    """This member's side of the cluster: Redis connections, membership, the outgoing queue and the incoming
+    dispatch. The API other parts use: `member`, `node`, `members()`, `key()`, `redis`, `send()`, `on()`,
+    `route_elsewhere()`, `lock()`, and the server hooks `cluster/member-up` and `cluster/member-lost`."""
 
     def __init__(self, server: Server, index: int, config: ClusterConfig) -> None:
         self.server = server
-        self.index = index
-        self.workers = config.workers
+        self.index = index  # this worker's number on its node
+        self.node = config.node_name
+        self.member = f"{self.node}/{index}"
         self.url = config.redis_url
         self.prefix = config.prefix
         if not isinstance(server.sessions, ClusterSessions):
@@ -180,69 +234,153 @@ class Cluster:
         self.sessions = server.sessions
         self.sessions.cluster = self
         server.cluster = self
+        self.service_member = f"{self.node}/{SERVICE_WORKER}"
         if index != SERVICE_WORKER:
             server.services = PinnedServices(self)
             # parleyctl reaches worker 0, whose room commands act on the rooms; the other sockets are spare
             server.control.path = server.control.path.with_name(f"worker{index}-{server.control.path.name}")
         server.hooks.add("roster/changed", self.roster_changed)
         server.hooks.add("server/started", self.attach)
-        # Frames waiting for the next publication, per worker; the lists stay, so forwarders hold them.
-        self._out: dict[int, list[str]] = {worker: [] for worker in self.others()}
-        self._gone: set[str] = set()  # JIDs of this worker's sessions that ended since the last publication
+        self._members: list[str] = [self.member]  # live members as of the last heartbeat, this one included
+        self._handlers: dict[str, Callable[[str, str], Awaitable[None]]] = {}
+        # Frames waiting for the next publication, per member; the lists stay while the member lives, so that
+        # forwarders hold them.
+        self._out: dict[str, list[str]] = {}
+        self._gone: set[str] = set()  # JIDs of this member's sessions that ended since the last publication
         self._dirty: dict[JID, Session] = {}
         self._wake = asyncio.Event()
-        self._pending_iq: dict[tuple[str, str], int] = {}  # (to, id) of a server's query -> asking worker
+        self._pending_iq: dict[tuple[str, str], str] = {}  # (to, id) of a server's query -> asking member
         self._redis: aioredis.Redis | None = None
         self._pubsub: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sending = False
-        self._stale: list[dict[str, Any]] = []  # sessions of this worker's previous process, if it died
-        self._following = False  # reading the other workers' channel messages
+        self._stale: list[dict[str, Any]] = []  # sessions of this member's previous process, if it died
+        self._following = False  # reading the other members' channel messages
+        self.connected = False  # Redis answers; while not, this member serves its own users alone
+        self._steady_since = 0.0  # monotonic time since which Redis has answered without a break
+        self._reconnected = asyncio.Event()
+        self.local_locks: dict[str, asyncio.Lock] = {}
 
-    def channel(self, worker: int) -> str:
-        return f"{self.prefix}:w{worker}"
+    # --- the API of the other parts --------------------------------------------------------------------
 
-    def sessions_key(self, worker: int) -> str:
-        return f"{self.prefix}:sessions:{worker}"
+    @property
+    def redis(self) -> aioredis.Redis:
+        """This member's Redis client, for keys and locks of other parts (its commands fail while Redis is out)."""
+        assert self._redis is not None, "the cluster has not started"
+        return self._redis
 
-    def alive_key(self, worker: int) -> str:
-        return f"{self.prefix}:alive:{worker}"
+    def key(self, name: str) -> str:
+        """A Redis key under the cluster's prefix."""
+        return f"{self.prefix}:{name}"
+
+    def members(self) -> list[str]:
+        """The live members, this one included, sorted: as of the last heartbeat."""
+        return list(self._members)
+
+    def nodes(self) -> list[str]:
+        """The nodes of the live members, sorted."""
+        return sorted({member.partition("/")[0] for member in self._members})
+
+    def on(self, kind: str, handler: Callable[[str, str], Awaitable[None]]) -> None:
+        """Frames of `kind` from other members go to `handler(sender, payload)`. Other parts' kinds are words;
+        the cluster's own are single letters."""
+        if len(kind) < 2 or FIELD in kind or FRAME in kind:
+            raise ValueError(f"{kind!r}: a frame kind of another part is a word")
+        self._handlers[kind] = handler
+
+    def send(self, member: str, kind: str, payload: str) -> None:
+        """Queue a frame for another member: in order per member, one publication per turn of the event loop.
+        Dropped, with a log line, when the member is not live or Redis is out of reach. `payload` must not
+        hold the character \\x01 (XML and JSON cannot)."""
+        if member not in self._out:
+            log.info("cluster: %s frame for %s dropped: no such member", kind, member)
+            return
+        self._queue(member, f"{kind}{FIELD}{payload}")
+
+    def route_elsewhere(self, member: str, st: Stanza) -> None:
+        """Hand a stanza to another member, whose router routes it as if it had arrived there."""
+        if member not in self._out:
+            log.info("cluster: stanza for %s dropped: no such member", member)
+            return
+        self._queue(member, f"r{FIELD}{serialize(st.el)}")
+
+    def lock(self, name: str) -> FallbackLock:
+        """A lock held by one member at a time; it expires should its holder die with it. While Redis is out of
+        reach it is a lock of this process only."""
+        return FallbackLock(self, name)
+
+    # --- Redis keys ------------------------------------------------------------------------------------
+
+    def channel(self, member: str) -> str:
+        return f"{self.prefix}:m:{member}"
+
+    def sessions_key(self, member: str) -> str:
+        return f"{self.prefix}:sessions:{member}"
+
+    def alive_key(self, member: str) -> str:
+        return f"{self.prefix}:alive:{member}"
+
+    def members_key(self) -> str:
+        return f"{self.prefix}:members"
+
+    # --- starting and stopping -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Subscribe before the others' sessions are read (in `attach`), so no change falls between the two."""
         # RESP2: redis-py's RESP3 parser formats every pub/sub message it reads into a debug log line.
-        self._redis = aioredis.from_url(self.url, protocol=2)
+        self._redis = aioredis.from_url(self.url, protocol=2, socket_connect_timeout=3)
         self._pubsub = self._redis.pubsub()
-        await self._pubsub.subscribe(self.channel(self.index))
-        stale = await self._redis.hgetall(self.sessions_key(self.index))
-        self._stale = [json.loads(value) for value in stale.values()]
-        await self._redis.delete(self.sessions_key(self.index))
-        await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL)
-        for worker in self.others():
-            self._queue(worker, "x")
+        await self._pubsub.subscribe(self.channel(self.member))
+        self._stale = await self._take_sessions(self.member)
+        await self._announce()
+        self._steady_since = time.monotonic()
+        await self._read_members(start=True)
+        self.connected = True
+        for member in self._members:
+            if member != self.member:
+                self._queue(member, "x")
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._heartbeat())]
 
+    async def _take_sessions(self, member: str) -> list[dict[str, Any]]:
+        """The sessions a member published, read and deleted at once: only one taker ends them."""
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hgetall(self.sessions_key(member))
+        pipe.delete(self.sessions_key(member))
+        found, _ = await pipe.execute()
+        return [json.loads(value) for value in found.values()]
+
+    async def _announce(self) -> None:
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(self.alive_key(self.member), os.getpid(), ex=HEARTBEAT_TTL)
+        pipe.sadd(self.members_key(), self.member)
+        await pipe.execute()
+
     async def attach(self, _server: Server) -> None:
         """Once the hosts and the storage exist (again after a restart): the others' sessions are read and their
-        changes followed, answers to other workers' queries go back to them before this worker's modules see
+        changes followed, answers to other members' queries go back to them before this member's modules see
         them, the cached documents set here are announced, and the sessions a dead predecessor left are ended."""
-        if self.index == 0 and any("pep" in host.modules for host in self.server.hosts.values()):
-            log.warning("cluster: PEP notifications reach only the contacts on the publisher's worker")
         self.server.storage.kv.watch_cached(self.document_changed)
         for host in self.server.hosts.values():
             for event in ("iq-result/host", "iq-error/host", "iq-result/bare", "iq-error/bare"):
                 host.hooks.add(event, self.answer_elsewhere, priority=1000)
         if not self._following:
             self._following = True
-            assert self._redis is not None
-            for worker in self.others():
-                for value in (await self._redis.hgetall(self.sessions_key(worker))).values():
-                    self.sessions.put_remote(worker, json.loads(value))
+            await self._read_sessions()
             self._tasks.append(asyncio.get_running_loop().create_task(self._receive_loop()))
         stale, self._stale = self._stale, []
         for state in stale:
             await self._end_stale(state)
+
+    async def _read_sessions(self) -> None:
+        """Mirror the sessions every other live member published."""
+        assert self._redis is not None
+        for member in self._members:
+            if member != self.member:
+                for value in (await self._redis.hgetall(self.sessions_key(member))).values():
+                    self.sessions.put_remote(member, json.loads(value))
 
     async def _end_stale(self, state: dict[str, Any]) -> None:
         """End a session whose process died: its contacts and the user's other resources learn it is gone."""
@@ -256,7 +394,7 @@ class Cluster:
         await self.server.end_session(session)
 
     async def stop(self) -> None:
-        """Send what is queued (the goodbyes of this worker's sessions), then close."""
+        """Send what is queued (the goodbyes of this member's sessions), say goodbye, then close."""
         self._wake.set()
         for _ in range(50):
             if not any(self._out.values()) and not self._dirty and not self._sending:
@@ -267,25 +405,151 @@ class Cluster:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._redis is not None:
             try:
-                await self._redis.delete(self.sessions_key(self.index), self.alive_key(self.index))
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.delete(self.sessions_key(self.member), self.alive_key(self.member))
+                pipe.srem(self.members_key(), self.member)
+                for member in self._out:
+                    pipe.publish(self.channel(member), f"{self.member}{FRAME}b")
+                await pipe.execute()
             except (redis.RedisError, OSError):
-                log.warning("cluster: could not remove worker %d's keys; the next start clears them", self.index)
-            await self._pubsub.aclose()
+                log.warning("cluster: could not remove %s's keys; the others forget it when they lapse", self.member)
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self._pubsub.aclose()
             await self._redis.aclose()
 
-    def lock(self, name: str) -> Any:
-        """A lock held by one worker at a time; it expires should its holder die with it."""
-        assert self._redis is not None
-        return self._redis.lock(f"{self.prefix}:lock:{name}", timeout=LOCK_TTL, sleep=0.002,
-                                blocking_timeout=LOCK_TTL)
+    # --- membership --------------------------------------------------------------------------------------
 
-    def others(self) -> list[int]:
-        return [w for w in range(self.workers) if w != self.index]
+    async def _read_members(self, start: bool = False) -> None:
+        """Which members are live now: those of the members set whose heartbeat key is there. Members new since
+        the last reading are up; those gone are lost (their sessions forgotten here, ended by one survivor)."""
+        assert self._redis is not None
+        listed = sorted(m.decode() if isinstance(m, bytes) else m
+                        for m in await self._redis.smembers(self.members_key()))
+        alive = await self._redis.mget([self.alive_key(m) for m in listed]) if listed else []
+        live = sorted({m for m, value in zip(listed, alive, strict=True) if value is not None} | {self.member})
+        lapsed = [m for m, value in zip(listed, alive, strict=True) if value is None and m != self.member]
+        before = set(self._members)
+        self._members = live
+        for member in live:
+            if member not in before or (start and member != self.member):
+                self._member_up(member)
+        for member in before - set(live):
+            self._member_lost(member)
+        # Ending a lapsed member's sessions is left to a survivor that has heard from Redis without a break
+        # for longer than a heartbeat's life: after an outage, the others have had time to show up again.
+        if lapsed and time.monotonic() - self._steady_since > HEARTBEAT_TTL + HEARTBEAT:
+            for member in lapsed:
+                await self._reap(member)
+
+    def _member_up(self, member: str) -> None:
+        if member == self.member:
+            return
+        self._out.setdefault(member, [])
+        log.info("cluster: member %s is up", member)
+        self.server.hooks.notify("cluster/member-up", member)
+
+    def _member_lost(self, member: str) -> None:
+        if member == self.member:
+            return
+        log.warning("cluster: member %s is lost; forgetting its sessions", member)
+        self._out.pop(member, None)
+        self.sessions.drop_member(member)
+        self.server.hooks.notify("cluster/member-lost", member)
+
+    async def _reap(self, member: str) -> None:
+        """End the sessions of a member that died, as it would have ended them: their contacts see them go."""
+        assert self._redis is not None
+        stale = await self._take_sessions(member)
+        await self._redis.srem(self.members_key(), member)
+        if stale:
+            log.warning("cluster: ending %d sessions of lost member %s", len(stale), member)
+        for state in stale:
+            try:
+                await self._end_stale(state)
+            except Exception:
+                log.exception("cluster: could not end %s of lost member %s", state.get("jid"), member)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if not self.connected:
+                continue
+            try:
+                await self._beat()
+            except (redis.RedisError, OSError) as exc:
+                self.disconnected(f"heartbeat failed: {exc}")
+
+    async def _beat(self) -> None:
+        assert self._redis is not None
+        if not await self._redis.set(self.alive_key(self.member), os.getpid(), ex=HEARTBEAT_TTL, xx=True):
+            # This member stalled for so long that the others forgot it (and may have ended its sessions'
+            # presence): it tells them about its sessions again.
+            log.warning("cluster: %s's heartbeat had lapsed; announcing its sessions again", self.member)
+            await self._republish()
+        else:
+            await self._redis.sadd(self.members_key(), self.member)
+        await self._read_members()
+
+    async def _republish(self) -> None:
+        """Publish this member's sessions afresh and tell every member to forget what it knew of them."""
+        assert self._redis is not None
+        await self._announce()
+        await self._redis.delete(self.sessions_key(self.member))
+        await self._read_members()
+        for member in self._members:
+            if member != self.member:
+                self._queue(member, "x")
+        for session in self.sessions.all():
+            self.changed(session)
+
+    # --- Redis out of reach ------------------------------------------------------------------------------
+
+    def disconnected(self, what: str) -> None:
+        """Redis stopped answering: this member goes on serving its own users, bounces what is for the others
+        and tries again until Redis is back, then resynchronises."""
+        if not self.connected:
+            return
+        self.connected = False
+        log.error("cluster: %s; serving this member's users alone until Redis is back", what)
+        self._wake.set()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._reconnect()))
+
+    async def _reconnect(self) -> None:
+        assert self._redis is not None
+        delay = 0.2
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, HEARTBEAT)
+            try:
+                await self._redis.ping()
+                self._steady_since = time.monotonic()
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await self._pubsub.aclose()
+                self._pubsub = self._redis.pubsub()
+                await self._pubsub.subscribe(self.channel(self.member))
+                await self._resync()
+            except (redis.RedisError, OSError) as exc:
+                log.debug("cluster: Redis still out of reach: %s", exc)
+                continue
+            log.warning("cluster: Redis is back; %s announced its sessions again", self.member)
+            self.connected = True
+            self._wake.set()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._receive_loop()))
+            return
+
+    async def _resync(self) -> None:
+        """After an outage: forget every other member's sessions, read them again, and publish this one's."""
+        for member, _ in list(self.sessions.remote.values()):
+            self.sessions.drop_member(member)
+        await self._republish()
+        await self._read_sessions()
 
     # --- outgoing ----------------------------------------------------------------------------------
 
-    def _queue(self, worker: int, frame: str) -> None:
-        frames = self._out[worker]
+    def _queue(self, member: str, frame: str) -> None:
+        frames = self._out.get(member)
+        if frames is None:
+            return  # not a live member: nothing to tell it
         if not frames:  # otherwise the send loop has been woken already and not yet taken the frames
             self._wake.set()
         frames.append(frame)
@@ -294,19 +558,21 @@ class Cluster:
         """A local session's state changed; its latest state goes out in the place of this first change."""
         if session.jid not in self._dirty:
             self._dirty[session.jid] = session
-            for worker in self.others():
-                self._queue(worker, f"u{FIELD}{session.jid}")
+            self._wake.set()  # its state goes to Redis even with no other member to tell
+            for member in self._out:
+                self._queue(member, f"u{FIELD}{session.jid}")
 
     def gone(self, session: Session) -> None:
         self._dirty.pop(session.jid, None)
         self._gone.add(str(session.jid))
-        for worker in self.others():
-            self._queue(worker, f"d{FIELD}{session.jid}")
+        self._wake.set()
+        for member in self._out:
+            self._queue(member, f"d{FIELD}{session.jid}")
 
-    def forwarder(self, worker: int, jid: JID) -> Callable[[str], None]:
-        """The output of a session on another worker: `_queue` inlined, as this runs once per stanza."""
+    def forwarder(self, member: str, jid: JID) -> Callable[[str], None]:
+        """The output of a session on another member: `_queue` inlined, as this runs once per stanza."""
         prefix = f"s{FIELD}{jid}{FIELD}"
-        frames, wake = self._out[worker], self._wake.set
+        frames, wake = self._out.setdefault(member, []), self._wake.set
 
         def forward(data: str) -> None:
             if not frames:
@@ -315,72 +581,78 @@ class Cluster:
 
         return forward
 
-    def closer(self, worker: int, jid: JID) -> Callable[[str | None], None]:
-        return lambda condition: self._queue(worker, f"c{FIELD}{jid}{FIELD}{condition or ''}")
+    def closer(self, member: str, jid: JID) -> Callable[[str | None], None]:
+        return lambda condition: self._queue(member, f"c{FIELD}{jid}{FIELD}{condition or ''}")
 
     async def to_service(self, st: Stanza) -> None:
-        self._queue(SERVICE_WORKER, f"v{FIELD}{serialize(st.el)}")
+        self._queue(self.service_member, f"v{FIELD}{serialize(st.el)}")
 
     def roster_changed(self, user: JID) -> None:
-        for worker in self.others():
-            self._queue(worker, f"i{FIELD}{user}")
+        for member in self._out:
+            self._queue(member, f"i{FIELD}{user}")
 
     def document_changed(self, store: str, host: str, user: str) -> None:
-        for worker in self.others():
-            self._queue(worker, f"k{FIELD}{store}{FIELD}{host}{FIELD}{user}")
+        for member in self._out:
+            self._queue(member, f"k{FIELD}{store}{FIELD}{host}{FIELD}{user}")
 
     async def _send_loop(self) -> None:
-        """One publication per worker per turn; session states are read now, at their place in the order."""
+        """One publication per member per turn; session states are read now, at their place in the order."""
         assert self._redis is not None
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if not self.connected:
+                await self._drop_queued()
+                continue
             dirty, self._dirty = self._dirty, {}
             states = {str(jid): session_state(s) for jid, s in dirty.items() if not s.ended}
             pipe = self._redis.pipeline(transaction=False)
-            for worker, frames in self._out.items():
+            batches: list[list[str]] = []
+            for member, frames in self._out.items():
                 if frames:
                     if dirty:
                         frames[:] = [_resolve(frame, states) for frame in frames]
-                    pipe.publish(self.channel(worker), f"{self.index}{FRAME}{FRAME.join(frames)}")
+                    pipe.publish(self.channel(member), f"{self.member}{FRAME}{FRAME.join(frames)}")
+                    batches.append(list(frames))
                     frames.clear()
             for jid, state in states.items():
-                pipe.hset(self.sessions_key(self.index), jid, state)
+                pipe.hset(self.sessions_key(self.member), jid, state)
             gone, self._gone = self._gone - states.keys(), set()
             if gone:
-                pipe.hdel(self.sessions_key(self.index), *gone)
+                pipe.hdel(self.sessions_key(self.member), *gone)
             self._sending = True
             try:
                 await pipe.execute()
             except (redis.RedisError, OSError) as exc:
-                self._lost(f"publishing to Redis failed: {exc}")
-                return
+                self.disconnected(f"publishing to Redis failed: {exc}")
+                for frames in batches:
+                    await self._bounce(frames)
             finally:
                 self._sending = False
 
-    async def _heartbeat(self) -> None:
-        assert self._redis is not None
-        while True:
-            await asyncio.sleep(HEARTBEAT)
-            try:
-                if not await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL, xx=True):
-                    # This worker stalled for so long that the others forgot its sessions: tell them again.
-                    await self._redis.set(self.alive_key(self.index), os.getpid(), ex=HEARTBEAT_TTL)
-                    for session in self.sessions.all():
-                        self.changed(session)
-                known = {w for w, _ in self.sessions.remote.values()}
-                for worker in known:
-                    if not await self._redis.exists(self.alive_key(worker)):
-                        log.warning("cluster: worker %d stopped answering; forgetting its sessions", worker)
-                        self.sessions.drop_worker(worker)
-            except (redis.RedisError, OSError) as exc:
-                self._lost(f"heartbeat failed: {exc}")
-                return
+    async def _drop_queued(self) -> None:
+        """While Redis is out of reach: what was for other members goes nowhere; their stanzas bounce."""
+        self._dirty.clear()
+        self._gone.clear()
+        for frames in self._out.values():
+            taken = list(frames)
+            frames.clear()
+            await self._bounce(taken)
 
-    def _lost(self, what: str) -> None:
-        """Without Redis this worker would misroute: it stops, and the parent process starts a new one."""
-        log.critical("cluster: %s; stopping worker %d", what, self.index)
-        os.kill(os.getpid(), signal.SIGTERM)
+    async def _bounce(self, frames: list[str]) -> None:
+        for frame in frames:
+            if frame[0] == "s":
+                _, _, data = frame.split(FIELD, 2)
+                st = _stanza(data)
+            elif frame[0] in "rv":
+                st = _stanza(frame[2:])
+            else:
+                continue
+            if st.kind != "presence" and (st.kind != "iq" or st.type in ("get", "set")):
+                try:
+                    await self.server.router.bounce(st, StanzaError("remote-server-timeout"))
+                except Exception:
+                    log.exception("cluster: could not bounce %r", frame[:200])
 
     # --- incoming ----------------------------------------------------------------------------------
 
@@ -389,21 +661,21 @@ class Cluster:
             try:
                 message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except (redis.RedisError, OSError) as exc:
-                self._lost(f"reading from Redis failed: {exc}")
+                self.disconnected(f"reading from Redis failed: {exc}")
                 return
             if message is None:
                 continue
             frames = message["data"].decode().split(FRAME)
-            sender = int(frames[0])
+            sender = frames[0]
             for frame in frames[1:]:
                 try:
                     if frame[0] != "s" or not self._deliver(sender, frame):
                         await self._dispatch(sender, frame)
                 except Exception:
-                    log.exception("cluster: could not handle %r from worker %s", frame[:200], sender)
+                    log.exception("cluster: could not handle %r from %s", frame[:200], sender)
 
-    def _deliver(self, sender: int, frame: str) -> bool:
-        """A stanza for a session of this worker, handed over at once as the sender serialized it (parsed
+    def _deliver(self, sender: str, frame: str) -> bool:
+        """A stanza for a session of this member, handed over at once as the sender serialized it (parsed
         only for an iq, whose answer may have to go back, or for a session that holds stanzas back);
         False when that session has gone."""
         _, jid_text, data = frame.split(FIELD, 2)
@@ -419,18 +691,28 @@ class Cluster:
             session.send_raw(data)
         return True
 
-    async def _dispatch(self, sender: int, frame: str) -> None:
+    async def _dispatch(self, sender: str, frame: str) -> None:
         kind, _, rest = frame.partition(FIELD)
         if kind == "s":
             jid, _, data = rest.partition(FIELD)
             el = parse_stored(data)
             await self._undeliverable(Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""), JID.parse(jid)))
         elif kind == "u":
+            if sender not in self._out:  # a member that started since the last heartbeat
+                self._members = sorted({*self._members, sender})
+                self._member_up(sender)
             self.sessions.put_remote(sender, json.loads(rest))
         elif kind == "d":
             self.sessions.drop_remote(sender, JID.parse(rest))
         elif kind == "x":
-            self.sessions.drop_worker(sender)
+            self.sessions.drop_member(sender)
+            if sender not in self._out:
+                self._members = sorted({*self._members, sender})
+                self._member_up(sender)
+        elif kind == "b":  # goodbye: the member stopped
+            if sender in self._members:
+                self._members = [m for m in self._members if m != sender]
+                self._member_lost(sender)
         elif kind == "c":
             text, _, condition = rest.partition(FIELD)
             jid = JID.parse(text)
@@ -446,9 +728,13 @@ class Cluster:
             self.forget_roster(JID.parse(rest))
         elif kind == "k":
             self.server.storage.kv.forget_cached(*rest.split(FIELD))
+        elif (handler := self._handlers.get(kind)) is not None:
+            await handler(sender, rest)
+        else:
+            log.warning("cluster: frame of unknown kind %r from %s", kind, sender)
 
-    def _expect_answer(self, sender: int, el: Element) -> None:
-        """A query from a server or account address on another worker: its answer must go back there."""
+    def _expect_answer(self, sender: str, el: Element) -> None:
+        """A query from a server or account address on another member: its answer must go back there."""
         asker = el.get("from") or ""
         if "/" not in asker and el.get("id"):
             if len(self._pending_iq) >= PENDING_IQ_LIMIT:
@@ -456,11 +742,11 @@ class Cluster:
             self._pending_iq[(el.get("to") or "", el.get("id") or "")] = sender
 
     def answer_elsewhere(self, st: Stanza) -> bool | None:
-        """An answer from a client of this worker to a query another worker sent: route it there."""
-        worker = self._pending_iq.pop((str(st.from_), st.id or ""), None)
-        if worker is None:
+        """An answer from a client of this member to a query another member sent: route it there."""
+        member = self._pending_iq.pop((str(st.from_), st.id or ""), None)
+        if member is None:
             return None
-        self._queue(worker, f"r{FIELD}{serialize(st.el)}")
+        self._queue(member, f"r{FIELD}{serialize(st.el)}")
         return True
 
     async def _undeliverable(self, st: Stanza) -> None:
@@ -475,8 +761,8 @@ class Cluster:
             await router.bounce(st, StanzaError("service-unavailable"))
 
     def forget_roster(self, user: JID) -> None:
-        """Another worker changed the user's roster, or the user's last session elsewhere ended: what this
-        worker cached of it is stale ('roster/stale' on the user's host)."""
+        """Another member changed the user's roster, or the user's last session elsewhere ended: what this
+        member cached of it is stale ('roster/stale' on the user's host)."""
         host = self.server.hosts.get(user.domain)
         if host is not None:
             host.hooks.notify("roster/stale", user)
@@ -496,17 +782,25 @@ def _stanza(xml: str) -> Stanza:
     return Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""), JID.parse(to) if to else None)
 
 
-def clear(config: ClusterConfig) -> None:
-    """Forget what an earlier run left in Redis (after a crash it would describe sessions that are gone)."""
-    client = redis.Redis.from_url(config.redis_url, socket_connect_timeout=5)
+def check_redis(config: Config) -> None:
+    """Before the workers start: Redis answers, and no other node is live when this one's storage is SQLite (a
+    file on this machine that another node cannot share). Nothing is deleted: the keys of this node's previous
+    run are taken by its workers as they start (and the sessions they describe ended), the other nodes' are
+    theirs."""
+    cluster = config.cluster
+    client = redis.Redis.from_url(cluster.redis_url, socket_connect_timeout=5)
     try:
-        keys = list(client.scan_iter(f"{config.prefix}:*"))
-        if keys:
-            client.delete(*keys)
+        listed = sorted(m.decode() for m in client.smembers(f"{cluster.prefix}:members"))
+        alive = client.mget([f"{cluster.prefix}:alive:{m}" for m in listed]) if listed else []
     except redis.RedisError as exc:
-        raise ConfigError("cluster.redis_url", f"cannot use Redis at {config.redis_url}: {exc}") from None
+        raise ConfigError("cluster.redis_url", f"cannot use Redis at {cluster.redis_url}: {exc}") from None
     finally:
         client.close()
+    others = sorted({m.partition("/")[0] for m, value in zip(listed, alive, strict=True) if value is not None}
+                    - {cluster.node_name})
+    if others and config.storage.url.startswith("sqlite"):
+        raise ConfigError("storage.url", f"node(s) {', '.join(others)} already run on Redis prefix "
+                          f"{cluster.prefix!r}: the nodes of a cluster share one PostgreSQL database, not SQLite")
 
 
 def supervise(config: Config, serve: Callable[[int, int], None], started: Callable[[], None]) -> int:
@@ -514,7 +808,7 @@ def supervise(config: Config, serve: Callable[[int, int], None], started: Callab
     `ready_fd` once it listens. A worker that dies is restarted; SIGTERM or SIGINT stops them all, SIGHUP goes
     to every worker (each reloads the configuration)."""
     workers = config.cluster.workers
-    clear(config.cluster)
+    check_redis(config)
     ready_read, ready_write = os.pipe()
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False

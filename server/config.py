@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -107,11 +108,23 @@ class StorageConfig:
 
 @dataclass
 class ClusterConfig:
-    """Several worker processes sharing the listening ports, routing to each other through Redis."""
+    """Processes routing to each other through Redis: the workers of one node sharing its listening ports, and
+    the nodes (machines) sharing one Redis prefix and one PostgreSQL database."""
 
-    workers: int = 1  # 1: a single process, no Redis
+    workers: int = 1  # worker processes of this node
     redis_url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "parley"  # of every Redis key and channel, so that several servers can share one Redis
+    node: str | None = None  # this node's name, unique in the cluster; set, it makes this process part of a cluster
+
+    @property
+    def active(self) -> bool:
+        """A cluster (Redis, member ids, heartbeats) rather than one process: several workers, or a named node."""
+        return self.workers > 1 or self.node is not None
+
+    @property
+    def node_name(self) -> str:
+        """The node's name in member ids: the configured one, else the machine's host name."""
+        return self.node or socket.gethostname().split(".")[0] or "n1"
 
 
 @dataclass
@@ -274,6 +287,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     cluster = _cluster(top.table("cluster"))
     top.finish()
     check_cluster(cluster, listeners)
+    check_cluster_storage(cluster, storage)
     if errors:
         raise ConfigErrors(errors)
     return Config(
@@ -421,20 +435,40 @@ def _storage(table: _Table, data_dir: Path) -> StorageConfig:
 
 def _cluster(table: _Table) -> ClusterConfig:
     d = ClusterConfig()
+    node = table.string("node", "") or None
     cluster = ClusterConfig(
         workers=table.integer("workers", d.workers, minimum=1, maximum=64),
         redis_url=table.string("redis_url", d.redis_url),
         prefix=table.string("prefix", d.prefix),
+        node=node,
     )
     table.finish()
     if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(table.key("redis_url"), "must be a redis://, rediss:// or unix:// URL")
+    if node is not None and (problem := node_name_problem(node)):
+        raise ConfigError(table.key("node"), problem)
     return cluster
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why a node name cannot be one (it is part of member ids and Redis keys), or None."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", name):
+        return "must be 1 to 63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return None
+
+
+def check_cluster_storage(cluster: ClusterConfig, storage: StorageConfig) -> None:
+    """A named node belongs to a cluster that may span machines, which share one database: SQLite, a file on one
+    machine, cannot be it. (Unnamed, several workers of one machine may share a SQLite file; a second node that
+    starts against SQLite anyway is refused when it finds the first one live in Redis.)"""
+    if cluster.node is not None and storage.url.startswith("sqlite"):
+        raise ConfigError("cluster.node", "the nodes of a cluster share one database: set [storage] url to "
+                          "PostgreSQL (postgresql+asyncpg://...), SQLite is a file on one machine")
 
 
 def check_cluster(cluster: ClusterConfig, listeners: list[ListenerConfig]) -> None:
     """Federation and components keep their links in one process, so several workers serve clients only."""
-    if cluster.workers > 1:
+    if cluster.active:
         for i, listener in enumerate(listeners):
             if listener.type != "c2s":
                 raise ConfigError(f"listeners[{i}].type", f"{listener.type} listeners need cluster.workers = 1")

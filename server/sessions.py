@@ -294,9 +294,9 @@ class SessionRegistry:
 
 
 def session_directory(config: Config) -> SessionDirectory:
-    """The directory the configuration asks for: this process's own, or, with several worker processes
-    ([cluster] workers), the one they share (which the worker's `server.cluster.Cluster` connects)."""
-    if config.cluster.workers == 1:
+    """The directory the configuration asks for: this process's own, or, in a cluster (several worker processes
+    or a named node), the one the members share (which the member's `server.cluster.Cluster` connects)."""
+    if not config.cluster.active:
         return SessionRegistry()
     from server.cluster import ClusterSessions  # the Redis client: loaded for a cluster only
 

@@ -21,6 +21,7 @@ from typing import Any
 from xml.etree.ElementTree import fromstring
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError, IqTimeout
@@ -30,7 +31,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from parley import build_server
 from server.accounts import create_account
 from server.cluster import FIELD, FRAME, Cluster, _resolve, session_state
-from server.config import ClusterConfig
+from server.config import ClusterConfig, ConfigError, parse_config
 from server.host import Host
 from server.jid import JID
 from server.sessions import Session
@@ -49,6 +50,8 @@ from tests.conftest import (
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+NODE = ClusterConfig().node_name  # the node of the workers of `parley serve --workers 2` (unnamed: the host's)
+OTHER = f"{NODE}/0"  # the other member, in the tests of worker 1 alone
 REPO = Path(__file__).resolve().parent.parent
 ROOM = "lobby@conference.localhost"
 
@@ -82,7 +85,7 @@ class Workers(Harness):
     async def state(self, full: str) -> tuple[int, dict[str, Any]] | None:
         """(worker, shared state) of a session as its worker published it."""
         for worker in (0, 1):
-            value = await self.redis.hget(f"{self.prefix}:sessions:{worker}", full)
+            value = await self.redis.hget(f"{self.prefix}:sessions:{NODE}/{worker}", full)
             if value is not None:
                 return worker, json.loads(value)
         return None
@@ -114,7 +117,7 @@ class Workers(Harness):
             await asyncio.sleep(0.02)
 
     async def pid(self, worker: int) -> int:
-        value = await self.redis.get(f"{self.prefix}:alive:{worker}")
+        value = await self.redis.get(f"{self.prefix}:alive:{NODE}/{worker}")
         return int(value) if value else 0
 
 
@@ -390,7 +393,7 @@ async def test_a_worker_that_stalled_is_known_again_when_it_resumes(workers: Wor
     try:
         log = workers.data_dir / "server.log"
         deadline = time.monotonic() + 15
-        while "worker 1 stopped answering" not in log.read_text():  # its heartbeat lapsed: worker 0 forgot it
+        while f"member {NODE}/1 is lost" not in log.read_text():  # its heartbeat lapsed: worker 0 forgot it
             assert time.monotonic() < deadline, "worker 0 did not forget the stalled worker's sessions"
             await asyncio.sleep(0.2)
     finally:
@@ -453,7 +456,9 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     server = build_server(config)
     server.hosts["localhost"] = Host(server, config.hosts["localhost"])
     try:
-        yield Cluster(server, 1, config.cluster)
+        cluster = Cluster(server, 1, config.cluster)
+        cluster._member_up(OTHER)
+        yield cluster
     finally:
         CachedDocuments.on_set = None
 
@@ -476,17 +481,17 @@ def test_changes_of_a_local_session_go_out_once_per_turn_at_their_place(cluster:
     session.presence = fromstring("<presence xmlns='jabber:client'/>")
     session.data["carbons"] = True
     session.data["csi"] = "not shared"
-    assert cluster._out == {0: [f"u{FIELD}alice@localhost/a"]}
+    assert cluster._out == {OTHER: [f"u{FIELD}alice@localhost/a"]}
     state = json.loads(session_state(session))
     assert (state["priority"], state["data"], state["presence"]) == (5, {"carbons": True}, "<presence/>")
     cluster.sessions.remove(session)
-    assert cluster._out[0][-1] == f"d{FIELD}alice@localhost/a"
+    assert cluster._out[OTHER][-1] == f"d{FIELD}alice@localhost/a"
 
 
 def test_remote_sessions_take_part_in_routing_but_never_replace_a_local_one(cluster: Cluster) -> None:
     local = local_session(cluster, "alice@localhost/a")
-    cluster.sessions.put_remote(0, remote_state("alice@localhost/a"))
-    cluster.sessions.put_remote(0, remote_state("alice@localhost/b", priority=3))
+    cluster.sessions.put_remote(OTHER, remote_state("alice@localhost/a"))
+    cluster.sessions.put_remote(OTHER, remote_state("alice@localhost/b", priority=3))
     assert cluster.sessions.get(JID.parse("alice@localhost/a")) is local
     remote = cluster.sessions.get(JID.parse("alice@localhost/b"))
     assert remote is not None and remote.priority == 3 and remote.data == {"carbons": True}
@@ -494,10 +499,10 @@ def test_remote_sessions_take_part_in_routing_but_never_replace_a_local_one(clus
     assert cluster.sessions.all() == [local]  # what this worker ends when it stops
     remote.send(fromstring("<message xmlns='jabber:client' to='alice@localhost/b'><body>hi</body></message>"))
     message = '<message to="alice@localhost/b"><body>hi</body></message>'
-    assert cluster._out[0][-1] == f"s{FIELD}alice@localhost/b{FIELD}{message}"
-    cluster.sessions.put_remote(0, remote_state("alice@localhost/b", available=False))
+    assert cluster._out[OTHER][-1] == f"s{FIELD}alice@localhost/b{FIELD}{message}"
+    cluster.sessions.put_remote(OTHER, remote_state("alice@localhost/b", available=False))
     assert cluster.sessions.available(JID.parse("alice@localhost")) == []
-    cluster.sessions.drop_worker(0)
+    cluster.sessions.drop_member(OTHER)
     assert cluster.sessions.of(JID.parse("alice@localhost")) == [local] and remote.closed
 
 
@@ -508,7 +513,7 @@ async def test_services_on_another_worker_are_forwarded_to_worker_0(cluster: Clu
     cluster.server.services["conference.localhost"] = handler
     el = fromstring("<message xmlns='jabber:client' from='bob@localhost/b' to='room@conference.localhost'/>")
     await cluster.server.services["conference.localhost"](Stanza(el, "message", JID.parse("bob@localhost/b"), None))
-    assert cluster._out[0][-1].startswith(f"v{FIELD}<message from=\"bob@localhost/b\"")
+    assert cluster._out[OTHER][-1].startswith(f"v{FIELD}<message from=\"bob@localhost/b\"")
 
 
 def test_stanzas_from_another_worker_go_straight_to_the_local_session_of_their_address(cluster: Cluster) -> None:
@@ -516,15 +521,54 @@ def test_stanzas_from_another_worker_go_straight_to_the_local_session_of_their_a
     session = Session(JID.parse("alice@localhost/a"), cluster.server.hosts["localhost"], written.append,
                       lambda condition: None)
     cluster.sessions.add(session)
-    cluster._out[0].clear()
+    cluster._out[OTHER].clear()
     cluster._dirty.clear()
     session.last_active = 1.0  # set for every stanza: not shared, so nothing goes out
-    assert cluster._out == {0: []}
+    assert cluster._out == {OTHER: []}
     message = '<message to="alice@localhost/a"><body>hi</body></message>'
-    assert cluster._deliver(0, f"s{FIELD}alice@localhost/a{FIELD}{message}")
+    assert cluster._deliver(OTHER, f"s{FIELD}alice@localhost/a{FIELD}{message}")
     assert written == [message]
-    assert not cluster._deliver(0, f"s{FIELD}alice@localhost/b{FIELD}{message}")
+    assert not cluster._deliver(OTHER, f"s{FIELD}alice@localhost/b{FIELD}{message}")
     session.priority = 1
-    assert cluster._out == {0: [f"u{FIELD}alice@localhost/a"]}
+    assert cluster._out == {OTHER: [f"u{FIELD}alice@localhost/a"]}
     cluster.sessions.remove(session)
-    assert not cluster._deliver(0, f"s{FIELD}alice@localhost/a{FIELD}{message}") and written == [message]
+    assert not cluster._deliver(OTHER, f"s{FIELD}alice@localhost/a{FIELD}{message}") and written == [message]
+
+
+# --- configuration of nodes --------------------------------------------------------------------------------
+
+def test_a_named_node_needs_a_shared_database_and_a_name_fit_for_member_ids(tmp_path: Path) -> None:
+    base = {"data_dir": str(tmp_path), "hosts": {"localhost": {}},
+            "listeners": [{"type": "c2s", "address": "127.0.0.1", "port": free_port()}]}
+    on_pg = parse_config({**base, "storage": {"url": PG_URL}, "cluster": {"node": "n1"}})
+    assert on_pg.cluster.active and on_pg.cluster.node_name == "n1"
+    assert not parse_config({**base, "storage": {"url": PG_URL}}).cluster.active
+    with pytest.raises(ConfigError, match="share one database"):
+        parse_config({**base, "storage": {"url": f"sqlite+aiosqlite:///{tmp_path}/p.db"}, "cluster": {"node": "n1"}})
+    with pytest.raises(ConfigError, match="letters, digits"):
+        parse_config({**base, "storage": {"url": PG_URL}, "cluster": {"node": "n1/0"}})
+
+
+def test_a_second_node_on_sqlite_is_refused(tmp_path: Path) -> None:
+    """`--node` names a node (on SQLite: refused at once); an unnamed node on SQLite that finds another node live
+    in Redis is refused too."""
+    config = tmp_path / "parley.toml"
+    prefix = f"parley-test-{uuid.uuid4().hex[:12]}"
+    config.write_text(_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/parley.db", free_port(), prefix))
+    named = subprocess.run([sys.executable, "-m", "parley", "serve", "--config", str(config), "--node", "n2"],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert named.returncode == 2 and "share one database" in named.stderr, named.stderr
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except Exception:
+        unavailable("Redis at 127.0.0.1:6379 is not reachable")
+    try:
+        client.sadd(f"{prefix}:members", "elsewhere/0")
+        client.set(f"{prefix}:alive:elsewhere/0", 1, ex=30)
+        second = subprocess.run([sys.executable, "-m", "parley", "serve", "--config", str(config)],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and "node(s) elsewhere already run" in second.stderr, second.stderr
+    finally:
+        client.delete(f"{prefix}:members", f"{prefix}:alive:elsewhere/0")
+        client.close()

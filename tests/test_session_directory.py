@@ -157,7 +157,7 @@ async def test_a_session_keeps_its_class_through_a_cluster_login(tmp_path: Path,
             redis = aioredis.from_url(REDIS_URL)
             try:
                 async def published() -> bool:
-                    value = await redis.hget(f"{prefix}:sessions:1", "alice@localhost/phone")
+                    value = await redis.hget(f"{prefix}:sessions:{server.cluster.member}", "alice@localhost/phone")
                     state = json.loads(value) if value else {}
                     return state.get("priority") == 4 and state.get("interested") is True and \
                         state.get("data") == {"carbons": True}
