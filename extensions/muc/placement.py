@@ -126,6 +126,8 @@ async def sync(muc: Muc, jid: JID) -> None:
     if lease is None:
         return
     room = muc.rooms.get(jid)
+    if room is not None and room.lease is None:
+        room.lease = lease  # created here, by the stanza just served
     if room is None or room.lease is not lease or not room.by_session:
         if room is not None and room.lease is lease:
             await room.recorder.flush()
