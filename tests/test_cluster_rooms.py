@@ -1,0 +1,192 @@
+"""Rooms spread over a cluster (server/ownership.py, extensions/muc/placement.py): three nodes (`parley serve
+--node nK`, one worker each, real subprocesses) sharing Redis and PostgreSQL, slixmpp clients on each. A room is
+served by the member that owns it, with occupants on every node; when the owner's node is killed, another
+member takes the room over and the occupants on the surviving nodes are still in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from slixmpp import ClientXMPP
+
+from server.accounts import create_account
+from server.storage import Storage, open_storage
+from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, make_pg_schema, unavailable
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+REPO = Path(__file__).resolve().parent.parent
+ROOM = "lobby@conference.localhost"
+NODES = ("n1", "n2", "n3")
+
+
+class Node(Harness):
+    """One node: a `parley serve --node` process group with its own port and data directory."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], port: int, data_dir: Path) -> None:
+        super().__init__(None, port, port, data_dir)  # type: ignore[arg-type]  # no in-process server
+        self.name = name
+        self.proc = proc
+
+    def log(self) -> str:
+        return (self.data_dir / "server.log").read_text()
+
+
+def _config(data_dir: Path, url: str, port: int, prefix: str) -> str:
+    return f"""\
+data_dir = "{data_dir}"
+[storage]
+url = "{url}"
+[logging]
+level = "info"
+[cluster]
+redis_url = "{REDIS_URL}"
+prefix = "{prefix}"
+[[listeners]]
+type = "c2s"
+address = "127.0.0.1"
+port = {port}
+tls = "starttls"
+[hosts."localhost"]
+"""
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[tuple[dict[str, Node], Storage, aioredis.Redis, str]]:
+    redis = aioredis.from_url(REDIS_URL)
+    try:
+        await asyncio.wait_for(redis.ping(), 3)
+    except Exception:
+        await redis.aclose()
+        unavailable("Redis at 127.0.0.1:6379 is not reachable")
+    schema = await make_pg_schema()
+    url = f"{PG_URL}?schema={schema}"
+    prefix = f"parley-test-{uuid.uuid4().hex[:12]}"
+    storage = await open_storage(url)
+    started: dict[str, Node] = {}
+    try:
+        for name in NODES:
+            data_dir = tmp_path / name
+            data_dir.mkdir()
+            port = free_port()
+            config = data_dir / "parley.toml"
+            config.write_text(_config(data_dir, url, port, prefix))
+            with open(data_dir / "server.log", "wb") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "parley", "serve", "--config", str(config),
+                                         "--node", name], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            started[name] = Node(name, proc, port, data_dir)
+        deadline = time.monotonic() + 40
+        for node in started.values():
+            while not await redis.exists(f"{prefix}:alive:{node.name}/0"):
+                assert node.proc.poll() is None, node.log()
+                assert time.monotonic() < deadline, "the nodes did not start in 40 s"
+                await asyncio.sleep(0.1)
+        yield started, storage, redis, prefix
+    finally:
+        for node in started.values():
+            await node.close()
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in started.values():
+            try:
+                await asyncio.to_thread(node.proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.proc.pid, signal.SIGKILL)
+                node.proc.wait(5)
+        keys = [key async for key in redis.scan_iter(f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+        await storage.close()
+        await drop_pg_schema(schema)
+
+
+async def bodies(queue: asyncio.Queue[Any], count: int, timeout: float = 5) -> list[str]:
+    return [(await asyncio.wait_for(queue.get(), timeout))["body"] for _ in range(count)]
+
+
+async def owner(redis: aioredis.Redis, prefix: str) -> tuple[str, int]:
+    """(member, fencing token) of the room's lease, as Redis holds it."""
+    value = (await redis.get(f"{prefix}:own:owner:muc:{ROOM}") or b"").decode()
+    holder, _, token = value.partition("|")
+    return holder.partition("#")[0], int(token or 0)
+
+
+async def join(client: ClientXMPP, nick: str) -> None:
+    await client.plugin["xep_0045"].join_muc_wait(ROOM, nick, timeout=10)
+
+
+@pytest.mark.timeout(120)
+async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
+        nodes: tuple[dict[str, Node], Storage, aioredis.Redis, str]) -> None:
+    started, storage, redis, prefix = nodes
+    for name in ("alice", "bob", "carol"):
+        await create_account(storage, "localhost", name, "secret", 4096)
+    plugins = ("xep_0045",)
+    alice = await started["n1"].client("alice@localhost", resource="a", plugins=plugins)
+    bob = await started["n2"].client("bob@localhost", resource="b", plugins=plugins)
+    carol = await started["n3"].client("carol@localhost", resource="c", plugins=plugins)
+    inbox = {name: Harness.inbox(c) for name, c in (("alice", alice), ("bob", bob), ("carol", carol))}
+
+    # A persistent room created on n1, which owns it; bob and carol join from the other nodes.
+    await join(alice, "alice")
+    form = await alice.plugin["xep_0045"].get_room_config(ROOM)
+    form["values"] = {"muc#roomconfig_persistentroom": True}
+    await alice.plugin["xep_0045"].set_room_config(ROOM, form)
+    assert (await owner(redis, prefix))[0] == "n1/0"
+    await join(bob, "bob")
+    await join(carol, "carol")
+    for sender, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+        sender.send_message(mto=ROOM, mbody=f"hello from {name}", mtype="groupchat")
+        for queue in inbox.values():
+            assert await bodies(queue, 1) == [f"hello from {name}"]
+    first_owner, first_token = await owner(redis, prefix)
+
+    # The owner's node dies (SIGKILL to its supervisor and worker): no goodbye, no release.
+    os.killpg(started["n1"].proc.pid, signal.SIGKILL)
+    started["n1"].proc.wait(5)
+    killed = time.monotonic()
+    attempt = 0
+    while True:  # bob speaks until the room answers again: what is sent meanwhile goes to the dead owner
+        attempt += 1
+        bob.send_message(mto=ROOM, mbody=f"anyone? {attempt}", mtype="groupchat")
+        try:
+            echoed = await bodies(inbox["bob"], 1, timeout=1)
+        except TimeoutError:
+            assert time.monotonic() - killed < 10, "the room did not come back within 10 s"
+            continue
+        assert echoed == [f"anyone? {attempt}"]
+        break
+    assert time.monotonic() - killed < 10
+    assert await bodies(inbox["carol"], 1) == [f"anyone? {attempt}"]
+    holder, token = await owner(redis, prefix)
+    assert holder in ("n2/0", "n3/0") and token > first_token, (first_owner, holder, token)
+
+    # Both survivors are still in the room, with their nicks; alice's session went with its node.
+    carol.send_message(mto=ROOM, mbody="still here", mtype="groupchat")
+    assert await bodies(inbox["bob"], 1) == ["still here"]
+    assert await bodies(inbox["carol"], 1) == ["still here"]
+    assert {"bob", "carol"} <= set(carol.plugin["xep_0045"].get_roster(ROOM))
+    deadline = time.monotonic() + 15  # alice leaves once n1 is known lost (its heartbeat lapsed) and reaped
+    while "alice" in carol.plugin["xep_0045"].get_roster(ROOM):
+        assert time.monotonic() < deadline, "alice's session on the dead node stayed in the room"
+        await asyncio.sleep(0.1)
+
+    # parleyctl on a node that does not own the room lists it (from storage and the owned rooms in Redis).
+    other = next(name for name in ("n2", "n3") if f"{name}/0" != holder)
+    ctl = await asyncio.to_thread(subprocess.run, [str(Path(sys.executable).with_name("parleyctl")), "--config",
+                                  str(started[other].data_dir / "parley.toml"), "muc_online_rooms", "global"],
+                                  capture_output=True, text=True, timeout=30)
+    assert ctl.stdout.split() == [ROOM], ctl.stderr
