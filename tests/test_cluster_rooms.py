@@ -31,6 +31,36 @@ ROOM = "lobby@conference.localhost"
 NODES = ("n1", "n2", "n3")
 
 
+class Proxy:
+    """n1's way to Redis, which a test can cut: a network partition of that node alone."""
+
+    def __init__(self) -> None:
+        self.links: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        self.links += [writer, up_writer]
+
+        async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+            sink.close()
+
+        await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer), return_exceptions=True)
+
+    def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for link in self.links:
+            link.transport.abort()
+
+
 class Node(Harness):
     """One node: a `parley serve --node` process group with its own port and data directory."""
 
@@ -43,7 +73,7 @@ class Node(Harness):
         return (self.data_dir / "server.log").read_text()
 
 
-def _config(data_dir: Path, url: str, port: int, prefix: str) -> str:
+def _config(data_dir: Path, url: str, port: int, prefix: str, redis_url: str) -> str:
     return f"""\
 data_dir = "{data_dir}"
 [storage]
@@ -51,7 +81,7 @@ url = "{url}"
 [logging]
 level = "info"
 [cluster]
-redis_url = "{REDIS_URL}"
+redis_url = "{redis_url}"
 prefix = "{prefix}"
 [[listeners]]
 type = "c2s"
@@ -63,7 +93,7 @@ tls = "starttls"
 
 
 @pytest.fixture
-async def nodes(tmp_path: Path) -> AsyncIterator[tuple[dict[str, Node], Storage, aioredis.Redis, str]]:
+async def nodes(tmp_path: Path) -> AsyncIterator[tuple[dict[str, Node], Storage, aioredis.Redis, str, Proxy]]:
     redis = aioredis.from_url(REDIS_URL)
     try:
         await asyncio.wait_for(redis.ping(), 3)
@@ -75,13 +105,16 @@ async def nodes(tmp_path: Path) -> AsyncIterator[tuple[dict[str, Node], Storage,
     prefix = f"parley-test-{uuid.uuid4().hex[:12]}"
     storage = await open_storage(url)
     started: dict[str, Node] = {}
+    proxy = Proxy()
+    await proxy.start()
     try:
         for name in NODES:
             data_dir = tmp_path / name
             data_dir.mkdir()
             port = free_port()
             config = data_dir / "parley.toml"
-            config.write_text(_config(data_dir, url, port, prefix))
+            redis_url = f"redis://127.0.0.1:{proxy.port}/0" if name == "n1" else REDIS_URL
+            config.write_text(_config(data_dir, url, port, prefix, redis_url))
             with open(data_dir / "server.log", "wb") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "parley", "serve", "--config", str(config),
                                          "--node", name], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -93,7 +126,7 @@ async def nodes(tmp_path: Path) -> AsyncIterator[tuple[dict[str, Node], Storage,
                 assert node.proc.poll() is None, node.log()
                 assert time.monotonic() < deadline, "the nodes did not start in 40 s"
                 await asyncio.sleep(0.1)
-        yield started, storage, redis, prefix
+        yield started, storage, redis, prefix, proxy
     finally:
         for node in started.values():
             await node.close()
@@ -105,6 +138,8 @@ async def nodes(tmp_path: Path) -> AsyncIterator[tuple[dict[str, Node], Storage,
             except subprocess.TimeoutExpired:
                 os.killpg(node.proc.pid, signal.SIGKILL)
                 node.proc.wait(5)
+        if proxy.server is not None:
+            proxy.cut()
         keys = [key async for key in redis.scan_iter(f"{prefix}:*")]
         if keys:
             await redis.delete(*keys)
@@ -130,8 +165,8 @@ async def join(client: ClientXMPP, nick: str) -> None:
 
 @pytest.mark.timeout(120)
 async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
-        nodes: tuple[dict[str, Node], Storage, aioredis.Redis, str]) -> None:
-    started, storage, redis, prefix = nodes
+        nodes: tuple[dict[str, Node], Storage, aioredis.Redis, str, Proxy]) -> None:
+    started, storage, redis, prefix, _ = nodes
     for name in ("alice", "bob", "carol"):
         await create_account(storage, "localhost", name, "secret", 4096)
     plugins = ("xep_0045",)
@@ -190,3 +225,48 @@ async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
                                   str(started[other].data_dir / "parley.toml"), "muc_online_rooms", "global"],
                                   capture_output=True, text=True, timeout=30)
     assert ctl.stdout.split() == [ROOM], ctl.stderr
+
+
+def logged_at(node: Node, text: str) -> float:
+    """The wall-clock time of the first log line of `node` that contains `text`."""
+    for line in node.log().splitlines():
+        if text in line:
+            return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+    raise AssertionError(f"{node.name} never logged {text!r}")
+
+
+@pytest.mark.timeout(120)
+async def test_a_node_cut_off_from_redis_stops_serving_its_rooms_before_another_takes_them(
+        nodes: tuple[dict[str, Node], Storage, aioredis.Redis, str, Proxy]) -> None:
+    started, storage, redis, prefix, proxy = nodes
+    for name in ("alice", "bob"):
+        await create_account(storage, "localhost", name, "secret", 4096)
+    alice = await started["n1"].client("alice@localhost", resource="a", plugins=("xep_0045",))
+    bob = await started["n2"].client("bob@localhost", resource="b", plugins=("xep_0045",))
+    inbox = {"alice": Harness.inbox(alice), "bob": Harness.inbox(bob)}
+    errors: asyncio.Queue[str] = asyncio.Queue()
+    alice.add_event_handler("message_error", lambda m: errors.put_nowait(m["error"]["condition"]))
+    await join(alice, "alice")
+    await alice.plugin["xep_0045"].set_room_config(ROOM, await alice.plugin["xep_0045"].get_room_config(ROOM))
+    await join(bob, "bob")
+    assert (await owner(redis, prefix))[0] == "n1/0"
+
+    proxy.cut()
+    cut = time.monotonic()
+    attempt = 0
+    while True:  # n2 takes the room over once n1's lease has lapsed in Redis
+        attempt += 1
+        bob.send_message(mto=ROOM, mbody=f"anyone? {attempt}", mtype="groupchat")
+        try:
+            assert await bodies(inbox["bob"], 1, timeout=1) == [f"anyone? {attempt}"]
+            break
+        except TimeoutError:
+            assert time.monotonic() - cut < 10, "the room did not come back within 10 s"
+    holder, _ = await owner(redis, prefix)
+    assert holder == "n2/0"
+    # n1 gave the room up before n2 took it: never two owners.
+    assert logged_at(started["n1"], f"room {ROOM} is no longer served here") < \
+        logged_at(started["n2"], f"room {ROOM} taken over")
+    # n1 refuses work for the room rather than serve it alone.
+    alice.send_message(mto=ROOM, mbody="alone?", mtype="groupchat")
+    assert await asyncio.wait_for(errors.get(), 5) == "remote-server-timeout"
