@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from xml.etree.ElementTree import fromstring
 
 import pytest
 import redis.asyncio as aioredis
@@ -169,7 +170,7 @@ async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
     started, storage, redis, prefix, _ = nodes
     for name in ("alice", "bob", "carol"):
         await create_account(storage, "localhost", name, "secret", 4096)
-    plugins = ("xep_0045",)
+    plugins = ("xep_0045", "xep_0060")
     alice = await started["n1"].client("alice@localhost", resource="a", plugins=plugins)
     bob = await started["n2"].client("bob@localhost", resource="b", plugins=plugins)
     carol = await started["n3"].client("carol@localhost", resource="c", plugins=plugins)
@@ -188,6 +189,18 @@ async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
         for queue in inbox.values():
             assert await bodies(queue, 1) == [f"hello from {name}"]
     first_owner, first_token = await owner(redis, prefix)
+
+    # A pubsub node is owned by the member its first request reached; requests from elsewhere go there.
+    pubsub = bob.plugin["xep_0060"]
+    await pubsub.create_node("pubsub.localhost", "feed", timeout=10)
+    lease = (await redis.get(f"{prefix}:own:owner:pubsub:pubsub.localhost/feed") or b"").decode()
+    assert lease.startswith("n2/0#"), lease
+    events: asyncio.Queue[str] = asyncio.Queue()
+    carol.add_event_handler("pubsub_publish", lambda m: events.put_nowait(m["pubsub_event"]["items"]["node"]))
+    carol.send_presence()  # the notification goes to the bare JID: to its available resources
+    await carol.plugin["xep_0060"].subscribe("pubsub.localhost", "feed", timeout=10)
+    await pubsub.publish("pubsub.localhost", "feed", payload=fromstring("<entry xmlns='urn:example'/>"), timeout=10)
+    assert await asyncio.wait_for(events.get(), 5) == "feed"
 
     # The owner's node dies (SIGKILL to its supervisor and worker): no goodbye, no release.
     os.killpg(started["n1"].proc.pid, signal.SIGKILL)
