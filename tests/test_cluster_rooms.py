@@ -232,13 +232,29 @@ async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
         assert time.monotonic() < deadline, "alice's session on the dead node stayed in the room"
         await asyncio.sleep(0.1)
 
-    # parleyctl on a node that does not own the room lists it (from storage and the owned rooms in Redis).
+    # parleyctl on a node that does not own the room: the list and the occupants from storage and Redis, and
+    # a destruction run by the owner.
     other = next(name for name in ("n2", "n3") if f"{name}/0" != holder)
-    ctl = await asyncio.to_thread(subprocess.run, [str(Path(sys.executable).with_name("parleyctl")), "--config",
-                                  str(started[other].data_dir / "parley.toml"), "muc_online_rooms", "global"],
-                                  capture_output=True, text=True, timeout=30)
-    assert ctl.stdout.split() == [ROOM], ctl.stderr
 
+    async def ctl(*args: str) -> list[str]:
+        done = await asyncio.to_thread(subprocess.run, [str(Path(sys.executable).with_name("parleyctl")), "--config",
+                                       str(started[other].data_dir / "parley.toml"), *args],
+                                       capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    assert await ctl("muc_online_rooms", "global") == [ROOM]
+    assert sorted(line.split("\t")[1] for line in await ctl("get_room_occupants", "lobby", "conference.localhost")) \
+        == ["bob", "carol"]
+    destroyed = asyncio.Event()
+    carol.add_event_handler(f"muc::{ROOM}::got_offline",
+                            lambda p: destroyed.set() if p["muc"]["nick"] == "carol" else None)
+    await ctl("destroy_room", "lobby", "conference.localhost")
+    await asyncio.wait_for(destroyed.wait(), 5)
+    deadline = time.monotonic() + 5
+    while await ctl("muc_online_rooms", "global"):
+        assert time.monotonic() < deadline, "the destroyed room is still listed"
+        await asyncio.sleep(0.2)
 
 def logged_at(node: Node, text: str) -> float:
     """The wall-clock time of the first log line of `node` that contains `text`."""
