@@ -135,7 +135,7 @@ class Ownership:
         self.lease = lease
         self.on_lost = on_lost or (lambda key: None)
         self.held: dict[str, Lease] = {}
-        self.healthy = True  # False once a renewal failed and the leases ran out: this member refuses work
+        self.healthy = True  # False while renewals fail
         self._task: asyncio.Task[None] | None = None
         self._scripts = {name: client.register_script(text) for name, text in
                          (("claim", _CLAIM), ("renew", _RENEW), ("guarded", _GUARDED), ("release", _RELEASE))}
@@ -241,25 +241,28 @@ class Ownership:
 
     async def _renew_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.lease / 4)
+            await asyncio.sleep(self.lease / 4 if self.healthy else self.lease / 16)
             await self.renew()
 
     async def renew(self) -> None:
-        """Extend every lease held; one lost to another member, or run out while Redis did not answer, is
-        dropped (`on_lost`)."""
+        """Extend every lease held; one lost to another member is dropped (`on_lost`), and so is one about to
+        run out while Redis does not answer: the wait for Redis never outlasts the leases."""
         if not self.held:
             return
         leases = list(self.held.values())
         started = time.monotonic()
+        wait = max(0.01, min(REDIS_TIMEOUT, min(lease.deadline for lease in leases) - started))
         try:
             results = await asyncio.wait_for(self._scripts["renew"](
                 keys=[self.owner_key(lease.key) for lease in leases],
-                args=[int(self.lease * 1000), *map(self._tag, leases)]), REDIS_TIMEOUT)
+                args=[int(self.lease * 1000), *map(self._tag, leases)]), wait)
         except (redis.RedisError, OSError, TimeoutError) as exc:
-            expired = [lease.key for lease in leases if time.monotonic() >= lease.deadline - self.lease / 4]
+            self.healthy = False  # retried sooner
+            soon = time.monotonic() + self.lease / 8
+            expired = [lease.key for lease in leases if soon >= lease.deadline]
             if expired:
-                log.error("ownership: Redis unreachable (%s); no longer serving %d entities", exc, len(expired))
-                self.healthy = False
+                log.error("ownership: Redis unreachable (%s); no longer serving %d entities", exc or "timeout",
+                          len(expired))
                 self._drop(expired)
             return
         self.healthy = True

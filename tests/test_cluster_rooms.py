@@ -184,6 +184,8 @@ async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
     assert (await owner(redis, prefix))[0] == "n1/0"
     await join(bob, "bob")
     await join(carol, "carol")
+    items = await carol.plugin["xep_0030"].get_items(jid="conference.localhost", timeout=10)  # served on n3
+    assert [item[0] for item in items["disco_items"]["items"]] == [ROOM]
     for sender, name in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
         sender.send_message(mto=ROOM, mbody=f"hello from {name}", mtype="groupchat")
         for queue in inbox.values():

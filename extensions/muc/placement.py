@@ -23,8 +23,10 @@ from extensions.muc.config import RoomConfig
 from extensions.muc.protocol import REMOVED_ERROR
 from extensions.muc.room import Batch, Room
 from server.jid import JID
+from server.ownership import NotOwner
 from server.stanza import parse_stored
 from server.storage.muc import Affiliation, StoredRoom
+from server.stream.errors import StanzaError
 from server.stream.writer import serialize
 
 if TYPE_CHECKING:
@@ -62,6 +64,29 @@ def _from_snapshot(name: str, text: str) -> tuple[StoredRoom, bool]:
                       data["subject_from"], affiliations, data["vcard"]), data["locked"]
 
 
+def _room(muc: Muc, jid: JID, stored: StoredRoom) -> Room:
+    return Room(muc, jid, RoomConfig.from_json(stored.config), stored.created,
+                {JID.parse(k): v for k, v in stored.affiliations.items()}, stored.subject, stored.subject_from,
+                stored.vcard)
+
+
+async def known_rooms(muc: Muc) -> list[Room]:
+    """Every room of the service wherever it is served, as storage and the owners' snapshots describe it
+    (without occupants): the stored rooms, and the temporary ones some member owns."""
+    assert muc.placement is not None
+    ownership = muc.placement.ownership
+    found = {JID.make(stored.name, muc.domain): stored for stored in await muc.store.rooms(muc.domain)}
+    rooms = [_room(muc, jid, stored) for jid, stored in found.items()]
+    for key in await ownership.owned(f"{PREFIX}*@{muc.domain}"):
+        jid = room_of(key)
+        snapshot = (await ownership.state(key)).get(ROOM)
+        if jid not in found and snapshot:
+            stored, locked = _from_snapshot(jid.local or "", snapshot)
+            rooms.append(_room(muc, jid, stored))
+            rooms[-1].locked = locked
+    return rooms
+
+
 async def take(muc: Muc, lease: Lease) -> None:
     """This member now owns the room: load it, with the occupants still connected."""
     placement = muc.placement
@@ -76,12 +101,9 @@ async def take(muc: Muc, lease: Lease) -> None:
     muc.rooms.pop(jid, None)
     if stored is None:
         return  # no such room (yet): a join creates it here
-    room = Room(muc, jid, RoomConfig.from_json(stored.config), stored.created,
-                {JID.parse(k): v for k, v in stored.affiliations.items()}, stored.subject, stored.subject_from,
-                stored.vcard)
+    room = _room(muc, jid, stored)
     room.locked = locked
     room.lease = lease
-    muc.rooms[jid] = room
     await archive.refill(room)
     gone: list[JID] = []
     for field, value in state.items():
@@ -96,6 +118,7 @@ async def take(muc: Muc, lease: Lease) -> None:
         if muc.server.sessions.get(session) is None:
             gone.append(session)
     room.mirrored_room = state.get(ROOM, "")
+    muc.rooms[jid] = room
     log.info("room %s taken over (token %d): %d sessions, %d gone", jid, lease.token,
              len(room.by_session), len(gone))
     batches: list[Batch] = []
@@ -126,13 +149,27 @@ async def sync(muc: Muc, jid: JID) -> None:
     if lease is None:
         return
     room = muc.rooms.get(jid)
-    if room is not None and room.lease is None:
-        room.lease = lease  # created here, by the stanza just served
-    if room is None or room.lease is not lease or not room.by_session:
-        if room is not None and room.lease is lease:
+    ours = room is not None and (room.lease is lease or room.lease is None)
+    if not ours or not room.by_session:
+        if room is not None and ours:
             await room.recorder.flush()
             del muc.rooms[jid]
         await placement.release(key, forget_state=True)
+        return
+    await record(room)
+
+
+async def record(room: Room) -> None:
+    """Write what changed of the room's occupants (and of a temporary room itself) to its state hash, fenced
+    by the room's lease: done before the room sends anything, so that what occupants were told survives the
+    owner. Refused (remote-server-timeout) when this member no longer owns the room."""
+    placement = room.service.placement
+    if placement is None:
+        return
+    if room.lease is None:
+        room.lease = placement.holds(owner_key(room.jid))  # created here, by the stanza being served
+    lease = room.lease
+    if lease is None:
         return
     changes: dict[str, str | None] = {}
     current = {}
@@ -150,5 +187,8 @@ async def sync(muc: Muc, jid: JID) -> None:
         changes[ROOM] = own or None
     if not changes:
         return
+    try:
+        await placement.ownership.record(lease, changes)
+    except NotOwner:
+        raise StanzaError("remote-server-timeout", "the room moved; try again") from None
     room.mirrored, room.mirrored_room = current, own
-    await placement.ownership.record(lease, changes)

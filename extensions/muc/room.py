@@ -257,11 +257,13 @@ class Room:
         if self.config.archive and worth_archiving(el):
             self.recorder.add(el, uid, stamp)
         server = self.service.server
+        await self.service.record(self)
         await fan_out(server, el, self.sessions())
         await server.hooks.fire("muc/message", self, el)
 
     async def flush(self, batches: Iterable[Batch]) -> None:
         server = self.service.server
+        await self.service.record(self)
         for el, recipients in batches:
             await fan_out(server, el, recipients)
 

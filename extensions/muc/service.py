@@ -38,7 +38,7 @@ from extensions.vcard import MAX_SIZE as MAX_VCARD_SIZE
 from server.jid import JID
 from server.module import Identity, IqHandler, Module
 from server.options import Domain, Option
-from server.ownership import Lease, NotOwner
+from server.ownership import Lease
 from server.service import Service
 from server.stanza import Stanza, error_reply
 from server.storage.muc import MucStore
@@ -93,7 +93,9 @@ class Rooms(Service):
     async def disco_items(self, st: Stanza) -> Element:
         if st.el[0].get("node"):
             return await super().disco_items(st)
-        return disco.service_items(self.muc)
+        if self.placement is not None:
+            return disco.service_items(await placement.known_rooms(self.muc))
+        return disco.service_items(self.muc.rooms.values())
 
     def owner_key(self, st: Stanza) -> str | None:
         return placement.owner_key(st.to.bare) if st.to.local is not None else None
@@ -118,7 +120,7 @@ class Rooms(Service):
         if self.placement is not None and st.to.local is not None:
             try:
                 await placement.sync(self.muc, st.to.bare)
-            except NotOwner:
+            except StanzaError:
                 log.warning("%s: lost while serving %r", st.to.bare, st)
 
     async def refuse(self, st: Stanza, error: StanzaError) -> None:
@@ -206,6 +208,12 @@ class Muc(Module):
         for task in list(self.clearing.values()):
             await task
         await self.service.stop()
+
+    async def record(self, room: Room) -> None:
+        """In a cluster, before the room sends anything: what changed of it is written where the next owner
+        finds it (placement.py)."""
+        if self.placement is not None:
+            await placement.record(room)
 
     def occupant_id(self, room: JID, user: JID) -> str:
         """XEP-0421: stable for a user in a room, across nicks and restarts, and telling nothing about the user."""
