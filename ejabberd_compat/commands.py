@@ -329,6 +329,8 @@ async def stats(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     server, name = ctx.host.server, args["name"]
     if name == "registeredusers":
         return {"stat": sum([await server.storage.accounts.count(h.name) for h in ctx.hosts()])}
+    if name == "onlineusersnode" and server.cluster is not None:  # this process's; the node's other workers aside
+        return {"stat": len(server.sessions.all())}
     if name in ("onlineusers", "onlineusersnode"):
         return {"stat": (await connected_users_number.run(ctx, {}))["num_sessions"]}
     if name == "uptimeseconds":
@@ -347,8 +349,20 @@ def _version() -> str:
 
 @ejabberd("status", "Get status of the server", (), "restuple", Arg("res", "text", "Status"))
 async def status(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    return {"res": f"The node parley@{platform.node()} is started with status: started\n"
-                   f"Parley {_version()} is running in that node"}
+    cluster = ctx.host.server.cluster
+    node = cluster.node if cluster is not None else platform.node()
+    text = f"The node parley@{node} is started with status: started\nParley {_version()} is running in that node"
+    if cluster is not None:
+        members = (await ctx.host.server.commands.run("get-cluster-members", ctx, {}))["members"]
+        text += f"\nCluster of {len(cluster.nodes())} node(s) ({', '.join(cluster.nodes())}), " \
+                f"{len(cluster.members())} member(s):\n" + "\n".join(f"  {line}" for line in members)
+    return {"res": text}
+
+
+@ejabberd("list_cluster", "List nodes that are part of the cluster", (), "list", Arg("nodes", "lines", "Nodes"))
+async def list_cluster(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    cluster = ctx.host.server.cluster
+    return {"nodes": [f"parley@{node}" for node in (cluster.nodes() if cluster is not None else [platform.node()])]}
 
 
 @ejabberd("reload_config", "Reload the configuration file: each host's admins, registration and module "

@@ -11,6 +11,10 @@ sent by the owner (its resources), resolves the caps hash with a disco#info quer
 verifies it (XEP-0115 5.4) and caches it, in memory and in the host's key-value store. A resource that
 becomes available or starts advertising '+notify' gets the node's last item (XEP-0163 4.3.4).
 
+In a cluster, the presence that tells the service who is there is seen on the member where it was routed:
+the contact's (or the owner's resource's). So each member knows the interested resources of its own users,
+and a notification published on one member goes to the others (frame kind "pep/HOST"), each of which sends
+it to the interested resources it knows of (the node's subscribers have had theirs from the publisher's).
 Modules that mirror PEP data in older protocols hook 'pep/published' (owner, node, item, payload) and
 'pep/retracted' (owner, node, item ids), fired after a client's publication or retraction, and act on a
 user's behalf with `service.publish_item` and `service.retract_items`.
@@ -19,6 +23,7 @@ user's behalf with `service.publish_item` and `service.retract_items`.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterable
 from typing import cast
@@ -31,9 +36,10 @@ from server.jid import JID
 from server.module import Module
 from server.pubsub import OWNER_QUERY, PUBSUB, PUBSUB_QUERY, NodeConfig, PubSubService
 from server.sessions import Session
-from server.stanza import Stanza, element
+from server.stanza import Stanza, element, parse_stored
 from server.storage import RosterItem, StoredItem
 from server.stream.errors import StanzaError
+from server.stream.writer import serialize
 
 CAPS = ns.qname(ns.CAPS, "c")
 INFO = ns.qname(ns.DISCO_INFO, "query")
@@ -81,6 +87,31 @@ class PepService(PubSubService):
         wanted = node + NOTIFY
         return [jid for jid, features in self.module.seen.get(service, {}).items() if wanted in features]
 
+    async def notify(self, service: JID, node: str, config: NodeConfig, event: Element) -> None:
+        """Here, then on every other member of a cluster, for the interested resources each one knows."""
+        await super().notify(service, node, config, event)
+        cluster = self.server.cluster
+        if cluster is None or not config.deliver_notifications:
+            return
+        subscribers = [jid for _, jid, _, state in await self.store.subscriptions(*self.key(service), node)
+                       if state == "subscribed"]
+        payload = json.dumps({"service": str(service), "node": node, "config": config.to_json(),
+                              "event": serialize(event), "notified": subscribers})
+        for member in cluster.members():
+            if member != cluster.member:
+                cluster.send(member, self.module.frame_kind, payload)
+
+    async def notify_here(self, payload: str) -> None:
+        """Another member's notification, to the interested resources this member knows of."""
+        data = json.loads(payload)
+        service, node = JID.parse(data["service"]), data["node"]
+        config = NodeConfig.from_json(data["config"])
+        notified = set(data["notified"])
+        recipients = [jid for jid in await self.interested(service, node)
+                      if str(jid) not in notified and await self.may_access(service, node, config, jid)]
+        if recipients:
+            await self.send_event(service, config, recipients, parse_stored(data["event"]))
+
 
 class Pep(Module):
     name = "pep"
@@ -105,6 +136,12 @@ class Pep(Module):
         self.hook("iq-result/host", self.answer)
         self.hook("iq-error/host", self.answer)
         self.hook("disco/account-items", self.list_nodes)
+        self.frame_kind = f"pep/{self.host.name}"
+        if self.server.cluster is not None:
+            self.server.cluster.on(self.frame_kind, self.from_member)
+
+    async def from_member(self, sender: str, payload: str) -> None:
+        await self.service.notify_here(payload)
 
     @property
     def roster(self) -> Roster:

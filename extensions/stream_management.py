@@ -21,6 +21,13 @@ resources, or copied by carbons) is not among them. A client that tries to resum
 ended gets <failed h/> with the count of its stanzas the server handled (XEP-0198 section 5), as long
 as the server remembers the session (the last `ENDED_KEPT` ended sessions).
 
+In a cluster a client may come back on another member (node or worker) than the one that kept its session:
+the resumption id names the member that issued it, and the member the client came back to asks that one
+(frame kind "sm/HOST") for the session. The owner hands over the session's shared state (presence, priority,
+roster interest, directed presence, the shared state of the modules) with its counters and unacknowledged
+queue and drops it without ending it; the new member carries it on. The old owner remembers where the
+session went, so that a later resumption elsewhere finds it there.
+
 The session's `room` tells a long sender (offline delivery) how many stanzas the queue can take before
 it holds half of 'max_queue', asking the client for an acknowledgement when it is full, so that a backlog
 goes in pages as the client acknowledges them and never overflows the queue.
@@ -29,6 +36,7 @@ goes in pages as the client acknowledges them and never overflows the queue.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import secrets
 from collections import OrderedDict
@@ -69,6 +77,9 @@ REQUEST_XML = serialize(request_element())
 RESUME_TIMEOUT = 300.0
 MAX_QUEUE = 500
 ENDED_KEPT = 10_000  # ended resumable sessions whose 'h' a failed resumption is told
+MOVED_KEPT = 10_000  # sessions handed over to another member, remembered so that their next resumption finds them
+ASK_TIMEOUT = 5.0  # seconds a member waits for another to hand over a session
+MEMBER_MARK = "~"  # between a resumption id's random part and the member that issued it (never in either)
 
 
 class Managed:
@@ -181,6 +192,11 @@ class StreamManagementModule(Module):
         self.max_queue = self.option("max_queue")
         self._resumable: dict[str, Managed] = {}
         self._ended: OrderedDict[str, tuple[JID, int]] = OrderedDict()  # resumption id -> (account, our 'h')
+        self._moved: OrderedDict[str, str] = OrderedDict()  # resumption id -> member the session went to
+        self._asks: dict[str, asyncio.Future[dict[str, object]]] = {}  # our requests to other members
+        cluster = self.server.cluster
+        if cluster is not None:
+            cluster.on(f"sm/{self.host.name}", self.from_member)
         self.hook("c2s/features", self.features)
         self.hook("c2s/element", self.element)
         self.hook("sasl2/features", self.sasl2_features)
@@ -206,11 +222,11 @@ class StreamManagementModule(Module):
     def bind2_features(self, conn: C2SConnection, inline: Element) -> None:
         SubElement(inline, ns.qname(ns.BIND2, "feature"), {"var": SM})
 
-    def sasl2_inline(self, conn: C2SConnection, el: Element) -> Element | None:
+    async def sasl2_inline(self, conn: C2SConnection, el: Element) -> Element | None:
         """<resume/> in <authenticate/>: its answer goes into the <success/>, the replay after it."""
         if el.tag != RESUME:
             return None
-        answer, managed = self.resume(conn, el)
+        answer, managed = await self.resume(conn, el)
         if managed is not None:
             conn.after_success.append(managed.replay)
         return answer
@@ -218,11 +234,11 @@ class StreamManagementModule(Module):
     def bind2_inline(self, conn: C2SConnection, el: Element) -> Element | None:
         return self.enable(conn, el) if el.tag == ENABLE else None
 
-    def element(self, conn: C2SConnection, el: Element) -> bool | None:
+    async def element(self, conn: C2SConnection, el: Element) -> bool | None:
         if el.tag == ENABLE:
             conn.send(self.enable(conn, el))
         elif el.tag == RESUME:
-            answer, managed = self.resume(conn, el)
+            answer, managed = await self.resume(conn, el)
             conn.send(answer)
             if managed is not None:
                 managed.replay()
@@ -254,7 +270,7 @@ class StreamManagementModule(Module):
         wanted = el.get("max") or ""
         if wanted.isdigit():
             timeout = min(timeout, float(wanted))
-        managed = Managed(self, session, conn, secrets.token_urlsafe(18) if resumable else None, timeout)
+        managed = Managed(self, session, conn, self.new_id() if resumable else None, timeout)
         session.data[NAME] = managed
         session.attach(conn.write, managed.close)
         session.outbox = managed.outbox
@@ -266,7 +282,13 @@ class StreamManagementModule(Module):
             enabled.attrib.update({"id": managed.id, "resume": "true", "max": str(math.ceil(timeout))})
         return enabled
 
-    def resume(self, conn: C2SConnection, el: Element) -> tuple[Element, Managed | None]:
+    def new_id(self) -> str:
+        """A resumption id; in a cluster it names this member, which the client may come back to elsewhere."""
+        token = secrets.token_urlsafe(18)
+        cluster = self.server.cluster
+        return token if cluster is None else f"{token}{MEMBER_MARK}{cluster.member}"
+
+    async def resume(self, conn: C2SConnection, el: Element) -> tuple[Element, Managed | None]:
         """The <resumed/> and the session to replay once it is sent, or the <failed/> and None."""
         if conn.username is None or conn.session is not None:
             # XEP-0198 5: after authentication, instead of resource binding.
@@ -274,6 +296,11 @@ class StreamManagementModule(Module):
         previd = el.get("previd") or ""
         account = JID.make(conn.username, conn.host.name)
         managed = self._resumable.get(previd)
+        if managed is None and previd not in self._ended:
+            taken = await self.take_from_elsewhere(conn, previd, account)
+            if isinstance(taken, Element):
+                return taken, None
+            managed = taken
         if managed is None or managed.session.closed or managed.session.bare != account:
             return failed("item-not-found", self._last_h(previd, account)), None
         try:
@@ -304,6 +331,121 @@ class StreamManagementModule(Module):
             return managed.state.handled
         ended = self._ended.get(previd)
         return ended[1] if ended is not None and ended[0] == account else None
+
+    # --- resumption on another member of a cluster ----------------------------------------------------
+
+    async def take_from_elsewhere(self, conn: C2SConnection, previd: str,
+                                  account: JID) -> Managed | Element | None:
+        """The session `previd` taken over from the member that holds it (the one that issued the id, or where
+        that one says it went); a <failed/> when the owner knows it ended; None when no member has it."""
+        cluster = self.server.cluster
+        owner = self._moved.get(previd) or (previd.rpartition(MEMBER_MARK)[2] if MEMBER_MARK in previd else "")
+        for _ in range(3):  # the member that issued the id, then where it says the session went
+            if cluster is None or owner == cluster.member or owner not in cluster.members():
+                return None
+            ask = secrets.token_hex(8)
+            answer = self._asks[ask] = asyncio.get_running_loop().create_future()
+            cluster.send(owner, f"sm/{self.host.name}", json.dumps(
+                {"op": "take", "ask": ask, "id": previd, "account": str(account)}))
+            try:
+                given = await asyncio.wait_for(answer, ASK_TIMEOUT)
+            except TimeoutError:
+                self.log.warning("%s: %s did not answer for session %s", account, owner, previd)
+                return None
+            finally:
+                self._asks.pop(ask, None)
+            if given.get("moved"):
+                owner = str(given["moved"])
+                continue
+            if not given.get("state"):
+                h = given.get("h")
+                return failed("item-not-found", h if isinstance(h, int) else None)
+            if conn.closing:
+                return None  # the client went while we asked: what was handed over goes to offline storage
+            return self.carry_on(conn, previd, given)
+        return None
+
+    def carry_on(self, conn: C2SConnection, previd: str, given: dict[str, object]) -> Managed:
+        """A session handed over by another member, bound on `conn` as it was there."""
+        state = given["state"]
+        assert isinstance(state, dict)
+        jid = JID.parse(state["jid"])
+        sessions = self.server.sessions
+        existing = sessions.get(jid)
+        if existing is not None:  # a session that bound the resource meanwhile: the resumed one wins
+            sessions.remove(existing)
+            existing.close("conflict")
+        session = Session(jid, self.host, conn.write, conn.close_session, conn.remote_ip)
+        session.started = state["started"]
+        session.priority = state["priority"]
+        session.interested = state["interested"]
+        session.presence = parse_stored(state["presence"]) if state["presence"] else None
+        for target in state["directed"]:
+            session.directed.add(JID.parse(target))
+        for name, value in state["data"].items():
+            session.data[name] = value
+        managed = Managed(self, session, conn, previd, float(given["timeout"]))  # type: ignore[arg-type]
+        managed.conn = None  # `resume_on` carries it on `conn`
+        counters = given["counters"]
+        assert isinstance(counters, list)
+        managed.state.handled, managed.state.send_count, managed.state.acknowledged = counters
+        for data in given["unacked"]:  # type: ignore[attr-defined]
+            managed.state._unacked.append((data, None))
+        session.data[NAME] = managed
+        session.outbox = managed.outbox
+        session.room = managed.room
+        session.hibernate = managed.hibernate
+        self._resumable[previd] = managed
+        self._moved.pop(previd, None)  # back where it was once: it is here now
+        session.detached = True  # until `resume_on` carries it on `conn`
+        sessions.add(session)
+        self.log.info("%s taken over from another member", jid)
+        return managed
+
+    async def from_member(self, sender: str, payload: str) -> None:
+        """A frame of another member: a request for one of our sessions, or the answer to ours."""
+        request = json.loads(payload)
+        if request["op"] == "answer":
+            answer = self._asks.get(request["ask"])
+            if answer is not None and not answer.done():
+                answer.set_result(request)
+            return
+        reply: dict[str, object] = {"op": "answer", "ask": request["ask"]}
+        reply.update(self.hand_over(request["id"], JID.parse(request["account"]), sender))
+        assert self.server.cluster is not None
+        self.server.cluster.send(sender, f"sm/{self.host.name}", json.dumps(reply))
+
+    def hand_over(self, previd: str, account: JID, to: str) -> dict[str, object]:
+        """Give the session `previd` to member `to`: its state, counters and unacknowledged queue; it leaves
+        this member without ending (contacts and rooms see no change). Where it went, if it moved on."""
+        if previd in self._moved:
+            return {"moved": self._moved[previd]}
+        managed = self._resumable.get(previd)
+        if managed is None or managed.session.closed or managed.session.bare != account:
+            return {"h": self._last_h(previd, account)}
+        session = managed.session
+        if managed.conn is not None:  # the client came back elsewhere before this member saw it go
+            old, managed.conn = managed.conn, None
+            old.session = None
+            old.stream_error(StreamError("conflict", "the session was resumed on another member of the cluster"))
+        if managed.timer is not None:
+            managed.timer.cancel()
+        del self._resumable[previd]
+        self._moved[previd] = to
+        while len(self._moved) > MOVED_KEPT:
+            self._moved.popitem(last=False)
+        state = {"jid": str(session.jid), "priority": session.priority, "interested": session.interested,
+                 "presence": serialize(session.presence) if session.presence is not None else None,
+                 "directed": sorted(map(str, session.directed)), "started": session.started,
+                 "data": {name: True for name in self.server.sessions.shared  # type: ignore[attr-defined]
+                          if session.data.get(name)}}
+        unacked = [data for data, _ in managed.state.unacked]
+        counters = [managed.state.handled, managed.state.send_count, managed.state.acknowledged]
+        session.outbox = session.hibernate = session.room = None
+        session.closed = session.ended = True  # gone from here, without 'session/closed': it lives on elsewhere
+        self.server.sessions.remove(session)
+        self.log.info("%s handed over to %s", session.jid, to)
+        return {"state": state, "counters": counters, "unacked": unacked, "timeout": managed.timeout}
 
     # --- detached sessions ------------------------------------------------------------------------
 

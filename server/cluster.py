@@ -8,35 +8,40 @@ said goodbye) is lost: the server hooks `cluster/member-up` and `cluster/member-
 sessions are forgotten, and one survivor ends them (contacts see them go). Other parts talk to a member with
 `Cluster.send` and their own frame kinds (`Cluster.on`).
 
-Each worker's session directory (`ClusterSessions`, chosen when the server is composed) keeps its own
-sessions and a mirror of the other workers' sessions. A session on another worker is an ordinary `Session`
+Each member's session directory (`ClusterSessions`, chosen when the server is composed) keeps its own
+sessions and a mirror of the other members' sessions. A session on another member is an ordinary `Session`
 in the directory whose output goes to Redis instead of a socket, so the router, presence, roster pushes and
-carbons choose among all of a user's resources unchanged. Workers tell each other about their sessions
+carbons choose among all of a user's resources unchanged. Members tell each other about their sessions
 (bound, priority and presence, roster interest, directed presence, the per-session state of the modules
 that declare it shared with `Module.shared_session_state`, closed) as those change, and forward stanzas to
-the worker holding the session.
+the member holding the session.
 
-Every member has one Redis pub/sub channel, and everything another worker tells it (session changes
+Every member has one Redis pub/sub channel, and everything another member tells it (session changes
 and stanzas alike) goes through that channel in the order it happened: a session is known to be
 available on the other side before any stanza that follows from it arrives. Messages queued in the
 same turn of the event loop are sent as one publication, which keeps Redis off the hot path.
 
 Services that keep state in memory (group chat, publish-subscribe) spread their rooms and nodes over the
-members: each is served by the member that owns it (server/ownership.py).
-What a worker caches of data any worker may change (rosters, blocklists,
-archive preferences) is dropped on the others when one changes it: the roster module announces its
-changes ('roster/changed') and hears of the others' ('roster/stale'), the key-value store tells of the
-cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
-Each worker also keeps its sessions in a Redis hash that a starting worker reads, and refreshes a
-heartbeat key; the sessions of a worker whose heartbeat lapsed are forgotten (and announced again should
-it only have stalled). A worker started in place of a dead one ends the sessions that one left, so that
-contacts and rooms see them go.
+members: each is served by the member that owns it (server/ownership.py). What a member caches of data any
+member may change (rosters, blocklists, archive preferences) is dropped on the others when one changes it:
+the roster module announces its changes ('roster/changed') and hears of the others' ('roster/stale'), the
+key-value store tells of the cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
+
+Each member also keeps its sessions in a Redis hash that a starting member reads. A member started in place
+of a dead one (same node and worker number) ends the sessions that one left; the sessions of a member that
+is lost are ended by one survivor (whichever takes its hash first), after it told the others to forget the
+member. A member that stalled past its heartbeat announces its sessions again when it resumes.
+
+While Redis is out of reach a member serves its own users alone: what is for other members is dropped, their
+stanzas bounced with remote-server-timeout, locks are local; when Redis answers again it subscribes again,
+publishes its sessions afresh, tells the others to forget what they knew of it, and reads theirs again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -68,6 +73,7 @@ log = logging.getLogger("parley.cluster")
 HEARTBEAT = 2.0  # seconds between heartbeats
 HEARTBEAT_TTL = 6  # seconds without a heartbeat after which a member is lost and its sessions forgotten
 FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in JSON
+STANZA = f"s{FIELD}"  # the start of a frame that carries a stanza for a session
 PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
 
@@ -245,7 +251,7 @@ class Cluster:
         self._following = False  # reading the other members' channel messages
         self.connected = False  # Redis answers; while not, this member serves its own users alone
         self._steady_since = 0.0  # monotonic time since which Redis has answered without a break
-        self._reconnected = asyncio.Event()
+        self._reconnecting: asyncio.Task[None] | None = None
         self.local_locks: dict[str, asyncio.Lock] = {}
 
     # --- the API of the other parts --------------------------------------------------------------------
@@ -448,6 +454,8 @@ class Cluster:
         assert self._redis is not None
         stale = await self._take_sessions(member)
         await self._redis.srem(self.members_key(), member)
+        for other in self._out:  # before the presence that ends its sessions: nothing more goes its way
+            self._queue(other, f"l{FIELD}{member}")
         if stale:
             log.warning("cluster: ending %d sessions of lost member %s", len(stale), member)
         for state in stale:
@@ -478,16 +486,26 @@ class Cluster:
         await self._read_members()
 
     async def _republish(self) -> None:
-        """Publish this member's sessions afresh and tell every member to forget what it knew of them."""
+        """Publish this member's sessions afresh and tell every member to forget what it knew of them. If
+        their published states are gone, another member may have ended them as those of a lost member: their
+        presence goes out again, so that contacts see them back."""
         assert self._redis is not None
+        local = self.sessions.all()
+        taken = bool(local) and not await self._redis.exists(self.sessions_key(self.member))
         await self._announce()
         await self._redis.delete(self.sessions_key(self.member))
         await self._read_members()
         for member in self._members:
             if member != self.member:
                 self._queue(member, "x")
-        for session in self.sessions.all():
+        for session in local:
             self.changed(session)
+        if taken:
+            for session in local:
+                if session.presence is not None and not session.closed:
+                    presence = copy.deepcopy(session.presence)
+                    presence.attrib.pop("to", None)
+                    await self.server.router.route(Stanza(presence, "presence", session.jid, None, origin=session))
 
     # --- Redis out of reach ------------------------------------------------------------------------------
 
@@ -499,7 +517,9 @@ class Cluster:
         self.connected = False
         log.error("cluster: %s; serving this member's users alone until Redis is back", what)
         self._wake.set()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._reconnect()))
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+            self._tasks.append(self._reconnecting)
 
     async def _reconnect(self) -> None:
         assert self._redis is not None
@@ -514,12 +534,13 @@ class Cluster:
                     await self._pubsub.aclose()
                 self._pubsub = self._redis.pubsub()
                 await self._pubsub.subscribe(self.channel(self.member))
+                self.connected = True  # what the resynchronisation queues goes out
                 await self._resync()
             except (redis.RedisError, OSError) as exc:
+                self.connected = False
                 log.debug("cluster: Redis still out of reach: %s", exc)
                 continue
             log.warning("cluster: Redis is back; %s announced its sessions again", self.member)
-            self.connected = True
             self._wake.set()
             self._tasks.append(asyncio.get_running_loop().create_task(self._receive_loop()))
             return
@@ -591,13 +612,13 @@ class Cluster:
             dirty, self._dirty = self._dirty, {}
             states = {str(jid): session_state(s) for jid, s in dirty.items() if not s.ended}
             pipe = self._redis.pipeline(transaction=False)
-            batches: list[list[str]] = []
+            batches: list[tuple[str, list[str]]] = []
             for member, frames in self._out.items():
                 if frames:
                     if dirty:
                         frames[:] = [_resolve(frame, states) for frame in frames]
                     pipe.publish(self.channel(member), f"{self.member}{FRAME}{FRAME.join(frames)}")
-                    batches.append(list(frames))
+                    batches.append((member, list(frames)))
                     frames.clear()
             for jid, state in states.items():
                 pipe.hset(self.sessions_key(self.member), jid, state)
@@ -606,13 +627,36 @@ class Cluster:
                 pipe.hdel(self.sessions_key(self.member), *gone)
             self._sending = True
             try:
-                await pipe.execute()
+                results = await pipe.execute()
             except (redis.RedisError, OSError) as exc:
                 self.disconnected(f"publishing to Redis failed: {exc}")
-                for frames in batches:
+                for _, frames in batches:
                     await self._bounce(frames)
+                continue
             finally:
                 self._sending = False
+            for (member, frames), listeners in zip(batches, results, strict=False):
+                if listeners == 0:  # nobody reads its channel: it died, before its heartbeat could lapse
+                    await self._unheard(member, frames)
+
+    async def _unheard(self, member: str, frames: list[str]) -> None:
+        """Frames that reached no one: the member is lost, and the stanzas for it are routed as if it had found
+        their sessions gone (messages to the user's other resources or offline storage)."""
+        if member in self._members:
+            self._members = [m for m in self._members if m != member]
+            self._member_lost(member)
+        for frame in frames:
+            kind, _, rest = frame.partition(FIELD)
+            try:
+                if kind == "s":
+                    jid, _, data = rest.partition(FIELD)
+                    el = parse_stored(data)
+                    await self._undeliverable(Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""),
+                                                     JID.parse(jid)))
+                elif kind == "r":
+                    await self.server.router.route(_stanza(rest))
+            except Exception:
+                log.exception("cluster: could not reroute %r for lost member %s", frame[:200], member)
 
     async def _drop_queued(self) -> None:
         """While Redis is out of reach: what was for other members goes nowhere; their stanzas bounce."""
@@ -625,11 +669,11 @@ class Cluster:
 
     async def _bounce(self, frames: list[str]) -> None:
         for frame in frames:
-            if frame[0] == "s":
-                _, _, data = frame.split(FIELD, 2)
-                st = _stanza(data)
-            elif frame[0] in "rv":
-                st = _stanza(frame[2:])
+            kind, _, rest = frame.partition(FIELD)
+            if kind == "s":
+                st = _stanza(rest.partition(FIELD)[2])
+            elif kind == "r":
+                st = _stanza(rest)
             else:
                 continue
             if st.kind != "presence" and (st.kind != "iq" or st.type in ("get", "set")):
@@ -653,7 +697,7 @@ class Cluster:
             sender = frames[0]
             for frame in frames[1:]:
                 try:
-                    if frame[0] != "s" or not self._deliver(sender, frame):
+                    if not frame.startswith(STANZA) or not self._deliver(sender, frame):
                         await self._dispatch(sender, frame)
                 except Exception:
                     log.exception("cluster: could not handle %r from %s", frame[:200], sender)
@@ -693,10 +737,11 @@ class Cluster:
             if sender not in self._out:
                 self._members = sorted({*self._members, sender})
                 self._member_up(sender)
-        elif kind == "b":  # goodbye: the member stopped
-            if sender in self._members:
-                self._members = [m for m in self._members if m != sender]
-                self._member_lost(sender)
+        elif kind in ("b", "l"):  # goodbye: the member stopped; or another found it lost
+            lost = sender if kind == "b" else rest
+            if lost in self._members:
+                self._members = [m for m in self._members if m != lost]
+                self._member_lost(lost)
         elif kind == "c":
             text, _, condition = rest.partition(FIELD)
             jid = JID.parse(text)
@@ -751,7 +796,7 @@ class Cluster:
 
 def _resolve(frame: str, states: dict[str, str]) -> str:
     """A state placeholder becomes the session's state as of now; a session that ended sends nothing."""
-    if frame[0] != "u":
+    if not frame.startswith(f"u{FIELD}"):
         return frame
     state = states.get(frame[2:])
     return f"u{FIELD}{state}" if state is not None else f"d{FIELD}{frame[2:]}"

@@ -119,6 +119,7 @@ class Harness:
         self.component_port = component_port  # XEP-0114 listener
         self.data_dir = data_dir
         self.host = "localhost"
+        self.address = "127.0.0.1"  # where clients connect (a node of a cluster may listen on another loopback)
         self._clients: list[ClientXMPP] = []
         self._raw: list[RawClient] = []
 
@@ -151,7 +152,7 @@ class Harness:
         client.add_event_handler("session_start", on_start)
         client.add_event_handler("failed_all_auth", on_failure)
         self._clients.append(client)
-        client.connect("127.0.0.1", self.direct_port if direct else self.port)
+        client.connect(self.address, self.direct_port if direct else self.port)
         await asyncio.wait_for(started, timeout)
         return client
 

@@ -7,6 +7,7 @@ that module; these are installed by the composition root.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -166,6 +167,25 @@ _user_list("get-registered-users-list", "Get List of Registered Users", "registe
          result=(Arg("onlineusersnum", "int", "The number of online users"),))
 async def online_users_num(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     return {"onlineusersnum": len(ctx.host.server.sessions.users(ctx.host.name))}
+
+
+@command("get-cluster-members", "Get the Members of the Cluster", access="server", offered=False,
+         result=(Arg("members", "lines", "Live members (node/worker), with their sessions"),))
+async def cluster_members(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """Every live process of the cluster and how many sessions it serves, as this one knows them; a single
+    process is its own one member."""
+    server = ctx.host.server
+    cluster = server.cluster
+    if cluster is None:
+        return {"members": [f"{platform.node()} (single process): {len(server.sessions.all())} sessions"]}
+    counts = cluster.sessions.members_of()
+    lines = []
+    for member in cluster.members():
+        sessions = len(server.sessions.all()) if member == cluster.member else counts.get(member, 0)
+        lines.append(f"{member}{' (this one)' if member == cluster.member else ''}: {sessions} sessions")
+    if not cluster.connected:
+        lines.append("Redis is out of reach: the list is as of the last heartbeat")
+    return {"members": lines}
 
 
 async def _online(ctx: Context) -> list[JID]:
