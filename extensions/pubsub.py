@@ -41,6 +41,8 @@ class DomainService(PubSubService):
 class Address(Service):
     """The service's domain: its pubsub and pubsub#owner iqs, and the disco of the domain and its nodes."""
 
+    idle_release = 60.0  # a node's lease: nothing is loaded with it, so an idle one is given up
+
     def __init__(self, module: PubSub, domain: str) -> None:
         pubsub = module.service
         super().__init__(module.server, domain, Identity("pubsub", "service", NAME), pubsub.features())

@@ -287,6 +287,7 @@ class Owned(Protocol):
     """What a service does for `Placement` (server.service.Service implements it)."""
 
     domain: str
+    idle_release: float | None  # seconds after which an entity nobody used is given up (None: never)
 
     def owner_key(self, st: Stanza) -> str | None: ...
     async def take(self, lease: Lease) -> None: ...
@@ -308,6 +309,8 @@ class Placement:
         self.ownership = Ownership(client, cluster.key("own"), cluster.member, on_lost=self._lost)
         self.services: dict[str, Owned] = {}  # by domain
         self._ready: dict[str, Owned] = {}  # the entities held and loaded here, by key
+        self._used: dict[str, float] = {}  # when each was last served, for `Owned.idle_release`
+        self._sweeper: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         cluster.on("own", self._act_here)
 
@@ -320,6 +323,9 @@ class Placement:
             await self.release(key)
         self.services.pop(service.domain, None)
         if not self.services:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                await asyncio.gather(self._sweeper, return_exceptions=True)
             await self.ownership.stop()
             await self.ownership.redis.aclose()
             _placements.pop(self.server, None)
@@ -331,7 +337,10 @@ class Placement:
     async def admit(self, service: Owned, st: Stanza) -> bool:
         """Whether `st` is served here; if not, it has been forwarded to the owner or refused."""
         key = service.owner_key(st)
-        if key is None or self.holds(key):
+        if key is None:
+            return True
+        if self.holds(key):
+            self._used[key] = time.monotonic()
             return True
         owner = await self._locate(service, key)
         if owner is None:
@@ -375,6 +384,9 @@ class Placement:
                     service.lost(key)  # lost while loading
                     continue
                 self._ready[key] = service
+                self._used[key] = time.monotonic()
+                if service.idle_release is not None and self._sweeper is None:
+                    self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
                 return None
             if owner in self.cluster.members() and owner != self.cluster.member:
                 return owner
@@ -398,12 +410,25 @@ class Placement:
         if service is not None:
             await self.act(service, key, action, argument)
 
+    async def _sweep(self) -> None:
+        """Give up the entities that went unused for their service's `idle_release`: what a member renews stays
+        bounded by what it serves."""
+        while True:
+            await asyncio.sleep(self.ownership.lease)
+            now = time.monotonic()
+            for key, service in list(self._ready.items()):
+                idle = service.idle_release
+                if idle is not None and now - self._used.get(key, now) > idle:
+                    await self.release(key)
+
     async def release(self, key: str, forget_state: bool = False) -> None:
-        """Give up an entity served here (it emptied, or the service stops)."""
+        """Give up an entity served here (it emptied, went unused, or the service stops)."""
         self._ready.pop(key, None)
+        self._used.pop(key, None)
         await self.ownership.release(key, forget_state)
 
     def _lost(self, key: str) -> None:
+        self._used.pop(key, None)
         service = self._ready.pop(key, None)
         if service is not None:
             service.lost(key)

@@ -89,6 +89,10 @@ class Service:
     """An addressable service. Subclasses serve what is not an iq with a registered handler in `stanza`,
     and may word their errors in `refuse` and extend the disco answers."""
 
+    # In a cluster: seconds after which an owned entity nobody used is given up, None to keep it until the
+    # service itself releases it (a room, when it empties).
+    idle_release: float | None = None
+
     def __init__(self, server: Server, domain: str, identity: Identity, features: Iterable[str] = ()) -> None:
         self.server = server
         self.domain = domain

@@ -7,11 +7,16 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from xml.etree.ElementTree import Element
 
 import pytest
 import redis.asyncio as aioredis
 
-from server.ownership import NotOwner, Ownership
+from server.jid import JID
+from server.ownership import Lease, NotOwner, Ownership, Placement
+from server.stanza import Stanza
+from server.stream.errors import StanzaError
 from tests.conftest import unavailable
 
 REDIS = ("127.0.0.1", 6379)
@@ -133,3 +138,100 @@ async def test_a_member_cut_off_from_redis_stops_serving_before_another_takes_ov
             await m.stop()
             await m.redis.aclose()
         await observer.aclose()
+
+
+# --- Placement: where a stanza for an owned entity is served, with stand-ins for the cluster and a service ---
+
+class StubCluster:
+    """The cluster API as Placement uses it: this member, the live members, and what was forwarded where."""
+
+    def __init__(self, member: str, prefix: str, live: list[str]) -> None:
+        self.member = member
+        self.prefix = prefix
+        self.live = live
+        self.forwarded: list[tuple[str, str]] = []
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    def members(self) -> list[str]:
+        return self.live
+
+    def on(self, kind: str, handler: object) -> None:
+        pass
+
+    def route_elsewhere(self, member: str, st: Stanza) -> None:
+        self.forwarded.append((member, st.el.get("to") or ""))
+
+
+class StubServer:
+    """What Placement reads of a server: its cluster and the Redis URL."""
+
+    def __init__(self, cluster: StubCluster) -> None:
+        self.cluster = cluster
+        self.config = SimpleNamespace(cluster=SimpleNamespace(redis_url=f"redis://{REDIS[0]}:{REDIS[1]}/0"))
+
+
+class Entities:
+    """A service whose entities are named by the stanza's 'to', loaded on takeover."""
+
+    domain = "svc.localhost"
+
+    def __init__(self, idle_release: float | None = None) -> None:
+        self.idle_release = idle_release
+        self.taken: list[tuple[str, int]] = []
+        self.refused: list[str] = []
+
+    def owner_key(self, st: Stanza) -> str | None:
+        return st.el.get("to")
+
+    async def take(self, lease: Lease) -> None:
+        self.taken.append((lease.key, lease.token))
+
+    def lost(self, key: str) -> None:
+        pass
+
+    async def act(self, key: str, action: str, argument: str) -> None:
+        pass
+
+    async def refuse(self, st: Stanza, error: StanzaError) -> None:
+        self.refused.append(error.condition)
+
+
+def placement(prefix: str, member: str, live: list[str]) -> tuple[Placement, StubCluster]:
+    cluster = StubCluster(member, prefix, live)
+    found = Placement(StubServer(cluster))  # type: ignore[arg-type]
+    found.ownership.lease = LEASE
+    return found, cluster
+
+
+def stanza(to: str) -> Stanza:
+    el = Element("message", {"to": to, "from": "alice@localhost/a"})
+    return Stanza(el, "message", JID.parse("alice@localhost/a"), JID.parse(to))
+
+
+async def test_a_stanza_is_served_by_the_owner_forwarded_to_it_or_taken_over_from_a_dead_one(prefix: str) -> None:
+    live = ["n1/0", "n2/0"]
+    one, _ = placement(prefix, "n1/0", live)
+    two, cluster_two = placement(prefix, "n2/0", live)
+    service_one, service_two = Entities(), Entities(idle_release=0.1)
+    try:
+        assert await one.admit(service_one, stanza("room@svc.localhost"))  # free: taken and served here
+        assert [key for key, _ in service_one.taken] == ["room@svc.localhost"]
+        assert not await two.admit(service_two, stanza("room@svc.localhost"))  # owned by a live member
+        assert cluster_two.forwarded == [("n1/0", "room@svc.localhost")] and service_two.taken == []
+
+        one.ownership._task.cancel()  # type: ignore[union-attr]  # n1 dies: no renewal, no release
+        live.remove("n1/0")
+        started = time.monotonic()
+        assert await two.admit(service_two, stanza("room@svc.localhost"))  # waits for the lease to lapse
+        assert LEASE * 0.5 < time.monotonic() - started < LEASE + 1
+        assert service_two.taken[0][1] > service_one.taken[0][1]
+
+        await asyncio.sleep(LEASE * 2 + 0.1)  # an entity of a service with idle_release goes once unused
+        assert two.holds("room@svc.localhost") is None
+        assert await two.ownership.owner("room@svc.localhost") is None
+    finally:
+        for found, service in ((one, service_one), (two, service_two)):
+            found.services[service.domain] = service
+            await found.remove(service)
