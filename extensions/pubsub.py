@@ -3,6 +3,10 @@
 Same protocol core as PEP (`server.pubsub`), with a generic service's policy: any account of the host may
 create nodes and becomes their owner; access is open or by whitelist (there is no owner roster to
 consult); notifications go to subscribers. The domain is the option `pubsub.domain`.
+
+In a cluster, the requests about one node are served by the member that owns that node (server/ownership.py),
+so that two members never change one node at once; the node's state is all in storage, so taking a node
+over loads nothing. Requests that name no node (disco of the service, all subscriptions) go anywhere.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class DomainService(PubSubService):
 class Address(Service):
     """The service's domain: its pubsub and pubsub#owner iqs, and the disco of the domain and its nodes."""
 
+    idle_release = 60.0  # a node's lease: nothing is loaded with it, so an idle one is given up
+
     def __init__(self, module: PubSub, domain: str) -> None:
         pubsub = module.service
         super().__init__(module.server, domain, Identity("pubsub", "service", NAME), pubsub.features())
@@ -44,6 +50,12 @@ class Address(Service):
         for type in ("get", "set"):
             for payload in (PUBSUB_QUERY, OWNER_QUERY):
                 self.iq(type, payload, self.request)
+
+    def owner_key(self, stanza: Stanza) -> str | None:
+        if stanza.kind != "iq" or not len(stanza.el) or not len(stanza.el[0]):
+            return None
+        node = stanza.el[0][0].get("node")
+        return f"pubsub:{self.domain}/{node}" if node else None
 
     async def request(self, stanza: Stanza) -> Element | None:
         return await self.pubsub.handle(stanza, self.jid)
@@ -76,9 +88,13 @@ class PubSub(Module):
     def setup(self) -> None:
         domain = self.option("domain") or f"pubsub.{self.host.name}"
         self.service = DomainService(self)
-        self.add_service(Address(self, domain))
+        self.address = Address(self, domain)
+        self.add_service(self.address)
         self.disco.add_item(domain, NAME)
         self._undo.append(lambda: self.disco.remove_item(domain))
+
+    async def stop(self) -> None:
+        await self.address.stop()
 
     @property
     def disco(self) -> Disco:

@@ -21,11 +21,11 @@ and stanzas alike) goes through that channel in the order it happened: a session
 available on the other side before any stanza that follows from it arrives. Messages queued in the
 same turn of the event loop are sent as one publication, which keeps Redis off the hot path.
 
-Services that keep state in memory (group chat, publish-subscribe) run on worker 0 of each node; the node's
-other workers forward what is addressed to them. What a member caches of data any member may change
-(rosters, blocklists, archive preferences) is dropped on the others when one changes it: the roster module
-announces its changes ('roster/changed') and hears of the others' ('roster/stale'), the key-value store
-tells of the cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
+Services that keep state in memory (group chat, publish-subscribe) spread their rooms and nodes over the
+members: each is served by the member that owns it (server/ownership.py). What a member caches of data any
+member may change (rosters, blocklists, archive preferences) is dropped on the others when one changes it:
+the roster module announces its changes ('roster/changed') and hears of the others' ('roster/stale'), the
+key-value store tells of the cached documents set through it (`KeyValueStore.watch_cached`, `forget_cached`).
 
 Each member also keeps its sessions in a Redis hash that a starting member reads. A member started in place
 of a dead one (same node and worker number) ends the sessions that one left; the sessions of a member that
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("parley.cluster")
 
-SERVICE_WORKER = 0  # where group chat and publish-subscribe keep their state, on each node
 HEARTBEAT = 2.0  # seconds between heartbeats
 HEARTBEAT_TTL = 6  # seconds without a heartbeat after which a member is lost and its sessions forgotten
 FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in JSON
@@ -178,17 +177,6 @@ class ClusterSessions(SessionRegistry):
         return counts
 
 
-class PinnedServices(dict[str, Callable[[Stanza], Awaitable[None]]]):
-    """server.services on a worker other than its node's service worker: every service forwards to that one."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        super().__init__()
-        self.cluster = cluster
-
-    def __setitem__(self, domain: str, handler: Callable[[Stanza], Awaitable[None]]) -> None:
-        super().__setitem__(domain, self.cluster.to_service)
-
-
 class FallbackLock:
     """The cluster-wide lock of a name, or, while Redis is out of reach, a lock of this process only: what one
     process does for its own users goes on through an outage (the cluster-wide part resumes with Redis)."""
@@ -240,10 +228,9 @@ class Cluster:
         self.sessions = server.sessions
         self.sessions.cluster = self
         server.cluster = self
-        self.service_member = f"{self.node}/{SERVICE_WORKER}"
-        if index != SERVICE_WORKER:
-            server.services = PinnedServices(self)
-            # parleyctl reaches worker 0, whose room commands act on the rooms; the other sockets are spare
+        if index != 0:
+            # parleyctl reaches worker 0 (its room commands act on rooms wherever they are owned); the other
+            # sockets are spare
             server.control.path = server.control.path.with_name(f"worker{index}-{server.control.path.name}")
         server.hooks.add("roster/changed", self.roster_changed)
         server.hooks.add("server/started", self.attach)
@@ -605,9 +592,6 @@ class Cluster:
     def closer(self, member: str, jid: JID) -> Callable[[str | None], None]:
         return lambda condition: self._queue(member, f"c{FIELD}{jid}{FIELD}{condition or ''}")
 
-    async def to_service(self, st: Stanza) -> None:
-        self._queue(self.service_member, f"v{FIELD}{serialize(st.el)}")
-
     def roster_changed(self, user: JID) -> None:
         for member in self._out:
             self._queue(member, f"i{FIELD}{user}")
@@ -671,8 +655,6 @@ class Cluster:
                                                      JID.parse(jid)))
                 elif kind == "r":
                     await self.server.router.route(_stanza(rest))
-                elif kind == "v":
-                    await self._bounce([frame])
             except Exception:
                 log.exception("cluster: could not reroute %r for lost member %s", frame[:200], member)
 
@@ -690,7 +672,7 @@ class Cluster:
             kind, _, rest = frame.partition(FIELD)
             if kind == "s":
                 st = _stanza(rest.partition(FIELD)[2])
-            elif kind in ("r", "v"):
+            elif kind == "r":
                 st = _stanza(rest)
             else:
                 continue
@@ -766,9 +748,6 @@ class Cluster:
             session = self.sessions.get(jid)
             if session is not None and jid not in self.sessions.remote:
                 session.close(condition or None)
-        elif kind == "v":
-            st = _stanza(rest)
-            await self.server.services[st.to.domain](st)
         elif kind == "r":
             await self.server.router.route(_stanza(rest))
         elif kind == "i":

@@ -6,6 +6,10 @@ payload) and the router's iq dispatch, as a host's modules do. It describes itse
 and features. What it sends goes through the router like any entity's stanza, so that the recipients'
 hosts apply their inbound policy (blocking), and their sessions client state indication, stream
 management and the cluster; one stanza for many recipients goes as a `Prepared` one to `Router.fan_out`.
+
+In a cluster, a service whose entities keep state in memory (rooms) names the entity a stanza is for
+(`owner_key`); the stanza is served on the member that owns that entity, which loads it when it takes it
+over (`take`) and forgets it when it loses it (`lost`); see server/ownership.py.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from xml.etree.ElementTree import Element, SubElement
 from server import ns
 from server.jid import JID
 from server.module import IqHandler, IqHandlers
+from server.ownership import Lease, placement_of
 from server.router import payload_of, target_of
 from server.stanza import KINDS, Stanza
 from server.storage.engine import storage_condition
@@ -84,6 +89,10 @@ class Service:
     """An addressable service. Subclasses serve what is not an iq with a registered handler in `stanza`,
     and may word their errors in `refuse` and extend the disco answers."""
 
+    # In a cluster: seconds after which an owned entity nobody used is given up, None to keep it until the
+    # service itself releases it (a room, when it empties).
+    idle_release: float | None = None
+
     def __init__(self, server: Server, domain: str, identity: Identity, features: Iterable[str] = ()) -> None:
         self.server = server
         self.domain = domain
@@ -93,6 +102,29 @@ class Service:
         self.iq_handlers = IqHandlers(TARGETS)
         self.iq("get", INFO, self.disco_info)
         self.iq("get", ITEMS, self.disco_items)
+        self.placement = placement_of(server)  # None in a single process
+        if self.placement is not None:
+            self.placement.add(self)
+
+    def owner_key(self, st: Stanza) -> str | None:
+        """In a cluster, the entity under the service that `st` is for, served by its owner only; None
+        (the default) for a stanza any member may serve."""
+        return None
+
+    async def take(self, lease: Lease) -> None:
+        """This member has just become the owner of the entity `lease.key`: load it."""
+
+    def lost(self, key: str) -> None:
+        """This member no longer owns the entity `key`: it must stop serving it."""
+
+    async def act(self, key: str, action: str, argument: str) -> None:
+        """An operation on an entity, run by its owner (`Placement.act`: commands such as a room's destruction)."""
+        raise NotImplementedError(action)
+
+    async def stop(self) -> None:
+        """In a cluster: give up the entities this member owns, when the module stops."""
+        if self.placement is not None:
+            await self.placement.remove(self)
 
     def iq(self, type: str, payload: str, handler: IqHandler, target: str = "host") -> None:
         """Serve iqs of `type` ('get' or 'set') to `target` (see TARGETS) whose child has tag `payload`."""
@@ -100,7 +132,10 @@ class Service:
 
     async def receive(self, st: Stanza) -> None:
         """Every stanza to the domain or an address under it (what the router calls): an iq get or set goes
-        to its registered handler, anything else to `stanza`; a StanzaError raised on the way is the answer."""
+        to its registered handler, anything else to `stanza`; a StanzaError raised on the way is the answer.
+        In a cluster, a stanza for an entity owned elsewhere goes to its owner instead."""
+        if self.placement is not None and not await self.placement.admit(self, st):
+            return
         try:
             if st.kind == "iq" and st.type in ("get", "set"):
                 handler = self.iq_handlers.get((st.type, target_of(st.to), payload_of(st)))

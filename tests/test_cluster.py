@@ -35,7 +35,6 @@ from server.config import ClusterConfig, ConfigError, parse_config
 from server.host import Host
 from server.jid import JID
 from server.sessions import Session
-from server.stanza import Stanza
 from server.storage import RosterItem, Storage, open_storage
 from server.storage.kv import CachedDocuments
 from tests.conftest import (
@@ -184,6 +183,8 @@ async def workers(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         leftover = [key async for key in redis.scan_iter(f"{prefix}:*")]
         if leftover:
             await redis.delete(*leftover)
+        fence = f"{prefix}:own:fence".encode()  # room ownership's fencing counter outlives the members by design
+        leftover = [key for key in leftover if key != fence]
         await redis.aclose()
         await storage.close()
         if schema:
@@ -298,7 +299,7 @@ async def test_users_on_both_workers(workers: Workers) -> None:
     # An iq to a full JID on the other worker, answered back.
     await c0.plugin["xep_0199"].ping(jid="alice@localhost/a1", timeout=5)
 
-    # A room lives on worker 0, whichever worker its occupants are on.
+    # A room is served by one worker, whichever worker its occupants are on.
     await a1.plugin["xep_0045"].join_muc_wait(ROOM, "alice", timeout=5)
     await instant_room(a1)
     for client, nick in ((b1, "bob"), (c0, "carol")):
@@ -309,7 +310,7 @@ async def test_users_on_both_workers(workers: Workers) -> None:
     ctl = await asyncio.to_thread(subprocess.run, [str(Path(sys.executable).with_name("parleyctl")), "--config",
                                   str(workers.data_dir / "parley.toml"), "muc_online_rooms", "global"],
                                   capture_output=True, text=True, timeout=30)
-    assert ctl.stdout.split() == [ROOM], ctl.stderr  # parleyctl reaches worker 0, where the rooms are
+    assert ctl.stdout.split() == [ROOM], ctl.stderr  # from storage and the owned rooms in Redis
 
     # Offline storage, whichever worker the recipient comes back on.
     b1.send_message(mto="dave@localhost", mbody="while you were out", mtype="chat")
@@ -351,7 +352,7 @@ async def test_a_dead_worker_is_restarted_and_its_sessions_forgotten(workers: Wo
     await workers.until_gone("alice@localhost/a1")
     # The new worker 1 ends what its predecessor left: carol and alice's other resource see a1 go.
     await received(gone, "carol@localhost/c0 alice@localhost/a1", "alice@localhost/a0 alice@localhost/a1",
-                   f"carol@localhost/c0 {ROOM}/alice")  # the room on worker 0 learns it too
+                   f"carol@localhost/c0 {ROOM}/alice")  # the room learns it too
     c0.send_message(mto="alice@localhost/a1", mbody="are you there?", mtype="chat")
     assert await bodies(inbox, 1) == ["are you there?"]  # RFC 6121 8.5.3.2.1: as if sent to the bare JID
 
@@ -516,16 +517,6 @@ def test_remote_sessions_take_part_in_routing_but_never_replace_a_local_one(clus
     assert cluster.sessions.available(JID.parse("alice@localhost")) == []
     cluster.sessions.drop_member(OTHER)
     assert cluster.sessions.of(JID.parse("alice@localhost")) == [local] and remote.closed
-
-
-async def test_services_on_another_worker_are_forwarded_to_worker_0(cluster: Cluster) -> None:
-    async def handler(stanza: Stanza) -> None:
-        raise AssertionError("served on worker 1")
-
-    cluster.server.services["conference.localhost"] = handler
-    el = fromstring("<message xmlns='jabber:client' from='bob@localhost/b' to='room@conference.localhost'/>")
-    await cluster.server.services["conference.localhost"](Stanza(el, "message", JID.parse("bob@localhost/b"), None))
-    assert cluster._out[OTHER][-1].startswith(f"v{FIELD}<message from=\"bob@localhost/b\"")
 
 
 def test_stanzas_from_another_worker_go_straight_to_the_local_session_of_their_address(cluster: Cluster) -> None:

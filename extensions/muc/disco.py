@@ -7,7 +7,7 @@ muc#roominfo form) adds the description, subject and number of occupants.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 from xml.etree.ElementTree import Element, SubElement
 
 from extensions import mam
@@ -22,17 +22,14 @@ from server.service import info_query
 from server.stanza import Stanza
 from server.stream.errors import StanzaError
 
-if TYPE_CHECKING:
-    from extensions.muc.service import Muc
-
 INFO = ns.qname(ns.DISCO_INFO, "query")
 ITEMS = ns.qname(ns.DISCO_ITEMS, "query")
 
 
-def service_items(service: Muc) -> Element:
+def service_items(rooms: Iterable[Room]) -> Element:
     """XEP-0045 6.3: the public rooms; hidden and locked ones are left out."""
     query = Element(ITEMS)
-    for room in sorted(service.rooms.values(), key=lambda r: str(r.jid)):
+    for room in sorted(rooms, key=lambda r: str(r.jid)):
         if room.config.public and not room.locked:
             SubElement(query, ns.qname(ns.DISCO_ITEMS, "item"), {"jid": str(room.jid), "name": room.title})
     return query

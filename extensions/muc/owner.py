@@ -84,6 +84,8 @@ async def reconfigure(room: Room, new: RoomConfig) -> None:
     service = room.service
     if old.archive and not new.archive:
         await archive.forget(room)
+    if new.persistent != old.persistent:
+        await room.guard()
     if new.persistent and not old.persistent:
         await service.store.save_room(service.domain, room.stored())
     elif new.persistent:
@@ -117,6 +119,7 @@ async def destroy(room: Room, destroy_el: Element | None) -> None:
     room.destroyed = True
     await room.flush(batches)
     if room.config.persistent:
+        await room.guard()
         await room.service.store.delete_room(room.service.domain, room.jid.local or "")
     if room.config.archive:
         await archive.forget(room)

@@ -25,12 +25,15 @@ from extensions.muc.protocol import OCCUPANT_ID, ROOM_ONLY, SELF, STANZA_ID, SUB
 from server import ns
 from server.archiving import worth_archiving
 from server.jid import JID
+from server.ownership import NotOwner
 from server.service import Prepared
 from server.stanza import element
 from server.storage.muc import Affiliation, StoredRoom
+from server.stream.errors import StanzaError
 
 if TYPE_CHECKING:
     from extensions.muc.service import Muc
+    from server.ownership import Lease
 
 Batch = tuple[Element | Prepared, list[JID]]
 
@@ -54,6 +57,11 @@ class Room:
         self.history = History(str(jid), config.max_history)
         self.iqs = OccupantIqs()
         self.recorder = archive.Recorder(self)
+        # In a cluster (extensions/muc/placement.py): this member's lease on the room, and what its state hash
+        # in Redis holds of the occupants (full JID -> nick, role, presence) and of the room itself.
+        self.lease: Lease | None = None
+        self.mirrored: dict[str, tuple[str, str, Element]] = {}
+        self.mirrored_room = ""
 
     def __repr__(self) -> str:
         return f"<Room {self.jid}>"
@@ -249,11 +257,13 @@ class Room:
         if self.config.archive and worth_archiving(el):
             self.recorder.add(el, uid, stamp)
         server = self.service.server
+        await self.service.record(self)
         await fan_out(server, el, self.sessions())
         await server.hooks.fire("muc/message", self, el)
 
     async def flush(self, batches: Iterable[Batch]) -> None:
         server = self.service.server
+        await self.service.record(self)
         for el, recipients in batches:
             await fan_out(server, el, recipients)
 
@@ -263,13 +273,27 @@ class Room:
         return StoredRoom(self.jid.local or "", self.config.to_json(), self.created, self.subject,
                           self.subject_from, {str(jid): a for jid, a in self.affiliations.items()}, self.vcard)
 
+    async def guard(self) -> None:
+        """Before a write to storage, in a cluster: refused unless this member still owns the room (fencing)."""
+        placement = self.service.placement
+        if placement is None:
+            return
+        try:
+            if self.lease is None:
+                raise NotOwner(str(self.jid))
+            await placement.ownership.guard(self.lease)
+        except NotOwner:
+            raise StanzaError("remote-server-timeout", "the room moved; try again") from None
+
     async def save(self) -> None:
         """Write the configuration and subject of a persistent room."""
         if self.config.persistent:
+            await self.guard()
             await self.service.store.update_room(self.service.domain, self.jid.local or "", self.config.to_json(),
                                                  self.subject, self.subject_from)
 
     async def save_affiliation(self, jid: JID) -> None:
         if self.config.persistent:
+            await self.guard()
             await self.service.store.set_affiliation(self.service.domain, self.jid.local or "", str(jid),
                                                      self.affiliations.get(jid))

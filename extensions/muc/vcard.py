@@ -41,5 +41,6 @@ async def set_vcard(room: Room, st: Stanza) -> None:
         raise StanzaError("not-acceptable", "the vCard is too large")
     room.vcard = xml
     if room.config.persistent:
+        await room.guard()
         await room.service.store.set_vcard(room.service.domain, room.jid.local or "", xml)
     await room.flush([(room.status_message(CONFIG_CHANGED), room.sessions())])
