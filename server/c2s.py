@@ -165,8 +165,6 @@ class C2SConnection(StreamEdge):
         self._sasl2: Request | None = None  # the <authenticate/> under way
         self._upgrade: Upgrade | None = None  # its upgrade task (XEP-0480), between the proof and the success
         self.after_success: list[Callable[[], None]] = []  # what modules write after a SASL2 <success/>
-        self._writable = asyncio.Event()  # cleared while the socket's write buffer is above its high mark
-        self._writable.set()
 
     def __repr__(self) -> str:
         who = f" {self.session.jid}" if self.session is not None else ""
@@ -178,6 +176,7 @@ class C2SConnection(StreamEdge):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.remote_ip = peer[0] if peer else ""
+        self._bound_write_buffer()  # a Direct TLS listener's transport
         if not self.server.admit(self):
             transport.abort()
             self.closing = True
@@ -203,18 +202,28 @@ class C2SConnection(StreamEdge):
                 session.closed = True
                 self.server.end_session_soon(session)
 
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
     def resume_writing(self) -> None:
-        self._writable.set()
+        super().resume_writing()
         self.server.output.held(self, 0)
 
     def flush(self) -> None:
         """Write, and count what the client does not read fast enough against the server's output budget."""
         super().flush()
-        if not self._writable.is_set() and self.transport is not None and not self.closing:
-            self.server.hold_output(self, self.transport.get_write_buffer_size())
+        if self._write_paused and self.transport is not None and not self.closing:
+            self.server.hold_output(self, self.unsent())
+
+    def output_timeout(self) -> float:
+        return self.limits.output_timeout
+
+    def cut(self, condition: str, text: str) -> None:
+        """As the edge's, and the session ends now rather than when the client lets the connection go (up to
+        CLOSE_GRACE later): what is sent to it meanwhile goes to its other resources or offline storage
+        instead of piling up, parsed, for a client that does not read."""
+        session = self.session
+        super().cut(condition, text)
+        if session is not None and self.session is session:
+            self.session = None
+            self.server.end_session_soon(session)
 
     async def room(self, wait: bool) -> int:
         """The session's flow control without stream management: any number of stanzas, once the socket's
@@ -222,7 +231,7 @@ class C2SConnection(StreamEdge):
         self.flush()
         if wait:
             await self._writable.wait()
-        return sys.maxsize if self._writable.is_set() else 0
+        return 0 if self._write_paused else sys.maxsize
 
     def close(self) -> None:
         self.state = advance(self.state, Event.CLOSE)
