@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from xml.etree.ElementTree import Element, fromstring
 
@@ -29,8 +30,10 @@ from sqlalchemy import func, select
 from parley import build_server
 from server import ns
 from server.accounts import create_account
+from server.jid import JID
 from server.storage import open_storage
 from server.storage.schema import archive, offline
+from server.stream import edge
 from tests.conftest import (
     Harness,
     RawClient,
@@ -44,7 +47,7 @@ from tests.conftest import (
 from tests.test_cli import PARLEY, write_config
 from tests.test_offline import collect
 from tests.test_roster_presence import sync
-from tests.test_shutdown import stop_reading
+from tests.test_shutdown import big_message, not_reading, stop_reading
 
 BURST = 1000  # messages the sender would send; the server is killed once ACKED_BEFORE_KILL are acknowledged
 ACKED_BEFORE_KILL = 60
@@ -348,62 +351,88 @@ async def chatting(harness: Harness, rounds: int, every: float) -> None:
         await asyncio.sleep(max(0.0, every - (time.monotonic() - sent)))
 
 
-SLOW_CONNECTIONS = 300
+SLOW_CONNECTIONS = 1000
+DRIP_EVERY = 2.0  # seconds between the bytes of each slow connection
 HEADER = (b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
           b"xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>")
 
 
+class Slow(asyncio.Protocol):
+    """A slowloris connection: it sends its stream header a byte at a time, reads and drops what comes, and
+    notes when the server closes it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.cut = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def eof_received(self) -> None:
+        self.cut = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cut = True
+
+
+@contextlib.contextmanager
+def open_files(needed: int) -> Iterator[None]:
+    """The soft limit on open files raised to `needed` (each side of SLOW_CONNECTIONS connections takes a
+    descriptor in this process and one in the server, which inherits the limit), and restored after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.fail(f"the open-file limit (ulimit -Hn) is {hard}; this test needs {needed}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 async def test_slowloris_is_cut_and_costs_little(tmp_path: Path) -> None:
-    """300 connections that send a byte a second: cut after the unauthenticated timeout, bounded memory,
+    """1,000 connections that send a byte every 2 s: cut after the unauthenticated timeout, bounded memory,
     and other users log in and chat meanwhile."""
     url = f"sqlite+aiosqlite:///{tmp_path}/data/parley.db"
-    limits = "[limits]\nmax_connections_per_ip = 1000\nunauthenticated_timeout = 4.0\n"
-    async with serving(tmp_path, url, "alice", "bob", "carol", extra=limits) as (parley, harness):
-        await slowloris(parley, harness)
+    limits = f"[limits]\nmax_connections_per_ip = {SLOW_CONNECTIONS + 100}\nunauthenticated_timeout = 4.0\n"
+    with open_files(SLOW_CONNECTIONS + 1024):
+        async with serving(tmp_path, url, "alice", "bob", "carol", extra=limits) as (parley, harness):
+            await slowloris(parley, harness)
 
 
 async def slowloris(parley: Parley, harness: Harness) -> None:
-    slow: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    slow: list[Slow] = []
     memory = MemoryWatch(parley)
+    loop = asyncio.get_running_loop()
     try:
-        slow = [await asyncio.open_connection("127.0.0.1", parley.port) for _ in range(SLOW_CONNECTIONS)]
-        cut: set[int] = set()
+        for _ in range(SLOW_CONNECTIONS):
+            slow.append((await loop.create_connection(Slow, "127.0.0.1", parley.port))[1])
+        opened = time.monotonic()
 
         async def drip() -> None:
-            for second in range(10):
-                for i, (reader, writer) in enumerate(slow):
-                    if i in cut:
-                        continue
-                    if reader.at_eof() or writer.is_closing():
-                        cut.add(i)
-                        continue
-                    writer.write(HEADER[second:second + 1])
-                await asyncio.sleep(1)
-                for i, (reader, _) in enumerate(slow):
-                    with contextlib.suppress(OSError):
-                        if i not in cut and (reader.at_eof() or await _eof_now(reader)):
-                            cut.add(i)
+            for at in range(len(HEADER)):
+                for conn in slow:
+                    if not conn.cut:
+                        conn.transport.write(HEADER[at:at + 1])
+                if all(conn.cut for conn in slow) or time.monotonic() - opened > 15:
+                    return
+                await asyncio.sleep(DRIP_EVERY)
 
-        dripping = asyncio.get_running_loop().create_task(drip())
+        dripping = loop.create_task(drip())
         await chatting(harness, rounds=5, every=1.0)
         carol = await harness.client("carol@localhost", resource="late", timeout=5)  # a login under the attack
         assert carol.boundjid.bare == "carol@localhost"
         await dripping
-        assert len(cut) == SLOW_CONNECTIONS, f"{SLOW_CONNECTIONS - len(cut)} slow connections were never cut"
+        left = sum(not conn.cut for conn in slow)
+        assert not left, f"{left} slow connections were never cut"
         assert memory.growth_mb() < 40, f"{memory.growth_mb():.1f} MB more for {SLOW_CONNECTIONS} slow connections"
     finally:
         memory.stop()
-        for _, writer in slow:
-            writer.transport.abort()
-
-
-async def _eof_now(reader: asyncio.StreamReader) -> bool:
-    """Whether the server closed the connection (what it sent meanwhile, a stream error, is read and dropped)."""
-    with contextlib.suppress(TimeoutError):
-        while await asyncio.wait_for(reader.read(65536), 0.001):
-            pass
-        return True
-    return reader.at_eof()
+        for conn in slow:
+            if conn.transport is not None:
+                conn.transport.abort()
 
 
 NOT_READING = 10
@@ -480,3 +509,22 @@ async def test_clients_that_ask_for_large_answers_and_never_read_are_cut(tmp_pat
         error = await raw.expect(f"{{{ns.STREAM}}}error")
         assert error.find(f"{{{ns.STREAMS_ERR}}}connection-timeout") is not None, error
         assert raw.raw.count(b"<iq ") < 200, "the server answered a client whose output was blocked"
+
+
+async def test_a_client_that_leaves_more_than_its_cap_unread_is_cut(server: Harness,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """What others send to a client that reads nothing piles up past its connection's cap (1 MB here, 16 MiB
+    in service): it is cut with <policy-violation/> behind what it was sent, and its session ends at once, so
+    that what comes afterwards goes to offline storage instead of being held for it."""
+    monkeypatch.setattr(edge, "WRITE_BUFFER_LIMIT", 1_000_000)
+    await server.add_user("u", "pw")
+    raw = await not_reading(server, "u")
+    session = server.server.sessions.get(JID.parse("u@localhost/desk"))
+    for i in range(40):  # 2 MB
+        session.send(big_message("u@localhost/desk", i))
+        await asyncio.sleep(0)
+    await until(lambda: session.ended, "the session ended")
+    raw.writer.transport.resume_reading()
+    error = await raw.expect(f"{{{ns.STREAM}}}error")
+    assert error.find(f"{{{ns.STREAMS_ERR}}}policy-violation") is not None, raw.raw[-500:]
+    assert await stored(server.server.config.storage.url, "offline", "u"), "nothing sent after the cut was kept"
