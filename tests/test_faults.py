@@ -30,10 +30,12 @@ from sqlalchemy import func, select
 from parley import build_server
 from server import ns
 from server.accounts import create_account
+from server.config import DEFAULT_MODULES
 from server.jid import JID
 from server.storage import open_storage
 from server.storage.schema import archive, offline
 from server.stream import edge
+from tests.browser_support import web_listener, ws_client
 from tests.conftest import (
     Harness,
     RawClient,
@@ -48,6 +50,7 @@ from tests.test_cli import PARLEY, write_config
 from tests.test_offline import collect
 from tests.test_roster_presence import sync
 from tests.test_shutdown import big_message, not_reading, stop_reading
+from tests.test_websocket import logged_in, stream_error
 
 BURST = 1000  # messages the sender would send; the server is killed once ACKED_BEFORE_KILL are acknowledged
 ACKED_BEFORE_KILL = 60
@@ -528,3 +531,30 @@ async def test_a_client_that_leaves_more_than_its_cap_unread_is_cut(server: Harn
     error = await raw.expect(f"{{{ns.STREAM}}}error")
     assert error.find(f"{{{ns.STREAMS_ERR}}}policy-violation") is not None, raw.raw[-500:]
     assert await stored(server.server.config.storage.url, "offline", "u"), "nothing sent after the cut was kept"
+
+
+@pytest.mark.parley_config(modules=[*DEFAULT_MODULES, "websocket"], limits={"output_timeout": 2.0})
+async def test_a_websocket_client_that_asks_and_never_reads_is_read_no_further_and_cut(server: Harness) -> None:
+    """The same bound on a WebSocket session (over HTTPS, so behind a TLS transport): a client that asks for
+    a 60 kB vCard 200 times and reads nothing gets a few answers, the rest of its requests wait unread, and
+    it is cut with <connection-timeout/> once it has taken nothing for output_timeout."""
+    base = await web_listener(server, tls="direct")
+    await server.add_user("juliet")
+    async with ws_client(base.replace("https", "wss") + "/xmpp-websocket") as juliet:
+        await logged_in(juliet, "juliet")
+        await juliet.send(f"<iq xmlns='jabber:client' type='set' id='set'><vCard xmlns='vcard-temp'><DESC>{BIG}"
+                          "</DESC></vCard></iq>")
+        assert (await juliet.expect("{jabber:client}iq")).get("type") == "result"
+        juliet_jid = JID.parse("juliet@localhost")
+        conn = next(c for c in server.server.connections if c.session and c.session.bare == juliet_jid)
+        juliet.ws._conn.transport.pause_reading()  # type: ignore[union-attr]  # aiohttp reads for its client
+        for i in range(200):
+            await juliet.send(f"<iq xmlns='jabber:client' type='get' id='v{i}'><vCard xmlns='vcard-temp'/></iq>")
+        await until(lambda: conn._write_paused, "the client's output blocked")
+        await asyncio.sleep(0.5)
+        assert conn.unsent() < 1_000_000, conn.unsent()
+        await until(lambda: conn.closing, "the client cut", timeout=5)
+        juliet.ws._conn.transport.resume_reading()  # type: ignore[union-attr]
+        assert stream_error(await juliet.closed()) == "connection-timeout"
+        answers = sum(fromstring(text).get("id", "").startswith("v") for text in juliet.received)
+        assert answers < 200, "the server answered a client whose output was blocked"
