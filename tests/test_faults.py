@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from xml.etree.ElementTree import Element, fromstring
 
+import aiohttp
 import pytest
 from slixmpp import ClientXMPP
 from sqlalchemy import func, select
@@ -46,6 +47,7 @@ from tests.conftest import (
     make_pg_schema,
     unavailable,
 )
+from tests.test_bosh import Bosh, bosh_listener, stanzas
 from tests.test_cli import PARLEY, write_config
 from tests.test_offline import collect
 from tests.test_roster_presence import sync
@@ -558,3 +560,30 @@ async def test_a_websocket_client_that_asks_and_never_reads_is_read_no_further_a
         assert stream_error(await juliet.closed()) == "connection-timeout"
         answers = sum(fromstring(text).get("id", "").startswith("v") for text in juliet.received)
         assert answers < 200, "the server answered a client whose output was blocked"
+
+
+@pytest.mark.parley_config(limits={"output_timeout": 2.0})
+async def test_a_bosh_client_that_asks_and_never_comes_back_is_cut(server: Harness,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The same bound on a BOSH session, whose output waits for the client's next request: a client that asks
+    for a 60 kB vCard 200 times in one request and does not come back for the answers gets a few with that
+    request, the rest of its requests wait unhandled, and it is cut with <connection-timeout/> once it has
+    taken nothing for output_timeout (not after BOSH's inactivity period, with 12 MB held meanwhile)."""
+    url = await bosh_listener(server)
+    await server.add_user("web")
+    async with aiohttp.ClientSession() as http:
+        bosh = Bosh(url, http)
+        await bosh.login("web")
+        answer = await bosh.send(f"<iq xmlns='jabber:client' type='set' id='set'><vCard xmlns='vcard-temp'>"
+                                 f"<DESC>{BIG}</DESC></vCard></iq>")
+        result = answer.find("{jabber:client}iq")
+        assert (result if result is not None else await stanzas(bosh, "{jabber:client}iq")).get("id") == "set"
+        web = JID.parse("web@localhost")
+        conn = next(c for c in server.server.connections if c.session and c.session.bare == web)
+        answer = await bosh.send("".join(f"<iq xmlns='jabber:client' type='get' id='v{i}'>"
+                                         "<vCard xmlns='vcard-temp'/></iq>" for i in range(200)))
+        answered = len(answer.findall("{jabber:client}iq"))
+        await asyncio.sleep(0.5)
+        assert 0 < answered < 10 and conn.unsent() < 1_000_000, (answered, conn.unsent())
+        await until(lambda: conn.closing, "the client cut", timeout=5)
+        assert "output unread for 2 s" in caplog.text
