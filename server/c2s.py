@@ -133,6 +133,7 @@ class C2SConnection(StreamEdge):
     # for another carrier is labelled by its class name without 'Connection' (WebSocketConnection:
     # 'websocket') unless it names its own.
     transport_label = "tcp"
+    backpressure = True
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -216,14 +217,18 @@ class C2SConnection(StreamEdge):
         return self.limits.output_timeout
 
     def cut(self, condition: str, text: str) -> None:
-        """As the edge's, and the session ends now rather than when the client lets the connection go (up to
-        CLOSE_GRACE later): what is sent to it meanwhile goes to its other resources or offline storage
-        instead of piling up, parsed, for a client that does not read."""
+        """As the edge's, and the session leaves the connection now rather than when the client lets it go (up
+        to CLOSE_GRACE later), so that nothing piles up, parsed, for a client that does not read: a resumable
+        one waits for the client to resume (it did not close its stream: XEP-0198 7), stream management
+        queueing what comes meanwhile; any other ends, what comes going to other resources or offline."""
         session = self.session
         super().cut(condition, text)
         if session is not None and self.session is session:
             self.session = None
-            self.server.end_session_soon(session)
+            session.closed = False  # as close() marked it: not closed if it waits for a resumption
+            if session.hibernate is None or not session.hibernate():
+                session.closed = True
+                self.server.end_session_soon(session)
 
     async def room(self, wait: bool) -> int:
         """The session's flow control without stream management: any number of stanzas, once the socket's

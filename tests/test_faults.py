@@ -11,11 +11,13 @@ The promise checked after `kill -9`: every message whose receipt the sender's st
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -51,7 +53,8 @@ from tests.test_bosh import Bosh, bosh_listener, stanzas
 from tests.test_cli import PARLEY, write_config
 from tests.test_offline import collect
 from tests.test_roster_presence import sync
-from tests.test_shutdown import big_message, not_reading, stop_reading
+from tests.test_shutdown import big_message, login, not_reading, stop_reading
+from tests.test_stream_management import SM, enabled
 from tests.test_websocket import logged_in, stream_error
 
 BURST = 1000  # messages the sender would send; the server is killed once ACKED_BEFORE_KILL are acknowledged
@@ -587,3 +590,43 @@ async def test_a_bosh_client_that_asks_and_never_comes_back_is_cut(server: Harne
         assert 0 < answered < 10 and conn.unsent() < 1_000_000, (answered, conn.unsent())
         await until(lambda: conn.closing, "the client cut", timeout=5)
         assert "output unread for 2 s" in caplog.text
+
+
+async def test_a_resumable_client_cut_for_not_reading_can_resume(server: Harness,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client with resumable stream management that stops reading is cut past its cap like any other, but
+    did not close its stream: its session waits for it (XEP-0198 7), and on a new connection it resumes and
+    gets what it had not acknowledged."""
+    monkeypatch.setattr(edge, "WRITE_BUFFER_LIMIT", 1_000_000)
+    await server.add_user("u", "pw")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    raw = await login(server, "u", "desk", RawClient(*await asyncio.open_connection(sock=sock)))
+    previd = await enabled(raw, presence=False)
+    raw.writer.transport.pause_reading()
+    session = server.server.sessions.get(JID.parse("u@localhost/desk"))
+    conn = next(c for c in server.server.connections if c.session is session)
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    for i in range(40):  # 2 MB
+        session.send(big_message("u@localhost/desk", i))
+        await asyncio.sleep(0)
+    await until(lambda: session.detached, "the session detached")
+    assert not session.ended and server.server.sessions.get(session.jid) is session
+    raw.writer.transport.abort()
+
+    again = await server.raw()
+    await again.starttls()
+    await again.open()
+    await again.expect(f"{{{ns.STREAM}}}features")
+    token = base64.b64encode(b"\0u\0pw").decode()
+    await again.send(f"<auth xmlns='{ns.SASL}' mechanism='PLAIN'>{token}</auth>")
+    await again.expect(f"{{{ns.SASL}}}success")
+    again.parser.reset()
+    await again.open()
+    await again.expect(f"{{{ns.STREAM}}}features")
+    await again.send(f"<resume xmlns='{SM}' previd='{previd}' h='0'/>")
+    await again.expect(f"{{{SM}}}resumed")
+    first = await again.expect("{jabber:client}message")
+    assert first.findtext("{jabber:client}body", "").startswith("000000")

@@ -9,10 +9,12 @@ Output is held here, not in the transport, while the peer does not take it: the 
 WRITE_CHUNK at a time and nothing while it asks for a pause (asyncio's pause_writing, over its high-water
 mark). A TLS transport counts only what it has not yet encrypted: what it encrypted is handed whole to
 the TCP transport below, out of sight, so a burst written in one go (200 answers of 60 kB to a client
-that reads nothing: 12 MB in one write) escaped every cap. While the output is blocked the peer is not
-read and what it sent already is not handled (backpressure: a peer that asks without reading gets no more
-answers than the buffers hold), and a peer that leaves more than WRITE_BUFFER_LIMIT unread, or takes
-nothing for `output_timeout()` seconds, is cut with a stream error.
+that reads nothing: 12 MB in one write) escaped every cap. While its output is blocked a client is not
+read and what it sent already is not handled (`backpressure`: a client that asks without reading gets no
+more answers than the buffers hold), and a peer that leaves more than WRITE_BUFFER_LIMIT unread, or takes
+nothing for `output_timeout()` seconds, is cut with a stream error: <policy-violation/> for the first (the
+policy named in the error's text, RFC 6120 4.9.3.14), <connection-timeout/> for the second (a peer that
+takes nothing has, as far as we can tell, lost the ability to communicate, RFC 6120 4.9.3.4).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ PROCEED = serialize(Element(ns.qname(ns.TLS, "proceed")))
 
 class StreamEdge(asyncio.Protocol):
     """Subclasses implement `handle(event)`, and `before_error()` when an error needs a header first."""
+
+    # While output is blocked, read the peer no further and handle none of its input: for clients, whose
+    # requests make most of what they are sent. Not for servers and components, which send on their own: two
+    # that did it on a link carrying both directions could each wait for the other to read, until cut.
+    backpressure = False
 
     def __init__(self, parser: StreamParser, bucket: TokenBucket) -> None:
         self.conn_id = next(_connection_ids)  # tells connections apart in the logs
@@ -180,7 +187,7 @@ class StreamEdge(asyncio.Protocol):
     async def _drain(self) -> None:
         try:
             while self._events and not self.closing:
-                if self._write_paused or self._queued >= WRITE_CHUNK:
+                if self.backpressure and (self._write_paused or self._queued >= WRITE_CHUNK):
                     await self._output_room()
                     if self.closing:
                         break
@@ -247,13 +254,14 @@ class StreamEdge(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The transport holds more than its high-water mark: queue output here, stop reading the peer and
-        handling its input, and cut it if it takes nothing for `output_timeout()` seconds."""
+        handling its input (with `backpressure`), and cut it if it takes nothing for `output_timeout()`
+        seconds."""
         if self._write_paused or self.closing:
             return
         self._write_paused = True
         if not self._finishing:
             self._writable.clear()
-        if self.transport is not None:
+        if self.backpressure and self.transport is not None:
             self.transport.pause_reading()
         self._stall = asyncio.get_running_loop().call_later(self.output_timeout(), self._stalled)
 
