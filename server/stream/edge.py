@@ -239,7 +239,7 @@ class StreamEdge(asyncio.Protocol):
             self._queued = 0
             return
         out = self._out
-        while out and (everything or not self._write_paused):
+        while out and (everything or not self._write_paused) and not transport.is_closing():
             first = out.popleft()
             size = len(first)
             if out and size + len(out[0]) <= WRITE_CHUNK:
@@ -314,7 +314,7 @@ class StreamEdge(asyncio.Protocol):
         A handshake that times out leaves asyncio silent, so the loss is reported here (connection_lost
         must bear a second call).
         """
-        self.flush()
+        self._write_out(everything=True)  # <proceed/> goes in the clear, whatever the transport's buffer holds
         self.parser.reset()
         failure: BaseException | None = None
         try:
