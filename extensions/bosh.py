@@ -48,6 +48,7 @@ from server.stream.bosh import (
     parse_body,
     terminal,
 )
+from server.stream.edge import WRITE_BUFFER_LIMIT, WRITE_HIGH_WATER
 from server.stream.errors import StreamError
 from server.stream.parser import StreamClose, StreamOpen
 from server.stream.sm import SM
@@ -143,6 +144,8 @@ class BoshConnection(C2SConnection):
             for waiter in self._waiters.pop(answer.rid, ()):
                 if not waiter.done():
                     waiter.set_result(answer.body)
+        if self._write_paused and self.machine.output_size < WRITE_HIGH_WATER:
+            self.resume_writing()
 
     def _schedule(self) -> None:
         if self._timer is not None:
@@ -174,6 +177,14 @@ class BoshConnection(C2SConnection):
         if not self._flush_pending:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self.flush)
+        waiting = self.machine.output_size
+        if waiting > WRITE_BUFFER_LIMIT:
+            self.cut("policy-violation", f"more than {WRITE_BUFFER_LIMIT} bytes of output unread")
+        elif waiting >= WRITE_HIGH_WATER:
+            # Output waits for the client's next request: its input waits too, as a socket's peer's does
+            # while the socket's buffer is full, and it is cut if it does not come within output_timeout.
+            self.pause_writing()
+            self.server.hold_output(self, waiting)
 
     def flush(self) -> None:
         self._flush_pending = False
@@ -210,6 +221,13 @@ class BoshConnection(C2SConnection):
         await super()._element(el, session)  # type: ignore[arg-type]
 
     # --- the end ----------------------------------------------------------------------------------
+
+    def unsent(self) -> int:
+        return self.machine.output_size
+
+    def cut(self, condition: str, text: str) -> None:
+        self.machine.take_output()  # dropped, as what a socket's peer did not take is
+        super().cut(condition, text)
 
     def stream_error(self, exc: StreamError) -> None:
         if not self.closing:

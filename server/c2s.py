@@ -133,6 +133,7 @@ class C2SConnection(StreamEdge):
     # for another carrier is labelled by its class name without 'Connection' (WebSocketConnection:
     # 'websocket') unless it names its own.
     transport_label = "tcp"
+    backpressure = True
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -165,8 +166,6 @@ class C2SConnection(StreamEdge):
         self._sasl2: Request | None = None  # the <authenticate/> under way
         self._upgrade: Upgrade | None = None  # its upgrade task (XEP-0480), between the proof and the success
         self.after_success: list[Callable[[], None]] = []  # what modules write after a SASL2 <success/>
-        self._writable = asyncio.Event()  # cleared while the socket's write buffer is above its high mark
-        self._writable.set()
 
     def __repr__(self) -> str:
         who = f" {self.session.jid}" if self.session is not None else ""
@@ -178,6 +177,7 @@ class C2SConnection(StreamEdge):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.remote_ip = peer[0] if peer else ""
+        self._bound_write_buffer()  # a Direct TLS listener's transport
         if not self.server.admit(self):
             transport.abort()
             self.closing = True
@@ -203,18 +203,32 @@ class C2SConnection(StreamEdge):
                 session.closed = True
                 self.server.end_session_soon(session)
 
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
     def resume_writing(self) -> None:
-        self._writable.set()
+        super().resume_writing()
         self.server.output.held(self, 0)
 
     def flush(self) -> None:
         """Write, and count what the client does not read fast enough against the server's output budget."""
         super().flush()
-        if not self._writable.is_set() and self.transport is not None and not self.closing:
-            self.server.hold_output(self, self.transport.get_write_buffer_size())
+        if self._write_paused and self.transport is not None and not self.closing:
+            self.server.hold_output(self, self.unsent())
+
+    def output_timeout(self) -> float:
+        return self.limits.output_timeout
+
+    def cut(self, condition: str, text: str) -> None:
+        """As the edge's, and the session leaves the connection now rather than when the client lets it go (up
+        to CLOSE_GRACE later), so that nothing piles up, parsed, for a client that does not read: a resumable
+        one waits for the client to resume (it did not close its stream: XEP-0198 7), stream management
+        queueing what comes meanwhile; any other ends, what comes going to other resources or offline."""
+        session = self.session
+        super().cut(condition, text)
+        if session is not None and self.session is session:
+            self.session = None
+            session.closed = False  # as close() marked it: not closed if it waits for a resumption
+            if session.hibernate is None or not session.hibernate():
+                session.closed = True
+                self.server.end_session_soon(session)
 
     async def room(self, wait: bool) -> int:
         """The session's flow control without stream management: any number of stanzas, once the socket's
@@ -222,7 +236,7 @@ class C2SConnection(StreamEdge):
         self.flush()
         if wait:
             await self._writable.wait()
-        return sys.maxsize if self._writable.is_set() else 0
+        return 0 if self._write_paused else sys.maxsize
 
     def close(self) -> None:
         self.state = advance(self.state, Event.CLOSE)

@@ -89,6 +89,7 @@ class LimitsConfig:
     auth_lockout: float = 60.0
     offline_quota: int = 1000
     max_output_total: int = 256 * 1024 * 1024  # bytes held for clients that read slower than written, together
+    output_timeout: float = 60.0  # seconds a client may leave its output blocked, reading nothing
 
 
 @dataclass
@@ -511,6 +512,7 @@ def _limits(table: _Table) -> LimitsConfig:
         auth_lockout=table.seconds("auth_lockout", d.auth_lockout, 0),
         offline_quota=table.integer("offline_quota", d.offline_quota, minimum=1),
         max_output_total=table.integer("max_output_total", d.max_output_total, minimum=1),
+        output_timeout=table.seconds("output_timeout", d.output_timeout, 0),
     )
     table.finish()
     return limits

@@ -211,10 +211,9 @@ class Server:
     def hold_output(self, conn: C2SConnection, size: int) -> None:
         """Close the connections holding the most output once all together hold more than the budget."""
         for over in self.output.held(conn, size):
-            log.warning("closing %r: clients hold more than %d bytes of output unread (this one %d)", over,
-                        self.output.total, over.transport.get_write_buffer_size() if over.transport else 0)
-            if over.transport is not None:
-                over.transport.abort()
+            # The server lacks the memory to serve it (RFC 6120 4.9.3.17), though it may read slowly, not never.
+            over.cut("resource-constraint",
+                     f"clients hold more than {self.output.total} bytes of output unread (this one {over.unsent()})")
 
     def forget(self, conn: C2SConnection) -> None:
         """A connection is gone."""

@@ -3,10 +3,11 @@
 It is an ordinary C2SConnection: the same negotiation table, SASL, binding, modules, limits and sessions,
 so a browser's session is a client session like any other. What differs is the carrier: the connection
 writes whole top-level elements, one per message, through a `MessageTransport` that stands where the
-socket's transport would, so the edge's output batching, write-buffer cap and the server's output budget
-apply unchanged. Its address is the client's (`server.http.Peer`, the forwarded one behind a trusted
-proxy), and it counts as TLS when the HTTP request came over TLS, to us or to a proxy we trust. There is no
-STARTTLS (TLS is the HTTP layer's) and no whitespace keepalive (each transport has its own).
+socket's transport would, so the edge's output batching, write-buffer cap, backpressure (`pause_reading`
+stops the WebSocket's reading loop) and the server's output budget apply unchanged. Its address is the
+client's (`server.http.Peer`, the forwarded one behind a trusted proxy), and it counts as TLS when the HTTP
+request came over TLS, to us or to a proxy we trust. There is no STARTTLS (TLS is the HTTP layer's) and no
+whitespace keepalive (each transport has its own).
 """
 
 from __future__ import annotations

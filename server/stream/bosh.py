@@ -226,6 +226,7 @@ class BoshSession:
         self._held: dict[int, float] = {}  # handled, waiting for output: rid -> when it must be answered empty
         self._answered: OrderedDict[int, str] = OrderedDict()  # the last `requests` answers, for replays
         self._output: list[str] = []
+        self.output_size = 0  # characters in _output: what waits for a request to carry it
         self._greeting = greeting  # the creation response's attributes, sent with the first answer
         self._last_request: float | None = None  # when the last request came (none yet: the first is coming)
 
@@ -275,10 +276,12 @@ class BoshSession:
 
     def write(self, data: str) -> None:
         self._output.append(data)
+        self.output_size += len(data)
 
     def take_output(self) -> list[str]:
         """What was written and not yet answered with (the session ended without a request to carry it)."""
         output, self._output = self._output, []
+        self.output_size = 0
         return output
 
     def flush(self, now: float) -> list[Answer]:
@@ -306,8 +309,7 @@ class BoshSession:
         for rid in sorted([*self._held, *self._waiting]):
             self._held.pop(rid, None)
             self._waiting.pop(rid, None)
-            body = terminal(condition, "".join(self._output))
-            self._output.clear()
+            body = terminal(condition, "".join(self.take_output()))
             self._keep(rid, body)
             answers.append(Answer(rid, body))
         return answers
@@ -323,8 +325,7 @@ class BoshSession:
     def _answer(self, rid: int, now: float) -> Answer:
         del self._held[rid]
         attrs, self._greeting = self._greeting, {}
-        body = body_text(attrs, "".join(self._output))
-        self._output.clear()
+        body = body_text(attrs, "".join(self.take_output()))
         self._keep(rid, body)
         if not self._held:
             self.idle_since = now

@@ -4,6 +4,17 @@ Input over the read-rate budget waits unparsed until it has been paid for; parse
 in order by one task per burst, so a slow database lookup for one stanza never reorders the next;
 output written during one loop iteration leaves in one transport write. STARTTLS, the same for clients
 and servers, is here too; what a certificate must prove stays with each kind of stream.
+
+Output is held here, not in the transport, while the peer does not take it: the transport gets at most
+WRITE_CHUNK at a time and nothing while it asks for a pause (asyncio's pause_writing, over its high-water
+mark). A TLS transport counts only what it has not yet encrypted: what it encrypted is handed whole to
+the TCP transport below, out of sight, so a burst written in one go (200 answers of 60 kB to a client
+that reads nothing: 12 MB in one write) escaped every cap. While its output is blocked a client is not
+read and what it sent already is not handled (`backpressure`: a client that asks without reading gets no
+more answers than the buffers hold), and a peer that leaves more than WRITE_BUFFER_LIMIT unread, or takes
+nothing for `output_timeout()` seconds, is cut with a stream error: <policy-violation/> for the first (the
+policy named in the error's text, RFC 6120 4.9.3.14), <connection-timeout/> for the second (a peer that
+takes nothing has, as far as we can tell, lost the ability to communicate, RFC 6120 4.9.3.4).
 """
 
 from __future__ import annotations
@@ -26,13 +37,24 @@ from server.tls import handshake_failure
 
 log = logging.getLogger("parley.stream")
 
-WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # a peer that lets this much pile up is not reading: drop it
+WRITE_BUFFER_LIMIT = 16 * 1024 * 1024  # a peer that leaves this much unread (here and in the transport): cut it
+# The transport's buffer over which it asks for a pause: asyncio's for plain TCP; TLS transports default to
+# 512 KiB, which a thousand stalled clients would hold each.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_CHUNK = 64 * 1024  # most output handed to the transport in one write (one larger element goes whole)
+OUTPUT_TIMEOUT = 60.0  # seconds output may stay blocked before the peer is cut, unless a subclass says otherwise
+CLOSE_GRACE = 10.0  # seconds a closed stream has to take its last words before the connection is cut
 _connection_ids = itertools.count(1)
 PROCEED = serialize(Element(ns.qname(ns.TLS, "proceed")))
 
 
 class StreamEdge(asyncio.Protocol):
     """Subclasses implement `handle(event)`, and `before_error()` when an error needs a header first."""
+
+    # While output is blocked, read the peer no further and handle none of its input: for clients, whose
+    # requests make most of what they are sent. Not for servers and components, which send on their own: two
+    # that did it on a link carrying both directions could each wait for the other to read, until cut.
+    backpressure = False
 
     def __init__(self, parser: StreamParser, bucket: TokenBucket) -> None:
         self.conn_id = next(_connection_ids)  # tells connections apart in the logs
@@ -45,8 +67,14 @@ class StreamEdge(asyncio.Protocol):
         self._events: deque[object] = deque()
         self._held: list[bytes] = []  # input received over the read-rate budget, not yet parsed
         self._worker: asyncio.Task[None] | None = None
-        self._out: list[str] = []
+        self._out: deque[bytes] = deque()  # output the transport has not been given yet
+        self._queued = 0  # bytes in _out
         self._flush_pending = False
+        self._write_paused = False  # the transport asked for no more output (pause_writing)
+        # Set while the worker and flow control may go on: output is not blocked, or the stream is ending.
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._stall: asyncio.TimerHandle | None = None  # cuts the peer when output stays blocked too long
         self._finishing = False  # the server is shutting down: read nothing more, handle what was read
 
     async def handle(self, event: object) -> None:
@@ -65,12 +93,37 @@ class StreamEdge(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        """Close the stream after what was written: all of it goes to the transport, paused or not, and a
+        peer that has not taken it CLOSE_GRACE seconds later is cut (a closing transport would hold it for
+        as long as the peer does not read)."""
         if self.closing:
             return
-        self.flush()
+        self._flush_pending = False
+        self._write_out(everything=True)
         self.closing = True
+        self._unblock()
         if self.transport is not None:
             self.transport.close()
+            asyncio.get_running_loop().call_later(CLOSE_GRACE, self.transport.abort)
+
+    def cut(self, condition: str, text: str) -> None:
+        """End the stream of a peer that does not take its output: what it did not take is dropped and the
+        stream error goes behind what the transport holds already, for a peer that reads again in time."""
+        if self.closing:
+            return
+        log.warning("closing %r: %s", self, text)
+        self._out.clear()
+        self._queued = 0
+        self.stream_error(StreamError(condition, text))
+
+    def unsent(self) -> int:
+        """Bytes written to the peer and not yet handed to the kernel: held here and in the transport (a
+        TLS transport's part; the TCP transport under it holds at most its high-water mark and a chunk)."""
+        return self._queued + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
+
+    def output_timeout(self) -> float:
+        """Seconds output may stay blocked, the peer taking nothing, before it is cut."""
+        return OUTPUT_TIMEOUT
 
     # --- input ------------------------------------------------------------------------------------
 
@@ -78,6 +131,7 @@ class StreamEdge(asyncio.Protocol):
         """Stop reading and handle what was read: the events parsed, and the input held back by the read-rate
         budget (a server that shuts down answers or stores what a client sent before it closes the stream)."""
         self._finishing = True
+        self._writable.set()  # a worker waiting for the peer to read handles the rest now
         if self.transport is not None and not self.closing:
             self.transport.pause_reading()
         if self._held:
@@ -85,6 +139,11 @@ class StreamEdge(asyncio.Protocol):
             self._feed(held)
         while self._worker is not None:
             await asyncio.wait([self._worker])
+
+    def _reading_wanted(self) -> bool:
+        """Whether to read the peer: not while input waits for the read-rate budget, output is blocked,
+        or the stream is ending."""
+        return not (self._held or self._write_paused or self._finishing or self.closing)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -109,7 +168,7 @@ class StreamEdge(asyncio.Protocol):
         if self.closing:
             return
         self._feed(held)
-        if self.transport is not None and not self.closing and not self._finishing:
+        if self.transport is not None and self._reading_wanted():
             self.transport.resume_reading()
 
     def _feed(self, data: bytes) -> None:
@@ -128,6 +187,10 @@ class StreamEdge(asyncio.Protocol):
     async def _drain(self) -> None:
         try:
             while self._events and not self.closing:
+                if self.backpressure and (self._write_paused or self._queued >= WRITE_CHUNK):
+                    await self._output_room()
+                    if self.closing:
+                        break
                 event = self._events.popleft()
                 try:
                     await self.handle(event)
@@ -139,6 +202,13 @@ class StreamEdge(asyncio.Protocol):
         finally:
             self._worker = None
 
+    async def _output_room(self) -> None:
+        """Before handling more of what the peer sent: write what is queued, and wait while the peer does not
+        take it (a shutdown handles what was read regardless)."""
+        self.flush()
+        while self._write_paused and not self.closing and not self._finishing:
+            await self._writable.wait()
+
     # --- output -----------------------------------------------------------------------------------
 
     def write(self, data: str) -> None:
@@ -146,22 +216,84 @@ class StreamEdge(asyncio.Protocol):
             return
         if trace.enabled():
             trace.sent(self, data)
-        self._out.append(data)
+        encoded = data.encode()
+        self._out.append(encoded)
+        self._queued += len(encoded)
         if not self._flush_pending:
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
+        """Hand the queued output to the transport while it takes it; cut a peer that leaves too much."""
         self._flush_pending = False
-        if self._out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write("".join(self._out).encode())
+        self._write_out(everything=False)
+        if self._write_paused and not self.closing and self.unsent() > WRITE_BUFFER_LIMIT:
+            self.cut("policy-violation", f"more than {WRITE_BUFFER_LIMIT} bytes of output unread")
+
+    def _write_out(self, everything: bool) -> None:
+        """Write the queue in chunks of WRITE_CHUNK (whole elements: a WebSocket frames each), until the
+        transport asks for a pause, or all of it when `everything`."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._out.clear()
+            self._queued = 0
+            return
+        out = self._out
+        while out and (everything or not self._write_paused) and not transport.is_closing():
+            first = out.popleft()
+            size = len(first)
+            if out and size + len(out[0]) <= WRITE_CHUNK:
+                chunk = [first]
+                while out and size + len(out[0]) <= WRITE_CHUNK:
+                    chunk.append(out.popleft())
+                    size += len(chunk[-1])
+                first = b"".join(chunk)
+            self._queued -= size
+            transport.write(first)
             self.last_write = time.monotonic()
-            if self.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-                log.warning("closing %r: the peer does not read (%d bytes queued)", self,
-                            self.transport.get_write_buffer_size())
-                self._out.clear()
-                self.transport.abort()
-        self._out.clear()
+
+    def pause_writing(self) -> None:
+        """The transport holds more than its high-water mark: queue output here, stop reading the peer and
+        handling its input (with `backpressure`), and cut it if it takes nothing for `output_timeout()`
+        seconds."""
+        if self._write_paused or self.closing:
+            return
+        self._write_paused = True
+        if not self._finishing:
+            self._writable.clear()
+        if self.backpressure and self.transport is not None:
+            self.transport.pause_reading()
+        self._stall = asyncio.get_running_loop().call_later(self.output_timeout(), self._stalled)
+
+    def resume_writing(self) -> None:
+        """The peer took enough: write on, read on."""
+        self._write_paused = False
+        self._unblock()
+        if self.transport is not None and self._reading_wanted():
+            self.transport.resume_reading()
+        if self._out and not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def _unblock(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        self._writable.set()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self._write_paused and not self.closing:
+            self.cut("connection-timeout", f"output unread for {self.output_timeout():g} s "
+                     f"({self.unsent()} bytes waiting)")
+
+    def _bound_write_buffer(self) -> None:
+        """Give a TLS transport the high-water mark of a plain one (see WRITE_HIGH_WATER). Looked up rather
+        than checked with isinstance: uvloop's transports do not derive from asyncio's, and a WebSocket
+        session's MessageTransport has no limits of its own."""
+        limits = getattr(self.transport, "set_write_buffer_limits", None)
+        if limits is not None:
+            limits(high=WRITE_HIGH_WATER)
 
     def send(self, el: Element) -> None:
         self.write(serialize(el))
@@ -182,7 +314,7 @@ class StreamEdge(asyncio.Protocol):
         A handshake that times out leaves asyncio silent, so the loss is reported here (connection_lost
         must bear a second call).
         """
-        self.flush()
+        self._write_out(everything=True)  # <proceed/> goes in the clear, whatever the transport's buffer holds
         self.parser.reset()
         failure: BaseException | None = None
         try:
@@ -198,5 +330,6 @@ class StreamEdge(asyncio.Protocol):
             self.connection_lost(failure)
             return False
         self.transport = transport
+        self._bound_write_buffer()
         self.secure = True
         return True
