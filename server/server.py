@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -85,7 +84,7 @@ class Server:
         self.services: dict[str, Callable[[Stanza], Awaitable[None]]] = {}
         self.storage: Storage = None  # type: ignore[assignment]  # set by start()
         self.tls: TlsContexts | None = None
-        self.secret = os.urandom(32)
+        self.secret = b""  # set by start(): the key of the salts SCRAM makes up for unknown accounts
         self.connections: set[C2SConnection] = set()
         self.auth_throttle = AuthThrottle(limits.auth_max_failures, lockout=limits.auth_lockout)
         self.ip_counter = ConnectionCounter(limits.max_connections_per_ip)
@@ -118,6 +117,8 @@ class Server:
         if not self.max_connections:
             self.max_connections = max(16, fd_limit - FD_RESERVE)
         self.storage = await open_storage(config.storage.url)
+        # Kept in storage, so that a made-up salt stays the same across restarts and the processes of a cluster.
+        self.secret = await self.storage.kv.host_secret("", "scram")
         self.metrics.start()
         certs = {}
         for name, hc in config.hosts.items():

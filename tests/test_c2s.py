@@ -153,6 +153,26 @@ async def test_unknown_user_fails_like_a_wrong_password(server: Harness) -> None
     assert result.find(f"{{{SASL}}}not-authorized") is not None
 
 
+async def test_an_unknown_users_salt_outlives_a_restart(server: Harness) -> None:
+    """The salt made up for an account that does not exist must not change when the server restarts (or differ
+    between the processes of a cluster) while real accounts' salts stay: the change would tell them apart."""
+
+    async def salt_of(user: str) -> str:
+        raw = await tls_raw(server)
+        await raw.open()
+        await raw.expect(f"{{{STREAMS}}}features")
+        client = ScramClient("SCRAM-SHA-256", user, "whatever")
+        first = base64.b64encode(client.first()).decode()
+        await raw.send(f"<auth xmlns='{SASL}' mechanism='SCRAM-SHA-256'>{first}</auth>")
+        challenge = base64.b64decode((await raw.next()).text).decode()
+        raw.writer.close()
+        return dict(part.split("=", 1) for part in challenge.split(","))["s"]
+
+    before = await salt_of("nobody")
+    await server.restart()
+    assert await salt_of("nobody") == before
+
+
 async def test_unknown_host(server: Harness) -> None:
     raw = await server.raw()
     await raw.open(to="elsewhere.example")
