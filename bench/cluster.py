@@ -624,7 +624,8 @@ async def bench_cluster(mode: str, node_counts: list[int], redis_url: str | None
     schema = f"parley_bench_{uuid.uuid4().hex[:12]}"
     run = Run(workdir, size, redis, f"{postgres_url}?schema={schema}", schema, random.Random(seed))
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": mode, "sizes": size,
-                               "parley_checkout": checkout(), "machine_before": machine(), "by_nodes": {}}
+                               "parley_checkout": checkout(), "machine_before": machine(), "postgres_schema": schema,
+                               "by_nodes": {}}
     started = time.monotonic()
     try:
         await redis.start()
