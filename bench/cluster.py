@@ -160,6 +160,7 @@ class RedisUnderTest:
         except OSError:
             cpu = float("nan")  # a Redis elsewhere
         return {"publications": commands.get("cmdstat_publish", {}).get("calls", 0),
+                "commands": stats["total_commands_processed"],
                 "bytes_in": stats["total_net_input_bytes"], "bytes_out": stats["total_net_output_bytes"],
                 "cpu_s": cpu}
 
@@ -308,11 +309,13 @@ async def login_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
 
     tasks = [asyncio.create_task(client(i)) for i in range(size["clients"])]
     await asyncio.sleep(size["login_warmup"])
+    before = await run.redis.counters()
     cpu = Cpu(nodes)
     state["measuring"] = True
     await asyncio.sleep(size["login_duration"])
     state["measuring"] = False
     spent = cpu.spent()
+    after = await run.redis.counters()
     state["stop"] = True
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
@@ -320,6 +323,7 @@ async def login_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
         task.cancel()
     node_cpu = sum(spent[node.node] for node in nodes)
     p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
+    logins = state["count"]
     return {
         "logins_per_s": state["count"] / spent["wall"],
         "login_p50_ms": p50 * 1000 if p50 is not None else None,
@@ -328,6 +332,8 @@ async def login_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
         "node_cpu_percent": 100 * node_cpu / spent["wall"],
         "generator_cpu_percent": 100 * spent["generator"] / spent["wall"],
         "logins": state["count"],
+        "redis_commands_per_login": (after["commands"] - before["commands"]) / logins if logins else None,
+        "redis_bytes_in_per_login": (after["bytes_in"] - before["bytes_in"]) / logins if logins else None,
     }
 
 
@@ -342,9 +348,11 @@ def place(users: list[str], nodes: list[ClusterNode], how: str, rng: random.Rand
 
 
 async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "random", duration: float | None = None,
-                           probe: Callable[[], Awaitable[dict[str, int]]] | None = None) -> dict[str, Any]:
-    """P pairs placed as `place` says; counts kept apart for the pairs whose two users are on different nodes.
-    `probe` is read at the start and the end of the measured window."""
+                           probe: Callable[[], Awaitable[dict[str, float]]] | None = None,
+                           window: int | None = None) -> dict[str, Any]:
+    """P pairs placed as `place` says, each sender keeping `window` messages in flight; counts kept apart for the
+    pairs whose two users are on different nodes. `probe` is read at the start and the end of the measured
+    window."""
     size = run.size
     users = [f"u{i}" for i in range(2 * size["pairs"])]
     placement = place(users, nodes, how, run.rng)
@@ -358,10 +366,11 @@ async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "rando
         sender, receiver = users[2 * i], users[2 * i + 1]
         if sender in by_user and receiver in by_user:
             stats = cross if placement[sender] is not placement[receiver] else local
-            pairs.append(Pair(by_user[sender], by_user[receiver], size["window"], stats))
+            pairs.append(Pair(by_user[sender], by_user[receiver], window or size["window"], stats))
     if not pairs:
         raise LoginError("no pair of users could log in")
     await asyncio.sleep(0.5)  # the initial presences settle before the first message
+    early = local["received"] + cross["received"]  # messages of an earlier phase, out of offline storage
     for pair in pairs:
         pair.fill()
     await asyncio.sleep(size["warmup"])
@@ -378,7 +387,7 @@ async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "rando
     deadline = time.monotonic() + 5
     while (local["received"] + cross["received"] < local["sent"] + cross["sent"]) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    lost = local["sent"] + cross["sent"] - local["received"] - cross["received"]
+    lost = local["sent"] + cross["sent"] - local["received"] - cross["received"] + early
     for conn in conns:
         conn.close()
     delivered = local["delivered"] + cross["delivered"]
@@ -397,7 +406,8 @@ async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "rando
         "cross_share": crossed / delivered if delivered else None,
         "cross_pairs": sum(1 for pair in pairs if pair.stats is cross), "pairs": len(pairs),
         "delivered": delivered, "cross_delivered": crossed, "sent_total": local["sent"] + cross["sent"],
-        "lost": lost, "bounced": local["bounced"] + cross["bounced"], "seconds": round(spent["wall"], 2),
+        "lost": lost, "lost_crossing": cross["sent"] - cross["received"], "received_before_sending": early,
+        "bounced": local["bounced"] + cross["bounced"], "seconds": round(spent["wall"], 2),
         "redis_publications_per_s": redis["publications"] / spent["wall"],
         "redis_messages_per_publication": crossed / redis["publications"] if redis["publications"] else None,
         "redis_bytes_in_per_cross_message": redis["bytes_in"] / crossed if crossed else None,
@@ -455,10 +465,11 @@ async def archive_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
     conn = await asyncpg.connect(run.storage_url.replace("+asyncpg", "").split("?")[0])
     table = f'"{run.schema}".archive'
 
-    async def stored() -> dict[str, int]:
+    async def stored() -> dict[str, float]:
         rows = await conn.fetchval(f"SELECT count(*) FROM {table}")
         size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
-        return {"rows": int(rows), "bytes": int(size)}
+        wal = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+        return {"rows": int(rows), "bytes": int(size), "wal_bytes": float(wal), "postgres_cpu_s": postgres_cpu()}
 
     try:
         before = await stored()
@@ -474,7 +485,22 @@ async def archive_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
     result["archive_rows_per_sent_message"] = rows / result["sent_total"] if result["sent_total"] else None
     result["archive_bytes_per_row"] = (after["bytes"] - before["bytes"]) / rows if rows else None
     result["archive_rows"] = rows
+    if window["rows"]:
+        # The whole PostgreSQL server's, which other users of it share: upper bounds.
+        result["postgres_wal_bytes_per_row_max"] = window["wal_bytes"] / window["rows"]
+        result["postgres_cpu_us_per_row_max"] = 1e6 * window["postgres_cpu_s"] / window["rows"]
     return result
+
+
+def postgres_cpu() -> float:
+    """CPU seconds of every process named postgres on this machine (its server and every backend)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{entry}/comm") as fh:
+                if fh.read().strip() == "postgres":
+                    total += schedstat_seconds(int(entry))
+    return total
 
 
 
@@ -606,11 +632,17 @@ async def _phase(run: Run, name: str, count: int, body: Callable[[Run, list[Clus
 
 
 async def _login_and_throughput(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
-    """Logins, then the pairs at random; with several nodes, the pairs again with every pair crossing nodes, whose
-    CPU per message beside one node's is what crossing costs (once is enough: a message crosses one hop at most)."""
+    """Logins, then the pairs at random; with two nodes, the pairs again with every pair crossing nodes, whose CPU
+    per message beside one node's is what crossing costs (once is enough: a message crosses one hop at most);
+    with one and two nodes, the same at one message in flight per pair."""
     result = {"login": await login_phase(run, nodes), "throughput": await throughput_phase(run, nodes)}
     if len(nodes) == 2:
         result["throughput_cross"] = await throughput_phase(run, nodes, "cross")
+    if len(nodes) <= 2:
+        # One message in flight per pair: small batches per turn, as on a node that is not busy (1 node: all
+        # local, 2 nodes: all crossing).
+        result["trickle"] = await throughput_phase(run, nodes, "local" if len(nodes) == 1 else "cross",
+                                                   duration=run.size["duration"] / 2, window=1)
     return result
 
 
@@ -658,6 +690,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("login", "logins_per_s", "logins/s (random node)"),
     ("login", "login_p50_ms", "login p50 ms"),
     ("login", "node_cpu_ms_per_login", "nodes' CPU ms per login"),
+    ("login", "redis_commands_per_login", "Redis commands per login (and close)"),
+    ("login", "redis_bytes_in_per_login", "Redis bytes in per login (and close)"),
     ("throughput", "messages_per_s", "messages/s"),
     ("throughput", "latency_p50_ms", "latency p50 ms"),
     ("throughput", "latency_p99_ms", "latency p99 ms"),
@@ -675,6 +709,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("throughput_cross", "redis_messages_per_publication", "  cross-node messages per publication"),
     ("throughput_cross", "redis_bytes_in_per_cross_message", "  Redis bytes in per cross-node message"),
     ("throughput_cross", "redis_cpu_us_per_cross_message", "  Redis CPU us per cross-node message"),
+    ("trickle", "messages_per_s", "messages/s, 1 in flight per pair (2 nodes: crossing)"),
+    ("trickle", "latency_p50_ms", "  latency p50 ms"),
+    ("trickle", "node_cpu_us_per_message", "  nodes' CPU us per message"),
+    ("trickle", "redis_messages_per_publication", "  cross-node messages per publication"),
+    ("trickle", "redis_cpu_us_per_cross_message", "  Redis CPU us per cross-node message"),
 ]
 
 
@@ -718,7 +757,9 @@ def render_table(results: dict[str, Any]) -> str:
                 f"{_fmt(archive['archive_rows_per_s'])} archive rows/s committed, "
                 f"{_fmt(archive['archive_rows_per_sent_message'])} rows per message sent, "
                 f"{_fmt(archive['archive_bytes_per_row'])} bytes per row (table and indexes), "
-                f"nodes' CPU {_fmt(archive['node_cpu_us_per_message'])} us per message"]
+                f"nodes' CPU {_fmt(archive['node_cpu_us_per_message'])} us per message; the whole PostgreSQL server "
+                f"(shared): at most {_fmt(archive.get('postgres_cpu_us_per_row_max'))} us CPU and "
+                f"{_fmt(archive.get('postgres_wal_bytes_per_row_max'))} WAL bytes per row"]
     elif archive:
         notes.append(f"archive: {archive['error']}")
     probe = results.get("redis_alone")
@@ -731,10 +772,12 @@ def render_table(results: dict[str, Any]) -> str:
     elif probe:
         notes.append(f"Redis alone: {probe['error']}")
     for count in counts:
-        entry = results["by_nodes"][count].get("throughput", {})
-        if entry.get("lost") or entry.get("bounced"):
-            notes.append(f"{count} nodes: {entry['lost']} messages not delivered 5 s after sending stopped, "
-                         f"{entry['bounced']} bounced")
+        for phase in ("throughput", "throughput_cross", "trickle"):
+            entry = results["by_nodes"][count].get(phase, {})
+            if entry.get("lost") or entry.get("bounced") or entry.get("received_before_sending"):
+                notes.append(f"{count} nodes, {phase}: {entry['lost']} messages not delivered 5 s after sending "
+                             f"stopped (negative: more received than sent), {entry['bounced']} bounced, "
+                             f"{entry['received_before_sending']} received before the first was sent")
     redis = results.get("redis", {})
     if redis and not redis.get("private"):
         notes.append(f"Redis at {redis['url']} is shared: its counters and CPU include other clients' work")
