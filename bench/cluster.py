@@ -193,6 +193,7 @@ class Run:
     storage_url: str
     schema: str
     rng: random.Random
+    starttls: bool = False  # the remote-sessions phase's sessions over STARTTLS (their memory with TLS)
     errors: int = 0
     first_errors: list[str] | None = None
     prefixes: list[str] | None = None
@@ -427,13 +428,13 @@ async def remote_sessions_phase(run: Run, nodes: list[ClusterNode]) -> dict[str,
     member_b = f"{b.node}/0"
     await quiet(nodes)
     empty = {"sessions_a": 0, "sessions_b": 0, "rss_a_kib": rss_kib(a.worker_pid), "rss_b_kib": rss_kib(b.worker_pid)}
-    conns = await login_many(run, [(f"u{i}", a) for i in range(size["local"])], LoginOptions())
+    options = LoginOptions(starttls=run.starttls)
+    conns = await login_many(run, [(f"u{i}", a) for i in range(size["local"])], options)
     held, on_b, steps = len(conns), 0, []
     try:
         for target in size["remote"]:
             wanted = target - on_b
-            conns += await login_many(run, [(f"u{size['local'] + on_b + i}", b) for i in range(wanted)],
-                                      LoginOptions())
+            conns += await login_many(run, [(f"u{size['local'] + on_b + i}", b) for i in range(wanted)], options)
             on_b = target
             deadline = time.monotonic() + 30
             while await run.redis.sessions(b.prefix, member_b) < len(conns) - held and time.monotonic() < deadline:
@@ -449,6 +450,7 @@ async def remote_sessions_phase(run: Run, nodes: list[ClusterNode]) -> dict[str,
     remote = last["sessions_b"] - first["sessions_b"]
     grown = last["sessions_b"] - steps[1]["sessions_b"] if len(steps) > 2 else 0
     return {
+        "starttls": run.starttls,
         "steps": [empty, *steps],
         "local_per_session_kib_a": (first["rss_a_kib"] - empty["rss_a_kib"]) / held if held else None,
         "per_remote_session_bytes": 1024 * (last["rss_a_kib"] - first["rss_a_kib"]) / remote if remote else None,
@@ -647,14 +649,14 @@ async def _login_and_throughput(run: Run, nodes: list[ClusterNode]) -> dict[str,
 
 
 async def bench_cluster(mode: str, node_counts: list[int], redis_url: str | None, postgres_url: str,
-                        workdir: Path, seed: int = 1) -> dict[str, Any]:
+                        workdir: Path, starttls: bool = False, seed: int = 1) -> dict[str, Any]:
     """Every phase in turn; the results as one JSON-able dict with its table."""
     from bench.run import checkout, machine
 
     size = {**SIZES[mode], "nodes": node_counts}
     redis = RedisUnderTest(workdir, redis_url)
     schema = f"parley_bench_{uuid.uuid4().hex[:12]}"
-    run = Run(workdir, size, redis, f"{postgres_url}?schema={schema}", schema, random.Random(seed))
+    run = Run(workdir, size, redis, f"{postgres_url}?schema={schema}", schema, random.Random(seed), starttls)
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": mode, "sizes": size,
                                "parley_checkout": checkout(), "machine_before": machine(), "postgres_schema": schema,
                                "by_nodes": {}}
@@ -742,7 +744,8 @@ def render_table(results: dict[str, Any]) -> str:
     notes = [f"{c} nodes: {results['by_nodes'][c]['error']}" for c in counts if "error" in results["by_nodes"][c]]
     remote = results.get("remote_sessions")
     if remote and "error" not in remote:
-        out += ["", "remote sessions (2 nodes): B sessions  A RSS MiB  B RSS MiB"]
+        tls = ", over STARTTLS" if remote.get("starttls") else ""
+        out += ["", f"remote sessions (2 nodes{tls}): B sessions  A RSS MiB  B RSS MiB"]
         out += [f"  {s['sessions_b']:>6}  {s['rss_a_kib'] / 1024:9.1f}  {s['rss_b_kib'] / 1024:9.1f}"
                 + ("   (before A's sessions)" if i == 0 else "") for i, s in enumerate(remote["steps"])]
         out.append(f"  A, holding {remote['steps'][1]['sessions_a']} sessions, grows "
@@ -807,12 +810,15 @@ def main(argv: list[str] | None = None) -> int:
                                         "include other clients' work)")
     parser.add_argument("--postgres", default=POSTGRES_URL, help=f"PostgreSQL database (default {POSTGRES_URL}); "
                                                                  "the run makes its own schema and drops it")
+    parser.add_argument("--starttls", action="store_true", help="the remote-sessions phase's sessions log in over "
+                                                                    "STARTTLS (what a session costs with TLS)")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = parser.parse_args(argv)
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     workdir = Path(tempfile.mkdtemp(prefix="parley-bench-cluster-"))
-    job = bench_cluster(mode_name, args.nodes or SIZES[mode_name]["nodes"], args.redis, args.postgres, workdir)
+    job = bench_cluster(mode_name, args.nodes or SIZES[mode_name]["nodes"], args.redis, args.postgres, workdir,
+                        args.starttls)
     try:
         try:
             import uvloop
