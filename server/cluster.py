@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -498,16 +499,26 @@ class Cluster:
         await self._read_members()
 
     async def _republish(self) -> None:
-        """Publish this member's sessions afresh and tell every member to forget what it knew of them."""
+        """Publish this member's sessions afresh and tell every member to forget what it knew of them. If
+        their published states are gone, another member may have ended them as those of a lost member: their
+        presence goes out again, so that contacts see them back."""
         assert self._redis is not None
+        local = self.sessions.all()
+        taken = bool(local) and not await self._redis.exists(self.sessions_key(self.member))
         await self._announce()
         await self._redis.delete(self.sessions_key(self.member))
         await self._read_members()
         for member in self._members:
             if member != self.member:
                 self._queue(member, "x")
-        for session in self.sessions.all():
+        for session in local:
             self.changed(session)
+        if taken:
+            for session in local:
+                if session.presence is not None and not session.closed:
+                    presence = copy.deepcopy(session.presence)
+                    presence.attrib.pop("to", None)
+                    await self.server.router.route(Stanza(presence, "presence", session.jid, None, origin=session))
 
     # --- Redis out of reach ------------------------------------------------------------------------------
 
@@ -617,13 +628,13 @@ class Cluster:
             dirty, self._dirty = self._dirty, {}
             states = {str(jid): session_state(s) for jid, s in dirty.items() if not s.ended}
             pipe = self._redis.pipeline(transaction=False)
-            batches: list[list[str]] = []
+            batches: list[tuple[str, list[str]]] = []
             for member, frames in self._out.items():
                 if frames:
                     if dirty:
                         frames[:] = [_resolve(frame, states) for frame in frames]
                     pipe.publish(self.channel(member), f"{self.member}{FRAME}{FRAME.join(frames)}")
-                    batches.append(list(frames))
+                    batches.append((member, list(frames)))
                     frames.clear()
             for jid, state in states.items():
                 pipe.hset(self.sessions_key(self.member), jid, state)
@@ -632,13 +643,38 @@ class Cluster:
                 pipe.hdel(self.sessions_key(self.member), *gone)
             self._sending = True
             try:
-                await pipe.execute()
+                results = await pipe.execute()
             except (redis.RedisError, OSError) as exc:
                 self.disconnected(f"publishing to Redis failed: {exc}")
-                for frames in batches:
+                for _, frames in batches:
                     await self._bounce(frames)
+                continue
             finally:
                 self._sending = False
+            for (member, frames), listeners in zip(batches, results, strict=False):
+                if listeners == 0:  # nobody reads its channel: it died, before its heartbeat could lapse
+                    await self._unheard(member, frames)
+
+    async def _unheard(self, member: str, frames: list[str]) -> None:
+        """Frames that reached no one: the member is lost, and the stanzas for it are routed as if it had found
+        their sessions gone (messages to the user's other resources or offline storage)."""
+        if member in self._members:
+            self._members = [m for m in self._members if m != member]
+            self._member_lost(member)
+        for frame in frames:
+            kind, _, rest = frame.partition(FIELD)
+            try:
+                if kind == "s":
+                    jid, _, data = rest.partition(FIELD)
+                    el = parse_stored(data)
+                    await self._undeliverable(Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""),
+                                                     JID.parse(jid)))
+                elif kind == "r":
+                    await self.server.router.route(_stanza(rest))
+                elif kind == "v":
+                    await self._bounce([frame])
+            except Exception:
+                log.exception("cluster: could not reroute %r for lost member %s", frame[:200], member)
 
     async def _drop_queued(self) -> None:
         """While Redis is out of reach: what was for other members goes nowhere; their stanzas bounce."""

@@ -471,7 +471,8 @@ def check_cluster(cluster: ClusterConfig, listeners: list[ListenerConfig]) -> No
     if cluster.active:
         for i, listener in enumerate(listeners):
             if listener.type != "c2s":
-                raise ConfigError(f"listeners[{i}].type", f"{listener.type} listeners need cluster.workers = 1")
+                raise ConfigError(f"listeners[{i}].type", f"{listener.type} listeners need a single process "
+                                  "(cluster.workers = 1 and no cluster.node)")
 
 
 def _logging(table: _Table, base: Path) -> LoggingConfig:

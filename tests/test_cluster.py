@@ -385,15 +385,24 @@ def test_without_redis_the_workers_do_not_start(tmp_path: Path) -> None:
 async def test_a_worker_that_stalled_is_known_again_when_it_resumes(workers: Workers) -> None:
     for name in ("alice", "carol"):
         await workers.add_user(name)
+    for user, contact in (("alice", "carol"), ("carol", "alice")):
+        await workers.storage.roster.put("localhost", user, RosterItem(f"{contact}@localhost", subscription="both"))
     a1 = await workers.client_on(1, "alice@localhost", "a1", plugins=("xep_0199",))
     c0 = await workers.client_on(0, "carol@localhost", "c0", plugins=("xep_0199",))
     inbox = workers.inbox(a1)
+    seen, gone = presences(c0), asyncio.Queue[str]()
+    c0.add_event_handler("presence_unavailable", lambda p: gone.put_nowait(str(p["from"])))
+    c0.send_presence()
+    await workers.until_state("carol@localhost/c0", lambda s: s["presence"])
+    a1.send_presence(pstatus="here")
+    await received(seen, ("alice@localhost/a1", "here", "0"))
     pid = await workers.pid(1)
     os.kill(pid, signal.SIGSTOP)
     try:
         log = workers.data_dir / "server.log"
-        deadline = time.monotonic() + 15
-        while f"member {NODE}/1 is lost" not in log.read_text():  # its heartbeat lapsed: worker 0 forgot it
+        deadline = time.monotonic() + 20
+        # Its heartbeat lapsed: worker 0 forgot it and ended its sessions.
+        while f"ending 1 sessions of lost member {NODE}/1" not in log.read_text():
             assert time.monotonic() < deadline, "worker 0 did not forget the stalled worker's sessions"
             await asyncio.sleep(0.2)
     finally:
@@ -407,6 +416,9 @@ async def test_a_worker_that_stalled_is_known_again_when_it_resumes(workers: Wor
             assert time.monotonic() < deadline, "worker 0 never learnt of the resumed worker's sessions"
     c0.send_message(mto="alice@localhost/a1", mbody="welcome back", mtype="chat")
     assert await bodies(inbox, 1) == ["welcome back"]
+    # Worker 0 ended a1 as a session of a lost member; the resumed worker tells its contacts it is there.
+    await received(gone, "alice@localhost/a1", timeout=10)
+    await received(seen, ("alice@localhost/a1", "here", "0"), timeout=10)
 
 
 def test_a_state_placeholder_takes_the_state_at_sending_time() -> None:
