@@ -261,13 +261,13 @@ class Cpu:
 
 
 async def login_many(run: Run, users: list[tuple[str, ClusterNode]], options: LoginOptions,
-                     concurrency: int = 50) -> list[Connection]:
+                     concurrency: int = 50, resource: str = "bench") -> list[Connection]:
     gate = asyncio.Semaphore(concurrency)
 
     async def one(user: str, node: ClusterNode) -> Connection | None:
         async with gate:
             try:
-                conn = await login(node.target, user, PASSWORD, "bench", options)
+                conn = await login(node.target, user, PASSWORD, resource, options)
             except (LoginError, OSError) as exc:
                 run.failed(exc)
                 return None
@@ -338,6 +338,30 @@ async def login_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
     }
 
 
+async def published(run: Run, nodes: list[ClusterNode], sessions: int) -> None:
+    """Until the nodes' session hashes in Redis hold `sessions` sessions (each node publishes its sessions there as
+    it tells the others of them), then a moment for the others to read it: a stanza sent to a session another
+    node has not heard of yet goes to offline storage."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = [await run.redis.sessions(node.prefix, f"{node.node}/0") for node in nodes]
+        if sum(counts) >= sessions:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+
+
+async def offline_rows(run: Run) -> int:
+    """Messages in offline storage: where a message to a session its sender's node did not know went."""
+    import asyncpg
+
+    conn = await asyncpg.connect(run.storage_url.replace("+asyncpg", "").split("?")[0])
+    try:
+        return int(await conn.fetchval(f'SELECT count(*) FROM "{run.schema}".offline'))
+    finally:
+        await conn.close()
+
+
 def place(users: list[str], nodes: list[ClusterNode], how: str, rng: random.Random) -> dict[str, ClusterNode]:
     """Where each user of the pairs (users[2i] sends to users[2i+1]) logs in: on a node picked at random, all on
     the first node ('local'), or each pair across two nodes ('cross')."""
@@ -357,7 +381,12 @@ async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "rando
     size = run.size
     users = [f"u{i}" for i in range(2 * size["pairs"])]
     placement = place(users, nodes, how, run.rng)
-    conns = await login_many(run, list(placement.items()), LoginOptions(roster=False), concurrency=20)
+    # A resource of this run's own: the full JIDs of an earlier phase's sessions, which may still be closing, are
+    # not reused.
+    conns = await login_many(run, list(placement.items()), LoginOptions(roster=False), concurrency=20,
+                             resource=f"t{uuid.uuid4().hex[:6]}")
+    await published(run, nodes, len(conns))
+    offline_before = await offline_rows(run)
     by_user = {bare(conn.jid).split("@")[0]: conn for conn in conns}
     local: dict[str, Any] = {"measuring": False, "stop": False, "sent": 0, "received": 0, "delivered": 0,
                              "bounced": 0, "latencies": []}
@@ -370,7 +399,6 @@ async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "rando
             pairs.append(Pair(by_user[sender], by_user[receiver], window or size["window"], stats))
     if not pairs:
         raise LoginError("no pair of users could log in")
-    await asyncio.sleep(0.5)  # the initial presences settle before the first message
     early = local["received"] + cross["received"]  # messages of an earlier phase, out of offline storage
     for pair in pairs:
         pair.fill()
@@ -389,6 +417,7 @@ async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "rando
     while (local["received"] + cross["received"] < local["sent"] + cross["sent"]) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     lost = local["sent"] + cross["sent"] - local["received"] - cross["received"] + early
+    offline = await offline_rows(run) - offline_before
     for conn in conns:
         conn.close()
     delivered = local["delivered"] + cross["delivered"]
@@ -408,6 +437,7 @@ async def throughput_phase(run: Run, nodes: list[ClusterNode], how: str = "rando
         "cross_pairs": sum(1 for pair in pairs if pair.stats is cross), "pairs": len(pairs),
         "delivered": delivered, "cross_delivered": crossed, "sent_total": local["sent"] + cross["sent"],
         "lost": lost, "lost_crossing": cross["sent"] - cross["received"], "received_before_sending": early,
+        "stored_offline": offline,
         "bounced": local["bounced"] + cross["bounced"], "seconds": round(spent["wall"], 2),
         "redis_publications_per_s": redis["publications"] / spent["wall"],
         "redis_messages_per_publication": crossed / redis["publications"] if redis["publications"] else None,
@@ -777,10 +807,12 @@ def render_table(results: dict[str, Any]) -> str:
     for count in counts:
         for phase in ("throughput", "throughput_cross", "trickle"):
             entry = results["by_nodes"][count].get(phase, {})
-            if entry.get("lost") or entry.get("bounced") or entry.get("received_before_sending"):
+            if entry.get("lost") or entry.get("bounced") or entry.get("received_before_sending") or \
+                    entry.get("stored_offline"):
                 notes.append(f"{count} nodes, {phase}: {entry['lost']} messages not delivered 5 s after sending "
                              f"stopped (negative: more received than sent), {entry['bounced']} bounced, "
-                             f"{entry['received_before_sending']} received before the first was sent")
+                             f"{entry['received_before_sending']} received before the first was sent, "
+                             f"{entry['stored_offline']} put in offline storage")
     redis = results.get("redis", {})
     if redis and not redis.get("private"):
         notes.append(f"Redis at {redis['url']} is shared: its counters and CPU include other clients' work")
