@@ -497,11 +497,14 @@ async def archive_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
     conn = await asyncpg.connect(run.storage_url.replace("+asyncpg", "").split("?")[0])
     table = f'"{run.schema}".archive'
 
+    cpu: list[dict[int, float]] = []  # PostgreSQL's processes at each reading: before, window start and end, after
+
     async def stored() -> dict[str, float]:
         rows = await conn.fetchval(f"SELECT count(*) FROM {table}")
         size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
         wal = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
-        return {"rows": int(rows), "bytes": int(size), "wal_bytes": float(wal), "postgres_cpu_s": postgres_cpu()}
+        cpu.append(postgres_cpu())
+        return {"rows": int(rows), "bytes": int(size), "wal_bytes": float(wal)}
 
     try:
         before = await stored()
@@ -518,21 +521,25 @@ async def archive_phase(run: Run, nodes: list[ClusterNode]) -> dict[str, Any]:
     result["archive_bytes_per_row"] = (after["bytes"] - before["bytes"]) / rows if rows else None
     result["archive_rows"] = rows
     if window["rows"]:
-        # The whole PostgreSQL server's, which other users of it share: upper bounds.
+        # The whole PostgreSQL server's WAL, and the CPU of its processes that lived through the window (Parley's
+        # pooled connections, the WAL writer, the checkpointer... and other clients' long-lived connections, as the
+        # server is shared): upper bounds of this load's share.
+        start, end = cpu[1], cpu[2]
+        spent = sum(end[pid] - start[pid] for pid in start if pid in end)
         result["postgres_wal_bytes_per_row_max"] = window["wal_bytes"] / window["rows"]
-        result["postgres_cpu_us_per_row_max"] = 1e6 * window["postgres_cpu_s"] / window["rows"]
+        result["postgres_cpu_us_per_row_max"] = 1e6 * spent / window["rows"]
     return result
 
 
-def postgres_cpu() -> float:
-    """CPU seconds of every process named postgres on this machine (its server and every backend)."""
-    total = 0.0
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds of every process named postgres on this machine (its server and every backend), by pid."""
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, ValueError), open(f"/proc/{entry}/comm") as fh:
                 if fh.read().strip() == "postgres":
-                    total += schedstat_seconds(int(entry))
-    return total
+                    found[int(entry)] = schedstat_seconds(int(entry))
+    return found
 
 
 
