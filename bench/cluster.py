@@ -1,25 +1,29 @@
 """Parley as a cluster of 1, 2 and 3 nodes on this machine: what a second and a third node cost and bring.
 
-    .venv/bin/python -m bench.cluster [--quick | --smoke] [--nodes 1,2,3] [--redis URL] [--json FILE] [--keep]
+    .venv/bin/python -m bench.cluster [--quick | --smoke] [--nodes 1,2,3] [--redis URL] [--starttls] [--json FILE]
     .venv/bin/python -m bench.run --servers parley --scenarios cluster [--quick]     (the same, run from there)
 
 Each node is `parley serve --node nK` with one worker, listening on its own loopback address 127.0.2.K. The
 nodes share one Redis (a private `redis-server` started for the run, so that its counters and CPU time are the
 cluster's alone, unless --redis names another; either way under a key prefix of the run's own) and one
 PostgreSQL schema made for the run and dropped after it (SQLite is refused for nodes). The clients run in
-this process on uvloop, with bench.client's raw client. Every phase starts its nodes afresh:
+this process on uvloop, with bench.client's raw client. Each phase starts its nodes afresh:
 
-- login: C clients log in over and over (stream, PLAIN over plain TCP, bind, roster, presence, close), each
-  time to a node picked at random: logins/s, and the nodes' CPU time per login;
-- throughput: P pairs of users, each user on a node picked at random (so about (k-1)/k of the pairs cross
-  nodes), each sender keeping W messages in flight: messages/s, latency, and the CPU time of all nodes per
-  delivered message (from /proc: on 2 shared cores messages/s hits the ceiling early, CPU per message still
-  shows what crossing nodes costs); and what Redis did for it: publications, bytes in and out and its own CPU
-  time per cross-node message;
+- for 1, 2 and 3 nodes, login: C clients log in over and over (stream, PLAIN over plain TCP, bind, roster,
+  presence, close), each time to a node picked at random: logins/s, the nodes' CPU time and Redis commands
+  per login;
+- then, on the same nodes, throughput: P pairs of users, each user on a node picked at random (so about
+  (k-1)/k of the pairs cross nodes), each sender keeping W messages in flight: messages/s, latency, and the
+  CPU time of all nodes per delivered message (from /proc: on 2 shared cores messages/s hits the ceiling
+  early, CPU per message still shows what crossing nodes costs); and what Redis did for it: publications,
+  bytes in and out and its own CPU time per cross-node message. With 2 nodes again with every pair crossing,
+  and with 1 and 2 nodes at one message in flight per pair (small batches, as on a node that is not busy);
 - remote sessions (2 nodes): node A holds L sessions while node B goes through 0 -> R1 -> R2 ... sessions; A's
   RSS at each step is what sessions elsewhere in the cluster cost every node (bytes per remote session);
-- archive (1 node, the mam module on): the throughput load; archive rows written per second in PostgreSQL
-  and its bytes per row (table and indexes).
+  --starttls logs these sessions in over STARTTLS;
+- archive (1 node, the mam module on): the throughput load with all users on the node; archive rows committed
+  per second in PostgreSQL, rows per message, bytes per row (table and indexes), CPU and WAL per row;
+- Redis alone: what a publication and a frame cost Redis, in batches of several shapes.
 
 Results go to bench/results/cluster.json as well. Every phase is bounded in time and in count.
 """
@@ -40,7 +44,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,19 +199,18 @@ class Run:
     rng: random.Random
     starttls: bool = False  # the remote-sessions phase's sessions over STARTTLS (their memory with TLS)
     errors: int = 0
-    first_errors: list[str] | None = None
-    prefixes: list[str] | None = None
+    first_errors: list[str] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)  # of every phase's nodes, whose keys are deleted at the end
 
     def failed(self, exc: BaseException) -> None:
         self.errors += 1
-        self.first_errors = self.first_errors or []
         if len(self.first_errors) < 3:
             self.first_errors.append(f"{type(exc).__name__}: {exc}")
 
     def nodes(self, count: int, phase: str, profile: Profile | None = None) -> list[ClusterNode]:
         """`count` new nodes under a Redis prefix of their own (no member of an earlier phase lingers)."""
         prefix = f"parley-bench-cluster-{uuid.uuid4().hex[:8]}-{phase}"
-        self.prefixes = [*(self.prefixes or []), prefix]
+        self.prefixes.append(prefix)
         return [ClusterNode(self.workdir / phase, profile or Profile(), k, self.storage_url, self.redis.url, prefix)
                 for k in range(1, count + 1)]
 
@@ -572,7 +575,7 @@ async def redis_phase(run: Run) -> dict[str, Any]:
     frames (a tenth of them for one publication per round trip, which is slow to send)."""
     if not run.redis.private:
         return {"error": "needs the private redis-server (its CPU time is the probe's alone)"}
-    channel = f"{run.prefixes[0] if run.prefixes else 'parley-bench-cluster'}:m:probe".encode()
+    channel = f"parley-bench-cluster-{uuid.uuid4().hex[:8]}:m:probe".encode()
     sub_reader, sub_writer = await asyncio.open_connection("127.0.0.1", run.redis.port)
     pub_reader, pub_writer = await asyncio.open_connection("127.0.0.1", run.redis.port)
     received = {"bytes": 0}
@@ -712,12 +715,12 @@ async def bench_cluster(mode: str, node_counts: list[int], redis_url: str | None
         print("  cluster: Redis alone ...", file=sys.stderr, flush=True)
         results["redis_alone"] = await asyncio.wait_for(redis_phase(run), PHASE_LIMIT)
     finally:
-        await redis.stop(run.prefixes or [])
+        await redis.stop(run.prefixes)
         with contextlib.suppress(Exception):
             await drop_schema(postgres_url, schema)
     results["seconds"] = round(time.monotonic() - started, 1)
     results["errors"] = run.errors
-    results["first_errors"] = run.first_errors or []
+    results["first_errors"] = run.first_errors
     results["machine_after"] = machine()
     results["table"] = render_table(results)
     return results
