@@ -40,6 +40,9 @@ SCENARIOS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 BOSH_PAIRS = 10  # long-polling web clients are fewer and slower than TCP ones: 10 pairs, one message each
 DEFAULT_SCENARIOS = list(SCENARIOS)
+# Parley as a cluster of 1, 2 and 3 nodes (bench/cluster.py, run as its own process): on request only, as it
+# starts nodes of its own rather than one server of --servers.
+CLUSTER = "cluster"
 SMOKE_SCENARIOS = ["login-plain", "throughput", "idle"]
 
 # Sizes of each run mode; every load is bounded both in time and in count.
@@ -277,29 +280,46 @@ def checkout() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_server_files": len(changed)}
 
 
+async def run_cluster(mode: str, workdir: Path) -> dict[str, Any]:
+    """The cluster scenario, `python -m bench.cluster` in its own process; its results, or the reason it failed."""
+    out = workdir / "cluster.json"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.cluster", f"--{mode}", "--json", str(out),
+                                                cwd=REPO, stdout=asyncio.subprocess.DEVNULL)
+    if await proc.wait() != 0 or not out.exists():
+        return {"error": f"bench.cluster failed ({proc.returncode})"}
+    return json.loads(out.read_text())
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     size = SIZES[mode]
     profile = Profile(archive=args.profile == "archive-on")
-    scenarios = args.scenarios
+    cluster = CLUSTER in args.scenarios
+    scenarios = [name for name in args.scenarios if name != CLUSTER]
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": mode, "profile": profile.name,
         "sizes": size, "parley_checkout": checkout(), "machine_before": machine(), "servers": {},
     }
     workdir = Path(tempfile.mkdtemp(prefix="parley-bench-"))
     try:
-        for name in args.servers:
+        for name in args.servers if scenarios else []:
             address, port = args.address.get(name, (None, 5222))
             server = SERVERS[name](workdir, profile, address, port)
             print(f"{name}: setting up ({server.address}:{server.port}) ...", file=sys.stderr, flush=True)
             results["servers"][name] = await bench_server(server, scenarios, size, args.pin)
+        if cluster:
+            print("cluster: 1, 2 and 3 Parley nodes ...", file=sys.stderr, flush=True)
+            results["cluster"] = await run_cluster(mode, workdir)
     finally:
         if args.keep:
             print(f"work directory kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     results["machine_after"] = machine()
-    results["table"] = render_table(results, scenarios)
+    tables = [render_table(results, scenarios)] if scenarios else []
+    if cluster:
+        tables.append("cluster:\n" + results["cluster"].get("table", results["cluster"].get("error", "")))
+    results["table"] = "\n\n".join(tables)
     return results
 
 
@@ -326,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", type=_names(list(SERVERS)), default=list(SERVERS),
                         help="comma-separated, default all: " + ",".join(SERVERS))
-    parser.add_argument("--scenarios", type=_names(list(SCENARIOS)),
-                        help="comma-separated, default all: " + ",".join(SCENARIOS))
+    parser.add_argument("--scenarios", type=_names([*SCENARIOS, CLUSTER]),
+                        help="comma-separated, default all: " + ",".join(SCENARIOS) + f"; '{CLUSTER}' (Parley "
+                             "nodes, bench/cluster.py) only when named")
     parser.add_argument("--quick", action="store_true", help="shorter runs and fewer sessions")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, a few seconds per scenario (tests); default scenarios "
