@@ -31,6 +31,9 @@ PRIORITY = ns.qname(ns.CLIENT, "priority")
 PREAUTH = "{urn:xmpp:pars:0}preauth"
 SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
 LAST_UNAVAILABLE = "last-unavailable"  # kv key of the last unavailable presence, for probes
+# Last unavailable presences kept in memory, least recently used dropped first: each contact that logs in
+# probes an offline user, and the answer is that user's stored last presence.
+LAST_KEPT = 1024
 
 
 def has_to(item: RosterItem | None) -> bool:
@@ -84,6 +87,7 @@ class Presence(Module):
         self.hook("presence/self", self.broadcast, priority=100)
         self.hook("session/closed", self.session_closed)
         self.hook("roster/removed", self.roster_removed)
+        self._last: dict[JID, str | None] = {}  # serialized last unavailable presence, by user
 
     @property
     def roster(self) -> Roster:
@@ -245,7 +249,15 @@ class Presence(Module):
         await self._send(answers)
 
     async def _last_unavailable(self, user: JID, to: JID) -> Element:
-        stored = await self.server.storage.kv.get(user.domain, user.local or "", self.name, LAST_UNAVAILABLE)
+        """The stored presence, kept in memory when this process alone writes it (with several worker
+        processes, the user's last session may have ended on another)."""
+        if user in self._last:
+            stored = self._last.pop(user)
+            self._last[user] = stored  # most recently used goes last
+        else:
+            stored = await self.server.storage.kv.get(user.domain, user.local or "", self.name, LAST_UNAVAILABLE)
+            if self.server.cluster is None and user not in self._last:  # else a newer one came meanwhile
+                self._keep_last(user, stored)
         if stored is None:
             return element("presence", type="unavailable", from_=str(user), to=str(to))
         return addressed(parse_stored(stored), to)
@@ -317,8 +329,17 @@ class Presence(Module):
         """Kept with a XEP-0203 stamp, to answer probes while the user is offline (RFC 6121 4.3.2)."""
         last = copy_of(el)
         add_delay(last, self.host.name, datetime.now(UTC))
-        await self.server.storage.kv.set(user.domain, user.local or "", self.name, LAST_UNAVAILABLE,
-                                         serialize(last))
+        stored = serialize(last)
+        self._last.pop(user, None)
+        await self.server.storage.kv.set(user.domain, user.local or "", self.name, LAST_UNAVAILABLE, stored)
+        if self.server.cluster is None:
+            self._keep_last(user, stored)
+
+    def _keep_last(self, user: JID, stored: str | None) -> None:
+        self._last.pop(user, None)
+        self._last[user] = stored
+        if len(self._last) > LAST_KEPT:
+            del self._last[next(iter(self._last))]
 
     async def session_closed(self, session: Session) -> None:
         if session.presence is not None or session.directed:
