@@ -63,7 +63,8 @@ class ProsodyWithMuc(Prosody):
 
 
 class EjabberdWithMuc(Ejabberd):
-    """ejabberd with mod_muc (rooms of up to 2,000 occupants; its default is 200) and, archived, mod_mam."""
+    """ejabberd with mod_muc (rooms of up to 2,000 occupants, the service's and each room's; its default is 200)
+    and, archived, mod_mam."""
 
     archived = True
 
@@ -72,7 +73,7 @@ class EjabberdWithMuc(Ejabberd):
         mam = "  mod_mam: {}\n" if self.archived else ""
         with open(self.dir / "ejabberd.yml", "a") as fh:  # modules: is the template's last section
             fh.write(f"  mod_muc:\n    host: conference.{self.domain}\n    max_users: 2000\n"
-                     f"    max_users_presence: 2000\n    default_room_options:\n"
+                     f"    max_users_presence: 2000\n    default_room_options:\n      max_users: 2000\n"
                      f"      mam: {'true' if self.archived else 'false'}\n{mam}")
 
 
