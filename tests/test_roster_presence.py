@@ -590,6 +590,18 @@ async def test_probes_to_an_offline_user_read_its_roster_and_presence_once_and_s
     assert reads.count(("roster", "alice")) == 1
 
 
+async def test_the_last_presence_is_stored_in_the_background_and_before_the_server_stops(server: Harness) -> None:
+    """A session's end does not wait for the write of its last presence; the module's stop waits for it, so
+    that probes after a restart are answered with it."""
+    await users(server, "alice")
+    alice, _ = await online(server, "alice@localhost")
+    alice.send_presence(pstatus="gone fishing", ptype="unavailable")
+    await disconnect(server, alice)
+    await server.server.hosts["localhost"].modules["presence"].stop()
+    stored = await server.server.storage.kv.get("localhost", "alice", "presence", "last-unavailable")
+    assert stored is not None and "gone fishing" in stored and "urn:xmpp:delay" in stored
+
+
 async def test_a_failing_session_closed_handler_does_not_keep_the_others_from_running(server: Harness) -> None:
     """One module's clean-up error (the last-activity write on a full disk) must not stop the presence
     module from telling contacts, nor stream management from handing on what it holds."""
