@@ -128,6 +128,11 @@ def _set_closed(session: Session, value: bool) -> None:
 class Session:
     """One bound resource of one account."""
 
+    # One per connected resource: no instance dictionary (about 1 KiB each); offline storage keeps weak references.
+    __slots__ = ("__weakref__", "_close", "_closed", "_interested", "_presence", "_priority", "_write", "bare", "data",
+                 "detached", "directed", "ended", "flushed", "hibernate", "hold", "host", "jid", "last_active",
+                 "outbox", "remote_ip", "room", "started", "undelivered", "watcher")
+
     # No more output: the connection is gone or going. Set, the session lets go of the connection.
     closed: bool = property(attrgetter("_closed"), _set_closed)  # type: ignore[assignment]
     priority: int = _watched("priority")
