@@ -1,9 +1,12 @@
 """Group chat fan-out: the time from one message's send to its receipt by the last of N room occupants.
 
-    python -m bench.muc_fanout [--occupants 1000] [--messages 20] [--burst 50] [--no-archive] [--json FILE]
+    python -m bench.muc_fanout [--servers parley,prosody,ejabberd] [--occupants 1000] [--messages 20]
+                               [--burst 50] [--no-archive] [--json FILE]
 
-Parley runs as a subprocess (bench.servers' configuration plus the MUC module) pinned to one core, and
-the N clients run in this process, on uvloop, pinned to the other. One client creates the room - a
+Each server runs in turn as a subprocess (bench.servers' configuration plus group chat: Parley's muc module,
+Prosody's muc component with muc_mam, ejabberd's mod_muc with mod_mam and up to 2,000 occupants a room)
+pinned to one core, and the N clients, one connection each, run in this process, on uvloop, pinned to the
+other. One client creates the room - a
 persistent one, so archived, as a team channel would be, unless --no-archive - and all join it; each then
 reads raw bytes and only looks for the body of the next expected message, so client work stays small next
 to the server's. The figures:
@@ -34,8 +37,8 @@ from xml.etree.ElementTree import Element
 
 from bench.client import IQ, PRESENCE, Connection, LoginOptions, login
 from bench.loadgen import percentile
-from bench.procstat import CpuWindow
-from bench.servers import Parley, Profile
+from bench.procstat import CpuWindow, rss_kib
+from bench.servers import BenchServer, Ejabberd, Parley, Profile, Prosody, ServerUnavailable
 
 PASSWORD = "bench"
 ROOM = "fanout"
@@ -45,6 +48,37 @@ SELF = "{http://jabber.org/protocol/muc#user}x/{http://jabber.org/protocol/muc#u
 class ParleyWithMuc(Parley):
     def _modules(self) -> list[str]:
         return [*super()._modules(), "muc"]
+
+
+class ProsodyWithMuc(Prosody):
+    """Prosody with its group chat component on conference.DOMAIN, archiving rooms with muc_mam."""
+
+    archived = True
+
+    async def setup(self, users: list[str], password: str, rosters: dict[str, list[str]]) -> None:
+        await super().setup(users, password, rosters)
+        mam = '\n  modules_enabled = { "muc_mam" }' if self.archived else ""
+        with open(self.config_file, "a") as fh:
+            fh.write(f'\nComponent "conference.{self.domain}" "muc"{mam}\n')
+
+
+class EjabberdWithMuc(Ejabberd):
+    """ejabberd with mod_muc (rooms of up to 2,000 occupants, the service's and each room's; its default is 200)
+    and, archived, mod_mam."""
+
+    archived = True
+
+    async def setup(self, users: list[str], password: str, rosters: dict[str, list[str]]) -> None:
+        await super().setup(users, password, rosters)
+        mam = "  mod_mam: {}\n" if self.archived else ""
+        with open(self.dir / "ejabberd.yml", "a") as fh:  # modules: is the template's last section
+            fh.write(f"  mod_muc:\n    host: conference.{self.domain}\n    max_users: 2000\n"
+                     f"    max_users_presence: 2000\n    default_room_options:\n      max_users: 2000\n"
+                     f"      mam: {'true' if self.archived else 'false'}\n{mam}")
+
+
+MUC_SERVERS: dict[str, type[BenchServer]] = {"parley": ParleyWithMuc, "prosody": ProsodyWithMuc,
+                                             "ejabberd": EjabberdWithMuc}
 
 
 class Occupant:
@@ -78,7 +112,9 @@ class Room:
         conn.on_element = None
         persistent = "1" if archived else "0"
         conn.send(f"<iq type='set' id='config' to='{self.jid}'><query xmlns='http://jabber.org/protocol/muc#owner'>"
-                  "<x xmlns='jabber:x:data' type='submit'><field var='muc#roomconfig_persistentroom'>"
+                  "<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'>"
+                  "<value>http://jabber.org/protocol/muc#roomconfig</value></field>"
+                  "<field var='muc#roomconfig_persistentroom'>"
                   f"<value>{persistent}</value></field></x></query></iq>")
         result = await conn.expect(IQ, 30.0, "config")
         if result.get("type") != "result":
@@ -93,13 +129,16 @@ class Room:
             if el.tag != PRESENCE or joined.done():
                 return
             if el.get("type") == "error":
-                joined.set_exception(RuntimeError(f"{nick} could not join"))
+                error = el.find("{jabber:client}error")
+                reason = [child.tag.split("}")[-1] for child in error] if error is not None else []
+                joined.set_exception(RuntimeError(f"{nick} could not join: {reason}"))
             elif el.find(SELF) is not None:
                 joined.set_result(None)
 
         conn.on_element = on_element
-        # No MUC <x/> for the first, which makes an instant room; the others ask for no history.
-        x = "" if not self.occupants else \
+        # The first creates the room (XEP-0045 10.1: locked until its owner submits the configuration, which
+        # `create` does; Prosody makes no room for a presence without <x/>); the others ask for no history.
+        x = "<x xmlns='http://jabber.org/protocol/muc'/>" if not self.occupants else \
             "<x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x>"
         conn.send(f"<presence to='{self.jid}/{nick}'>{x}</presence>")
         await asyncio.wait_for(joined, timeout)
@@ -154,10 +193,29 @@ def pin(pid: int, cpu: int) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every server in turn; a server that is not installed or fails is reported as such."""
+    results: dict[str, Any] = {"load_average_before": os.getloadavg()[0], "servers": {}}
+    for name in args.servers:
+        try:
+            results["servers"][name] = await asyncio.wait_for(run_one(name, args), args.time_limit)
+        except ServerUnavailable as exc:
+            results["servers"][name] = {"skipped": str(exc)}
+        except (TimeoutError, RuntimeError, OSError) as exc:
+            results["servers"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+    results["load_average_after"] = os.getloadavg()[0]
+    return results
+
+
+async def run_one(name: str, args: argparse.Namespace) -> dict[str, Any]:
     users = [f"m{i}" for i in range(args.occupants)]
-    with tempfile.TemporaryDirectory(prefix="parley-muc-bench-") as workdir:
-        server = ParleyWithMuc(Path(workdir), Profile(), args.address, args.port)
-        print(f"setting up {len(users)} accounts ...", file=sys.stderr, flush=True)
+    # ejabberd's files belong to its own user, and its node may write its spool a moment after it stopped.
+    with tempfile.TemporaryDirectory(prefix="parley-muc-bench-", ignore_cleanup_errors=True) as workdir:
+        cls = MUC_SERVERS[name]
+        address = args.address if name == "parley" else None
+        server = cls(Path(workdir), Profile(), address, args.port)
+        server.archived = not args.no_archive  # type: ignore[attr-defined]
+        server.check()
+        print(f"{name}: setting up {len(users)} accounts ...", file=sys.stderr, flush=True)
         await server.setup(users, PASSWORD, {})
         await server.start()
         try:
@@ -172,24 +230,48 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                                                                                presence=False))
             conns = await asyncio.gather(*(one(u) for u in users))
             room = Room(server.domain)
-            print(f"{len(conns)} logged in; joining ...", file=sys.stderr, flush=True)
+            print(f"{name}: {len(conns)} logged in; joining ...", file=sys.stderr, flush=True)
             started = time.perf_counter()
             await room.create(conns[0], users[0], not args.no_archive)
             for conn, user in zip(conns[1:], users[1:], strict=True):
                 await room.join(conn, user)
             join_seconds = time.perf_counter() - started
-            print(f"{len(room.occupants)} joined in {join_seconds:.1f} s; measuring ...", file=sys.stderr,
+            print(f"{name}: {len(room.occupants)} joined in {join_seconds:.1f} s; measuring ...", file=sys.stderr,
                   flush=True)
             window = CpuWindow({"server": server.pid, "generator": os.getpid()})
             result = await measure(room, args.messages, args.burst)
             result["cpu_percent"] = window.percent()
             result |= {"occupants": len(room.occupants), "messages": args.messages, "burst": args.burst,
-                       "archived": not args.no_archive, "join_seconds": join_seconds}
+                       "archived": not args.no_archive, "join_seconds": join_seconds,
+                       "server_rss_kib": rss_kib(server.pid)}
+            if name != "parley":
+                result["version"] = server.version()
             for conn in conns:
                 conn.close()
             return result
         finally:
             await server.stop()
+
+
+def table(results: dict[str, Any]) -> str:
+    """The servers side by side, with Parley's ratio to each other: deliveries/s is messages/s x occupants."""
+    rows = [("burst deliveries/s (msg/s x occupants)", lambda r: r["burst_deliveries_per_s"], True),
+            ("last receipt p50 ms (lower better)", lambda r: r["last_receipt_ms"]["p50"], False),
+            ("last receipt p95 ms (lower better)", lambda r: r["last_receipt_ms"]["p95"], False),
+            ("median receipt ms (lower better)", lambda r: r["median_receipt_ms"], False),
+            ("join of all occupants s (lower better)", lambda r: r["join_seconds"], False),
+            ("server CPU %", lambda r: r["cpu_percent"]["server"], True),
+            ("server RSS MiB", lambda r: r["server_rss_kib"] / 1024, False)]
+    servers = results["servers"]
+    ok = {n: r for n, r in servers.items() if "skipped" not in r and "error" not in r}
+    others = [n for n in ok if n != "parley"] if "parley" in ok else []
+    lines = [" | ".join(["metric", *servers, *(f"parley/{n}" for n in others)])]
+    for label, get, _ in rows:
+        cells = [f"{get(ok[n]):,.1f}" if n in ok else next(iter(servers[n].values())) for n in servers]
+        ratios = [f"{get(ok['parley']) / get(ok[n]):.2f}" if get(ok[n]) else "-" for n in others]
+        lines.append(" | ".join([label, *cells, *ratios]))
+    lines.append(f"load average before {results['load_average_before']:.2f}, after {results['load_average_after']:.2f}")
+    return "\n".join(lines)
 
 
 def raise_fd_limit() -> None:
@@ -201,16 +283,23 @@ def raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.muc_fanout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", type=lambda text: [n for n in text.split(",") if n], default=["parley"],
+                        help="comma-separated: parley,prosody,ejabberd (default parley)")
     parser.add_argument("--occupants", type=int, default=1000)
     parser.add_argument("--messages", type=int, default=20, help="messages sent one at a time")
     parser.add_argument("--burst", type=int, default=50, help="messages sent back to back")
     parser.add_argument("--no-archive", action="store_true", help="a temporary room, which is not archived")
-    parser.add_argument("--address", default="127.0.1.4", help="Parley's listen address (loopback)")
+    parser.add_argument("--address", default="127.0.1.4", help="Parley's listen address (loopback); Prosody "
+                        "and ejabberd listen on their bench.servers addresses")
+    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds each server may take in all")
     parser.add_argument("--port", type=int, default=5222)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if not args.address.startswith("127."):
         parser.error("loopback addresses only")
+    unknown = [n for n in args.servers if n not in MUC_SERVERS]
+    if unknown or not args.servers:
+        parser.error(f"--servers: choose from {', '.join(MUC_SERVERS)}")
     raise_fd_limit()
     try:
         import uvloop
@@ -220,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         result = asyncio.run(run(args))
     text = json.dumps(result, indent=2)
     print(text)
+    print(table(result), file=sys.stderr)
     if args.json:
         args.json.write_text(text)
     return 0

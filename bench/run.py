@@ -293,7 +293,7 @@ async def run_cluster(mode: str, workdir: Path) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     size = SIZES[mode]
-    profile = Profile(archive=args.profile == "archive-on")
+    profile = Profile(archive=args.profile in ("archive-on", "full"), full=args.profile == "full")
     cluster = CLUSTER in args.scenarios
     scenarios = [name for name in args.scenarios if name != CLUSTER]
     results: dict[str, Any] = {
@@ -353,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes, a few seconds per scenario (tests); default scenarios "
                              + ",".join(SMOKE_SCENARIOS))
-    parser.add_argument("--profile", choices=["archive-off", "archive-on"], default="archive-off")
+    parser.add_argument("--profile", choices=["archive-off", "archive-on", "full"], default="archive-off",
+                        help="archive-on: message archiving; full: the archive and every module a real "
+                             "deployment loads (carbons, stream management, CSI, PEP, blocking, push, private "
+                             "storage, vCard)")
     parser.add_argument("--address", type=_address, action="append", default=[], metavar="SERVER=IP:PORT",
                         help="listen address of a server (loopback only); default 127.0.1.4 Parley, "
                              "127.0.1.2 Prosody, 127.0.1.3 ejabberd, port 5222")

@@ -8,6 +8,7 @@ loopback address, started as a child process, measured through its pid and stopp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import resource
@@ -40,17 +41,38 @@ QUIET_CPU = 20.0  # percent of a core under which a freshly started server count
 QUIET_TIMEOUT = 60.0
 # Parley's modules on the hot path and around it, as in its default configuration (less registration).
 PARLEY_MODULES = ["roster", "presence", "offline", "disco", "caps", "version", "time", "last", "ping", "vcard"]
+# The `full` profile: what a real deployment loads besides (its example configuration's modules for clients),
+# and each peer's counterparts (Debian's Prosody 0.12 has no push module: mod_cloud_notify is a community one).
+FULL_MODULES = ["carbons", "stream_management", "csi", "pep", "blocking", "push", "private", "mam"]
+PROSODY_FULL = ["carbons", "smacks", "csi_simple", "pep", "blocklist", "private", "mam"]
+EJABBERD_FULL = """\
+  mod_blocking: {}
+  mod_carboncopy: {}
+  mod_client_state: {}
+  mod_privacy: {}
+  mod_private: {}
+  mod_pubsub:
+    plugins:
+      - flat
+      - pep
+  mod_push: {}
+  mod_stream_mgmt: {}
+"""
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Server features that change the cost of the hot path; scenarios run under one profile at a time."""
+    """Server features that change the cost of the hot path; scenarios run under one profile at a time.
+
+    `full` is a realistic deployment: the archive on and every module a real server loads (FULL_MODULES).
+    """
 
     archive: bool = False
+    full: bool = False
 
     @property
     def name(self) -> str:
-        return "archive-on" if self.archive else "archive-off"
+        return "full" if self.full else "archive-on" if self.archive else "archive-off"
 
 
 class ServerUnavailable(Exception):
@@ -214,7 +236,8 @@ class Parley(BenchServer):
 
         installed = available()
         wanted = [*PARLEY_MODULES, "websocket", "bosh"] if self.web else PARLEY_MODULES
-        wanted = [*wanted, "mam"] if self.profile.archive else wanted
+        wanted = [*wanted, "mam"] if self.profile.archive and not self.profile.full else wanted
+        wanted = [*wanted, *FULL_MODULES] if self.profile.full else wanted
         missing = [m for m in wanted if m not in installed]
         if missing:
             self.notes.append(f"modules not in this checkout: {', '.join(missing)}")
@@ -362,7 +385,7 @@ class Prosody(BenchServer):
         self.config_file.write_text(fill_template(template, {
             "ADDRESS": self.address, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "DIR": str(self.dir),
             "DOMAIN": self.domain,
-            "EXTRA_MODULES": '"mam";' if self.profile.archive else "",
+            "EXTRA_MODULES": self._extra_modules(),
         }))
         await self.start()
         try:
@@ -370,6 +393,13 @@ class Prosody(BenchServer):
         finally:
             await self.stop()
         self._write_rosters(rosters)
+
+    def _extra_modules(self) -> str:
+        """The profile's modules, as entries of modules_enabled."""
+        if self.profile.full:
+            self.notes.append("full profile: no push module (mod_cloud_notify is not in Prosody 0.12)")
+            return "".join(f'"{m}"; ' for m in PROSODY_FULL)
+        return '"mam";' if self.profile.archive else ""
 
     def _write_rosters(self, rosters: dict[str, list[str]]) -> None:
         """Roster files in Prosody's internal storage format, written while it is stopped. Over XMPP,
@@ -440,6 +470,7 @@ class Ejabberd(BenchServer):
         cert, key = _self_signed(self.domain, d)
         (d / f"{self.domain}.pem").write_text(cert.read_text() + key.read_text())
         extra = "  mod_mam:\n    assume_mam_usage: true\n    default: always\n" if self.profile.archive else ""
+        extra += EJABBERD_FULL if self.profile.full else ""
         (d / "ejabberd.yml").write_text(fill_template((CONFIGS / "ejabberd.yml").read_text(), {
             "ADDRESS": self.address, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "DIR": str(d),
             "DOMAIN": self.domain, "EXTRA_MODULES": extra,
@@ -485,26 +516,21 @@ class Ejabberd(BenchServer):
     async def _wait_ready(self) -> None:
         """The c2s port opens before every module is up; `ejabberdctl started` waits for all of them."""
         await super()._wait_ready()
-        waiter = await asyncio.create_subprocess_exec(*self._ctl("started"), stdout=subprocess.DEVNULL,
-                                                      stderr=subprocess.DEVNULL, cwd=self.dir,
-                                                      **self.spawn_options())
-        try:
-            await asyncio.wait_for(waiter.wait(), START_TIMEOUT)
-        except TimeoutError:
-            waiter.kill()
-            await waiter.wait()
+        await self._ctl_run("started", START_TIMEOUT)
+
+    async def _ctl_run(self, command: str, timeout: float) -> None:
+        """Run an ejabberdctl command as the ejabberd user, in a thread: uvloop's subprocesses (bench.muc_fanout
+        runs on uvloop) take no user or group."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(subprocess.run, self._ctl(command), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, cwd=self.dir, timeout=timeout,
+                                    **self.spawn_options())
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        stopper = await asyncio.create_subprocess_exec(*self._ctl("stop"), stdout=subprocess.DEVNULL,
-                                                       stderr=subprocess.DEVNULL, cwd=self.dir,
-                                                       **self.spawn_options())
-        try:
-            await asyncio.wait_for(stopper.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            stopper.kill()
+        await self._ctl_run("stop", STOP_TIMEOUT)
         await self._reap(proc)
 
 

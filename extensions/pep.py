@@ -193,6 +193,10 @@ class Pep(Module):
 
     def _arrived(self, owner: JID, full: JID, presence: Element) -> None:
         """Note the resource now, resolve its caps in the background (a disco#info round trip at worst)."""
+        if presence.find(CAPS) is None:
+            # No caps, no features (what _learn would find): no task for each presence of a plain client.
+            self.seen.setdefault(owner, {})[full] = frozenset()
+            return
         self.seen.setdefault(owner, {}).setdefault(full, frozenset())
         self.spawn(self._learn(owner, full, presence))
 

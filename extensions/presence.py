@@ -8,10 +8,16 @@ sends it on through the router without an origin, where the destination treats i
 
 Subscription state lives in the roster (subscription, ask, approved); "Pending In" is a stored copy of
 the request (storage add_pending), redelivered whenever the user becomes available until answered.
+
+A user's last unavailable presence, which answers probes while the user is offline, is stored in the
+background, the latest per user: a session's end does not wait for a write. When sessions end faster
+than the store takes writes (a login storm), those waiting to be stored would otherwise each keep their
+connection, and its TLS buffers, in memory (5 MiB for every 20 sessions waiting).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import cast
@@ -31,6 +37,9 @@ PRIORITY = ns.qname(ns.CLIENT, "priority")
 PREAUTH = "{urn:xmpp:pars:0}preauth"
 SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
 LAST_UNAVAILABLE = "last-unavailable"  # kv key of the last unavailable presence, for probes
+# Last unavailable presences kept in memory, least recently used dropped first: each contact that logs in
+# probes an offline user, and the answer is that user's stored last presence.
+LAST_KEPT = 1024
 
 
 def has_to(item: RosterItem | None) -> bool:
@@ -84,6 +93,14 @@ class Presence(Module):
         self.hook("presence/self", self.broadcast, priority=100)
         self.hook("session/closed", self.session_closed)
         self.hook("roster/removed", self.roster_removed)
+        self._last: dict[JID, str | None] = {}  # serialized last unavailable presence, by user
+        self._unsaved: dict[JID, str] = {}  # last unavailable presences not stored yet, oldest first
+        self._saving: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """What the sessions that ended last left to store is stored before the server stops."""
+        if self._saving is not None:
+            await asyncio.shield(self._saving)
 
     @property
     def roster(self) -> Roster:
@@ -245,7 +262,17 @@ class Presence(Module):
         await self._send(answers)
 
     async def _last_unavailable(self, user: JID, to: JID) -> Element:
-        stored = await self.server.storage.kv.get(user.domain, user.local or "", self.name, LAST_UNAVAILABLE)
+        """The stored presence, kept in memory when this process alone writes it (with several worker
+        processes, the user's last session may have ended on another)."""
+        if user in self._last:
+            stored = self._last.pop(user)
+            self._last[user] = stored  # most recently used goes last
+        elif user in self._unsaved:
+            stored = self._unsaved[user]
+        else:
+            stored = await self.server.storage.kv.get(user.domain, user.local or "", self.name, LAST_UNAVAILABLE)
+            if self.server.cluster is None and user not in self._last:  # else a newer one came meanwhile
+                self._keep_last(user, stored)
         if stored is None:
             return element("presence", type="unavailable", from_=str(user), to=str(to))
         return addressed(parse_stored(stored), to)
@@ -304,7 +331,7 @@ class Presence(Module):
         user = session.bare
         targets: dict[str, None] = {}
         if was_available:
-            await self._remember_unavailable(user, el)
+            self._remember_unavailable(user, el)
             items = await self.roster.items(user)
             targets.update((jid, None) for jid, item in items.items() if has_from(item))
             for other in self.server.sessions.available(user):
@@ -313,12 +340,38 @@ class Presence(Module):
         session.directed.clear()
         await self._send([addressed(el, jid) for jid in targets])
 
-    async def _remember_unavailable(self, user: JID, el: Element) -> None:
+    def _remember_unavailable(self, user: JID, el: Element) -> None:
         """Kept with a XEP-0203 stamp, to answer probes while the user is offline (RFC 6121 4.3.2)."""
         last = copy_of(el)
         add_delay(last, self.host.name, datetime.now(UTC))
-        await self.server.storage.kv.set(user.domain, user.local or "", self.name, LAST_UNAVAILABLE,
-                                         serialize(last))
+        stored = serialize(last)
+        if self.server.cluster is None:
+            self._keep_last(user, stored)
+        self._unsaved.pop(user, None)
+        self._unsaved[user] = stored
+        if self._saving is None:
+            self._saving = self.spawn(self._save())
+
+    async def _save(self) -> None:
+        """Store the waiting presences one by one, oldest first; a user's newer one replaces the waiting one."""
+        try:
+            while self._unsaved:
+                user, stored = next(iter(self._unsaved.items()))
+                try:
+                    await self.server.storage.kv.set(user.domain, user.local or "", self.name, LAST_UNAVAILABLE,
+                                                     stored)
+                except Exception:
+                    self.log.exception("the last presence of %s could not be stored", user)
+                if self._unsaved.get(user) is stored:
+                    del self._unsaved[user]
+        finally:
+            self._saving = None
+
+    def _keep_last(self, user: JID, stored: str | None) -> None:
+        self._last.pop(user, None)
+        self._last[user] = stored
+        if len(self._last) > LAST_KEPT:
+            del self._last[next(iter(self._last))]
 
     async def session_closed(self, session: Session) -> None:
         if session.presence is not None or session.directed:

@@ -6,7 +6,10 @@ Read-modify-write changes of one roster hold `locked(user)` so concurrent stanza
 
 Rosters of users with sessions on this server are cached: every presence a user sends or receives
 consults the roster, and reading it from the database each time made presence fan-out slow. All writes
-go through this module, which keeps the cache in step; a user's entry goes when the last session ends.
+go through this module, which keeps the cache in step. A user's entry moves, when the last session ends,
+to a small cache of the most recently used rosters of users without sessions (`OFFLINE_ROSTERS`): a user
+who logs in probes each contact, and a probe to an offline contact reads that contact's roster, so
+without it a hundred logins with a hundred contacts each read the same rosters thousands of times.
 With several worker processes, a change is announced ('roster/changed'), and a change another process
 made arrives as 'roster/stale' on the user's host, which drops the copy (`invalidate()`).
 """
@@ -40,6 +43,9 @@ ITEM = ns.qname(ns.ROSTER, "item")
 GROUP = ns.qname(ns.ROSTER, "group")
 # RFC 6121 2.3.3 lets the server limit the length of names and group names.
 MAX_TEXT = 1023
+# Rosters of users without a session kept in memory, least recently used dropped first: enough for the
+# contacts that logins in a burst (a restart, the morning) probe in turn, small next to the sessions' own.
+OFFLINE_ROSTERS = 256
 
 
 def item_element(item: RosterItem) -> Element:
@@ -85,7 +91,8 @@ class Roster(Module):
 
     def setup(self) -> None:
         self._locks: weakref.WeakValueDictionary[JID, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._cache: dict[JID, tuple[int, dict[str, RosterItem]]] = {}
+        self._cache: dict[JID, tuple[int, dict[str, RosterItem]]] = {}  # users with sessions here
+        self._offline: dict[JID, tuple[int, dict[str, RosterItem]]] = {}  # the others' in LRU order
         self._generation: dict[JID, int] = {}  # bumped by every write, so a racing read is not cached
         self.hook("roster/stale", self.invalidate)  # a copy that another worker process made stale
         self.iq("get", QUERY, self.roster_get, target="own")
@@ -121,11 +128,27 @@ class Roster(Module):
         cached = self._cache.get(user)
         if cached is not None:
             return cached
+        cached = self._offline.pop(user, None)
+        if cached is not None:
+            if self.server.sessions.of(user):
+                self._cache[user] = cached
+            else:
+                self._offline[user] = cached  # most recently used goes last
+            return cached
         generation = self._generation.get(user, 0)
         loaded = await self.server.storage.roster.get(user.domain, user.local or "")
-        if self.server.sessions.of(user) and self._generation.get(user, 0) == generation:
-            self._cache[user] = loaded
+        if self._generation.get(user, 0) == generation and user not in self._cache:
+            if self.server.sessions.of(user):
+                self._cache[user] = loaded
+            else:
+                self._keep_offline(user, loaded)
         return loaded
+
+    def _keep_offline(self, user: JID, roster: tuple[int, dict[str, RosterItem]]) -> None:
+        self._offline.pop(user, None)
+        self._offline[user] = roster
+        if len(self._offline) > OFFLINE_ROSTERS:
+            del self._offline[next(iter(self._offline))]
 
     async def items(self, user: JID) -> dict[str, RosterItem]:
         return (await self.load(user))[1]
@@ -142,21 +165,26 @@ class Roster(Module):
     def _changed(self, user: JID, version: int, jid: str, item: RosterItem | None) -> None:
         self._generation[user] = self._generation.get(user, 0) + 1
         self.server.hooks.notify("roster/changed", user)  # other worker processes drop their copy
-        cached = self._cache.get(user)
-        if cached is not None:
-            items = {k: v for k, v in cached[1].items() if k != jid}
-            if item is not None:
-                items[jid] = item
-            self._cache[user] = (version, items)
+        for cache in (self._cache, self._offline):
+            cached = cache.get(user)
+            if cached is not None:
+                items = {k: v for k, v in cached[1].items() if k != jid}
+                if item is not None:
+                    items[jid] = item
+                cache[user] = (version, items)
 
     def forget(self, session: Session) -> None:
+        """The last session ended: the roster joins those of users without sessions."""
         if not self.server.sessions.of(session.bare):
-            self._cache.pop(session.bare, None)
+            cached = self._cache.pop(session.bare, None)
+            if cached is not None:
+                self._keep_offline(session.bare, cached)
             self._generation.pop(session.bare, None)
 
     def invalidate(self, user: JID) -> None:
         """Another process changed the user's roster: read it again, and do not cache a read now under way."""
         self._cache.pop(user, None)
+        self._offline.pop(user, None)
         self._generation[user] = self._generation.get(user, 0) + 1
 
     # --- the roster protocol ---------------------------------------------------------------------

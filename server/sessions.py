@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Container, Iterable
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -60,6 +59,8 @@ class SessionData(dict[str, object]):
     """Session.data: a module's entry, when the module declares it shared, tells the session's watcher as it
     is set or removed."""
 
+    __slots__ = ("session",)  # no instance dictionary beside the dictionary itself: one of each per session
+
     def __init__(self, session: Session) -> None:
         super().__init__()
         self.session = session
@@ -82,6 +83,8 @@ class SessionData(dict[str, object]):
 class DirectedPresence(set[JID]):
     """Session.directed, which tells the session's watcher as it changes: a worker that takes over from a dead
     one ends that one's sessions everywhere their presence went (rooms among them)."""
+
+    __slots__ = ("session",)
 
     def __init__(self, session: Session, jids: Iterable[JID] = ()) -> None:
         super().__init__(jids)
@@ -109,9 +112,29 @@ class DirectedPresence(set[JID]):
             self.session.watcher.changed(self.session)
 
 
+def _nothing(*args: object) -> None:
+    """What a closed session writes and closes with: nothing (see `Session.closed`)."""
+
+
+def _set_closed(session: Session, value: bool) -> None:
+    session._closed = value
+    if value:
+        # No more output: the session lets go of its connection, so that one whose end waits (for storage,
+        # on a busy server) does not keep the connection's buffers in memory (256 KiB of them with TLS).
+        session._write = session._close = _nothing
+        session.room = None
+
+
 class Session:
     """One bound resource of one account."""
 
+    # One per connected resource: no instance dictionary (about 1 KiB each); offline storage keeps weak references.
+    __slots__ = ("__weakref__", "_close", "_closed", "_interested", "_presence", "_priority", "_write", "bare", "data",
+                 "detached", "directed", "ended", "flushed", "hibernate", "hold", "host", "jid", "last_active",
+                 "outbox", "remote_ip", "room", "started", "undelivered", "watcher")
+
+    # No more output: the connection is gone or going. Set, the session lets go of the connection.
+    closed: bool = property(attrgetter("_closed"), _set_closed)  # type: ignore[assignment]
     priority: int = _watched("priority")
     presence: Element | None = _watched("presence")  # last broadcast available presence; None while unavailable
     interested: bool = _watched("interested")  # requested the roster: gets roster pushes and subscription requests
@@ -130,7 +153,7 @@ class Session:
         self.directed: set[JID] = DirectedPresence(self)  # JIDs that got directed presence from this session
         self.started = time.time()
         self.last_active = time.monotonic()
-        self.closed = False  # no more output: the connection is gone or going
+        self._closed = False
         self.ended = False  # 'session/closed' has run
         # Per-session state owned by modules, keyed by module name.
         self.data: dict[str, object] = SessionData(self)
@@ -151,7 +174,7 @@ class Session:
         # Stanzas that were on their way to the client when it went, oldest first: what was sent to the
         # closed session, and what stream management says the client never acknowledged. The server hands
         # them to the 'session/undelivered' hook when the session ends, so that none vanishes.
-        self.undelivered: deque[Element] = deque()
+        self.undelivered: list[Element] = []  # a list: an empty deque takes 600 bytes
         self.flushed = False  # 'session/undelivered' has had them: stragglers are handed on one by one
         self._write = write
         self._close = close

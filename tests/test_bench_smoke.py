@@ -45,3 +45,39 @@ def test_bench_smoke_against_parley(tmp_path: Path) -> None:
     assert scenarios["throughput"]["metrics"]["latency_p50_ms"] > 0
     assert scenarios["idle"]["counts"]["measured_sessions"] > 0
     assert "messages/s" in results["table"] and "messages/s" in proc.stdout
+
+
+def test_full_profile_loads_every_module_of_a_real_deployment(tmp_path: Path) -> None:
+    """`--profile full`: Parley with the archive and the modules a deployment loads, and each peer's counterparts."""
+    from bench.servers import EJABBERD_FULL, FULL_MODULES, PROSODY_FULL, Parley, Profile, Prosody
+    from server.registry import available
+
+    full = Profile(archive=True, full=True)
+    assert full.name == "full"
+    modules = Parley(tmp_path, full)._modules()
+    assert {"mam", "carbons", "stream_management", "csi", "pep", "blocking", "push", "private", "vcard"} <= \
+        set(modules) and set(FULL_MODULES) <= set(available())
+    assert "mam" not in Parley(tmp_path, Profile())._modules()
+    prosody = Prosody(tmp_path, full)._extra_modules()
+    assert all(f'"{m}"' in prosody for m in PROSODY_FULL) and '"smacks"' in prosody
+    for module in ("mod_carboncopy", "mod_stream_mgmt", "mod_client_state", "mod_pubsub", "mod_blocking",
+                   "mod_push", "mod_private"):
+        assert module in EJABBERD_FULL
+
+
+@pytest.mark.timeout(240)
+def test_bench_smoke_full_profile_fanout(tmp_path: Path) -> None:
+    """The fan-out scenario under the full profile (stream management, PEP, the archive... on the login path)."""
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--servers", "parley", "--profile", "full",
+         "--scenarios", "fanout", "--address", f"parley=127.0.0.1:{free_port()}", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=220,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["profile"] == "full"
+    fanout = results["servers"]["parley"]["scenarios"]["fanout"]
+    assert "error" not in fanout, fanout
+    assert fanout["counts"]["presences_at_watchers"] == fanout["counts"]["expected_at_watchers"] > 0
+    assert fanout["metrics"]["fanout_logins_per_s"] > 0

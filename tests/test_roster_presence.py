@@ -547,6 +547,61 @@ async def test_stale_subscription_is_corrected_by_the_probe_answer(server: Harne
     assert not mw.saw_presence("available", "alice@localhost/home")
 
 
+async def test_probes_to_an_offline_user_read_its_roster_and_presence_once_and_see_changes(
+        server: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each contact that logs in probes alice, who is offline: her roster and last presence are read from
+    storage once, not once per probe (presence fan-out), and what changes while she is away is answered."""
+    await users(server, "alice", "bob", "carol")
+    await befriend(server, "alice", "bob")
+    await befriend(server, "alice", "carol")
+    storage = server.server.storage
+    reads: list[tuple[str, str]] = []
+    roster_get, kv_get = storage.roster.get, storage.kv.get
+
+    async def counted_roster(host: str, user: str) -> Any:
+        reads.append(("roster", user))
+        return await roster_get(host, user)
+
+    async def counted_kv(host: str, user: str, store: str, key: str = "") -> Any:
+        reads.append((store, user))
+        return await kv_get(host, user, store, key)
+
+    monkeypatch.setattr(storage.roster, "get", counted_roster)
+    monkeypatch.setattr(storage.kv, "get", counted_kv)
+    for name in ("bob", "carol"):
+        client, watch = await online(server, f"{name}@localhost")
+        await watch.presence("unavailable", "alice@localhost")  # never logged in: nothing stored
+        await disconnect(server, client)
+    assert reads.count(("roster", "alice")) == 1
+    assert reads.count(("presence", "alice")) == 1
+
+    alice, _ = await online(server, "alice@localhost")
+    alice.send_presence(pstatus="gone fishing", ptype="unavailable")
+    await disconnect(server, alice)
+    bob, bw = await online(server, "bob@localhost")
+    assert (await bw.presence("unavailable", "alice@localhost/" + alice.boundjid.resource))["status"] == \
+        "gone fishing"
+    bob.send_presence(pto="alice@localhost", ptype="unsubscribe")  # alice's item for bob: 'both' -> 'to'
+    await sync(bob)
+    assert (await roster_get("localhost", "alice"))[1]["bob@localhost"].subscription == "to"
+    bob.send_presence(pto="alice@localhost", ptype="probe")  # bob no longer has a subscription: no answer
+    await sync(bob, bob)
+    assert not bw.saw_presence("unavailable")
+    assert reads.count(("roster", "alice")) == 1
+
+
+async def test_the_last_presence_is_stored_in_the_background_and_before_the_server_stops(server: Harness) -> None:
+    """A session's end does not wait for the write of its last presence; the module's stop waits for it, so
+    that probes after a restart are answered with it."""
+    await users(server, "alice")
+    alice, _ = await online(server, "alice@localhost")
+    alice.send_presence(pstatus="gone fishing", ptype="unavailable")
+    await disconnect(server, alice)
+    await server.server.hosts["localhost"].modules["presence"].stop()
+    stored = await server.server.storage.kv.get("localhost", "alice", "presence", "last-unavailable")
+    assert stored is not None and "gone fishing" in stored and "urn:xmpp:delay" in stored
+
+
 async def test_a_failing_session_closed_handler_does_not_keep_the_others_from_running(server: Harness) -> None:
     """One module's clean-up error (the last-activity write on a full disk) must not stop the presence
     module from telling contacts, nor stream management from handing on what it holds."""

@@ -1,0 +1,65 @@
+"""What a session and a stream parser keep in memory: a session that is closed lets go of its connection,
+and a parser's text buffer is small, its pieces joined."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+from xml.etree.ElementTree import Element
+
+from server.jid import JID
+from server.sessions import Session
+from server.stream.parser import TEXT_BUFFER, StreamParser
+
+
+class Connection:
+    """Stands for a client connection: what a session writes to and closes."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    def write(self, data: str) -> None:
+        self.written.append(data)
+
+    def close_session(self, condition: str | None) -> None:
+        """Nothing to close here."""
+
+    async def room(self, wait: bool) -> int:
+        return 1
+
+
+class Host:
+    """What Session.send_raw reads of its host: the server's counters."""
+
+    def __init__(self) -> None:
+        self.server: Any = type("Server", (), {"stats": type("Stats", (), {"sent": {"message": 0}})()})()
+
+
+def test_a_closed_session_lets_go_of_its_connection() -> None:
+    """A session whose end waits (for storage, on a busy server) must not keep its connection, and with it
+    the connection's buffers (256 KiB with TLS), in memory."""
+    conn = Connection()
+    session = Session(JID.parse("alice@localhost/home"), Host(), conn.write, conn.close_session)  # type: ignore[arg-type]
+    session.room = conn.room
+    session.send(Element("message", {"to": "alice@localhost/home"}))
+    assert len(conn.written) == 1
+    session.closed = True
+    gone = weakref.ref(conn)
+    del conn
+    gc.collect()
+    assert gone() is None
+    session.send(Element("message", {"to": "alice@localhost/home"}))  # kept for the hand-on, not written
+    assert [el.tag for el in session.undelivered] == ["message"]
+    session.close("conflict")  # harmless once closed
+
+
+def test_long_text_arrives_whole_through_the_small_text_buffer() -> None:
+    parser = StreamParser()
+    parser.feed(b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
+    body = "x&amp;y" * (3 * TEXT_BUFFER)
+    events = parser.feed(f"<message><body>{body}</body>tail{body}</message>".encode())
+    message = events[-1]
+    assert isinstance(message, Element)
+    assert message[0].text == body.replace("&amp;", "&")
+    assert message[0].tail == "tail" + body.replace("&amp;", "&")
