@@ -26,7 +26,7 @@ from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
-from server.archiving import worth_archiving
+from server.archiving import turn_of, worth_archiving
 from server.forms import Field, build_form, find_form, first_value, read_form
 from server.jid import JID, JIDError
 from server.module import Module
@@ -129,11 +129,16 @@ class Mam(Module):
     async def received(self, stanza: Stanza, sessions: list[Session]) -> None:
         user = stanza.to.bare
         _remove_ids(stanza.el, user)  # XEP-0359 3: never trust an id claiming to come from this archive
+        turn = turn_of(stanza.el)
         if archivable(stanza.el):
             written = await self._archive(user, stanza.from_, stanza.el)
+            if written is not None and turn is not None:
+                turn.park()  # its sender's connection reads on while the rows commit (server/archiving.py)
             # Delivered only once archived; when the archive failed, without the id of a row that is not there.
             if written is not None and not await _archived(written):
                 _remove_ids(stanza.el, user)
+        if turn is not None:
+            await turn.after_earlier()  # and after the messages its sender sent before it
 
     async def _archive(self, user: JID, other: JID, el: Element) -> asyncio.Future[None] | None:
         """Queue the message for `user`'s archive and stamp its stanza-id; None when prefs say no.

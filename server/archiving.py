@@ -9,6 +9,9 @@ message (XEP-0422) - or when it asks to be with a XEP-0334 <store/> hint. A <no-
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from contextvars import ContextVar
 from xml.etree.ElementTree import Element
 
 from server import ns
@@ -30,3 +33,82 @@ def worth_archiving(el: Element) -> bool:
     if any(el.find(hint) is not None for hint in NO_STORE):
         return False
     return el.find(STORE) is not None or any(el.find(tag) is not None for tag in KEPT)
+
+
+class Turn:
+    """A client's message in its connection's order, so that the connection may read on while it waits for
+    its archive commit.
+
+    Waiting for one message's commit before reading the next would leave a group commit at most one message
+    per connection. So the archive `park`s a message once its rows are queued: its connection then handles
+    the messages after it each in a task of its own, and this one goes on waiting. Order is kept: a message
+    is routed only once the one before it is `released` (parked or finished), so its rows are queued after
+    that one's; it is delivered, and counted as handled, only `after_earlier` ones are done; and whatever is
+    not such a message waits until they all are. So stream management counts, and acknowledges, only
+    messages whose rows are committed.
+    """
+
+    __slots__ = ("_on_park", "before", "done", "el", "released")
+
+    def __init__(self, el: Element, before: Turn | None = None,
+                 on_park: Callable[[Turn], None] | None = None) -> None:
+        self.el = el
+        self.before = before  # the connection's message before this one, while it is in flight
+        self.released: asyncio.Future[None] | None = None  # parked or finished (futures made when tracked)
+        self.done: asyncio.Future[None] | None = None  # finished, and so are the ones before
+        self._on_park = on_park
+
+    def track(self) -> None:
+        """Make the futures that later messages wait on."""
+        if self.done is None:
+            loop = asyncio.get_running_loop()
+            self.released, self.done = loop.create_future(), loop.create_future()
+
+    def park(self) -> None:
+        """The message's rows are queued: the messages after it may be routed."""
+        self.track()
+        assert self.released is not None
+        if not self.released.done():
+            self.released.set_result(None)
+            if self._on_park is not None:
+                self._on_park(self)
+
+    async def after_released(self) -> None:
+        """Wait until the message before this one has queued its rows, or is finished."""
+        before = self.before
+        if before is not None and before.released is not None and not before.released.done():
+            await asyncio.shield(before.released)
+
+    async def after_earlier(self) -> None:
+        """Wait until the messages before this one are done."""
+        before = self.before
+        if before is not None and before.done is not None and not before.done.done():
+            await asyncio.shield(before.done)
+
+    def finished(self) -> None:
+        """The message is handled: done once the earlier ones are, so that they are done in order."""
+        if self.done is None or self.done.done():
+            return
+        assert self.released is not None
+        if not self.released.done():
+            self.released.set_result(None)
+        before = self.before
+        if before is None or before.done is None or before.done.done():
+            self._complete()
+        else:
+            before.done.add_done_callback(self._complete)
+
+    def _complete(self, _: object = None) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+        self.before = None  # a long session's messages must not hold on to each other
+
+
+# The Turn of the client message whose handling runs in the current task (set by the c2s connection).
+TURN: ContextVar[Turn | None] = ContextVar("parley_turn", default=None)
+
+
+def turn_of(el: Element) -> Turn | None:
+    """The Turn of the message `el` when it is a client's, being handled in this task."""
+    turn = TURN.get()
+    return turn if turn is not None and turn.el is el else None

@@ -1,7 +1,8 @@
 """The asyncio edge shared by client and server streams, around the sans-IO parser.
 
 Input over the read-rate budget waits unparsed until it has been paid for; parsed events are handled
-in order by one task per burst, so a slow database lookup for one stanza never reorders the next;
+in order by one task per burst, so a slow database lookup for one stanza never reorders the next (an
+event that `read_on`s, a client's archived message, keeps its own order; see server/archiving.py's Turn);
 output written during one loop iteration leaves in one transport write. STARTTLS, the same for clients
 and servers, is here too; what a certificate must prove stays with each kind of stream.
 """
@@ -9,6 +10,7 @@ and servers, is here too; what a certificate must prove stays with each kind of 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import ssl
@@ -126,8 +128,9 @@ class StreamEdge(asyncio.Protocol):
                 self._worker = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        me = asyncio.current_task()
         try:
-            while self._events and not self.closing:
+            while self._events and not self.closing and self._worker is me:
                 event = self._events.popleft()
                 try:
                     await self.handle(event)
@@ -137,7 +140,16 @@ class StreamEdge(asyncio.Protocol):
                     log.exception("internal error on %r", self)
                     self.stream_error(StreamError("internal-server-error"))
         finally:
-            self._worker = None
+            if self._worker is me:
+                self._worker = None
+
+    def read_on(self) -> None:
+        """Hand the events after the one being handled to a new task, from the task handling it: that event
+        will take a while (a message waiting for its archive commit), and finishes in this task."""
+        if self._worker is None or self._worker is not asyncio.current_task():
+            return
+        self._worker = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context()) \
+            if self._events and not self.closing else None
 
     # --- output -----------------------------------------------------------------------------------
 
