@@ -120,7 +120,7 @@ class Mam(Module):
         if stanza.to.bare != user and archivable(stanza.el):
             written = await self._archive(user, stanza.to, stanza.el)
             if written is not None:
-                stanza.defer(_archived(written))
+                stanza.defer(_quiet(written))
 
     def leaving(self, stanza: Stanza) -> None:
         """The sender's archive UID is for the sender's resources only (XEP-0313 4.1)."""
@@ -138,7 +138,7 @@ class Mam(Module):
             if written is not None and not await _archived(written):
                 _remove_ids(stanza.el, user)
         if turn is not None:
-            await turn.after_earlier()  # and after the messages its sender sent before it
+            await turn.in_order()  # delivered after the messages its sender sent before it
 
     async def _archive(self, user: JID, other: JID, el: Element) -> asyncio.Future[None] | None:
         """Queue the message for `user`'s archive and stamp its stanza-id; None when prefs say no.
@@ -273,6 +273,18 @@ async def _archived(written: asyncio.Future[None]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _quiet(written: asyncio.Future[None]) -> asyncio.Future[bool]:
+    """What `_archived` says, as a future: routing waits for it without a task of its own per message."""
+    quiet: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def settled(done: asyncio.Future[None]) -> None:
+        if not quiet.done():
+            quiet.set_result(not done.cancelled() and done.exception() is None)
+
+    written.add_done_callback(settled)
+    return quiet
 
 
 def _remove_ids(el: Element, archive: JID) -> None:
