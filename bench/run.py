@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import ring_contacts
-from bench.servers import REPO, SERVERS, BenchServer, Profile, ServerUnavailable
+from bench.servers import REPO, SERVERS, STORAGES, BenchServer, Profile, ServerUnavailable
 
 PASSWORD = "bench-secret"
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -145,6 +145,7 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
         await server.setup(users, PASSWORD, _rosters(scenarios, size))
     except (ServerUnavailable, OSError) as exc:
         await server.stop()
+        await server.cleanup()
         return {"skipped": f"setup failed: {exc}"}
     report["setup_seconds"] = round(time.monotonic() - started, 1)
     for name in scenarios:
@@ -171,6 +172,7 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
             f"{k} {v:.1f}" for k, v in result.get("metrics", {}).items() if v is not None)
         print(f"  {server.name}: {name}: {summary}", file=sys.stderr, flush=True)
     report["notes"] = server.notes
+    await server.cleanup()
     return report
 
 
@@ -280,7 +282,7 @@ def checkout() -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     size = SIZES[mode]
-    profile = Profile(archive=args.profile == "archive-on")
+    profile = Profile(archive=args.profile == "archive-on", storage=args.storage)
     scenarios = args.scenarios
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": mode, "profile": profile.name,
@@ -333,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny sizes, a few seconds per scenario (tests); default scenarios "
                              + ",".join(SMOKE_SCENARIOS))
     parser.add_argument("--profile", choices=["archive-off", "archive-on"], default="archive-off")
+    parser.add_argument("--storage", choices=STORAGES, default="default",
+                        help="each server's own default store, or all of them on the machine's PostgreSQL "
+                             "(127.0.0.1:5432, database test, a fresh schema each)")
     parser.add_argument("--address", type=_address, action="append", default=[], metavar="SERVER=IP:PORT",
                         help="listen address of a server (loopback only); default 127.0.1.4 Parley, "
                              "127.0.1.2 Prosody, 127.0.1.3 ejabberd, port 5222")
