@@ -169,7 +169,7 @@ class BenchServer:
     @property
     def pg_role(self) -> str:
         """This server's PostgreSQL role and schema (`--storage postgresql`)."""
-        return f"parley_bench_{self.name.replace('-', '_')}"
+        return f"parley_bench_{self.name.replace('-', '_')}_{os.getpid()}"
 
     async def cleanup(self) -> None:
         """Remove what the server left outside its work directory (its PostgreSQL schema)."""
