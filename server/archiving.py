@@ -29,10 +29,12 @@ KEPT = (
 
 
 def worth_archiving(el: Element) -> bool:
-    """Whether a message's content belongs in an archive, by the rule above."""
-    if any(el.find(hint) is not None for hint in NO_STORE):
+    """Whether a message's content belongs in an archive, by the rule above (one pass over its children:
+    it is asked twice for every message, by the sender's archive and the recipient's)."""
+    tags = {child.tag for child in el}
+    if not tags.isdisjoint(NO_STORE):
         return False
-    return el.find(STORE) is not None or any(el.find(tag) is not None for tag in KEPT)
+    return STORE in tags or not tags.isdisjoint(KEPT)
 
 
 class Turn:
