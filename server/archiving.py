@@ -117,11 +117,29 @@ class Turn:
         self.before = None  # a long session's messages must not hold on to each other
 
 
-# The Turn of the client message whose handling runs in the current task (set by the c2s connection).
-TURN: ContextVar[Turn | None] = ContextVar("parley_turn", default=None)
+class Reading:
+    """The message a connection's reading task handles itself, whose Turn is made only when an archive asks
+    for it (`turn_of`): a message that no archive parks costs its connection two assignments."""
+
+    __slots__ = ("el", "on_park", "turn")
+
+    def __init__(self, on_park: Callable[[Turn], None]) -> None:
+        self.el: Element | None = None
+        self.turn: Turn | None = None
+        self.on_park = on_park
+
+
+# In the task handling a client's message: its Turn, or its connection's Reading (set by the c2s connection).
+TURN: ContextVar[Turn | Reading | None] = ContextVar("parley_turn", default=None)
 
 
 def turn_of(el: Element) -> Turn | None:
     """The Turn of the message `el` when it is a client's, being handled in this task."""
-    turn = TURN.get()
-    return turn if turn is not None and turn.el is el else None
+    current = TURN.get()
+    if current is None or current.el is not el:
+        return None
+    if isinstance(current, Turn):
+        return current
+    if current.turn is None:
+        current.turn = Turn(el, on_park=current.on_park)
+    return current.turn

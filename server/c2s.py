@@ -40,7 +40,7 @@ from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
 from server.accounts import verify_plain
-from server.archiving import TURN, Turn
+from server.archiving import TURN, Reading, Turn
 from server.c2s_state import NOT_AUTHORIZED, Action, Event, Input, Refusal, Reply, State, advance, input_of, outcome
 from server.jid import JID, JIDError
 from server.limits import TokenBucket
@@ -171,6 +171,7 @@ class C2SConnection(StreamEdge):
         self._writable.set()
         self._last: Turn | None = None  # the last message handled past a parked one, until done (Turn)
         self._turns: set[asyncio.Task[None]] = set()
+        self._reading = Reading(self._park)  # the message the reading task handles itself
 
     def __repr__(self) -> str:
         who = f" {self.session.jid}" if self.session is not None else ""
@@ -826,34 +827,36 @@ class C2SConnection(StreamEdge):
                     session.send(error_reply(el, exc))
             else:
                 stanza = Stanza(el, kind, session.jid, to, session)
-                if turn is None and kind == "message":
-                    turn = Turn(el, on_park=self._park)
+                token = None
+                reading = self._reading
+                if turn is not None:
+                    token = TURN.set(turn)
+                elif kind == "message":
+                    if TURN.get() is not reading:
+                        TURN.set(reading)  # once per reading task (each has its own context)
+                    reading.el = el
+                began = time.perf_counter()
                 try:
-                    await self._route(stanza, turn)
-                    if turn is not None:
+                    try:
+                        await self.server.router.route(stanza)
+                        if kind == "message":
+                            stats.delivery.observe(time.perf_counter() - began)
+                    except Exception as exc:
+                        # A storage failure (a full disk) fails this stanza, not the stream and the stanzas
+                        # after it.
+                        condition = storage_condition(exc)
+                        if condition is None:
+                            raise
+                        log.warning("storage failed for <%s/> from %s: %s", kind, session.jid,
+                                    storage_error_text(exc))
+                        await self.server.router.bounce(stanza, StanzaError(condition))
+                    if turn is not None and turn.before is not None:
                         await turn.after_earlier()  # counted as handled in order
-                    self.host.hooks.notify("c2s/handled", session)
                 finally:
+                    if token is not None:
+                        TURN.reset(token)
+                    elif reading.el is el:
+                        turn, reading.el, reading.turn = reading.turn, None, None
                     if turn is not None:
                         turn.finished()
-                return
         self.host.hooks.notify("c2s/handled", session)
-
-    async def _route(self, stanza: Stanza, turn: Turn | None) -> None:
-        token = TURN.set(turn) if turn is not None else None
-        began = time.perf_counter()
-        try:
-            await self.server.router.route(stanza)
-            if stanza.kind == "message":
-                self.server.stats.delivery.observe(time.perf_counter() - began)
-        except Exception as exc:
-            # A storage failure (a full disk) fails this stanza, not the stream and the stanzas after it.
-            condition = storage_condition(exc)
-            if condition is None:
-                raise
-            log.warning("storage failed for <%s/> from %s: %s", stanza.kind, stanza.from_,
-                        storage_error_text(exc))
-            await self.server.router.bounce(stanza, StanzaError(condition))
-        finally:
-            if token is not None:
-                TURN.reset(token)
