@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import os
 import secrets
@@ -172,6 +173,8 @@ class C2SConnection(StreamEdge):
         self._last: Turn | None = None  # the last message handled past a parked one, until done (Turn)
         self._turns: set[asyncio.Task[None]] = set()
         self._reading = Reading(self._park)  # the message the reading task handles itself
+        self.task_context = contextvars.Context()
+        self.task_context.run(TURN.set, self._reading)
 
     def __repr__(self) -> str:
         who = f" {self.session.jid}" if self.session is not None else ""
@@ -832,9 +835,7 @@ class C2SConnection(StreamEdge):
                 if turn is not None:
                     token = TURN.set(turn)
                 elif kind == "message":
-                    if TURN.get() is not reading:
-                        TURN.set(reading)  # once per reading task (each has its own context)
-                    reading.el = el
+                    reading.el = el  # TURN is `reading` in the reading tasks' context
                 began = time.perf_counter()
                 try:
                     try:

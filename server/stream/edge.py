@@ -50,6 +50,9 @@ class StreamEdge(asyncio.Protocol):
         self._out: list[str] = []
         self._flush_pending = False
         self._finishing = False  # the server is shutting down: read nothing more, handle what was read
+        # The context the reading tasks run in (a copy of the current one for each when None): a subclass
+        # sets in it, once, what its handlers look up per event.
+        self.task_context: contextvars.Context | None = None
 
     async def handle(self, event: object) -> None:
         raise NotImplementedError
@@ -125,7 +128,7 @@ class StreamEdge(asyncio.Protocol):
                 trace.received(self, events)
             self._events.extend(events)
             if self._worker is None:
-                self._worker = asyncio.get_running_loop().create_task(self._drain())
+                self._worker = asyncio.get_running_loop().create_task(self._drain(), context=self.task_context)
 
     async def _drain(self) -> None:
         me = asyncio.current_task()
@@ -148,7 +151,7 @@ class StreamEdge(asyncio.Protocol):
         will take a while (a message waiting for its archive commit), and finishes in this task."""
         if self._worker is None or self._worker is not asyncio.current_task():
             return
-        self._worker = asyncio.get_running_loop().create_task(self._drain(), context=contextvars.Context()) \
+        self._worker = asyncio.get_running_loop().create_task(self._drain(), context=self.task_context) \
             if self._events and not self.closing else None
 
     # --- output -----------------------------------------------------------------------------------
