@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import ring_contacts
-from bench.servers import REPO, SERVERS, BenchServer, Profile, ServerUnavailable
+from bench.servers import REPO, SERVERS, STORAGES, BenchServer, Profile, ServerUnavailable
 
 PASSWORD = "bench-secret"
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -148,6 +148,7 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
         await server.setup(users, PASSWORD, _rosters(scenarios, size))
     except (ServerUnavailable, OSError) as exc:
         await server.stop()
+        await server.cleanup()
         return {"skipped": f"setup failed: {exc}"}
     report["setup_seconds"] = round(time.monotonic() - started, 1)
     for name in scenarios:
@@ -174,6 +175,7 @@ async def bench_server(server: BenchServer, scenarios: list[str], size: dict[str
             f"{k} {v:.1f}" for k, v in result.get("metrics", {}).items() if v is not None)
         print(f"  {server.name}: {name}: {summary}", file=sys.stderr, flush=True)
     report["notes"] = server.notes
+    await server.cleanup()
     return report
 
 
@@ -293,7 +295,8 @@ async def run_cluster(mode: str, workdir: Path) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     size = SIZES[mode]
-    profile = Profile(archive=args.profile in ("archive-on", "full"), full=args.profile == "full")
+    profile = Profile(archive=args.profile in ("archive-on", "full"), full=args.profile == "full",
+                      storage=args.storage)
     cluster = CLUSTER in args.scenarios
     scenarios = [name for name in args.scenarios if name != CLUSTER]
     results: dict[str, Any] = {
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="archive-on: message archiving; full: the archive and every module a real "
                              "deployment loads (carbons, stream management, CSI, PEP, blocking, push, private "
                              "storage, vCard)")
+    parser.add_argument("--storage", choices=STORAGES, default="default",
+                        help="each server's own default store, or all of them on the machine's PostgreSQL "
+                             "(127.0.0.1:5432, database test, a fresh schema each)")
     parser.add_argument("--address", type=_address, action="append", default=[], metavar="SERVER=IP:PORT",
                         help="listen address of a server (loopback only); default 127.0.1.4 Parley, "
                              "127.0.1.2 Prosody, 127.0.1.3 ejabberd, port 5222")

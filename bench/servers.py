@@ -60,19 +60,60 @@ EJABBERD_FULL = """\
 """
 
 
+# The machine's PostgreSQL, for `--storage postgresql`: each server gets a role of its own and a fresh schema
+# of the role's name, which is first on the role's search_path ("$user"), so that Prosody and ejabberd, which
+# cannot name a schema, create their tables there.
+PG_HOST, PG_PORT, PG_DATABASE = "127.0.0.1", 5432, "test"
+STORAGES = ("default", "postgresql")
+
+
 @dataclass(frozen=True)
 class Profile:
     """Server features that change the cost of the hot path; scenarios run under one profile at a time.
 
     `full` is a realistic deployment: the archive on and every module a real server loads (FULL_MODULES).
+    `storage` is each server's own default (Parley SQLite, Prosody files, ejabberd Mnesia) or "postgresql",
+    the machine's PostgreSQL for all of them (synchronous_commit as the database has it: on, by default).
     """
 
     archive: bool = False
     full: bool = False
+    storage: str = "default"
 
     @property
     def name(self) -> str:
-        return "full" if self.full else "archive-on" if self.archive else "archive-off"
+        name = "full" if self.full else "archive-on" if self.archive else "archive-off"
+        return name if self.storage == "default" else f"{name}, {self.storage}"
+
+    @property
+    def postgresql(self) -> bool:
+        return self.storage == "postgresql"
+
+
+async def pg_execute(*statements: str) -> None:
+    """Run statements on the machine's PostgreSQL as its superuser."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user="postgres", database=PG_DATABASE)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ServerUnavailable(f"no PostgreSQL at {PG_HOST}:{PG_PORT}/{PG_DATABASE}: {exc}") from None
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def pg_fresh_schema(role: str) -> None:
+    """The role (login, no password: the machine's PostgreSQL trusts loopback) and an empty schema it owns."""
+    await pg_execute(f"DROP SCHEMA IF EXISTS {role} CASCADE",
+                     f"DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+                     f"CREATE SCHEMA {role} AUTHORIZATION {role}")
+
+
+async def pg_drop_schema(role: str) -> None:
+    await pg_execute(f"DROP SCHEMA IF EXISTS {role} CASCADE", f"DROP ROLE IF EXISTS {role}")
 
 
 class ServerUnavailable(Exception):
@@ -143,6 +184,17 @@ class BenchServer:
         """The process whose CPU and memory are measured."""
         assert self.proc is not None
         return self.proc.pid
+
+    @property
+    def pg_role(self) -> str:
+        """This server's PostgreSQL role and schema (`--storage postgresql`)."""
+        return f"parley_bench_{self.name.replace('-', '_')}_{os.getpid()}"
+
+    async def cleanup(self) -> None:
+        """Remove what the server left outside its work directory (its PostgreSQL schema)."""
+        if self.profile.postgresql:
+            with contextlib.suppress(ServerUnavailable):
+                await pg_drop_schema(self.pg_role)
 
     def check(self) -> None:
         """Raise ServerUnavailable with the reason when this server cannot run here."""
@@ -281,7 +333,14 @@ port = {self.port}
 tls = "starttls"
 {http}
 [hosts."{self.domain}"]
-""")
+{self._storage_section()}""")
+
+    def _storage_section(self) -> str:
+        if not self.profile.postgresql:
+            return ""
+        # Parley names its schema itself (and creates it if missing, which needs the superuser).
+        return (f'\n[storage]\nurl = "postgresql+asyncpg://postgres@{PG_HOST}:{PG_PORT}/{PG_DATABASE}'
+                f'?schema={self.pg_role}"\n')
 
     async def setup(self, users: list[str], password: str, rosters: dict[str, list[str]]) -> None:
         from server.accounts import credentials_for
@@ -291,6 +350,8 @@ tls = "starttls"
 
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
+        if self.profile.postgresql:
+            await pg_fresh_schema(self.pg_role)
         config = load_config(self.config_file, known_modules=available())
         config.data_dir.mkdir(parents=True, exist_ok=True)
         storage = await open_storage(config.storage.url)
@@ -373,6 +434,8 @@ class Prosody(BenchServer):
     def check(self) -> None:
         if shutil.which("prosody") is None:
             raise ServerUnavailable("not installed (apt-get install prosody lua-unbound)")
+        if self.profile.postgresql and not list(Path("/usr/lib").glob("*/lua/*/dbd/postgresql.so")):
+            raise ServerUnavailable("no LuaDBI PostgreSQL driver (apt-get install lua-dbi-postgresql)")
 
     @property
     def config_file(self) -> Path:
@@ -386,12 +449,17 @@ class Prosody(BenchServer):
             "ADDRESS": self.address, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "DIR": str(self.dir),
             "DOMAIN": self.domain,
             "EXTRA_MODULES": self._extra_modules(),
+            "STORAGE": self._storage(),
         }))
+        if self.profile.postgresql:
+            await pg_fresh_schema(self.pg_role)
         await self.start()
         try:
             await _register_all(self.target, users, password)
         finally:
             await self.stop()
+        if rosters and self.profile.postgresql:
+            raise ServerUnavailable("fan-out rosters are written as Prosody's files, not into PostgreSQL")
         self._write_rosters(rosters)
 
     def _extra_modules(self) -> str:
@@ -400,6 +468,13 @@ class Prosody(BenchServer):
             self.notes.append("full profile: no push module (mod_cloud_notify is not in Prosody 0.12)")
             return "".join(f'"{m}"; ' for m in PROSODY_FULL)
         return '"mam";' if self.profile.archive else ""
+
+    def _storage(self) -> str:
+        """mod_storage_sql on the machine's PostgreSQL (LuaDBI), or Prosody's files."""
+        if not self.profile.postgresql:
+            return 'storage = "internal"'
+        return (f'storage = "sql"\nsql = {{ driver = "PostgreSQL", database = "{PG_DATABASE}", '
+                f'username = "{self.pg_role}", host = "{PG_HOST}", port = {PG_PORT} }}')
 
     def _write_rosters(self, rosters: dict[str, list[str]]) -> None:
         """Roster files in Prosody's internal storage format, written while it is stopped. Over XMPP,
@@ -473,8 +548,10 @@ class Ejabberd(BenchServer):
         extra += EJABBERD_FULL if self.profile.full else ""
         (d / "ejabberd.yml").write_text(fill_template((CONFIGS / "ejabberd.yml").read_text(), {
             "ADDRESS": self.address, "PORT": str(self.port), "HTTP_PORT": str(self.http_port), "DIR": str(d),
-            "DOMAIN": self.domain, "EXTRA_MODULES": extra,
+            "DOMAIN": self.domain, "EXTRA_MODULES": extra, "STORAGE": self._storage(),
         }))
+        if self.profile.postgresql:
+            await self._pg_schema()
         # Our own ejabberdctl.cfg: Debian's sets EJABBERD_CONFIG_PATH, which would override --config.
         (d / "ejabberdctl.cfg").write_text('ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\nERL_MAX_PORTS=65536\n')
         shutil.copy("/etc/ejabberd/inetrc", d / "inetrc")
@@ -493,6 +570,28 @@ class Ejabberd(BenchServer):
                 for user, contacts in rosters.items() for contact in contacts])
         finally:
             await self.stop()
+
+    def _storage(self) -> str:
+        """Every module on the machine's PostgreSQL, or on Mnesia (ejabberd's default)."""
+        if not self.profile.postgresql:
+            return ""
+        return (f"sql_type: pgsql\nsql_server: \"{PG_HOST}\"\nsql_port: {PG_PORT}\nsql_database: \"{PG_DATABASE}\"\n"
+                f"sql_username: \"{self.pg_role}\"\nsql_password: \"\"\nnew_sql_schema: true\n"
+                "default_db: sql\nauth_method: sql\n")
+
+    async def _pg_schema(self) -> None:
+        """The schema Debian's package ships (new_sql_schema), created in the role's own schema."""
+        sql = next((p for p in (Path("/usr/share/ejabberd/sql/pg.new.sql"),
+                                Path("/usr/lib/ejabberd/priv/sql/pg.new.sql")) if p.exists()), None)
+        if sql is None:
+            raise ServerUnavailable("ejabberd's pg.new.sql is not installed")
+        await pg_fresh_schema(self.pg_role)
+        loaded = await asyncio.create_subprocess_exec(
+            "psql", "-q", "-v", "ON_ERROR_STOP=1", "-h", PG_HOST, "-p", str(PG_PORT), "-U", self.pg_role,
+            "-d", PG_DATABASE, "-f", str(sql), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = await loaded.communicate()
+        if loaded.returncode != 0:
+            raise ServerUnavailable(f"loading {sql} failed: {err.decode().strip()[-300:]}")
 
     async def _api(self, command: str, calls: list[dict[str, str]]) -> None:
         """Many calls of one command of the HTTP API (in-band registration is throttled per address)."""

@@ -9,6 +9,9 @@ message (XEP-0422) - or when it asks to be with a XEP-0334 <store/> hint. A <no-
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from contextvars import ContextVar
 from xml.etree.ElementTree import Element
 
 from server import ns
@@ -26,7 +29,117 @@ KEPT = (
 
 
 def worth_archiving(el: Element) -> bool:
-    """Whether a message's content belongs in an archive, by the rule above."""
-    if any(el.find(hint) is not None for hint in NO_STORE):
+    """Whether a message's content belongs in an archive, by the rule above (one pass over its children:
+    it is asked twice for every message, by the sender's archive and the recipient's)."""
+    tags = {child.tag for child in el}
+    if not tags.isdisjoint(NO_STORE):
         return False
-    return el.find(STORE) is not None or any(el.find(tag) is not None for tag in KEPT)
+    return STORE in tags or not tags.isdisjoint(KEPT)
+
+
+class Turn:
+    """A client's message in its connection's order, so that the connection may read on while it waits for
+    its archive commit.
+
+    Waiting for one message's commit before reading the next would leave a group commit at most one message
+    per connection. So the archive `park`s a message once its rows are queued: its connection then handles
+    the messages after it each in a task of its own, and this one goes on waiting. Order is kept: a message
+    is routed only once the one before it is `released` (parked or finished), so its rows are queued after
+    that one's; it goes on to delivery only `in_order`, after the one before it did; and it counts as
+    handled only `after_earlier` ones are done, and whatever is not such a message waits until they all
+    are. So stream management counts, and acknowledges, only messages whose rows are committed.
+    """
+
+    __slots__ = ("_on_park", "before", "done", "el", "passed", "released")
+
+    def __init__(self, el: Element, before: Turn | None = None,
+                 on_park: Callable[[Turn], None] | None = None) -> None:
+        self.el = el
+        self.before = before  # the connection's message before this one, while it is in flight
+        self.released: asyncio.Future[None] | None = None  # parked or finished (futures made when tracked)
+        self.passed: asyncio.Future[None] | None = None  # on its way to delivery, or finished
+        self.done: asyncio.Future[None] | None = None  # finished, and so are the ones before
+        self._on_park = on_park
+
+    def track(self) -> None:
+        """Make the futures that later messages wait on."""
+        if self.done is None:
+            loop = asyncio.get_running_loop()
+            self.released, self.passed, self.done = loop.create_future(), loop.create_future(), loop.create_future()
+
+    def park(self) -> None:
+        """The message's rows are queued: the messages after it may be routed."""
+        self.track()
+        assert self.released is not None
+        if not self.released.done():
+            self.released.set_result(None)
+            if self._on_park is not None:
+                self._on_park(self)
+
+    async def after_released(self) -> None:
+        """Wait until the message before this one has queued its rows, or is finished."""
+        before = self.before
+        if before is not None and before.released is not None and not before.released.done():
+            await asyncio.shield(before.released)
+
+    async def in_order(self) -> None:
+        """Wait until the message before this one went on to its delivery; then this one goes on to its own.
+
+        Messages committed together wake in the order they were queued, so this seldom waits."""
+        before = self.before
+        if before is not None and before.passed is not None and not before.passed.done():
+            await asyncio.shield(before.passed)
+        if self.passed is not None and not self.passed.done():
+            self.passed.set_result(None)
+
+    async def after_earlier(self) -> None:
+        """Wait until the messages before this one are done."""
+        before = self.before
+        if before is not None and before.done is not None and not before.done.done():
+            await asyncio.shield(before.done)
+
+    def finished(self) -> None:
+        """The message is handled: done once the earlier ones are, so that they are done in order."""
+        if self.done is None or self.done.done():
+            return
+        for future in (self.released, self.passed):
+            if future is not None and not future.done():
+                future.set_result(None)
+        before = self.before
+        if before is None or before.done is None or before.done.done():
+            self._complete()
+        else:
+            before.done.add_done_callback(self._complete)
+
+    def _complete(self, _: object = None) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+        self.before = None  # a long session's messages must not hold on to each other
+
+
+class Reading:
+    """The message a connection's reading task handles itself, whose Turn is made only when an archive asks
+    for it (`turn_of`): a message that no archive parks costs its connection two assignments."""
+
+    __slots__ = ("el", "on_park", "turn")
+
+    def __init__(self, on_park: Callable[[Turn], None]) -> None:
+        self.el: Element | None = None
+        self.turn: Turn | None = None
+        self.on_park = on_park
+
+
+# In the task handling a client's message: its Turn, or its connection's Reading (set by the c2s connection).
+TURN: ContextVar[Turn | Reading | None] = ContextVar("parley_turn", default=None)
+
+
+def turn_of(el: Element) -> Turn | None:
+    """The Turn of the message `el` when it is a client's, being handled in this task."""
+    current = TURN.get()
+    if current is None or current.el is not el:
+        return None
+    if isinstance(current, Turn):
+        return current
+    if current.turn is None:
+        current.turn = Turn(el, on_park=current.on_park)
+    return current.turn

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import os
 import secrets
@@ -40,6 +41,7 @@ from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
 from server.accounts import verify_plain
+from server.archiving import TURN, Reading, Turn
 from server.c2s_state import NOT_AUTHORIZED, Action, Event, Input, Refusal, Reply, State, advance, input_of, outcome
 from server.jid import JID, JIDError
 from server.limits import TokenBucket
@@ -73,7 +75,7 @@ from server.sasl2 import (
     wants_new_token,
 )
 from server.sessions import Session
-from server.stanza import KINDS, Stanza, error_reply, reply
+from server.stanza import KINDS, MESSAGE, Stanza, error_reply, reply
 from server.storage.accounts import Account
 from server.storage.engine import storage_condition, storage_error_text
 from server.storage.fast import FastToken
@@ -97,6 +99,7 @@ MAX_RESOURCES = 10
 BIND = ns.qname(ns.BIND, "bind")
 SESSION = ns.qname(ns.SESSION, "session")
 BOUND = State.BOUND
+PIPELINED = ("chat", "normal")  # message types read on past while earlier ones wait for the archive
 
 
 def _sasl(name: str, text: str | None = None, namespace: str = ns.SASL) -> Element:
@@ -166,6 +169,11 @@ class C2SConnection(StreamEdge):
         self._sasl2: Request | None = None  # the <authenticate/> under way
         self._upgrade: Upgrade | None = None  # its upgrade task (XEP-0480), between the proof and the success
         self.after_success: list[Callable[[], None]] = []  # what modules write after a SASL2 <success/>
+        self._last: Turn | None = None  # the last message handled past a parked one, until done (Turn)
+        self._turns: set[asyncio.Task[None]] = set()
+        self._reading = Reading(self._park)  # the message the reading task handles itself
+        self.task_context = contextvars.Context()
+        self.task_context.run(TURN.set, self._reading)
 
     def __repr__(self) -> str:
         who = f" {self.session.jid}" if self.session is not None else ""
@@ -264,6 +272,16 @@ class C2SConnection(StreamEdge):
     # --- negotiation ------------------------------------------------------------------------------
 
     async def handle(self, event: object) -> None:
+        last = self._last
+        if last is not None:
+            assert last.done is not None
+            if last.done.done():
+                self._last = None
+            elif self._overlaps(event):
+                self._spawn(event)  # type: ignore[arg-type]
+                return
+            else:
+                await self._settled()
         try:
             await self._handle(event)
         except SaslFailure as exc:
@@ -311,6 +329,53 @@ class C2SConnection(StreamEdge):
                 await self._element(event, None)
             case Action.NONZA:
                 await self._element(event, self.session)
+
+    def _overlaps(self, event: object) -> bool:
+        """Whether `event` may be handled while earlier messages wait for their archive commit: a chat or
+        normal message to a local account, which is delivered after them (server/archiving.py's Turn)."""
+        if self.state is not BOUND or not isinstance(event, Element) or event.tag != MESSAGE \
+                or event.get("type", "normal") not in PIPELINED:
+            return False
+        return (event.get("to") or "").partition("/")[0].rpartition("@")[2] in self.server.hosts
+
+    def _park(self, turn: Turn) -> None:
+        """A message handled by the reading task waits for its archive commit: read on in a new task."""
+        self._last = turn
+        self.read_on()
+
+    def _spawn(self, el: Element) -> None:
+        """Handle a message behind a parked one in a task of its own, in its turn."""
+        turn = Turn(el, self._last)
+        turn.track()
+        self._last = turn
+        task = asyncio.get_running_loop().create_task(self._in_turn(el, turn))
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
+
+    async def _in_turn(self, el: Element, turn: Turn) -> None:
+        try:
+            await turn.after_released()
+            if not self.closing and self.session is not None:
+                await self._stanza(el, turn)
+        except StreamError as exc:
+            self.stream_error(exc)
+        except Exception:
+            log.exception("internal error on %r", self)
+            self.stream_error(StreamError("internal-server-error"))
+        finally:
+            turn.finished()
+
+    async def _settled(self) -> None:
+        """Wait until the messages handled behind a parked one are done."""
+        last = self._last
+        if last is not None and last.done is not None:
+            await asyncio.shield(last.done)
+            if self._last is last:
+                self._last = None
+
+    async def finish(self) -> None:
+        await super().finish()
+        await self._settled()
 
     def _refuse(self, refusal: Refusal) -> None:
         """Answer an input the state does not allow; stream errors and SASL failures are raised, as those
@@ -751,9 +816,9 @@ class C2SConnection(StreamEdge):
 
     # --- stanzas ----------------------------------------------------------------------------------
 
-    async def _stanza(self, el: Element) -> None:
+    async def _stanza(self, el: Element, turn: Turn | None = None) -> None:
         """A stanza of the bound session, to the router; 'c2s/handled' once it is handled (not when it ends
-        the stream)."""
+        the stream). A message has its `turn` (given when it is handled behind a parked one)."""
         session = self.session
         session.last_active = time.monotonic()
         claimed = el.get("from")
@@ -779,17 +844,34 @@ class C2SConnection(StreamEdge):
                     session.send(error_reply(el, exc))
             else:
                 stanza = Stanza(el, kind, session.jid, to, session)
+                token = None
+                reading = self._reading
+                if turn is not None:
+                    token = TURN.set(turn)
+                elif kind == "message":
+                    reading.el = el  # TURN is `reading` in the reading tasks' context
                 began = time.perf_counter()
                 try:
-                    await self.server.router.route(stanza)
-                    if kind == "message":
-                        stats.delivery.observe(time.perf_counter() - began)
-                except Exception as exc:
-                    # A storage failure (a full disk) fails this stanza, not the stream and the stanzas after it.
-                    condition = storage_condition(exc)
-                    if condition is None:
-                        raise
-                    log.warning("storage failed for <%s/> from %s: %s", kind, session.jid,
-                                storage_error_text(exc))
-                    await self.server.router.bounce(stanza, StanzaError(condition))
+                    try:
+                        await self.server.router.route(stanza)
+                        if kind == "message":
+                            stats.delivery.observe(time.perf_counter() - began)
+                    except Exception as exc:
+                        # A storage failure (a full disk) fails this stanza, not the stream and the stanzas
+                        # after it.
+                        condition = storage_condition(exc)
+                        if condition is None:
+                            raise
+                        log.warning("storage failed for <%s/> from %s: %s", kind, session.jid,
+                                    storage_error_text(exc))
+                        await self.server.router.bounce(stanza, StanzaError(condition))
+                    if turn is not None and turn.before is not None:
+                        await turn.after_earlier()  # counted as handled in order
+                finally:
+                    if token is not None:
+                        TURN.reset(token)
+                    elif reading.el is el:
+                        turn, reading.el, reading.turn = reading.turn, None, None
+                    if turn is not None:
+                        turn.finished()
         self.host.hooks.notify("c2s/handled", session)

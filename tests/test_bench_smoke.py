@@ -1,18 +1,24 @@
 """A few seconds of the benchmark against a Parley subprocess, so bench/ cannot rot unnoticed.
 
 Nothing here judges speed: only that logins completed, messages flowed, sessions idled and the JSON
-results were written. Prosody and ejabberd stay out of it (CI time).
+results were written, on SQLite and (`--storage postgresql`) on PostgreSQL. Prosody and ejabberd stay out
+of it (CI time).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import asyncpg
 import pytest
+
+from tests.conftest import postgres_available, unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,3 +87,29 @@ def test_bench_smoke_full_profile_fanout(tmp_path: Path) -> None:
     assert "error" not in fanout, fanout
     assert fanout["counts"]["presences_at_watchers"] == fanout["counts"]["expected_at_watchers"] > 0
     assert fanout["metrics"]["fanout_logins_per_s"] > 0
+
+
+@pytest.mark.timeout(180)
+async def test_bench_smoke_archive_on_postgresql() -> None:
+    """`--storage postgresql` with the archive on: Parley on the machine's PostgreSQL, in a schema of its own
+    that is gone afterwards."""
+    if not await postgres_available():
+        unavailable("no PostgreSQL at 127.0.0.1:5432")
+    out = Path(tempfile.mkdtemp()) / "results.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.run", "--smoke", "--servers", "parley", "--scenarios", "throughput",
+        "--profile", "archive-on", "--storage", "postgresql", "--address", f"parley=127.0.0.1:{free_port()}",
+        "--json", str(out), cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 170)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    results = json.loads(out.read_text())
+    assert results["profile"] == "archive-on, postgresql"
+    throughput = results["servers"]["parley"]["scenarios"]["throughput"]
+    assert "error" not in throughput, throughput
+    assert throughput["counts"]["delivered"] > 0
+    conn = await asyncpg.connect(host="127.0.0.1", port=5432, user="postgres", database="test")
+    try:
+        schema = f"parley_bench_parley_{proc.pid}"
+        assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema) == 0
+    finally:
+        await conn.close()

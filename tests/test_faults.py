@@ -243,6 +243,40 @@ async def test_kill_9_during_archived_online_delivery(tmp_path: Path, storage_ur
         assert set(acked) <= set(received) | set(archived), sorted(set(acked) - set(received) - set(archived))
 
 
+async def archived_in_order(url: str, user: str) -> list[str]:
+    """Bodies of `user`'s archive, oldest row first."""
+    storage = await open_storage(url)
+    try:
+        async with storage.engine.connect() as conn:
+            rows = await conn.execute(select(archive.c.body).where(archive.c.username == user).order_by(archive.c.id))
+            return [row.body for row in rows]
+    finally:
+        await storage.close()
+
+
+def numbered(bodies: list[str]) -> list[int]:
+    return [int(body[1:]) for body in bodies]
+
+
+async def test_kill_9_while_a_connection_reads_past_messages_waiting_for_the_archive(
+        tmp_path: Path, storage_url: str) -> None:
+    """The sender keeps 40 messages in flight, so its connection reads on while earlier ones wait for their
+    archive commit (server/archiving.py's Turn): whatever stream management acknowledged is in both archives,
+    and each archive, and what the recipient got, is in the order sent, with no gap before the last one."""
+    async with serving(tmp_path, storage_url, "alice", "bob") as (parley, harness):
+        bob, before = await online(harness, "bob@localhost")
+        acked = await burst_until_killed(harness, parley, "bob@localhost")
+        bob.abort()
+        received = numbered(bodies(before))
+        sent_archive = numbered(await archived_in_order(storage_url, "alice"))
+        bob_archive = numbered(await archived_in_order(storage_url, "bob"))
+        for kept in (received, sent_archive, bob_archive):
+            assert kept == list(range(len(kept))), [*kept[:5], "...", *kept[-5:]]
+        assert len(acked) <= min(len(sent_archive), len(bob_archive)), (len(acked), len(sent_archive),
+                                                                       len(bob_archive))
+        assert len(received) <= len(bob_archive), "delivered before it was archived"
+
+
 def _as_postgres(*command: str) -> list[str]:
     """PostgreSQL's tools refuse to run as root: as root, run them as the 'postgres' user."""
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)

@@ -28,7 +28,7 @@ c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 authentication = "internal_hashed"
 default_iteration_count = 4096
-storage = "internal"
+@STORAGE@
 limits = {}
 archive_expires_after = "never"
 log = { warn = "@DIR@/prosody.log" }

@@ -31,6 +31,10 @@ from server.storage.schema import archive
 
 _WORD = re.compile(r"\w+")
 INDEX_DELAY = 1.0  # seconds from an archive write to indexing its bodies for full-text search (SQLite)
+# Bodies queued for the full-text index past which a batch indexes them in its own transaction (SQLite):
+# under load that is cheaper than indexing them once a second in aiosqlite's thread, which held the write
+# lock, and so the batches, for about a third of each second.
+INDEX_BATCH = 1000
 
 log = logging.getLogger("parley.archive")
 
@@ -120,6 +124,7 @@ class ArchiveStore:
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._indexing: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        self._unindexed = 0  # bodies written by batches since the last indexing (SQLite)
         # Appends that failed (outage.failures, for metrics), logged once per burst.
         self.outage = Outage("message archive", "messages are delivered without being archived")
         self.commits = LatencyHistogram()  # seconds each group commit takes, for metrics
@@ -184,8 +189,13 @@ class ArchiveStore:
 
     async def _insert(self, rows: list[dict[str, Any]]) -> None:
         if self._writer.inline is not None:
+            bodies = self._unindexed + sum(row["body"] is not None for row in rows)
             async with self._writer.begin_inline() as dbapi:
                 dbapi.executemany(_INSERT_SQL, [_sqlite_values(row) for row in rows])
+                if bodies >= INDEX_BATCH:
+                    for statement in _INDEX_QUEUED:
+                        dbapi.execute(statement)
+            self._unindexed = 0 if bodies >= INDEX_BATCH else bodies
         else:
             async with self._writer.begin() as conn:
                 await conn.execute(archive.insert(), rows)
@@ -209,6 +219,7 @@ class ArchiveStore:
         """
         async with self._writer.begin() as conn:
             await _index_queued(conn)
+        self._unindexed = 0
 
     def close(self) -> None:
         """Stop the indexing timer (what is still queued is indexed after the next start, at the latest
@@ -334,11 +345,16 @@ class ArchiveStore:
         return gone.rowcount or 0
 
 
+_INDEX_QUEUED = (
+    "INSERT INTO archive_fts(rowid, body) SELECT archive.id, archive.body FROM archive_fts_queue"
+    " JOIN archive ON archive.id = archive_fts_queue.id WHERE archive.body IS NOT NULL",
+    "DELETE FROM archive_fts_queue",
+)
+
+
 async def _index_queued(conn: AsyncConnection) -> None:
-    await conn.execute(text(
-        "INSERT INTO archive_fts(rowid, body) SELECT archive.id, archive.body FROM archive_fts_queue"
-        " JOIN archive ON archive.id = archive_fts_queue.id WHERE archive.body IS NOT NULL"))
-    await conn.execute(text("DELETE FROM archive_fts_queue"))
+    for statement in _INDEX_QUEUED:
+        await conn.execute(text(statement))
 
 
 def _fulltext(dialect: str, search: list[str]) -> ColumnElement[bool]:

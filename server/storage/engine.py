@@ -48,6 +48,11 @@ _WRITE_OPTION = "parley_write"
 # SQLite's 1,000: a page the archive's appends rewrite many times is copied once per checkpoint, and
 # checkpoints, which run in the committing connection, stall the event loop ten times less often.
 _SQLITE_PRAGMAS = ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "wal_autocheckpoint=10000")
+# The page cache of the connection that writes archive batches, in KiB (SQLite's default is 2,000): a batch
+# touches the last pages of each of the archive's indexes for every user in it, and with the default those
+# were read back from the file for every batch. 16 MiB took a row from 33 to 21-24 µs of CPU in batches of
+# 1,000 over a 100,000-row archive; more made no difference.
+_WRITING_CACHE_KIB = 16384
 # Seconds a SQLite writer waits for the database lock before failing with "database is locked".
 _SQLITE_BUSY_TIMEOUT = 30
 
@@ -135,6 +140,7 @@ class InlineSQLite:
     def writing(self) -> sqlite3.Connection:
         if self._writing is None:
             self._writing = self.engine.raw_connection()
+            self._writing.driver_connection.execute(f"PRAGMA cache_size = -{_WRITING_CACHE_KIB}")
         return self._writing.driver_connection
 
     def dispose(self) -> None:

@@ -1,7 +1,8 @@
 """The asyncio edge shared by client and server streams, around the sans-IO parser.
 
 Input over the read-rate budget waits unparsed until it has been paid for; parsed events are handled
-in order by one task per burst, so a slow database lookup for one stanza never reorders the next;
+in order by one task per burst, so a slow database lookup for one stanza never reorders the next (an
+event that `read_on`s, a client's archived message, keeps its own order; see server/archiving.py's Turn);
 output written during one loop iteration leaves in one transport write. STARTTLS, the same for clients
 and servers, is here too; what a certificate must prove stays with each kind of stream.
 
@@ -20,6 +21,7 @@ takes nothing has, as far as we can tell, lost the ability to communicate, RFC 6
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import ssl
@@ -76,6 +78,9 @@ class StreamEdge(asyncio.Protocol):
         self._writable.set()
         self._stall: asyncio.TimerHandle | None = None  # cuts the peer when output stays blocked too long
         self._finishing = False  # the server is shutting down: read nothing more, handle what was read
+        # The context the reading tasks run in (a copy of the current one for each when None): a subclass
+        # sets in it, once, what its handlers look up per event.
+        self.task_context: contextvars.Context | None = None
 
     async def handle(self, event: object) -> None:
         raise NotImplementedError
@@ -182,14 +187,15 @@ class StreamEdge(asyncio.Protocol):
                 trace.received(self, events)
             self._events.extend(events)
             if self._worker is None:
-                self._worker = asyncio.get_running_loop().create_task(self._drain())
+                self._worker = asyncio.get_running_loop().create_task(self._drain(), context=self.task_context)
 
     async def _drain(self) -> None:
+        me = asyncio.current_task()
         try:
-            while self._events and not self.closing:
+            while self._events and not self.closing and self._worker is me:
                 if self.backpressure and (self._write_paused or self._queued >= WRITE_CHUNK):
                     await self._output_room()
-                    if self.closing:
+                    if self.closing or self._worker is not me:
                         break
                 event = self._events.popleft()
                 try:
@@ -200,7 +206,16 @@ class StreamEdge(asyncio.Protocol):
                     log.exception("internal error on %r", self)
                     self.stream_error(StreamError("internal-server-error"))
         finally:
-            self._worker = None
+            if self._worker is me:
+                self._worker = None
+
+    def read_on(self) -> None:
+        """Hand the events after the one being handled to a new task, from the task handling it: that event
+        will take a while (a message waiting for its archive commit), and finishes in this task."""
+        if self._worker is None or self._worker is not asyncio.current_task():
+            return
+        self._worker = asyncio.get_running_loop().create_task(self._drain(), context=self.task_context) \
+            if self._events and not self.closing else None
 
     async def _output_room(self) -> None:
         """Before handling more of what the peer sent: write what is queued, and wait while the peer does not
