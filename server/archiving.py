@@ -45,19 +45,19 @@ class Turn:
     per connection. So the archive `park`s a message once its rows are queued: its connection then handles
     the messages after it each in a task of its own, and this one goes on waiting. Order is kept: a message
     is routed only once the one before it is `released` (parked or finished), so its rows are queued after
-    that one's; it goes on to delivery only `in_order`, after the one before it did; and it counts as
-    handled only `after_earlier` ones are done, and whatever is not such a message waits until they all
-    are. So stream management counts, and acknowledges, only messages whose rows are committed.
+    that one's; it goes on to delivery only `in_order`, once the one before it is done (delivered: a
+    delivery may wait too, for offline storage, and two in flight could be stored out of order); and it
+    counts as handled only `after_earlier` ones are done, and whatever is not such a message waits until
+    they all are. So stream management counts, and acknowledges, only messages whose rows are committed.
     """
 
-    __slots__ = ("_on_park", "before", "done", "el", "passed", "released")
+    __slots__ = ("_on_park", "before", "done", "el", "released")
 
     def __init__(self, el: Element, before: Turn | None = None,
                  on_park: Callable[[Turn], None] | None = None) -> None:
         self.el = el
         self.before = before  # the connection's message before this one, while it is in flight
         self.released: asyncio.Future[None] | None = None  # parked or finished (futures made when tracked)
-        self.passed: asyncio.Future[None] | None = None  # on its way to delivery, or finished
         self.done: asyncio.Future[None] | None = None  # finished, and so are the ones before
         self._on_park = on_park
 
@@ -65,7 +65,7 @@ class Turn:
         """Make the futures that later messages wait on."""
         if self.done is None:
             loop = asyncio.get_running_loop()
-            self.released, self.passed, self.done = loop.create_future(), loop.create_future(), loop.create_future()
+            self.released, self.done = loop.create_future(), loop.create_future()
 
     def park(self) -> None:
         """The message's rows are queued: the messages after it may be routed."""
@@ -83,14 +83,10 @@ class Turn:
             await asyncio.shield(before.released)
 
     async def in_order(self) -> None:
-        """Wait until the message before this one went on to its delivery; then this one goes on to its own.
+        """Wait until the messages before this one are delivered; then this one goes on to its own delivery.
 
-        Messages committed together wake in the order they were queued, so this seldom waits."""
-        before = self.before
-        if before is not None and before.passed is not None and not before.passed.done():
-            await asyncio.shield(before.passed)
-        if self.passed is not None and not self.passed.done():
-            self.passed.set_result(None)
+        Messages committed together wake in the order they were queued, so this seldom waits long."""
+        await self.after_earlier()
 
     async def after_earlier(self) -> None:
         """Wait until the messages before this one are done."""
@@ -102,9 +98,8 @@ class Turn:
         """The message is handled: done once the earlier ones are, so that they are done in order."""
         if self.done is None or self.done.done():
             return
-        for future in (self.released, self.passed):
-            if future is not None and not future.done():
-                future.set_result(None)
+        if self.released is not None and not self.released.done():
+            self.released.set_result(None)
         before = self.before
         if before is None or before.done is None or before.done.done():
             self._complete()
