@@ -45,19 +45,22 @@ class Turn:
     per connection. So the archive `park`s a message once its rows are queued: its connection then handles
     the messages after it each in a task of its own, and this one goes on waiting. Order is kept: a message
     is routed only once the one before it is `released` (parked or finished), so its rows are queued after
-    that one's; it goes on to delivery only `in_order`, once the one before it is done (delivered: a
-    delivery may wait too, for offline storage, and two in flight could be stored out of order); and it
-    counts as handled only `after_earlier` ones are done, and whatever is not such a message waits until
-    they all are. So stream management counts, and acknowledges, only messages whose rows are committed.
+    that one's; it goes on to delivery only `in_order`, after the one before it did, and to offline storage
+    only once the router is done delivering that one (`earlier_delivered`: storing waits for the database,
+    and two stores in flight could commit out of order); and it counts as
+    handled only `after_earlier` ones are done, and whatever is not such a message waits until they all
+    are. So stream management counts, and acknowledges, only messages whose rows are committed.
     """
 
-    __slots__ = ("_on_park", "before", "done", "el", "released")
+    __slots__ = ("_on_park", "before", "delivered", "done", "el", "passed", "released")
 
     def __init__(self, el: Element, before: Turn | None = None,
                  on_park: Callable[[Turn], None] | None = None) -> None:
         self.el = el
         self.before = before  # the connection's message before this one, while it is in flight
         self.released: asyncio.Future[None] | None = None  # parked or finished (futures made when tracked)
+        self.passed: asyncio.Future[None] | None = None  # on its way to delivery, or finished
+        self.delivered: asyncio.Future[None] | None = None  # the router is done delivering it, or finished
         self.done: asyncio.Future[None] | None = None  # finished, and so are the ones before
         self._on_park = on_park
 
@@ -65,7 +68,7 @@ class Turn:
         """Make the futures that later messages wait on."""
         if self.done is None:
             loop = asyncio.get_running_loop()
-            self.released, self.done = loop.create_future(), loop.create_future()
+            self.released, self.passed, self.delivered, self.done = (loop.create_future() for _ in range(4))
 
     def park(self) -> None:
         """The message's rows are queued: the messages after it may be routed."""
@@ -83,10 +86,14 @@ class Turn:
             await asyncio.shield(before.released)
 
     async def in_order(self) -> None:
-        """Wait until the messages before this one are delivered; then this one goes on to its own delivery.
+        """Wait until the message before this one went on to its delivery; then this one goes on to its own.
 
-        Messages committed together wake in the order they were queued, so this seldom waits long."""
-        await self.after_earlier()
+        Messages committed together wake in the order they were queued, so this seldom waits."""
+        before = self.before
+        if before is not None and before.passed is not None and not before.passed.done():
+            await asyncio.shield(before.passed)
+        if self.passed is not None and not self.passed.done():
+            self.passed.set_result(None)
 
     async def after_earlier(self) -> None:
         """Wait until the messages before this one are done."""
@@ -98,8 +105,9 @@ class Turn:
         """The message is handled: done once the earlier ones are, so that they are done in order."""
         if self.done is None or self.done.done():
             return
-        if self.released is not None and not self.released.done():
-            self.released.set_result(None)
+        for future in (self.released, self.passed, self.delivered):
+            if future is not None and not future.done():
+                future.set_result(None)
         before = self.before
         if before is None or before.done is None or before.done.done():
             self._complete()
@@ -138,3 +146,26 @@ def turn_of(el: Element) -> Turn | None:
     if current.turn is None:
         current.turn = Turn(el, on_park=current.on_park)
     return current.turn
+
+
+def _current(el: Element) -> Turn | None:
+    """The Turn of `el` if it is the client's message handled in this task and one was made for it."""
+    current = TURN.get()
+    if current is None or current.el is not el:
+        return None
+    return current if isinstance(current, Turn) else current.turn
+
+
+def delivered(el: Element) -> None:
+    """The router is done delivering `el` (to sessions, to offline storage, or bounced)."""
+    turn = _current(el)
+    if turn is not None and turn.delivered is not None and not turn.delivered.done():
+        turn.delivered.set_result(None)
+
+
+async def earlier_delivered(el: Element) -> None:
+    """Before `el` goes to offline storage: wait until the message its sender sent before it is delivered."""
+    turn = _current(el)
+    before = turn.before if turn is not None else None
+    if before is not None and before.delivered is not None and not before.delivered.done():
+        await asyncio.shield(before.delivered)

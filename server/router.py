@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element
 
+from server.archiving import delivered, earlier_delivered
 from server.jid import JID, JIDError
 from server.stanza import HANDLED, KINDS, Stanza, error_reply, reply
 from server.stream.errors import StanzaError
@@ -73,6 +74,7 @@ class Router:
         try:
             await self._route(st)
         finally:
+            delivered(st.el)
             if st.pending:
                 await asyncio.gather(*st.pending)
 
@@ -262,7 +264,10 @@ class Router:
             return
         for session in sessions:
             session.send(st.el)
-        if not sessions and await host.hooks.fire("message/offline", st) is None:
+        if sessions:
+            return
+        await earlier_delivered(st.el)
+        if await host.hooks.fire("message/offline", st) is None:
             await self.bounce(st, StanzaError("service-unavailable"))
 
     def _presence(self, st: Stanza, target: str) -> None:
