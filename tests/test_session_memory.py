@@ -3,7 +3,9 @@ and a parser's text buffer is small, its pieces joined."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import ssl
 import weakref
 from typing import Any
 from xml.etree.ElementTree import Element
@@ -11,6 +13,7 @@ from xml.etree.ElementTree import Element
 from server.jid import JID
 from server.sessions import Session
 from server.stream.parser import TEXT_BUFFER, StreamParser
+from tests.conftest import Harness
 
 
 class Connection:
@@ -63,3 +66,22 @@ def test_long_text_arrives_whole_through_the_small_text_buffer() -> None:
     assert isinstance(message, Element)
     assert message[0].text == body.replace("&amp;", "&")
     assert message[0].tail == "tail" + body.replace("&amp;", "&")
+
+
+async def test_a_tls_stream_that_ended_is_freed_before_the_close_grace_period(server: Harness) -> None:
+    """The timer that cuts a peer CLOSE_GRACE seconds after the server closes must not hold a stream that
+    ended in time: it held each connection's TLS object and buffers, all of a login storm's for 10 s."""
+    raw = await server.raw()
+    await raw.starttls()
+    await raw.open()
+    await raw.expect("{http://etherx.jabber.org/streams}features")
+    await raw.send("</stream:stream>")
+    await raw.closed()
+    raw.writer.close()
+    for _ in range(100):
+        if not server.server.connections:
+            break
+        await asyncio.sleep(0.02)
+    assert not server.server.connections
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, ssl.SSLObject) and o.server_side]
