@@ -17,15 +17,13 @@ from pathlib import Path
 from ejabberd_compat import commands as ejabberd_commands
 from ejabberd_compat import ctl, migrate
 from ejabberd_compat.config import load_any_config
-from ejabberd_compat.http_api import HttpApi
 from s2s import policy
-from s2s.manager import S2SManager
 from server import cli
 from server.commands import Command
 from server.commands import service_admin as core_commands
 from server.config import Config
 from server.registry import available
-from server.server import Server
+from server.server import Federation, Server
 
 # The commands of the parts that are not host modules; each module adds its own when a host loads it.
 COMMANDS: tuple[Command, ...] = (*core_commands.COMMANDS, *policy.COMMANDS, *ejabberd_commands.COMMANDS)
@@ -36,10 +34,22 @@ def read_config(path: Path) -> Config:
     return load_any_config(path, known_modules=available())[0]
 
 
+def federation(server: Server) -> Federation:
+    """The federation manager, which the server asks for only when it has an 's2s' listener: imported here,
+    so that a server without federation does not load it and its DNS resolver (a few MiB of resident memory
+    per process)."""
+    from s2s.manager import S2SManager
+
+    return S2SManager(server)
+
+
 def build_server(config: Config) -> Server:
     """A server with every part: what `parley serve` runs and what the tests start."""
-    server = Server(config, federation=S2SManager, commands=COMMANDS, read_config=read_config)
-    HttpApi(server)  # ejabberd's API under /api/ on the http listeners
+    server = Server(config, federation=federation, commands=COMMANDS, read_config=read_config)
+    if any(listener.type == "http" for listener in config.listeners):  # they are only read at start
+        from ejabberd_compat.http_api import HttpApi  # with aiohttp: not loaded by a server without http
+
+        HttpApi(server)  # ejabberd's API under /api/ on the http listeners
     return server
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
@@ -287,6 +286,8 @@ def load_any_config(path: Path | None, known_modules: set[str] | None = None) ->
 
 def load_ejabberd_config(path: Path, known_modules: set[str] | None = None) -> tuple[Config, list[str]]:
     """Parley's configuration from an ejabberd.yml, and the warnings naming what it could not apply."""
+    import yaml  # loaded for an ejabberd.yml only, not by every `parley` and parleyctl process
+
     try:
         with open(path, encoding="utf-8") as fh:
             yml = yaml.safe_load(fh)

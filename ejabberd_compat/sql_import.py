@@ -19,10 +19,8 @@ import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element, ParseError, SubElement
-
-import asyncpg
 
 from ejabberd_compat.piefxis import ROSTER, VCARD_STORE, ImportReport, archived, roster_item, store_private
 from server import ns
@@ -33,6 +31,9 @@ from server.storage import Storage, StoredCredentials
 from server.storage.archive import NewMessage
 from server.storage.muc import Affiliation, MucStore, StoredRoom
 from server.stream.writer import not_xml, serialize
+
+if TYPE_CHECKING:
+    import asyncpg
 
 _SUBSCRIPTION = {"B": "both", "T": "to", "F": "from", "N": "none"}
 _ASK_OUT, _ASK_IN = frozenset("SOB"), frozenset("IB")  # ejabberd's ask: subscribe, out, both / in, both
@@ -53,6 +54,8 @@ async def import_ejabberd_sql(storage: Storage, url: str, hosts: Collection[str]
                               iterations: int = 4096) -> ImportReport:
     """Import the served ``hosts`` (or only ``host``) from the ejabberd database at ``url``
     (``postgresql://user@server/db``; ``?schema=NAME`` reads a schema other than the default)."""
+    import asyncpg  # only this import reads ejabberd's PostgreSQL directly: `parley` does not load it otherwise
+
     dsn, schema = _dsn(url)
     try:
         conn = await asyncpg.connect(dsn, server_settings={"search_path": schema} if schema else None)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
-from server import backup, check
+from server import backup
 from server.accounts import AccountError, create_account, prepare_username, set_password
 from server.backup import BackupError
 from server.config import (
@@ -277,6 +277,8 @@ def _check(parts: Parts, path: Path | None, args: argparse.Namespace) -> int:
             print(f"  PROBLEM: {error}\n      fix: correct it in {path}; `parley check-config` checks it again")
         return 1
     print(f"Configuration {config.source or '(built-in)'}: OK")
+    from server import check  # with dnspython: loaded for `parley check`, not by every server process
+
     reports = check.check(config, None if args.no_dns else check.make_resolver(args.nameserver))
     for report in reports:
         print(*report.lines(), sep="\n")

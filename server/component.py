@@ -26,11 +26,10 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
-import redis
-
 from server import ns
 from server.jid import JID, JIDError
 from server.limits import TokenBucket
+from server.ownership import redis_failures
 from server.router import parse_jid_attr
 from server.stanza import KINDS, Stanza, error_reply, parse_stored
 from server.stream.edge import StreamEdge
@@ -138,7 +137,7 @@ class Components:
             self.server.hooks.add("server/stopping", self._release_all)
         try:
             registry = await cluster.redis.hgetall(cluster.key(REGISTRY))
-        except (redis.RedisError, OSError) as exc:
+        except redis_failures() as exc:
             log.warning("components: cannot read where the cluster's components are: %s", exc)
             return
         for raw_domain, raw_member in registry.items():
@@ -169,7 +168,7 @@ class Components:
                 if holder != cluster.member and holder in cluster.members():
                     return False
                 await cluster.redis.hset(key, domain, cluster.member)
-        except (redis.RedisError, OSError) as exc:
+        except redis_failures() as exc:
             # Without Redis the component serves this member's users; the others learn of it from the frame.
             log.warning("components: could not record %s in Redis: %s", domain, exc)
         self.elsewhere.pop(domain, None)
@@ -194,7 +193,7 @@ class Components:
         holder = member or cluster.member
         try:
             await cluster.redis.eval(RELEASE, 1, cluster.key(REGISTRY), domain, holder)  # type: ignore[misc]
-        except (redis.RedisError, OSError) as exc:
+        except redis_failures() as exc:
             log.warning("components: could not remove %s from Redis: %s", domain, exc)
         if holder == cluster.member:
             self._broadcast(f"-{domain}")

@@ -23,15 +23,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from server.config import ListenerConfig
     from server.server import Server
 
-log = logging.getLogger("parley.http")
+    Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("parley.http")
 MAX_BODY = 1 << 20  # what a handler may read at once with request.read()/json(); uploads stream instead
 
 
@@ -160,6 +160,8 @@ class HttpServer:
         return self._routes[max(prefixes, key=lambda k: (len(k[1]), k[0] is not None))] if prefixes else None
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
         methods = self._match(request.host.rsplit(":", 1)[0].lower(), request.path)
         if methods is None:
             raise web.HTTPNotFound()
@@ -171,6 +173,10 @@ class HttpServer:
     async def start(self, listeners: list[ListenerConfig]) -> None:
         if not listeners:
             return
+        # aiohttp (some 25 MiB of resident memory with its client, resolver and yarl) is loaded only by a
+        # server with an http listener: the paths above are only recorded until then.
+        from aiohttp import web
+
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         app.on_shutdown.append(self._stopping)

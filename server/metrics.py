@@ -15,7 +15,6 @@ than whether storage answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,10 +24,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from sqlalchemy import Connection, func, select
 
 from server.http import within
@@ -37,6 +32,10 @@ from server.storage.engine import Outage, read, storage_error_text
 from server.storage.schema import offline
 
 if TYPE_CHECKING:
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import HistogramMetricFamily, Metric
+
     from server.server import Server
 
 log = logging.getLogger("parley.metrics")
@@ -60,6 +59,8 @@ class LatencyHistogram:
         self.sum += seconds
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        from prometheus_client.core import HistogramMetricFamily
+
         cumulative, total = [], 0
         for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
             total += count
@@ -89,9 +90,8 @@ class Metrics:
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_CoreCollector(self))
-        ProcessCollector(namespace="", registry=self.registry)  # resident memory, descriptors, CPU time
+        self._registry: CollectorRegistry | None = None  # made at the first scrape: see `registry`
+        self._collectors: list[_Collector] = []  # the parts' collectors, registered with the registry
         self._outages: weakref.WeakSet[Outage] = weakref.WeakSet()
         self._lag_task: asyncio.Task[None] | None = None
         self.offline_depth: int | None = None  # read before each scrape
@@ -99,15 +99,33 @@ class Metrics:
         server.http.add("GET", "/metrics", self.scrape)
         server.http.add("GET", "/health", self.health)
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry Prometheus reads, made when first asked for: prometheus_client is imported only by a
+        server that is scraped (or whose metrics a test reads), not by every process."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry, ProcessCollector
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(_CoreCollector(self))
+            ProcessCollector(namespace="", registry=self._registry)  # resident memory, descriptors, CPU time
+            for collector in self._collectors:
+                self._registry.register(collector)
+        return self._registry
+
     def add_collector(self, collect: Callable[[], Iterable[Metric]]) -> Callable[[], None]:
         """Export what `collect` returns at each scrape (a part outside the core: federation); returns the undo,
         which may be called more than once (a part stopped twice)."""
         collector = _Collector(collect)
-        self.registry.register(collector)
+        self._collectors.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
 
         def remove() -> None:
-            with contextlib.suppress(KeyError):
-                self.registry.unregister(collector)
+            if collector in self._collectors:
+                self._collectors.remove(collector)
+                if self._registry is not None:
+                    self._registry.unregister(collector)
         return remove
 
     def watch(self, outage: Outage) -> None:
@@ -145,12 +163,17 @@ class Metrics:
         return None
 
     async def scrape(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         if not self._allowed(request):
             raise web.HTTPForbidden(text="metrics are not served to this address")
         await self._check_storage()
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(self, _: web.Request) -> web.Response:
+        from aiohttp import web
+
         problem = await self._check_storage()
         body = {"status": "ok" if problem is None else "unavailable", "storage": problem or "ok",
                 "uptime": int(time.time() - self.server.started), "sessions": self.server.sessions.count()}
@@ -174,7 +197,10 @@ def _count_offline(conn: Connection) -> int | None:
     return conn.execute(select(func.count()).select_from(offline)).scalar()
 
 
-class _Collector(Collector):
+class _Collector:
+    """A collector as prometheus_client's registry calls it (`collect`), without its base class: this module is
+    imported by every server, prometheus_client only by one that is scraped."""
+
     def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
         self._collect = collect
 
@@ -182,13 +208,15 @@ class _Collector(Collector):
         yield from self._collect()
 
 
-class _CoreCollector(Collector):
+class _CoreCollector:
     """The core's counters, read when Prometheus scrapes."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         server = self.metrics.server
         stats: Stats = server.stats
         sessions = GaugeMetricFamily("parley_c2s_sessions", "bound client sessions by transport",

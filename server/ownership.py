@@ -38,12 +38,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import redis
-import redis.asyncio as aioredis
-
 from server.stream.errors import StanzaError
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
     from server.server import Server
     from server.stanza import Stanza
 
@@ -114,6 +113,14 @@ return 0
 
 class NotOwner(Exception):
     """A write by a member that no longer owns the entity: refused."""
+
+
+def redis_failures() -> tuple[type[Exception], ...]:
+    """What a call to Redis raises when Redis is away or slow. The client is imported here, when a cluster
+    first talks to Redis, so that a single process does not load it (some 6 MiB of resident memory)."""
+    import redis
+
+    return (redis.RedisError, OSError, TimeoutError)
 
 
 @dataclass
@@ -193,7 +200,7 @@ class Ownership:
         try:
             done = await asyncio.wait_for(self._scripts["guarded"](
                 keys=[self.owner_key(lease.key), self.state_key(lease.key)], args=args), REDIS_TIMEOUT)
-        except (redis.RedisError, OSError, TimeoutError) as exc:
+        except redis_failures() as exc:
             raise NotOwner(lease.key) from exc
         if not done:
             self._drop([lease.key])
@@ -223,7 +230,7 @@ class Ownership:
             await asyncio.wait_for(self._scripts["release"](
                 keys=[self.owner_key(key), self.state_key(key)],
                 args=[self._tag(lease), "1" if forget_state else "0"]), REDIS_TIMEOUT)
-        except (redis.RedisError, OSError, TimeoutError):
+        except redis_failures():
             log.warning("ownership: could not release %s; its lease lapses by itself", key)
 
     def start(self) -> None:
@@ -256,7 +263,7 @@ class Ownership:
             results = await asyncio.wait_for(self._scripts["renew"](
                 keys=[self.owner_key(lease.key) for lease in leases],
                 args=[int(self.lease * 1000), *map(self._tag, leases)]), wait)
-        except (redis.RedisError, OSError, TimeoutError) as exc:
+        except redis_failures() as exc:
             self.healthy = False  # retried sooner
             soon = time.monotonic() + self.lease / 8
             expired = [lease.key for lease in leases if soon >= lease.deadline]
@@ -304,6 +311,8 @@ class Placement:
         assert cluster is not None
         self.server = server
         self.cluster = cluster
+        import redis.asyncio as aioredis
+
         client = aioredis.from_url(server.config.cluster.redis_url, protocol=2, socket_timeout=REDIS_TIMEOUT,
                                    socket_connect_timeout=REDIS_TIMEOUT)
         self.ownership = Ownership(client, cluster.key("own"), cluster.member, on_lost=self._lost)
@@ -371,7 +380,7 @@ class Placement:
                 return None
             try:
                 lease, owner = await self.ownership.claim(key)
-            except (redis.RedisError, OSError, TimeoutError) as exc:
+            except redis_failures() as exc:
                 log.warning("ownership: cannot claim %s: %s", key, exc)
                 return ""
             if lease is not None:

@@ -9,6 +9,8 @@ do not import `ejabberd_compat/`; `s2s/` does not import `extensions/`. Only the
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,22 @@ def test_the_core_names_no_plugin_module_by_string() -> None:
     wrong = [path.relative_to(REPO).as_posix() for path in (REPO / "server").rglob("*.py")
              if "import_module" in path.read_text(encoding="utf-8") and path.name != "registry.py"]
     assert wrong == []
+
+
+# Imported only by a process whose configuration uses them (the Redis client with a cluster, dnspython with
+# federation or `parley check`, asyncpg with ejabberd's SQL import, aiohttp with an http listener...): each
+# is some MiB of resident memory in every process otherwise.
+OPTIONAL = ("redis", "dns", "asyncpg", "yaml", "prometheus_client", "aiohttp", "PIL", "sqlalchemy.dialects.postgresql",
+            "s2s.manager", "ejabberd_compat.http_api")
+
+
+def test_the_server_loads_optional_parts_only_when_configured() -> None:
+    code = ("import sys, parley\n"
+            "from server.config import parse_config\n"
+            "from server.registry import available\n"
+            "config = parse_config({'listeners': [{'type': 'c2s', 'address': '127.0.0.1', 'port': 5222}],"
+            " 'hosts': {'localhost': {}}}, known_modules=available())\n"
+            "parley.build_server(config)\n"
+            f"print(' '.join(m for m in {OPTIONAL!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == []

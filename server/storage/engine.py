@@ -30,14 +30,17 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import ColumnElement, Table, bindparam, create_engine, event, make_url, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql
 
 log = logging.getLogger("parley.storage")
 T = TypeVar("T")
@@ -257,6 +260,8 @@ def writer(engine: AsyncEngine) -> Writer:
 def dialect_insert(conn: AsyncConnection, table: Table) -> postgresql.Insert | sqlite.Insert:
     """An INSERT supporting ON CONFLICT for the connection's backend (both spell it the same)."""
     if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql  # loaded with the engine of a PostgreSQL URL, by no other
+
         return postgresql.insert(table)
     return sqlite.insert(table)
 

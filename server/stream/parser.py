@@ -16,6 +16,7 @@ from __future__ import annotations
 import pyexpat
 from dataclasses import dataclass
 from xml.etree.ElementTree import Element
+from xml.sax.saxutils import quoteattr
 
 from server import ns
 from server.stream.errors import StreamError
@@ -53,6 +54,18 @@ class StreamParser:
         self.reset()
 
     def reset(self) -> None:
+        self._parser: pyexpat.XMLParserType | None = self._expat()
+        self._events: list[object] = []
+        self._stack: list[Element] = []
+        self._depth = 0
+        self._opened = False
+        self._closed = False
+        self._default_ns: str | None = None
+        self._declared: list[tuple[str | None, str]] = []  # the stream header's namespaces, for `_resume`
+        self._fed = 0
+        self._mark = 0  # byte offset where the current stanza (or pending token) started
+
+    def _expat(self) -> pyexpat.XMLParserType:
         p = pyexpat.ParserCreate("UTF-8", "}")
         # Text comes in one piece per TEXT_BUFFER bytes: a buffer of that size stays with every connection
         # (the default, 8 KiB, was a third of an idle session's memory); `_text` joins the pieces.
@@ -75,15 +88,31 @@ class StreamParser:
         p.ExternalEntityRefHandler = self._restricted
         p.NotationDeclHandler = self._restricted
         p.UnparsedEntityDeclHandler = self._restricted
-        self._parser = p
-        self._events: list[object] = []
-        self._stack: list[Element] = []
-        self._depth = 0
-        self._opened = False
-        self._closed = False
-        self._default_ns: str | None = None
-        self._fed = 0
-        self._mark = 0  # byte offset where the current stanza (or pending token) started
+        return p
+
+    def rest(self) -> None:
+        """Let go of expat's parser between two stanzas: with the tables it grew, some 10 KiB of an idle
+        stream's 20. The next `feed` makes another, which reads a header like the peer's first. Kept in the
+        middle of a stanza or of a token (expat holds its start); text is never held between two `feed`s."""
+        p = self._parser
+        if p is None or not self._opened or self._closed or self._depth != 1 or p.CurrentByteIndex != self._fed:
+            return
+        self._parser = None
+
+    def _resume(self) -> pyexpat.XMLParserType:
+        """A new parser for a stream that `rest` left between stanzas: it reads a stream header declaring
+        the peer's namespaces, whose event is dropped, and byte offsets start again after it."""
+        p = self._parser = self._expat()
+        prefix = next((prefix for prefix, uri in self._declared if uri == ns.STREAM and prefix), None)
+        tag = f"{prefix}:stream" if prefix else "stream"
+        declared = "".join(f" xmlns:{prefix}={quoteattr(uri)}" if prefix else f" xmlns={quoteattr(uri)}"
+                           for prefix, uri in self._declared)
+        header = f"<{tag}{declared}>".encode()
+        self._declared, self._depth = [], 0
+        p.Parse(header, False)
+        self._events.clear()
+        self._fed = self._mark = len(header)
+        return p
 
     def feed(self, data: bytes) -> list[object]:
         """Parse a chunk; return the events it completed. Raises StreamError on bad input.
@@ -93,9 +122,10 @@ class StreamParser:
         """
         if self._closed:
             return []
+        parser = self._parser or self._resume()
         self._fed += len(data)
         try:
-            self._parser.Parse(data, False)
+            parser.Parse(data, False)
         except pyexpat.ExpatError as exc:
             if not self._closed:
                 raise StreamError("not-well-formed", self._explain(exc, data)) from None
@@ -117,8 +147,10 @@ class StreamParser:
             raise StreamError("unsupported-encoding", "only UTF-8 is supported")
 
     def _ns_decl(self, prefix: str | None, uri: str) -> None:
-        if self._depth == 0 and not prefix:
-            self._default_ns = uri
+        if self._depth == 0:
+            self._declared.append((prefix, uri))
+            if not prefix:
+                self._default_ns = uri
 
     def _name(self, name: str) -> str:
         if "}" not in name:
