@@ -10,6 +10,7 @@ message (XEP-0422) - or when it asks to be with a XEP-0334 <store/> hint. A <no-
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from xml.etree.ElementTree import Element
@@ -122,14 +123,22 @@ class Turn:
 
 class Reading:
     """The message a connection's reading task handles itself, whose Turn is made only when an archive asks
-    for it (`turn_of`): a message that no archive parks costs its connection two assignments."""
+    for it (`turn_of`): a message that no archive parks costs its connection two assignments.
 
-    __slots__ = ("el", "on_park", "turn")
+    It holds its connection's `on_park` weakly: it lives in the connection's task context, which every timer
+    made from that task copies, and a cancelled timer stays in the event loop's queue until its time; held
+    strongly, a closed connection (and its TLS buffers) would stay with it."""
+
+    __slots__ = ("_on_park", "el", "turn")
 
     def __init__(self, on_park: Callable[[Turn], None]) -> None:
         self.el: Element | None = None
         self.turn: Turn | None = None
-        self.on_park = on_park
+        self._on_park = weakref.WeakMethod(on_park)  # type: ignore[arg-type]
+
+    @property
+    def on_park(self) -> Callable[[Turn], None] | None:
+        return self._on_park()
 
 
 # In the task handling a client's message: its Turn, or its connection's Reading (set by the c2s connection).

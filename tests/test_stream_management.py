@@ -49,6 +49,10 @@ def managed(server: Harness, jid: str) -> Managed:
     return state
 
 
+async def _stored_count(server: Harness, wanted: int) -> bool:
+    return await server.server.storage.offline.count("localhost", "alice") == wanted
+
+
 def closed_sessions(server: Harness) -> list[Session]:
     """Every session that ends from now on, in order."""
     ended: list[Session] = []
@@ -293,7 +297,8 @@ async def test_unacknowledged_messages_of_a_timed_out_session_go_offline_once(se
     send(bob, "sent while detached")
     await sync(bob)
     await until(lambda: len(ended) == 1)
-    assert await server.server.storage.offline.count("localhost", "alice") == 2
+    # What the session held goes to storage as it ends ('session/undelivered'), not before 'session/closed'.
+    await wait_for(lambda: _stored_count(server, 2))
 
     alice = await server.client("alice@localhost")
     messages = collect(alice)
