@@ -135,25 +135,29 @@ class ClusterSessions(SessionRegistry):
         """Sessions connected to this worker: the ones it ends when it stops."""
         return list(self.local.values())
 
-    def put_remote(self, member: str, state: dict[str, Any]) -> None:
+    def put_remote(self, member: str, state: dict[str, Any]) -> Session | None:
+        """Mirror a session of another member; the session when this is news of it becoming available."""
         jid = JID.parse(state["jid"])
         host = self.cluster.server.hosts.get(jid.domain)
         current = self.get(jid)
         if host is None or (current is not None and self.remote.get(jid, (None, None))[1] is not current):
-            return  # a local session holds that resource: ours wins, the other worker is closing it
+            return None  # a local session holds that resource: ours wins, the other worker is closing it
         entry = self.remote.get(jid)
         if entry is None or entry[0] != member:
             session = Session(jid, host, self.cluster.forwarder(member, jid),
                               self.cluster.closer(member, jid))
+            session.elsewhere = True
             self.remote[jid] = (member, session)
             super().add(session)
         else:
             session = entry[1]
+        was_available = session.presence is not None
         session.priority = state["priority"]
         session.interested = state["interested"]
         session.presence = parse_stored(state["presence"]) if state["presence"] else None
         session.data = dict(state["data"])
         session.started = state["started"]
+        return session if session.presence is not None and not was_available else None
 
     def drop_remote(self, member: str, jid: JID) -> None:
         entry = self.remote.get(jid)
@@ -729,7 +733,11 @@ class Cluster:
             if sender not in self._out:  # a member that started since the last heartbeat
                 self._members = sorted({*self._members, sender})
                 self._member_up(sender)
-            self.sessions.put_remote(sender, json.loads(rest))
+            available = self.sessions.put_remote(sender, json.loads(rest))
+            if available is not None:
+                # What this member's users told the user's other member (a probe answered, a broadcast) came
+                # from this member's sessions as known there, which may predate theirs becoming available.
+                await available.host.hooks.fire_all("session/available-elsewhere", available)
         elif kind == "d":
             self.sessions.drop_remote(sender, JID.parse(rest))
         elif kind == "x":

@@ -120,6 +120,7 @@ class Session:
                  remote_ip: str = "") -> None:
         # Set by the session directory when other processes read this session's shared state.
         self.watcher: SessionWatcher | None = None
+        self.elsewhere = False  # a session of another process of a cluster, as this one knows it
         self.jid = jid
         self.bare = jid.bare
         self.host = host
