@@ -221,8 +221,14 @@ class SessionDirectory(Protocol):
     """Where each user's sessions are: what routing, presence, roster pushes and the admin commands look up.
 
     Routing looks up sessions for every stanza, so an implementation answers `get`, `of` and `available`
-    from memory, a dictionary access or two. Sessions of other processes, if any, are found like local ones.
+    from memory, a dictionary access or two. Sessions of other processes, if any, are found like local ones
+    once `ensure` has been awaited for their account: a directory may keep in memory only the accounts it
+    was asked about (the cluster's keeps its own users and those it routes to).
     """
+
+    async def ensure(self, bare: JID) -> None:
+        """Until the sessions of the account, wherever they are, are known to `get`, `of`, `available` and
+        `interested`: awaited by routing before it looks an account up."""
 
     def add(self, session: Session) -> None:
         """A session bound a resource (a session that had it must have been removed first)."""
@@ -248,8 +254,11 @@ class SessionDirectory(Protocol):
     def count(self) -> int:
         """How many sessions there are, on every process."""
 
-    def users(self, domain: str | None = None) -> list[JID]:
+    async def users(self, domain: str | None = None) -> list[JID]:
         """The accounts with a session (of `domain`, if given), on every process."""
+
+    async def everywhere(self, domain: str | None = None) -> list[JID]:
+        """The full JIDs of the sessions (of `domain`, if given), on every process."""
 
 
 class SessionRegistry:
@@ -290,8 +299,14 @@ class SessionRegistry:
     def count(self) -> int:
         return sum(len(r) for r in self._by_bare.values())
 
-    def users(self, domain: str | None = None) -> list[JID]:
+    async def ensure(self, bare: JID) -> None:
+        return None
+
+    async def users(self, domain: str | None = None) -> list[JID]:
         return [b for b in self._by_bare if domain is None or b.domain == domain]
+
+    async def everywhere(self, domain: str | None = None) -> list[JID]:
+        return [s.jid for s in self.all() if domain is None or s.jid.domain == domain]
 
 
 def session_directory(config: Config) -> SessionDirectory:
