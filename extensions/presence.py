@@ -329,8 +329,8 @@ class Presence(Module):
     async def available_elsewhere(self, session: Session) -> None:
         """A contact's session on another process of a cluster became available: the user's resources here
         send it their presence, as if it had probed them. Its probes and this process's broadcasts crossed
-        with the news, so they may have missed it; where they did not, the contact gets a repeated available
-        presence, which RFC 6121 4.4.3 lets a server send (it changes nothing)."""
+        with the news, so they may have missed it; where they did not, the contact gets the same available
+        presence twice, which changes nothing for its client."""
         out: list[Element] = []
         for jid, item in (await self.roster.items(session.bare)).items():
             user = JID.parse(jid)
