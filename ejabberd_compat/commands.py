@@ -150,8 +150,8 @@ async def ban_account(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 @ejabberd("connected_users", "List all established sessions", (), "list", Arg("connected_users", "lines", "Sessions"))
 async def connected_users(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     sessions = ctx.host.server.sessions
-    return {"connected_users": sorted(str(s.jid) for h in ctx.hosts() for u in sessions.users(h.name)
-                                      for s in sessions.of(u))}
+    found = [str(jid) for h in ctx.hosts() for jid in await sessions.everywhere(h.name)]
+    return {"connected_users": sorted(found)}
 
 
 @ejabberd("connected_users_number", "Get the number of established sessions", (), "integer",

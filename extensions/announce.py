@@ -45,7 +45,7 @@ class Announce(Module):
         await kv.set(self.host.name, "", STORE, "motd", motd)
         self.motd = motd
         if not correction:
-            for user in broadcast(self.server, self.host.name, message(self.host.name, text)):
+            for user in await broadcast(self.server, self.host.name, message(self.host.name, text)):
                 await kv.set(self.host.name, user.local or "", STORE, "motd-seen", motd["id"])
 
     async def delete_motd(self) -> None:

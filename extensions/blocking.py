@@ -214,6 +214,7 @@ class Blocking(Module):
         sessions = self.server.sessions.available(user)
         for contact, seen, _ in contacts:
             if seen:
+                await self.server.sessions.ensure(contact)
                 gone = [s.jid for s in self.server.sessions.available(contact)] or [contact]
                 for session in sessions:
                     for jid in gone:

@@ -93,6 +93,7 @@ class Presence(Module):
         self.hook("presence/self", self.broadcast, priority=100)
         self.hook("session/closed", self.session_closed)
         self.hook("roster/removed", self.roster_removed)
+        self.hook("session/available-elsewhere", self.available_elsewhere)
         self._last: dict[JID, str | None] = {}  # serialized last unavailable presence, by user
         self._unsaved: dict[JID, str] = {}  # last unavailable presences not stored yet, oldest first
         self._saving: asyncio.Task[None] | None = None
@@ -377,6 +378,21 @@ class Presence(Module):
         if session.presence is not None or session.directed:
             unavailable = element("presence", type="unavailable", from_=str(session.jid))
             await self._go_unavailable(session, unavailable)
+
+    async def available_elsewhere(self, session: Session) -> None:
+        """A contact's session on another process of a cluster became available: the user's resources here
+        send it their presence, as if it had probed them. Its probes and this process's broadcasts crossed
+        with the news, so they may have missed it; where they did not, the contact gets the same available
+        presence twice, which changes nothing for its client."""
+        out: list[Element] = []
+        for jid, item in (await self.roster.items(session.bare)).items():
+            user = JID.parse(jid)
+            if not has_to(item) or user.domain != self.host.name:
+                continue
+            here = [s for s in self.server.sessions.available(user) if not s.elsewhere and s.presence is not None]
+            if here and has_from(await self.roster.item(user, session.bare)):
+                out += [addressed(s.presence, session.jid, s.jid) for s in here if s.presence is not None]
+        await self._send(out)
 
     async def roster_removed(self, user: JID, item: RosterItem, pending: bool) -> None:
         """RFC 6121 2.5.2: removing a contact cancels the subscriptions both ways and any pending request."""

@@ -757,6 +757,7 @@ class C2SConnection(StreamEdge):
         tag = (bind.findtext(BIND2_TAG) or "").strip() or None
         account = f"{self.username}@{self.host.name}"
         resource = stable_resource(tag, account, request.agent) if request.agent else random_resource(tag)
+        await self.server.sessions.ensure(JID.make(self.username, self.host.name))  # as in _bind_stage_iq
         try:
             self._bind_resource(resource)
         except StanzaError as exc:
@@ -776,6 +777,8 @@ class C2SConnection(StreamEdge):
         payload = el[0] if len(el) == 1 else None
         if el.get("type") != "set" or payload is None or payload.tag != BIND:
             raise StreamError("not-authorized", "bind a resource first")
+        # The account's sessions on other members of a cluster: a resource bound there conflicts.
+        await self.server.sessions.ensure(JID.make(self.username, self.host.name))
         try:
             jid = self._bind(payload)
         except StanzaError as exc:

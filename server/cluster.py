@@ -9,17 +9,25 @@ sessions are forgotten, and one survivor ends them (contacts see them go). Other
 `Cluster.send` and their own frame kinds (`Cluster.on`).
 
 Each member's session directory (`ClusterSessions`, chosen when the server is composed) keeps its own
-sessions and a mirror of the other members' sessions. A session on another member is an ordinary `Session`
-in the directory whose output goes to Redis instead of a socket, so the router, presence, roster pushes and
-carbons choose among all of a user's resources unchanged. Members tell each other about their sessions
-(bound, priority and presence, roster interest, directed presence, the per-session state of the modules
-that declare it shared with `Module.shared_session_state`, closed) as those change, and forward stanzas to
-the member holding the session.
+sessions and those of the other members for the accounts it needs: its own users' and the ones it routes to
+(a bounded number, least recently used first out). Redis says which members hold each account's sessions
+(`where:` sets) and which watch it (`watch:` sets); a member looks an account up when routing first needs it
+(`SessionDirectory.ensure`): it registers as a watcher and reads the holders in one transaction, then asks
+each holder, which answers in its channel with the sessions' states, in order with every later change. A
+member that gets an account's first session registers as a holder and reads the watchers in one transaction
+too, so a watcher is either found by the holder or finds it. A session on another member is an ordinary
+`Session` in the directory whose output goes to Redis instead of a socket, so the router, presence, roster
+pushes and carbons choose among all of a user's resources unchanged. Members tell the watchers of an account
+about its sessions (bound, priority and presence, roster interest, directed presence, the per-session state
+of the modules that declare it shared with `Module.shared_session_state`, closed) as those change, and
+forward stanzas to the member holding the session.
 
 Every member has one Redis pub/sub channel, and everything another member tells it (session changes
 and stanzas alike) goes through that channel in the order it happened: a session is known to be
 available on the other side before any stanza that follows from it arrives. Messages queued in the
-same turn of the event loop are sent as one publication, which keeps Redis off the hot path.
+same turn of the event loop are sent as one publication, which keeps Redis off the hot path. The frames
+whose handling awaits (stanzas to route, other parts' frames) are handled one at a time apart from the
+rest, which the receiving loop handles as they come: a lookup that routing waits for is answered meanwhile.
 
 Services that keep state in memory (group chat, publish-subscribe) spread their rooms and nodes over the
 members: each is served by the member that owns it (server/ownership.py). What a member caches of data any
@@ -49,6 +57,7 @@ import select
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
@@ -76,6 +85,8 @@ FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in 
 STANZA = f"s{FIELD}"  # the start of a frame that carries a stanza for a session
 PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
+CACHED_USERS = 10000  # accounts without a session on a member whose sessions elsewhere it keeps in memory
+ASK_TIMEOUT = 2.0  # seconds a lookup waits for the members holding the account's sessions
 
 
 def session_state(session: Session) -> str:
@@ -96,26 +107,40 @@ def shared_session_state(config: Config) -> frozenset[str]:
 
 
 class ClusterSessions(SessionRegistry):
-    """The session directory of a worker: its own sessions plus the mirror of the other workers' sessions.
+    """The session directory of a member: its own sessions, plus those of the other members for the accounts it
+    was asked about (`ensure`): its own users' and the ones it routes to, at most `limit` accounts without a
+    session here (the least recently used go).
 
-    It watches its own sessions: as their shared state changes, the cluster tells the other workers. It is
-    chosen when the server is composed, and the `Cluster` made for that server connects to it.
+    It watches its own sessions: as their shared state changes, the cluster tells the members that watch their
+    account. It is chosen when the server is composed, and the `Cluster` made for that server connects to it.
     """
 
-    cluster: Cluster  # set by the Cluster of this worker
+    cluster: Cluster  # set by the Cluster of this member
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.shared = shared_session_state(config)
+        self.limit = CACHED_USERS
         self.remote: dict[JID, tuple[str, Session]] = {}  # sessions of other members: (member, session)
-        # This worker's own sessions by full JID text: a stanza from another worker finds its session with
+        # This member's own sessions by full JID text: a stanza from another member finds its session with
         # one lookup of the text it came with, without making a JID of it.
         self.local: dict[str, Session] = {}
+        # Accounts whose sessions on every member this one knows, least recently used first.
+        self.known: OrderedDict[JID, None] = OrderedDict()
+        self.watching: dict[JID, asyncio.Task[None]] = {}  # accounts being looked up
+        self.answers: dict[tuple[JID, str], asyncio.Future[None]] = {}  # (account, asked member) -> its answer
+        # Accounts with a session here -> the other members that watch them (told of their sessions' changes).
+        self.homed: dict[JID, set[str]] = {}
 
     def add(self, session: Session) -> None:
         session.watcher = self
         super().add(session)
         self.local[str(session.jid)] = session
+        if session.bare not in self.homed:
+            self.homed[session.bare] = set()
+            self.cluster.home(session.bare)
+            if session.bare not in self.known:
+                self.watch_soon(session.bare)
         self.changed(session)
 
     def changed(self, session: Session) -> None:
@@ -124,36 +149,145 @@ class ClusterSessions(SessionRegistry):
     def remove(self, session: Session) -> None:
         entry = self.remote.get(session.jid)
         if entry is not None and entry[1] is session:
-            del self.remote[session.jid]  # replaced by a local login (c2s closes it on its worker)
+            del self.remote[session.jid]  # replaced by a local login (c2s closes it on its member)
         elif self.get(session.jid) is session:
             self.cluster.gone(session)
         if self.local.get(str(session.jid)) is session:
             del self.local[str(session.jid)]
         super().remove(session)
+        if session.bare in self.homed and not self.here(session.bare):
+            del self.homed[session.bare]
+            self.cluster.unhome(session.bare)
+            self._evict()
+
+    def here(self, bare: JID) -> list[Session]:
+        """The account's sessions on this member."""
+        return [s for s in self.of(bare) if not s.elsewhere]
 
     def all(self) -> list[Session]:
-        """Sessions connected to this worker: the ones it ends when it stops."""
+        """Sessions connected to this member: the ones it ends when it stops."""
         return list(self.local.values())
 
-    def put_remote(self, member: str, state: dict[str, Any]) -> None:
+    def count(self) -> int:
+        """Sessions on every member: this one's, and the others' as of the last heartbeat."""
+        return len(self.local) + sum(self.cluster.counts.values())
+
+    async def users(self, domain: str | None = None) -> list[JID]:
+        return list(dict.fromkeys(jid.bare for jid in await self.everywhere(domain)))
+
+    async def everywhere(self, domain: str | None = None) -> list[JID]:
+        """Read from the members' published sessions (this member's own only while Redis is out of reach)."""
+        found = {s.jid for s in self.local.values()}
+        if self.cluster.connected:
+            try:
+                found.update(JID.parse(jid.decode()) for jid in await self.cluster.published())
+            except (redis.RedisError, OSError) as exc:
+                self.cluster.disconnected(f"reading the sessions failed: {exc}")
+        return [jid for jid in found if domain is None or jid.domain == domain]
+
+    # --- the accounts this member knows --------------------------------------------------------------
+
+    async def ensure(self, bare: JID) -> None:
+        """Known at once when cached (or not ours to know: another server's, or Redis out of reach); otherwise
+        looked up, once however many ask."""
+        if bare in self.known:
+            self.known.move_to_end(bare)
+            return
+        if bare.local is None or bare.domain not in self.cluster.server.hosts or not self.cluster.connected:
+            return
+        await asyncio.shield(self.watch_soon(bare))
+
+    def watch_soon(self, bare: JID) -> asyncio.Task[None]:
+        task = self.watching.get(bare)
+        if task is None:
+            task = self.watching[bare] = asyncio.get_running_loop().create_task(self._watch(bare))
+        return task
+
+    async def _watch(self, bare: JID) -> None:
+        """Register as a watcher of the account, then ask the members that hold its sessions for their states:
+        they answer in their channel, in order with every change after it (a member that gets the account's
+        first session after the registration finds this one among the watchers)."""
+        try:
+            try:
+                holders = await self.cluster.watch(bare)
+            except (redis.RedisError, OSError) as exc:
+                self.cluster.disconnected(f"looking up {bare} failed: {exc}")
+                return
+            loop = asyncio.get_running_loop()
+            asked = [m for m in holders if m != self.cluster.member and self.cluster.live(m)]
+            for member in asked:
+                self.answers[(bare, member)] = loop.create_future()
+                self.cluster.ask(member, bare)
+            if asked:
+                await asyncio.wait([self.answers[(bare, m)] for m in asked], timeout=ASK_TIMEOUT)
+            self.known[bare] = None
+            self._evict()
+        finally:
+            for member in list(self.answers):
+                if member[0] == bare:
+                    del self.answers[member]
+            self.watching.pop(bare, None)
+
+    def watches(self, bare: JID) -> bool:
+        """News of the account's sessions is for this member."""
+        return bare in self.known or bare in self.watching
+
+    def answered(self, member: str, bare: JID) -> None:
+        answer = self.answers.get((bare, member))
+        if answer is not None and not answer.done():
+            answer.set_result(None)
+
+    def _evict(self) -> None:
+        """Forget the least recently used accounts without a session here, beyond the limit."""
+        spare = len(self.known) - len(self.homed) - self.limit
+        turns = len(self.known)
+        while spare > 0 and turns > 0:
+            turns -= 1
+            bare, _ = self.known.popitem(last=False)
+            if bare in self.homed:
+                self.known[bare] = None  # kept while it has sessions here
+                continue
+            spare -= 1
+            for session in self.of(bare):
+                if session.elsewhere:
+                    del self.remote[session.jid]
+                    super().remove(session)
+            self.cluster.unwatch(bare)
+            self.cluster.forget_roster(bare)
+
+    def forget(self) -> None:
+        """Redis was out of reach: what this member knew of the others' sessions may be stale."""
+        for jid, (member, _) in list(self.remote.items()):
+            self.drop_remote(member, jid)
+        self.known.clear()
+        for bare in self.homed:
+            self.watch_soon(bare)
+
+    # --- news from the other members ---------------------------------------------------------------
+
+    def put_remote(self, member: str, state: dict[str, Any]) -> Session | None:
+        """Mirror a session of another member; the session when this is news of it becoming available."""
         jid = JID.parse(state["jid"])
         host = self.cluster.server.hosts.get(jid.domain)
         current = self.get(jid)
         if host is None or (current is not None and self.remote.get(jid, (None, None))[1] is not current):
-            return  # a local session holds that resource: ours wins, the other worker is closing it
+            return None  # a local session holds that resource: ours wins, the other member is closing it
         entry = self.remote.get(jid)
         if entry is None or entry[0] != member:
             session = Session(jid, host, self.cluster.forwarder(member, jid),
                               self.cluster.closer(member, jid))
+            session.elsewhere = True
             self.remote[jid] = (member, session)
             super().add(session)
         else:
             session = entry[1]
+        was_available = session.presence is not None
         session.priority = state["priority"]
         session.interested = state["interested"]
         session.presence = parse_stored(state["presence"]) if state["presence"] else None
         session.data = dict(state["data"])
         session.started = state["started"]
+        return session if session.presence is not None and not was_available else None
 
     def drop_remote(self, member: str, jid: JID) -> None:
         entry = self.remote.get(jid)
@@ -168,13 +302,15 @@ class ClusterSessions(SessionRegistry):
     def drop_member(self, member: str) -> None:
         for jid in [jid for jid, (m, _) in self.remote.items() if m == member]:
             self.drop_remote(member, jid)
+        for (_, asked), answer in self.answers.items():
+            if asked == member and not answer.done():
+                answer.set_result(None)
+        for watchers in self.homed.values():
+            watchers.discard(member)
 
     def members_of(self) -> dict[str, int]:
-        """How many sessions each other member has, as far as this one knows."""
-        counts: dict[str, int] = {}
-        for member, _ in self.remote.values():
-            counts[member] = counts.get(member, 0) + 1
-        return counts
+        """How many sessions each other member has, as of the last heartbeat."""
+        return dict(self.cluster.counts)
 
 
 class FallbackLock:
@@ -240,6 +376,13 @@ class Cluster:
         # forwarders hold them.
         self._out: dict[str, list[str]] = {}
         self._gone: set[str] = set()  # JIDs of this member's sessions that ended since the last publication
+        self._homing: set[JID] = set()  # accounts with a first session here, to register in Redis
+        self._unhomed: set[JID] = set()  # accounts whose last session here ended
+        self._unwatched: set[JID] = set()  # accounts this member no longer watches
+        self.counts: dict[str, int] = {}  # sessions of each other member, as of the last heartbeat
+        self._lookups: list[tuple[JID, asyncio.Future[list[str]]]] = []  # accounts to look up this turn
+        self._looking: set[asyncio.Task[None]] = set()
+        self._later: asyncio.Queue[tuple[str, str | Session]] = asyncio.Queue()  # frames whose handling awaits
         self._dirty: dict[JID, Session] = {}
         self._wake = asyncio.Event()
         self._pending_iq: dict[tuple[str, str], str] = {}  # (to, id) of a server's query -> asking member
@@ -316,6 +459,18 @@ class Cluster:
     def members_key(self) -> str:
         return f"{self.prefix}:members"
 
+    def where_key(self, bare: JID) -> str:
+        """The members holding sessions of an account."""
+        return f"{self.prefix}:where:{bare}"
+
+    def watch_key(self, bare: JID) -> str:
+        """The members watching an account's sessions (told as they change)."""
+        return f"{self.prefix}:watch:{bare}"
+
+    def watching_key(self, member: str) -> str:
+        """The accounts a member watches: what is left to clear when it is gone."""
+        return f"{self.prefix}:watching:{member}"
+
     # --- starting and stopping -------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -325,6 +480,7 @@ class Cluster:
         self._pubsub = self._redis.pubsub()
         await self._pubsub.subscribe(self.channel(self.member))
         self._stale = await self._take_sessions(self.member)
+        await self._clear(self.member, self._stale)
         await self._announce()
         self._steady_since = time.monotonic()
         await self._read_members(start=True)
@@ -332,6 +488,7 @@ class Cluster:
         for member in self._members:
             if member != self.member:
                 self._queue(member, "x")
+        await self._count()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._heartbeat())]
 
@@ -361,25 +518,126 @@ class Cluster:
                 host.hooks.add(event, self.answer_elsewhere, priority=1000)
         if not self._following:
             self._following = True
-            await self._read_sessions()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._dispatch_loop()))
             self._tasks.append(asyncio.get_running_loop().create_task(self._receive_loop()))
         stale, self._stale = self._stale, []
         for state in stale:
             await self._end_stale(state)
 
-    async def _read_sessions(self) -> None:
-        """Mirror the sessions every other live member published."""
+    # --- the session directory's lookups ----------------------------------------------------------------
+
+    def live(self, member: str) -> bool:
+        return member in self._out
+
+    async def watch(self, bare: JID) -> list[str]:
+        """Register this member as a watcher of the account, and read which members hold its sessions: in one
+        transaction, so that a member registering the account's first session either is read here or finds
+        this one among the watchers. The lookups of one turn of the event loop go together."""
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        if not self._lookups:
+            asyncio.get_running_loop().call_soon(self._look_up)
+        self._lookups.append((bare, future))
+        return await future
+
+    def _look_up(self) -> None:
+        batch, self._lookups = self._lookups, []
+        task = asyncio.get_running_loop().create_task(self._look_up_batch(batch))
+        self._looking.add(task)
+        task.add_done_callback(self._looking.discard)
+
+    async def _look_up_batch(self, batch: list[tuple[JID, asyncio.Future[list[str]]]]) -> None:
         assert self._redis is not None
-        for member in self._members:
-            if member != self.member:
-                for value in (await self._redis.hgetall(self.sessions_key(member))).values():
-                    self.sessions.put_remote(member, json.loads(value))
+        pipe = self._redis.pipeline(transaction=True)
+        for bare, _ in batch:
+            pipe.sadd(self.watch_key(bare), self.member)
+            pipe.sadd(self.watching_key(self.member), str(bare))
+            pipe.smembers(self.where_key(bare))
+        try:
+            results = await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), holders in zip(batch, results[2::3], strict=True):
+            if not future.done():
+                future.set_result([m.decode() for m in holders])
+
+    async def _clear(self, member: str, stale: list[dict[str, Any]]) -> None:
+        """A member is gone (or this one replaces its dead predecessor): it holds no account's sessions and
+        watches none."""
+        assert self._redis is not None
+        watched = await self._redis.smembers(self.watching_key(member))
+        pipe = self._redis.pipeline(transaction=False)
+        for bare in {JID.parse(state["jid"]).bare for state in stale}:
+            pipe.srem(self.where_key(bare), member)
+        for bare in watched:
+            pipe.srem(f"{self.prefix}:watch:{bare.decode()}", member)
+        pipe.delete(self.watching_key(member))
+        await pipe.execute()
+
+    def ask(self, member: str, bare: JID) -> None:
+        """Ask a member for its sessions of an account; it answers with their states, then 'W'."""
+        self._queue(member, f"w{FIELD}{bare}")
+
+    def home(self, bare: JID) -> None:
+        """The account's first session here: registered in Redis (and its watchers read) before its news goes."""
+        self._homing.add(bare)
+        self._unhomed.discard(bare)
+        self._wake.set()
+
+    def unhome(self, bare: JID) -> None:
+        self._unhomed.add(bare)
+        self._wake.set()
+
+    def unwatch(self, bare: JID) -> None:
+        self._unwatched.add(bare)
+        self._wake.set()
+
+    async def published(self) -> list[bytes]:
+        """The full JIDs of the sessions the other live members published."""
+        assert self._redis is not None
+        pipe = self._redis.pipeline(transaction=False)
+        others = [m for m in self._members if m != self.member]
+        for member in others:
+            pipe.hkeys(self.sessions_key(member))
+        return [jid for found in await pipe.execute() for jid in found]
+
+    def _tell(self, member: str, bare: JID) -> None:
+        """Queue the states of the account's sessions here for a member that watches it."""
+        for session in self.sessions.here(bare):
+            self._dirty[session.jid] = session
+            self._queue(member, f"u{FIELD}{session.jid}")
+
+    async def _register(self) -> None:
+        """Accounts with a first session here: listed as held here, and their watchers told their sessions."""
+        assert self._redis is not None
+        homing = [bare for bare in self._homing if bare in self.sessions.homed]
+        self._homing.clear()
+        if not homing:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        for bare in homing:
+            pipe.sadd(self.where_key(bare), self.member)
+            pipe.smembers(self.watch_key(bare))
+        results = await pipe.execute()
+        for bare, watchers in zip(homing, results[1::2], strict=True):
+            known = self.sessions.homed.get(bare)
+            if known is None:
+                self._unhomed.add(bare)
+                continue
+            for member in {m.decode() for m in watchers} - known - {self.member}:
+                known.add(member)
+                self._tell(member, bare)
 
     async def _end_stale(self, state: dict[str, Any]) -> None:
         """End a session whose process died: its contacts and the user's other resources learn it is gone."""
         jid = JID.parse(state["jid"])
         host = self.server.hosts.get(jid.domain)
-        if host is None or self.sessions.get(jid) is not None:
+        if host is None:
+            return
+        await self.sessions.ensure(jid.bare)  # the user's other resources see it go too
+        if self.sessions.get(jid) is not None:
             return
         session = Session(jid, host, lambda data: None, lambda condition: None)
         session.presence = parse_stored(state["presence"]) if state["presence"] else None
@@ -401,6 +659,11 @@ class Cluster:
                 pipe = self._redis.pipeline(transaction=False)
                 pipe.delete(self.sessions_key(self.member), self.alive_key(self.member))
                 pipe.srem(self.members_key(), self.member)
+                for bare in self.sessions.homed:
+                    pipe.srem(self.where_key(bare), self.member)
+                for bare in self.sessions.known:
+                    pipe.srem(self.watch_key(bare), self.member)
+                pipe.delete(self.watching_key(self.member))
                 for member in self._out:
                     pipe.publish(self.channel(member), f"{self.member}{FRAME}b")
                 await pipe.execute()
@@ -454,6 +717,7 @@ class Cluster:
         assert self._redis is not None
         stale = await self._take_sessions(member)
         await self._redis.srem(self.members_key(), member)
+        await self._clear(member, stale)
         for other in self._out:  # before the presence that ends its sessions: nothing more goes its way
             self._queue(other, f"l{FIELD}{member}")
         if stale:
@@ -484,6 +748,16 @@ class Cluster:
         else:
             await self._redis.sadd(self.members_key(), self.member)
         await self._read_members()
+        await self._count()
+
+    async def _count(self) -> None:
+        """How many sessions each other member has (for `count` and the admin commands)."""
+        assert self._redis is not None
+        others = [m for m in self._members if m != self.member]
+        pipe = self._redis.pipeline(transaction=False)
+        for member in others:
+            pipe.hlen(self.sessions_key(member))
+        self.counts = dict(zip(others, await pipe.execute(), strict=True)) if others else {}
 
     async def _republish(self) -> None:
         """Publish this member's sessions afresh and tell every member to forget what it knew of them. If
@@ -498,6 +772,9 @@ class Cluster:
         for member in self._members:
             if member != self.member:
                 self._queue(member, "x")
+        for bare, watchers in self.sessions.homed.items():
+            watchers.clear()  # told again, once read again
+            self._homing.add(bare)
         for session in local:
             self.changed(session)
         if taken:
@@ -546,11 +823,10 @@ class Cluster:
             return
 
     async def _resync(self) -> None:
-        """After an outage: forget every other member's sessions, read them again, and publish this one's."""
-        for member, _ in list(self.sessions.remote.values()):
-            self.sessions.drop_member(member)
+        """After an outage: forget every other member's sessions (read again as they are needed), and publish
+        this one's."""
+        self.sessions.forget()
         await self._republish()
-        await self._read_sessions()
 
     # --- outgoing ----------------------------------------------------------------------------------
 
@@ -567,14 +843,14 @@ class Cluster:
         if session.jid not in self._dirty:
             self._dirty[session.jid] = session
             self._wake.set()  # its state goes to Redis even with no other member to tell
-            for member in self._out:
+            for member in self.sessions.homed.get(session.bare, ()):
                 self._queue(member, f"u{FIELD}{session.jid}")
 
     def gone(self, session: Session) -> None:
         self._dirty.pop(session.jid, None)
         self._gone.add(str(session.jid))
         self._wake.set()
-        for member in self._out:
+        for member in self.sessions.homed.get(session.bare, ()):
             self._queue(member, f"d{FIELD}{session.jid}")
 
     def forwarder(self, member: str, jid: JID) -> Callable[[str], None]:
@@ -609,6 +885,12 @@ class Cluster:
             if not self.connected:
                 await self._drop_queued()
                 continue
+            if self._homing:
+                try:
+                    await self._register()
+                except (redis.RedisError, OSError) as exc:
+                    self.disconnected(f"registering sessions in Redis failed: {exc}")
+                    continue
             dirty, self._dirty = self._dirty, {}
             states = {str(jid): session_state(s) for jid, s in dirty.items() if not s.ended}
             pipe = self._redis.pipeline(transaction=False)
@@ -625,6 +907,12 @@ class Cluster:
             gone, self._gone = self._gone - states.keys(), set()
             if gone:
                 pipe.hdel(self.sessions_key(self.member), *gone)
+            for bare in self._unhomed - self.sessions.homed.keys():
+                pipe.srem(self.where_key(bare), self.member)
+            for bare in self._unwatched - self.sessions.known.keys() - self.sessions.watching.keys():
+                pipe.srem(self.watch_key(bare), self.member)
+                pipe.srem(self.watching_key(self.member), str(bare))
+            self._unhomed, self._unwatched = set(), set()
             self._sending = True
             try:
                 results = await pipe.execute()
@@ -662,6 +950,7 @@ class Cluster:
         """While Redis is out of reach: what was for other members goes nowhere; their stanzas bounce."""
         self._dirty.clear()
         self._gone.clear()
+        self._unwatched.clear()
         for frames in self._out.values():
             taken = list(frames)
             frames.clear()
@@ -697,10 +986,27 @@ class Cluster:
             sender = frames[0]
             for frame in frames[1:]:
                 try:
-                    if not frame.startswith(STANZA) or not self._deliver(sender, frame):
-                        await self._dispatch(sender, frame)
+                    if (not frame.startswith(STANZA) or not self._deliver(sender, frame)) and \
+                            not self._handle(sender, frame):
+                        self._later.put_nowait((sender, frame))
                 except Exception:
                     log.exception("cluster: could not handle %r from %s", frame[:200], sender)
+
+    async def _dispatch_loop(self) -> None:
+        """The frames whose handling awaits (stanzas to route, the other parts' frames), one at a time in their
+        order: apart from the receiving loop, which must go on reading the answers their lookups may wait for."""
+        while True:
+            sender, frame = await self._later.get()
+            try:
+                if isinstance(frame, Session):
+                    # What this member's users told the user's other member (a probe answered, a broadcast)
+                    # came from this member's sessions as known there, which may predate theirs becoming
+                    # available.
+                    await frame.host.hooks.fire_all("session/available-elsewhere", frame)
+                else:
+                    await self._dispatch(sender, frame)
+            except Exception:
+                log.exception("cluster: could not handle %r from %s", str(frame)[:200], sender)
 
     def _deliver(self, sender: str, frame: str) -> bool:
         """A stanza for a session of this member, handed over at once as the sender serialized it (parsed
@@ -725,13 +1031,41 @@ class Cluster:
             jid, _, data = rest.partition(FIELD)
             el = parse_stored(data)
             await self._undeliverable(Stanza(el, KINDS[el.tag], JID.parse(el.get("from") or ""), JID.parse(jid)))
-        elif kind == "u":
+        elif kind == "r":
+            await self.server.router.route(_stanza(rest))
+        elif (handler := self._handlers.get(kind)) is not None:
+            await handler(sender, rest)
+        else:
+            log.warning("cluster: frame of unknown kind %r from %s", kind, sender)
+
+    def _handle(self, sender: str, frame: str) -> bool:
+        """A frame of the cluster's own that needs no waiting, handled as it arrives; False for the others."""
+        kind, _, rest = frame.partition(FIELD)
+        if kind == "u":
             if sender not in self._out:  # a member that started since the last heartbeat
                 self._members = sorted({*self._members, sender})
                 self._member_up(sender)
-            self.sessions.put_remote(sender, json.loads(rest))
+            state = json.loads(rest)
+            bare = JID.parse(state["jid"]).bare
+            if not self.sessions.watches(bare):
+                self._queue(sender, f"n{FIELD}{bare}")  # forgotten here: no more news of it
+                return True
+            available = self.sessions.put_remote(sender, state)
+            if available is not None:
+                self._later.put_nowait((sender, available))
         elif kind == "d":
             self.sessions.drop_remote(sender, JID.parse(rest))
+        elif kind == "w":  # a member watches an account: its sessions here, then the end of the answer
+            bare = JID.parse(rest)
+            watchers = self.sessions.homed.get(bare)
+            if watchers is not None:
+                watchers.add(sender)
+                self._tell(sender, bare)
+            self._queue(sender, f"W{FIELD}{bare}")
+        elif kind == "W":
+            self.sessions.answered(sender, JID.parse(rest))
+        elif kind == "n":
+            self.sessions.homed.get(JID.parse(rest), set()).discard(sender)
         elif kind == "x":
             self.sessions.drop_member(sender)
             if sender not in self._out:
@@ -748,16 +1082,13 @@ class Cluster:
             session = self.sessions.get(jid)
             if session is not None and jid not in self.sessions.remote:
                 session.close(condition or None)
-        elif kind == "r":
-            await self.server.router.route(_stanza(rest))
         elif kind == "i":
             self.forget_roster(JID.parse(rest))
         elif kind == "k":
             self.server.storage.kv.forget_cached(*rest.split(FIELD))
-        elif (handler := self._handlers.get(kind)) is not None:
-            await handler(sender, rest)
         else:
-            log.warning("cluster: frame of unknown kind %r from %s", kind, sender)
+            return False
+        return True
 
     def _expect_answer(self, sender: str, el: Element) -> None:
         """A query from a server or account address on another member: its answer must go back there."""

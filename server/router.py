@@ -84,6 +84,7 @@ class Router:
             if st.kind == "presence":
                 host = self.server.hosts.get(st.from_.domain)
                 if host is not None:
+                    await self.sessions.ensure(st.from_.bare)
                     await host.hooks.fire("presence/self", st)
                 return
             # RFC 6120 10.3: no 'to' means the sender's own account handles it.
@@ -99,8 +100,10 @@ class Router:
             elif await self.server.hooks.fire("route/remote", st) is None:
                 await self.bounce(st, StanzaError("remote-server-not-found"))
             return
-        if to.local is not None and await host.hooks.fire(f"{st.kind}/inbound", st) is not None:
-            return
+        if to.local is not None:
+            await self.sessions.ensure(to.bare)
+            if await host.hooks.fire(f"{st.kind}/inbound", st) is not None:
+                return
         target = target_of(to)
         if st.kind == "iq":
             await self._iq(host, st, target)
@@ -209,6 +212,8 @@ class Router:
         event = MANY[el.tag]
         head, tail, session_of = prepared.head, prepared.tail, self.sessions.get
         for host, jids in local.items():
+            for bare in {jid.bare for jid in jids}:
+                await self.sessions.ensure(bare)
             if host.hooks.has(event):
                 await host.hooks.fire(event, prepared.stanza(), jids)
             for jid in jids:

@@ -130,8 +130,8 @@ class Session:
 
     # One per connected resource: no instance dictionary (about 1 KiB each); offline storage keeps weak references.
     __slots__ = ("__weakref__", "_close", "_closed", "_interested", "_presence", "_priority", "_write", "bare", "data",
-                 "detached", "directed", "ended", "flushed", "hibernate", "hold", "host", "jid", "last_active",
-                 "outbox", "remote_ip", "room", "started", "undelivered", "watcher")
+                 "detached", "directed", "elsewhere", "ended", "flushed", "hibernate", "hold", "host", "jid",
+                 "last_active", "outbox", "remote_ip", "room", "started", "undelivered", "watcher")
 
     # No more output: the connection is gone or going. Set, the session lets go of the connection.
     closed: bool = property(attrgetter("_closed"), _set_closed)  # type: ignore[assignment]
@@ -143,6 +143,7 @@ class Session:
                  remote_ip: str = "") -> None:
         # Set by the session directory when other processes read this session's shared state.
         self.watcher: SessionWatcher | None = None
+        self.elsewhere = False  # a session of another process of a cluster, as this one knows it
         self.jid = jid
         self.bare = jid.bare
         self.host = host
@@ -243,8 +244,14 @@ class SessionDirectory(Protocol):
     """Where each user's sessions are: what routing, presence, roster pushes and the admin commands look up.
 
     Routing looks up sessions for every stanza, so an implementation answers `get`, `of` and `available`
-    from memory, a dictionary access or two. Sessions of other processes, if any, are found like local ones.
+    from memory, a dictionary access or two. Sessions of other processes, if any, are found like local ones
+    once `ensure` has been awaited for their account: a directory may keep in memory only the accounts it
+    was asked about (the cluster's keeps its own users and those it routes to).
     """
+
+    async def ensure(self, bare: JID) -> None:
+        """Until the sessions of the account, wherever they are, are known to `get`, `of`, `available` and
+        `interested`: awaited by routing before it looks an account up."""
 
     def add(self, session: Session) -> None:
         """A session bound a resource (a session that had it must have been removed first)."""
@@ -270,8 +277,11 @@ class SessionDirectory(Protocol):
     def count(self) -> int:
         """How many sessions there are, on every process."""
 
-    def users(self, domain: str | None = None) -> list[JID]:
+    async def users(self, domain: str | None = None) -> list[JID]:
         """The accounts with a session (of `domain`, if given), on every process."""
+
+    async def everywhere(self, domain: str | None = None) -> list[JID]:
+        """The full JIDs of the sessions (of `domain`, if given), on every process."""
 
 
 class SessionRegistry:
@@ -312,8 +322,14 @@ class SessionRegistry:
     def count(self) -> int:
         return sum(len(r) for r in self._by_bare.values())
 
-    def users(self, domain: str | None = None) -> list[JID]:
+    async def ensure(self, bare: JID) -> None:
+        return None
+
+    async def users(self, domain: str | None = None) -> list[JID]:
         return [b for b in self._by_bare if domain is None or b.domain == domain]
+
+    async def everywhere(self, domain: str | None = None) -> list[JID]:
+        return [s.jid for s in self.all() if domain is None or s.jid.domain == domain]
 
 
 def session_directory(config: Config) -> SessionDirectory:

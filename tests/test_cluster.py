@@ -471,14 +471,19 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     try:
         cluster = Cluster(server, 1, config.cluster)
         cluster._member_up(OTHER)
+        cluster.sessions.known[JID.parse("alice@localhost")] = None  # as if looked up: no Redis here
         yield cluster
     finally:
         CachedDocuments.on_set = None
 
 
 def local_session(cluster: Cluster, jid: str) -> Session:
+    """A session of this member, whose account the other member watches."""
     session = Session(JID.parse(jid), cluster.server.hosts["localhost"], lambda data: None, lambda condition: None)
     cluster.sessions.add(session)
+    cluster.sessions.homed[session.bare].add(OTHER)
+    cluster._dirty.clear()
+    session.priority = 0  # changed: now it goes to the watcher
     return session
 
 
@@ -524,6 +529,7 @@ def test_stanzas_from_another_worker_go_straight_to_the_local_session_of_their_a
     session = Session(JID.parse("alice@localhost/a"), cluster.server.hosts["localhost"], written.append,
                       lambda condition: None)
     cluster.sessions.add(session)
+    cluster.sessions.homed[session.bare].add(OTHER)
     cluster._out[OTHER].clear()
     cluster._dirty.clear()
     session.last_active = 1.0  # set for every stanza: not shared, so nothing goes out

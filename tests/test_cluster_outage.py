@@ -105,6 +105,7 @@ async def test_an_outage_is_ridden_out_and_the_members_resynchronise(
     carol = await second.client("carol@localhost", resource="c")
     inbox = {"bob": first.inbox(bob), "carol": second.inbox(carol), "alice": first.inbox(alice)}
     carol_jid = JID.parse("carol@localhost/c")
+    await first.server.sessions.ensure(carol_jid.bare)  # as routing does before it looks an account up
     await until(lambda: first.server.sessions.get(carol_jid) is not None, "carol known on the first member")
     alice.send_message(mto="carol@localhost/c", mbody="before", mtype="chat")
     assert await body(inbox["carol"]) == "before"
@@ -127,6 +128,8 @@ async def test_an_outage_is_ridden_out_and_the_members_resynchronise(
     private_redis.start()  # empty: every key is gone
     await until(lambda: first.server.cluster.connected and second.server.cluster.connected,  # type: ignore[union-attr]
                 "both members back on Redis", timeout=10)
+    await first.server.sessions.ensure(carol_jid.bare)
+    await second.server.sessions.ensure(JID.parse("dave@localhost"))
     await until(lambda: first.server.sessions.get(carol_jid) is not None
                 and second.server.sessions.get(JID.parse("dave@localhost/d")) is not None,
                 "each member knowing the other's sessions again", timeout=10)

@@ -115,6 +115,7 @@ async def take(muc: Muc, lease: Lease) -> None:
         occupant.role = role
         room.add_session(occupant, session, parse_stored(presence))
         room.mirrored[str(session)] = (nick, role, occupant.sessions[session])
+        await muc.server.sessions.ensure(session.bare)
         if muc.server.sessions.get(session) is None:
             gone.append(session)
     room.mirrored_room = state.get(ROOM, "")

@@ -46,10 +46,11 @@ def message(sender: str, body: str, subject: str | None = None, type: str = "hea
     return el
 
 
-def broadcast(server: Server, domain: str, el: Element) -> list[JID]:
+async def broadcast(server: Server, domain: str, el: Element) -> list[JID]:
     """Send `el` to every session of the domain's online users; return those users."""
-    users = server.sessions.users(domain)
+    users = await server.sessions.users(domain)
     for user in users:
+        await server.sessions.ensure(user)
         for session in server.sessions.of(user):
             el.set("to", str(session.jid))
             session.send(el)
@@ -166,7 +167,7 @@ _user_list("get-registered-users-list", "Get List of Registered Users", "registe
 @command("get-online-users-num", "Get Number of Online Users",
          result=(Arg("onlineusersnum", "int", "The number of online users"),))
 async def online_users_num(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    return {"onlineusersnum": len(ctx.host.server.sessions.users(ctx.host.name))}
+    return {"onlineusersnum": len(await ctx.host.server.sessions.users(ctx.host.name))}
 
 
 @command("get-cluster-members", "Get the Members of the Cluster", access="server", offered=False,
@@ -189,7 +190,7 @@ async def cluster_members(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _online(ctx: Context) -> list[JID]:
-    return sorted(ctx.host.server.sessions.users(ctx.host.name), key=str)
+    return sorted(await ctx.host.server.sessions.users(ctx.host.name), key=str)
 
 
 _user_list("get-online-users-list", "Get List of Online Users", "onlineuserjids", "The list of all online users",
@@ -232,7 +233,7 @@ async def reenable_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 
 @command("announce", "Send Announcement to Online Users", (Arg("announcement", "lines", "Announcement"),))
 async def announce(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
-    broadcast(ctx.host.server, ctx.host.name, message(ctx.host.name, "\n".join(args["announcement"])))
+    await broadcast(ctx.host.server, ctx.host.name, message(ctx.host.name, "\n".join(args["announcement"])))
     return {}
 
 
@@ -293,21 +294,23 @@ def _active(session: Session, now: float) -> bool:
     return session.hold is None and now - session.last_active < IDLE_AFTER
 
 
-def _online_by_activity(ctx: Context, active: bool) -> list[JID]:
+async def _online_by_activity(ctx: Context, active: bool) -> list[JID]:
     """XEP-0133 splits online users into active and idle. A session is active when its client sent a stanza
     in the last IDLE_AFTER seconds and has not said it is inactive (XEP-0352: a phone in a pocket); a user is
     active when one of their sessions is, idle when online and none is."""
     sessions, now = ctx.host.server.sessions, time.monotonic()
-    users = sessions.users(ctx.host.name)
+    users = await sessions.users(ctx.host.name)
+    for user in users:
+        await sessions.ensure(user)
     return sorted((u for u in users if any(_active(s, now) for s in sessions.of(u)) == active), key=str)
 
 
 async def _active_users(ctx: Context) -> list[JID]:
-    return _online_by_activity(ctx, True)
+    return await _online_by_activity(ctx, True)
 
 
 async def _idle_users(ctx: Context) -> list[JID]:
-    return _online_by_activity(ctx, False)
+    return await _online_by_activity(ctx, False)
 
 
 _user_lists("disabled", "Disabled", _disabled, "get-disabled-users-list", "disableduserjids")
@@ -433,7 +436,7 @@ DELAY = Arg("delay", "int", "Time delay in seconds (none: at once)", required=Fa
 ANNOUNCEMENT = Arg("announcement", "lines", "Announcement", required=False)
 
 
-def _plan(ctx: Context, args: dict[str, Any], restart: bool) -> None:
+async def _plan(ctx: Context, args: dict[str, Any], restart: bool) -> None:
     """Tell every online user of every host what is coming, then leave the act to the server after the delay."""
     delay = args["delay"] or 0
     if not 0 <= delay <= MAX_DELAY:
@@ -441,21 +444,21 @@ def _plan(ctx: Context, args: dict[str, Any], restart: bool) -> None:
     server = ctx.host.server
     if args["announcement"]:
         for host in server.hosts:
-            broadcast(server, host, message(host, "\n".join(args["announcement"])))
+            await broadcast(server, host, message(host, "\n".join(args["announcement"])))
     server.plan(restart, delay)
 
 
 @command("restart", "Restart Service", (DELAY, ANNOUNCEMENT), access="server")
 async def restart(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """In-process: the server stops (clients get 'system-shutdown') and starts again on the same configuration."""
-    _plan(ctx, args, restart=True)
+    await _plan(ctx, args, restart=True)
     return {}
 
 
 @command("shutdown", "Shut Down Service", (DELAY, ANNOUNCEMENT), access="server")
 async def shutdown(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """The server stops, and `parley serve` exits."""
-    _plan(ctx, args, restart=False)
+    await _plan(ctx, args, restart=False)
     return {}
 
 
