@@ -9,6 +9,11 @@ forbid offline storage: XEP-0334 allows keeping such a message temporarily until
 Delivery goes in pages as fast as the client takes them. What never reached a client that went
 ('session/undelivered') comes back here: messages go to another resource, or back to offline storage
 ahead of what was stored since, in their order.
+
+A message may be stored just after the user's initial presence took the backlog: its sender's process
+(another member of a cluster, or this one while the store waited for the database) did not know the user
+was available yet. So every store wakes the user's available sessions, here and, in a cluster, on the
+other members (frame 'offline/HOST'), and one of them takes what came.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from datetime import UTC, datetime
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 from xml.etree.ElementTree import Element
 
 from server import ns
@@ -61,9 +66,13 @@ class Offline(Module):
         self.hook("presence/initial", self.deliver)
         self.hook("session/closed", self.session_closed, priority=-50)  # after stream management
         self.hook("session/undelivered", self.undelivered)
+        self.frame_kind = f"offline/{self.host.name}"
+        if self.server.cluster is not None:
+            self.server.cluster.on(self.frame_kind, self.from_member)
         self._delivering: dict[Session, asyncio.Task[None]] = {}
         # How many messages of a session went back to storage: what it hands on later goes behind them.
         self._restored: WeakKeyDictionary[Session, int] = WeakKeyDictionary()
+        self._again: WeakSet[Session] = WeakSet()  # woken while taking the backlog: another look when done
 
     async def store(self, stanza: Stanza) -> bool | None:
         """Take a chat or normal message for a user without an available resource.
@@ -94,7 +103,31 @@ class Offline(Module):
             await self.server.router.bounce(stanza, StanzaError(condition, UNAVAILABLE))
         else:
             self.outage.succeeded()
+            self._stored(user)
         return True
+
+    def _stored(self, user: JID) -> None:
+        cluster = self.server.cluster
+        if cluster is not None:
+            for member in cluster.members():
+                if member != cluster.member:
+                    cluster.send(member, self.frame_kind, str(user))
+        self.wake(user)
+
+    async def from_member(self, sender: str, payload: str) -> None:
+        self.wake(JID.parse(payload))
+
+    def wake(self, user: JID) -> None:
+        """A message was stored for `user`: the session of this process that a message to the account goes to,
+        if any is available yet, takes the backlog now."""
+        sessions = highest([s for s in self.server.router.candidates(user) if not s.elsewhere and not s.closed])
+        if not sessions:
+            return
+        session = sessions[0]
+        if session in self._delivering:
+            self._again.add(session)
+        else:
+            self.spawn(self.deliver(session))
 
     async def deliver(self, session: Session) -> None:
         """Deliver the stored messages, oldest first, a page at a time as the client takes them.
@@ -113,8 +146,15 @@ class Offline(Module):
             task.add_done_callback(lambda _: self._delivering.pop(session, None))
 
     async def _pages(self, session: Session) -> None:
-        while await self._page(session, wait=True) is not False:
+        while await self._page(session, wait=True) is not False or self._woken(session):
             pass
+
+    def _woken(self, session: Session) -> bool:
+        """Once after a wake during the delivery: what was stored meanwhile may be behind the last page."""
+        if session not in self._again:
+            return False
+        self._again.discard(session)
+        return not session.closed
 
     async def _page(self, session: Session, wait: bool) -> bool | None:
         """Send one page of the backlog: False when the backlog is done or the session is closed, None when
