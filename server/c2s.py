@@ -356,12 +356,7 @@ class C2SConnection(StreamEdge):
         try:
             await turn.after_released()
             if not self.closing and self.session is not None:
-                await self._stanza(el, turn)
-        except StreamError as exc:
-            self.stream_error(exc)
-        except Exception:
-            log.exception("internal error on %r", self)
-            self.stream_error(StreamError("internal-server-error"))
+                await self.guarded(self._stanza(el, turn))
         finally:
             turn.finished()
 

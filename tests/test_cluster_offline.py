@@ -16,9 +16,9 @@ from slixmpp import ClientXMPP
 from server.config import ClusterConfig
 from server.jid import JID
 from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, make_config, make_pg_schema
-from tests.test_cluster_outage import harness
+from tests.test_cluster_outage import two_members
 from tests.test_roster_presence import sync
-from tests.test_session_directory import REDIS_URL, redis_prefix, until, worker
+from tests.test_session_directory import REDIS_URL, redis_prefix, until
 
 ROUNDS = 8
 
@@ -34,13 +34,8 @@ async def members(tmp_path: Path) -> AsyncIterator[tuple[Harness, Harness]]:
                        for _ in range(2)]
             for config in configs:
                 config.cluster = ClusterConfig(workers=2, redis_url=REDIS_URL, prefix=prefix)
-            async with worker(configs[0], 0) as first, worker(configs[1], 1) as second:
-                pair = harness(first, tmp_path), harness(second, tmp_path)
-                try:
-                    yield pair
-                finally:
-                    for h in pair:
-                        await h.close()
+            async with two_members(configs[0], configs[1], tmp_path) as pair:
+                yield pair
     finally:
         await drop_pg_schema(schema)
 

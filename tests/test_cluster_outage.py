@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from slixmpp.exceptions import IqError
 
+from server.config import Config
 from server.jid import JID
 from server.server import Server
 from tests.conftest import Harness, free_port, unavailable
@@ -75,13 +77,10 @@ def harness(server: Server, tmp_path: Path) -> Harness:
     return Harness(server, server.config.listeners[0].port, server.config.listeners[1].port, tmp_path)
 
 
-@pytest.fixture
-async def members(tmp_path: Path, private_redis: PrivateRedis) -> AsyncIterator[tuple[Harness, Harness]]:
-    await until_redis(private_redis)
-    prefix = f"parley-outage-{uuid.uuid4().hex[:8]}"
-    first_config, second_config = cluster_config(tmp_path, prefix), cluster_config(tmp_path, prefix)
-    for config in (first_config, second_config):
-        config.cluster.redis_url = private_redis.url
+@asynccontextmanager
+async def two_members(first_config: Config, second_config: Config,
+                      tmp_path: Path) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Members 0 and 1 of a cluster, started in this process, as harnesses whose clients close afterwards."""
     async with worker(first_config, 0) as first, worker(second_config, 1) as second:
         pair = harness(first, tmp_path), harness(second, tmp_path)
         try:
@@ -89,6 +88,17 @@ async def members(tmp_path: Path, private_redis: PrivateRedis) -> AsyncIterator[
         finally:
             for h in pair:
                 await h.close()
+
+
+@pytest.fixture
+async def members(tmp_path: Path, private_redis: PrivateRedis) -> AsyncIterator[tuple[Harness, Harness]]:
+    await until_redis(private_redis)
+    prefix = f"parley-outage-{uuid.uuid4().hex[:8]}"
+    first_config, second_config = cluster_config(tmp_path, prefix), cluster_config(tmp_path, prefix)
+    for config in (first_config, second_config):
+        config.cluster.redis_url = private_redis.url
+    async with two_members(first_config, second_config, tmp_path) as pair:
+        yield pair
 
 
 async def body(queue: asyncio.Queue[Any]) -> str:

@@ -15,9 +15,9 @@ from extensions.stream_management import NAME, Managed
 from server.jid import JID
 from server.sessions import Session
 from tests.conftest import Harness
-from tests.test_cluster_outage import harness
+from tests.test_cluster_outage import two_members
 from tests.test_roster_presence import befriend, online, sync
-from tests.test_session_directory import cluster_config, redis_prefix, until, worker
+from tests.test_session_directory import cluster_config, redis_prefix, until
 from tests.test_stream_management import authenticated, sm_client
 
 PHONE = JID.parse("alice@localhost/phone")
@@ -26,15 +26,9 @@ PHONE = JID.parse("alice@localhost/phone")
 @pytest.fixture
 async def members(tmp_path: Path) -> AsyncIterator[tuple[Harness, Harness]]:
     """Two members of a cluster in this process, each with its own listeners (as two nodes)."""
-    async with redis_prefix() as prefix:
-        first_config, second_config = cluster_config(tmp_path, prefix), cluster_config(tmp_path, prefix)
-        async with worker(first_config, 0) as first, worker(second_config, 1) as second:
-            pair = harness(first, tmp_path), harness(second, tmp_path)
-            try:
-                yield pair
-            finally:
-                for h in pair:
-                    await h.close()
+    async with redis_prefix() as prefix, \
+            two_members(cluster_config(tmp_path, prefix), cluster_config(tmp_path, prefix), tmp_path) as pair:
+        yield pair
 
 
 def managed(server: Harness) -> Managed:

@@ -28,6 +28,7 @@ import ssl
 import time
 import weakref
 from collections import deque
+from collections.abc import Awaitable
 from xml.etree.ElementTree import Element
 
 from server import ns
@@ -234,17 +235,21 @@ class StreamEdge(asyncio.Protocol):
                     await self._output_room()
                     if self.closing or self._worker is not me:
                         break
-                event = self._events.popleft()
-                try:
-                    await self.handle(event)
-                except StreamError as exc:
-                    self.stream_error(exc)
-                except Exception:
-                    log.exception("internal error on %r", self)
-                    self.stream_error(StreamError("internal-server-error"))
+                await self.guarded(self.handle(self._events.popleft()))
         finally:
             if self._worker is me:
                 self._worker = None
+
+    async def guarded(self, handling: Awaitable[None]) -> None:
+        """Handle one piece of input: a stream error it raises ends the stream, and any other error is logged
+        and ends it with internal-server-error, so that a defect costs one stream, never the server."""
+        try:
+            await handling
+        except StreamError as exc:
+            self.stream_error(exc)
+        except Exception:
+            log.exception("internal error on %r", self)
+            self.stream_error(StreamError("internal-server-error"))
 
     def read_on(self) -> None:
         """Hand the events after the one being handled to a new task, from the task handling it: that event
