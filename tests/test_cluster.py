@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import fromstring
@@ -161,13 +162,32 @@ async def workers(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     config = tmp_path / "parley.toml"
     config.write_text(_config(tmp_path, url, port, prefix))
     storage = await open_storage(url)
+
+    async def started(harness: Workers) -> bool:
+        return _listening(port) and bool(await harness.pid(0)) and bool(await harness.pid(1))
+
+    try:
+        async with run_workers([sys.executable, "-m", "parley", "serve", "--config", str(config)], tmp_path,
+                               storage, port, redis, prefix, started) as harness:
+            yield harness
+    finally:
+        if schema:
+            await drop_pg_schema(schema)
+
+
+@asynccontextmanager
+async def run_workers(command: list[str], tmp_path: Path, storage: Storage, port: int, redis: aioredis.Redis,
+                      prefix: str, started: Callable[[Workers], Awaitable[bool]],
+                      own_prefix: bool = True) -> AsyncIterator[Workers]:
+    """`command` (a `parley serve`) as a subprocess logging to tmp_path/server.log, until the test is done with
+    it: ready once `started`, then stopped with SIGTERM (SIGKILL after 15 s); it must exit cleanly and, with a
+    prefix of its own, leave nothing in Redis. The storage and Redis connections are closed afterwards."""
     with open(tmp_path / "server.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "parley", "serve", "--config", str(config)],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     harness = Workers(proc, storage, port, tmp_path, redis, prefix)
     try:
         deadline = time.monotonic() + 30
-        while not (_listening(port) and await harness.pid(0) and await harness.pid(1)):
+        while not await started(harness):
             assert proc.poll() is None, (tmp_path / "server.log").read_text()
             assert time.monotonic() < deadline, "the workers did not start in 30 s"
             await asyncio.sleep(0.1)
@@ -180,15 +200,13 @@ async def workers(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")]
+        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")] if own_prefix else []
         if leftover:
             await redis.delete(*leftover)
         fence = f"{prefix}:own:fence".encode()  # room ownership's fencing counter outlives the members by design
         leftover = [key for key in leftover if key != fence]
         await redis.aclose()
         await storage.close()
-        if schema:
-            await drop_pg_schema(schema)
     assert proc.returncode == 0, (tmp_path / "server.log").read_text()
     assert not leftover, f"workers left {leftover} in Redis"
 

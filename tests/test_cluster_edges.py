@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -34,7 +33,7 @@ from tests.conftest import PG_URL, drop_pg_schema, free_port, make_pg_schema
 from tests.s2s_peers import PARLEY, Peer
 from tests.s2s_support import Inbox, RawPeer, TestCA, free_port_on, online
 from tests.test_c2s import stream_error_condition
-from tests.test_cluster import REDIS_URL, Workers, redis_or_skip
+from tests.test_cluster import REDIS_URL, Workers, redis_or_skip, run_workers
 from tests.test_component import app_component, condition_of, raw_component, received
 from tests.test_http_api import TOKEN
 from tests.test_offline import collect
@@ -81,31 +80,12 @@ port = {port}
 """)
     storage = await open_storage(url)
     command = [sys.executable, "-m", "parley", "serve", "--config", str(config)] + (["--node", node] if node else [])
-    with open(tmp_path / "server.log", "wb") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    harness = Workers(proc, storage, port, tmp_path, redis, prefix)
-    try:
-        deadline = time.monotonic() + 30
-        while b"is running" not in (tmp_path / "server.log").read_bytes():
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "the workers did not start in 30 s"
-            await asyncio.sleep(0.1)
+
+    async def started(_: Workers) -> bool:
+        return b"is running" in (tmp_path / "server.log").read_bytes()
+
+    async with run_workers(command, tmp_path, storage, port, redis, prefix, started, own_prefix) as harness:
         yield harness
-    finally:
-        await harness.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(proc.wait, 15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        leftover = [key async for key in redis.scan_iter(f"{prefix}:*")] if own_prefix else []
-        if leftover:
-            await redis.delete(*leftover)
-        await redis.aclose()
-        await storage.close()
-    assert proc.returncode == 0, (tmp_path / "server.log").read_text()
-    assert not leftover, f"workers left {leftover} in Redis"
 
 
 async def test_processes_starting_together_on_a_new_database_share_one_host_secret(tmp_path: Path) -> None:
