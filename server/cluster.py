@@ -68,6 +68,7 @@ import redis.asyncio as aioredis
 from server.config import ConfigError
 from server.jid import JID
 from server.registry import resolve
+from server.router import highest
 from server.sessions import Session, SessionRegistry
 from server.stanza import KINDS, Stanza, parse_stored
 from server.stream.errors import StanzaError
@@ -1107,13 +1108,23 @@ class Cluster:
         return True
 
     async def _undeliverable(self, st: Stanza) -> None:
+        """A stanza forwarded to a session that was gone, or to a member that was lost. A message has been
+        delivered once already, where its sender's member chose that session ('message/deliver': the
+        recipient's archive took it, carbons copied it): like what a local session that ended never got, it
+        goes on to the user's other resources or to offline storage, without being delivered (and archived)
+        again."""
         router = self.server.router
         host = self.server.hosts.get(st.to.domain)
         if host is None:
             return
         mtype = st.type or "normal"
         if st.kind == "message" and mtype not in ("error", "groupchat"):
-            await router.deliver_to_bare(host, st, mtype)
+            candidates = router.candidates(st.to.bare)
+            sessions = candidates if mtype == "headline" else highest(candidates)
+            for session in sessions:
+                session.send(st.el)
+            if not sessions and mtype != "headline" and await host.hooks.fire("message/offline", st) is None:
+                await router.bounce(st, StanzaError("service-unavailable"))
         elif st.kind == "iq" and st.type in ("get", "set"):
             await router.bounce(st, StanzaError("service-unavailable"))
 
