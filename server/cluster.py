@@ -1121,10 +1121,8 @@ class Cluster:
         if st.kind == "message" and mtype not in ("error", "groupchat"):
             candidates = router.candidates(st.to.bare)
             sessions = candidates if mtype == "headline" else highest(candidates)
-            for session in sessions:
-                session.send(st.el)
-            if not sessions and mtype != "headline" and await host.hooks.fire("message/offline", st) is None:
-                await router.bounce(st, StanzaError("service-unavailable"))
+            if sessions or mtype != "headline":
+                await router.hand_on(host, st, sessions)
         elif st.kind == "iq" and st.type in ("get", "set"):
             await router.bounce(st, StanzaError("service-unavailable"))
 

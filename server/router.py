@@ -267,6 +267,12 @@ class Router:
         """Give a message to the chosen sessions of a local account, or to offline storage if there are none."""
         if await host.hooks.fire("message/deliver", st, sessions) is not None:
             return
+        await self.hand_on(host, st, sessions)
+
+    async def hand_on(self, host: Host, st: Stanza, sessions: list[Session]) -> None:
+        """What follows 'message/deliver' (the archive, carbons): the message to the sessions, or to offline
+        storage. Also for a message that was delivered once and missed its session (it went meanwhile, on
+        another member of a cluster), which must not be archived and copied again."""
         for session in sessions:
             session.send(st.el)
         if sessions:
