@@ -21,6 +21,7 @@ first host that loads it serves, with its options.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -61,6 +62,7 @@ log = logging.getLogger("parley.bosh")
 
 CONTENT_TYPE = "text/xml; charset=utf-8"
 _QUALIFY = ("<message", "<presence", "<iq")
+FORWARD_MARGIN = 10  # seconds beyond the longest wait that a request passed to another member may take
 
 
 def qualified(data: str) -> str:
@@ -283,10 +285,23 @@ class BoshModule(Module):
         self.add_http("OPTIONS", path, self.preflight)
         self.add_http("GET", path, self.info)
         self.hook_global("server/stopping", self.stopping)
+        self.frame_kind = f"bosh/{self.host.name}"
+        self._asks: dict[int, tuple[str, asyncio.Future[tuple[str, int]]]] = {}  # requests passed on: member
+        self._ask_id = 0
+        self._serving: set[asyncio.Task[None]] = set()  # requests passed to us, until answered
+        self._stopping = False
+        if self.server.cluster is not None:
+            self.server.cluster.on(self.frame_kind, self.from_member)
+            self.hook_global("cluster/member-lost", self.member_lost)
 
     async def stopping(self, _: object) -> None:
         """End every session with 'system-shutdown' once it has handled what it read: their held requests
-        are answered, so the HTTP server does not wait for them."""
+        are answered, so the HTTP server does not wait for them; so are the requests passed to other
+        members, whose clients go on with another member."""
+        self._stopping = True
+        for _, answer in self._asks.values():
+            if not answer.done():
+                answer.set_result((terminal("remote-connection-failed"), 200))
         sessions = list(self.sessions.values())
         await asyncio.gather(*(conn.finish() for conn in sessions))
         for conn in sessions:
@@ -321,27 +336,114 @@ class BoshModule(Module):
                             headers=self._cors(request))
 
     async def post(self, request: web.Request) -> web.Response:
-        limits = self.server.config.limits
         data = await request.read()
+        parsed = self._parse(data)
+        if isinstance(parsed, Body) and parsed.sid is None:
+            return await self._create(request, parsed, len(data))
+        sid = parsed.sid
+        holder = self._holder(sid) if sid else None
+        if holder is not None:
+            text, status = await self._forward(holder, data)
+        else:
+            text, status = await self._answer_here(parsed, len(data), self.server.http.peer(request).address)
+        return self._reply(request, text, status)
+
+    def _parse(self, data: bytes) -> Body | BoshError:
+        limits = self.server.config.limits
         try:
-            body = parse_body(data, limits.max_stanza_size, limits.max_depth)
+            return parse_body(data, limits.max_stanza_size, limits.max_depth)
         except BoshError as exc:
-            log.info("unreadable BOSH body from %s: %s", self.server.http.peer(request).address, exc)
-            conn = self.sessions.get(exc.sid or "")
+            return exc
+
+    async def _answer_here(self, parsed: Body | BoshError, size: int, client: str) -> tuple[str, int]:
+        """The answer (text, HTTP status) to a request of a session of this process, whichever member the
+        client sent it to."""
+        if isinstance(parsed, BoshError):
+            log.info("unreadable BOSH body from %s: %s", client, parsed)
+            conn = self.sessions.get(parsed.sid or "")
             if conn is not None:
-                conn.end(exc.condition)  # only the session it names
-            return self._reply(request, terminal(exc.condition), LEGACY_STATUS.get(exc.condition, 400))
-        if body.sid is None:
-            return await self._create(request, body, len(data))
-        conn = self.sessions.get(body.sid)
+                conn.end(parsed.condition)  # only the session it names
+            return terminal(parsed.condition), LEGACY_STATUS.get(parsed.condition, 400)
+        conn = self.sessions.get(parsed.sid or "")
         if conn is None:
-            return self._reply(request, terminal("item-not-found"))
+            return terminal("item-not-found"), 200
         try:
-            rid = body.rid()
+            rid = parsed.rid()
         except BoshError as exc:
             conn.end(exc.condition)
-            return self._reply(request, terminal(exc.condition))
-        return self._reply(request, await conn.request(rid, body, len(data)))
+            return terminal(exc.condition), 200
+        return await conn.request(rid, parsed, size), 200
+
+    # --- in a cluster: a session's requests may reach any member ----------------------------------
+
+    def _new_sid(self) -> str:
+        """A session id that names the member holding the session, so that any member can pass it on."""
+        token = secrets.token_urlsafe(18)
+        cluster = self.server.cluster
+        return token if cluster is None else f"{cluster.member.encode().hex()}.{token}"
+
+    def _holder(self, sid: str) -> str | None:
+        """The other member of the cluster that holds session `sid` (None: this one, or no cluster)."""
+        cluster = self.server.cluster
+        if cluster is None or "." not in sid:
+            return None
+        try:
+            member = bytes.fromhex(sid.split(".", 1)[0]).decode()
+        except ValueError:
+            return None
+        return None if member == cluster.member else member
+
+    async def _forward(self, member: str, data: bytes) -> tuple[str, int]:
+        """Hand a request to the member holding its session and give back its answer, which comes when the
+        holder answers the request (a held one as late as the session's 'wait'). A member that is gone no
+        longer has the session (item-not-found); one out of reach gets the client to start again."""
+        cluster = self.server.cluster
+        assert cluster is not None
+        if member not in cluster.members():
+            return terminal("item-not-found"), 200
+        if not cluster.connected or self._stopping:
+            return terminal("remote-connection-failed"), 200
+        self._ask_id += 1
+        ask = self._ask_id
+        answer: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        self._asks[ask] = (member, answer)
+        # latin-1 carries any bytes through JSON unchanged, an invalid UTF-8 body included
+        cluster.send(member, self.frame_kind, json.dumps({"ask": ask, "data": data.decode("latin-1")}))
+        try:
+            return await asyncio.wait_for(answer, self.limits.max_wait + FORWARD_MARGIN)
+        except TimeoutError:
+            log.info("BOSH request passed to %s: no answer within %d s", member,
+                     self.limits.max_wait + FORWARD_MARGIN)
+            return terminal("remote-connection-failed"), 200
+        finally:
+            self._asks.pop(ask, None)
+
+    async def from_member(self, sender: str, payload: str) -> None:
+        """A request another member received for one of our sessions, or the answer to one we passed on."""
+        frame = json.loads(payload)
+        if "answer" in frame:
+            _, answer = self._asks.get(frame["answer"], (None, None))
+            if answer is not None and not answer.done():
+                answer.set_result((frame["text"], frame["status"]))
+            return
+        # Held as long as the session's 'wait': in a task, so that the member's other frames go on meanwhile.
+        # Tasks start in the order they are made, so the session sees its requests in the order they came.
+        task = asyncio.get_running_loop().create_task(self._serve(sender, frame["ask"], frame["data"]))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, sender: str, ask: int, text: str) -> None:
+        data = text.encode("latin-1")
+        answer, status = await self._answer_here(self._parse(data), len(data), f"member {sender}")
+        cluster = self.server.cluster
+        assert cluster is not None
+        cluster.send(sender, self.frame_kind, json.dumps({"answer": ask, "text": answer, "status": status}))
+
+    def member_lost(self, member: str) -> None:
+        """The sessions of a member that is gone went with it: the requests passed to it end them."""
+        for held, answer in list(self._asks.values()):
+            if held == member and not answer.done():
+                answer.set_result((terminal("item-not-found"), 200))
 
     async def _create(self, request: web.Request, body: Body, size: int) -> web.Response:
         """A session creation request (XEP-0124 7.1, XEP-0206 4)."""
@@ -351,7 +453,7 @@ class BoshModule(Module):
             host = self._host(body.get("to"))
         except BoshError as exc:
             return self._reply(request, terminal(exc.condition))
-        sid = secrets.token_urlsafe(18)
+        sid = self._new_sid()
         peer = self.server.http.peer(request)  # behind a trusted proxy: the client, and TLS at the proxy
         greeting = {"sid": sid, "authid": sid, "from": host.name, **params.attributes(),
                     "secure": "true" if peer.secure else "false",
