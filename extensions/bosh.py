@@ -16,6 +16,11 @@ any session (another resource, or offline storage).
 
 The module is loaded per host but serves one path for all of them (the body's 'to' names the host); the
 first host that loads it serves, with its options.
+
+In a cluster a session's requests may reach any member (the kernel spreads a node's connections over its
+workers, a load balancer its nodes): the sid names the member holding the session, and another member passes
+each request there ('bosh/HOST' frames) and answers the client with the holder's answer, so long-polling
+works as in one process. A request for a session of a member that is gone gets item-not-found.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ log = logging.getLogger("parley.bosh")
 CONTENT_TYPE = "text/xml; charset=utf-8"
 _QUALIFY = ("<message", "<presence", "<iq")
 FORWARD_MARGIN = 10  # seconds beyond the longest wait that a request passed to another member may take
+# How long a member that passed a request on waits for the holder to say it has it before passing it again: a
+# frame published just after the holder died may reach no one (or a process started in its place knows none of
+# its sessions, and says so, when asked again).
+TAKEN_TIMEOUT = 2.0
 
 
 def qualified(data: str) -> str:
@@ -286,9 +295,10 @@ class BoshModule(Module):
         self.add_http("GET", path, self.info)
         self.hook_global("server/stopping", self.stopping)
         self.frame_kind = f"bosh/{self.host.name}"
-        self._asks: dict[int, tuple[str, asyncio.Future[tuple[str, int]]]] = {}  # requests passed on: member
+        # Requests passed on: the member, their answer, its word that it has them.
+        self._asks: dict[int, tuple[str, asyncio.Future[tuple[str, int]], asyncio.Future[None]]] = {}
         self._ask_id = 0
-        self._serving: set[asyncio.Task[None]] = set()  # requests passed to us, until answered
+        self._serving: dict[tuple[str, int], asyncio.Task[None]] = {}  # requests passed to us, until answered
         self._stopping = False
         if self.server.cluster is not None:
             self.server.cluster.on(self.frame_kind, self.from_member)
@@ -299,7 +309,7 @@ class BoshModule(Module):
         are answered, so the HTTP server does not wait for them; so are the requests passed to other
         members, whose clients go on with another member."""
         self._stopping = True
-        for _, answer in self._asks.values():
+        for _, answer, _ in self._asks.values():
             if not answer.done():
                 answer.set_result((terminal("remote-connection-failed"), 200))
         sessions = list(self.sessions.values())
@@ -406,11 +416,17 @@ class BoshModule(Module):
         self._ask_id += 1
         ask = self._ask_id
         answer: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-        self._asks[ask] = (member, answer)
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asks[ask] = (member, answer, taken)
         # latin-1 carries any bytes through JSON unchanged, an invalid UTF-8 body included
-        cluster.send(member, self.frame_kind, json.dumps({"ask": ask, "data": data.decode("latin-1")}))
+        frame = json.dumps({"ask": ask, "data": data.decode("latin-1")})
+        deadline = asyncio.get_running_loop().time() + self.limits.max_wait + FORWARD_MARGIN
         try:
-            return await asyncio.wait_for(answer, self.limits.max_wait + FORWARD_MARGIN)
+            async with asyncio.timeout_at(deadline):
+                while not taken.done() and not answer.done():
+                    cluster.send(member, self.frame_kind, frame)
+                    await asyncio.wait([taken, answer], timeout=TAKEN_TIMEOUT)
+                return await answer
         except TimeoutError:
             log.info("BOSH request passed to %s: no answer within %d s", member,
                      self.limits.max_wait + FORWARD_MARGIN)
@@ -421,16 +437,25 @@ class BoshModule(Module):
     async def from_member(self, sender: str, payload: str) -> None:
         """A request another member received for one of our sessions, or the answer to one we passed on."""
         frame = json.loads(payload)
-        if "answer" in frame:
-            _, answer = self._asks.get(frame["answer"], (None, None))
-            if answer is not None and not answer.done():
-                answer.set_result((frame["text"], frame["status"]))
+        if "taken" in frame or "answer" in frame:
+            asked = self._asks.get(frame.get("taken", frame.get("answer")))
+            if asked is not None:
+                _, answer, taken = asked
+                if not taken.done():
+                    taken.set_result(None)
+                if "answer" in frame and not answer.done():
+                    answer.set_result((frame["text"], frame["status"]))
             return
+        key = sender, frame["ask"]
+        assert self.server.cluster is not None
+        self.server.cluster.send(sender, self.frame_kind, json.dumps({"taken": frame["ask"]}))
+        if key in self._serving:
+            return  # passed again before our word that we had it arrived
         # Held as long as the session's 'wait': in a task, so that the member's other frames go on meanwhile.
         # Tasks start in the order they are made, so the session sees its requests in the order they came.
         task = asyncio.get_running_loop().create_task(self._serve(sender, frame["ask"], frame["data"]))
-        self._serving.add(task)
-        task.add_done_callback(self._serving.discard)
+        self._serving[key] = task
+        task.add_done_callback(lambda _: self._serving.pop(key, None))
 
     async def _serve(self, sender: str, ask: int, text: str) -> None:
         data = text.encode("latin-1")
@@ -441,7 +466,7 @@ class BoshModule(Module):
 
     def member_lost(self, member: str) -> None:
         """The sessions of a member that is gone went with it: the requests passed to it end them."""
-        for held, answer in list(self._asks.values()):
+        for held, answer, _ in list(self._asks.values()):
             if held == member and not answer.done():
                 answer.set_result((terminal("item-not-found"), 200))
 

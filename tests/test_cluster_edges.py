@@ -348,3 +348,15 @@ async def test_websocket_and_bosh_sessions_on_either_worker(tmp_path: Path) -> N
                 romeo.send_message(mto=mercutio, mbody="A plague", mtype="chat")
                 message = await stanzas(bosh, "{jabber:client}message", 10)
                 assert message.findtext("{jabber:client}body") == "A plague"
+                # The worker holding the session dies: the other answers for it that it is gone.
+                holder = bytes.fromhex(bosh.sid.partition(".")[0]).decode()
+                os.kill(await workers.pid(int(holder.rpartition("/")[2])), signal.SIGKILL)
+                started = time.monotonic()
+                for _ in range(5):  # a request the dying worker had accepted fails: the client sends it again
+                    with contextlib.suppress(aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                        answer = await bosh.send(rid=bosh.rid + 1)
+                        break
+                else:
+                    raise AssertionError("no answer from the worker left")
+                assert (answer.get("type"), answer.get("condition")) == ("terminate", "item-not-found")
+                assert time.monotonic() - started < 10
