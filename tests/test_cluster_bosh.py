@@ -106,3 +106,20 @@ async def test_unknown_sessions_and_sessions_of_a_member_that_is_gone(
             bosh.sid = sid
             answer = await bosh.send()
             assert (answer.get("type"), answer.get("condition")) == ("terminate", "item-not-found"), sid
+
+
+async def test_a_request_held_for_a_member_that_goes_ends_the_session(
+        members: tuple[list[str], Harness, Harness]) -> None:
+    urls, first, _ = members
+    await first.add_user("web")
+    async with aiohttp.ClientSession() as http:
+        bosh = Alternating(urls, http)
+        await bosh.login("web")
+        bosh.turn = 1
+        poll = asyncio.ensure_future(bosh.send())  # passed by the second member to the first, which holds it
+        done, _ = await asyncio.wait([poll], timeout=0.5)
+        assert not done
+        assert first.server.cluster is not None
+        await first.server.cluster.stop()  # the first member leaves the cluster: the second hears its goodbye
+        answer = await asyncio.wait_for(poll, 5)
+        assert (answer.get("type"), answer.get("condition")) == ("terminate", "item-not-found")
