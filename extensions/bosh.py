@@ -16,11 +16,17 @@ any session (another resource, or offline storage).
 
 The module is loaded per host but serves one path for all of them (the body's 'to' names the host); the
 first host that loads it serves, with its options.
+
+In a cluster a session's requests may reach any member (the kernel spreads a node's connections over its
+workers, a load balancer its nodes): the sid names the member holding the session, and another member passes
+each request there ('bosh/HOST' frames) and answers the client with the holder's answer, so long-polling
+works as in one process. A request for a session of a member that is gone gets item-not-found.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -61,6 +67,11 @@ log = logging.getLogger("parley.bosh")
 
 CONTENT_TYPE = "text/xml; charset=utf-8"
 _QUALIFY = ("<message", "<presence", "<iq")
+FORWARD_MARGIN = 10  # seconds beyond the longest wait that a request passed to another member may take
+# How long a member that passed a request on waits for the holder to say it has it before passing it again: a
+# frame published just after the holder died may reach no one (or a process started in its place knows none of
+# its sessions, and says so, when asked again).
+TAKEN_TIMEOUT = 2.0
 
 
 def qualified(data: str) -> str:
@@ -283,10 +294,24 @@ class BoshModule(Module):
         self.add_http("OPTIONS", path, self.preflight)
         self.add_http("GET", path, self.info)
         self.hook_global("server/stopping", self.stopping)
+        self.frame_kind = f"bosh/{self.host.name}"
+        # Requests passed on: the member, their answer, its word that it has them.
+        self._asks: dict[int, tuple[str, asyncio.Future[tuple[str, int]], asyncio.Future[None]]] = {}
+        self._ask_id = 0
+        self._serving: dict[tuple[str, int], asyncio.Task[None]] = {}  # requests passed to us, until answered
+        self._stopping = False
+        if self.server.cluster is not None:
+            self.server.cluster.on(self.frame_kind, self.from_member)
+            self.hook_global("cluster/member-lost", self.member_lost)
 
     async def stopping(self, _: object) -> None:
         """End every session with 'system-shutdown' once it has handled what it read: their held requests
-        are answered, so the HTTP server does not wait for them."""
+        are answered, so the HTTP server does not wait for them; so are the requests passed to other
+        members, whose clients go on with another member."""
+        self._stopping = True
+        for _, answer, _ in self._asks.values():
+            if not answer.done():
+                answer.set_result((terminal("remote-connection-failed"), 200))
         sessions = list(self.sessions.values())
         await asyncio.gather(*(conn.finish() for conn in sessions))
         for conn in sessions:
@@ -321,27 +346,129 @@ class BoshModule(Module):
                             headers=self._cors(request))
 
     async def post(self, request: web.Request) -> web.Response:
-        limits = self.server.config.limits
         data = await request.read()
+        parsed = self._parse(data)
+        if isinstance(parsed, Body) and parsed.sid is None:
+            return await self._create(request, parsed, len(data))
+        sid = parsed.sid
+        holder = self._holder(sid) if sid else None
+        if holder is not None:
+            text, status = await self._forward(holder, data)
+        else:
+            text, status = await self._answer_here(parsed, len(data), self.server.http.peer(request).address)
+        return self._reply(request, text, status)
+
+    def _parse(self, data: bytes) -> Body | BoshError:
+        limits = self.server.config.limits
         try:
-            body = parse_body(data, limits.max_stanza_size, limits.max_depth)
+            return parse_body(data, limits.max_stanza_size, limits.max_depth)
         except BoshError as exc:
-            log.info("unreadable BOSH body from %s: %s", self.server.http.peer(request).address, exc)
-            conn = self.sessions.get(exc.sid or "")
+            return exc
+
+    async def _answer_here(self, parsed: Body | BoshError, size: int, client: str) -> tuple[str, int]:
+        """The answer (text, HTTP status) to a request of a session of this process, whichever member the
+        client sent it to."""
+        if isinstance(parsed, BoshError):
+            log.info("unreadable BOSH body from %s: %s", client, parsed)
+            conn = self.sessions.get(parsed.sid or "")
             if conn is not None:
-                conn.end(exc.condition)  # only the session it names
-            return self._reply(request, terminal(exc.condition), LEGACY_STATUS.get(exc.condition, 400))
-        if body.sid is None:
-            return await self._create(request, body, len(data))
-        conn = self.sessions.get(body.sid)
+                conn.end(parsed.condition)  # only the session it names
+            return terminal(parsed.condition), LEGACY_STATUS.get(parsed.condition, 400)
+        conn = self.sessions.get(parsed.sid or "")
         if conn is None:
-            return self._reply(request, terminal("item-not-found"))
+            return terminal("item-not-found"), 200
         try:
-            rid = body.rid()
+            rid = parsed.rid()
         except BoshError as exc:
             conn.end(exc.condition)
-            return self._reply(request, terminal(exc.condition))
-        return self._reply(request, await conn.request(rid, body, len(data)))
+            return terminal(exc.condition), 200
+        return await conn.request(rid, parsed, size), 200
+
+    # --- in a cluster: a session's requests may reach any member ----------------------------------
+
+    def _new_sid(self) -> str:
+        """A session id that names the member holding the session, so that any member can pass it on."""
+        token = secrets.token_urlsafe(18)
+        cluster = self.server.cluster
+        return token if cluster is None else f"{cluster.member.encode().hex()}.{token}"
+
+    def _holder(self, sid: str) -> str | None:
+        """The other member of the cluster that holds session `sid` (None: this one, or no cluster)."""
+        cluster = self.server.cluster
+        if cluster is None or "." not in sid:
+            return None
+        try:
+            member = bytes.fromhex(sid.split(".", 1)[0]).decode()
+        except ValueError:
+            return None
+        return None if member == cluster.member else member
+
+    async def _forward(self, member: str, data: bytes) -> tuple[str, int]:
+        """Hand a request to the member holding its session and give back its answer, which comes when the
+        holder answers the request (a held one as late as the session's 'wait'). A member that is gone no
+        longer has the session (item-not-found); one out of reach gets the client to start again."""
+        cluster = self.server.cluster
+        assert cluster is not None
+        if member not in cluster.members():
+            return terminal("item-not-found"), 200
+        if not cluster.connected or self._stopping:
+            return terminal("remote-connection-failed"), 200
+        self._ask_id += 1
+        ask = self._ask_id
+        answer: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        taken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asks[ask] = (member, answer, taken)
+        # latin-1 carries any bytes through JSON unchanged, an invalid UTF-8 body included
+        frame = json.dumps({"ask": ask, "data": data.decode("latin-1")})
+        deadline = asyncio.get_running_loop().time() + self.limits.max_wait + FORWARD_MARGIN
+        try:
+            async with asyncio.timeout_at(deadline):
+                while not taken.done() and not answer.done():
+                    cluster.send(member, self.frame_kind, frame)
+                    await asyncio.wait([taken, answer], timeout=TAKEN_TIMEOUT)
+                return await answer
+        except TimeoutError:
+            log.info("BOSH request passed to %s: no answer within %d s", member,
+                     self.limits.max_wait + FORWARD_MARGIN)
+            return terminal("remote-connection-failed"), 200
+        finally:
+            self._asks.pop(ask, None)
+
+    async def from_member(self, sender: str, payload: str) -> None:
+        """A request another member received for one of our sessions, or the answer to one we passed on."""
+        frame = json.loads(payload)
+        if "taken" in frame or "answer" in frame:
+            asked = self._asks.get(frame.get("taken", frame.get("answer")))
+            if asked is not None:
+                _, answer, taken = asked
+                if not taken.done():
+                    taken.set_result(None)
+                if "answer" in frame and not answer.done():
+                    answer.set_result((frame["text"], frame["status"]))
+            return
+        key = sender, frame["ask"]
+        assert self.server.cluster is not None
+        self.server.cluster.send(sender, self.frame_kind, json.dumps({"taken": frame["ask"]}))
+        if key in self._serving:
+            return  # passed again before our word that we had it arrived
+        # Held as long as the session's 'wait': in a task, so that the member's other frames go on meanwhile.
+        # Tasks start in the order they are made, so the session sees its requests in the order they came.
+        task = asyncio.get_running_loop().create_task(self._serve(sender, frame["ask"], frame["data"]))
+        self._serving[key] = task
+        task.add_done_callback(lambda _: self._serving.pop(key, None))
+
+    async def _serve(self, sender: str, ask: int, text: str) -> None:
+        data = text.encode("latin-1")
+        answer, status = await self._answer_here(self._parse(data), len(data), f"member {sender}")
+        cluster = self.server.cluster
+        assert cluster is not None
+        cluster.send(sender, self.frame_kind, json.dumps({"answer": ask, "text": answer, "status": status}))
+
+    def member_lost(self, member: str) -> None:
+        """The sessions of a member that is gone went with it: the requests passed to it end them."""
+        for held, answer, _ in list(self._asks.values()):
+            if held == member and not answer.done():
+                answer.set_result((terminal("item-not-found"), 200))
 
     async def _create(self, request: web.Request, body: Body, size: int) -> web.Response:
         """A session creation request (XEP-0124 7.1, XEP-0206 4)."""
@@ -351,7 +478,7 @@ class BoshModule(Module):
             host = self._host(body.get("to"))
         except BoshError as exc:
             return self._reply(request, terminal(exc.condition))
-        sid = secrets.token_urlsafe(18)
+        sid = self._new_sid()
         peer = self.server.http.peer(request)  # behind a trusted proxy: the client, and TLS at the proxy
         greeting = {"sid": sid, "authid": sid, "from": host.name, **params.attributes(),
                     "secure": "true" if peer.secure else "false",

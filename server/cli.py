@@ -31,7 +31,6 @@ from server.config import (
     SYSTEM_CONFIG,
     Config,
     ConfigError,
-    check_cluster,
     check_cluster_storage,
     config_option,
     find_config,
@@ -378,7 +377,6 @@ def main(parts: Parts, argv: list[str] | None = None) -> int:
             if args.workers is not None or args.node is not None:
                 config.cluster = replace(config.cluster, workers=args.workers or config.cluster.workers,
                                          node=args.node or config.cluster.node)
-                check_cluster(config.cluster, config.listeners, config.hosts)
                 check_cluster_storage(config.cluster, config.storage)
             os.umask(0o077)  # the database, keys, sockets and logs the server creates are its user's alone
             _setup_logging(config, args.verbose)

@@ -289,7 +289,6 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     components = _components(top.table("components"), hosts)
     cluster = _cluster(top.table("cluster"))
     top.finish()
-    check_cluster(cluster, listeners, hosts)
     check_cluster_storage(cluster, storage)
     if errors:
         raise ConfigErrors(errors)
@@ -467,21 +466,6 @@ def check_cluster_storage(cluster: ClusterConfig, storage: StorageConfig) -> Non
     if cluster.node is not None and storage.url.startswith("sqlite"):
         raise ConfigError("cluster.node", "the nodes of a cluster share one database: set [storage] url to "
                           "PostgreSQL (postgresql+asyncpg://...), SQLite is a file on one machine")
-
-
-def check_cluster(cluster: ClusterConfig, listeners: list[ListenerConfig],
-                  hosts: dict[str, HostConfig] | None = None) -> None:
-    """Every listener kind works with several processes: each binds its port with SO_REUSEPORT and the kernel
-    spreads connections over them. BOSH alone cannot follow: a session's HTTP requests come on connections
-    of their own, which the kernel may hand to any process, so it needs a proxy routing each session to one
-    process (sticky sessions); said once here rather than failing requests later."""
-    if not cluster.active or not any(listener.type == "http" for listener in listeners):
-        return
-    bosh = sorted(name for name, host in (hosts or {}).items() if "bosh" in host.modules)
-    if bosh:
-        log.warning("bosh on %s in a cluster: every request of a BOSH session must reach the process that "
-                    "started it; put a proxy with sticky sessions in front (WebSocket needs none)",
-                    ", ".join(bosh))
 
 
 def _logging(table: _Table, base: Path) -> LoggingConfig:

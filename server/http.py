@@ -185,7 +185,7 @@ class HttpServer:
         for listener in listeners:
             ssl = self.server.tls.direct_tls_context(["http/1.1"]) if listener.tls == "direct" else None
             # Several workers share the port, as they share the c2s ones: each request is a client's like any
-            # other, BOSH's excepted (see check_cluster).
+            # other (a BOSH session's requests reaching another member are passed to the one holding it).
             await web.TCPSite(self._runner, listener.address, listener.port, ssl_context=ssl, reuse_address=True,
                               reuse_port=self.server.config.cluster.workers > 1).start()
             log.info("HTTP on %s:%d (%s): %s", listener.address, listener.port, listener.tls,
