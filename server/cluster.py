@@ -58,7 +58,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
@@ -189,14 +189,24 @@ class ClusterSessions(SessionRegistry):
     # --- the accounts this member knows --------------------------------------------------------------
 
     async def ensure(self, bare: JID) -> None:
-        """Known at once when cached (or not ours to know: another server's, or Redis out of reach); otherwise
-        looked up, once however many ask."""
+        lookup = self._lookup(bare)
+        if lookup is not None:
+            await asyncio.shield(lookup)
+
+    async def ensure_all(self, bares: Iterable[JID]) -> None:
+        lookups = {lookup for lookup in map(self._lookup, bares) if lookup is not None}
+        if lookups:
+            await asyncio.shield(asyncio.gather(*lookups))
+
+    def _lookup(self, bare: JID) -> asyncio.Task[None] | None:
+        """None when the account is known (cached, or not ours to know: another server's, or Redis out of
+        reach); otherwise its lookup, one however many ask."""
         if bare in self.known:
             self.known.move_to_end(bare)
-            return
+            return None
         if bare.local is None or bare.domain not in self.cluster.server.hosts or not self.cluster.connected:
-            return
-        await asyncio.shield(self.watch_soon(bare))
+            return None
+        return self.watch_soon(bare)
 
     def watch_soon(self, bare: JID) -> asyncio.Task[None]:
         task = self.watching.get(bare)

@@ -212,8 +212,7 @@ class Router:
         event = MANY[el.tag]
         head, tail, session_of = prepared.head, prepared.tail, self.sessions.get
         for host, jids in local.items():
-            for bare in {jid.bare for jid in jids}:
-                await self.sessions.ensure(bare)
+            await self.sessions.ensure_all({jid.bare for jid in jids})
             if host.hooks.has(event):
                 await host.hooks.fire(event, prepared.stanza(), jids)
             for jid in jids:

@@ -253,6 +253,9 @@ class SessionDirectory(Protocol):
         """Until the sessions of the account, wherever they are, are known to `get`, `of`, `available` and
         `interested`: awaited by routing before it looks an account up."""
 
+    async def ensure_all(self, bares: Iterable[JID]) -> None:
+        """`ensure` for many accounts at once (a room's occupants): looked up together, not one after another."""
+
     def add(self, session: Session) -> None:
         """A session bound a resource (a session that had it must have been removed first)."""
 
@@ -323,6 +326,9 @@ class SessionRegistry:
         return sum(len(r) for r in self._by_bare.values())
 
     async def ensure(self, bare: JID) -> None:
+        return None
+
+    async def ensure_all(self, bares: Iterable[JID]) -> None:
         return None
 
     async def users(self, domain: str | None = None) -> list[JID]:
