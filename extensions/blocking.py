@@ -212,9 +212,9 @@ class Blocking(Module):
         for el in out:
             await self.server.router.send(el)
         sessions = self.server.sessions.available(user)
+        await self.server.sessions.ensure_all(contact for contact, seen, _ in contacts if seen)
         for contact, seen, _ in contacts:
             if seen:
-                await self.server.sessions.ensure(contact)
                 gone = [s.jid for s in self.server.sessions.available(contact)] or [contact]
                 for session in sessions:
                     for jid in gone:
