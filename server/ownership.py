@@ -22,19 +22,29 @@ two members never serve one entity.
 State the next owner needs (a room's occupants) is kept in a Redis hash per entity, written by the owner
 only (each write is a script that checks the lease first), read by whoever takes the entity over.
 
+Each member also lists what it holds, in a hash of its own (`held:{member}`: owner key -> service domain),
+so that the survivors know what a lost member held once its leases are gone from Redis.
+
 `Placement` wires this into a server: every stanza for an owned entity is served here if this member
 holds it, else forwarded to its live owner, else (no live owner) the entity is taken here and loaded.
+When a member is lost (`cluster/member-lost`) the survivors take its entities over at once, without waiting
+for a stanza: each takes those that rendezvous hashing gives it (`successor`), so that they spread over the
+survivors and every survivor makes the same choice without a word to the others; what is left after
+`RESCUE_AFTER` (its successor died too, or saw another set of members) is taken by whoever comes first.
+A lost member's leases have lapsed by then (`LEASE` is shorter than the heartbeat's time to live), so the
+entities come back within that time to live, the heartbeat and one load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -52,6 +62,8 @@ LEASE = 4.0  # seconds an owner's claim lasts in Redis without renewal
 MARGIN = 0.25  # of the lease: the owner considers it lost this much earlier than Redis does
 REDIS_TIMEOUT = 1.0  # seconds a Redis call may take before the member counts it as failed
 SEP = "#"  # between the member and the incarnation in a lease's value
+TAKEOVER_CONCURRENCY = 16  # entities of a lost member loaded at once by one survivor
+RESCUE_AFTER = 5.0  # seconds after which a survivor takes what a lost member's other successors did not
 
 # KEYS: owner key, fence counter. ARGV: our value, lease ms, our member's prefix ("member#").
 # Taken when free or left by a dead incarnation of this member; renewed when ours; else the owner's value.
@@ -153,6 +165,22 @@ class Ownership:
     def state_key(self, key: str) -> str:
         return f"{self.prefix}:state:{key}"
 
+    def held_key(self, member: str) -> str:
+        """What a member holds (owner key -> the service's domain): one key per member, under its own hash tag."""
+        return f"{self.prefix}:held:{{{member}}}"
+
+    async def held_by(self, member: str) -> dict[str, str]:
+        """The entities a member listed as held (by a lost member: what it held when it died), with their
+        services' domains."""
+        raw = await asyncio.wait_for(self.redis.hgetall(self.held_key(member)), REDIS_TIMEOUT)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def forget_held(self, member: str, keys: Iterable[str]) -> None:
+        """Take entities off a lost member's list: they were taken over, or are no longer anyone's."""
+        keys = list(keys)
+        if keys:
+            await asyncio.wait_for(self.redis.hdel(self.held_key(member), *keys), REDIS_TIMEOUT)
+
     def _valid_for(self, started: float) -> float:
         return started + self.lease * (1 - MARGIN)
 
@@ -166,9 +194,10 @@ class Ownership:
             return None
         return lease
 
-    async def claim(self, key: str) -> tuple[Lease | None, str]:
-        """Take or renew the lease on `key`: (lease, '') when this member holds it now, (None, owner member)
-        when another one does. Raises RedisError or OSError when Redis cannot be reached."""
+    async def claim(self, key: str, service: str = "") -> tuple[Lease | None, str]:
+        """Take or renew the lease on `key` (an entity of the service at domain `service`): (lease, '') when
+        this member holds it now, (None, owner member) when another one does. Raises RedisError or OSError when
+        Redis cannot be reached."""
         started = time.monotonic()
         taken, detail = await asyncio.wait_for(self._scripts["claim"](
             keys=[self.owner_key(key), f"{self.prefix}:fence"],
@@ -177,6 +206,8 @@ class Ownership:
         if not taken:
             return None, detail.split(SEP, 1)[0]
         lease = Lease(key, int(detail), self._valid_for(started))
+        if key not in self.held:
+            await asyncio.wait_for(self.redis.hset(self.held_key(self.member), key, service), REDIS_TIMEOUT)
         self.held[key] = lease
         self.healthy = True
         self.start()
@@ -227,9 +258,11 @@ class Ownership:
         if lease is None:
             return
         try:
-            await asyncio.wait_for(self._scripts["release"](
-                keys=[self.owner_key(key), self.state_key(key)],
-                args=[self._tag(lease), "1" if forget_state else "0"]), REDIS_TIMEOUT)
+            pipe = self.redis.pipeline(transaction=False)
+            await self._scripts["release"](keys=[self.owner_key(key), self.state_key(key)],
+                                           args=[self._tag(lease), "1" if forget_state else "0"], client=pipe)
+            pipe.hdel(self.held_key(self.member), key)
+            await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT)
         except redis_failures():
             log.warning("ownership: could not release %s; its lease lapses by itself", key)
 
@@ -238,9 +271,14 @@ class Ownership:
             self._task = asyncio.get_running_loop().create_task(self._renew_loop())
 
     async def stop(self) -> None:
-        """Release every lease, then stop renewing."""
+        """Release every lease, then stop renewing; this member's list of what it holds goes too (what is left
+        in it was lost to others meanwhile)."""
         for key in list(self.held):
             await self.release(key)
+        try:
+            await asyncio.wait_for(self.redis.delete(self.held_key(self.member)), REDIS_TIMEOUT)
+        except redis_failures():
+            log.warning("ownership: could not remove the list of what %s held", self.member)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -283,6 +321,10 @@ class Ownership:
         if lost:
             log.warning("ownership: %d leases were taken over: %s", len(lost), ", ".join(lost[:5]))
             self._drop(lost)
+            try:
+                await self.forget_held(self.member, lost)
+            except redis_failures():
+                pass  # whoever reads the list checks each entry's owner
 
     def _drop(self, keys: list[str]) -> None:
         for key in keys:
@@ -297,10 +339,19 @@ class Owned(Protocol):
     idle_release: float | None  # seconds after which an entity nobody used is given up (None: never)
 
     def owner_key(self, st: Stanza) -> str | None: ...
-    async def take(self, lease: Lease) -> None: ...
+    # Load the entity; False when there is nothing to serve (none, or a room nobody is in); the lease is kept
+    # for the stanza that made this member take it, let go when taken over from a lost member.
+    async def take(self, lease: Lease) -> bool: ...
     def lost(self, key: str) -> None: ...
     async def act(self, key: str, action: str, argument: str) -> None: ...
     async def refuse(self, st: Stanza, error: StanzaError) -> None: ...
+
+
+def successor(key: str, members: Iterable[str]) -> str:
+    """The member that takes `key` over when its owner is lost (rendezvous hashing): the highest hash of member
+    and key. A lost member's entities spread evenly over the survivors, each survivor finds the same answer
+    alone, and a change of members moves only the entities that the member who came or went wins."""
+    return max(members, key=lambda member: hashlib.blake2b(f"{member}\n{key}".encode(), digest_size=8).digest())
 
 
 class Placement:
@@ -321,7 +372,10 @@ class Placement:
         self._used: dict[str, float] = {}  # when each was last served, for `Owned.idle_release`
         self._sweeper: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._rescues: set[asyncio.Task[None]] = set()  # takeovers of lost members' entities under way
+        self.rescue_after = RESCUE_AFTER
         cluster.on("own", self._act_here)
+        server.hooks.add("cluster/member-lost", self._member_lost)
 
     def add(self, service: Owned) -> None:
         self.services[service.domain] = service
@@ -332,6 +386,10 @@ class Placement:
             await self.release(key)
         self.services.pop(service.domain, None)
         if not self.services:
+            self.server.hooks.remove("cluster/member-lost", self._member_lost)
+            for task in self._rescues:
+                task.cancel()
+            await asyncio.gather(*self._rescues, return_exceptions=True)
             if self._sweeper is not None:
                 self._sweeper.cancel()
                 await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -360,38 +418,43 @@ class Placement:
             self.cluster.route_elsewhere(owner, st)
         return False
 
-    async def _locate(self, service: Owned, key: str) -> str | None:
+    async def _locate(self, service: Owned, key: str, keep_absent: bool = True) -> str | None:
         """None when this member holds `key` (taken now if need be), the live owner's id, or '' when no
-        member can serve it now (Redis unreachable, or a dead owner's lease not lapsed in time)."""
+        member can serve it now (Redis unreachable, or a dead owner's lease not lapsed in time). Without
+        `keep_absent`, an entity that turns out not to exist is let go at once (None, and not held)."""
         lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
             async with lock:
-                return await self._claim(service, key)
+                return await self._claim(service, key, keep_absent)
         finally:
             users[0] -= 1
             if not users[0]:
                 del self._locks[key]
 
-    async def _claim(self, service: Owned, key: str) -> str | None:
+    async def _claim(self, service: Owned, key: str, keep_absent: bool) -> str | None:
         deadline = time.monotonic() + self.ownership.lease + 1
         while True:
             if self.holds(key):
                 return None
             try:
-                lease, owner = await self.ownership.claim(key)
+                lease, owner = await self.ownership.claim(key, service.domain)
             except redis_failures() as exc:
                 log.warning("ownership: cannot claim %s: %s", key, exc)
                 return ""
             if lease is not None:
                 try:
-                    await service.take(lease)
+                    present = await service.take(lease)
                 except BaseException:
                     await self.ownership.release(key)
                     raise
                 if self.ownership.holds(key) is not lease:
                     service.lost(key)  # lost while loading
                     continue
+                if present is False and not keep_absent:
+                    service.lost(key)
+                    await self.ownership.release(key, forget_state=True)
+                    return None
                 self._ready[key] = service
                 self._used[key] = time.monotonic()
                 if service.idle_release is not None and self._sweeper is None:
@@ -402,6 +465,61 @@ class Placement:
             if time.monotonic() >= deadline:  # a dead owner's lease lapses within LEASE
                 return ""
             await asyncio.sleep(0.1)
+
+    def _member_lost(self, member: str) -> None:
+        """A member is lost: its entities are taken over now, by this member and the other survivors."""
+        task = asyncio.get_running_loop().create_task(self.take_over(member))
+        self._rescues.add(task)
+        task.add_done_callback(self._rescues.discard)
+
+    async def take_over(self, lost: str) -> None:
+        """Take over, and load, the entities of a lost member that this one succeeds to (`successor` among the
+        live members); after `rescue_after` seconds, whatever of its list nobody took yet."""
+        started = time.monotonic()
+        me = self.cluster.member
+        taken = await self._rescue(lost, lambda key: successor(key, self.cluster.members()) == me)
+        if taken:
+            log.warning("ownership: took over %d entities of lost member %s in %.2f s", taken, lost,
+                        time.monotonic() - started)
+        await asyncio.sleep(self.rescue_after)
+        taken = await self._rescue(lost, lambda key: True)
+        if taken:
+            log.warning("ownership: took over %d more entities of lost member %s, left by its successors", taken,
+                        lost)
+
+    async def _rescue(self, lost: str, ours: Callable[[str], bool]) -> int:
+        """Take those of the lost member's entities that `ours` picks (unless a live member owns them already),
+        a few at a time; those now owned by another member or by none are struck off its list. How many were
+        taken here."""
+        try:
+            held = await self.ownership.held_by(lost)
+        except redis_failures() as exc:
+            log.warning("ownership: cannot read what lost member %s held: %s", lost, exc)
+            return 0
+        gate = asyncio.Semaphore(TAKEOVER_CONCURRENCY)
+        settled: list[str] = []
+        taken = 0
+
+        async def rescue(key: str, service: Owned) -> None:
+            nonlocal taken
+            async with gate:
+                try:
+                    owner = await self._locate(service, key, keep_absent=False)
+                except Exception:
+                    log.exception("ownership: could not take over %s from lost member %s", key, lost)
+                    return
+            if owner not in ("", lost):
+                settled.append(key)
+                if owner is None and self.holds(key) is not None:
+                    taken += 1
+
+        await asyncio.gather(*(rescue(key, self.services[domain]) for key, domain in held.items()
+                               if domain in self.services and ours(key)))
+        try:
+            await self.ownership.forget_held(lost, settled)
+        except redis_failures():
+            pass  # struck off by the next reader
+        return taken
 
     async def act(self, service: Owned, key: str, action: str, argument: str) -> None:
         """Run `action` on the entity where it is owned (taking it here if nobody owns it)."""
