@@ -44,9 +44,9 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.stream.errors import StanzaError
 
@@ -372,10 +372,11 @@ class Placement:
         self._used: dict[str, float] = {}  # when each was last served, for `Owned.idle_release`
         self._sweeper: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
-        self._rescues: set[asyncio.Task[None]] = set()  # takeovers of lost members' entities under way
+        self._rescues: set[asyncio.Task[Any]] = set()  # takeovers of lost members' entities under way
         self.rescue_after = RESCUE_AFTER
         cluster.on("own", self._act_here)
         server.hooks.add("cluster/member-lost", self._member_lost)
+        server.hooks.add("server/started", self._started)
 
     def add(self, service: Owned) -> None:
         self.services[service.domain] = service
@@ -387,6 +388,7 @@ class Placement:
         self.services.pop(service.domain, None)
         if not self.services:
             self.server.hooks.remove("cluster/member-lost", self._member_lost)
+            self.server.hooks.remove("server/started", self._started)
             for task in self._rescues:
                 task.cancel()
             await asyncio.gather(*self._rescues, return_exceptions=True)
@@ -468,7 +470,15 @@ class Placement:
 
     def _member_lost(self, member: str) -> None:
         """A member is lost: its entities are taken over now, by this member and the other survivors."""
-        task = asyncio.get_running_loop().create_task(self.take_over(member))
+        self._in_background(self.take_over(member))
+
+    async def _started(self, _server: Server) -> None:
+        """A member started in place of a dead one (same node and worker) takes back at once what that one held:
+        the others saw no member lost, and its leases are this member's to take (`_CLAIM`)."""
+        self._in_background(self._rescue(self.cluster.member, lambda key: True))
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._rescues.add(task)
         task.add_done_callback(self._rescues.discard)
 
@@ -508,10 +518,13 @@ class Placement:
                 except Exception:
                     log.exception("ownership: could not take over %s from lost member %s", key, lost)
                     return
-            if owner not in ("", lost):
-                settled.append(key)
-                if owner is None and self.holds(key) is not None:
-                    taken += 1
+            if owner in ("", lost):
+                return
+            if owner is None and self.holds(key) is not None:
+                taken += 1
+                if lost == self.cluster.member:
+                    return  # this member's again (its predecessor's): it stays on the list
+            settled.append(key)
 
         await asyncio.gather(*(rescue(key, self.services[domain]) for key, domain in held.items()
                                if domain in self.services and ours(key)))

@@ -309,3 +309,30 @@ async def test_what_a_lost_members_successor_did_not_take_is_taken_by_another(pr
     finally:
         for found, service in ((one, service_one), (two, service_two)):
             await found.remove(service)
+
+
+async def test_a_member_restarted_in_place_of_a_dead_one_takes_back_what_it_held_at_once(prefix: str) -> None:
+    live = ["n1/0", "n2/0"]
+    old, _ = placement(prefix, "n1/0", live)
+    service_old, service_new = Entities(), Entities()
+    old.add(service_old)
+    keys = [f"room{i}@svc.localhost" for i in range(5)]
+    new = None
+    try:
+        for key in keys:
+            assert await old.admit(service_old, stanza(key))
+        old.ownership._task.cancel()  # type: ignore[union-attr]  # n1 dies, and is started again at once
+        new, _ = placement(prefix, "n1/0", live)
+        new.add(service_new)
+        await new.server.hooks.fire("server/started", new.server)
+        deadline = time.monotonic() + LEASE / 2  # well before the dead one's leases lapse
+        while len(service_new.taken) < len(keys):
+            assert time.monotonic() < deadline, service_new.taken
+            await asyncio.sleep(0.01)
+        assert set(await new.ownership.held_by("n1/0")) == set(keys)  # still listed: held by the new one
+        assert all(new.holds(key) for key in keys)
+    finally:
+        old.ownership.held.clear()  # the dead one releases nothing
+        await old.remove(service_old)
+        if new is not None:
+            await new.remove(service_new)
