@@ -7,6 +7,10 @@ its lease. A member taking the room over loads it from PostgreSQL (persistent) o
 (temporary), puts back the sessions that are still connected somewhere in the cluster, and tells the room
 that the others left (status 333, as for a session whose server reported an error).
 
+When the owner is lost, the survivors take its rooms over at once, each those that rendezvous hashing gives
+it (server/ownership.py `Placement.take_over`), without waiting for a stanza: the occupants on the other
+members stay in, and get the room's next message without joining again. A room nobody is left in is not kept.
+
 A room is released when it empties: its state hash goes, and the next stanza to it claims it afresh
 wherever it arrives.
 """
