@@ -32,6 +32,7 @@ __all__ = ["nodes"]  # the fixture, used by name
 ROOM = "lobby@conference.localhost"  # occupants on all three nodes
 QUIET = "quiet@conference.localhost"  # a temporary room owned by n1, its occupants on n2 and n3 only
 SURVIVORS = ["n2/0", "n3/0"]
+MANY = 40  # rooms of one owner, in the spread test
 Cluster = tuple[dict[str, Node], Storage, aioredis.Redis, str, Proxy]
 
 
@@ -245,3 +246,37 @@ async def test_a_dead_owners_pubsub_node_comes_back_on_a_survivor_before_any_req
                                            payload=fromstring("<entry xmlns='urn:example'>2</entry>"), timeout=10)
     assert await asyncio.wait_for(events.get(), 5) == "second"
     assert await holder(redis, prefix, key) == successor(key, SURVIVORS)
+
+
+@pytest.mark.timeout(180)
+async def test_a_dead_owners_many_rooms_spread_over_the_survivors(nodes: Cluster) -> None:
+    started, storage, redis, prefix, _ = nodes
+    c = await users(started, storage, alice="n1", bob="n2", carol="n3")
+    alice, bob, carol = c["alice"], c["bob"], c["carol"]
+    rooms = [f"room{i}@conference.localhost" for i in range(MANY)]
+
+    # alice (n1) creates the rooms, so n1 owns them; bob and carol join from the other nodes and alice leaves.
+    await asyncio.gather(*(alice.plugin["xep_0045"].join_muc_wait(room, "alice", timeout=30) for room in rooms))
+    await asyncio.gather(*(configure(alice, room) for room in rooms))
+    for client, nick in ((bob, "bob"), (carol, "carol")):
+        await asyncio.gather(*(client.plugin["xep_0045"].join_muc_wait(room, nick, timeout=30) for room in rooms))
+    for room in rooms:
+        alice.plugin["xep_0045"].leave_muc(room, "alice")
+    for room in rooms:
+        while "alice" in carol.plugin["xep_0045"].get_roster(room):
+            await asyncio.sleep(0.05)
+        assert await holder(redis, prefix, f"muc:{room}") == "n1/0"
+
+    killed = await kill(started, redis, prefix, "n1")
+    for room in rooms:
+        await moved(redis, prefix, f"muc:{room}", "n1/0", killed)
+    every = time.monotonic() - killed
+    print(f"\n{MANY} rooms owned again {every:.2f} s after SIGKILL")
+    owners = {room: await holder(redis, prefix, f"muc:{room}") for room in rooms}
+    assert owners == {room: successor(f"muc:{room}", SURVIVORS) for room in rooms}
+    assert set(owners.values()) == set(SURVIVORS)  # spread, not all on one
+    inbox = Harness.inbox(carol)
+    for room in rooms:
+        bob.send_message(mto=room, mbody=room, mtype="groupchat")
+    assert sorted(await bodies(inbox, MANY)) == sorted(rooms)
+    assert every < 10, f"the rooms did not all come back within 10 s ({every:.2f} s)"
