@@ -4,8 +4,12 @@ An entity is named by an owner key the service derives from a stanza (`Service.o
 JID, a pubsub service's JID and node). Its owner holds a lease in Redis, `SET key owner NX PX lease`, and
 renews it while it serves the entity; the value names the member and this process's incarnation, so that
 a member restarted under the same id takes over at once what its dead predecessor held. Every takeover
-draws a fencing token from one counter (INCR), so a later owner always has a larger token than an earlier
-one.
+draws a fencing token from Redis's clock (microseconds), so a later owner has a larger token than an earlier
+one as long as that clock does not go back.
+
+Redis Cluster: every script touches the keys of one entity only (its lease and its state hash, under the
+entity's hash tag), and each member's list of what it holds is a key of its own, so no operation spans two
+hash slots; renewals are one script per lease, sent together.
 
 Fencing of writes: before the owner writes the entity's state (PostgreSQL, or the state hash in Redis
 below) it checks that its lease is still valid locally and, for PostgreSQL, that Redis still names it with
@@ -65,7 +69,7 @@ SEP = "#"  # between the member and the incarnation in a lease's value
 TAKEOVER_CONCURRENCY = 16  # entities of a lost member loaded at once by one survivor
 RESCUE_AFTER = 5.0  # seconds after which a survivor takes what a lost member's other successors did not
 
-# KEYS: owner key, fence counter. ARGV: our value, lease ms, our member's prefix ("member#").
+# KEYS: owner key. ARGV: our value, lease ms, our member's prefix ("member#").
 # Taken when free or left by a dead incarnation of this member; renewed when ours; else the owner's value.
 _CLAIM = """
 local current = redis.call('GET', KEYS[1])
@@ -80,22 +84,18 @@ if current then
     return {0, holder}
   end
 end
-local token = redis.call('INCR', KEYS[2])
+local now = redis.call('TIME')
+local token = now[1] .. string.format('%06d', now[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
-return {1, tostring(token)}
+return {1, token}
 """
-# KEYS: owner keys. ARGV: lease ms, then one 'value|token' per key. Returns 1/0 per key.
+# KEYS: owner key. ARGV: lease ms, our 'value|token'. 1 if renewed, 0 if not ours.
 _RENEW = """
-local held = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
-    redis.call('PEXPIRE', key, ARGV[1])
-    held[i] = 1
-  else
-    held[i] = 0
-  end
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return 1
 end
-return held
+return 0
 """
 # KEYS: owner key, [state hash]. ARGV: 'value|token', then field/value pairs to set, '' values deleted.
 _GUARDED = """
@@ -160,10 +160,10 @@ class Ownership:
                          (("claim", _CLAIM), ("renew", _RENEW), ("guarded", _GUARDED), ("release", _RELEASE))}
 
     def owner_key(self, key: str) -> str:
-        return f"{self.prefix}:owner:{key}"
+        return f"{self.prefix}:owner:{{{key}}}"
 
     def state_key(self, key: str) -> str:
-        return f"{self.prefix}:state:{key}"
+        return f"{self.prefix}:state:{{{key}}}"
 
     def held_key(self, member: str) -> str:
         """What a member holds (owner key -> the service's domain): one key per member, under its own hash tag."""
@@ -200,7 +200,7 @@ class Ownership:
         Redis cannot be reached."""
         started = time.monotonic()
         taken, detail = await asyncio.wait_for(self._scripts["claim"](
-            keys=[self.owner_key(key), f"{self.prefix}:fence"],
+            keys=[self.owner_key(key)],
             args=[self.value, int(self.lease * 1000), self.member + SEP]), REDIS_TIMEOUT)
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if not taken:
@@ -249,8 +249,8 @@ class Ownership:
 
     async def owned(self, pattern: str) -> list[str]:
         """The keys matching a glob pattern that some member owns now."""
-        start = len(self.owner_key(""))
-        return [key.decode()[start:] async for key in self.redis.scan_iter(self.owner_key(pattern), count=1000)]
+        start = len(self.owner_key("")) - 1
+        return [key.decode()[start:-1] async for key in self.redis.scan_iter(self.owner_key(pattern), count=1000)]
 
     async def release(self, key: str, forget_state: bool = False) -> None:
         """Give the entity up (it is empty, or this member stops): the next stanza's member takes it at once."""
@@ -298,9 +298,7 @@ class Ownership:
         started = time.monotonic()
         wait = max(0.01, min(REDIS_TIMEOUT, min(lease.deadline for lease in leases) - started))
         try:
-            results = await asyncio.wait_for(self._scripts["renew"](
-                keys=[self.owner_key(lease.key) for lease in leases],
-                args=[int(self.lease * 1000), *map(self._tag, leases)]), wait)
+            results = await asyncio.wait_for(self._renew_all(leases), wait)
         except redis_failures() as exc:
             self.healthy = False  # retried sooner
             soon = time.monotonic() + self.lease / 8
@@ -325,6 +323,13 @@ class Ownership:
                 await self.forget_held(self.member, lost)
             except redis_failures():
                 pass  # whoever reads the list checks each entry's owner
+
+    async def _renew_all(self, leases: list[Lease]) -> list[int]:
+        pipe = self.redis.pipeline(transaction=False)
+        for lease in leases:
+            await self._scripts["renew"](keys=[self.owner_key(lease.key)],
+                                         args=[int(self.lease * 1000), self._tag(lease)], client=pipe)
+        return list(await pipe.execute())
 
     def _drop(self, keys: list[str]) -> None:
         for key in keys:
