@@ -138,7 +138,7 @@ def redis_failures() -> tuple[type[Exception], ...]:
 @dataclass
 class Lease:
     key: str
-    token: int  # the fencing token of this takeover: larger than any earlier owner's of any entity
+    token: int  # the fencing token of this takeover: Redis's clock in microseconds, larger than earlier owners'
     deadline: float  # monotonic time until which this member may act as the owner
 
 
