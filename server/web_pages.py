@@ -73,9 +73,10 @@ def message(text: str, *, error: bool = False) -> str:
 
 
 def field(name: str, label: str, *, kind: str = "text", value: str = "", required: bool = False,
-          options: Sequence[str] = (), hint: str = "", autocomplete: str = "") -> str:
-    """One labelled form field: `kind` is an input type, 'textarea' or 'select' (of `options`)."""
-    ident = f"f-{esc(name)}"
+          options: Sequence[str] = (), hint: str = "", autocomplete: str = "", ident: str = "") -> str:
+    """One labelled form field: `kind` is an input type, 'textarea' or 'select' (of `options`); `ident` makes
+    its id unique when two forms of a page have a field of the same name."""
+    ident = f"f-{esc(ident or name)}"
     attrs = f"id='{ident}' name='{esc(name)}'" + (" required" if required else "")
     if autocomplete:
         attrs += f" autocomplete='{esc(autocomplete)}'"

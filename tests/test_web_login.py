@@ -61,12 +61,13 @@ def hidden_csrf(html: str) -> str:
 
 
 async def log_in(http: aiohttp.ClientSession, base: str, jid: str, password: str,
-                 host: str | None = None) -> aiohttp.ClientResponse:
+                 host: str | None = None, prefix: str = PREFIX) -> aiohttp.ClientResponse:
+    """Load the login form under `prefix` and send it: the response, its redirection not followed."""
     headers = {"Host": host} if host else {}
-    async with http.get(f"{base}{PREFIX}login", headers=headers) as shown:
+    async with http.get(f"{base}{prefix}login", headers=headers) as shown:
         assert shown.status == 200
         token = hidden_csrf(await shown.text())
-    async with http.post(f"{base}{PREFIX}login", data={"jid": jid, "password": password, "csrf": token},
+    async with http.post(f"{base}{prefix}login", data={"jid": jid, "password": password, "csrf": token},
                          headers=headers, allow_redirects=False) as response:
         await response.read()
         return response
