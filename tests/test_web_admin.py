@@ -255,3 +255,54 @@ async def test_configuration_page_says_where_each_value_comes_from(server: Harne
     status, text = await post_command(http, base, "localhost", "get-registered-users-list", {"max_items": "none"},
                                       token)
     assert status == 200 and "<li>admin@localhost</li>" in text
+
+
+# --- tenants, end to end ------------------------------------------------------------------------------------
+
+def action_of(html: str, command: str) -> str:
+    found = re.search(rf"<form method='post' action='([^']*/commands/{command})'", html)
+    assert found, f"no form of {command}"
+    return found.group(1)
+
+
+async def submit(http: aiohttp.ClientSession, base: str, html: str, command: str, data: dict[str, str]) -> str:
+    """Send the form of `command` found on a page (its action and CSRF token), as the browser would."""
+    async with http.post(f"{base}{action_of(html, command)}", data={**data, "csrf": hidden_csrf(html)}) as done:
+        text = await done.text()
+        assert done.status == 200, text
+        return text
+
+
+async def test_a_tenant_created_in_the_web_admin_serves_its_users_at_once_and_stays_its_own(
+        server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    await admin_in(http, base, "admin@localhost", "root-2026")
+    tenants = await page(http, f"{base}{ADMIN}tenants")
+    for domain in ("t1.test", "t2.test"):
+        done = await submit(http, base, tenants, "create-tenant", {"domain": domain, "admins": f"boss@{domain}"})
+        assert f"Tenant {domain} created and served" in done
+        users = await page(http, f"{base}{ADMIN}hosts/{domain}/users")
+        for name in ("boss", "carol"):
+            await submit(http, base, users, "add-user", {"accountjid": f"{name}@{domain}",
+                                                         "password": f"{name}-2026", "password-verify": f"{name}-2026"})
+    listed = await page(http, f"{base}{ADMIN}tenants")
+    assert "t1.test" in listed and "t2.test" in listed
+
+    carol = await server.client("carol@t1.test", "carol-2026")  # served without a restart
+    assert carol.boundjid.bare == "carol@t1.test"
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        await admin_in(other, base, "boss@t2.test", "boss-2026")
+        for path in ("", "tenants", "hosts/t2.test/users"):
+            text = await page(other, f"{base}{ADMIN}{path}")
+            assert "t1.test" not in text and "localhost" not in text
+        for path in ("hosts/t1.test/", "hosts/t1.test/users", "hosts/t1.test/users/carol", "federation"):
+            text = await page(other, f"{base}{ADMIN}{path}", 403)
+            assert "carol" not in text
+        # Its own tenant is its to run: it kicks nobody elsewhere, and its commands name its own accounts only.
+        own = await page(other, f"{base}{ADMIN}hosts/t2.test/users")
+        status, _ = await post_command(other, base, "t1.test", "end-user-session",
+                                       {"accountjids": "carol@t1.test"}, hidden_csrf(own))
+        assert status == 403
+    assert server.server.sessions.of(JID.parse("carol@t1.test"))
