@@ -26,6 +26,7 @@ from aiohttp import web
 from extensions.abuse_limits import DENIED
 from extensions.web_admin.charts import line_chart
 from extensions.web_admin.sampler import DAY, HOUR, SERIES, Sampler, latest
+from s2s.manager import S2SManager
 from server.commands import XML, Command, CommandError, Context
 from server.host import server_admin
 from server.jid import JID, JIDError
@@ -496,11 +497,7 @@ class AdminSite:
 
     async def federation(self, request: web.Request, actor: JID) -> web.Response:
         host = self._first_host(actor)
-        links = [[esc(labels.get("direction", "")), esc(labels.get("state", "")), esc(int(value))]
-                 for family in self.server.metrics.registry.collect() if family.name == "parley_s2s_links"
-                 for _, labels, value, *_ in family.samples]
-        body = ["<h2>Links</h2>",
-                table(("Direction", "State", "Links"), links) if links else "<p>Federation is not running.</p>"]
+        body = ["<h2>Links</h2>", self._links()]
         for name in ("edit-blacklist", "edit-whitelist"):
             command = self._command(name, host, actor)
             if command is None:
@@ -514,6 +511,25 @@ class AdminSite:
         body.append("<h2>Configured policy</h2>" + table(("Setting", "Value"), [
             [esc(f.name), esc(_show(getattr(s2s, f.name)))] for f in dataclasses.fields(s2s)]))
         return self._page(request, actor, "Federation", "".join(body))
+
+    def _links(self) -> str:
+        """The server-to-server streams of this process, each with its domains and state."""
+        manager = self.server.s2s
+        if not isinstance(manager, S2SManager):
+            return "<p>Federation is not running (no s2s listener).</p>"
+        rows = []
+        for link in sorted(set(manager.links.values()), key=lambda link: (link.remote, link.local)):
+            state = ", ".join(f"{local}: {method}" for (local, _), method in sorted(link.methods.items()))
+            queued = sum(len(queue) for queue in link.queues.values())
+            rows.append(["outgoing", esc(link.local), esc(link.remote), esc(link.remote_ip or "-"),
+                         esc(state or "connecting"), esc(queued)])
+        for stream in sorted(manager.incoming, key=lambda stream: str(stream.remote)):
+            pairs = sorted(stream.pairs)
+            rows.append(["incoming", esc(", ".join(local for _, local in pairs) or stream.local or "-"),
+                         esc(", ".join(remote for remote, _ in pairs) or stream.remote or "-"),
+                         esc(stream.remote_ip or "-"), "authenticated" if pairs else "authenticating", "-"])
+        return table(("Direction", "Local domain", "Remote domain", "Address", "State", "Queued stanzas"), rows) \
+            if rows else "<p>No link now.</p>"
 
     async def tenants(self, request: web.Request, actor: JID) -> web.Response:
         host = self._first_host(actor)
