@@ -84,9 +84,14 @@ async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server
         page_ = await browser.new_page()
         await page_.goto(f"{base}{ADMIN}")
         await page_.get_by_role("heading", name="Log in").wait_for()  # sent to the login form
-        await page_.get_by_label("Address (user@host)").fill("admin@localhost")
-        await page_.get_by_label("Password").fill("root-2026")
-        await page_.get_by_role("button", name="Log in").click()
+        # By keyboard alone: the skip link first, then the fields in order, Enter sends.
+        await page_.keyboard.press("Tab")
+        assert await page_.evaluate("document.activeElement.textContent") == "Skip to the content"
+        await page_.keyboard.press("Tab")
+        await page_.keyboard.type("admin@localhost")
+        await page_.keyboard.press("Tab")
+        await page_.keyboard.type("root-2026")
+        await page_.keyboard.press("Enter")
         await page_.get_by_role("heading", name="Dashboard").wait_for()
         charts = page_.locator("svg.chart")
         assert await charts.count() == 18  # six series, over ten minutes, an hour and a day
