@@ -148,9 +148,13 @@ class Tenants:
         if ensure_certificate(hc.name, hc.certificate, hc.key):
             log.info("generated a self-signed certificate for tenant %s at %s", hc.name, hc.certificate)
         before = set(self.server.services)
-        host = await self.server.add_host(hc, tenant=True)
+        await self._limit(tenant)  # before the first stanza
+        try:
+            host = await self.server.add_host(hc, tenant=True)
+        except BaseException:
+            self.quotas.pop(tenant.domain, None)
+            raise
         host.hooks.add("message/outbound", self._outbound, PRIORITY)
-        await self._limit(tenant)
         services = tuple(sorted(set(self.server.services) - before))
         if services != tenant.services:  # remembered, so that a removal deletes their data too
             await self.store.save(replace(tenant, services=services))

@@ -19,6 +19,7 @@ from server.accounts import AccountsFull, create_account
 from server.config import ConfigError, parse_config
 from server.jid import JID
 from server.registry import available
+from server.storage.tenants import Quotas
 from tests.conftest import PG_URL, Harness, drop_pg_schema, insecure_context, make_pg_schema
 from tests.test_http_api import TOKEN, basic, with_http_api
 from tests.test_parleyctl import ok, run
@@ -275,14 +276,15 @@ async def test_message_rate_quota_holds_one_tenant_back_and_not_the_others(serve
     sender.add_event_handler("message_error", errors.put_nowait)
     inbox, local_inbox = server.inbox(receiver), server.inbox(local_receiver)
     for i in range(20):
-        sender.send_message(mto="b@chatty.test", mbody=f"m{i}", mtype="chat")
-        local_sender.send_message(mto="b@localhost", mbody=f"m{i}", mtype="chat")
+        sender.send_message(mto=receiver.boundjid.full, mbody=f"m{i}", mtype="chat")
+        local_sender.send_message(mto=local_receiver.boundjid.full, mbody=f"m{i}", mtype="chat")
     refused = await asyncio.wait_for(errors.get(), 5)
     assert refused["error"]["condition"] == "resource-constraint"
     assert "messages a second" in refused["error"]["text"]
     for i in range(20):  # the other host is not limited
         assert (await asyncio.wait_for(local_inbox.get(), 5))["body"] == f"m{i}"
-    delivered = 0
+    assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "m0"  # within the rate
+    delivered = 1
     while not inbox.empty():
         inbox.get_nowait()
         delivered += 1
@@ -387,7 +389,7 @@ async def test_every_member_of_a_cluster_follows_a_tenants_changes(tmp_path: Pat
                     x = await two.client("x@cl.test")
                     y = await one.client("y@cl.test")
                     inbox = one.inbox(y)
-                    x.send_message(mto="y@cl.test", mbody="across", mtype="chat")
+                    x.send_message(mto=y.boundjid.full, mbody="across", mtype="chat")
                     assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "across"
                     await first.tenants.set_enabled("cl.test", False)
                     await until(lambda: "cl.test" not in second.hosts, "the second member stopping the tenant")
@@ -395,7 +397,8 @@ async def test_every_member_of_a_cluster_follows_a_tenants_changes(tmp_path: Pat
                     await second.tenants.set_enabled("cl.test", True)  # from either member
                     await until(lambda: "cl.test" in first.hosts, "the first member serving it again")
                     await second.tenants.set_quotas("cl.test", {"max_rate": 7})
-                    await until(lambda: first.tenants.quotas["cl.test"].max_rate == 7, "the new quota on the first")
+                    await until(lambda: first.tenants.quotas.get("cl.test") == Quotas(max_rate=7),
+                                "the new quota on the first")
                 finally:
                     await one.close()
                     await two.close()
