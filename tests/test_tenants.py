@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import Element
@@ -19,6 +20,7 @@ from server.accounts import AccountsFull, create_account
 from server.config import ConfigError, parse_config
 from server.jid import JID
 from server.registry import available
+from server.storage.muc import MucStore, StoredRoom
 from server.storage.tenants import Quotas
 from tests.conftest import PG_URL, Harness, drop_pg_schema, insecure_context, make_pg_schema
 from tests.test_http_api import TOKEN, basic, with_http_api
@@ -127,6 +129,9 @@ async def test_removal_deletes_the_data_after_the_grace(server: Harness) -> None
     storage = server.server.storage
     await until(lambda: _offline(storage, "gone.test", "carol"), "the message stored offline")
     await storage.kv.set("gone.test", "carol", "notes", "k", {"v": 1})
+    rooms = MucStore(storage.engine)
+    await rooms.save_room("conference.gone.test", StoredRoom("r", {}, datetime.now(UTC), "", ""))
+    await rooms.save_room("conference.localhost", StoredRoom("r", {}, datetime.now(UTC), "", ""))
     code, _, err = await run(server, "remove-tenant", "gone.test", "other.test")
     assert code == 1 and "confirm" in err
     assert await storage.accounts.exists("gone.test", "carol")
@@ -137,6 +142,8 @@ async def test_removal_deletes_the_data_after_the_grace(server: Harness) -> None
     assert not await storage.accounts.exists("gone.test", "carol")
     assert await storage.kv.get("gone.test", "carol", "notes", "k") is None
     assert not await _offline(storage, "gone.test", "carol")
+    assert await rooms.rooms("conference.gone.test") == []  # the services it served go with it
+    assert [r.name for r in await rooms.rooms("conference.localhost")] == ["r"]
     assert await storage.accounts.exists("localhost", "alice")  # other hosts keep theirs
     # The domain is free again.
     await create(server, "gone.test")
@@ -364,6 +371,30 @@ async def test_template_and_shared_certificate(server: Harness, tmp_path: Path) 
     await create(server, "shared.test")
     tls = server.server.tls
     assert tls is not None and tls.cert_der("shared.test") == tls.cert_der("example.test")
+    # Files of its own, given to create-tenant; a pair that is not there is refused.
+    own = server.server.config.hosts["localhost"]
+    code, _, err = await run(server, "create-tenant", "own.test", "", "", "", str(tmp_path / "no.crt"), str(own.key))
+    assert code == 1 and "is not a file" in err and "own.test" not in server.server.hosts
+    await ok(server, "create-tenant", "own.test", "", "", "", str(own.certificate), str(own.key))
+    assert tls.cert_der("own.test") == tls.cert_der("localhost")
+    # A configuration reload keeps the tenants and their certificates.
+    source = tmp_path / "parley.toml"
+    source.write_text(_toml(server))
+    server.server.config.source = source
+    await ok(server, "reload_config")
+    assert tls.cert_der("own.test") == tls.cert_der("localhost") != tls.cert_der("shared.test")
+    await server.add_user("eve", host="own.test")
+    await server.client("eve@own.test", direct=True)
+
+
+def _toml(server: Harness) -> str:
+    """The running configuration as a file, as far as a reload reads it."""
+    config = server.server.config
+    listeners = "".join(f'[[listeners]]\ntype = "{item.type}"\naddress = "{item.address}"\nport = {item.port}\n'
+                        f'tls = "{item.tls}"\n' for item in config.listeners)
+    return (f'data_dir = "{config.data_dir}"\n[storage]\nurl = "{config.storage.url}"\n{listeners}'
+            '[hosts.localhost]\nregistration = true\nadmins = ["admin@localhost"]\n[hosts."example.test"]\n'
+            '[tenants]\ntemplate = "example.test"\n')
 
 
 # --- a cluster ----------------------------------------------------------------------------------------------
