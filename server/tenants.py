@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.config import DEFAULT_MODULES, HostConfig
 from server.jid import JID, JIDError
+from server.limits import Bucket
 from server.options import check_option
 from server.registry import available, load
 from server.storage.tenants import DISABLED, ENABLED, Quotas, Tenant, TenantStore
@@ -56,23 +57,6 @@ class TenantError(ValueError):
         self.conflict = conflict
 
 
-class _Rate:
-    """Messages a second for one tenant: `rate` tokens a second, up to `rate` at once; a refused message
-    takes none, so a tenant over its rate is served again as soon as it slows down."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate, self.tokens, self.stamp = rate, float(rate), time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 def tenant_domain(text: str) -> str:
     try:
         jid = JID.make(None, text.strip())
@@ -88,7 +72,7 @@ class Tenants:
         self.store: TenantStore = None  # type: ignore[assignment]  # set by start(), with the storage
         self.quotas: dict[str, Quotas] = {}  # of the tenants served here
         self.used: dict[str, int] = {}  # storage bytes of each tenant served here, as last counted
-        self._rates: dict[str, _Rate] = {}
+        self._rates: dict[str, Bucket] = {}
         self._task: asyncio.Task[None] | None = None
 
     # --- life cycle ---------------------------------------------------------------------------------------
@@ -326,10 +310,11 @@ class Tenants:
         if quotas is None or stanza.type == "error":
             return None
         if quotas.max_rate:
+            now = time.monotonic()
             rate = self._rates.get(domain)
             if rate is None:
-                rate = self._rates[domain] = _Rate(quotas.max_rate)
-            if not rate.take():
+                rate = self._rates[domain] = Bucket(quotas.max_rate, quotas.max_rate * 3600, now)
+            if not rate.take(now):
                 await self.server.router.bounce(stanza, StanzaError(
                     "resource-constraint", f"{domain} sends more than {quotas.max_rate} messages a second; "
                                            "wait a moment"))
