@@ -177,7 +177,10 @@ class Tenants:
 
     async def _changed(self, domain: str) -> None:
         """Apply a stored change here and tell the other members of a cluster to apply it too."""
-        await self.apply(domain)
+        try:
+            await self.apply(domain)
+        except (TlsError, ValueError) as exc:
+            raise TenantError(f"{domain} cannot be served: {exc}") from None
         cluster = self.server.cluster
         if cluster is not None:
             for member in cluster.members():
@@ -227,11 +230,9 @@ class Tenants:
             raise TenantError(f"{name} is a tenant already", conflict=True)
         try:
             await self._changed(name)
-        except (TlsError, ValueError) as exc:
+        except TenantError:
             await self.store.purge(tenant)
-            if self.server.hosts.get(name) is not None:
-                await self.server.remove_host(name, "")
-            raise TenantError(f"{name} cannot be served: {exc}") from None
+            raise
         return tenant
 
     async def set_enabled(self, domain: str, enabled: bool) -> Tenant:

@@ -23,6 +23,7 @@ from server.registry import available
 from server.storage.muc import MucStore, StoredRoom
 from server.storage.tenants import Quotas
 from tests.conftest import PG_URL, Harness, drop_pg_schema, insecure_context, make_pg_schema
+from tests.s2s_support import RawPeer, start_parley
 from tests.test_http_api import TOKEN, basic, with_http_api
 from tests.test_parleyctl import ok, run
 from tests.test_register import ask, condition_of, legacy, unauthenticated
@@ -240,6 +241,23 @@ async def _adhoc(client: ClientXMPP, host: str, name: str, values: dict[str, str
     iq["command"].append(form)
     answer = await iq.send(timeout=10)
     return dict(answer["command"]["form"].get_values())
+
+
+async def test_federation_with_a_disabled_tenant_is_refused(tmp_path: Path) -> None:
+    fed = await start_parley(tmp_path / "fed", {"fed.test": {}}, "127.0.0.1")
+    try:
+        await fed.server.tenants.create("t3.test", [], [], [], None, None)
+        peer = await RawPeer.connect("127.0.0.1", fed.s2s_port)
+        assert await peer.open("remote.example", "t3.test") is not None  # served: the stream goes on
+        peer.close()
+        await fed.server.tenants.set_enabled("t3.test", False)
+        peer = await RawPeer.connect("127.0.0.1", fed.s2s_port)
+        await peer.send("<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+                        "from='remote.example' to='t3.test' version='1.0'>")
+        assert b"host-unknown" in await peer.closed()
+        peer.close()
+    finally:
+        await fed.stop()
 
 
 # --- quotas -----------------------------------------------------------------------------------------------
