@@ -73,6 +73,7 @@ class Tenants:
         self.quotas: dict[str, Quotas] = {}  # of the tenants served here
         self.used: dict[str, int] = {}  # storage bytes of each tenant served here, as last counted
         self._rates: dict[str, Bucket] = {}
+        self._applying = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     # --- life cycle ---------------------------------------------------------------------------------------
@@ -100,6 +101,7 @@ class Tenants:
         interval = min(SWEEP_INTERVAL, max(0.05, self.settings.removal_grace / 4))
         while True:
             try:
+                await self.reconcile()
                 await self.purge_due()
                 for domain, quotas in list(self.quotas.items()):
                     if quotas.max_storage:
@@ -153,7 +155,11 @@ class Tenants:
 
     async def apply(self, domain: str) -> None:
         """Make this member serve `domain` as its stored row says: start it, stop it, or take its new admins
-        and quotas."""
+        and quotas. One change at a time: a command's, another member's and the sweep's may meet."""
+        async with self._applying:
+            await self._apply(domain)
+
+    async def _apply(self, domain: str) -> None:
         tenant = await self.store.get(domain)
         host = self.server.hosts.get(domain)
         if host is not None and not host.tenant:
@@ -174,6 +180,20 @@ class Tenants:
         host.admins = {*host.configured_admins, *added}
         host.config.admins = list(tenant.admins)
         await self._limit(tenant)
+
+    async def reconcile(self) -> None:
+        """Apply what differs between storage and what this member serves: a change whose frame was lost (Redis
+        out of reach when it was made) is taken up here within a sweep interval."""
+        stored = {t.domain: t for t in await self.store.list()}
+        served = {name: host for name, host in self.server.hosts.items() if host.tenant}
+        for domain in {*served, *(d for d, t in stored.items() if t.served)}:
+            tenant, host = stored.get(domain), served.get(domain)
+            if tenant is None or host is None or not tenant.served or self.quotas.get(domain) != tenant.quotas \
+                    or host.config.admins != list(tenant.admins):
+                try:
+                    await self.apply(domain)
+                except (TlsError, ValueError) as exc:
+                    log.error("tenant %s not served: %s", domain, exc)
 
     async def _changed(self, domain: str) -> None:
         """Apply a stored change here and tell the other members of a cluster to apply it too."""

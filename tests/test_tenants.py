@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -422,8 +423,9 @@ async def test_every_member_of_a_cluster_follows_a_tenants_changes(tmp_path: Pat
     url = f"{PG_URL}?schema={schema}"
     try:
         async with redis_prefix() as prefix:
-            first_config = cluster_config(tmp_path, prefix, storage={"url": url})
-            second_config = cluster_config(tmp_path, prefix, storage={"url": url})
+            # A short grace: removals, and the sweep that takes up lost changes, come quickly.
+            first_config = cluster_config(tmp_path, prefix, storage={"url": url}, tenants={"removal_grace": 0.4})
+            second_config = cluster_config(tmp_path, prefix, storage={"url": url}, tenants={"removal_grace": 0.4})
             async with worker(first_config, 0) as first, worker(second_config, 1) as second:
                 cluster = first.cluster
                 assert cluster is not None
@@ -448,6 +450,15 @@ async def test_every_member_of_a_cluster_follows_a_tenants_changes(tmp_path: Pat
                     await second.tenants.set_quotas("cl.test", {"max_rate": 7})
                     await until(lambda: first.tenants.quotas.get("cl.test") == Quotas(max_rate=7),
                                 "the new quota on the first")
+                    # A change whose frame never came (Redis out of reach) is taken up from storage by the sweep.
+                    stored = await first.tenants.get("cl.test")
+                    await first.storage.tenants.save(replace(stored, quotas=Quotas(max_rate=9)))
+                    await until(lambda: second.tenants.quotas.get("cl.test") == Quotas(max_rate=9),
+                                "the stored quota on the second")
+                    await second.tenants.remove("cl.test", "cl.test")
+                    await until(lambda: "cl.test" not in first.hosts, "the first member stopping the removed tenant")
+                    await until(lambda: _no_tenant(first.storage, "cl.test"), "the data deleted")
+                    assert not await first.storage.accounts.exists("cl.test", "x")
                 finally:
                     await one.close()
                     await two.close()
