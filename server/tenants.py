@@ -208,6 +208,8 @@ class Tenants:
                     cluster.send(member, FRAME, domain)
 
     async def _heard(self, _sender: str, domain: str) -> None:
+        if self._task is None:
+            return  # stopping (or not started): the hosts are being stopped, or not loaded yet
         try:
             await self.apply(domain)
         except (TenantError, TlsError, ValueError) as exc:

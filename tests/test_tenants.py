@@ -18,7 +18,9 @@ from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError
 
 from server.accounts import AccountsFull, create_account
+from server.commands import Context
 from server.config import ConfigError, parse_config
+from server.control import execute
 from server.jid import JID
 from server.registry import available
 from server.storage.muc import MucStore, StoredRoom
@@ -278,7 +280,13 @@ async def test_account_quota_refuses_every_way_of_creating_accounts(server: Harn
     assert "limit of 2 accounts" in _text(answer)
     code, _, err = await run(server, "register", "four", "small.test", "pw")
     assert code == 1 and "limit of 2 accounts" in err
-    with pytest.raises(AccountsFull):  # what add-user, invitations and the CLI all go through
+    add_user = server.server.commands["add-user"]  # XEP-0133's, as an admin of the tenant runs it
+    host = server.server.hosts["small.test"]
+    answer = await execute(add_user, Context(host, JID.parse("admin@localhost")), {
+        "accountjid": "five@small.test", "password": "pw", "password-verify": "pw", "email": "", "given_name": "",
+        "surname": ""})
+    assert "limit of 2 accounts" in answer["error"]
+    with pytest.raises(AccountsFull):  # what invitations and the CLI go through as well
         await create_account(server.server.storage, "small.test", "five", "pw", 4096)
     assert await server.server.storage.accounts.count("small.test") == 2
     await server.add_user("plenty")  # the configured host has no quota
