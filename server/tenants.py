@@ -88,7 +88,7 @@ class Tenants:
             if tenant.served:
                 try:
                     await self._serve(tenant)
-                except (TenantError, TlsError, ValueError) as exc:
+                except Exception as exc:  # one tenant that cannot start does not keep the server from starting
                     log.error("tenant %s not served: %s", tenant.domain, exc)
         self._task = asyncio.get_running_loop().create_task(self._sweep())
 

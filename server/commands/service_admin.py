@@ -377,6 +377,7 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
     _reload_limits(server, config)
     _update(server.config.s2s, config.s2s)
     _update(server.config.logging, config.logging)
+    _update(server.config.tenants, config.tenants)  # for tenants created or served from now on
     await server.hooks.fire_all("server/reloaded", server)
     configured = {name for name, host in server.hosts.items() if not host.tenant}
     if set(config.hosts) != configured or config.listeners != server.config.listeners \
