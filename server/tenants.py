@@ -373,7 +373,7 @@ def parse_options(lines: list[str], modules: list[str]) -> dict[str, Any]:
     """Module options from 'module.option = value' lines, the value in TOML ("text", 10, true, ["a"]), each
     checked against what its module declares."""
     options: dict[str, Any] = {}
-    for line in lines:
+    for line in (line for given in lines for line in given.splitlines() if line.strip()):  # one string may hold several
         name, sep, text = line.partition("=")
         module, dot, option = name.strip().partition(".")
         if not sep or not dot:

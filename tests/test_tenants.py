@@ -25,6 +25,7 @@ from server.jid import JID
 from server.registry import available
 from server.storage.muc import MucStore, StoredRoom
 from server.storage.tenants import Quotas
+from server.tenants import TenantError, parse_options
 from tests.conftest import PG_URL, Harness, drop_pg_schema, insecure_context, make_pg_schema
 from tests.s2s_support import RawPeer, start_parley
 from tests.test_http_api import TOKEN, basic, with_http_api
@@ -386,6 +387,17 @@ def test_tenants_section_is_checked(tmp_path: Path) -> None:
         parse_config({"tenants": {"max_rate": -1}})
     with pytest.raises(ConfigError, match=r"tenants\.colour"):
         parse_config({"tenants": {"colour": "blue"}})
+
+
+def test_module_options_of_a_tenant_are_checked_as_the_configurations() -> None:
+    modules = ["muc", "mam"]
+    assert parse_options(["muc.max_page = 50\nmam.default = 'always'", ""], modules) == {
+        "muc.max_page": 50, "mam.default": "always"}
+    assert parse_options(["mam.default = roster"], modules) == {"mam.default": "roster"}  # a bare word is text
+    for bad, reason in (("muc.max_page = 0", "at least"), ("vcard.max_size = 1", "not loaded"),
+                        ("muc.colour = 1", "unknown option"), ("muc max_page", "module.option = value")):
+        with pytest.raises(TenantError, match=reason):
+            parse_options([bad], modules)
 
 
 @pytest.mark.parley_config(tenants={"template": "example.test"})
