@@ -29,6 +29,7 @@ from server.tenants import TenantError, parse_options
 from tests.conftest import PG_URL, Harness, drop_pg_schema, insecure_context, make_pg_schema
 from tests.s2s_support import RawPeer, start_parley
 from tests.test_http_api import TOKEN, basic, with_http_api
+from tests.test_http_upload import put
 from tests.test_parleyctl import ok, run
 from tests.test_register import ask, condition_of, legacy, unauthenticated
 from tests.test_session_directory import cluster_config, redis_prefix, until, worker
@@ -364,11 +365,24 @@ async def test_upload_quota_refuses_a_slot_past_the_tenants_space(server: Harnes
     await server.add_user("up", host="files.test")
     client = await server.client("up@files.test", plugins=("xep_0030", "xep_0363"))
     upload = client.plugin["xep_0363"]
-    await upload.request_slot("upload.files.test", "a.bin", 60, "application/octet-stream")
+    slot = (await upload.request_slot("upload.files.test", "a.bin", 60, "application/octet-stream"))["http_upload_slot"]
     with pytest.raises(IqError) as refused:
         await upload.request_slot("upload.files.test", "b.bin", 50, "application/octet-stream")
     assert refused.value.condition == "resource-constraint"
     await upload.request_slot("upload.files.test", "c.bin", 40, "application/octet-stream")  # exactly the quota
+
+    # Removed, its files go with its data.
+    status, _, _ = await put(slot["put"]["url"], b"x" * 60)
+    assert status == 201
+    files = server.data_dir / "uploads" / "files.test"
+    assert any(files.iterdir())
+    await ok(server, "remove-tenant", "files.test", "files.test")
+    tenants_ = server.server.tenants
+    stored = await tenants_.get("files.test")
+    assert {"conference.files.test", "upload.files.test"} <= set(stored.services)  # their data goes too
+    await server.server.storage.tenants.save(replace(stored, remove_at=datetime.now(UTC)))  # the grace is over
+    assert await tenants_.purge_due() == ["files.test"]
+    assert not files.exists() and await server.server.storage.uploads.usage("files.test") == (0, 0)
 
 
 # --- configuration ------------------------------------------------------------------------------------------
