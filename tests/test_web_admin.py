@@ -355,6 +355,10 @@ async def test_every_page_of_a_server_admin_renders_and_invitations_come_and_go(
     assert "Federation is not running (no s2s listener)." in federation  # the test server has none
     room = await page(http, f"{base}{ADMIN}hosts/localhost/rooms/tea@conference.localhost")
     assert "<td>Alice</td><td>alice@localhost/" in room
+    user = await page(http, f"{base}{ADMIN}hosts/localhost/users/alice")
+    roster = re.search(r"<a href='([^']*get-user-roster[^']*)'>Roster</a>", user)
+    assert roster and "accountjids=alice%40localhost" in roster.group(1)
+    assert "alice@localhost</textarea>" in await page(http, f"{base}{roster.group(1)}")  # the form, filled in
     await page(http, f"{base}{ADMIN}hosts/localhost/users/nobody", 404)
     await page(http, f"{base}{ADMIN}hosts/localhost/rooms/nothing@conference.localhost", 404)
 

@@ -362,8 +362,14 @@ class AdminSite:
                              danger=not account.disabled)
         kick = self.action(request, host, actor, "end-user-session", {"accountjids": str(jid)}, "Kick all sessions",
                            here)
+        more = [(name, arg, label) for name, arg, label in (
+            ("get-user-roster", "accountjids", "Roster"), ("user-stats", "accountjid", "Statistics"),
+            ("get-user-lastlogin", "accountjids", "Last login"), ("vcard-get-field", "accountjid", "vCard field"))
+            if self._command(name, host, actor) is not None]
+        links = " ".join(f"<li><a href='{esc(self.url('hosts', host.name, 'commands', name, **{arg: str(jid)}))}'>"
+                         f"{esc(label)}</a></li>" for name, arg, label in more)
         body = [f"<p>Status: <strong>{state}</strong>. Last logout: {esc(_when(account.last_logout))}.</p>",
-                f"<p>{toggle} {kick}</p>",
+                f"<p>{toggle} {kick}</p>", f"<h2>More</h2><ul>{links}</ul>" if links else "",
                 "<h2>Sessions</h2>",
                 table(("Resource", "Address", "Since", "Action"), rows) if rows else "<p>Not online.</p>",
                 "<h2>Reset the password</h2>",
