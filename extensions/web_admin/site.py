@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 SITE = "Parley admin"
 MAX_LISTED = 200  # accounts a search shows at once
+NAV_HOSTS = 8  # hosts named in the navigation of every page
 # The tenants helper's commands, offered on the Tenants page when the module that declares them is loaded.
 TENANT_COMMANDS = ("list-tenants", "create-tenant", "disable-tenant", "enable-tenant", "remove-tenant",
                    "cancel-tenant-removal", "set-tenant-quotas", "set-tenant-admins")
@@ -132,7 +133,9 @@ class AdminSite:
     def _page(self, request: web.Request, actor: JID, title: str, body: str, host: Host | None = None,
               status: int = 200) -> web.Response:
         nav = [(self.prefix, "Dashboard")]
-        nav += [(self.url("hosts", h.name, ""), h.name) for h in self.hosts_of(actor)]
+        hosts = self.hosts_of(actor)
+        if len(hosts) <= NAV_HOSTS:  # more (a server of many tenants): the dashboard lists them
+            nav += [(self.url("hosts", h.name, ""), h.name) for h in hosts]
         if self.is_server_admin(actor):
             nav.append((self.url("federation"), "Federation"))
         nav.append((self.url("tenants"), "Tenants"))
