@@ -14,6 +14,7 @@ Public API, used by ``parley import-piefxis``/``export-piefxis`` and by parleyct
   and so are users of hosts not in ``hosts``; each such problem is a line of ``ImportReport.problems``.
 - ``await export_piefxis(storage, directory, hosts)`` writes ejabberd's layout: one file per host and a
   ``server-data`` file that includes them (XInclude), and returns the path of that main file.
+- ``await export_account(storage, host, user)`` is one account's document, for the user to download.
 """
 
 from __future__ import annotations
@@ -329,7 +330,27 @@ async def export_piefxis(storage: Storage, directory: Path, hosts: Sequence[str]
 
 
 def _write(path: Path, xml: str) -> None:
-    path.write_text("<?xml version='1.0' encoding='UTF-8'?>\n" + xml + "\n", encoding="utf-8")
+    path.write_text(_document(xml), encoding="utf-8")
+
+
+def _document(xml: str) -> str:
+    return "<?xml version='1.0' encoding='UTF-8'?>\n" + xml + "\n"
+
+
+async def export_account(storage: Storage, host: str, user: str, private: Sequence[Element] = ()) -> str:
+    """One account with all its data as a XEP-0227 document: a server-data file holding its host inline,
+    which `import_piefxis` (and ejabberd's and Prosody's importers) read as they read a whole export, so a
+    user can take their account to another server. `private` adds documents to its private XML storage that
+    the server keeps elsewhere (PEP bookmarks, written as XEP-0048 ones, as ejabberd and Prosody export them)."""
+    user_el = await _export_user(storage, host, user, for_ejabberd=False)
+    if private:
+        query = user_el.find(ns.qname(PRIVATE, "query"))
+        if query is None:
+            query = SubElement(user_el, ns.qname(PRIVATE, "query"))
+        query.extend(private)
+    server_data = Element(pie("server-data"))
+    SubElement(server_data, pie("host"), {"jid": host}).append(user_el)
+    return _document(serialize(server_data))
 
 
 async def _export_user(storage: Storage, host: str, user: str, for_ejabberd: bool) -> Element:
