@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from xml.etree.ElementTree import Element
 
 from ejabberd_compat import piefxis
-from extensions.bookmarks import Bookmarks
 from server import ns
 from server.accounts import AccountError, create_account, password_matches, prepare_username
 from server.commands import Arg, Command, CommandError, Conflict, Context, Declarations, NegativeAnswer, Run
@@ -421,17 +420,10 @@ async def import_piefxis(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
                   (Arg("document", "text", "The XEP-0227 document"),), access="user", offered=False)
 async def export_own_account(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """The caller's own account, for the account page's download: the page is an extension, which may not
-    import this package, so it runs this command by name. Bookmarks, which live in PEP, go into private
-    storage as XEP-0048 ones, where an import (here, ejabberd's, Prosody's) looks for them."""
+    import this package, so it runs this command by name."""
     user = ctx.actor.local
     if ctx.actor.domain != ctx.host.name or user is None:
         raise CommandError(f"{ctx.actor} is not an account of {ctx.host.name}")
-    private = []
-    bookmarks = ctx.host.modules.get(Bookmarks.name)
-    if isinstance(bookmarks, Bookmarks):
-        legacy = await bookmarks.legacy(ctx.actor.bare)
-        if len(legacy):
-            private.append(legacy)
-    document = await piefxis.export_account(ctx.host.server.storage, ctx.host.name, user, private)
+    document = await piefxis.export_account(ctx.host.server.storage, ctx.host.name, user)
     log.info("%s exported their account", ctx.actor.bare)
     return {"document": document}

@@ -32,7 +32,7 @@ from xml.parsers import expat
 from sqlalchemy import select
 
 from extensions.bookmarks import STORAGE as BOOKMARKS_STORAGE
-from extensions.bookmarks import note_imported
+from extensions.bookmarks import legacy_list, note_imported
 from server import ns
 from server.accounts import AccountError, credentials_for, prepare_username
 from server.jid import JID, JIDError
@@ -337,17 +337,11 @@ def _document(xml: str) -> str:
     return "<?xml version='1.0' encoding='UTF-8'?>\n" + xml + "\n"
 
 
-async def export_account(storage: Storage, host: str, user: str, private: Sequence[Element] = ()) -> str:
+async def export_account(storage: Storage, host: str, user: str) -> str:
     """One account with all its data as a XEP-0227 document: a server-data file holding its host inline,
     which `import_piefxis` (and ejabberd's and Prosody's importers) read as they read a whole export, so a
-    user can take their account to another server. `private` adds documents to its private XML storage that
-    the server keeps elsewhere (PEP bookmarks, written as XEP-0048 ones, as ejabberd and Prosody export them)."""
+    user can take their account to another server."""
     user_el = await _export_user(storage, host, user, for_ejabberd=False)
-    if private:
-        query = user_el.find(ns.qname(PRIVATE, "query"))
-        if query is None:
-            query = SubElement(user_el, ns.qname(PRIVATE, "query"))
-        query.extend(private)
     server_data = Element(pie("server-data"))
     SubElement(server_data, pie("host"), {"jid": host}).append(user_el)
     return _document(serialize(server_data))
@@ -378,10 +372,15 @@ async def _export_user(storage: Storage, host: str, user: str, for_ejabberd: boo
     if vcard:
         el.append(parse_stored(vcard))
     keys = await storage.kv.keys(host, user, PRIVATE_STORE)
-    if keys:
+    # Bookmarks live in PEP (XEP-0402); exports carry them as XEP-0048 ones in private storage, where an
+    # import (Parley's, ejabberd's, Prosody's) looks. An imported list not converted yet is there already.
+    bookmarks = None if BOOKMARKS_STORAGE in keys else await legacy_list(storage, JID.make(user, host))
+    if keys or (bookmarks is not None and len(bookmarks)):
         query = SubElement(el, ns.qname(PRIVATE, "query"))
         for key in keys:
             query.append(parse_stored(await storage.kv.get(host, user, PRIVATE_STORE, key)))
+        if bookmarks is not None and len(bookmarks):
+            query.append(bookmarks)
     messages = await _offline_messages(storage, host, user)
     if messages:
         SubElement(el, pie("offline-messages")).extend(parse_stored(xml) for xml in messages)
