@@ -21,12 +21,14 @@ from s2s import policy
 from server import cli
 from server.commands import Command
 from server.commands import service_admin as core_commands
+from server.commands import tenants as tenant_commands
 from server.config import Config
 from server.registry import available
 from server.server import Federation, Server
 
 # The commands of the parts that are not host modules; each module adds its own when a host loads it.
-COMMANDS: tuple[Command, ...] = (*core_commands.COMMANDS, *policy.COMMANDS, *ejabberd_commands.COMMANDS)
+COMMANDS: tuple[Command, ...] = (*core_commands.COMMANDS, *tenant_commands.COMMANDS, *policy.COMMANDS,
+                                 *ejabberd_commands.COMMANDS)
 
 
 def read_config(path: Path) -> Config:

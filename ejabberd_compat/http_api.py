@@ -92,6 +92,8 @@ class HttpApi:
             return web.json_response(1)
         if kind == "conflict":
             raise _refusal(409, CONFLICT_CODE, message)
+        if kind == "forbidden":
+            raise _refusal(403, 32, message)
         if kind == "internal":
             raise _refusal(500, 50, message)
         return web.json_response(message, status=400)

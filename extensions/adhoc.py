@@ -16,7 +16,7 @@ from typing import Any
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
-from server.commands import ADMIN_NS, FIELD_TYPES, REFUSED, XML, Command, CommandError, Context
+from server.commands import ADMIN_NS, FIELD_TYPES, REFUSED, XML, Command, CommandError, Context, Forbidden
 from server.forms import Field, build_form, find_form, read_form
 from server.jid import JID
 from server.module import Module
@@ -142,6 +142,8 @@ class Adhoc(Module):
             raise _error("bad-request", "bad-payload", str(exc)) from None
         try:
             result = await command.run(Context(self.host, stanza.from_), values)
+        except Forbidden as exc:
+            raise StanzaError("forbidden", str(exc)) from None
         except CommandError as exc:
             return _answer(command, sessionid, "completed", note=("error", str(exc)))
         self.log.info("%s ran %s", stanza.from_, command.name)

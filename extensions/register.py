@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from xml.etree.ElementTree import Element, SubElement
 
 from server import ns
-from server.accounts import AccountError, create_account, set_password
+from server.accounts import AccountError, AccountsFull, create_account, set_password
 from server.forms import FIELD, Field, X, build_form, find_form, first_value, read_form
 from server.jid import JID, JIDError
 from server.module import Module
@@ -128,6 +128,9 @@ class Register(Module):
         try:
             created = await create_account(self.server.storage, self.host.name, username, password,
                                            self.server.config.scram_iterations)
+        except AccountsFull as exc:
+            self._release(ip, stamp)
+            raise StanzaError("resource-constraint", str(exc)) from None
         except AccountError as exc:
             self._release(ip, stamp)
             raise StanzaError("not-acceptable", str(exc)) from None

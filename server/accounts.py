@@ -17,6 +17,10 @@ class AccountError(ValueError):
     """A user-facing reason why an account operation was refused."""
 
 
+class AccountsFull(AccountError):
+    """The host is a tenant that has as many accounts as its quota allows."""
+
+
 def prepare_username(username: str, host: str) -> str:
     try:
         local = JID.make(username, host).local
@@ -42,9 +46,14 @@ def credentials_for(password: str, iterations: int) -> list:
 
 
 async def create_account(storage: Storage, host: str, username: str, password: str, iterations: int) -> bool:
-    """False when the account exists already."""
+    """False when the account exists already; AccountsFull when the host is a tenant at its account quota
+    (checked here, where every way of creating an account passes)."""
     check_password(password)
     user = prepare_username(username, host)
+    tenant = await storage.tenants.get(host)
+    limit = tenant.quotas.max_accounts if tenant is not None else 0
+    if limit and await storage.accounts.count(host) >= limit:
+        raise AccountsFull(f"{host} has reached its limit of {limit} accounts")
     return await storage.accounts.create(host, user, credentials_for(password, iterations))
 
 

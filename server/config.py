@@ -197,6 +197,21 @@ class HttpApiConfig:
 
 
 @dataclass
+class TenantsConfig:
+    """Virtual hosts created at run time (the [tenants] table): what a new tenant starts from, and how long a
+    removed one's data is kept before it is deleted."""
+
+    template: str | None = None  # a configured host whose modules and module options a new tenant takes
+    certificate: Path | None = None  # a shared (wildcard) certificate for tenants created without their own
+    key: Path | None = None
+    removal_grace: float = 7 * 86400.0  # seconds between remove-tenant and the deletion of the tenant's data
+    max_accounts: int = 0  # the quotas a new tenant starts with; 0: no limit
+    max_storage: int = 0  # bytes of archived and offline messages
+    max_upload: int = 0  # bytes of uploaded files
+    max_rate: int = 0  # messages per second, over all the tenant's users
+
+
+@dataclass
 class Config:
     data_dir: Path
     hosts: dict[str, HostConfig]
@@ -216,6 +231,7 @@ class Config:
     components: dict[str, ComponentConfig] = field(default_factory=dict)  # by domain
     # Reverse proxies in front of the http listeners whose X-Forwarded-For/Forwarded headers are believed.
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    tenants: TenantsConfig = field(default_factory=TenantsConfig)
 
 
 def find_config(given: str | None) -> Path | None:
@@ -288,6 +304,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
     trusted_proxies = _networks(top, "trusted_proxies", [])
     components = _components(top.table("components"), hosts)
     cluster = _cluster(top.table("cluster"))
+    tenants = _tenants(top.table("tenants"), base, hosts)
     top.finish()
     check_cluster_storage(cluster, storage)
     if errors:
@@ -299,7 +316,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None,
         require_encryption=require_encryption, scram_iterations=scram_iterations, source=source,
         allow_unencrypted_plain=allow_unencrypted_plain, scram_downgrade_protection=scram_downgrade_protection,
         s2s=s2s, components=components,
-        trusted_proxies=trusted_proxies,
+        trusted_proxies=trusted_proxies, tenants=tenants,
     )
 
 
@@ -450,6 +467,31 @@ def _cluster(table: _Table) -> ClusterConfig:
     if node is not None and (problem := node_name_problem(node)):
         raise ConfigError(table.key("node"), problem)
     return cluster
+
+
+def _tenants(table: _Table, base: Path, hosts: dict[str, HostConfig]) -> TenantsConfig:
+    d = TenantsConfig()
+    template = table.get("template")
+    if template is not None:
+        template = _domain(table.key("template"), template) if isinstance(template, str) and template else ""
+        if template not in hosts:
+            raise ConfigError(table.key("template"), "must name a host of [hosts], whose modules new tenants take")
+    certificate, key = table.get("certificate"), table.get("key")
+    if (certificate is None) != (key is None):
+        raise ConfigError(table.key("key" if key is None else "certificate"),
+                          "a shared certificate needs both certificate and key")
+    tenants = TenantsConfig(
+        template=template,
+        certificate=_tls_file(table, "certificate", base, Path()) if certificate is not None else None,
+        key=_tls_file(table, "key", base, Path()) if key is not None else None,
+        removal_grace=table.seconds("removal_grace", d.removal_grace, 0),
+        max_accounts=table.integer("max_accounts", d.max_accounts, minimum=0),
+        max_storage=table.integer("max_storage", d.max_storage, minimum=0),
+        max_upload=table.integer("max_upload", d.max_upload, minimum=0),
+        max_rate=table.integer("max_rate", d.max_rate, minimum=0),
+    )
+    table.finish()
+    return tenants
 
 
 def node_name_problem(name: str) -> str | None:

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.commands import Command, CommandError, CommandTable, Conflict, Context, NegativeAnswer
+from server.commands import Command, CommandError, CommandTable, Conflict, Context, Forbidden, NegativeAnswer
 
 if TYPE_CHECKING:
     from server.config import Config
@@ -54,13 +54,15 @@ def find(commands: CommandTable, name: str) -> Command | None:
 
 async def execute(command: Command, ctx: Context, given: dict[str, Any]) -> dict[str, Any]:
     """Parse and run a command for a front end that answers with data: {'result': {...}}, or
-    {'error': MESSAGE, 'kind': KIND} where KIND is 'error', 'negative', 'conflict' or 'internal'."""
+    {'error': MESSAGE, 'kind': KIND} where KIND is 'error', 'negative', 'conflict', 'forbidden' or 'internal'."""
     try:
         return {"result": await command.run(ctx, command.parse(given))}
     except NegativeAnswer as exc:
         return {"error": str(exc), "kind": "negative"}
     except Conflict as exc:
         return {"error": str(exc), "kind": "conflict"}
+    except Forbidden as exc:
+        return {"error": str(exc), "kind": "forbidden"}
     except CommandError as exc:
         return {"error": str(exc), "kind": "error"}
     except Exception:

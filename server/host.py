@@ -17,9 +17,17 @@ log = logging.getLogger("parley.host")
 ADMINS = "admins"  # key-value store of the host (user ''): the admins added at runtime
 
 
+def server_admin(server: Server, jid: JID) -> bool:
+    """An admin of the whole server: of every host of the configuration file. Tenants, created at run time, have
+    admins of their own, who administer their tenant only."""
+    configured = [h for h in server.hosts.values() if not h.tenant]
+    return bool(configured) and all(h.is_admin(jid) for h in configured)
+
+
 class Host:
-    def __init__(self, server: Server, config: HostConfig) -> None:
+    def __init__(self, server: Server, config: HostConfig, tenant: bool = False) -> None:
         self.server = server
+        self.tenant = tenant  # created at run time (server.tenants) rather than in the configuration file
         self.config = config
         self.name = config.name
         self.jid = JID.make(None, config.name)
@@ -55,7 +63,8 @@ class Host:
         self.modules.clear()
 
     def is_admin(self, jid: JID) -> bool:
-        return jid.bare in self.admins
+        """The host's own admins; on a tenant the server's admins too, who create and look after tenants."""
+        return jid.bare in self.admins or (self.tenant and server_admin(self.server, jid))
 
     async def set_admins(self, admins: set[JID]) -> None:
         """Make `admins` and the configured admins the admins; those not configured are stored, so that they

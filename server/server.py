@@ -31,11 +31,12 @@ from server.router import Router
 from server.sessions import Session, SessionDirectory, session_directory
 from server.storage import Storage, open_storage
 from server.stream.errors import StreamError
+from server.tenants import Tenants
 from server.tls import TlsContexts, ensure_certificate
 
 if TYPE_CHECKING:
     from server.cluster import Cluster
-    from server.config import ListenerConfig
+    from server.config import HostConfig, ListenerConfig
     from server.stanza import Stanza
 
 log = logging.getLogger("parley.server")
@@ -101,6 +102,7 @@ class Server:
         self.stats = Stats()  # counted as stanzas go, for metrics
         self.metrics = Metrics(self)  # /metrics and /health
         self.components = Components(self)  # XEP-0114
+        self.tenants = Tenants(self)  # virtual hosts created at run time
         self.started = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()  # set once stopped for good: `parley serve` exits then
@@ -132,6 +134,7 @@ class Server:
             self.hosts[name] = host
         for host in self.hosts.values():
             await host.start()
+        await self.tenants.start()
         for listener in config.listeners:
             if listener.type == "c2s":
                 await self._listen_c2s(listener)
@@ -145,6 +148,46 @@ class Server:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         await self.hooks.fire("server/started", self)
         log.info("Parley started: hosts %s, connection limit %d", ", ".join(self.hosts), self.max_connections)
+
+    async def add_host(self, config: HostConfig, tenant: bool = True) -> Host:
+        """Serve a virtual host from now on, without a restart (a tenant): its certificate for TLS, its modules
+        loaded and started with the services they add. Its certificate files must exist; a module that fails
+        leaves nothing behind."""
+        if config.name in self.hosts or config.name in self.services:
+            raise ValueError(f"{config.name} is served already")
+        assert self.tls is not None
+        self.tls.add(config.name, config.certificate, config.key)
+        host = Host(self, config, tenant=tenant)
+        self.hosts[config.name] = host
+        try:
+            host.load_modules(config.modules)
+            await host.start()
+        except BaseException:
+            del self.hosts[config.name]
+            await host.stop()
+            self.tls.remove(config.name)
+            raise
+        if self.cluster is not None:  # as Cluster.attach does for the hosts there at start
+            for event in ("iq-result/host", "iq-error/host", "iq-result/bare", "iq-error/bare"):
+                host.hooks.add(event, self.cluster.answer_elsewhere, priority=1000)
+        return host
+
+    async def remove_host(self, name: str, reason: str) -> None:
+        """Stop serving a virtual host: new streams to it meet 'host-unknown', its clients' streams end with
+        'host-gone' (their sessions end as on any logout, the modules still loaded), then its modules stop
+        and the services they added go."""
+        host = self.hosts.pop(name)
+        for conn in list(self.connections):
+            if conn.host is host and conn.session is None:
+                conn.stream_error(StreamError("host-gone", reason))
+        for session in self.sessions.all():
+            if session.host is host:
+                session.close("host-gone")
+                await self.end_session(session)
+        await asyncio.gather(*self._ending, return_exceptions=True)
+        await host.stop()
+        if self.tls is not None:
+            self.tls.remove(name)
 
     async def _listen_c2s(self, listener: ListenerConfig) -> None:
         loop = asyncio.get_running_loop()
@@ -173,6 +216,7 @@ class Server:
             srv.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self.tenants.stop()
         sessions = [conn for conn in self.connections if conn.session is not None]  # the rest has nothing to lose
         if sessions:
             _, late = await asyncio.wait([asyncio.ensure_future(conn.finish()) for conn in sessions],

@@ -129,6 +129,31 @@ class TlsContexts:
         for ctx in self._direct.values():  # bound to their listeners: their certificate is replaced in place
             ctx.load_cert_chain(*self._files[self._default])
 
+    def add(self, host: str, cert: Path, key: Path) -> None:
+        """Serve `host` with this pair from now on (a tenant created at run time): Direct TLS picks it by SNI,
+        STARTTLS by the stream's 'to'. A pair that does not load changes nothing."""
+        before = self._files.get(host)
+        self._forget(host)
+        self._files[host] = (Path(cert), Path(key))
+        try:
+            self.context(host)
+        except TlsError:
+            self._forget(host)
+            if before is not None:
+                self._files[host] = before
+            raise
+
+    def remove(self, host: str) -> None:
+        """Forget `host`'s certificate (a tenant disabled or removed); the first host's stays the default."""
+        if host != self._default:
+            self._forget(host)
+
+    def _forget(self, host: str) -> None:
+        self._files.pop(host, None)
+        self._der.pop(host, None)
+        for key in [key for key in self._contexts if key[0] == host]:
+            del self._contexts[key]
+
     def context(self, host: str | None, alpn: list[str] | None = None) -> ssl.SSLContext:
         """The context holding `host`'s certificate, or the first host's when `host` has none."""
         name = self._pick(host)

@@ -167,7 +167,7 @@ class HttpUpload(Module):
             raise StanzaError("not-acceptable", f"the file is larger than {self.max_size} bytes", extra=too_large)
         slot = Upload(secrets.token_urlsafe(18), self.host.name, requester.local, _clean_filename(filename), size,
                       request.get("content-type", "").strip(), _now())
-        limits = Limits(self.option("user_quota"), self.option("host_quota"), self.option("uploads_per_hour"))
+        limits = Limits(self.option("user_quota"), self._host_quota(), self.option("uploads_per_hour"))
         try:
             await self.server.storage.uploads.reserve(slot, limits)
         except UploadRefused as refused:
@@ -310,6 +310,11 @@ class HttpUpload(Module):
         return size, done.thumbnail_type
 
     # --- lifecycle --------------------------------------------------------------------------------------
+
+    def _host_quota(self) -> int:
+        """The host's option, or a tenant's upload quota (`server.tenants`) when that is smaller."""
+        quotas = [q for q in (self.option("host_quota"), self.server.tenants.upload_quota(self.host.name)) if q]
+        return min(quotas, default=0)
 
     async def _delete_files(self, slot_id: str) -> None:
         await self.blobs.delete(slot_id)

@@ -8,8 +8,6 @@ form field and as a SameSite=Strict cookie (double submit): a page of another si
 
 from __future__ import annotations
 
-import hmac
-import secrets
 from html import escape
 from typing import TYPE_CHECKING, cast
 
@@ -18,6 +16,7 @@ from aiohttp import web
 
 from server.accounts import AccountError
 from server.commands import CommandError
+from server.web_login import FormToken
 
 if TYPE_CHECKING:
     from extensions.invites import Invites
@@ -117,6 +116,7 @@ class InvitePages:
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        self.form_token = FormToken(server, CSRF)
 
     async def handle(self, request: web.Request) -> web.Response:
         token = request.path[len(PATH):]
@@ -154,12 +154,12 @@ class InvitePages:
                 f"<p><code>{escape(uri)}</code></p>"]
         csrf = ""
         if module.registers(invite):
-            csrf = secrets.token_urlsafe(24)
+            csrf, csrf_field = self.form_token.field()
             alert = f"<p role='alert' class='error'>{escape(error)}</p>" if error else ""
             body.append(
                 f"<h2>{escape(text['register'])}</h2>{alert}"
                 f"<form method='post' action='{escape(invite.token)}'>"
-                f"<input type='hidden' name='csrf' value='{csrf}'>"
+                f"{csrf_field}"
                 f"<p><label for='username'>{escape(text['username'])}</label> "
                 f"<input id='username' name='username' autocomplete='username' required value='{escape(username)}'>"
                 f" @{escape(module.host.name)}</p>"
@@ -170,8 +170,7 @@ class InvitePages:
                 f"<p><button type='submit'>{escape(text['create'])}</button></p></form>")
         response = _page(lang, title, "\n".join(body), status)
         if csrf:
-            response.set_cookie(CSRF, csrf, path=PATH, httponly=True, samesite="Strict",
-                                secure=self.server.http.peer(request).secure)
+            self.form_token.set(request, response, csrf)
         return response
 
     async def _register(self, request: web.Request, lang: str, module: Invites, invite: Invite) -> web.Response:
@@ -179,8 +178,7 @@ class InvitePages:
         form = await request.post()
         username = str(form.get("username", "")).strip()
         password, confirm = str(form.get("password", "")), str(form.get("confirm", ""))
-        sent, cookie = str(form.get("csrf", "")), request.cookies.get(CSRF, "")
-        if not sent or not hmac.compare_digest(sent.encode(), cookie.encode()):
+        if not self.form_token.valid(request, form):
             return self._invite_page(request, lang, module, invite, text["expired_form"], username, 403)
         if not username or not password:
             return self._invite_page(request, lang, module, invite, text["missing"], username, 400)

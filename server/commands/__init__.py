@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from server.host import server_admin
 from server.jid import JID, JIDError
 from server.stream.writer import not_xml
 
@@ -42,6 +43,11 @@ class CommandError(ValueError):
 
 class Conflict(CommandError):
     """What the command was to create exists already (HTTP front ends answer 409)."""
+
+
+class Forbidden(CommandError):
+    """The caller may run the command but not on what it names (a tenant's admin naming another tenant): HTTP
+    front ends answer 403, ad-hoc commands 'forbidden'."""
 
 
 class NegativeAnswer(CommandError):
@@ -175,7 +181,7 @@ class Command:
         if self.access == "user":
             return jid.domain == host.name and jid.local is not None
         if self.access == "server":
-            return all(h.is_admin(jid) for h in host.server.hosts.values())
+            return server_admin(host.server, jid)
         return host.is_admin(jid)
 
 

@@ -20,6 +20,7 @@ from server.storage.pubsub import PubSubStore, StoredItem
 from server.storage.reports import Report, ReportStore
 from server.storage.roster import RosterItem, RosterStore
 from server.storage.schema import migrate
+from server.storage.tenants import TenantStore
 from server.storage.uploads import UploadStore
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Storage",
     "StoredCredentials",
     "StoredItem",
+    "TenantStore",
     "UploadStore",
     "open_storage",
 ]
@@ -63,6 +65,7 @@ class Storage:
         self.reports = ReportStore(engine)
         self.fast = FastTokenStore(engine)
         self.notifications = NotificationStore(engine)
+        self.tenants = TenantStore(engine)
 
     async def close(self) -> None:
         self.archive.close()

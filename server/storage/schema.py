@@ -400,6 +400,29 @@ notify_outbox = Table(
 )
 
 
+# Virtual hosts created at run time (server.storage.tenants): served while `state` is 'enabled' and no removal
+# is due; `remove_at` set, the tenant's data goes at that time (`services`: the subdomains it served, whose
+# data goes too). Quotas are 0 for no limit.
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("domain", String, primary_key=True),
+    Column("state", String, nullable=False),
+    Column("admins", JSON, nullable=False),
+    Column("modules", JSON, nullable=False),
+    Column("options", JSON, nullable=False),
+    Column("certificate", Text),
+    Column("key", Text),
+    Column("max_accounts", BigInteger, nullable=False),
+    Column("max_storage", BigInteger, nullable=False),
+    Column("max_upload", BigInteger, nullable=False),
+    Column("max_rate", BigInteger, nullable=False),
+    Column("services", JSON, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Column("remove_at", UTCDateTime),
+)
+
+
 def _step_1(conn: Connection) -> None:
     """Initial tables."""
     metadata.create_all(
@@ -483,8 +506,13 @@ def _step_11(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE notify_pending ADD COLUMN recent JSON"))
 
 
+def _step_12(conn: Connection) -> None:
+    """Tenants: virtual hosts created at run time."""
+    tenants.create(conn)
+
+
 STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7,
-                                             _step_8, _step_9, _step_10, _step_11]
+                                             _step_8, _step_9, _step_10, _step_11, _step_12]
 
 
 class SchemaTooNew(RuntimeError):

@@ -1,0 +1,308 @@
+"""The web admin (extensions/web_admin) over real HTTP: in Debian's headless Chromium (log in, the dashboard's
+charts, create a user, kick and disable, a room's page), and with a plain HTTP client for what a browser
+would not send: forged posts (CSRF), a planted session id, guessed passwords, non-admins, an admin of one
+host asking for another, and tenants created in the web admin end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from server.config import DEFAULT_MODULES
+from server.jid import JID
+from tests.browser_support import chromium, web_listener
+from tests.conftest import Harness
+from tests.test_web_login import hidden_csrf, log_in
+
+MODULES = [*DEFAULT_MODULES, "web_admin", "invites", "spam_reporting", "abuse_limits"]
+ADMIN = "/admin/"
+WEB_ADMIN = pytest.mark.parley_config(
+    modules=MODULES, module_options={"web_admin": {"sample_interval": 1}},
+    hosts={"localhost": {"admins": ["admin@localhost"]}, "example.test": {"admins": ["boss@example.test"]}})
+pytestmark = WEB_ADMIN
+SCREENSHOTS = Path(__file__).parent.parent / "docs" / "screenshots"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+        yield session
+
+
+async def server_admin(server: Harness) -> None:
+    """admin@localhost administers example.test too: an admin of every configured host, the server's admin."""
+    await server.add_user("admin", "root-2026")
+    await server.server.hosts["example.test"].set_admins({JID.parse("admin@localhost")})
+
+
+async def admin_in(http: aiohttp.ClientSession, base: str, jid: str, password: str) -> None:
+    response = await log_in(http, base, jid, password, prefix=ADMIN)
+    assert response.status == 303 and response.headers["Location"] == ADMIN
+
+
+async def page(http: aiohttp.ClientSession, url: str, status: int = 200) -> str:
+    async with http.get(url, allow_redirects=False) as response:
+        text = await response.text()
+        assert response.status == status, (response.status, text[:500])
+        return text
+
+
+async def post_command(http: aiohttp.ClientSession, base: str, host: str, name: str, data: dict[str, str],
+                       csrf: str | None) -> tuple[int, str]:
+    body = {**data, **({"csrf": csrf} if csrf is not None else {})}
+    async with http.post(f"{base}{ADMIN}hosts/{host}/commands/{name}", data=body, allow_redirects=False) as response:
+        return response.status, await response.text()
+
+
+# --- in a browser ---------------------------------------------------------------------------------------------
+
+async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server: Harness, tmp_path: Path) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    await server.add_user("alice")
+    alice = await server.client("alice@localhost")  # a login and a few messages for the charts
+    for n in range(5):
+        alice.send_message(mto="admin@localhost", mbody=f"hello {n}")
+    site = server.server.hosts["localhost"].modules["web_admin"].site
+    site.sampler.sample()
+    await asyncio.sleep(1.2)
+    site.sampler.sample()
+
+    async with chromium() as browser:
+        page_ = await browser.new_page()
+        await page_.goto(f"{base}{ADMIN}")
+        await page_.get_by_role("heading", name="Log in").wait_for()  # sent to the login form
+        await page_.get_by_label("Address (user@host)").fill("admin@localhost")
+        await page_.get_by_label("Password").fill("root-2026")
+        await page_.get_by_role("button", name="Log in").click()
+        await page_.get_by_role("heading", name="Dashboard").wait_for()
+        charts = page_.locator("svg.chart")
+        assert await charts.count() == 18  # six series, over ten minutes, an hour and a day
+        sessions = page_.get_by_role("img", name="Client sessions").first
+        assert int(await sessions.get_attribute("data-points") or 0) >= 2
+        assert "last 1 sessions" in (await page_.locator("desc#sessions-10min-d").text_content() or "")
+        await page_.screenshot(path=str(tmp_path / "web-admin-dashboard.png"), full_page=True)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "web-admin-dashboard.png", SCREENSHOTS / "web-admin-dashboard.png")
+
+        # Users: create bob with the add-user command's form.
+        await page_.get_by_role("navigation", name="Main").get_by_role("link", name="localhost").click()
+        await page_.get_by_role("navigation", name="localhost").get_by_role("link", name="Users").click()
+        await page_.get_by_role("heading", name="Users of localhost").wait_for()
+        await page_.get_by_label("The Jabber ID for the account to be added").fill("bob@localhost")
+        await page_.get_by_label("The password for this account").fill("builder-2026")
+        await page_.get_by_label("Retype password").fill("builder-2026")
+        await page_.get_by_role("button", name="Create user").click()
+        await page_.get_by_role("status").filter(has_text="Done: Add User.").wait_for()
+        assert await server.server.storage.accounts.exists("localhost", "bob")
+        await page_.get_by_label("Search accounts").fill("bo")
+        await page_.get_by_role("button", name="Search").click()
+        await page_.get_by_role("link", name="bob@localhost").wait_for()
+        assert await page_.get_by_role("link", name="alice@localhost").count() == 0
+
+        # bob logs in; his page lists the session, and Kick ends it.
+        bob = await server.client("bob@localhost", "builder-2026", resource="phone")
+        gone = asyncio.get_running_loop().create_future()
+        bob.add_event_handler("disconnected", lambda _: gone.done() or gone.set_result(True))
+        await page_.get_by_role("link", name="bob@localhost").click()
+        await page_.get_by_role("heading", name="bob@localhost").wait_for()
+        await page_.get_by_role("cell", name="phone", exact=True).wait_for()
+        await page_.screenshot(path=str(tmp_path / "web-admin-user.png"), full_page=True)
+        await page_.get_by_role("button", name="Kick phone").click()
+        await page_.get_by_role("status").filter(has_text="Done: End User Session.").wait_for()
+        await asyncio.wait_for(gone, 10)
+        assert server.server.sessions.of(JID.parse("bob@localhost")) == []
+        await page_.get_by_role("button", name="Disable").click()
+        await page_.get_by_role("status").filter(has_text="Done: Disable User.").wait_for()
+        account = await server.server.storage.accounts.get("localhost", "bob")
+        assert account is not None and account.disabled
+        await page_.get_by_role("button", name="Re-enable").wait_for()
+
+        # Rooms: create one, see its page (occupants, configuration), destroy it.
+        await page_.get_by_role("navigation", name="localhost").get_by_role("link", name="Rooms").click()
+        await page_.get_by_label("The room's address (name@service)").fill("lobby@conference.localhost")
+        await page_.get_by_role("button", name="Create room").click()
+        await page_.get_by_role("link", name="lobby@conference.localhost").click()
+        await page_.get_by_role("heading", name="lobby@conference.localhost").wait_for()
+        await page_.get_by_role("heading", name="Configuration").wait_for()
+        assert await page_.get_by_role("cell", name="persistent").count() == 1
+        await page_.screenshot(path=str(tmp_path / "web-admin-room.png"), full_page=True)
+        await page_.get_by_role("button", name="Destroy lobby@conference.localhost").click()
+        await page_.get_by_role("status").filter(has_text="Done: Destroy a room.").wait_for()
+        assert await page_.get_by_role("link", name="lobby@conference.localhost").count() == 0
+
+        await page_.get_by_role("button", name="Log out").click()
+        await page_.get_by_role("heading", name="Log in").wait_for()
+    assert (tmp_path / "web-admin-room.png").stat().st_size > 0
+
+
+# --- HTTP-level checks ----------------------------------------------------------------------------------------
+
+async def test_a_forged_post_changes_nothing(server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    await admin_in(http, base, "admin@localhost", "root-2026")
+    token = hidden_csrf(await page(http, f"{base}{ADMIN}hosts/localhost/users"))
+    form = {"accountjid": "eve@localhost", "password": "x-2026", "password-verify": "x-2026"}
+    assert (await post_command(http, base, "localhost", "add-user", form, None))[0] == 403
+    assert (await post_command(http, base, "localhost", "add-user", form, "f" * 64))[0] == 403
+    assert not await server.server.storage.accounts.exists("localhost", "eve")
+    # Without a session at all (another site's form, the cookie withheld by SameSite): the login form, no change.
+    async with aiohttp.ClientSession() as stranger, stranger.post(
+            f"{base}{ADMIN}hosts/localhost/commands/add-user", data={**form, "csrf": token},
+            allow_redirects=False) as anonymous:
+        assert anonymous.status == 303
+    assert not await server.server.storage.accounts.exists("localhost", "eve")
+    status, _ = await post_command(http, base, "localhost", "add-user", form, token)
+    assert status == 200  # add-user has no result fields but was posted without `back`: its result page
+    assert await server.server.storage.accounts.exists("localhost", "eve")
+    # A command's refusal is the page again with the reason, and nothing done.
+    status, text = await post_command(http, base, "localhost", "add-user",
+                                      {**form, "accountjid": "eve2@localhost", "password-verify": "other"}, token)
+    assert status == 400 and "the passwords do not match" in text
+    assert not await server.server.storage.accounts.exists("localhost", "eve2")
+
+
+async def test_a_planted_session_id_is_not_the_admins_session(server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    planted = "9999999999.chosen-by-the-attacker"
+    http.cookie_jar.update_cookies({"parley_session": planted})
+    await page(http, f"{base}{ADMIN}", 303)  # the planted id is nobody's session
+    await admin_in(http, base, "admin@localhost", "root-2026")
+    issued = [c.value for c in http.cookie_jar if c.key == "parley_session" and c.value != planted]
+    assert issued
+    async with aiohttp.ClientSession(cookies={"parley_session": planted}) as attacker, \
+            attacker.get(f"{base}{ADMIN}", allow_redirects=False) as seen:
+        assert seen.status == 303
+
+
+async def test_wrong_passwords_are_throttled(server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    for _ in range(server.server.auth_throttle.max_failures):
+        assert (await log_in(http, base, "admin@localhost", "guess", prefix=ADMIN)).status == 401
+    assert (await log_in(http, base, "admin@localhost", "root-2026", prefix=ADMIN)).status == 429
+    await page(http, f"{base}{ADMIN}", 303)
+
+
+async def test_who_is_not_an_admin_gets_403(server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    await server.add_user("alice", "wonderland")
+    refused = await log_in(http, base, "alice@localhost", "wonderland", prefix=ADMIN)
+    assert refused.status == 403 and not [c for c in http.cookie_jar if c.key == "parley_session"]
+    # An admin removed while logged in (from the configuration, as a reload would): the session stays, the pages
+    # do not.
+    await admin_in(http, base, "admin@localhost", "root-2026")
+    await server.server.hosts["example.test"].set_admins(set())
+    server.server.hosts["localhost"].admins.discard(JID.parse("admin@localhost"))
+    await page(http, f"{base}{ADMIN}", 403)
+    await page(http, f"{base}{ADMIN}hosts/localhost/users", 403)
+
+
+async def test_an_admin_of_one_host_sees_nothing_of_another(server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server.add_user("admin", "root-2026")
+    await server.add_user("boss", "boss-2026", host="example.test")
+    await server.add_user("secretuser", "x", host="localhost")
+    await admin_in(http, base, "boss@example.test", "boss-2026")
+    dashboard = await page(http, f"{base}{ADMIN}")
+    assert "example.test" in dashboard and "localhost" not in dashboard
+    assert "svg" not in dashboard  # the process's charts are the server admins'
+    for path in ("hosts/localhost/", "hosts/localhost/users", "hosts/localhost/users/secretuser",
+                 "hosts/localhost/rooms", "hosts/localhost/config", "hosts/localhost/commands/add-user",
+                 "hosts/nowhere.test/", "federation"):
+        text = await page(http, f"{base}{ADMIN}{path}", 403)
+        assert "secretuser" not in text
+    users = await page(http, f"{base}{ADMIN}hosts/example.test/users")
+    assert "boss@example.test" in users and "secretuser" not in users
+    token = hidden_csrf(users)
+    status, _ = await post_command(http, base, "localhost", "disable-user", {"accountjids": "secretuser@localhost"},
+                                   token)
+    assert status == 403
+    account = await server.server.storage.accounts.get("localhost", "secretuser")
+    assert account is not None and not account.disabled
+    # Naming the other host's account in a command of one's own host is the command's refusal.
+    status, text = await post_command(http, base, "example.test", "disable-user",
+                                      {"accountjids": "secretuser@localhost"}, token)
+    assert status == 400 and "not an account of example.test" in text
+    account = await server.server.storage.accounts.get("localhost", "secretuser")
+    assert account is not None and not account.disabled
+
+
+async def test_configuration_page_says_where_each_value_comes_from(server: Harness,
+                                                                   http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    await admin_in(http, base, "admin@localhost", "root-2026")
+    text = await page(http, f"{base}{ADMIN}hosts/localhost/config")
+    row = re.search(r"<code>sample_interval</code></td><td>(.*?)</td><td>(.*?)</td>", text)
+    assert row and row.groups() == ("1", "configuration file")
+    row = re.search(r"<code>path</code></td><td>(.*?)</td><td>(.*?)</td>", text)
+    assert row and row.groups() == ("/admin/", "default")
+    # Every command a host's admin may run has its form; the listing commands show their result.
+    commands = await page(http, f"{base}{ADMIN}hosts/localhost/commands")
+    assert "get-registered-users-list" in commands
+    listed = await page(http, f"{base}{ADMIN}hosts/localhost/commands/get-registered-users-list")
+    token = hidden_csrf(listed)
+    status, text = await post_command(http, base, "localhost", "get-registered-users-list", {"max_items": "none"},
+                                      token)
+    assert status == 200 and "<li>admin@localhost</li>" in text
+
+
+# --- tenants, end to end ------------------------------------------------------------------------------------
+
+def action_of(html: str, command: str) -> str:
+    found = re.search(rf"<form method='post' action='([^']*/commands/{command})'", html)
+    assert found, f"no form of {command}"
+    return found.group(1)
+
+
+async def submit(http: aiohttp.ClientSession, base: str, html: str, command: str, data: dict[str, str]) -> str:
+    """Send the form of `command` found on a page (its action and CSRF token), as the browser would."""
+    async with http.post(f"{base}{action_of(html, command)}", data={**data, "csrf": hidden_csrf(html)}) as done:
+        text = await done.text()
+        assert done.status == 200, text
+        return text
+
+
+async def test_a_tenant_created_in_the_web_admin_serves_its_users_at_once_and_stays_its_own(
+        server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    await admin_in(http, base, "admin@localhost", "root-2026")
+    tenants = await page(http, f"{base}{ADMIN}tenants")
+    for domain in ("t1.test", "t2.test"):
+        done = await submit(http, base, tenants, "create-tenant", {"domain": domain, "admins": f"boss@{domain}"})
+        assert f"Tenant {domain} created and served" in done
+        users = await page(http, f"{base}{ADMIN}hosts/{domain}/users")
+        for name in ("boss", "carol"):
+            await submit(http, base, users, "add-user", {"accountjid": f"{name}@{domain}",
+                                                         "password": f"{name}-2026", "password-verify": f"{name}-2026"})
+    listed = await page(http, f"{base}{ADMIN}tenants")
+    assert "t1.test" in listed and "t2.test" in listed
+
+    carol = await server.client("carol@t1.test", "carol-2026")  # served without a restart
+    assert carol.boundjid.bare == "carol@t1.test"
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        await admin_in(other, base, "boss@t2.test", "boss-2026")
+        for path in ("", "tenants", "hosts/t2.test/users"):
+            text = await page(other, f"{base}{ADMIN}{path}")
+            assert "t1.test" not in text and "localhost" not in text
+        for path in ("hosts/t1.test/", "hosts/t1.test/users", "hosts/t1.test/users/carol", "federation"):
+            text = await page(other, f"{base}{ADMIN}{path}", 403)
+            assert "carol" not in text
+        # Its own tenant is its to run: it kicks nobody elsewhere, and its commands name its own accounts only.
+        own = await page(other, f"{base}{ADMIN}hosts/t2.test/users")
+        status, _ = await post_command(other, base, "t1.test", "end-user-session",
+                                       {"accountjids": "carol@t1.test"}, hidden_csrf(own))
+        assert status == 403
+    assert server.server.sessions.of(JID.parse("carol@t1.test"))
