@@ -8,6 +8,7 @@ account's session change nothing. The README's screenshot is saved to docs/scree
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 from slixmpp import ClientXMPP
 
-from parley import build_server
+from parley import COMMANDS, build_server
 from server.config import DEFAULT_MODULES
 from server.jid import JID
 from server.storage import RosterItem
@@ -28,15 +29,18 @@ from tests.browser_support import chromium, screenshot, static_site
 from tests.conftest import Harness, free_ports, make_config
 from tests.omemo_clients import AXOLOTL, DEVICELIST, PUBSUB, GajimOmemo
 from tests.test_basic_modules import send_iq
+from tests.test_cluster_outage import two_members
 from tests.test_mam import Archive
 from tests.test_notifications import Smtp
 from tests.test_pep import notify_known, pep_client
 from tests.test_roster_presence import befriend
 from tests.test_sasl2 import AGENT, issued_token, refused
+from tests.test_session_directory import cluster_config, redis_prefix
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshots" / "account-page.png"
 OMEMO2 = "urn:xmpp:omemo:2"
 NOTES = "http://miranda-im.org/storage#notes"
+CSRF = re.compile(r"name='csrf' value='([^']+)'")
 STALE = 424242  # a device id that no client holds: its keys were never published
 SAVE = "Save notification settings"
 SETTINGS = {"Email address": "alice@example.org", "Quiet hours": "22:00-07:00", "Time zone": "Europe/Berlin"}
@@ -186,6 +190,45 @@ async def test_a_new_password_ends_the_old_one_the_other_sessions_and_the_fast_t
     assert await logs_in(site, "alice@localhost", "looking-glass")
     assert await site.xmpp.server.storage.fast.of_device("localhost", "alice", AGENT) == []
     assert await refused(site.xmpp, token)
+
+
+async def http_login(http: aiohttp.ClientSession, base: str, jid: str, password: str = "secret") -> str:
+    """Log in with the login form over plain HTTP (its double-submit token included); the page's CSRF token."""
+    async with http.get(f"{base}/account/login") as response:
+        token = CSRF.search(await response.text())
+    assert token is not None
+    async with http.post(f"{base}/account/login", data={"jid": jid, "password": password,
+                                                         "csrf": token.group(1)}) as response:
+        found = CSRF.search(await response.text())  # the account page the login led to
+    assert response.status == 200 and found is not None, response.status
+    return found.group(1)
+
+
+async def test_a_password_change_ends_the_sessions_on_every_member_of_a_cluster(tmp_path: Path) -> None:
+    """The page is served by one member, the phone's session is held by the other: it ends all the same."""
+    http_port = free_ports(1)[0]
+
+    def member(*extra: dict[str, Any]) -> Any:
+        port, direct = free_ports(2)
+        return cluster_config(tmp_path, prefix, modules=[*DEFAULT_MODULES, "account_page"], listeners=[
+            {"type": "c2s", "address": "127.0.0.1", "port": port, "tls": "starttls"},
+            {"type": "c2s", "address": "127.0.0.1", "port": direct, "tls": "direct"}, *extra])
+
+    async with redis_prefix() as prefix, two_members(
+            member({"type": "http", "address": "127.0.0.1", "port": http_port, "tls": "none"}), member(),
+            tmp_path) as (first, second):
+        for declared in COMMANDS:  # what build_server gives `parley serve`; the members here are bare servers
+            first.server.commands.add(declared)
+        await first.add_user("alice")
+        phone = await second.client("alice@localhost", resource="phone")
+        phone_ended = ended(phone)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            csrf = await http_login(http, f"http://127.0.0.1:{http_port}", "alice@localhost")
+            async with http.post(f"http://127.0.0.1:{http_port}/account/password", data={
+                    "old": "secret", "new": "looking-glass", "again": "looking-glass", "csrf": csrf}) as response:
+                assert response.status == 200 and "1 session(s) ended" in await response.text()
+        await asyncio.wait_for(phone_ended, 5)
+        assert await second.client("alice@localhost", "looking-glass")
 
 
 # --- notifications -----------------------------------------------------------------------------------
