@@ -68,7 +68,8 @@ def site_config(data_dir: Path, smtp_port: int) -> tuple[Any, int, int, int]:
         {"type": "c2s", "address": "127.0.0.1", "port": direct, "tls": "direct"},
         {"type": "http", "address": "127.0.0.1", "port": http, "tls": "none"},
     ], modules=[*DEFAULT_MODULES, "notifications", "account_page"], module_options={"notifications": {
-        "smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_tls": "none", "tick": 0.05}})
+        "smtp_host": "127.0.0.1", "smtp_port": smtp_port, "smtp_tls": "none", "tick": 0.05}},
+        hosts={"example.test": {"modules_disabled": ["account_page"]}})  # a tenant without the page
     return config, port, direct, http
 
 
@@ -192,16 +193,15 @@ async def test_a_new_password_ends_the_old_one_the_other_sessions_and_the_fast_t
     assert await refused(site.xmpp, token)
 
 
-async def http_login(http: aiohttp.ClientSession, base: str, jid: str, password: str = "secret") -> str:
-    """Log in with the login form over plain HTTP (its double-submit token included); the page's CSRF token."""
+async def http_login(http: aiohttp.ClientSession, base: str, jid: str, password: str = "secret") -> tuple[int, str]:
+    """Log in with the login form over plain HTTP (its double-submit token included); the status and text of
+    the page the login led to."""
     async with http.get(f"{base}/account/login") as response:
         token = CSRF.search(await response.text())
     assert token is not None
     async with http.post(f"{base}/account/login", data={"jid": jid, "password": password,
                                                          "csrf": token.group(1)}) as response:
-        found = CSRF.search(await response.text())  # the account page the login led to
-    assert response.status == 200 and found is not None, response.status
-    return found.group(1)
+        return response.status, await response.text()
 
 
 async def test_a_password_change_ends_the_sessions_on_every_member_of_a_cluster(tmp_path: Path) -> None:
@@ -223,9 +223,12 @@ async def test_a_password_change_ends_the_sessions_on_every_member_of_a_cluster(
         phone = await second.client("alice@localhost", resource="phone")
         phone_ended = ended(phone)
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-            csrf = await http_login(http, f"http://127.0.0.1:{http_port}", "alice@localhost")
+            _, page = await http_login(http, f"http://127.0.0.1:{http_port}", "alice@localhost")
+            csrf = CSRF.search(page)
+            assert csrf is not None
             async with http.post(f"http://127.0.0.1:{http_port}/account/password", data={
-                    "old": "secret", "new": "looking-glass", "again": "looking-glass", "csrf": csrf}) as response:
+                    "old": "secret", "new": "looking-glass", "again": "looking-glass",
+                    "csrf": csrf.group(1)}) as response:
                 assert response.status == 200 and "1 session(s) ended" in await response.text()
         await asyncio.wait_for(phone_ended, 5)
         assert await second.client("alice@localhost", "looking-glass")
@@ -476,7 +479,7 @@ async def test_forged_and_foreign_requests_change_nothing(site: Site) -> None:
     assert await logs_in(site, "bob@localhost", "builder")
 
 
-async def test_the_page_needs_a_login(site: Site) -> None:
+async def test_the_page_needs_a_login_to_an_account_of_a_host_that_offers_it(site: Site) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(site.account, allow_redirects=False) as response:
             assert response.status == 303 and response.headers["Location"] == "/account/login"
@@ -484,3 +487,7 @@ async def test_the_page_needs_a_login(site: Site) -> None:
             text = await response.text()
             assert response.status == 200 and "csrf" in text
             assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    await site.xmpp.add_user("carol", host="example.test")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        status, text = await http_login(http, site.url, "carol@example.test")
+    assert status == 403 and "may not use these pages" in text

@@ -14,9 +14,11 @@ instance serves it, and an account of a host that does not load the module is no
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import cast
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -170,8 +172,11 @@ class AccountPage(Module):
         document = await account.export()
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         name = f"{account.user}-{stamp}.xml".replace("@", "_at_")
-        return web.Response(body=document.encode(), content_type="application/xml", charset="utf-8", headers={
-            **HEADERS, "Content-Disposition": f"attachment; filename=\"{name}\""})
+        # An address may hold any letter: an ASCII name for every browser, the real one (RFC 6266) for most.
+        plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        disposition = f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name)}"
+        return web.Response(body=document.encode(), content_type="application/xml", charset="utf-8",
+                            headers={**HEADERS, "Content-Disposition": disposition})
 
     async def delete(self, request: web.Request, account: OwnAccount, values: dict[str, str]) -> web.StreamResponse:
         await account.delete(values.get("confirm", ""), values.get("password", ""), self._address(request))
