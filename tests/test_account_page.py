@@ -309,8 +309,8 @@ async def test_a_stale_omemo_device_is_removed_and_a_contact_sees_the_new_list(s
         rows = page.locator("#devices ~ table tbody tr")
         assert await rows.count() == 4
         table = await page.locator("#devices ~ table").inner_text()
-        assert f"{omemo.device_id}\t-\tOMEMO (legacy)\tpublished" in table
-        assert f"{STALE}\t-\tOMEMO (legacy)\tmissing (stale)" in table
+        assert f"{omemo.device_id}\t-\tlegacy OMEMO\tpublished" in table
+        assert f"{STALE}\t-\tlegacy OMEMO\tmissing (stale)" in table
         assert "7\tLaptop\tOMEMO 2\tpublished" in table
         await submit(page, SAVE, SETTINGS)  # for the README's picture
         await said(page)
@@ -318,10 +318,10 @@ async def test_a_stale_omemo_device_is_removed_and_a_contact_sees_the_new_list(s
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(SCREENSHOT), full_page=True)
 
-        await page.get_by_role("button", name=f"Remove device {STALE}").first.click()
+        await page.get_by_role("button", name=f"Remove device {STALE} (legacy OMEMO)").click()
         assert f"Device {STALE} was removed" in await said(page)
         assert await hears(inbox, DEVICELIST, [omemo.device_id])  # bob's client is told
-        await page.get_by_role("button", name=f"Remove device {STALE}").click()  # the OMEMO 2 one
+        await page.get_by_role("button", name=f"Remove device {STALE} (OMEMO 2)").click()
         assert await hears(inbox, f"{OMEMO2}:devices", [7])
         assert await rows.count() == 2
 

@@ -125,7 +125,8 @@ class AccountPage(Module):
         rows = []
         for device in devices:
             remove = form(f"{PREFIX}devices", [hidden("namespace", device.namespace), hidden("id", str(device.id))],
-                          f"Remove device {device.id}", csrf, inline=True, danger=True)
+                          f"Remove device {device.id} ({device.generation})", csrf, inline=True,
+                          danger=True)
             keys = "published" if device.bundle else "missing (stale)"
             rows.append([esc(device.id), esc(device.label or "-"), esc(device.generation), keys, remove])
         return f"{head}{table(['Device', 'Label', 'Protocol', 'Keys', 'Action'], rows)}</section>"

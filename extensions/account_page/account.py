@@ -50,7 +50,7 @@ class Device:
 
     @property
     def generation(self) -> str:
-        return "OMEMO 2" if self.namespace == OMEMO2 else "OMEMO (legacy)"
+        return "OMEMO 2" if self.namespace == OMEMO2 else "legacy OMEMO"
 
 
 @dataclass(frozen=True)
