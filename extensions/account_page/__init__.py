@@ -8,8 +8,8 @@ published and a button that drops a stale one from the list, a download of the a
 file, and deleting the account after typing its address and password again. Every form posts with the
 session's CSRF token, and acts on the logged-in account only: no form names an account (`account.py`).
 
-The path is shared by the module's instances on every host: the account logged in says which host's
-instance serves it, and an account of a host that does not load the module is not let in.
+The paths are shared by the module's instances on every host: the account logged in says which host the
+page acts on, and an account of a host that does not load the module is not let in.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import cast
 from urllib.parse import quote
 
 from aiohttp import web
@@ -48,16 +47,12 @@ class AccountPage(Module):
         host = self.server.hosts.get(jid.domain)
         return host is not None and self.name in host.modules
 
-    def _instance(self, jid: JID) -> AccountPage:
-        """The module as loaded on the account's host, which holds that host's settings."""
-        return cast(AccountPage, self.server.hosts[jid.domain].modules[self.name])
-
     def _address(self, request: web.Request) -> str:
         return self.server.http.peer(request).address
 
     async def show(self, request: web.Request) -> web.Response:
         jid = await self.login.require(request)
-        return await self._instance(jid).render(request, OwnAccount(self.server.hosts[jid.domain], jid))
+        return await self.render(request, OwnAccount(self.server.hosts[jid.domain], jid))
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         """Every form: the CSRF token first (403 and nothing done without it), then the action its path names,
@@ -65,15 +60,11 @@ class AccountPage(Module):
         submitted = await request.post()
         jid = await self.login.check_csrf(request, submitted)
         values = {key: str(value) for key, value in submitted.items() if isinstance(value, str)}
-        instance = self._instance(jid)
         account = OwnAccount(self.server.hosts[jid.domain], jid)
-        action = ACTIONS.get(request.path.removeprefix(PREFIX))
-        if action is None:
-            raise web.HTTPNotFound()
         try:
-            return await action(instance, request, account, values)
+            return await ACTIONS[request.path.removeprefix(PREFIX)](self, request, account, values)
         except PageError as exc:
-            return await instance.render(request, account, str(exc), error=True, status=400)
+            return await self.render(request, account, str(exc), error=True, status=400)
 
     # --- the page ------------------------------------------------------------------------------------
 
