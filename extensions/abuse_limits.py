@@ -27,6 +27,7 @@ from extensions.block_strangers import known
 from extensions.blocking import matches
 from server.commands.service_admin import message
 from server.jid import JID, JIDError
+from server.limits import Bucket
 from server.module import Module
 from server.options import Option
 from server.storage.kv import CachedDocuments
@@ -56,21 +57,6 @@ def parse_deny_list(text: str) -> set[JID]:
             except JIDError:
                 log.warning("deny-list: %r is no domain or address, left out", entry)
     return found
-
-
-class Bucket:
-    """A token bucket: `burst` tokens, one more every 3600/per_hour seconds."""
-
-    def __init__(self, burst: int, per_hour: int, now: float) -> None:
-        self.tokens, self.burst, self.rate, self.stamp = float(burst), burst, per_hour / 3600.0, now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 class AbuseLimits(Module):

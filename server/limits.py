@@ -44,6 +44,22 @@ class TokenBucket:
         return -self._tokens / self.rate
 
 
+class Bucket:
+    """A token bucket of whole actions (messages): `burst` tokens, one more every 3600/per_hour seconds; an
+    action refused takes none, so whoever is over the rate is served again as soon as it slows down."""
+
+    def __init__(self, burst: int, per_hour: int, now: float) -> None:
+        self.tokens, self.burst, self.rate, self.stamp = float(burst), burst, per_hour / 3600.0, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 @dataclass
 class _AuthEntry:
     failures: deque[float] = field(default_factory=deque)

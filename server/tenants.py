@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.config import DEFAULT_MODULES, HostConfig
 from server.jid import JID, JIDError
+from server.limits import Bucket
 from server.options import check_option
 from server.registry import available, load
 from server.storage.tenants import DISABLED, ENABLED, Quotas, Tenant, TenantStore
@@ -56,23 +57,6 @@ class TenantError(ValueError):
         self.conflict = conflict
 
 
-class _Rate:
-    """Messages a second for one tenant: `rate` tokens a second, up to `rate` at once; a refused message
-    takes none, so a tenant over its rate is served again as soon as it slows down."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate, self.tokens, self.stamp = rate, float(rate), time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 def tenant_domain(text: str) -> str:
     try:
         jid = JID.make(None, text.strip())
@@ -88,7 +72,8 @@ class Tenants:
         self.store: TenantStore = None  # type: ignore[assignment]  # set by start(), with the storage
         self.quotas: dict[str, Quotas] = {}  # of the tenants served here
         self.used: dict[str, int] = {}  # storage bytes of each tenant served here, as last counted
-        self._rates: dict[str, _Rate] = {}
+        self._rates: dict[str, Bucket] = {}
+        self._applying = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     # --- life cycle ---------------------------------------------------------------------------------------
@@ -103,7 +88,7 @@ class Tenants:
             if tenant.served:
                 try:
                     await self._serve(tenant)
-                except (TenantError, TlsError, ValueError) as exc:
+                except Exception as exc:  # one tenant that cannot start does not keep the server from starting
                     log.error("tenant %s not served: %s", tenant.domain, exc)
         self._task = asyncio.get_running_loop().create_task(self._sweep())
 
@@ -116,6 +101,7 @@ class Tenants:
         interval = min(SWEEP_INTERVAL, max(0.05, self.settings.removal_grace / 4))
         while True:
             try:
+                await self.reconcile()
                 await self.purge_due()
                 for domain, quotas in list(self.quotas.items()):
                     if quotas.max_storage:
@@ -148,9 +134,13 @@ class Tenants:
         if ensure_certificate(hc.name, hc.certificate, hc.key):
             log.info("generated a self-signed certificate for tenant %s at %s", hc.name, hc.certificate)
         before = set(self.server.services)
-        host = await self.server.add_host(hc, tenant=True)
+        await self._limit(tenant)  # before the first stanza
+        try:
+            host = await self.server.add_host(hc, tenant=True)
+        except BaseException:
+            self.quotas.pop(tenant.domain, None)
+            raise
         host.hooks.add("message/outbound", self._outbound, PRIORITY)
-        await self._limit(tenant)
         services = tuple(sorted(set(self.server.services) - before))
         if services != tenant.services:  # remembered, so that a removal deletes their data too
             await self.store.save(replace(tenant, services=services))
@@ -165,7 +155,11 @@ class Tenants:
 
     async def apply(self, domain: str) -> None:
         """Make this member serve `domain` as its stored row says: start it, stop it, or take its new admins
-        and quotas."""
+        and quotas. One change at a time: a command's, another member's and the sweep's may meet."""
+        async with self._applying:
+            await self._apply(domain)
+
+    async def _apply(self, domain: str) -> None:
         tenant = await self.store.get(domain)
         host = self.server.hosts.get(domain)
         if host is not None and not host.tenant:
@@ -187,9 +181,26 @@ class Tenants:
         host.config.admins = list(tenant.admins)
         await self._limit(tenant)
 
+    async def reconcile(self) -> None:
+        """Apply what differs between storage and what this member serves: a change whose frame was lost (Redis
+        out of reach when it was made) is taken up here within a sweep interval."""
+        stored = {t.domain: t for t in await self.store.list()}
+        served = {name: host for name, host in self.server.hosts.items() if host.tenant}
+        for domain in {*served, *(d for d, t in stored.items() if t.served)}:
+            tenant, host = stored.get(domain), served.get(domain)
+            if tenant is None or host is None or not tenant.served or self.quotas.get(domain) != tenant.quotas \
+                    or host.config.admins != list(tenant.admins):
+                try:
+                    await self.apply(domain)
+                except (TlsError, ValueError) as exc:
+                    log.error("tenant %s not served: %s", domain, exc)
+
     async def _changed(self, domain: str) -> None:
         """Apply a stored change here and tell the other members of a cluster to apply it too."""
-        await self.apply(domain)
+        try:
+            await self.apply(domain)
+        except (TlsError, ValueError) as exc:
+            raise TenantError(f"{domain} cannot be served: {exc}") from None
         cluster = self.server.cluster
         if cluster is not None:
             for member in cluster.members():
@@ -197,6 +208,8 @@ class Tenants:
                     cluster.send(member, FRAME, domain)
 
     async def _heard(self, _sender: str, domain: str) -> None:
+        if self._task is None:
+            return  # stopping (or not started): the hosts are being stopped, or not loaded yet
         try:
             await self.apply(domain)
         except (TenantError, TlsError, ValueError) as exc:
@@ -239,11 +252,9 @@ class Tenants:
             raise TenantError(f"{name} is a tenant already", conflict=True)
         try:
             await self._changed(name)
-        except (TlsError, ValueError) as exc:
+        except TenantError:
             await self.store.purge(tenant)
-            if self.server.hosts.get(name) is not None:
-                await self.server.remove_host(name, "")
-            raise TenantError(f"{name} cannot be served: {exc}") from None
+            raise
         return tenant
 
     async def set_enabled(self, domain: str, enabled: bool) -> Tenant:
@@ -322,10 +333,11 @@ class Tenants:
         if quotas is None or stanza.type == "error":
             return None
         if quotas.max_rate:
+            now = time.monotonic()
             rate = self._rates.get(domain)
             if rate is None:
-                rate = self._rates[domain] = _Rate(quotas.max_rate)
-            if not rate.take():
+                rate = self._rates[domain] = Bucket(quotas.max_rate, quotas.max_rate * 3600, now)
+            if not rate.take(now):
                 await self.server.router.bounce(stanza, StanzaError(
                     "resource-constraint", f"{domain} sends more than {quotas.max_rate} messages a second; "
                                            "wait a moment"))
@@ -361,7 +373,7 @@ def parse_options(lines: list[str], modules: list[str]) -> dict[str, Any]:
     """Module options from 'module.option = value' lines, the value in TOML ("text", 10, true, ["a"]), each
     checked against what its module declares."""
     options: dict[str, Any] = {}
-    for line in lines:
+    for line in (line for given in lines for line in given.splitlines() if line.strip()):  # one string may hold several
         name, sep, text = line.partition("=")
         module, dot, option = name.strip().partition(".")
         if not sep or not dot:

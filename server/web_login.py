@@ -162,12 +162,14 @@ class WebLogin:
         if jid is None:
             raise web.HTTPSeeOther(self.login_path, headers=HEADERS)
         if not self.who_may(jid):
-            raise self.forbidden("This account may not use these pages.")
+            raise self.forbidden("This account may not use these pages.", request)
         return jid
 
-    def forbidden(self, reason: str) -> web.HTTPForbidden:
-        """A 403 page to raise."""
-        shown = page("Forbidden", message(reason, error=True), site=self.site)
+    def forbidden(self, reason: str, request: web.Request | None = None) -> web.HTTPForbidden:
+        """A 403 page to raise; with the logout button when `request` has a session."""
+        found: tuple[JID, str] | None = request.get(REQUEST_KEY) if request is not None else None
+        header = self.logout_form(request, found[0]) if request is not None and found else ""
+        shown = page("Forbidden", message(reason, error=True), header=header, site=self.site)
         return web.HTTPForbidden(text=shown.text, content_type="text/html", headers=HEADERS)
 
     def csrf_token(self, request: web.Request) -> str:
@@ -185,10 +187,13 @@ class WebLogin:
         """The logged-in account, if the form came with its session's CSRF token; else 403 (or the login
         form when nobody is logged in), before anything is changed."""
         jid = await self.require(request)
+        self._check_token(request, submitted)
+        return jid
+
+    def _check_token(self, request: web.Request, submitted: Mapping[str, Any]) -> None:
         sent = str(submitted.get(CSRF_FIELD, ""))
         if not sent or not hmac.compare_digest(sent.encode(), self.csrf_token(request).encode()):
-            raise self.forbidden("The form expired or came from another site; please load the page again.")
-        return jid
+            raise self.forbidden("The form expired or came from another site; please load the page again.", request)
 
     # --- logging in and out -----------------------------------------------------------------------------
 
@@ -285,9 +290,12 @@ class WebLogin:
                 await self.server.storage.kv.set("", "", STORE, key, None)
 
     async def logout(self, request: web.Request) -> web.Response:
-        """End the session (in storage: the cookie is worthless afterwards, wherever it is replayed)."""
-        await self.check_csrf(request, await request.post())
-        await self._end(self._cookie(request))
+        """End the session (in storage: the cookie is worthless afterwards, wherever it is replayed), also of
+        an account that `who_may` no longer lets in."""
+        submitted = await request.post()
+        if await self.current(request) is not None:
+            self._check_token(request, submitted)
+            await self._end(self._cookie(request))
         response = redirect(self.login_path)
         response.del_cookie(cookie_name(SESSION, self.server.http.peer(request).secure), path="/")
         return response

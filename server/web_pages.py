@@ -39,6 +39,7 @@ button.danger{background:#b71c1c;border-color:#7f0000}
 .charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(22em,1fr));gap:1em}
 figure{margin:0;background:#fff;border:1px solid #ddd;padding:.5em}figcaption{font-weight:600}
 .inline{display:inline}
+.skip{position:absolute;left:-10000px}.skip:focus{position:static;background:#fff;color:#0d47a1;padding:.3em}
 """
 
 
@@ -56,8 +57,9 @@ def page(title: str, body: str, *, status: int = 200, nav: Sequence[tuple[str, s
     text = (f"<!DOCTYPE html><html lang='{esc(lang)}'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{esc(title)} - {esc(site)}</title><style>{CSS}</style></head><body>"
+            "<a class='skip' href='#main'>Skip to the content</a>"
             f"<header><strong>{esc(site)}</strong>{menu}{header}</header>"
-            f"<main><h1>{esc(title)}</h1>\n{body}\n</main></body></html>")
+            f"<main id='main'><h1>{esc(title)}</h1>\n{body}\n</main></body></html>")
     return web.Response(status=status, text=text, content_type="text/html", headers=HEADERS)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import Element
@@ -16,11 +18,18 @@ from slixmpp import ClientXMPP
 from slixmpp.exceptions import IqError
 
 from server.accounts import AccountsFull, create_account
+from server.commands import Context
 from server.config import ConfigError, parse_config
+from server.control import execute
 from server.jid import JID
 from server.registry import available
+from server.storage.muc import MucStore, StoredRoom
+from server.storage.tenants import Quotas
+from server.tenants import TenantError, parse_options
 from tests.conftest import PG_URL, Harness, drop_pg_schema, insecure_context, make_pg_schema
+from tests.s2s_support import RawPeer, start_parley
 from tests.test_http_api import TOKEN, basic, with_http_api
+from tests.test_http_upload import put
 from tests.test_parleyctl import ok, run
 from tests.test_register import ask, condition_of, legacy, unauthenticated
 from tests.test_session_directory import cluster_config, redis_prefix, until, worker
@@ -126,6 +135,9 @@ async def test_removal_deletes_the_data_after_the_grace(server: Harness) -> None
     storage = server.server.storage
     await until(lambda: _offline(storage, "gone.test", "carol"), "the message stored offline")
     await storage.kv.set("gone.test", "carol", "notes", "k", {"v": 1})
+    rooms = MucStore(storage.engine)
+    await rooms.save_room("conference.gone.test", StoredRoom("r", {}, datetime.now(UTC), "", ""))
+    await rooms.save_room("conference.localhost", StoredRoom("r", {}, datetime.now(UTC), "", ""))
     code, _, err = await run(server, "remove-tenant", "gone.test", "other.test")
     assert code == 1 and "confirm" in err
     assert await storage.accounts.exists("gone.test", "carol")
@@ -136,6 +148,8 @@ async def test_removal_deletes_the_data_after_the_grace(server: Harness) -> None
     assert not await storage.accounts.exists("gone.test", "carol")
     assert await storage.kv.get("gone.test", "carol", "notes", "k") is None
     assert not await _offline(storage, "gone.test", "carol")
+    assert await rooms.rooms("conference.gone.test") == []  # the services it served go with it
+    assert [r.name for r in await rooms.rooms("conference.localhost")] == ["r"]
     assert await storage.accounts.exists("localhost", "alice")  # other hosts keep theirs
     # The domain is free again.
     await create(server, "gone.test")
@@ -234,6 +248,23 @@ async def _adhoc(client: ClientXMPP, host: str, name: str, values: dict[str, str
     return dict(answer["command"]["form"].get_values())
 
 
+async def test_federation_with_a_disabled_tenant_is_refused(tmp_path: Path) -> None:
+    fed = await start_parley(tmp_path / "fed", {"fed.test": {}}, "127.0.0.1")
+    try:
+        await fed.server.tenants.create("t3.test", [], [], [], None, None)
+        peer = await RawPeer.connect("127.0.0.1", fed.s2s_port)
+        assert await peer.open("remote.example", "t3.test") is not None  # served: the stream goes on
+        peer.close()
+        await fed.server.tenants.set_enabled("t3.test", False)
+        peer = await RawPeer.connect("127.0.0.1", fed.s2s_port)
+        await peer.send("<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+                        "from='remote.example' to='t3.test' version='1.0'>")
+        assert b"host-unknown" in await peer.closed()
+        peer.close()
+    finally:
+        await fed.stop()
+
+
 # --- quotas -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parley_config(tenants={"template": "localhost"})
@@ -251,7 +282,13 @@ async def test_account_quota_refuses_every_way_of_creating_accounts(server: Harn
     assert "limit of 2 accounts" in _text(answer)
     code, _, err = await run(server, "register", "four", "small.test", "pw")
     assert code == 1 and "limit of 2 accounts" in err
-    with pytest.raises(AccountsFull):  # what add-user, invitations and the CLI all go through
+    add_user = server.server.commands["add-user"]  # XEP-0133's, as an admin of the tenant runs it
+    host = server.server.hosts["small.test"]
+    answer = await execute(add_user, Context(host, JID.parse("admin@localhost")), {
+        "accountjid": "five@small.test", "password": "pw", "password-verify": "pw", "email": "", "given_name": "",
+        "surname": ""})
+    assert "limit of 2 accounts" in answer["error"]
+    with pytest.raises(AccountsFull):  # what invitations and the CLI go through as well
         await create_account(server.server.storage, "small.test", "five", "pw", 4096)
     assert await server.server.storage.accounts.count("small.test") == 2
     await server.add_user("plenty")  # the configured host has no quota
@@ -275,14 +312,15 @@ async def test_message_rate_quota_holds_one_tenant_back_and_not_the_others(serve
     sender.add_event_handler("message_error", errors.put_nowait)
     inbox, local_inbox = server.inbox(receiver), server.inbox(local_receiver)
     for i in range(20):
-        sender.send_message(mto="b@chatty.test", mbody=f"m{i}", mtype="chat")
-        local_sender.send_message(mto="b@localhost", mbody=f"m{i}", mtype="chat")
+        sender.send_message(mto=receiver.boundjid.full, mbody=f"m{i}", mtype="chat")
+        local_sender.send_message(mto=local_receiver.boundjid.full, mbody=f"m{i}", mtype="chat")
     refused = await asyncio.wait_for(errors.get(), 5)
     assert refused["error"]["condition"] == "resource-constraint"
     assert "messages a second" in refused["error"]["text"]
     for i in range(20):  # the other host is not limited
         assert (await asyncio.wait_for(local_inbox.get(), 5))["body"] == f"m{i}"
-    delivered = 0
+    assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "m0"  # within the rate
+    delivered = 1
     while not inbox.empty():
         inbox.get_nowait()
         delivered += 1
@@ -327,11 +365,24 @@ async def test_upload_quota_refuses_a_slot_past_the_tenants_space(server: Harnes
     await server.add_user("up", host="files.test")
     client = await server.client("up@files.test", plugins=("xep_0030", "xep_0363"))
     upload = client.plugin["xep_0363"]
-    await upload.request_slot("upload.files.test", "a.bin", 60, "application/octet-stream")
+    slot = (await upload.request_slot("upload.files.test", "a.bin", 60, "application/octet-stream"))["http_upload_slot"]
     with pytest.raises(IqError) as refused:
         await upload.request_slot("upload.files.test", "b.bin", 50, "application/octet-stream")
     assert refused.value.condition == "resource-constraint"
     await upload.request_slot("upload.files.test", "c.bin", 40, "application/octet-stream")  # exactly the quota
+
+    # Removed, its files go with its data.
+    status, _, _ = await put(slot["put"]["url"], b"x" * 60)
+    assert status == 201
+    files = server.data_dir / "uploads" / "files.test"
+    assert any(files.iterdir())
+    await ok(server, "remove-tenant", "files.test", "files.test")
+    tenants_ = server.server.tenants
+    stored = await tenants_.get("files.test")
+    assert {"conference.files.test", "upload.files.test"} <= set(stored.services)  # their data goes too
+    await server.server.storage.tenants.save(replace(stored, remove_at=datetime.now(UTC)))  # the grace is over
+    assert await tenants_.purge_due() == ["files.test"]
+    assert not files.exists() and await server.server.storage.uploads.usage("files.test") == (0, 0)
 
 
 # --- configuration ------------------------------------------------------------------------------------------
@@ -352,6 +403,17 @@ def test_tenants_section_is_checked(tmp_path: Path) -> None:
         parse_config({"tenants": {"colour": "blue"}})
 
 
+def test_module_options_of_a_tenant_are_checked_as_the_configurations() -> None:
+    modules = ["muc", "mam"]
+    assert parse_options(["muc.max_page = 50\nmam.default = 'always'", ""], modules) == {
+        "muc.max_page": 50, "mam.default": "always"}
+    assert parse_options(["mam.default = roster"], modules) == {"mam.default": "roster"}  # a bare word is text
+    for bad, reason in (("muc.max_page = 0", "at least"), ("vcard.max_size = 1", "not loaded"),
+                        ("muc.colour = 1", "unknown option"), ("muc max_page", "module.option = value")):
+        with pytest.raises(TenantError, match=reason):
+            parse_options([bad], modules)
+
+
 @pytest.mark.parley_config(tenants={"template": "example.test"})
 async def test_template_and_shared_certificate(server: Harness, tmp_path: Path) -> None:
     """A tenant takes the template's modules; one made with a shared certificate presents that one."""
@@ -362,6 +424,30 @@ async def test_template_and_shared_certificate(server: Harness, tmp_path: Path) 
     await create(server, "shared.test")
     tls = server.server.tls
     assert tls is not None and tls.cert_der("shared.test") == tls.cert_der("example.test")
+    # Files of its own, given to create-tenant; a pair that is not there is refused.
+    own = server.server.config.hosts["localhost"]
+    code, _, err = await run(server, "create-tenant", "own.test", "", "", "", str(tmp_path / "no.crt"), str(own.key))
+    assert code == 1 and "is not a file" in err and "own.test" not in server.server.hosts
+    await ok(server, "create-tenant", "own.test", "", "", "", str(own.certificate), str(own.key))
+    assert tls.cert_der("own.test") == tls.cert_der("localhost")
+    # A configuration reload keeps the tenants and their certificates.
+    source = tmp_path / "parley.toml"
+    source.write_text(_toml(server))
+    server.server.config.source = source
+    await ok(server, "reload_config")
+    assert tls.cert_der("own.test") == tls.cert_der("localhost") != tls.cert_der("shared.test")
+    await server.add_user("eve", host="own.test")
+    await server.client("eve@own.test", direct=True)
+
+
+def _toml(server: Harness) -> str:
+    """The running configuration as a file, as far as a reload reads it."""
+    config = server.server.config
+    listeners = "".join(f'[[listeners]]\ntype = "{item.type}"\naddress = "{item.address}"\nport = {item.port}\n'
+                        f'tls = "{item.tls}"\n' for item in config.listeners)
+    return (f'data_dir = "{config.data_dir}"\n[storage]\nurl = "{config.storage.url}"\n{listeners}'
+            '[hosts.localhost]\nregistration = true\nadmins = ["admin@localhost"]\n[hosts."example.test"]\n'
+            '[tenants]\ntemplate = "example.test"\n')
 
 
 # --- a cluster ----------------------------------------------------------------------------------------------
@@ -371,8 +457,9 @@ async def test_every_member_of_a_cluster_follows_a_tenants_changes(tmp_path: Pat
     url = f"{PG_URL}?schema={schema}"
     try:
         async with redis_prefix() as prefix:
-            first_config = cluster_config(tmp_path, prefix, storage={"url": url})
-            second_config = cluster_config(tmp_path, prefix, storage={"url": url})
+            # A short grace: removals, and the sweep that takes up lost changes, come quickly.
+            first_config = cluster_config(tmp_path, prefix, storage={"url": url}, tenants={"removal_grace": 0.4})
+            second_config = cluster_config(tmp_path, prefix, storage={"url": url}, tenants={"removal_grace": 0.4})
             async with worker(first_config, 0) as first, worker(second_config, 1) as second:
                 cluster = first.cluster
                 assert cluster is not None
@@ -387,7 +474,7 @@ async def test_every_member_of_a_cluster_follows_a_tenants_changes(tmp_path: Pat
                     x = await two.client("x@cl.test")
                     y = await one.client("y@cl.test")
                     inbox = one.inbox(y)
-                    x.send_message(mto="y@cl.test", mbody="across", mtype="chat")
+                    x.send_message(mto=y.boundjid.full, mbody="across", mtype="chat")
                     assert (await asyncio.wait_for(inbox.get(), 5))["body"] == "across"
                     await first.tenants.set_enabled("cl.test", False)
                     await until(lambda: "cl.test" not in second.hosts, "the second member stopping the tenant")
@@ -395,7 +482,17 @@ async def test_every_member_of_a_cluster_follows_a_tenants_changes(tmp_path: Pat
                     await second.tenants.set_enabled("cl.test", True)  # from either member
                     await until(lambda: "cl.test" in first.hosts, "the first member serving it again")
                     await second.tenants.set_quotas("cl.test", {"max_rate": 7})
-                    await until(lambda: first.tenants.quotas["cl.test"].max_rate == 7, "the new quota on the first")
+                    await until(lambda: first.tenants.quotas.get("cl.test") == Quotas(max_rate=7),
+                                "the new quota on the first")
+                    # A change whose frame never came (Redis out of reach) is taken up from storage by the sweep.
+                    stored = await first.tenants.get("cl.test")
+                    await first.storage.tenants.save(replace(stored, quotas=Quotas(max_rate=9)))
+                    await until(lambda: second.tenants.quotas.get("cl.test") == Quotas(max_rate=9),
+                                "the stored quota on the second")
+                    await second.tenants.remove("cl.test", "cl.test")
+                    await until(lambda: "cl.test" not in first.hosts, "the first member stopping the removed tenant")
+                    await until(lambda: _no_tenant(first.storage, "cl.test"), "the data deleted")
+                    assert not await first.storage.accounts.exists("cl.test", "x")
                 finally:
                     await one.close()
                     await two.close()

@@ -6,6 +6,7 @@ host asking for another, and tenants created in the web admin end to end."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -14,10 +15,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from extensions.web_admin.charts import line_chart
+from extensions.web_admin.sampler import Sampler
+from extensions.web_admin.site import AdminSite
 from server.config import DEFAULT_MODULES
 from server.jid import JID
-from tests.browser_support import chromium, web_listener
+from server.stanza import MESSAGE
+from tests.browser_support import chromium, wait_for, web_listener
 from tests.conftest import Harness
+from tests.s2s_support import linked, running_pair
 from tests.test_web_login import hidden_csrf, log_in
 
 MODULES = [*DEFAULT_MODULES, "web_admin", "invites", "spam_reporting", "abuse_limits"]
@@ -78,9 +84,14 @@ async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server
         page_ = await browser.new_page()
         await page_.goto(f"{base}{ADMIN}")
         await page_.get_by_role("heading", name="Log in").wait_for()  # sent to the login form
-        await page_.get_by_label("Address (user@host)").fill("admin@localhost")
-        await page_.get_by_label("Password").fill("root-2026")
-        await page_.get_by_role("button", name="Log in").click()
+        # By keyboard alone: the skip link first, then the fields in order, Enter sends.
+        await page_.keyboard.press("Tab")
+        assert await page_.evaluate("document.activeElement.textContent") == "Skip to the content"
+        await page_.keyboard.press("Tab")
+        await page_.keyboard.type("admin@localhost")
+        await page_.keyboard.press("Tab")
+        await page_.keyboard.type("root-2026")
+        await page_.keyboard.press("Enter")
         await page_.get_by_role("heading", name="Dashboard").wait_for()
         charts = page_.locator("svg.chart")
         assert await charts.count() == 18  # six series, over ten minutes, an hour and a day
@@ -204,7 +215,17 @@ async def test_who_is_not_an_admin_gets_403(server: Harness, http: aiohttp.Clien
     await server.server.hosts["example.test"].set_admins(set())
     server.server.hosts["localhost"].admins.discard(JID.parse("admin@localhost"))
     await page(http, f"{base}{ADMIN}", 403)
-    await page(http, f"{base}{ADMIN}hosts/localhost/users", 403)
+    forbidden = await page(http, f"{base}{ADMIN}hosts/localhost/users", 403)
+    # Its 403 page still has the logout button, and logging out ends the session.
+    stale = next(c.value for c in http.cookie_jar if c.key == "parley_session")
+    async with http.post(f"{base}{ADMIN}logout", data={"csrf": "wrong"}) as wrong:
+        assert wrong.status == 403
+    async with http.post(f"{base}{ADMIN}logout", data={"csrf": hidden_csrf(forbidden)},
+                         allow_redirects=False) as out:
+        assert out.status == 303
+    async with aiohttp.ClientSession(cookies={"parley_session": stale}) as replay, \
+            replay.get(f"{base}{ADMIN}", allow_redirects=False) as again:
+        assert again.status == 303
 
 
 async def test_an_admin_of_one_host_sees_nothing_of_another(server: Harness, http: aiohttp.ClientSession) -> None:
@@ -223,6 +244,13 @@ async def test_an_admin_of_one_host_sees_nothing_of_another(server: Harness, htt
         assert "secretuser" not in text
     users = await page(http, f"{base}{ADMIN}hosts/example.test/users")
     assert "boss@example.test" in users and "secretuser" not in users
+    # Its host's page charts its own sessions only.
+    await server.client("boss@example.test", "boss-2026")
+    await server.client("secretuser@localhost", "x")
+    server.server.hosts["example.test"].modules["web_admin"].site.sampler.sample()
+    overview = await page(http, f"{base}{ADMIN}hosts/example.test/")
+    assert "<title id='host-sessions-hour-t'>Client sessions of example.test</title>" in overview
+    assert "last 1 sessions" in overview and "localhost" not in overview
     token = hidden_csrf(users)
     status, _ = await post_command(http, base, "localhost", "disable-user", {"accountjids": "secretuser@localhost"},
                                    token)
@@ -306,3 +334,73 @@ async def test_a_tenant_created_in_the_web_admin_serves_its_users_at_once_and_st
                                        {"accountjids": "carol@t1.test"}, hidden_csrf(own))
         assert status == 403
     assert server.server.sessions.of(JID.parse("carol@t1.test"))
+
+
+async def test_every_page_of_a_server_admin_renders_and_invitations_come_and_go(
+        server: Harness, http: aiohttp.ClientSession) -> None:
+    base = await web_listener(server)
+    await server_admin(server)
+    await server.add_user("alice")
+    alice = await server.client("alice@localhost")
+    alice.send_presence(pto="tea@conference.localhost/Alice")  # enters (and creates) a room
+    muc = server.server.hosts["localhost"].modules["muc"]
+    await wait_for(lambda: JID.parse("tea@conference.localhost") in muc.rooms, 5, "the room")
+    await admin_in(http, base, "admin@localhost", "root-2026")
+    for path in ("", "federation", "tenants", "hosts/localhost/", "hosts/localhost/users/alice",
+                 "hosts/localhost/rooms", "hosts/localhost/spam", "hosts/localhost/config",
+                 "hosts/localhost/commands", "hosts/localhost/commands/edit-blacklist"):
+        text = await page(http, f"{base}{ADMIN}{path}")
+        assert "<h1>" in text and "Traceback" not in text
+    federation = await page(http, f"{base}{ADMIN}federation")
+    assert "Federation is not running (no s2s listener)." in federation  # the test server has none
+    room = await page(http, f"{base}{ADMIN}hosts/localhost/rooms/tea@conference.localhost")
+    assert "<td>Alice</td><td>alice@localhost/" in room
+    await page(http, f"{base}{ADMIN}hosts/localhost/users/nobody", 404)
+    await page(http, f"{base}{ADMIN}hosts/localhost/rooms/nothing@conference.localhost", 404)
+
+    invites = await page(http, f"{base}{ADMIN}hosts/localhost/invites")
+    assert "No invitation may be used." in invites
+    created = await submit(http, base, invites, "generate_invite", {"host": "localhost", "uses": "2", "days": "3"})
+    url = re.search(r"<output>(http[^<]+/invite/[^<]+)</output>", created)
+    assert url, created
+    listed = await page(http, f"{base}{ADMIN}hosts/localhost/invites")
+    assert url.group(1) in listed
+    async with http.post(f"{base}{action_of(listed, 'delete_invite')}", allow_redirects=False,
+                         data={"host": "localhost", "token": url.group(1).rsplit("/", 1)[1],
+                               "back": f"{ADMIN}hosts/localhost/invites", "csrf": hidden_csrf(listed)}) as revoked:
+        assert revoked.status == 303
+    assert "No invitation may be used." in await page(http, f"{base}{ADMIN}hosts/localhost/invites")
+
+
+async def test_the_sampler_turns_counters_into_rates_and_keeps_an_hour_and_a_day(server: Harness) -> None:
+    now = [1_000_000.0]
+    sampler = Sampler(server.server, 10, clock=lambda: now[0])
+    stats = server.server.stats
+    for _ in range(3 * 360 + 5):  # three hours of samples, 10 s apart, each with 20 messages and a failed login
+        stats.received[MESSAGE] += 20
+        stats.authenticated("PLAIN", "failure")
+        sampler.sample()
+        now[0] += 10
+    messages = sampler.points("messages", "hour")
+    assert len(messages) == 360  # one hour of samples, the older ones dropped
+    assert {value for _, value in messages} == {2.0}  # 20 messages in 10 s
+    assert {value for _, value in sampler.points("failed_logins", "hour")} == {0.1}
+    day = sampler.points("messages", "day")
+    assert 36 <= len(day) <= 38 and all(value == 2.0 for _, value in day)  # five-minute averages
+    assert all(later - earlier == 300 for (earlier, _), (later, _) in itertools.pairwise(day))
+    stats.received[MESSAGE] = 0  # a counter that starts again is no negative rate
+    sampler.sample()
+    assert sampler.points("messages", "hour")[-1][1] == 0.0
+    svg = line_chart("m", "Messages", "per second", sampler.points("messages", "hour"), 3600, now[0])
+    assert svg.count("<polyline") == 1 and "last 0 per second" in svg
+
+
+async def test_the_federation_page_lists_each_link_with_its_domains(tmp_path: Path) -> None:
+    async with running_pair(tmp_path) as (a, b):
+        await linked(a, b)  # alice@a.test wrote to bob@b.test: A's link out, B's link in
+        await wait_for(lambda: any(link.methods for link in a.manager.links.values()) and
+                       any(stream.pairs for stream in b.manager.incoming), 10, "the link authenticated")
+        on_a, on_b = AdminSite(a.server, ADMIN, 10)._links(), AdminSite(b.server, ADMIN, 10)._links()
+    row = r"<tr><td>(\w+)</td><td>([^<]*)</td><td>([^<]*)</td><td>[^<]*</td><td>([^<]*)</td>"
+    assert ("outgoing", "a.test", "b.test", "a.test: external") in re.findall(row, on_a)
+    assert ("incoming", "b.test", "a.test", "authenticated") in re.findall(row, on_b)

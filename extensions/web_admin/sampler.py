@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -114,6 +114,8 @@ class Sampler:
         self.interval = interval
         self.clock = clock
         self.histories = {s.key: History(Ring(max(2, int(HOUR / interval)))) for s in SERIES}
+        # Each host's sessions in this process, for its own admins, who see nothing of the others.
+        self.host_sessions: dict[str, History] = {}
         self._last: dict[str, tuple[float, float]] = {}  # a counter's previous reading, for its rate
         self._task: asyncio.Task[None] | None = None
 
@@ -153,10 +155,20 @@ class Sampler:
                     continue
                 value = max(0.0, value - previous[1]) / (now - previous[0])
             self.histories[series.key].add(now, value)
+        by_host = Counter(session.host.name for session in self.server.sessions.all() if not session.elsewhere)
+        for name in {*by_host, *self.host_sessions}:
+            if name not in self.server.hosts:
+                self.host_sessions.pop(name, None)  # a tenant removed
+                continue
+            history = self.host_sessions.setdefault(name, History(Ring(self.histories["sessions"].hour.size)))
+            history.add(now, by_host.get(name, 0))
 
-    def points(self, key: str, span: str) -> list[tuple[float, float]]:
-        """The points of a series: every sample of the last hour, or the day's averages for 'day'."""
-        history = self.histories[key]
+    def points(self, key: str, span: str, host: str | None = None) -> list[tuple[float, float]]:
+        """The points of a series (of a host's sessions with `host`): every sample of the last hour, or the
+        day's averages for 'day'."""
+        history = self.histories[key] if host is None else self.host_sessions.get(host)
+        if history is None:
+            return []
         return history.day_points() if span == "day" else list(history.hour.points)
 
 

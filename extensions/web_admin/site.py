@@ -26,6 +26,7 @@ from aiohttp import web
 from extensions.abuse_limits import DENIED
 from extensions.web_admin.charts import line_chart
 from extensions.web_admin.sampler import DAY, HOUR, SERIES, Sampler, latest
+from s2s.manager import S2SManager
 from server.commands import XML, Command, CommandError, Context
 from server.host import server_admin
 from server.jid import JID, JIDError
@@ -85,11 +86,11 @@ class AdminSite:
     def hosts_of(self, actor: JID) -> list[Host]:
         return sorted((h for h in self.server.hosts.values() if h.is_admin(actor)), key=lambda h: h.name)
 
-    def _host(self, name: str, actor: JID) -> Host:
+    def _host(self, request: web.Request, name: str, actor: JID) -> Host:
         """The host of a page's path, which the actor administers: 403 otherwise, an unknown host alike."""
         host = self.server.hosts.get(name.lower())
         if host is None or not host.is_admin(actor):
-            raise self.login.forbidden("You do not administer this host.")
+            raise self.login.forbidden("You do not administer this host.", request)
         return host
 
     def url(self, *parts: str, **query: str) -> str:
@@ -107,10 +108,10 @@ class AdminSite:
             return await self.tenants(request, actor)
         if parts == ["federation"]:
             if not self.is_server_admin(actor):
-                raise self.login.forbidden("Only the server's admins see this page.")
+                raise self.login.forbidden("Only the server's admins see this page.", request)
             return await self.federation(request, actor)
         if parts[0] == "hosts" and len(parts) >= 2:
-            host = self._host(parts[1], actor)
+            host = self._host(request, parts[1], actor)
             section, item = (parts[2] if len(parts) > 2 else ""), "/".join(parts[3:])
             pages = {"": self.overview, "users": self.users, "rooms": self.rooms, "invites": self.invites,
                      "spam": self.spam, "config": self.config, "commands": self.commands}
@@ -123,7 +124,7 @@ class AdminSite:
         actor = await self.login.check_csrf(request, submitted)
         parts = request.path[len(self.prefix):].split("/")
         if len(parts) == 4 and parts[0] == "hosts" and parts[2] == "commands":
-            return await self.run(request, actor, self._host(parts[1], actor), parts[3], submitted)
+            return await self.run(request, actor, self._host(request, parts[1], actor), parts[3], submitted)
         raise web.HTTPNotFound()
 
     # --- the layout -------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ class AdminSite:
         if command is None:
             raise web.HTTPNotFound()
         if not command.allowed(host, actor):
-            raise self.login.forbidden("You may not run this command.")
+            raise self.login.forbidden("You may not run this command.", request)
         values = self._submitted(command, submitted)
         try:
             result = await command.run(Context(host, actor), command.parse_form(values))
@@ -262,7 +263,7 @@ class AdminSite:
         if item:
             command = self._command(item, host, actor)
             if command is None:
-                raise self.login.forbidden("You may not run this command, or it is not loaded.")
+                raise self.login.forbidden("You may not run this command, or it is not loaded.", request)
             return await self.command_page(request, actor, host, command)
         rows = [[f"<a href='{esc(self.url('hosts', host.name, 'commands', c.name))}'>{esc(c.title)}</a>",
                  f"<code>{esc(c.name)}</code>", esc(c.access)]
@@ -312,6 +313,13 @@ class AdminSite:
                  ("Modules", ", ".join(sorted(host.modules)))]
         rows = [[f"<th scope='row'>{esc(k)}</th>", esc(v)] for k, v in facts]
         html = "<table><tbody>" + "".join(f"<tr>{a}<td>{b}</td></tr>" for a, b in rows) + "</tbody></table>"
+        now = time.time()
+        charts = "".join(
+            f"<figure><figcaption>{esc(heading)}</figcaption>"
+            + line_chart(f"host-sessions-{span_name}", f"Client sessions of {host.name}", "sessions",
+                         self.sampler.points("sessions", span_name, host.name), span, now)
+            + "</figure>" for span_name, heading, span in SPANS)
+        html += f"<h2>Sessions on this server process</h2><div class='charts'>{charts}</div>"
         return self._page(request, actor, host.name, html, host)
 
     # --- users ------------------------------------------------------------------------------------------
@@ -489,11 +497,7 @@ class AdminSite:
 
     async def federation(self, request: web.Request, actor: JID) -> web.Response:
         host = self._first_host(actor)
-        links = [[esc(labels.get("direction", "")), esc(labels.get("state", "")), esc(int(value))]
-                 for family in self.server.metrics.registry.collect() if family.name == "parley_s2s_links"
-                 for _, labels, value, *_ in family.samples]
-        body = ["<h2>Links</h2>",
-                table(("Direction", "State", "Links"), links) if links else "<p>Federation is not running.</p>"]
+        body = ["<h2>Links</h2>", self._links()]
         for name in ("edit-blacklist", "edit-whitelist"):
             command = self._command(name, host, actor)
             if command is None:
@@ -507,6 +511,25 @@ class AdminSite:
         body.append("<h2>Configured policy</h2>" + table(("Setting", "Value"), [
             [esc(f.name), esc(_show(getattr(s2s, f.name)))] for f in dataclasses.fields(s2s)]))
         return self._page(request, actor, "Federation", "".join(body))
+
+    def _links(self) -> str:
+        """The server-to-server streams of this process, each with its domains and state."""
+        manager = self.server.s2s
+        if not isinstance(manager, S2SManager):
+            return "<p>Federation is not running (no s2s listener).</p>"
+        rows = []
+        for link in sorted(set(manager.links.values()), key=lambda link: (link.remote, link.local)):
+            state = ", ".join(f"{local}: {method}" for (local, _), method in sorted(link.methods.items()))
+            queued = sum(len(queue) for queue in link.queues.values())
+            rows.append(["outgoing", esc(link.local), esc(link.remote), esc(link.remote_ip or "-"),
+                         esc(state or "connecting"), esc(queued)])
+        for stream in sorted(manager.incoming, key=lambda stream: str(stream.remote)):
+            pairs = sorted(stream.pairs)
+            rows.append(["incoming", esc(", ".join(local for _, local in pairs) or stream.local or "-"),
+                         esc(", ".join(remote for remote, _ in pairs) or stream.remote or "-"),
+                         esc(stream.remote_ip or "-"), "authenticated" if pairs else "authenticating", "-"])
+        return table(("Direction", "Local domain", "Remote domain", "Address", "State", "Queued stanzas"), rows) \
+            if rows else "<p>No link now.</p>"
 
     async def tenants(self, request: web.Request, actor: JID) -> web.Response:
         host = self._first_host(actor)

@@ -377,8 +377,10 @@ async def reload_configuration(ctx: Context, args: dict[str, Any]) -> dict[str, 
     _reload_limits(server, config)
     _update(server.config.s2s, config.s2s)
     _update(server.config.logging, config.logging)
+    _update(server.config.tenants, config.tenants)  # for tenants created or served from now on
     await server.hooks.fire_all("server/reloaded", server)
-    if set(config.hosts) != set(server.hosts) or config.listeners != server.config.listeners \
+    configured = {name for name, host in server.hosts.items() if not host.tenant}
+    if set(config.hosts) != configured or config.listeners != server.config.listeners \
             or config.storage != server.config.storage:
         log.warning("reload_config: hosts, listeners and storage changed in %s take effect at the next restart",
                     server.config.source)
@@ -405,7 +407,8 @@ def _reload_certificates(server: Server, config: Config) -> None:
     """The hosts' certificates read again for connections from now on; one that does not load stops the reload."""
     if server.tls is None:
         return
-    hosts = {name: config.hosts.get(name, server.config.hosts[name]) for name in server.hosts}  # removed: at restart
+    # Hosts removed from the file go at the restart; tenants keep their own certificates.
+    hosts = {name: config.hosts.get(name, host.config) for name, host in server.hosts.items()}
     certs = {name: (hc.certificate, hc.key) for name, hc in hosts.items()}
     try:
         server.tls.reload(certs)
