@@ -22,6 +22,7 @@ import pytest
 from slixmpp import ClientXMPP
 
 from parley import COMMANDS, build_server
+from server.accounts import password_matches
 from server.config import DEFAULT_MODULES
 from server.jid import JID
 from server.storage import RosterItem
@@ -191,6 +192,27 @@ async def test_a_new_password_ends_the_old_one_the_other_sessions_and_the_fast_t
     assert await logs_in(site, "alice@localhost", "looking-glass")
     assert await site.xmpp.server.storage.fast.of_device("localhost", "alice", AGENT) == []
     assert await refused(site.xmpp, token)
+
+
+async def test_guessing_the_current_password_on_the_page_is_throttled(site: Site) -> None:
+    """Wrong current passwords count against the XMPP logins' throttle: a stolen page session is no cheaper way
+    to guess the password. After three, even the right one is refused for the lockout's length."""
+    await site.xmpp.add_user("alice")
+    site.xmpp.server.auth_throttle.lockout = 60.0  # as a reload of [limits] sets it: longer than this test
+    alerts = []
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        _, page = await http_login(http, site.url, "alice@localhost")
+        csrf = CSRF.search(page)
+        assert csrf is not None
+        for old in ("guess 1", "guess 2", "guess 3", "secret"):
+            async with http.post(f"{site.account}password", data={
+                    "old": old, "new": "stolen", "again": "stolen", "csrf": csrf.group(1)}) as response:
+                alert = re.search(r"role='alert' class='error'>([^<]*)<", await response.text())
+                assert response.status == 400 and alert is not None
+                alerts.append(alert.group(1))
+    assert alerts[:3] == ["The current password is wrong."] * 3
+    assert alerts[3].startswith("Too many failed attempts; try again in ")
+    assert await password_matches(site.xmpp.server.storage, "localhost", "alice", "secret")
 
 
 async def http_login(http: aiohttp.ClientSession, base: str, jid: str, password: str = "secret") -> tuple[int, str]:
