@@ -414,3 +414,16 @@ async def import_piefxis(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
         raise CommandError(f"cannot import {args['file']}: {exc}") from None
     log.info("%s imported %s: %s", ctx.actor, args["file"], report.summary())
     return {}
+
+
+@COMMANDS.command("export-own-account", "Export my account with its data as a XEP-0227 file", (),
+                  (Arg("document", "text", "The XEP-0227 document"),), access="user", offered=False)
+async def export_own_account(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
+    """The caller's own account, for the account page's download: the page is an extension, which may not
+    import this package, so it runs this command by name."""
+    user = ctx.actor.local
+    if ctx.actor.domain != ctx.host.name or user is None:
+        raise CommandError(f"{ctx.actor} is not an account of {ctx.host.name}")
+    document = await piefxis.export_account(ctx.host.server.storage, ctx.host.name, user)
+    log.info("%s exported their account", ctx.actor.bare)
+    return {"document": document}

@@ -14,6 +14,7 @@ Public API, used by ``parley import-piefxis``/``export-piefxis`` and by parleyct
   and so are users of hosts not in ``hosts``; each such problem is a line of ``ImportReport.problems``.
 - ``await export_piefxis(storage, directory, hosts)`` writes ejabberd's layout: one file per host and a
   ``server-data`` file that includes them (XInclude), and returns the path of that main file.
+- ``await export_account(storage, host, user)`` is one account's document, for the user to download.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from xml.parsers import expat
 from sqlalchemy import select
 
 from extensions.bookmarks import STORAGE as BOOKMARKS_STORAGE
-from extensions.bookmarks import note_imported
+from extensions.bookmarks import legacy_list, note_imported
 from server import ns
 from server.accounts import AccountError, credentials_for, prepare_username
 from server.jid import JID, JIDError
@@ -329,7 +330,21 @@ async def export_piefxis(storage: Storage, directory: Path, hosts: Sequence[str]
 
 
 def _write(path: Path, xml: str) -> None:
-    path.write_text("<?xml version='1.0' encoding='UTF-8'?>\n" + xml + "\n", encoding="utf-8")
+    path.write_text(_document(xml), encoding="utf-8")
+
+
+def _document(xml: str) -> str:
+    return "<?xml version='1.0' encoding='UTF-8'?>\n" + xml + "\n"
+
+
+async def export_account(storage: Storage, host: str, user: str) -> str:
+    """One account with all its data as a XEP-0227 document: a server-data file holding its host inline,
+    which `import_piefxis` (and ejabberd's and Prosody's importers) read as they read a whole export, so a
+    user can take their account to another server."""
+    user_el = await _export_user(storage, host, user, for_ejabberd=False)
+    server_data = Element(pie("server-data"))
+    SubElement(server_data, pie("host"), {"jid": host}).append(user_el)
+    return _document(serialize(server_data))
 
 
 async def _export_user(storage: Storage, host: str, user: str, for_ejabberd: bool) -> Element:
@@ -357,10 +372,15 @@ async def _export_user(storage: Storage, host: str, user: str, for_ejabberd: boo
     if vcard:
         el.append(parse_stored(vcard))
     keys = await storage.kv.keys(host, user, PRIVATE_STORE)
-    if keys:
+    # Bookmarks live in PEP (XEP-0402); exports carry them as XEP-0048 ones in private storage, where an
+    # import (Parley's, ejabberd's, Prosody's) looks. An imported list not converted yet is there already.
+    bookmarks = None if BOOKMARKS_STORAGE in keys else await legacy_list(storage, JID.make(user, host))
+    if keys or (bookmarks is not None and len(bookmarks)):
         query = SubElement(el, ns.qname(PRIVATE, "query"))
         for key in keys:
             query.append(parse_stored(await storage.kv.get(host, user, PRIVATE_STORE, key)))
+        if bookmarks is not None and len(bookmarks):
+            query.append(bookmarks)
     messages = await _offline_messages(storage, host, user)
     if messages:
         SubElement(el, pie("offline-messages")).extend(parse_stored(xml) for xml in messages)

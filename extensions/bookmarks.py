@@ -67,6 +67,19 @@ def conference(namespace: str, fields: Fields, jid: str | None = None) -> Elemen
     return out
 
 
+async def legacy_list(storage: Storage, user: JID) -> Element:
+    """The user's XEP-0048 list: a conference per native bookmark, then the URL bookmarks a legacy client kept.
+    From storage alone, so that an export (XEP-0227 carries bookmarks in this form) needs no loaded module."""
+    found = Element(STORAGE)
+    for item in await storage.pubsub.items(user.domain, user.local or "", NATIVE):
+        if item.payload:
+            found.append(conference(LEGACY, fields_of(parse_stored(item.payload)), item.id))
+    extras = await storage.kv.get(user.domain, user.local or "", Bookmarks.name, EXTRAS)
+    if extras is not None:
+        found.extend(fromstring(extras))
+    return found
+
+
 async def note_imported(storage: Storage, host: str) -> None:
     """An import left XEP-0048 lists in private storage: the module converts them at the host's next start."""
     await storage.kv.set(host, "", Bookmarks.name, IMPORTED, True)
@@ -113,14 +126,7 @@ class Bookmarks(Module):
         return {item.id: parse_stored(item.payload) for item in items if item.payload}
 
     async def legacy(self, user: JID) -> Element:
-        """The XEP-0048 list: a conference per native bookmark, then the URL bookmarks a legacy client kept."""
-        storage = Element(STORAGE)
-        for jid, native in (await self.native(user)).items():
-            storage.append(conference(LEGACY, fields_of(native), jid))
-        extras = await self.server.storage.kv.get(user.domain, user.local or "", self.name, EXTRAS)
-        if extras is not None:
-            storage.extend(fromstring(extras))
-        return storage
+        return await legacy_list(self.server.storage, user)
 
     async def from_legacy(self, user: JID, storage: Element) -> None:
         """A legacy client replaced the list: publish the rooms that changed, retract the ones left out."""

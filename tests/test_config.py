@@ -7,7 +7,7 @@ from server.config import DEFAULT_MODULES, ConfigError, load_config, parse_confi
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "parley.example.toml"
 # Modules the example loads beyond the built-in defaults: they need settings only a real deployment has.
 EXAMPLE_ONLY = ["external_services", "websocket", "host_meta", "bosh", "http_upload", "invites",
-                "spam_reporting", "block_strangers", "abuse_limits", "notifications", "web_admin"]
+                "spam_reporting", "block_strangers", "abuse_limits", "notifications", "web_admin", "account_page"]
 
 
 def error_of(data, **kwargs) -> ConfigError:
