@@ -5,7 +5,7 @@ Rows are never updated, except that a retracted message becomes its tombstone in
 internal ``id`` gives the archive's order, the ``stanza_id`` is the unpredictable UID clients see.
 ``with_jid``/``with_resource`` hold the other party of each message, so that every query filter is a
 condition on an indexed column. Bodies are indexed for full-text search by the database itself: an FTS5
-table on SQLite, fed in batches from a queue that a trigger fills (see ``index_bodies``), a generated
+table on SQLite, fed in batches from a queue that each write fills (see ``index_bodies``), a generated
 ``tsvector`` column with a GIN index on PostgreSQL (see the migration steps in
 :mod:`server.storage.schema`). Both treat a search as all of its words, case-insensitively.
 """
@@ -237,7 +237,7 @@ class ArchiveStore:
     async def index_bodies(self) -> None:
         """Index the bodies queued since the last time for full-text search (SQLite).
 
-        The insert's trigger only queues a row: indexed in batches, once a second or before a search, a
+        A write only queues its rows' bodies: indexed in batches, once a second or before a search, a
         body costs FTS5 a fraction of what it did one transaction at a time.
         """
         async with self._writer.begin() as conn:

@@ -489,7 +489,7 @@ def _step_12(conn: Connection) -> None:
 
 def _step_13(conn: Connection) -> None:
     """SQLite: the archive's writer queues its rows' bodies for the full-text index itself, one statement per
-    batch (ArchiveStore._insert), instead of a trigger per row: the trigger cost as much as the row's own four
+    batch (ArchiveStore._insert), instead of a trigger per row: the trigger cost nearly as much as the row's four
     indexes (about 20 µs of CPU per row in batches of 1,000). Rows already queued stay queued."""
     if conn.dialect.name == "sqlite":
         conn.execute(text("DROP TRIGGER IF EXISTS archive_fts_enqueue"))
