@@ -79,13 +79,13 @@ def body(rng: random.Random, n: int) -> str:
 
 
 async def fill(server: ParleyOnStore, messages: int, contacts: int) -> dict[str, Any]:
-    """Create the owner and write the archive straight into the store, oldest first."""
+    """Create the owner and write the archive through its store, oldest first."""
     from sqlalchemy import text
 
     from server.config import load_config
     from server.registry import available
     from server.storage import open_storage
-    from server.storage.schema import archive
+    from server.storage.archive import NewMessage
 
     await server.setup([OWNER], PASSWORD, {})
     config = load_config(server.config_file, known_modules=available())
@@ -105,15 +105,13 @@ async def fill(server: ParleyOnStore, messages: int, contacts: int) -> dict[str,
                 sid = f"bench-{n:08d}"
                 sender, receiver = (f"{OWNER}@{domain}/phone", contact) if outgoing else \
                     (f"{contact}/laptop", f"{OWNER}@{domain}")
-                rows.append({
-                    "host": domain, "username": OWNER, "stanza_id": sid, "stamp": start + step * n,
-                    "with_jid": contact, "with_resource": None if outgoing else "laptop", "body": text_,
-                    "stanza_xml": f"<message xmlns='jabber:client' from='{sender}' to='{receiver}' type='chat' "
-                                  f"id='m{n}'><body>{text_}</body><origin-id xmlns='urn:xmpp:sid:0' "
-                                  f"id='o{n}'/></message>",
-                })
-            async with storage.engine.begin() as conn:
-                await conn.execute(archive.insert(), rows)
+                rows.append(NewMessage(
+                    sid, start + step * n, contact, None if outgoing else "laptop", text_,
+                    f"<message xmlns='jabber:client' from='{sender}' to='{receiver}' type='chat' "
+                    f"id='m{n}'><body>{text_}</body><origin-id xmlns='urn:xmpp:sid:0' id='o{n}'/></message>",
+                ))
+            # Through the store, as the archive module writes: it queues the bodies for the full-text index.
+            await storage.archive.append_many(domain, OWNER, rows)
             print(f"  {min(first + BATCH, messages):,} messages written", file=sys.stderr, end="\r", flush=True)
         async with storage.engine.begin() as conn:
             await conn.execute(text("ANALYZE"))

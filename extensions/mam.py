@@ -150,7 +150,7 @@ class Mam(Module):
         if not await self._wanted(user, other):
             return None
         uid = _uids.next()
-        body = " ".join(b.text for b in el.iterfind(BODY) if b.text) or None
+        body = " ".join([b.text for b in el if b.tag == BODY and b.text]) or None  # iterfind() parses a path
         written = self.server.storage.archive.append(user.domain, user.local or "", uid, datetime.now(UTC),
                                                      str(other.bare), other.resource, body, serialize(el))
         SubElement(el, STANZA_ID, {"id": uid, "by": str(user)})

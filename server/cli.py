@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
-from server import backup
+from server import backup, collector
 from server.accounts import AccountError, create_account, prepare_username, set_password
 from server.backup import BackupError
 from server.config import (
@@ -174,6 +174,7 @@ async def _serve_worker(config: Config, build: Callable[[Config], Server], index
     cluster = Cluster(server, index, config.cluster)
     await cluster.start()
     await server.start()
+    collector.settle()
     os.write(ready, b"+")
     waits = [loop.create_task(signalled.wait()), loop.create_task(server.finished.wait())]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -205,6 +206,7 @@ async def _serve(config: Config, build: Callable[[Config], Server]) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, server.control.reload_soon)  # `systemctl reload`
     await server.start()
+    collector.settle()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the banner, which tells scripts the server is up
         loop.add_signal_handler(sig, server.plan, False)
     _banner(config, created)

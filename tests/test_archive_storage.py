@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,16 @@ async def fill(storage: Storage, user: str, count: int) -> None:
     for i in range(count):
         await storage.archive.append(H, user, f"{user}-{i}", T0 + timedelta(hours=i), "carol@example.com", None,
                                      f"apple {user} {i}", f"<message><body>apple {i}</body></message>")
+
+
+async def fill_as_written_then(storage: Storage, user: str, count: int) -> None:
+    """What ``fill`` stores, inserted as rows alone: on a database of an earlier schema version its
+    triggers indexed or queued the bodies, where today's writer queues them itself (step 13)."""
+    async with storage.engine.begin() as conn:
+        await conn.execute(schema.archive.insert(), [
+            {"host": H, "username": user, "stanza_id": f"{user}-{i}", "stamp": T0 + timedelta(hours=i),
+             "with_jid": "carol@example.com", "with_resource": None, "body": f"apple {user} {i}",
+             "stanza_xml": f"<message><body>apple {i}</body></message>"} for i in range(count)])
 
 
 async def test_deleting_an_account_deletes_its_archive_only(storage: Storage) -> None:
@@ -117,7 +127,7 @@ async def test_rows_indexed_by_the_old_trigger_stay_searchable_and_deletable(
     url = f"sqlite:///{tmp_path / 'p.db'}"
     monkeypatch.setattr(schema, "STEPS", schema.STEPS[:4])
     old = await open_storage(url)
-    await fill(old, "alice", 3)
+    await fill_as_written_then(old, "alice", 3)
     await old.close()
     monkeypatch.undo()
     storage = await open_storage(url)
@@ -132,3 +142,66 @@ async def test_rows_indexed_by_the_old_trigger_stay_searchable_and_deletable(
             await conn.execute(text("INSERT INTO archive_fts(archive_fts) VALUES ('integrity-check')"))
     finally:
         await storage.close()
+
+
+async def test_rows_queued_by_the_trigger_before_step_13_are_indexed_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 13 drops the trigger that queued each row's body; what it had queued is indexed all the same, and
+    the writer queues new bodies itself, in both of SQLite's write paths (inline and aiosqlite's)."""
+    monkeypatch.setattr(archive, "INDEX_DELAY", 60)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    every_step = schema.STEPS
+    monkeypatch.setattr(schema, "STEPS", every_step[:11])
+    old = await open_storage(url)
+    await fill_as_written_then(old, "alice", 2)
+    assert await fts_rows(old, "apple") == (0, 2)
+    await old.close()
+    monkeypatch.setattr(schema, "STEPS", every_step)
+    storage = await open_storage(url)
+    try:
+        async with storage.engine.connect() as conn:
+            found = await conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+            triggers = set(found.scalars())
+        assert triggers == {"archive_fts_delete"}
+        await fill(storage, "bob", 2)
+        await storage.archive.append(H, "bob", "bob-silent", T0, "carol@example.com", None, None, "<message/>")
+        assert await fts_rows(storage, "apple") == (0, 4)  # the body-less row is not queued
+        await storage.archive.append_many(H, "carol", [
+            archive.NewMessage("carol-0", T0, "bob@example.com", None, "apple carol", "<message/>")])
+        page = await storage.archive.query(H, "bob", ArchiveFilter(text="apple"), 10)
+        assert [m.id for m in page.messages] == ["bob-0", "bob-1"]
+        assert await fts_rows(storage, "apple") == (5, 0)
+        assert (await storage.archive.query(H, "alice", ArchiveFilter(text="apple"), 10)).count == 2
+        assert await storage.archive.expire(H, T0 + timedelta(minutes=30)) == 4  # those stamped T0, all indexed by then
+        assert await fts_rows(storage, "apple") == (2, 0)
+        async with storage.engine.connect() as conn:
+            await conn.execute(text("INSERT INTO archive_fts(archive_fts) VALUES ('integrity-check')"))
+    finally:
+        await storage.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///:memory:", "file"])
+async def test_both_sqlite_write_paths_queue_bodies_for_the_index(url: str, tmp_path: Path) -> None:
+    """A file is written inline, an in-memory database through aiosqlite: each queues the bodies it writes."""
+    storage = await open_storage(f"sqlite:///{tmp_path / 'p.db'}" if url == "file" else url)
+    try:
+        await fill(storage, "alice", 3)
+        await storage.archive.append(H, "alice", "silent", T0, "carol@example.com", None, None, "<message/>")
+        assert await fts_rows(storage, "apple") == (0, 3)
+        page = await storage.archive.query(H, "alice", ArchiveFilter(text="apple 2"), 10)
+        assert [m.id for m in page.messages] == ["alice-2"]
+    finally:
+        await storage.close()
+
+
+def test_stamps_are_stored_as_sqlalchemy_stores_them_on_sqlite() -> None:
+    """The writer formats stamps itself (archive.sqlite_stamp); queries compare them with SQLAlchemy's."""
+    dialect = archive._SQLITE
+    processor = schema.archive.c.stamp.type.dialect_impl(dialect).bind_processor(dialect)
+    east = timezone(timedelta(hours=5, minutes=30))
+    for stamp in (datetime.now(UTC), T0, datetime(5, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+                  datetime(2024, 5, 1, 3, 0, tzinfo=east), datetime(2024, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)):
+        assert archive.sqlite_stamp(stamp) == processor(stamp)
+    with pytest.raises(ValueError, match="naive"):
+        archive.sqlite_stamp(datetime(2024, 5, 1))

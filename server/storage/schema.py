@@ -511,8 +511,16 @@ def _step_12(conn: Connection) -> None:
     tenants.create(conn)
 
 
+def _step_13(conn: Connection) -> None:
+    """SQLite: the archive's writer queues its rows' bodies for the full-text index itself, one statement per
+    batch (ArchiveStore._insert), instead of a trigger per row: the trigger cost nearly as much as the row's four
+    indexes (about 20 µs of CPU per row in batches of 1,000). Rows already queued stay queued."""
+    if conn.dialect.name == "sqlite":
+        conn.execute(text("DROP TRIGGER IF EXISTS archive_fts_enqueue"))
+
+
 STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7,
-                                             _step_8, _step_9, _step_10, _step_11, _step_12]
+                                             _step_8, _step_9, _step_10, _step_11, _step_12, _step_13]
 
 
 class SchemaTooNew(RuntimeError):
