@@ -8,7 +8,8 @@ Two measurements, each in fresh processes:
   `parley` (what is left for Parley's own modules), in the order `parley serve` meets them;
 * phases: `parley serve` with the benchmark's configuration (bench.servers.Parley, minimal profile, its
   http listener included) at rest after start, after one login, at the peak of a storm of `--clients`
-  clients logging in over and over (sampled every 20 ms), at its end and 2 s after, with its thread count.
+  clients logging in over and over (SCRAM-SHA-1 over STARTTLS, or `--plain`; sampled every 20 ms), at its
+  end and 2 s after, with its thread count.
 
 It judges nothing: it prints the figures that docs/benchmarks.md's memory section quotes.
 """
@@ -63,7 +64,7 @@ def _threads(pid: int) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("Threads"))
 
 
-async def phases(clients: int, seconds: float, address: str) -> dict[str, Any]:
+async def phases(clients: int, seconds: float, address: str, plain: bool) -> dict[str, Any]:
     """RSS (KiB) and threads of `parley serve` at each phase of a login storm."""
     size = {**SIZES["quick"], "clients": clients, "duration": seconds}
     with tempfile.TemporaryDirectory(prefix="parley-memory-") as workdir:
@@ -74,14 +75,15 @@ async def phases(clients: int, seconds: float, address: str) -> dict[str, Any]:
         try:
             pid = server.pid
             found: dict[str, Any] = {"at rest after start": (rss_kib(pid), _threads(pid))}
-            conn = await login(server.target, "u0", PASSWORD, "first", LoginOptions(mechanism="SCRAM-SHA-1",
-                                                                                     starttls=True))
+            options = LoginOptions(mechanism="PLAIN" if plain else "SCRAM-SHA-1", starttls=not plain)
+            conn = await login(server.target, "u0", PASSWORD, "first", options)
             conn.close()
             await asyncio.sleep(0.5)
             found["after one login"] = (rss_kib(pid), _threads(pid))
             peak = [0, 0]
-            spec = {**size, "kind": "login", "mechanism": "SCRAM-SHA-1", "starttls": True, "password": PASSWORD,
-                    "server_pid": pid, "time_limit": _time_limit("login", size), "bosh_url": None, "bosh_pairs": 0,
+            spec = {**size, "kind": "login", "mechanism": options.mechanism, "starttls": options.starttls,
+                    "password": PASSWORD, "server_pid": pid, "time_limit": _time_limit("login", size),
+                    "bosh_url": None, "bosh_pairs": 0,
                     "target": {"address": server.address, "port": server.port, "domain": server.domain,
                                "http_port": server.http_port, "ws_path": server.ws_path}}
             storm = asyncio.ensure_future(_loadgen(spec, None))
@@ -105,15 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the measured storm")
     parser.add_argument("--address", default="127.0.7.4", help="loopback address for the server (port 5222)")
+    parser.add_argument("--plain", action="store_true", help="PLAIN without TLS (PBKDF2 in the server's threads)")
     args = parser.parse_args(argv)
     print("import                                    adds MiB  total MiB")
     for name, added, total in imports():
         label = f"({name}: not imported)" if name in AVOIDED else name
         print(f"{label:40s} {added / 1024:9.1f} {total / 1024:10.1f}")
     started = time.monotonic()
-    found = asyncio.run(phases(args.clients, args.seconds, args.address))
+    found = asyncio.run(phases(args.clients, args.seconds, args.address, args.plain))
     rate = found.pop("logins/s")
-    print(f"\nphase (parley serve, {args.clients} clients, SCRAM-SHA-1 + STARTTLS)   RSS MiB  threads")
+    login_kind = "PLAIN" if args.plain else "SCRAM-SHA-1 + STARTTLS"
+    print(f"\nphase (parley serve, {args.clients} clients, {login_kind})".ljust(53) + "RSS MiB  threads")
     for phase, (kib, threads) in found.items():
         print(f"{phase:52s} {kib / 1024:8.1f} {threads:8d}")
     print(f"storm: {rate or 0:.0f} logins/s; {time.monotonic() - started:.0f} s in all")
