@@ -56,15 +56,17 @@ def tls_server_end_point(cert_der: bytes) -> bytes:
     oid = _signature_algorithm(cert_der)
     if oid in _NO_HASH:
         raise ValueError("tls-server-end-point is undefined for signatures without a hash")
-    name = _SIGNATURE_HASHES.get(oid) or _hash_by_cryptography(cert_der)
-    return hashlib.new(name, cert_der).digest()
+    name = _SIGNATURE_HASHES.get(oid)
+    return hashlib.new(name, cert_der).digest() if name else _end_point_by_cryptography(cert_der)
 
 
-def _hash_by_cryptography(cert_der: bytes) -> str:
-    """The signature hash of a certificate signed with an algorithm not in _SIGNATURE_HASHES: `cryptography`
-    (some 10 MiB of resident memory, which a server whose certificates are all RSA or ECDSA does without)."""
+def _end_point_by_cryptography(cert_der: bytes) -> bytes:
+    """The binding of a certificate signed with an algorithm not in _SIGNATURE_HASHES, read and hashed by
+    `cryptography` (some 10 MiB of resident memory, which a server whose certificates are all RSA or ECDSA
+    does without)."""
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes
 
     cert = x509.load_der_x509_certificate(cert_der)
     try:
@@ -73,8 +75,11 @@ def _hash_by_cryptography(cert_der: bytes) -> str:
         raise ValueError(f"unsupported certificate signature algorithm: {exc}") from exc
     if algorithm is None:
         raise ValueError("tls-server-end-point is undefined for signatures without a hash")
-    name = algorithm.name.lower()
-    return "sha256" if name in _UPGRADED_HASHES else name
+    if algorithm.name.lower() in _UPGRADED_HASHES:
+        return hashlib.sha256(cert_der).digest()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert_der)
+    return digest.finalize()
 
 
 def _signature_algorithm(cert_der: bytes) -> str:
