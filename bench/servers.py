@@ -347,6 +347,7 @@ tls = "starttls"
         from server.config import load_config
         from server.registry import available
         from server.storage import open_storage
+        from server.tls import ensure_certificate
 
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
@@ -354,6 +355,8 @@ tls = "starttls"
             await pg_fresh_schema(self.pg_role)
         config = load_config(self.config_file, known_modules=available())
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        for name, host in config.hosts.items():  # as the peers' certificates, made before their first start
+            ensure_certificate(name, host.certificate, host.key)
         storage = await open_storage(config.storage.url)
         loop = asyncio.get_running_loop()
         try:

@@ -16,14 +16,14 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any
 
 from server.config import Config, ConfigError, load_config, parse_config
 from server.options import check_option
 from server.registry import load
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 ALWAYS = ("presence",)  # Parley modules every server needs; ejabberd has them in its core
 STORAGE_SCHEMA = "parley"  # Parley's tables in ejabberd's PostgreSQL database, beside (never inside) ejabberd's
@@ -463,6 +463,8 @@ def _certfiles(t: _Translation, patterns: list[Any]) -> None:
         if b"PRIVATE KEY-----" in pem:
             keys.setdefault(path.parent, path)
         if b"CERTIFICATE-----" in pem:
+            from cryptography import x509  # here only: 10 MiB of resident memory, for an ejabberd.yml's certfiles
+
             try:
                 certs.append((path, _names(x509.load_pem_x509_certificate(pem)), pem.count(b"BEGIN CERTIFICATE")))
             except ValueError:
@@ -481,6 +483,9 @@ def _certfiles(t: _Translation, patterns: list[Any]) -> None:
 
 
 def _names(cert: x509.Certificate) -> list[str]:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
                     .get_values_for_type(x509.DNSName))

@@ -6,20 +6,28 @@ stream header; Direct TLS (XEP-0368) only learns it from SNI, so its context swi
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import os
+import re
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import idna
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from server.jid import JID, JIDError
 from server.sasl.channel_binding import warn_if_exporter_unavailable
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# The first certificate of a PEM file (a chain file's is the server's own), as cryptography's
+# load_pem_x509_certificate reads it; `cryptography` itself (10 MiB of resident memory) is imported only to
+# generate a certificate.
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
 
 CERT_VALIDITY = datetime.timedelta(days=3650)
 
@@ -42,6 +50,9 @@ def ensure_certificate(host: str, cert_path: Path, key_path: Path) -> bool:
         present, missing = (cert_path, key_path) if have_cert else (key_path, cert_path)
         raise TlsError(f"TLS files for {host}: {present} exists but {missing} does not; "
                        "provide both or remove it to generate a self-signed pair")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _self_signed(host, key)
     try:
@@ -59,6 +70,10 @@ def ensure_certificate(host: str, cert_path: Path, key_path: Path) -> bool:
 
 
 def _self_signed(host: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
     now = datetime.datetime.now(datetime.UTC)
     return (
@@ -78,6 +93,8 @@ def _self_signed(host: str, key: ec.EllipticCurvePrivateKey) -> x509.Certificate
 
 
 def _alt_names(host: str) -> list[x509.GeneralName]:
+    from cryptography import x509
+
     try:
         return [x509.IPAddress(ipaddress.ip_address(host.strip("[]")))]
     except ValueError:
@@ -184,12 +201,15 @@ class TlsContexts:
         if der is None:
             cert_path = self._files[name][0]
             try:
-                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+                found = _PEM_CERTIFICATE.search(cert_path.read_bytes())
+                if found is None:
+                    raise ValueError("no BEGIN CERTIFICATE block")
+                der = base64.b64decode(b"".join(found[1].split()), validate=True)
             except OSError as exc:
                 raise TlsError(f"cannot read certificate {cert_path}: {exc.strerror}") from None
-            except ValueError as exc:
+            except ValueError as exc:  # binascii.Error included
                 raise TlsError(f"certificate {cert_path} is not a valid PEM certificate: {exc}") from None
-            der = self._der[name] = cert.public_bytes(serialization.Encoding.DER)
+            self._der[name] = der
         return der
 
     def _pick(self, host: str | None) -> str:

@@ -76,18 +76,52 @@ def test_the_core_names_no_plugin_module_by_string() -> None:
 
 # Imported only by a process whose configuration uses them (the Redis client with a cluster, dnspython with
 # federation or `parley check`, asyncpg with ejabberd's SQL import, aiohttp with an http listener...): each
-# is some MiB of resident memory in every process otherwise.
+# is some MiB of resident memory in every process otherwise. SQLAlchemy's ORM (7 MiB), which the package
+# `sqlalchemy.ext.asyncio` imports, is never needed: the storage loads only its engine module. `cryptography`
+# (10 MiB) only generates certificates: TLS and its channel binding work without it on an RSA or ECDSA one.
 OPTIONAL = ("redis", "dns", "asyncpg", "yaml", "prometheus_client", "aiohttp", "PIL", "sqlalchemy.dialects.postgresql",
-            "s2s.manager", "ejabberd_compat.http_api")
+            "s2s.manager", "ejabberd_compat.http_api", "sqlalchemy.orm", "sqlalchemy.ext.asyncio", "cryptography")
 
 
-def test_the_server_loads_optional_parts_only_when_configured() -> None:
-    code = ("import sys, parley\n"
+def test_the_server_loads_optional_parts_only_when_configured(tmp_path: Path) -> None:
+    from server.tls import ensure_certificate
+
+    cert, key = tmp_path / "localhost.crt", tmp_path / "localhost.key"
+    ensure_certificate("localhost", cert, key)  # as a server's first start did
+    code = ("import asyncio, sys, parley\n"
             "from server.config import parse_config\n"
             "from server.registry import available\n"
+            "from server.sasl.channel_binding import tls_server_end_point\n"
+            "from server.storage import open_storage\n"
+            "from server.tls import TlsContexts\n"
             "config = parse_config({'listeners': [{'type': 'c2s', 'address': '127.0.0.1', 'port': 5222}],"
-            " 'hosts': {'localhost': {}}}, known_modules=available())\n"
+            f" 'hosts': {{'localhost': {{'certificate': '{cert}', 'key': '{key}'}}}}}}, known_modules=available())\n"
             "parley.build_server(config)\n"
+            f"tls = TlsContexts({{'localhost': ('{cert}', '{key}')}})\n"
+            "assert len(tls_server_end_point(tls.cert_der('localhost'))) == 32\n"
+            "async def used() -> None:\n"
+            f"    storage = await open_storage('sqlite:///{tmp_path / 'parley.db'}')\n"
+            "    await storage.accounts.get('localhost', 'nobody')\n"
+            "    async with storage.engine.connect() as conn:\n"
+            "        await conn.exec_driver_sql('SELECT 1')\n"
+            "    await storage.close()\n"
+            "asyncio.run(used())\n"
             f"print(' '.join(m for m in {OPTIONAL!r} if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert loaded.stdout.split() == []
+
+
+def test_the_orm_imported_after_the_storage_gets_the_same_engine_classes() -> None:
+    """The storage loads `sqlalchemy.ext.asyncio.engine` without its package; importing the package afterwards
+    (as a tool using the ORM would) must still work, with one AsyncEngine class for both."""
+    code = ("import asyncio\n"
+            "from server.storage.engine import make_engine\n"
+            "from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession\n"
+            "from sqlalchemy import text\n"
+            "engine, _ = make_engine('sqlite:///:memory:')\n"
+            "async def query() -> int:\n"
+            "    async with AsyncSession(engine) as session:\n"
+            "        return (await session.execute(text('SELECT 7'))).scalar_one()\n"
+            "print(isinstance(engine, AsyncEngine), asyncio.run(query()))")
+    found = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert found.stdout.split() == ["True", "7"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
@@ -75,6 +75,42 @@ def test_end_point_undefined_for_ed25519() -> None:
     cert = self_signed(ed25519.Ed25519PrivateKey.generate(), None)
     with pytest.raises(ValueError):
         tls_server_end_point(cert.public_bytes(serialization.Encoding.DER))
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.mark.parametrize("algorithm", [hashes.SHA224(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512()],
+                         ids=lambda a: a.name)
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa"])
+def test_end_point_hash_read_from_the_der_agrees_with_cryptography(
+    kind: str, algorithm: hashes.HashAlgorithm, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """The signature algorithm is read from the certificate's DER without `cryptography`: the same hash."""
+    cert = self_signed(rsa_key if kind == "rsa" else ec_key, algorithm)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert cert.signature_hash_algorithm is not None
+    assert tls_server_end_point(der) == hashlib.new(cert.signature_hash_algorithm.name, der).digest()
+
+
+def test_end_point_of_an_rsa_pss_certificate_takes_the_hash_from_its_parameters(rsa_key: rsa.RSAPrivateKey) -> None:
+    """RSASSA-PSS names its hash in the algorithm's parameters: left to `cryptography`, which reads them."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "parley.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(rsa_key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(rsa_key, hashes.SHA384(),
+                  rsa_padding=padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=padding.PSS.DIGEST_LENGTH)))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert tls_server_end_point(der) == hashlib.sha384(der).digest()
+
+
+@pytest.mark.parametrize("der", [b"", b"\x30", b"\x30\x84\xff\xff\xff\xff", b"\x04\x02ab", b"\x30\x03\x30\x01\x00"])
+def test_end_point_of_something_that_is_no_certificate_is_an_error(der: bytes) -> None:
+    with pytest.raises(ValueError):
+        tls_server_end_point(der)
 
 
 @pytest.fixture(scope="module")

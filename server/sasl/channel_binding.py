@@ -10,14 +10,11 @@ object layout matches what we read. Anything unexpected makes it return None.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import ssl
 from typing import Any
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 
 __all__ = ["EXPORTER_AVAILABLE", "tls_exporter", "tls_server_end_point", "warn_if_exporter_unavailable"]
 
@@ -26,17 +23,51 @@ log = logging.getLogger("parley.tls")
 _EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
 _EXPORTER_LENGTH = 32
 
-# RFC 5929 §4.1: MD5 and SHA-1 are upgraded to SHA-256; others are used as is.
+# RFC 5929 §4.1: the hash of the certificate's signature algorithm, MD5 and SHA-1 upgraded to SHA-256. The
+# signature algorithms of the certificates servers use, by OID; a certificate signed otherwise (RSASSA-PSS,
+# whose hash is in its parameters, SHA-3...) is read by `cryptography`, imported then only.
+_SIGNATURE_HASHES = {
+    "1.2.840.113549.1.1.4": "sha256",  # md5WithRSAEncryption, upgraded
+    "1.2.840.113549.1.1.5": "sha256",  # sha1WithRSAEncryption, upgraded
+    "1.2.840.113549.1.1.11": "sha256",
+    "1.2.840.113549.1.1.12": "sha384",
+    "1.2.840.113549.1.1.13": "sha512",
+    "1.2.840.113549.1.1.14": "sha224",
+    "1.2.840.10045.4.1": "sha256",  # ecdsa-with-SHA1, upgraded
+    "1.2.840.10045.4.3.1": "sha224",
+    "1.2.840.10045.4.3.2": "sha256",
+    "1.2.840.10045.4.3.3": "sha384",
+    "1.2.840.10045.4.3.4": "sha512",
+}
+# Signatures without a separate hash function, for which the binding is undefined.
+_NO_HASH = {"1.3.101.112", "1.3.101.113"}  # Ed25519, Ed448
 _UPGRADED_HASHES = {"md5", "sha1"}
 
 
+@functools.lru_cache(maxsize=16)
 def tls_server_end_point(cert_der: bytes) -> bytes:
     """Hash the server certificate with its signature hash (RFC 5929 §4.1).
 
     Raises ValueError when the binding is undefined for this certificate
     (e.g. Ed25519/Ed448 signatures, which use no separate hash function),
-    so the caller knows not to offer tls-server-end-point.
+    so the caller knows not to offer tls-server-end-point. Kept per certificate: every TLS
+    stream asks, and the server has a handful of certificates.
     """
+    oid = _signature_algorithm(cert_der)
+    if oid in _NO_HASH:
+        raise ValueError("tls-server-end-point is undefined for signatures without a hash")
+    name = _SIGNATURE_HASHES.get(oid)
+    return hashlib.new(name, cert_der).digest() if name else _end_point_by_cryptography(cert_der)
+
+
+def _end_point_by_cryptography(cert_der: bytes) -> bytes:
+    """The binding of a certificate signed with an algorithm not in _SIGNATURE_HASHES, read and hashed by
+    `cryptography` (some 10 MiB of resident memory, which a server whose certificates are all RSA or ECDSA
+    does without)."""
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes
+
     cert = x509.load_der_x509_certificate(cert_der)
     try:
         algorithm = cert.signature_hash_algorithm
@@ -44,12 +75,50 @@ def tls_server_end_point(cert_der: bytes) -> bytes:
         raise ValueError(f"unsupported certificate signature algorithm: {exc}") from exc
     if algorithm is None:
         raise ValueError("tls-server-end-point is undefined for signatures without a hash")
-    name = algorithm.name.lower()
-    if name in _UPGRADED_HASHES:
+    if algorithm.name.lower() in _UPGRADED_HASHES:
         return hashlib.sha256(cert_der).digest()
     digest = hashes.Hash(algorithm)
     digest.update(cert_der)
     return digest.finalize()
+
+
+def _signature_algorithm(cert_der: bytes) -> str:
+    """The dotted OID of a DER certificate's signatureAlgorithm (RFC 5280 §4.1.1.2): the second element of
+    the outer SEQUENCE, after tbsCertificate. Raises ValueError when the DER is not so shaped."""
+    body, _ = _der(cert_der, 0, 0x30)
+    tbs_end = _der(cert_der, body, 0x30)[1]
+    algorithm, _ = _der(cert_der, tbs_end, 0x30)
+    start, end = _der(cert_der, algorithm, 0x06)
+    return _dotted(cert_der[start:end])
+
+
+def _der(data: bytes, at: int, tag: int) -> tuple[int, int]:
+    """Where the content of the DER element at `at`, which must have `tag`, starts and ends."""
+    if at + 2 > len(data) or data[at] != tag:
+        raise ValueError("not a DER certificate")
+    length, at = data[at + 1], at + 2
+    if length & 0x80:  # long form: the next (length & 0x7f) bytes hold the length
+        size = length & 0x7F
+        if not 0 < size <= 4 or at + size > len(data):
+            raise ValueError("not a DER certificate")
+        length, at = int.from_bytes(data[at:at + size], "big"), at + size
+    if at + length > len(data):
+        raise ValueError("not a DER certificate")
+    return at, at + length
+
+
+def _dotted(oid: bytes) -> str:
+    """An OBJECT IDENTIFIER's content octets as dotted text (X.690 §8.19)."""
+    arcs, value = [], 0
+    for byte in oid:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    if not arcs:
+        raise ValueError("not a DER certificate")
+    first = min(arcs[0] // 40, 2)
+    return ".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]]))
 
 
 class _Exporter:

@@ -6,7 +6,7 @@ migrations of :mod:`server.storage.schema` and returns a :class:`Storage` groupi
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from typing import TYPE_CHECKING
 
 from server.storage.accounts import Account, AccountStore, Credentials, StoredCredentials
 from server.storage.archive import ArchiveStore
@@ -22,6 +22,9 @@ from server.storage.roster import RosterItem, RosterStore
 from server.storage.schema import migrate
 from server.storage.tenants import TenantStore
 from server.storage.uploads import UploadStore
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "Account",

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.storage.engine import dialect_insert, read, user_params, user_rows, writer
 from server.storage.schema import (
@@ -26,6 +25,9 @@ from server.storage.schema import (
     roster_versions,
     uploads,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 # An account with its credentials (one row per hash, or one with NULL credentials), read at every login.
 _ACCOUNT = (

@@ -19,15 +19,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Integer, case, column, delete, func, literal, literal_column, select, text, update
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.metrics import LatencyHistogram
 from server.storage.engine import Outage, storage_condition, user_rows, writer
 from server.storage.schema import archive
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 _WORD = re.compile(r"\w+")
 INDEX_DELAY = 1.0  # seconds from an archive write to indexing its bodies for full-text search (SQLite)

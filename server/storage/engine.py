@@ -21,26 +21,59 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib.util
 import logging
 import os
 import re
 import sqlite3
+import sys
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import ColumnElement, Table, bindparam, create_engine, event, make_url, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects import postgresql
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+
+def _asyncio_engine_module() -> ModuleType:
+    """SQLAlchemy's asyncio engine (``sqlalchemy.ext.asyncio.engine``) without its package's ``__init__``.
+
+    That ``__init__`` also imports the ORM's ``AsyncSession``, hence all of ``sqlalchemy.orm``: some 7 MiB of
+    resident memory in every process for what Parley, which uses Core alone, never calls. The package stands
+    in as a bare module while its engine module loads, and is taken out again: code that imports
+    ``sqlalchemy.ext.asyncio`` later (the ORM's users) runs the real ``__init__``, which finds this same
+    engine module, so there is one ``AsyncEngine`` class either way. The other storage modules import these
+    names for their annotations only (``TYPE_CHECKING``); tests/test_architecture.py checks that the ORM
+    stays out.
+    """
+    package = "sqlalchemy.ext.asyncio"
+    if package in sys.modules:  # the ORM's users came first: nothing to save
+        from sqlalchemy.ext.asyncio import engine as loaded
+
+        return loaded
+    spec = importlib.util.find_spec(package)
+    assert spec is not None
+    sys.modules[package] = importlib.util.module_from_spec(spec)  # the package's module, its __init__ not run
+    try:
+        from sqlalchemy.ext.asyncio import engine as asyncio_engine
+    finally:
+        del sys.modules[package]
+    return asyncio_engine
+
+
+if not TYPE_CHECKING:
+    create_async_engine = _asyncio_engine_module().create_async_engine
 
 log = logging.getLogger("parley.storage")
 T = TypeVar("T")

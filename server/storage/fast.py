@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, delete, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import read, user_rows, writer
 from server.storage.schema import fast_tokens
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 _COUNT_SQL = "UPDATE fast_tokens SET count = ? WHERE seed = ? AND count < ?"
 _RETIRE_SQL = "DELETE FROM fast_tokens WHERE seed = ?"

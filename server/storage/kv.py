@@ -9,13 +9,15 @@ from __future__ import annotations
 import secrets
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import bindparam, delete, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import dialect_insert, read, upsert, user_params, user_rows, writer
 from server.storage.schema import kv
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.storage.engine import upsert, writer
 from server.storage.schema import kv, muc_affiliations, muc_rooms
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 _STORE, _VCARD = "muc", "vcard"  # where in the key-value table a room's vCard is
 

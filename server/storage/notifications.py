@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import dialect_insert, user_rows, writer
 from server.storage.schema import notify_outbox, notify_pending
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 MAX_SENDERS = 5  # names kept per conversation for the digest ("alice, bob and 3 others")
 MAX_BODIES = 3  # bodies kept per conversation, the latest, for users who opted in to them

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, delete, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import lock_user, read, user_params, user_rows, writer
 from server.storage.schema import offline
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 # First key of the advisory lock serialising pushes to one user's offline store.
 _PUSH_LOCK = 1

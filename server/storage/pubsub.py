@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Table, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import dialect_insert, lock_user, upsert, user_rows, writer
 from server.storage.schema import pubsub_affiliations, pubsub_items, pubsub_nodes, pubsub_subscriptions
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 # First key of the advisory lock serialising writes to one service's items.
 _PUBLISH_LOCK = 2

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Connection, Row
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.storage.engine import dialect_insert, read, upsert, user_params, user_rows, writer
 from server.storage.schema import pending_subscriptions, roster, roster_versions
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 SUBSCRIPTIONS = frozenset({"none", "to", "from", "both"})
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import lock_user, user_rows, writer
 from server.storage.schema import uploads
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 # First key of the advisory lock serialising one user's slot requests, so that the quota holds exactly.
 _SLOT_LOCK = 3
