@@ -8,6 +8,7 @@ import asyncio
 import base64
 import functools
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND = "urn:ietf:params:xml:ns:xmpp-bind"
 BROWSER_DIR = Path(__file__).parent / "browser"
 ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots and browser logs, not committed
+# Where `PARLEY_README_SCREENSHOTS=1 scripts/test ...` copies the screenshots the README shows.
+README_SCREENSHOTS = Path(__file__).parent.parent / "docs" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -223,4 +226,7 @@ async def screenshot(page: Any, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
     await page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("PARLEY_README_SCREENSHOTS"):  # the README's pictures, taken again only when asked
+        README_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, README_SCREENSHOTS / name)
     return path

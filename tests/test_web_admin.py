@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from extensions.web_admin.site import AdminSite
 from server.config import DEFAULT_MODULES
 from server.jid import JID
 from server.stanza import MESSAGE
-from tests.browser_support import chromium, wait_for, web_listener
+from tests.browser_support import chromium, screenshot, wait_for, web_listener
 from tests.conftest import Harness
 from tests.s2s_support import linked, running_pair
 from tests.test_web_login import hidden_csrf, log_in
@@ -32,7 +31,6 @@ WEB_ADMIN = pytest.mark.parley_config(
     modules=MODULES, module_options={"web_admin": {"sample_interval": 1}},
     hosts={"localhost": {"admins": ["admin@localhost"]}, "example.test": {"admins": ["boss@example.test"]}})
 pytestmark = WEB_ADMIN
-SCREENSHOTS = Path(__file__).parent.parent / "docs" / "screenshots"
 
 
 @pytest.fixture
@@ -68,7 +66,7 @@ async def post_command(http: aiohttp.ClientSession, base: str, host: str, name: 
 
 # --- in a browser ---------------------------------------------------------------------------------------------
 
-async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server: Harness, tmp_path: Path) -> None:
+async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server: Harness) -> None:
     base = await web_listener(server)
     await server_admin(server)
     await server.add_user("alice")
@@ -98,9 +96,7 @@ async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server
         sessions = page_.get_by_role("img", name="Client sessions").first
         assert int(await sessions.get_attribute("data-points") or 0) >= 2
         assert "last 1 sessions" in (await page_.locator("desc#sessions-10min-d").text_content() or "")
-        await page_.screenshot(path=str(tmp_path / "web-admin-dashboard.png"), full_page=True)
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(tmp_path / "web-admin-dashboard.png", SCREENSHOTS / "web-admin-dashboard.png")
+        await screenshot(page_, "web-admin-dashboard.png")
 
         # Users: create bob with the add-user command's form.
         await page_.get_by_role("navigation", name="Main").get_by_role("link", name="localhost").click()
@@ -124,7 +120,7 @@ async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server
         await page_.get_by_role("link", name="bob@localhost").click()
         await page_.get_by_role("heading", name="bob@localhost").wait_for()
         await page_.get_by_role("cell", name="phone", exact=True).wait_for()
-        await page_.screenshot(path=str(tmp_path / "web-admin-user.png"), full_page=True)
+        await screenshot(page_, "web-admin-user.png")
         await page_.get_by_role("button", name="Kick phone").click()
         await page_.get_by_role("status").filter(has_text="Done: End User Session.").wait_for()
         await asyncio.wait_for(gone, 10)
@@ -143,14 +139,13 @@ async def test_an_admin_in_the_browser_dashboard_users_sessions_and_rooms(server
         await page_.get_by_role("heading", name="lobby@conference.localhost").wait_for()
         await page_.get_by_role("heading", name="Configuration").wait_for()
         assert await page_.get_by_role("cell", name="persistent").count() == 1
-        await page_.screenshot(path=str(tmp_path / "web-admin-room.png"), full_page=True)
+        assert (await screenshot(page_, "web-admin-room.png")).stat().st_size > 0
         await page_.get_by_role("button", name="Destroy lobby@conference.localhost").click()
         await page_.get_by_role("status").filter(has_text="Done: Destroy a room.").wait_for()
         assert await page_.get_by_role("link", name="lobby@conference.localhost").count() == 0
 
         await page_.get_by_role("button", name="Log out").click()
         await page_.get_by_role("heading", name="Log in").wait_for()
-    assert (tmp_path / "web-admin-room.png").stat().st_size > 0
 
 
 # --- HTTP-level checks ----------------------------------------------------------------------------------------
