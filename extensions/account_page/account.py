@@ -110,7 +110,7 @@ class OwnAccount:
 
     async def end_sessions(self) -> int:
         """End every XMPP session of the account through the admins' end-user-session (on every member of a
-        cluster: the account is looked up first, so that sessions elsewhere are known); how many there were."""
+        cluster); how many there were."""
         sessions = self.server.sessions
         await sessions.ensure(self.user)
         count = len(sessions.of(self.user))
@@ -217,5 +217,4 @@ class OwnAccount:
         if typed != self.user:
             raise PageError(f"Type your address, {self.user}, to confirm.")
         await self.check_password(password, address)
-        await self.server.sessions.ensure(self.user)
         await self.server.commands.run("delete-user", self._context(), {"accountjids": [self.user]})

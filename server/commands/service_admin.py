@@ -71,8 +71,11 @@ async def existing_account(ctx: Context, jid: JID) -> JID:
     return jid
 
 
-def _close_sessions(ctx: Context, jid: JID, condition: str) -> int:
+async def _close_sessions(ctx: Context, jid: JID, condition: str) -> int:
+    """End the sessions of `jid` wherever they are: in a cluster, the account is looked up first, since this
+    member may not be tracking an account none of its own users has contact with."""
     sessions = ctx.host.server.sessions
+    await sessions.ensure(jid.bare)
     found = [s for s in [sessions.get(jid)] if s] if jid.resource else sessions.of(jid.bare)
     for session in found:
         session.close(condition)
@@ -120,7 +123,7 @@ async def delete_user(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     users = [(jid, local_user(ctx, jid)) for jid in args["accountjids"]]
     for jid, user in users:
         if await ctx.host.server.storage.accounts.delete(ctx.host.name, user):
-            _close_sessions(ctx, jid, "not-authorized")
+            await _close_sessions(ctx, jid, "not-authorized")
             await ctx.host.hooks.fire_all("account/deleted", user)  # modules drop what they keep elsewhere
     return {}
 
@@ -203,7 +206,7 @@ async def end_user_session(ctx: Context, args: dict[str, Any]) -> dict[str, Any]
     for jid in args["accountjids"]:
         local_user(ctx, jid.bare)
     for jid in args["accountjids"]:
-        _close_sessions(ctx, jid, "policy-violation")
+        await _close_sessions(ctx, jid, "policy-violation")
     return {}
 
 
@@ -216,7 +219,7 @@ async def _set_disabled(ctx: Context, jids: list[JID], disabled: bool) -> None:
     for jid, user in users:
         await accounts.set_disabled(ctx.host.name, user, disabled)
         if disabled:
-            _close_sessions(ctx, jid, "not-authorized")
+            await _close_sessions(ctx, jid, "not-authorized")
 
 
 @command("disable-user", "Disable User", (ACCOUNTS,))
