@@ -508,7 +508,7 @@ def _step_11(conn: Connection) -> None:
 
 def _step_12(conn: Connection) -> None:
     """Tenants: virtual hosts created at run time."""
-    tenants.create(conn)
+    tenants.create(conn, checkfirst=True)
 
 
 STEPS: list[Callable[[Connection], None]] = [_step_1, _step_2, _step_3, _step_4, _step_5, _step_6, _step_7,
