@@ -223,8 +223,8 @@ async def test_http_api_creates_tenants_and_a_tenants_admin_sees_only_its_own(se
     nodes = {item[1] for item in (await client.plugin["xep_0030"].get_items(jid="a.test",
                                                                             node="http://jabber.org/protocol/commands")
                                   )["disco_items"]["items"]}
-    assert "http://jabber.org/protocol/admin#list-tenants" in nodes
-    assert "http://jabber.org/protocol/admin#disable-tenant" not in nodes
+    assert "urn:parley:tenants#list-tenants" in nodes
+    assert "urn:parley:tenants#disable-tenant" not in nodes
     with pytest.raises(IqError) as refused:
         await _adhoc(client, "a.test", "disable-tenant", {"domain": "b.test"})
     assert refused.value.condition == "forbidden"
@@ -241,7 +241,7 @@ async def _adhoc(client: ClientXMPP, host: str, name: str, values: dict[str, str
     for var, value in values.items():
         form.add_field(var=var, value=value)
     iq = client.make_iq_set(ito=host)
-    iq["command"]["node"] = f"http://jabber.org/protocol/admin#{name}"
+    iq["command"]["node"] = f"urn:parley:tenants#{name}"
     iq["command"]["action"] = "execute"
     iq["command"].append(form)
     answer = await iq.send(timeout=10)

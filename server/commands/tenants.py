@@ -19,6 +19,7 @@ from server.storage.tenants import Tenant
 from server.tenants import TenantError, split_names
 
 COMMANDS = Declarations()
+NS = "urn:parley:tenants"  # of the ad-hoc commands' nodes: they are Parley's, not XEP-0133's
 
 DOMAIN = Arg("domain", "text", "Tenant domain")
 ADMINS = Arg("admins", "lines", "Admins (accounts of the tenant, one a line or comma separated)", required=False)
@@ -54,10 +55,11 @@ def _declare(name: str, title: str, args: tuple[Arg, ...], access: str = "server
                 found = (await checked(ctx, values))["tenants"]
                 return {"tenants": ["\t".join(f"{f}={record[f]}" for f in FIELDS) for record in found]}
 
-            COMMANDS.command(name, title, args, (Arg("tenants", "lines", "Tenants"),), access=access)(as_lines)
+            COMMANDS.command(name, title, args, (Arg("tenants", "lines", "Tenants"),), access=access,
+                             namespace=NS)(as_lines)
         else:
             COMMANDS.command(name, title, args, (MESSAGE,), access=access, returns="string")(checked)
-            COMMANDS.command(name, title, args, (MESSAGE,), access=access)(checked)
+            COMMANDS.command(name, title, args, (MESSAGE,), access=access, namespace=NS)(checked)
         return run
     return declare
 

@@ -511,7 +511,7 @@ def _step_11(conn: Connection) -> None:
 
 def _step_12(conn: Connection) -> None:
     """Tenants: virtual hosts created at run time."""
-    tenants.create(conn)
+    tenants.create(conn, checkfirst=True)
 
 
 def _step_13(conn: Connection) -> None:
