@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("parley.web_login")
 
 STORE = "web_login"  # storage.kv store of the sessions (host '', user '') and of the secret
+ENDED = "ended"  # an account's key there: the time before which its sessions were ended (end_others)
 SESSION = "parley_session"
 FORM = "parley_form"
 CSRF_FIELD = "csrf"
@@ -153,6 +154,9 @@ class WebLogin:
         account = await self.server.storage.accounts.get(jid.domain, jid.local or "") if host else None
         if account is None or account.disabled:
             return None
+        ended = await self.server.storage.kv.get(jid.domain, account.username, STORE, ENDED)
+        if isinstance(ended, float) and float(document.get("since", 0)) < ended:
+            return None
         request[REQUEST_KEY] = (jid, value)
         return jid
 
@@ -257,21 +261,43 @@ class WebLogin:
         self.server.stats.authenticated("WEB", "success")
         if not self.who_may(jid):
             return await self.login_page(request, "This account may not use these pages.", typed, 403)
-        await self._end(self._cookie(request))  # whatever session the browser had ends here
-        value = await self._open(jid)
         log.info("web login of %s from %s", jid, address)
         response = redirect(self.prefix)
-        secure = self.server.http.peer(request).secure
-        response.set_cookie(cookie_name(SESSION, secure), value, path="/", max_age=self.lifetime,
-                            httponly=True, samesite="Strict", secure=secure)
-        response.del_cookie(cookie_name(FORM, secure), path="/")
+        (await self._renew(request, jid))(response)
+        response.del_cookie(cookie_name(FORM, self.server.http.peer(request).secure), path="/")
         return response
+
+    async def _renew(self, request: web.Request, jid: JID) -> Callable[[web.StreamResponse], None]:
+        """End the session the browser had (whatever it was: an id planted before a login is worthless after
+        it) and open a new one of `jid`, which this request holds from now on (its CSRF token too); returns
+        what sets its cookie on the answer."""
+        await self._end(self._cookie(request))
+        value = await self._open(jid)
+        request[REQUEST_KEY] = (jid, value)
+        secure = self.server.http.peer(request).secure
+
+        def set_cookie(response: web.StreamResponse) -> None:
+            response.set_cookie(cookie_name(SESSION, secure), value, path="/", max_age=self.lifetime,
+                                httponly=True, samesite="Strict", secure=secure)
+
+        return set_cookie
+
+    async def end_others(self, request: web.Request) -> Callable[[web.StreamResponse], None]:
+        """End every web session of the logged-in account but this browser's, which gets a new one (returned
+        as by `_renew`): after a password change, a browser logged in with the old password (someone else's,
+        maybe) is logged out. Kept as the time before which the account's sessions count as ended, so that no
+        session needs to be found: one read per request, on every member of a cluster."""
+        jid = await self.require(request)
+        assert jid.local is not None
+        await self.server.storage.kv.set(jid.domain, jid.local, STORE, ENDED, time.time())
+        return await self._renew(request, jid)
 
     async def _open(self, jid: JID) -> str:
         """A new session of `jid`: its cookie value, with an id never seen before."""
         await self._prune()
         value = f"{int(time.time()) + self.lifetime}.{secrets.token_urlsafe(32)}"
-        await self.server.storage.kv.set("", "", STORE, await self._document_key(value), {"jid": str(jid)})
+        document = {"jid": str(jid), "since": time.time()}
+        await self.server.storage.kv.set("", "", STORE, await self._document_key(value), document)
         return value
 
     async def _end(self, value: str) -> None:

@@ -174,8 +174,10 @@ async def test_a_new_password_ends_the_old_one_the_other_sessions_and_the_fast_t
     token = await issued_token(site.xmpp)  # a FAST token of a device of alice's
     phone = await site.xmpp.client("alice@localhost", resource="phone")
     phone_ended = ended(phone)
+    laptop = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # another browser of hers
+    assert (await http_login(laptop, site.url, "alice@localhost"))[0] == 200
 
-    async with chromium() as browser:
+    async with chromium() as browser, laptop:
         page = await browser.new_page()
         await log_in(page, site, "alice@localhost")
         new = {"New password": "looking-glass", "New password again": "looking-glass"}
@@ -185,6 +187,11 @@ async def test_a_new_password_ends_the_old_one_the_other_sessions_and_the_fast_t
 
         await submit(page, "Change password", {"Current password": "secret", **new}, enter=True)  # by keyboard
         assert "Password changed" in await said(page)
+        async with laptop.get(site.account) as response:  # the other browser is logged out
+            assert response.url.path == "/account/login"
+        # This browser stays logged in, its forms carrying its new session's token.
+        await submit(page, SAVE, {"Quiet hours": "soon"})  # a form past the CSRF check is answered, not 403
+        assert "HH:MM-HH:MM" in await said(page, "alert")
 
     await asyncio.wait_for(phone_ended, 5)
     assert not await logs_in(site, "alice@localhost", "secret")

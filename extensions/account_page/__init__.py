@@ -144,7 +144,10 @@ class AccountPage(Module):
         done = await account.change_password(values.get("old", ""), values.get("new", ""), values.get("again", ""),
                                              self._address(request))
         self.log.info("%s changed their password on the account page", account.user)
-        return await self.render(request, account, done)
+        renewed = await self.login.end_others(request)  # other browsers are logged out, this one stays
+        response = await self.render(request, account, done)
+        renewed(response)
+        return response
 
     async def notifications(self, request: web.Request, account: OwnAccount,
                             values: dict[str, str]) -> web.StreamResponse:
