@@ -311,11 +311,12 @@ class Placement:
         assert cluster is not None
         self.server = server
         self.cluster = cluster
-        import redis.asyncio as aioredis
+        from server.cluster.transport import connect
 
-        client = aioredis.from_url(server.config.cluster.redis_url, protocol=2, socket_timeout=REDIS_TIMEOUT,
-                                   socket_connect_timeout=REDIS_TIMEOUT)
-        self.ownership = Ownership(client, cluster.key("own"), cluster.member, on_lost=self._lost)
+        client = connect(server.config.cluster.redis_url, protocol=2, socket_timeout=REDIS_TIMEOUT,
+                         socket_connect_timeout=REDIS_TIMEOUT)
+        # On a Redis Cluster every lease key is in one hash slot: a script uses a lease's keys and the fence together.
+        self.ownership = Ownership(client, cluster.slot(cluster.key("own")), cluster.member, on_lost=self._lost)
         self.services: dict[str, Owned] = {}  # by domain
         self._ready: dict[str, Owned] = {}  # the entities held and loaded here, by key
         self._used: dict[str, float] = {}  # when each was last served, for `Owned.idle_release`

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 
 from server.cluster.directory import ClusterSessions, Directory
 from server.cluster.membership import Membership
-from server.cluster.transport import FIELD, FRAME, FallbackLock, Transport
+from server.cluster.transport import FIELD, FRAME, FallbackLock, Transport, alive_key, connect, tag
 from server.jid import JID
 from server.sessions import Session
 from server.stanza import Stanza
@@ -39,6 +41,10 @@ class Cluster(Transport, Membership, Directory):
         self.member = f"{self.node}/{index}"
         self.url = config.redis_url
         self.prefix = config.prefix
+        self.sharded = config.sharded  # on a Redis Cluster: keys hash-tagged per member and per account
+        # This process's incarnation of the member, in its heartbeat key: a member restarted under the same id
+        # before its heartbeat lapsed is noticed by the others (lost, then up) as the value changes.
+        self.instance = f"{os.getpid()}.{secrets.token_hex(4)}"
         if not isinstance(server.sessions, ClusterSessions):
             raise TypeError("a worker's server needs the cluster's session directory: compose it with [cluster]")
         self.sessions = server.sessions
@@ -51,6 +57,7 @@ class Cluster(Transport, Membership, Directory):
         server.hooks.add("roster/changed", self.roster_changed)
         server.hooks.add("server/started", self.attach)
         self._members: list[str] = [self.member]  # live members as of the last heartbeat, this one included
+        self._instances: dict[str, str] = {}  # the process of each other member, as of its last heartbeat
         self._handlers: dict[str, Callable[[str, str], Awaitable[None]]] = {}
         # Frames waiting for the next publication, per member; the lists stay while the member lives, so that
         # forwarders hold them.
@@ -88,6 +95,11 @@ class Cluster(Transport, Membership, Directory):
     def key(self, name: str) -> str:
         """A Redis key under the cluster's prefix."""
         return f"{self.prefix}:{name}"
+
+    def slot(self, name: str) -> str:
+        """`name` (a key, or the prefix of keys) made a hash tag on a Redis Cluster, so that the keys built on it
+        share one hash slot and may go together into a transaction or a script; unchanged on one Redis."""
+        return tag(name, self.sharded)
 
     def members(self) -> list[str]:
         """The live members, this one included, sorted: as of the last heartbeat."""
@@ -127,38 +139,40 @@ class Cluster(Transport, Membership, Directory):
 
     # --- Redis keys ------------------------------------------------------------------------------------
 
+    # On a Redis Cluster a member's keys and channel share the hash slot of its id, and an account's directory
+    # keys the slot of its bare JID: the accounts, and with them the directory's load, spread over the shards.
+
     def channel(self, member: str) -> str:
-        return f"{self.prefix}:m:{member}"
+        return f"{self.prefix}:m:{self.slot(member)}"
 
     def sessions_key(self, member: str) -> str:
-        return f"{self.prefix}:sessions:{member}"
+        return f"{self.prefix}:sessions:{self.slot(member)}"
 
     def alive_key(self, member: str) -> str:
-        return f"{self.prefix}:alive:{member}"
+        return alive_key(self.prefix, member, self.sharded)
 
     def members_key(self) -> str:
         return f"{self.prefix}:members"
 
-    def where_key(self, bare: JID) -> str:
+    def where_key(self, bare: JID | str) -> str:
         """The members holding sessions of an account."""
-        return f"{self.prefix}:where:{bare}"
+        return f"{self.prefix}:where:{self.slot(str(bare))}"
 
-    def watch_key(self, bare: JID) -> str:
+    def watch_key(self, bare: JID | str) -> str:
         """The members watching an account's sessions (told as they change)."""
-        return f"{self.prefix}:watch:{bare}"
+        return f"{self.prefix}:watch:{self.slot(str(bare))}"
 
     def watching_key(self, member: str) -> str:
         """The accounts a member watches: what is left to clear when it is gone."""
-        return f"{self.prefix}:watching:{member}"
+        return f"{self.prefix}:watching:{self.slot(member)}"
 
     # --- starting and stopping -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Subscribe before the others' sessions are read (in `attach`), so no change falls between the two."""
         # RESP2: redis-py's RESP3 parser formats every pub/sub message it reads into a debug log line.
-        self._redis = aioredis.from_url(self.url, protocol=2, socket_connect_timeout=3)
-        self._pubsub = self._redis.pubsub()
-        await self._pubsub.subscribe(self.channel(self.member))
+        self._redis = connect(self.url, protocol=2, socket_connect_timeout=3)
+        await self.subscribe()
         self._stale = await self._take_sessions(self.member)
         await self._clear(self.member, self._stale)
         await self._announce()
@@ -167,7 +181,7 @@ class Cluster(Transport, Membership, Directory):
         self.connected = True
         for member in self._members:
             if member != self.member:
-                self._queue(member, "x")
+                self._queue(member, f"x{FIELD}{self.instance}")
         await self._count()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._heartbeat())]
@@ -210,7 +224,7 @@ class Cluster(Transport, Membership, Directory):
                     pipe.srem(self.watch_key(bare), self.member)
                 pipe.delete(self.watching_key(self.member))
                 for member in self._out:
-                    pipe.publish(self.channel(member), f"{self.member}{FRAME}b")
+                    self.publish(pipe, member, f"{self.member}{FRAME}b")
                 await pipe.execute()
             except (redis.RedisError, OSError):
                 log.warning("cluster: could not remove %s's keys; the others forget it when they lapse", self.member)

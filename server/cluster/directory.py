@@ -268,6 +268,7 @@ class Directory:
 
     member: str
     prefix: str
+    sharded: bool
     sessions: ClusterSessions
     _redis: aioredis.Redis | None
     _out: dict[str, list[str]]
@@ -284,9 +285,14 @@ class Directory:
         return member in self._out
 
     async def watch(self, bare: JID) -> list[str]:
-        """Register this member as a watcher of the account, and read which members hold its sessions: in one
-        transaction, so that a member registering the account's first session either is read here or finds
-        this one among the watchers. The lookups of one turn of the event loop go together."""
+        """Register this member as a watcher of the account, then read which members hold its sessions, so that
+        a member registering the account's first session (which writes, then reads, the other set) either is
+        read here or finds this one among the watchers. The lookups of one turn of the event loop go together.
+
+        Both sets of an account are in one hash slot, so on a Redis Cluster one shard serves the write and the
+        read in the order a connection sent them: that order is what the guarantee needs. On one Redis they go
+        in one transaction; on a Redis Cluster, where a transaction cannot span the slots of several accounts
+        (and of this member's `watching:` set), in a pipeline that keeps each shard's commands in order."""
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         if not self._lookups:
             asyncio.get_running_loop().call_soon(self._look_up)
@@ -301,7 +307,7 @@ class Directory:
 
     async def _look_up_batch(self, batch: list[tuple[JID, asyncio.Future[list[str]]]]) -> None:
         assert self._redis is not None
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._redis.pipeline(transaction=not self.sharded)
         for bare, _ in batch:
             pipe.sadd(self.watch_key(bare), self.member)
             pipe.sadd(self.watching_key(self.member), str(bare))
@@ -326,7 +332,7 @@ class Directory:
         for bare in {JID.parse(state["jid"]).bare for state in stale}:
             pipe.srem(self.where_key(bare), member)
         for bare in watched:
-            pipe.srem(f"{self.prefix}:watch:{bare.decode()}", member)
+            pipe.srem(self.watch_key(bare.decode()), member)
         pipe.delete(self.watching_key(member))
         await pipe.execute()
 
@@ -364,13 +370,14 @@ class Directory:
             self._queue(member, f"u{FIELD}{session.jid}")
 
     async def _register(self) -> None:
-        """Accounts with a first session here: listed as held here, and their watchers told their sessions."""
+        """Accounts with a first session here: listed as held here, and their watchers told their sessions (in
+        one transaction on one Redis, in order per shard on a Redis Cluster: see `watch`)."""
         assert self._redis is not None
         homing = [bare for bare in self._homing if bare in self.sessions.homed]
         self._homing.clear()
         if not homing:
             return
-        pipe = self._redis.pipeline(transaction=True)
+        pipe = self._redis.pipeline(transaction=not self.sharded)
         for bare in homing:
             pipe.sadd(self.where_key(bare), self.member)
             pipe.smembers(self.watch_key(bare))

@@ -20,14 +20,13 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
 
-from server.cluster.transport import FIELD
+from server.cluster.transport import FIELD, stopping
 from server.jid import JID
 from server.sessions import Session
 from server.stanza import Stanza, parse_stored
@@ -46,7 +45,10 @@ class Membership:
     """The heartbeats of `Cluster`: this member's, and its reading of the others'."""
 
     member: str
+    instance: str
+    sharded: bool
     server: Server
+    _instances: dict[str, str]
     sessions: ClusterSessions
     counts: dict[str, int]
     _redis: aioredis.Redis | None
@@ -71,7 +73,7 @@ class Membership:
     async def _announce(self) -> None:
         assert self._redis is not None
         pipe = self._redis.pipeline(transaction=False)
-        pipe.set(self.alive_key(self.member), os.getpid(), ex=HEARTBEAT_TTL)
+        pipe.set(self.alive_key(self.member), self.instance, ex=HEARTBEAT_TTL)
         pipe.sadd(self.members_key(), self.member)
         await pipe.execute()
 
@@ -93,15 +95,22 @@ class Membership:
 
     async def _read_members(self, start: bool = False) -> None:
         """Which members are live now: those of the members set whose heartbeat key is there. Members new since
-        the last reading are up; those gone are lost (their sessions forgotten here, ended by one survivor)."""
+        the last reading are up; those gone are lost (their sessions forgotten here, ended by one survivor); and
+        those whose heartbeat names another process than before were restarted: lost, then up."""
         assert self._redis is not None
         listed = sorted(m.decode() if isinstance(m, bytes) else m
                         for m in await self._redis.smembers(self.members_key()))
-        alive = await self._redis.mget([self.alive_key(m) for m in listed]) if listed else []
+        keys = [self.alive_key(m) for m in listed]
+        # A Redis Cluster serves the members' heartbeat keys from different shards: read shard by shard.
+        alive = (await (self._redis.mget_nonatomic(keys) if self.sharded else self._redis.mget(keys))  # type: ignore[attr-defined]
+                 if listed else [])
         live = sorted({m for m, value in zip(listed, alive, strict=True) if value is not None} | {self.member})
         lapsed = [m for m, value in zip(listed, alive, strict=True) if value is None and m != self.member]
         before = set(self._members)
         self._members = live
+        for member, value in zip(listed, alive, strict=True):
+            if value is not None and member != self.member:
+                self.incarnation(member, value.decode(), member in before and not start)
         for member in live:
             if member not in before or (start and member != self.member):
                 self._member_up(member)
@@ -112,6 +121,17 @@ class Membership:
         if lapsed and time.monotonic() - self._steady_since > HEARTBEAT_TTL + HEARTBEAT:
             for member in lapsed:
                 await self._reap(member)
+
+    def incarnation(self, member: str, instance: str, known: bool) -> None:
+        """The process a member runs in, from its heartbeat or its greeting ('x'). When a `known` member comes
+        back as another process before its heartbeat could lapse (restarted at once), it is lost and up again:
+        what the others knew of the dead process (its sessions, the rooms it served) goes."""
+        previous = self._instances.get(member)
+        if known and previous is not None and previous != instance and member in self._out:
+            log.warning("cluster: member %s was restarted", member)
+            self._member_lost(member)
+            self._member_up(member)
+        self._instances[member] = instance
 
     def _member_up(self, member: str) -> None:
         if member == self.member:
@@ -125,6 +145,7 @@ class Membership:
             return
         log.warning("cluster: member %s is lost; forgetting its sessions", member)
         self._out.pop(member, None)
+        self._instances.pop(member, None)
         self.sessions.drop_member(member)
         self.server.hooks.notify("cluster/member-lost", member)
 
@@ -145,7 +166,7 @@ class Membership:
                 log.exception("cluster: could not end %s of lost member %s", state.get("jid"), member)
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not stopping():
             await asyncio.sleep(HEARTBEAT)
             if not self.connected:
                 continue
@@ -156,7 +177,7 @@ class Membership:
 
     async def _beat(self) -> None:
         assert self._redis is not None
-        if not await self._redis.set(self.alive_key(self.member), os.getpid(), ex=HEARTBEAT_TTL, xx=True):
+        if not await self._redis.set(self.alive_key(self.member), self.instance, ex=HEARTBEAT_TTL, xx=True):
             # This member stalled for so long that the others forgot it (and may have ended its sessions'
             # presence): it tells them about its sessions again.
             log.warning("cluster: %s's heartbeat had lapsed; announcing its sessions again", self.member)
@@ -187,7 +208,7 @@ class Membership:
         await self._read_members()
         for member in self._members:
             if member != self.member:
-                self._queue(member, "x")
+                self._queue(member, f"x{FIELD}{self.instance}")
         for bare, watchers in self.sessions.homed.items():
             watchers.clear()  # told again, once read again
             self._homing.add(bare)
@@ -225,8 +246,7 @@ class Membership:
                 self._steady_since = time.monotonic()
                 with contextlib.suppress(redis.RedisError, OSError):
                     await self._pubsub.aclose()
-                self._pubsub = self._redis.pubsub()
-                await self._pubsub.subscribe(self.channel(self.member))
+                await self.subscribe()
                 self.connected = True  # what the resynchronisation queues goes out
                 await self._resync()
             except (redis.RedisError, OSError) as exc:

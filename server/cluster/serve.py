@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import redis
+from redis.exceptions import RedisClusterException
 
+from server.cluster.transport import alive_key, connect_sync
 from server.config import ConfigError
 
 if TYPE_CHECKING:
@@ -27,14 +29,17 @@ def check_redis(config: Config) -> None:
     run are taken by its workers as they start (and the sessions they describe ended), the other nodes' are
     theirs."""
     cluster = config.cluster
-    client = redis.Redis.from_url(cluster.redis_url, socket_connect_timeout=5)
+    client: redis.Redis | None = None
     try:
+        client = connect_sync(cluster.redis_url, socket_connect_timeout=5)
         listed = sorted(m.decode() for m in client.smembers(f"{cluster.prefix}:members"))
-        alive = client.mget([f"{cluster.prefix}:alive:{m}" for m in listed]) if listed else []
-    except redis.RedisError as exc:
+        keys = [alive_key(cluster.prefix, m, cluster.sharded) for m in listed]
+        alive = [client.get(key) for key in keys]
+    except (redis.RedisError, RedisClusterException) as exc:
         raise ConfigError("cluster.redis_url", f"cannot use Redis at {cluster.redis_url}: {exc}") from None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     others = sorted({m.partition("/")[0] for m, value in zip(listed, alive, strict=True) if value is not None}
                     - {cluster.node_name})
     if others and config.storage.url.startswith("sqlite"):

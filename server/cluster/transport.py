@@ -25,6 +25,7 @@ from xml.etree.ElementTree import Element
 import redis
 import redis.asyncio as aioredis
 
+from server.config import REDIS_CLUSTER_SCHEMES
 from server.jid import JID
 from server.router import highest
 from server.sessions import Session
@@ -43,6 +44,43 @@ FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in 
 STANZA = f"s{FIELD}"  # the start of a frame that carries a stanza for a session
 PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
+READ_WAIT = 1.0  # seconds a read of a Redis Cluster's sharded pub/sub waits before it polls again
+
+
+def connect(url: str, **options: Any) -> aioredis.Redis:
+    """An asyncio client of the Redis at `url`: one server, or (redis+cluster://, rediss+cluster://) a Redis
+    Cluster, whose client learns the other nodes from the one named and sends each command to the shard that
+    serves its key's hash slot."""
+    if url.startswith(REDIS_CLUSTER_SCHEMES):
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url.replace("+cluster", "", 1), **options)  # type: ignore[return-value]
+    return aioredis.from_url(url, **options)
+
+
+def connect_sync(url: str, **options: Any) -> redis.Redis:
+    """`connect`, for the supervisor's check before the workers start."""
+    if url.startswith(REDIS_CLUSTER_SCHEMES):
+        return redis.RedisCluster.from_url(url.replace("+cluster", "", 1), **options)  # type: ignore[return-value]
+    return redis.Redis.from_url(url, **options)
+
+
+def stopping() -> bool:
+    """True once the current task was asked to stop: redis-py may turn the cancellation of a command into a
+    connection error, which a loop that rides out Redis errors would otherwise swallow, and never end."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def alive_key(prefix: str, member: str, sharded: bool) -> str:
+    """A member's heartbeat key: there while it lives, holding the instance of its process."""
+    return f"{prefix}:alive:{tag(member, sharded)}"
+
+
+def tag(name: str, sharded: bool) -> str:
+    """A part of a key name that decides its hash slot on a Redis Cluster (in braces: the keys that carry the same
+    one are served by one shard, so a transaction or a script may use them together); as it is on one Redis."""
+    return f"{{{name}}}" if sharded else name
 
 
 def session_state(session: Session) -> str:
@@ -98,6 +136,7 @@ class Transport:
     server: Server
     sessions: ClusterSessions
     connected: bool
+    sharded: bool
     _redis: aioredis.Redis | None
     _pubsub: Any
     _out: dict[str, list[str]]
@@ -115,6 +154,24 @@ class Transport:
     _sending: bool
 
     # --- outgoing ----------------------------------------------------------------------------------
+
+    async def subscribe(self) -> None:
+        """A fresh subscription to this member's channel: on a Redis Cluster a shard channel (SSUBSCRIBE), read
+        from the shard that serves its slot, so that each publication to it goes to that shard only."""
+        assert self._redis is not None
+        self._pubsub = self._redis.pubsub()
+        if self.sharded:
+            await self._pubsub.ssubscribe(self.channel(self.member))
+        else:
+            await self._pubsub.subscribe(self.channel(self.member))
+
+    def publish(self, pipe: Any, member: str, data: str) -> None:
+        """Queue a publication to a member's channel on a pipeline (SPUBLISH on a Redis Cluster: classic PUBLISH
+        would be copied to every shard over the cluster bus). Its result is the number of subscribers."""
+        if self.sharded:
+            pipe.spublish(self.channel(member), data)
+        else:
+            pipe.publish(self.channel(member), data)
 
     def _queue(self, member: str, frame: str) -> None:
         frames = self._out.get(member)
@@ -165,7 +222,7 @@ class Transport:
     async def _send_loop(self) -> None:
         """One publication per member per turn; session states are read now, at their place in the order."""
         assert self._redis is not None
-        while True:
+        while not stopping():
             await self._wake.wait()
             self._wake.clear()
             if not self.connected:
@@ -185,7 +242,7 @@ class Transport:
                 if frames:
                     if dirty:
                         frames[:] = [_resolve(frame, states) for frame in frames]
-                    pipe.publish(self.channel(member), f"{self.member}{FRAME}{FRAME.join(frames)}")
+                    self.publish(pipe, member, f"{self.member}{FRAME}{FRAME.join(frames)}")
                     batches.append((member, list(frames)))
                     frames.clear()
             for jid, state in states.items():
@@ -262,7 +319,11 @@ class Transport:
     async def _receive_loop(self) -> None:
         while True:
             try:
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if self.sharded:
+                    message = await self._pubsub.get_sharded_message(ignore_subscribe_messages=True,
+                                                                     timeout=READ_WAIT)
+                else:
+                    message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except (redis.RedisError, OSError) as exc:
                 self.disconnected(f"reading from Redis failed: {exc}")
                 return
@@ -352,8 +413,10 @@ class Transport:
             self.sessions.answered(sender, JID.parse(rest))
         elif kind == "n":
             self.sessions.homed.get(JID.parse(rest), set()).discard(sender)
-        elif kind == "x":
+        elif kind == "x":  # a member (re)started or reconnected: what was known of its sessions is stale
             self.sessions.drop_member(sender)
+            if rest:
+                self.incarnation(sender, rest, True)
             if sender not in self._out:
                 self._members = sorted({*self._members, sender})
                 self._member_up(sender)
