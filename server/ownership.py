@@ -311,12 +311,13 @@ class Placement:
         assert cluster is not None
         self.server = server
         self.cluster = cluster
-        from server.cluster.transport import connect
+        from server.cluster.transport import connect, is_cluster_url, tag
 
-        client = connect(server.config.cluster.redis_url, protocol=2, socket_timeout=REDIS_TIMEOUT,
-                         socket_connect_timeout=REDIS_TIMEOUT)
+        url = server.config.cluster.redis_url
+        client = connect(url, protocol=2, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
         # On a Redis Cluster every lease key is in one hash slot: a script uses a lease's keys and the fence together.
-        self.ownership = Ownership(client, cluster.slot(cluster.key("own")), cluster.member, on_lost=self._lost)
+        self.ownership = Ownership(client, tag(cluster.key("own"), is_cluster_url(url)), cluster.member,
+                                   on_lost=self._lost)
         self.services: dict[str, Owned] = {}  # by domain
         self._ready: dict[str, Owned] = {}  # the entities held and loaded here, by key
         self._used: dict[str, float] = {}  # when each was last served, for `Owned.idle_release`

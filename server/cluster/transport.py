@@ -47,11 +47,16 @@ LOCK_TTL = 10.0  # seconds
 READ_WAIT = 1.0  # seconds a read of a Redis Cluster's sharded pub/sub waits before it polls again
 
 
+def is_cluster_url(url: str) -> bool:
+    """The URL names a Redis Cluster (redis+cluster://, rediss+cluster://) rather than one Redis."""
+    return url.startswith(REDIS_CLUSTER_SCHEMES)
+
+
 def connect(url: str, **options: Any) -> aioredis.Redis:
     """An asyncio client of the Redis at `url`: one server, or (redis+cluster://, rediss+cluster://) a Redis
     Cluster, whose client learns the other nodes from the one named and sends each command to the shard that
     serves its key's hash slot."""
-    if url.startswith(REDIS_CLUSTER_SCHEMES):
+    if is_cluster_url(url):
         from redis.asyncio.cluster import RedisCluster
 
         return RedisCluster.from_url(url.replace("+cluster", "", 1), **options)  # type: ignore[return-value]
@@ -60,7 +65,7 @@ def connect(url: str, **options: Any) -> aioredis.Redis:
 
 def connect_sync(url: str, **options: Any) -> redis.Redis:
     """`connect`, for the supervisor's check before the workers start."""
-    if url.startswith(REDIS_CLUSTER_SCHEMES):
+    if is_cluster_url(url):
         return redis.RedisCluster.from_url(url.replace("+cluster", "", 1), **options)  # type: ignore[return-value]
     return redis.Redis.from_url(url, **options)
 
