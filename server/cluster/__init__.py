@@ -1,12 +1,11 @@
 """A cluster: nodes (machines, each with its own listeners) of one or more worker processes, routing to each
 other's sessions over Redis and sharing one PostgreSQL database.
 
-Every process is a *member*, named `"{node}/{worker}"` (e.g. `"n1/0"`). Members find each other through Redis:
-each refreshes a heartbeat key with a time to live and lists itself in the members set; the others read that
-set and those keys at every heartbeat, so the cluster has no fixed size. A member whose key lapsed (or that
-said goodbye) is lost: the server hooks `cluster/member-up` and `cluster/member-lost` tell the other parts, its
-sessions are forgotten, and one survivor ends them (contacts see them go). Other parts talk to a member with
-`Cluster.send` and their own frame kinds (`Cluster.on`).
+Every process is a *member*, named `"{node}/{worker}"` (e.g. `"n1/0"`), found by the others through its
+heartbeat in Redis (`membership`). Other parts talk to a member with `Cluster.send` and their own frame kinds
+(`Cluster.on`), and hear of members coming and going from the server hooks `cluster/member-up` and
+`cluster/member-lost`. Redis is one server or a Redis Cluster (`redis_url = "redis+cluster://..."`), whose
+shards carry the members' channels (sharded pub/sub) and the directory's keys (`transport`).
 
 The package's modules: `core` (the `Cluster` of a member: its API, starting and stopping), `transport` (the
 Redis connection, frames and pub/sub), `membership` (heartbeats, members up and lost), `directory` (the session

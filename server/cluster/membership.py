@@ -4,8 +4,9 @@ Every process is a *member*, named `"{node}/{worker}"` (e.g. `"n1/0"`). Members 
 each refreshes a heartbeat key with a time to live and lists itself in the members set; the others read that
 set and those keys at every heartbeat, so the cluster has no fixed size. A member whose key lapsed (or that
 said goodbye) is lost: the server hooks `cluster/member-up` and `cluster/member-lost` tell the other parts, its
-sessions are forgotten, and one survivor ends them (contacts see them go). Other parts talk to a member with
-`Cluster.send` and their own frame kinds (`Cluster.on`).
+sessions are forgotten, and one survivor ends them (contacts see them go). A heartbeat holds the instance of
+the member's process: a member restarted under its id before its heartbeat could lapse is lost, then up, for
+the others.
 
 Each member also keeps its sessions in a Redis hash that a starting member reads. A member started in place
 of a dead one (same node and worker number) ends the sessions that one left; the sessions of a member that
