@@ -6,7 +6,7 @@ Then bench.cluster's throughput phase twice: users paired at random over the two
 nodes. The Redis counters (publications, bytes, CPU) are summed over the cluster's masters; on the Redis Cluster a
 publication is an SPUBLISH to the receiving member's shard channel.
 
-    .venv/bin/python -m bench.redis_cluster            # ~1.5 min; --quick ~1 min; bench/results/redis_cluster.json
+    .venv/bin/python -m bench.redis_cluster            # ~3 min; --quick ~2 min; bench/results/redis_cluster.json
 """
 
 from __future__ import annotations
@@ -113,12 +113,15 @@ async def bench(mode: str, postgres_url: str, workdir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.redis_cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="bench.cluster's quick sizes (shorter windows)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="bench.cluster's quick sizes (shorter windows)")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes (tests)")
     parser.add_argument("--postgres", default=POSTGRES_URL, help=f"PostgreSQL database (default {POSTGRES_URL})")
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="parley-bench-rc-") as tmp:
-        results = asyncio.run(bench("quick" if args.quick else "full", args.postgres, Path(tmp)))
+        mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+        results = asyncio.run(bench(mode, args.postgres, Path(tmp)))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     for label in ("one_redis", "redis_cluster"):
