@@ -52,6 +52,22 @@ class RedisClusterProcesses:
         return f"redis+cluster://127.0.0.1:{self.ports[0]}"
 
     def start(self, timeout: float = 20.0) -> None:
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            self._until(lambda p=port: self._ping(p), deadline, f"redis-server on port {port}")
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+        self._until_ok(deadline)
+
+    def revive(self, timeout: float = 20.0) -> None:
+        """Start the masters again after `stop`: they find each other and their slots in their cluster files (their
+        data is gone: no persistence)."""
+        self._spawn()
+        self._until_ok(time.monotonic() + timeout)
+
+    def _spawn(self) -> None:
         for port in self.ports:
             node_dir = self.dir / f"redis-{port}"
             node_dir.mkdir(parents=True, exist_ok=True)
@@ -60,14 +76,11 @@ class RedisClusterProcesses:
                  "--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "2000",
                  "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + timeout
+
+    def _until_ok(self, deadline: float) -> None:
         for port in self.ports:
-            self._until(lambda p=port: self._ping(p), deadline, f"redis-server on port {port}")
-        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
-        for port in self.ports:
-            self._until(lambda p=port: self._state_ok(p), deadline, f"cluster_state:ok on port {port}")
+            self._until(lambda p=port: self._ping(p) and self._state_ok(p), deadline,
+                        f"cluster_state:ok on port {port}")
 
     def stop(self) -> None:
         for proc in self.procs:

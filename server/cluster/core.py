@@ -11,12 +11,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import redis
 import redis.asyncio as aioredis
 
 from server.cluster.directory import ClusterSessions, Directory
 from server.cluster.membership import Membership
-from server.cluster.transport import FIELD, FRAME, FallbackLock, Transport, alive_key, connect, tag
+from server.cluster.transport import FIELD, FRAME, REDIS_ERRORS, FallbackLock, Transport, alive_key, connect, tag
 from server.jid import JID
 from server.sessions import Session
 from server.stanza import Stanza
@@ -226,8 +225,8 @@ class Cluster(Transport, Membership, Directory):
                 for member in self._out:
                     self.publish(pipe, member, f"{self.member}{FRAME}b")
                 await pipe.execute()
-            except (redis.RedisError, OSError):
+            except REDIS_ERRORS:
                 log.warning("cluster: could not remove %s's keys; the others forget it when they lapse", self.member)
-            with contextlib.suppress(redis.RedisError, OSError):
+            with contextlib.suppress(*REDIS_ERRORS):
                 await self._pubsub.aclose()
             await self._redis.aclose()

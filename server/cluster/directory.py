@@ -22,10 +22,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import redis
 import redis.asyncio as aioredis
 
-from server.cluster.transport import FIELD
+from server.cluster.transport import FIELD, REDIS_ERRORS
 from server.jid import JID
 from server.registry import resolve
 from server.sessions import Session, SessionRegistry
@@ -120,7 +119,7 @@ class ClusterSessions(SessionRegistry):
         if self.cluster.connected:
             try:
                 found.update(JID.parse(jid.decode()) for jid in await self.cluster.published())
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.cluster.disconnected(f"reading the sessions failed: {exc}")
         return [jid for jid in found if domain is None or jid.domain == domain]
 
@@ -159,7 +158,7 @@ class ClusterSessions(SessionRegistry):
         try:
             try:
                 holders = await self.cluster.watch(bare)
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.cluster.disconnected(f"looking up {bare} failed: {exc}")
                 return
             loop = asyncio.get_running_loop()
@@ -314,7 +313,7 @@ class Directory:
             pipe.smembers(self.where_key(bare))
         try:
             results = await pipe.execute()
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)

@@ -24,10 +24,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis
 import redis.asyncio as aioredis
 
-from server.cluster.transport import FIELD, stopping
+from server.cluster.transport import FIELD, REDIS_ERRORS, stopping
 from server.jid import JID
 from server.sessions import Session
 from server.stanza import Stanza, parse_stored
@@ -173,7 +172,7 @@ class Membership:
                 continue
             try:
                 await self._beat()
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.disconnected(f"heartbeat failed: {exc}")
 
     async def _beat(self) -> None:
@@ -245,12 +244,12 @@ class Membership:
             try:
                 await self._redis.ping()
                 self._steady_since = time.monotonic()
-                with contextlib.suppress(redis.RedisError, OSError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await self._pubsub.aclose()
                 await self.subscribe()
                 self.connected = True  # what the resynchronisation queues goes out
                 await self._resync()
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.connected = False
                 log.debug("cluster: Redis still out of reach: %s", exc)
                 continue

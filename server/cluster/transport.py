@@ -24,6 +24,7 @@ from xml.etree.ElementTree import Element
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import RedisClusterException
 
 from server.config import REDIS_CLUSTER_SCHEMES
 from server.jid import JID
@@ -44,6 +45,9 @@ FRAME, FIELD = "\x01", "\x00"  # neither may occur in XML 1.0, nor unescaped in 
 STANZA = f"s{FIELD}"  # the start of a frame that carries a stanza for a session
 PENDING_IQ_LIMIT = 10000
 LOCK_TTL = 10.0  # seconds
+# What a call to Redis raises when Redis is out of reach: a Redis Cluster's client may also raise its own
+# RedisClusterException (no node reachable while it maps the slots), which is no RedisError.
+REDIS_ERRORS = (redis.RedisError, RedisClusterException, OSError)
 READ_WAIT = 1.0  # seconds a read of a Redis Cluster's sharded pub/sub waits before it polls again
 
 
@@ -116,7 +120,7 @@ class FallbackLock:
                 await lock.acquire()
                 self._held = lock
                 return
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.cluster.disconnected(f"lock {self.name}: {exc}")
         local = self.cluster.local_locks.setdefault(self.name, asyncio.Lock())
         await local.acquire()
@@ -129,7 +133,7 @@ class FallbackLock:
             if not held.locked() and not held._waiters:  # type: ignore[attr-defined]
                 self.cluster.local_locks.pop(self.name, None)
             return
-        with contextlib.suppress(redis.RedisError, OSError):  # lapsed or unreachable: it expires by itself
+        with contextlib.suppress(*REDIS_ERRORS):  # lapsed or unreachable: it expires by itself
             await held.release()
 
 
@@ -236,7 +240,7 @@ class Transport:
             if self._homing:
                 try:
                     await self._register()
-                except (redis.RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     self.disconnected(f"registering sessions in Redis failed: {exc}")
                     continue
             dirty, self._dirty = self._dirty, {}
@@ -264,7 +268,7 @@ class Transport:
             self._sending = True
             try:
                 results = await pipe.execute()
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.disconnected(f"publishing to Redis failed: {exc}")
                 for _, frames in batches:
                     await self._bounce(frames)
@@ -329,7 +333,7 @@ class Transport:
                                                                      timeout=READ_WAIT)
                 else:
                     message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self.disconnected(f"reading from Redis failed: {exc}")
                 return
             if message is None:
