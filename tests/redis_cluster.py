@@ -61,12 +61,6 @@ class RedisClusterProcesses:
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
         self._until_ok(deadline)
 
-    def revive(self, timeout: float = 20.0) -> None:
-        """Start the masters again after `stop`: they find each other and their slots in their cluster files (their
-        data is gone: no persistence)."""
-        self._spawn()
-        self._until_ok(time.monotonic() + timeout)
-
     def _spawn(self) -> None:
         for port in self.ports:
             node_dir = self.dir / f"redis-{port}"
