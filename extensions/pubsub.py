@@ -6,7 +6,9 @@ consult); notifications go to subscribers. The domain is the option `pubsub.doma
 
 In a cluster, the requests about one node are served by the member that owns that node (server/ownership.py),
 so that two members never change one node at once; the node's state is all in storage, so taking a node
-over loads nothing. Requests that name no node (disco of the service, all subscriptions) go anywhere.
+over loads nothing. A request that changes a node is fenced: refused unless Redis still names this member
+as the node's owner, so that a member that stalled past its lease does not write after its successor.
+Requests that name no node (disco of the service, all subscriptions) go anywhere.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from server import ns
 from server.jid import JID
 from server.module import Identity, Module
 from server.options import Domain, Option
+from server.ownership import Lease, NotOwner
 from server.pubsub import OWNER_QUERY, PUBSUB_QUERY, NodeConfig, PubSubService
 from server.service import ITEMS, Service, info_query
 from server.stanza import Stanza
+from server.stream.errors import StanzaError
 
 NAME = "Publish-Subscribe"
+PREFIX = "pubsub:"  # of a node's owner key, before '<service domain>/<node>'
 
 
 class DomainService(PubSubService):
@@ -55,10 +60,34 @@ class Address(Service):
         if stanza.kind != "iq" or not len(stanza.el) or not len(stanza.el[0]):
             return None
         node = stanza.el[0][0].get("node")
-        return f"pubsub:{self.domain}/{node}" if node else None
+        return f"{PREFIX}{self.domain}/{node}" if node else None
+
+    async def take(self, lease: Lease) -> bool:
+        """Nothing to load: whether the node exists."""
+        try:
+            await self.pubsub.config(self.jid, lease.key.partition("/")[2])
+        except StanzaError:
+            return False
+        return True
 
     async def request(self, stanza: Stanza) -> Element | None:
+        if self.placement is not None and stanza.type == "set":
+            await self.fence(stanza)
         return await self.pubsub.handle(stanza, self.jid)
+
+    async def fence(self, stanza: Stanza) -> None:
+        """Before a change to a node in a cluster: refused unless Redis still names this member its owner."""
+        assert self.placement is not None
+        key = self.owner_key(stanza)
+        if key is None:
+            return
+        lease = self.placement.holds(key)
+        try:
+            if lease is None:
+                raise NotOwner(key)
+            await self.placement.ownership.guard(lease)
+        except NotOwner:
+            raise StanzaError("remote-server-timeout", "the node moved; try again") from None
 
     async def disco_info(self, stanza: Stanza) -> Element:
         node = stanza.el[0].get("node")

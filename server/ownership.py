@@ -4,8 +4,12 @@ An entity is named by an owner key the service derives from a stanza (`Service.o
 JID, a pubsub service's JID and node). Its owner holds a lease in Redis, `SET key owner NX PX lease`, and
 renews it while it serves the entity; the value names the member and this process's incarnation, so that
 a member restarted under the same id takes over at once what its dead predecessor held. Every takeover
-draws a fencing token from one counter (INCR), so a later owner always has a larger token than an earlier
-one.
+draws a fencing token from Redis's clock (microseconds), so a later owner has a larger token than an earlier
+one as long as that clock does not go back.
+
+Redis Cluster: every script touches the keys of one entity only (its lease and its state hash, under the
+entity's hash tag), and each member's list of what it holds is a key of its own, so no operation spans two
+hash slots; renewals are one script per lease, sent together.
 
 Fencing of writes: before the owner writes the entity's state (PostgreSQL, or the state hash in Redis
 below) it checks that its lease is still valid locally and, for PostgreSQL, that Redis still names it with
@@ -22,21 +26,31 @@ two members never serve one entity.
 State the next owner needs (a room's occupants) is kept in a Redis hash per entity, written by the owner
 only (each write is a script that checks the lease first), read by whoever takes the entity over.
 
+Each member also lists what it holds, in a hash of its own (`held:{member}`: owner key -> service domain),
+so that the survivors know what a lost member held once its leases are gone from Redis.
+
 `Placement` wires this into a server: every stanza for an owned entity is served here if this member
 holds it, else forwarded to its live owner, else (no live owner) the entity is taken here and loaded.
+When a member is lost (`cluster/member-lost`) the survivors take its entities over at once, without waiting
+for a stanza: each takes those that rendezvous hashing gives it (`successor`), so that they spread over the
+survivors and every survivor makes the same choice without a word to the others; what is left after
+`RESCUE_AFTER` (its successor died too, or saw another set of members) is taken by whoever comes first.
+A lost member's leases have lapsed by then (`LEASE` is shorter than the heartbeat's time to live), so the
+entities come back within that time to live, the heartbeat and one load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.stream.errors import StanzaError
 
@@ -52,8 +66,10 @@ LEASE = 4.0  # seconds an owner's claim lasts in Redis without renewal
 MARGIN = 0.25  # of the lease: the owner considers it lost this much earlier than Redis does
 REDIS_TIMEOUT = 1.0  # seconds a Redis call may take before the member counts it as failed
 SEP = "#"  # between the member and the incarnation in a lease's value
+TAKEOVER_CONCURRENCY = 16  # entities of a lost member loaded at once by one survivor
+RESCUE_AFTER = 5.0  # seconds after which a survivor takes what a lost member's other successors did not
 
-# KEYS: owner key, fence counter. ARGV: our value, lease ms, our member's prefix ("member#").
+# KEYS: owner key. ARGV: our value, lease ms, our member's prefix ("member#").
 # Taken when free or left by a dead incarnation of this member; renewed when ours; else the owner's value.
 _CLAIM = """
 local current = redis.call('GET', KEYS[1])
@@ -68,22 +84,18 @@ if current then
     return {0, holder}
   end
 end
-local token = redis.call('INCR', KEYS[2])
+local now = redis.call('TIME')
+local token = now[1] .. string.format('%06d', now[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
-return {1, tostring(token)}
+return {1, token}
 """
-# KEYS: owner keys. ARGV: lease ms, then one 'value|token' per key. Returns 1/0 per key.
+# KEYS: owner key. ARGV: lease ms, our 'value|token'. 1 if renewed, 0 if not ours.
 _RENEW = """
-local held = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
-    redis.call('PEXPIRE', key, ARGV[1])
-    held[i] = 1
-  else
-    held[i] = 0
-  end
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return 1
 end
-return held
+return 0
 """
 # KEYS: owner key, [state hash]. ARGV: 'value|token', then field/value pairs to set, '' values deleted.
 _GUARDED = """
@@ -126,7 +138,7 @@ def redis_failures() -> tuple[type[Exception], ...]:
 @dataclass
 class Lease:
     key: str
-    token: int  # the fencing token of this takeover: larger than any earlier owner's of any entity
+    token: int  # the fencing token of this takeover: Redis's clock in microseconds, larger than earlier owners'
     deadline: float  # monotonic time until which this member may act as the owner
 
 
@@ -144,14 +156,31 @@ class Ownership:
         self.held: dict[str, Lease] = {}
         self.healthy = True  # False while renewals fail
         self._task: asyncio.Task[None] | None = None
+        self._loaded = False  # the pipelines' scripts are in Redis's script cache
         self._scripts = {name: client.register_script(text) for name, text in
                          (("claim", _CLAIM), ("renew", _RENEW), ("guarded", _GUARDED), ("release", _RELEASE))}
 
     def owner_key(self, key: str) -> str:
-        return f"{self.prefix}:owner:{key}"
+        return f"{self.prefix}:owner:{{{key}}}"
 
     def state_key(self, key: str) -> str:
-        return f"{self.prefix}:state:{key}"
+        return f"{self.prefix}:state:{{{key}}}"
+
+    def held_key(self, member: str) -> str:
+        """What a member holds (owner key -> the service's domain): one key per member, under its own hash tag."""
+        return f"{self.prefix}:held:{{{member}}}"
+
+    async def held_by(self, member: str) -> dict[str, str]:
+        """The entities a member listed as held (by a lost member: what it held when it died), with their
+        services' domains."""
+        raw = await asyncio.wait_for(self.redis.hgetall(self.held_key(member)), REDIS_TIMEOUT)
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def forget_held(self, member: str, keys: Iterable[str]) -> None:
+        """Take entities off a lost member's list: they were taken over, or are no longer anyone's."""
+        keys = list(keys)
+        if keys:
+            await asyncio.wait_for(self.redis.hdel(self.held_key(member), *keys), REDIS_TIMEOUT)
 
     def _valid_for(self, started: float) -> float:
         return started + self.lease * (1 - MARGIN)
@@ -166,17 +195,20 @@ class Ownership:
             return None
         return lease
 
-    async def claim(self, key: str) -> tuple[Lease | None, str]:
-        """Take or renew the lease on `key`: (lease, '') when this member holds it now, (None, owner member)
-        when another one does. Raises RedisError or OSError when Redis cannot be reached."""
+    async def claim(self, key: str, service: str = "") -> tuple[Lease | None, str]:
+        """Take or renew the lease on `key` (an entity of the service at domain `service`): (lease, '') when
+        this member holds it now, (None, owner member) when another one does. Raises RedisError or OSError when
+        Redis cannot be reached."""
         started = time.monotonic()
         taken, detail = await asyncio.wait_for(self._scripts["claim"](
-            keys=[self.owner_key(key), f"{self.prefix}:fence"],
+            keys=[self.owner_key(key)],
             args=[self.value, int(self.lease * 1000), self.member + SEP]), REDIS_TIMEOUT)
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         if not taken:
             return None, detail.split(SEP, 1)[0]
         lease = Lease(key, int(detail), self._valid_for(started))
+        if key not in self.held:
+            await asyncio.wait_for(self.redis.hset(self.held_key(self.member), key, service), REDIS_TIMEOUT)
         self.held[key] = lease
         self.healthy = True
         self.start()
@@ -218,8 +250,8 @@ class Ownership:
 
     async def owned(self, pattern: str) -> list[str]:
         """The keys matching a glob pattern that some member owns now."""
-        start = len(self.owner_key(""))
-        return [key.decode()[start:] async for key in self.redis.scan_iter(self.owner_key(pattern), count=1000)]
+        start = len(self.owner_key("")) - 1
+        return [key.decode()[start:-1] async for key in self.redis.scan_iter(self.owner_key(pattern), count=1000)]
 
     async def release(self, key: str, forget_state: bool = False) -> None:
         """Give the entity up (it is empty, or this member stops): the next stanza's member takes it at once."""
@@ -227,10 +259,13 @@ class Ownership:
         if lease is None:
             return
         try:
-            await asyncio.wait_for(self._scripts["release"](
-                keys=[self.owner_key(key), self.state_key(key)],
-                args=[self._tag(lease), "1" if forget_state else "0"]), REDIS_TIMEOUT)
+            pipe = await self._pipeline()
+            await self._scripts["release"](keys=[self.owner_key(key), self.state_key(key)],
+                                           args=[self._tag(lease), "1" if forget_state else "0"], client=pipe)
+            pipe.hdel(self.held_key(self.member), key)
+            await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT)
         except redis_failures():
+            self._loaded = False
             log.warning("ownership: could not release %s; its lease lapses by itself", key)
 
     def start(self) -> None:
@@ -238,9 +273,14 @@ class Ownership:
             self._task = asyncio.get_running_loop().create_task(self._renew_loop())
 
     async def stop(self) -> None:
-        """Release every lease, then stop renewing."""
+        """Release every lease, then stop renewing; this member's list of what it holds goes too (what is left
+        in it was lost to others meanwhile)."""
         for key in list(self.held):
             await self.release(key)
+        try:
+            await asyncio.wait_for(self.redis.delete(self.held_key(self.member)), REDIS_TIMEOUT)
+        except redis_failures():
+            log.warning("ownership: could not remove the list of what %s held", self.member)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -260,11 +300,10 @@ class Ownership:
         started = time.monotonic()
         wait = max(0.01, min(REDIS_TIMEOUT, min(lease.deadline for lease in leases) - started))
         try:
-            results = await asyncio.wait_for(self._scripts["renew"](
-                keys=[self.owner_key(lease.key) for lease in leases],
-                args=[int(self.lease * 1000), *map(self._tag, leases)]), wait)
+            results = await asyncio.wait_for(self._renew_all(leases), wait)
         except redis_failures() as exc:
             self.healthy = False  # retried sooner
+            self._loaded = False
             soon = time.monotonic() + self.lease / 8
             expired = [lease.key for lease in leases if soon >= lease.deadline]
             if expired:
@@ -283,6 +322,27 @@ class Ownership:
         if lost:
             log.warning("ownership: %d leases were taken over: %s", len(lost), ", ".join(lost[:5]))
             self._drop(lost)
+            try:
+                await self.forget_held(self.member, lost)
+            except redis_failures():
+                pass  # whoever reads the list checks each entry's owner
+
+    async def _pipeline(self) -> Any:
+        """A pipeline for the renew and release scripts. redis-py loads a pipeline's scripts into one Redis, not
+        into a Redis Cluster's masters (each has its own script cache): they are loaded into all first, and again
+        after a failure (a master may have restarted with an empty cache)."""
+        if not self._loaded:
+            for name in ("renew", "release"):
+                await self.redis.script_load(self._scripts[name].script)
+            self._loaded = True
+        return self.redis.pipeline(transaction=False)
+
+    async def _renew_all(self, leases: list[Lease]) -> list[int]:
+        pipe = await self._pipeline()
+        for lease in leases:
+            await self._scripts["renew"](keys=[self.owner_key(lease.key)],
+                                         args=[int(self.lease * 1000), self._tag(lease)], client=pipe)
+        return list(await pipe.execute())
 
     def _drop(self, keys: list[str]) -> None:
         for key in keys:
@@ -297,10 +357,19 @@ class Owned(Protocol):
     idle_release: float | None  # seconds after which an entity nobody used is given up (None: never)
 
     def owner_key(self, st: Stanza) -> str | None: ...
-    async def take(self, lease: Lease) -> None: ...
+    # Load the entity; False when there is nothing to serve (none, or a room nobody is in); the lease is kept
+    # for the stanza that made this member take it, let go when taken over from a lost member.
+    async def take(self, lease: Lease) -> bool: ...
     def lost(self, key: str) -> None: ...
     async def act(self, key: str, action: str, argument: str) -> None: ...
     async def refuse(self, st: Stanza, error: StanzaError) -> None: ...
+
+
+def successor(key: str, members: Iterable[str]) -> str:
+    """The member that takes `key` over when its owner is lost (rendezvous hashing): the highest hash of member
+    and key. A lost member's entities spread evenly over the survivors, each survivor finds the same answer
+    alone, and a change of members moves only the entities that the member who came or went wins."""
+    return max(members, key=lambda member: hashlib.blake2b(f"{member}\n{key}".encode(), digest_size=8).digest())
 
 
 class Placement:
@@ -311,19 +380,21 @@ class Placement:
         assert cluster is not None
         self.server = server
         self.cluster = cluster
-        from server.cluster.transport import connect, is_cluster_url, tag
+        from server.cluster.transport import connect  # one Redis, or a Redis Cluster (redis+cluster://)
 
-        url = server.config.cluster.redis_url
-        client = connect(url, protocol=2, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
-        # On a Redis Cluster every lease key is in one hash slot: a script uses a lease's keys and the fence together.
-        self.ownership = Ownership(client, tag(cluster.key("own"), is_cluster_url(url)), cluster.member,
-                                   on_lost=self._lost)
+        client = connect(server.config.cluster.redis_url, protocol=2, socket_timeout=REDIS_TIMEOUT,
+                         socket_connect_timeout=REDIS_TIMEOUT)
+        self.ownership = Ownership(client, cluster.key("own"), cluster.member, on_lost=self._lost)
         self.services: dict[str, Owned] = {}  # by domain
         self._ready: dict[str, Owned] = {}  # the entities held and loaded here, by key
         self._used: dict[str, float] = {}  # when each was last served, for `Owned.idle_release`
         self._sweeper: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._rescues: set[asyncio.Task[Any]] = set()  # takeovers of lost members' entities under way
+        self.rescue_after = RESCUE_AFTER
         cluster.on("own", self._act_here)
+        server.hooks.add("cluster/member-lost", self._member_lost)
+        server.hooks.add("server/started", self._started)
 
     def add(self, service: Owned) -> None:
         self.services[service.domain] = service
@@ -334,6 +405,11 @@ class Placement:
             await self.release(key)
         self.services.pop(service.domain, None)
         if not self.services:
+            self.server.hooks.remove("cluster/member-lost", self._member_lost)
+            self.server.hooks.remove("server/started", self._started)
+            for task in self._rescues:
+                task.cancel()
+            await asyncio.gather(*self._rescues, return_exceptions=True)
             if self._sweeper is not None:
                 self._sweeper.cancel()
                 await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -362,38 +438,43 @@ class Placement:
             self.cluster.route_elsewhere(owner, st)
         return False
 
-    async def _locate(self, service: Owned, key: str) -> str | None:
+    async def _locate(self, service: Owned, key: str, keep_absent: bool = True) -> str | None:
         """None when this member holds `key` (taken now if need be), the live owner's id, or '' when no
-        member can serve it now (Redis unreachable, or a dead owner's lease not lapsed in time)."""
+        member can serve it now (Redis unreachable, or a dead owner's lease not lapsed in time). Without
+        `keep_absent`, an entity that turns out not to exist is let go at once (None, and not held)."""
         lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
             async with lock:
-                return await self._claim(service, key)
+                return await self._claim(service, key, keep_absent)
         finally:
             users[0] -= 1
             if not users[0]:
                 del self._locks[key]
 
-    async def _claim(self, service: Owned, key: str) -> str | None:
+    async def _claim(self, service: Owned, key: str, keep_absent: bool) -> str | None:
         deadline = time.monotonic() + self.ownership.lease + 1
         while True:
             if self.holds(key):
                 return None
             try:
-                lease, owner = await self.ownership.claim(key)
+                lease, owner = await self.ownership.claim(key, service.domain)
             except redis_failures() as exc:
                 log.warning("ownership: cannot claim %s: %s", key, exc)
                 return ""
             if lease is not None:
                 try:
-                    await service.take(lease)
+                    present = await service.take(lease)
                 except BaseException:
                     await self.ownership.release(key)
                     raise
                 if self.ownership.holds(key) is not lease:
                     service.lost(key)  # lost while loading
                     continue
+                if present is False and not keep_absent:
+                    service.lost(key)
+                    await self.ownership.release(key, forget_state=True)
+                    return None
                 self._ready[key] = service
                 self._used[key] = time.monotonic()
                 if service.idle_release is not None and self._sweeper is None:
@@ -404,6 +485,72 @@ class Placement:
             if time.monotonic() >= deadline:  # a dead owner's lease lapses within LEASE
                 return ""
             await asyncio.sleep(0.1)
+
+    def _member_lost(self, member: str) -> None:
+        """A member is lost: its entities are taken over now, by this member and the other survivors."""
+        self._in_background(self.take_over(member))
+
+    async def _started(self, _server: Server) -> None:
+        """A member started in place of a dead one (same node and worker) takes back at once what that one held:
+        the others saw no member lost, and its leases are this member's to take (`_CLAIM`)."""
+        self._in_background(self._rescue(self.cluster.member, lambda key: True))
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._rescues.add(task)
+        task.add_done_callback(self._rescues.discard)
+
+    async def take_over(self, lost: str) -> None:
+        """Take over, and load, the entities of a lost member that this one succeeds to (`successor` among the
+        live members); after `rescue_after` seconds, whatever of its list nobody took yet."""
+        started = time.monotonic()
+        me = self.cluster.member
+        taken = await self._rescue(lost, lambda key: successor(key, self.cluster.members()) == me)
+        if taken:
+            log.warning("ownership: took over %d entities of lost member %s in %.2f s", taken, lost,
+                        time.monotonic() - started)
+        await asyncio.sleep(self.rescue_after)
+        taken = await self._rescue(lost, lambda key: True)
+        if taken:
+            log.warning("ownership: took over %d more entities of lost member %s, left by its successors", taken,
+                        lost)
+
+    async def _rescue(self, lost: str, ours: Callable[[str], bool]) -> int:
+        """Take those of the lost member's entities that `ours` picks (unless a live member owns them already),
+        a few at a time; those now owned by another member or by none are struck off its list. How many were
+        taken here."""
+        try:
+            held = await self.ownership.held_by(lost)
+        except redis_failures() as exc:
+            log.warning("ownership: cannot read what lost member %s held: %s", lost, exc)
+            return 0
+        gate = asyncio.Semaphore(TAKEOVER_CONCURRENCY)
+        settled: list[str] = []
+        taken = 0
+
+        async def rescue(key: str, service: Owned) -> None:
+            nonlocal taken
+            async with gate:
+                try:
+                    owner = await self._locate(service, key, keep_absent=False)
+                except Exception:
+                    log.exception("ownership: could not take over %s from lost member %s", key, lost)
+                    return
+            if owner in ("", lost):
+                return
+            if owner is None and self.holds(key) is not None:
+                taken += 1
+                if lost == self.cluster.member:
+                    return  # this member's again (its predecessor's): it stays on the list
+            settled.append(key)
+
+        await asyncio.gather(*(rescue(key, self.services[domain]) for key, domain in held.items()
+                               if domain in self.services and ours(key)))
+        try:
+            await self.ownership.forget_held(lost, settled)
+        except redis_failures():
+            pass  # struck off by the next reader
+        return taken
 
     async def act(self, service: Owned, key: str, action: str, argument: str) -> None:
         """Run `action` on the entity where it is owned (taking it here if nobody owns it)."""

@@ -111,8 +111,10 @@ class Service:
         (the default) for a stanza any member may serve."""
         return None
 
-    async def take(self, lease: Lease) -> None:
-        """This member has just become the owner of the entity `lease.key`: load it."""
+    async def take(self, lease: Lease) -> bool:
+        """This member has just become the owner of the entity `lease.key`: load it. False when there is
+        nothing to serve (no such entity)."""
+        return True
 
     def lost(self, key: str) -> None:
         """This member no longer owns the entity `key`: it must stop serving it."""

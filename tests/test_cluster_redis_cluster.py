@@ -21,6 +21,7 @@ import redis
 from server.cluster import Cluster
 from server.config import ClusterConfig, Config, ConfigError, parse_config
 from server.jid import JID
+from server.ownership import LEASE
 from server.server import Server
 from tests import test_cluster_resumption
 from tests.conftest import PG_URL, Harness, drop_pg_schema, free_port, make_config, make_pg_schema
@@ -119,6 +120,10 @@ async def test_members_on_a_redis_cluster_chat_share_presence_and_rooms(
         sender.send_message(mto=ROOM, mbody=f"room message from {name}", mtype="groupchat")
         for queue in inbox.values():
             assert await bodies(queue, 1, timeout=10) == [f"room message from {name}"]
+    # The room's lease is renewed on the Redis Cluster (by scripts in a pipeline): still held after a lease's time.
+    await asyncio.sleep(LEASE + 1)
+    with redis_cluster.client() as client:
+        assert client.pttl(f"{cluster.key('own')}:owner:{{muc:{ROOM}}}") > 0
 
 
 async def test_a_session_resumes_on_the_other_member_over_a_redis_cluster(

@@ -155,7 +155,7 @@ async def bodies(queue: asyncio.Queue[Any], count: int, timeout: float = 5) -> l
 
 async def owner(redis: aioredis.Redis, prefix: str) -> tuple[str, int]:
     """(member, fencing token) of the room's lease, as Redis holds it."""
-    value = (await redis.get(f"{prefix}:own:owner:muc:{ROOM}") or b"").decode()
+    value = (await redis.get(f"{prefix}:own:owner:{{muc:{ROOM}}}") or b"").decode()
     holder, _, token = value.partition("|")
     return holder.partition("#")[0], int(token or 0)
 
@@ -195,7 +195,7 @@ async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
     # A pubsub node is owned by the member its first request reached; requests from elsewhere go there.
     pubsub = bob.plugin["xep_0060"]
     await pubsub.create_node("pubsub.localhost", "feed", timeout=10)
-    lease = (await redis.get(f"{prefix}:own:owner:pubsub:pubsub.localhost/feed") or b"").decode()
+    lease = (await redis.get(f"{prefix}:own:owner:{{pubsub:pubsub.localhost/feed}}") or b"").decode()
     assert lease.startswith("n2/0#"), lease
     events: asyncio.Queue[str] = asyncio.Queue()
     carol.add_event_handler("pubsub_publish", lambda m: events.put_nowait(m["pubsub_event"]["items"]["node"]))

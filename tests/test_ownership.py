@@ -13,8 +13,9 @@ from xml.etree.ElementTree import Element
 import pytest
 import redis.asyncio as aioredis
 
+from server.hooks import Hooks
 from server.jid import JID
-from server.ownership import Lease, NotOwner, Ownership, Placement
+from server.ownership import Lease, NotOwner, Ownership, Placement, successor
 from server.stanza import Stanza
 from server.stream.errors import StanzaError
 from tests.conftest import unavailable
@@ -170,6 +171,7 @@ class StubServer:
     def __init__(self, cluster: StubCluster) -> None:
         self.cluster = cluster
         self.config = SimpleNamespace(cluster=SimpleNamespace(redis_url=f"redis://{REDIS[0]}:{REDIS[1]}/0"))
+        self.hooks = Hooks()
 
 
 class Entities:
@@ -185,8 +187,9 @@ class Entities:
     def owner_key(self, st: Stanza) -> str | None:
         return st.el.get("to")
 
-    async def take(self, lease: Lease) -> None:
+    async def take(self, lease: Lease) -> bool:
         self.taken.append((lease.key, lease.token))
+        return True
 
     def lost(self, key: str) -> None:
         pass
@@ -235,3 +238,101 @@ async def test_a_stanza_is_served_by_the_owner_forwarded_to_it_or_taken_over_fro
         for found, service in ((one, service_one), (two, service_two)):
             found.services[service.domain] = service
             await found.remove(service)
+
+
+def test_a_lost_members_entities_spread_over_the_survivors_and_only_its_move() -> None:
+    keys = [f"muc:room{i}@conference.localhost" for i in range(600)]
+    three = ["n1/0", "n2/0", "n3/0"]
+    first = {key: successor(key, three) for key in keys}
+    shares = {member: sum(1 for owner in first.values() if owner == member) for member in three}
+    assert all(150 < share < 250 for share in shares.values()), shares
+    after = {key: successor(key, ["n1/0", "n3/0"]) for key in keys}
+    assert {key for key in keys if after[key] != first[key]} == {key for key in keys if first[key] == "n2/0"}
+
+
+async def test_the_survivors_take_a_lost_members_entities_at_once_each_its_share(prefix: str) -> None:
+    live = ["n1/0", "n2/0", "n3/0"]
+    found = {name: placement(prefix, name, live) for name in live}
+    services = {name: Entities() for name in live}
+    one, two, three = (found[name][0] for name in live)
+    keys = [f"room{i}@svc.localhost" for i in range(40)]
+    for name, (survivor, _) in found.items():
+        survivor.add(services[name])
+    try:
+        for key in keys:
+            assert await one.admit(services["n1/0"], stanza(key))
+        assert set(await one.ownership.held_by("n1/0")) == set(keys)
+        one.ownership._task.cancel()  # type: ignore[union-attr]  # n1 dies: no renewal, no release
+        live.remove("n1/0")
+        two.rescue_after = three.rescue_after = 30.0
+        for survivor in (two, three):
+            survivor.server.hooks.notify("cluster/member-lost", "n1/0")
+        deadline = time.monotonic() + LEASE + 2
+        while len(services["n2/0"].taken) + len(services["n3/0"].taken) < len(keys):
+            assert time.monotonic() < deadline, "the lost member's entities were not taken over without a stanza"
+            await asyncio.sleep(0.05)
+        for name, survivor in (("n2/0", two), ("n3/0", three)):
+            mine = sorted(key for key, _ in services[name].taken)
+            assert mine == sorted(key for key in keys if successor(key, live) == name)
+            assert all(survivor.holds(key) for key in mine)
+            assert set(await survivor.ownership.held_by(name)) == set(mine)
+        assert 10 < len(services["n2/0"].taken) < 30
+        deadline = time.monotonic() + 2
+        while await one.ownership.held_by("n1/0"):  # struck off the lost member's list
+            assert time.monotonic() < deadline, "the lost member's list kept what was taken over"
+            await asyncio.sleep(0.05)
+    finally:
+        for name, (survivor, _) in found.items():
+            await survivor.remove(services[name])
+
+
+async def test_what_a_lost_members_successor_did_not_take_is_taken_by_another(prefix: str) -> None:
+    live = ["n1/0", "n2/0", "n3/0"]
+    one, _ = placement(prefix, "n1/0", live)
+    two, _ = placement(prefix, "n2/0", live)
+    service_one, service_two = Entities(), Entities()
+    keys = [f"room{i}@svc.localhost" for i in range(12)]
+    one.add(service_one)
+    two.add(service_two)
+    try:
+        for key in keys:
+            assert await one.admit(service_one, stanza(key))
+        one.ownership._task.cancel()  # type: ignore[union-attr]
+        live.remove("n1/0")  # n3 is listed but never takes its share: it died too, unnoticed yet
+        two.rescue_after = LEASE * 2
+        two.server.hooks.notify("cluster/member-lost", "n1/0")
+        deadline = time.monotonic() + LEASE * 4 + 2
+        while len(service_two.taken) < len(keys):
+            assert time.monotonic() < deadline, sorted(service_two.taken)
+            await asyncio.sleep(0.05)
+        assert sorted(key for key, _ in service_two.taken) == sorted(keys)
+    finally:
+        for found, service in ((one, service_one), (two, service_two)):
+            await found.remove(service)
+
+
+async def test_a_member_restarted_in_place_of_a_dead_one_takes_back_what_it_held_at_once(prefix: str) -> None:
+    live = ["n1/0", "n2/0"]
+    old, _ = placement(prefix, "n1/0", live)
+    service_old, service_new = Entities(), Entities()
+    old.add(service_old)
+    keys = [f"room{i}@svc.localhost" for i in range(5)]
+    new = None
+    try:
+        for key in keys:
+            assert await old.admit(service_old, stanza(key))
+        old.ownership._task.cancel()  # type: ignore[union-attr]  # n1 dies, and is started again at once
+        new, _ = placement(prefix, "n1/0", live)
+        new.add(service_new)
+        await new.server.hooks.fire("server/started", new.server)
+        deadline = time.monotonic() + LEASE / 2  # well before the dead one's leases lapse
+        while len(service_new.taken) < len(keys):
+            assert time.monotonic() < deadline, service_new.taken
+            await asyncio.sleep(0.01)
+        assert set(await new.ownership.held_by("n1/0")) == set(keys)  # still listed: held by the new one
+        assert all(new.holds(key) for key in keys)
+    finally:
+        old.ownership.held.clear()  # the dead one releases nothing
+        await old.remove(service_old)
+        if new is not None:
+            await new.remove(service_new)

@@ -77,7 +77,7 @@ async def create_room(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
 async def exists(muc: Muc, jid: JID) -> bool:
     """In a cluster: the room is stored, or owned by a member now."""
     assert muc.placement is not None
-    return any(r.name == jid.local for r in await muc.store.rooms(muc.domain)) or \
+    return await muc.store.room(muc.domain, jid.local or "") is not None or \
         await muc.placement.ownership.owner(placement.owner_key(jid)) is not None
 
 

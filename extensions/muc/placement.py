@@ -7,6 +7,10 @@ its lease. A member taking the room over loads it from PostgreSQL (persistent) o
 (temporary), puts back the sessions that are still connected somewhere in the cluster, and tells the room
 that the others left (status 333, as for a session whose server reported an error).
 
+When the owner is lost, the survivors take its rooms over at once, each those that rendezvous hashing gives
+it (server/ownership.py `Placement.take_over`), without waiting for a stanza: the occupants on the other
+members stay in, and get the room's next message without joining again. A room nobody is left in is not kept.
+
 A room is released when it empties: its state hash goes, and the next stanza to it claims it afresh
 wherever it arrives.
 """
@@ -87,35 +91,35 @@ async def known_rooms(muc: Muc) -> list[Room]:
     return rooms
 
 
-async def take(muc: Muc, lease: Lease) -> None:
-    """This member now owns the room: load it, with the occupants still connected."""
+async def take(muc: Muc, lease: Lease) -> bool:
+    """This member now owns the room: load it (from storage, or a temporary room from its state hash), with
+    the occupants that are still connected somewhere in the cluster; those that are not leave (status 333).
+    False when there is nothing to serve: no such room, or nobody left in it."""
     placement = muc.placement
     assert placement is not None
     jid = room_of(lease.key)
     state = await placement.ownership.state(lease.key)
     name = jid.local or ""
-    stored = next((r for r in await muc.store.rooms(muc.domain) if r.name == name), None)
+    stored = await muc.store.room(muc.domain, name)
     locked = False
     if stored is None and ROOM in state:
         stored, locked = _from_snapshot(name, state[ROOM])
     muc.rooms.pop(jid, None)
     if stored is None:
-        return  # no such room (yet): a join creates it here
+        return False  # no such room (yet): a join creates it here
     room = _room(muc, jid, stored)
     room.locked = locked
     room.lease = lease
     await archive.refill(room)
+    joined = {JID.parse(field[len(OCCUPANT):]): json.loads(value) for field, value in state.items()
+              if field.startswith(OCCUPANT)}
+    await muc.server.sessions.ensure_all({session.bare for session in joined})
     gone: list[JID] = []
-    for field, value in state.items():
-        if not field.startswith(OCCUPANT):
-            continue
-        session = JID.parse(field[len(OCCUPANT):])
-        nick, role, presence = json.loads(value)
+    for session, (nick, role, presence) in joined.items():
         occupant = room.find(nick) or room.new_occupant(nick, session, role)
         occupant.role = role
         room.add_session(occupant, session, parse_stored(presence))
         room.mirrored[str(session)] = (nick, role, occupant.sessions[session])
-        await muc.server.sessions.ensure(session.bare)
         if muc.server.sessions.get(session) is None:
             gone.append(session)
     room.mirrored_room = state.get(ROOM, "")
@@ -129,7 +133,7 @@ async def take(muc: Muc, lease: Lease) -> None:
             batches += room.broadcast_presence(occupant, to_self=[], session=session, unavailable=True,
                                                statuses=[REMOVED_ERROR])
     await room.flush(batches)
-    await sync(muc, jid)
+    return bool(room.by_session)
 
 
 def lost(muc: Muc, key: str) -> None:
@@ -163,7 +167,8 @@ async def sync(muc: Muc, jid: JID) -> None:
 async def record(room: Room) -> None:
     """Write what changed of the room's occupants (and of a temporary room itself) to its state hash, fenced
     by the room's lease: done before the room sends anything, so that what occupants were told survives the
-    owner. Refused (remote-server-timeout) when this member no longer owns the room."""
+    owner. Refused (remote-server-timeout) when this member no longer owns the room, even with nothing to
+    write: a member that stalled past its lease (its successor serves the room) sends nothing more for it."""
     placement = room.service.placement
     if placement is None:
         return
@@ -172,6 +177,8 @@ async def record(room: Room) -> None:
     lease = room.lease
     if lease is None:
         return
+    if placement.ownership.holds(lease.key) is not lease:  # stalled past the lease: another member may own it
+        raise StanzaError("remote-server-timeout", "the room moved; try again")
     changes: dict[str, str | None] = {}
     current = {}
     for session, occupant in room.by_session.items():

@@ -100,8 +100,8 @@ class Rooms(Service):
     def owner_key(self, st: Stanza) -> str | None:
         return placement.owner_key(st.to.bare) if st.to.local is not None else None
 
-    async def take(self, lease: Lease) -> None:
-        await placement.take(self.muc, lease)
+    async def take(self, lease: Lease) -> bool:
+        return await placement.take(self.muc, lease)
 
     def lost(self, key: str) -> None:
         placement.lost(self.muc, key)
