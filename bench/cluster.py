@@ -546,7 +546,7 @@ def postgres_cpu() -> dict[int, float]:
 
 
 
-# A cross-node message as a member publishes it: the sender's id, then a stanza frame for a session (server/cluster.py).
+# A cross-node message as a member publishes it: the sender's id, then a stanza frame for a session (server/cluster/).
 PROBE_STANZA = ("<message to='u1@cluster.bench/bench' type='chat' xmlns='jabber:client' from='u0@cluster.bench/bench'>"
                 "<body>T00000000000000000000Z" + "x" * 78 + "</body></message>")
 PROBE_FRAME = "s\x00u1@cluster.bench/bench\x00" + PROBE_STANZA

@@ -16,6 +16,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from server.jid import JID, JIDError
 from server.options import check_option
@@ -109,6 +110,9 @@ class StorageConfig:
     url: str
 
 
+REDIS_CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
 @dataclass
 class ClusterConfig:
     """Processes routing to each other through Redis: the workers of one node sharing its listening ports, and
@@ -123,6 +127,11 @@ class ClusterConfig:
     def active(self) -> bool:
         """A cluster (Redis, member ids, heartbeats) rather than one process: several workers, or a named node."""
         return self.workers > 1 or self.node is not None
+
+    @property
+    def sharded(self) -> bool:
+        """`redis_url` names a Redis Cluster (redis+cluster://, rediss+cluster://) rather than one Redis."""
+        return self.redis_url.startswith(REDIS_CLUSTER_SCHEMES)
 
     @property
     def node_name(self) -> str:
@@ -462,8 +471,11 @@ def _cluster(table: _Table) -> ClusterConfig:
         node=node,
     )
     table.finish()
-    if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(table.key("redis_url"), "must be a redis://, rediss:// or unix:// URL")
+    if not cluster.redis_url.startswith(("redis://", "rediss://", "unix://", *REDIS_CLUSTER_SCHEMES)):
+        raise ConfigError(table.key("redis_url"), "must be a redis://, rediss:// or unix:// URL, or a "
+                          "redis+cluster:// or rediss+cluster:// URL of one node of a Redis Cluster")
+    if cluster.sharded and urlsplit(cluster.redis_url).path not in ("", "/", "/0"):
+        raise ConfigError(table.key("redis_url"), "a Redis Cluster has database 0 only: leave out the /N")
     if node is not None and (problem := node_name_problem(node)):
         raise ConfigError(table.key("node"), problem)
     return cluster

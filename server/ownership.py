@@ -156,6 +156,7 @@ class Ownership:
         self.held: dict[str, Lease] = {}
         self.healthy = True  # False while renewals fail
         self._task: asyncio.Task[None] | None = None
+        self._loaded = False  # the pipelines' scripts are in Redis's script cache
         self._scripts = {name: client.register_script(text) for name, text in
                          (("claim", _CLAIM), ("renew", _RENEW), ("guarded", _GUARDED), ("release", _RELEASE))}
 
@@ -258,12 +259,13 @@ class Ownership:
         if lease is None:
             return
         try:
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = await self._pipeline()
             await self._scripts["release"](keys=[self.owner_key(key), self.state_key(key)],
                                            args=[self._tag(lease), "1" if forget_state else "0"], client=pipe)
             pipe.hdel(self.held_key(self.member), key)
             await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT)
         except redis_failures():
+            self._loaded = False
             log.warning("ownership: could not release %s; its lease lapses by itself", key)
 
     def start(self) -> None:
@@ -301,6 +303,7 @@ class Ownership:
             results = await asyncio.wait_for(self._renew_all(leases), wait)
         except redis_failures() as exc:
             self.healthy = False  # retried sooner
+            self._loaded = False
             soon = time.monotonic() + self.lease / 8
             expired = [lease.key for lease in leases if soon >= lease.deadline]
             if expired:
@@ -324,8 +327,18 @@ class Ownership:
             except redis_failures():
                 pass  # whoever reads the list checks each entry's owner
 
+    async def _pipeline(self) -> Any:
+        """A pipeline for the renew and release scripts. redis-py loads a pipeline's scripts into one Redis, not
+        into a Redis Cluster's masters (each has its own script cache): they are loaded into all first, and again
+        after a failure (a master may have restarted with an empty cache)."""
+        if not self._loaded:
+            for name in ("renew", "release"):
+                await self.redis.script_load(self._scripts[name].script)
+            self._loaded = True
+        return self.redis.pipeline(transaction=False)
+
     async def _renew_all(self, leases: list[Lease]) -> list[int]:
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = await self._pipeline()
         for lease in leases:
             await self._scripts["renew"](keys=[self.owner_key(lease.key)],
                                          args=[int(self.lease * 1000), self._tag(lease)], client=pipe)
@@ -367,10 +380,10 @@ class Placement:
         assert cluster is not None
         self.server = server
         self.cluster = cluster
-        import redis.asyncio as aioredis
+        from server.cluster.transport import connect  # one Redis, or a Redis Cluster (redis+cluster://)
 
-        client = aioredis.from_url(server.config.cluster.redis_url, protocol=2, socket_timeout=REDIS_TIMEOUT,
-                                   socket_connect_timeout=REDIS_TIMEOUT)
+        client = connect(server.config.cluster.redis_url, protocol=2, socket_timeout=REDIS_TIMEOUT,
+                         socket_connect_timeout=REDIS_TIMEOUT)
         self.ownership = Ownership(client, cluster.key("own"), cluster.member, on_lost=self._lost)
         self.services: dict[str, Owned] = {}  # by domain
         self._ready: dict[str, Owned] = {}  # the entities held and loaded here, by key

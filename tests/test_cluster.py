@@ -118,7 +118,7 @@ class Workers(Harness):
 
     async def pid(self, worker: int) -> int:
         value = await self.redis.get(f"{self.prefix}:alive:{NODE}/{worker}")
-        return int(value) if value else 0
+        return int(value.split(b".")[0]) if value else 0  # the heartbeat holds "pid.instance"
 
 
 def _config(data_dir: Path, url: str, port: int, prefix: str) -> str:

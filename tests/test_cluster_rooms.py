@@ -205,7 +205,7 @@ async def test_a_room_with_occupants_on_three_nodes_survives_its_owners_death(
     assert await asyncio.wait_for(events.get(), 5) == "feed"
 
     # The owner's node dies (SIGKILL to its supervisor and worker): no goodbye, no release.
-    worker = int(await redis.get(f"{prefix}:alive:n1/0") or 0)
+    worker = int((await redis.get(f"{prefix}:alive:n1/0") or b"0").split(b".")[0])  # "pid.instance"
     os.killpg(started["n1"].proc.pid, signal.SIGKILL)
     started["n1"].proc.wait(5)
     while os.path.exists(f"/proc/{worker}"):  # what reaches a dying worker's channel is lost with it

@@ -51,7 +51,7 @@ async def moved(redis: aioredis.Redis, prefix: str, key: str, old: str, since: f
 
 
 async def worker_of(redis: aioredis.Redis, prefix: str, node: str) -> int:
-    return int(await redis.get(f"{prefix}:alive:{node}/0") or 0)
+    return int((await redis.get(f"{prefix}:alive:{node}/0") or b"0").split(b".")[0])  # "pid.instance"
 
 
 async def kill(started: dict[str, Node], redis: aioredis.Redis, prefix: str, name: str) -> float:
