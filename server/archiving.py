@@ -46,9 +46,9 @@ class Turn:
     per connection. So the archive `park`s a message once its rows are queued: its connection then handles
     the messages after it each in a task of its own, and this one goes on waiting. Order is kept: a message
     is routed only once the one before it is `released` (parked or finished), so its rows are queued after
-    that one's; it goes on to delivery only `in_order`, after the one before it did, and to offline storage
-    only once the router is done delivering that one (`earlier_delivered`: storing waits for the database,
-    and two stores in flight could commit out of order); and it counts as
+    that one's; it goes on to delivery only `in_order`, after the one before it did, and to its sessions or
+    offline storage only once the router is done delivering that one (`earlier_delivered`: hooks on the way
+    may wait for the database, and two reads or stores in flight could be answered out of order); and it counts as
     handled only `after_earlier` ones are done, and whatever is not such a message waits until they all
     are. So stream management counts, and acknowledges, only messages whose rows are committed.
     """
@@ -173,7 +173,8 @@ def delivered(el: Element) -> None:
 
 
 async def earlier_delivered(el: Element) -> None:
-    """Before `el` goes to offline storage: wait until the message its sender sent before it is delivered."""
+    """Before `el` goes to sessions or offline storage: wait until the message its sender sent before it is
+    delivered."""
     turn = _current(el)
     before = turn.before if turn is not None else None
     if before is not None and before.delivered is not None and not before.delivered.done():

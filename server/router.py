@@ -271,12 +271,17 @@ class Router:
     async def hand_on(self, host: Host, st: Stanza, sessions: list[Session]) -> None:
         """What follows 'message/deliver' (the archive, carbons): the message to the sessions, or to offline
         storage. Also for a message that was delivered once and missed its session (it went meanwhile, on
-        another member of a cluster), which must not be archived and copied again."""
+        another member of a cluster), which must not be archived and copied again.
+
+        A client's message whose connection read on while its archive committed (server/archiving.py) waits
+        until the router is done with the one its sender sent before it: between the archive and here, hooks
+        may wait for storage ('message/deliver' of push), and on PostgreSQL two reads in flight may answer out
+        of order; offline storage's writes too."""
+        await earlier_delivered(st.el)
         for session in sessions:
             session.send(st.el)
         if sessions:
             return
-        await earlier_delivered(st.el)
         if await host.hooks.fire("message/offline", st) is None:
             await self.bounce(st, StanzaError("service-unavailable"))
 

@@ -14,7 +14,7 @@ import pytest
 from extensions.stream_management import NAME, Managed
 from server.jid import JID
 from server.sessions import Session
-from tests.conftest import Harness
+from tests.conftest import PG_URL, Harness, drop_pg_schema, make_pg_schema
 from tests.test_cluster_outage import two_members
 from tests.test_roster_presence import befriend, online, sync
 from tests.test_session_directory import cluster_config, redis_prefix, until
@@ -23,12 +23,22 @@ from tests.test_stream_management import authenticated, sm_client
 PHONE = JID.parse("alice@localhost/phone")
 
 
-@pytest.fixture
-async def members(tmp_path: Path) -> AsyncIterator[tuple[Harness, Harness]]:
-    """Two members of a cluster in this process, each with its own listeners (as two nodes)."""
-    async with redis_prefix() as prefix, \
-            two_members(cluster_config(tmp_path, prefix), cluster_config(tmp_path, prefix), tmp_path) as pair:
-        yield pair
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def members(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two members of a cluster in this process, each with its own listeners (as two nodes), on SQLite and on
+    PostgreSQL (whose commits of the archive and offline storage take turns differently)."""
+    schema = await make_pg_schema() if request.param == "postgresql" else None
+    try:
+        async with redis_prefix() as prefix:
+            configs = [cluster_config(tmp_path, prefix) for _ in range(2)]
+            if schema is not None:
+                for config in configs:
+                    config.storage.url = f"{PG_URL}?schema={schema}"
+            async with two_members(configs[0], configs[1], tmp_path) as pair:
+                yield pair
+    finally:
+        if schema is not None:
+            await drop_pg_schema(schema)
 
 
 def managed(server: Harness) -> Managed:
