@@ -10,6 +10,7 @@ import itertools
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -294,6 +295,52 @@ async def submit(http: aiohttp.ClientSession, base: str, html: str, command: str
         text = await done.text()
         assert done.status == 200, text
         return text
+
+
+async def browser_login(page_: Any, base: str, jid: str, password: str) -> None:
+    await page_.goto(f"{base}{ADMIN}login")
+    await page_.get_by_label("Address (user@host)").fill(jid)
+    await page_.get_by_label("Password").fill(password)
+    await page_.get_by_role("button", name="Log in").click()
+
+
+async def test_a_tenant_created_in_the_browser_serves_its_user_at_once_and_its_admin_sees_only_it(
+        server: Harness) -> None:
+    """Issue #22's walk-through in Chromium: the server's admin creates a tenant and an account in it, which
+    logs in over XMPP without a restart; the tenant's admin then sees that tenant and nothing else."""
+    base = await web_listener(server)
+    await server_admin(server)
+    async with chromium() as browser:
+        page_ = await browser.new_page()
+        await browser_login(page_, base, "admin@localhost", "root-2026")
+        await page_.get_by_role("heading", name="Dashboard").wait_for()
+        await page_.get_by_role("navigation", name="Main").get_by_role("link", name="Tenants").click()
+        await page_.get_by_role("heading", name="Tenants", exact=True, level=1).wait_for()
+        await page_.locator("#f-create-tenant-domain").fill("t9.test")
+        await page_.locator("#f-create-tenant-admins").fill("boss@t9.test")
+        await page_.get_by_role("button", name="Create a tenant").click()
+        await page_.get_by_role("status").filter(has_text="Tenant t9.test created and served").wait_for()
+        await page_.goto(f"{base}{ADMIN}hosts/t9.test/users")
+        for name in ("boss", "carol"):
+            await page_.get_by_label("The Jabber ID for the account to be added").fill(f"{name}@t9.test")
+            await page_.get_by_label("The password for this account").fill(f"{name}-2026")
+            await page_.get_by_label("Retype password").fill(f"{name}-2026")
+            await page_.get_by_role("button", name="Create user").click()
+            await page_.get_by_role("status").filter(has_text="Done: Add User.").wait_for()
+        await screenshot(page_, "web-admin-tenant-users.png")
+
+    carol = await server.client("carol@t9.test", "carol-2026")  # served without a restart
+    assert carol.boundjid.bare == "carol@t9.test"
+
+    async with chromium() as browser:
+        page_ = await browser.new_page()
+        await browser_login(page_, base, "boss@t9.test", "boss-2026")
+        await page_.get_by_role("link", name="carol@t9.test").or_(
+            page_.get_by_role("heading", name="Dashboard")).first.wait_for()
+        assert "localhost" not in await page_.get_by_role("navigation", name="Main").inner_text()
+        response = await page_.goto(f"{base}{ADMIN}hosts/localhost/users")
+        assert response is not None and response.status == 403
+        assert "admin@localhost" not in await page_.content()
 
 
 async def test_a_tenant_created_in_the_web_admin_serves_its_users_at_once_and_stays_its_own(
