@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.storage.engine import writer
 from server.storage.schema import (
@@ -40,6 +39,9 @@ from server.storage.schema import (
     tenants,
     uploads,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 ENABLED, DISABLED = "enabled", "disabled"
 # Tables whose rows belong to a domain through their `host` column, children before parents.
