@@ -216,7 +216,8 @@ class Server:
             srv.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self.tenants.stop()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.tenants.stop()
         sessions = [conn for conn in self.connections if conn.session is not None]  # the rest has nothing to lose
         if sessions:
             _, late = await asyncio.wait([asyncio.ensure_future(conn.finish()) for conn in sessions],

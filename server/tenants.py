@@ -92,10 +92,14 @@ class Tenants:
                     log.error("tenant %s not served: %s", tenant.domain, exc)
         self._task = asyncio.get_running_loop().create_task(self._sweep())
 
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+    async def stop(self) -> None:
+        """Stop the timer, and wait for it: cancelled in the middle of a query, it must give its connection
+        back before the storage closes (left to the garbage collector, an aiosqlite connection ends in a task
+        that the closing event loop waits for in vain)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _sweep(self) -> None:
         interval = min(SWEEP_INTERVAL, max(0.05, self.settings.removal_grace / 4))
