@@ -134,6 +134,7 @@ class Server:
             self.hosts[name] = host
         for host in self.hosts.values():
             await host.start()
+            self.hooks.notify("host/added", host)
         await self.tenants.start()
         for listener in config.listeners:
             if listener.type == "c2s":
@@ -167,9 +168,7 @@ class Server:
             await host.stop()
             self.tls.remove(config.name)
             raise
-        if self.cluster is not None:  # as Cluster.attach does for the hosts there at start
-            for event in ("iq-result/host", "iq-error/host", "iq-result/bare", "iq-error/bare"):
-                host.hooks.add(event, self.cluster.answer_elsewhere, priority=1000)
+        self.hooks.notify("host/added", host)
         return host
 
     async def remove_host(self, name: str, reason: str) -> None:

@@ -23,6 +23,7 @@ from server.stream.writer import serialize
 
 if TYPE_CHECKING:
     from server.config import ClusterConfig
+    from server.host import Host
     from server.server import Server
 
 log = logging.getLogger("parley.cluster")
@@ -55,6 +56,7 @@ class Cluster(Transport, Membership, Directory):
             server.control.path = server.control.path.with_name(f"worker{index}-{server.control.path.name}")
         server.hooks.add("roster/changed", self.roster_changed)
         server.hooks.add("server/started", self.attach)
+        server.hooks.add("host/added", self.follow_answers)
         self._members: list[str] = [self.member]  # live members as of the last heartbeat, this one included
         self._instances: dict[str, str] = {}  # the process of each other member, as of its last heartbeat
         self._handlers: dict[str, Callable[[str, str], Awaitable[None]]] = {}
@@ -185,14 +187,17 @@ class Cluster(Transport, Membership, Directory):
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._heartbeat())]
 
+    def follow_answers(self, host: Host) -> None:
+        """Every host, configured or a tenant added at run time: answers to other members' queries go back to
+        them before this member's modules see them."""
+        for event in ("iq-result/host", "iq-error/host", "iq-result/bare", "iq-error/bare"):
+            host.hooks.add(event, self.answer_elsewhere, priority=1000)
+
     async def attach(self, _server: Server) -> None:
         """Once the hosts and the storage exist (again after a restart): the others' sessions are read and their
-        changes followed, answers to other members' queries go back to them before this member's modules see
-        them, the cached documents set here are announced, and the sessions a dead predecessor left are ended."""
+        changes followed, the cached documents set here are announced, and the sessions a dead predecessor left
+        are ended."""
         self.server.storage.kv.watch_cached(self.document_changed)
-        for host in self.server.hosts.values():
-            for event in ("iq-result/host", "iq-error/host", "iq-result/bare", "iq-error/bare"):
-                host.hooks.add(event, self.answer_elsewhere, priority=1000)
         if not self._following:
             self._following = True
             self._tasks.append(asyncio.get_running_loop().create_task(self._dispatch_loop()))
