@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from server.storage import Storage
 from server.storage.schema import archive, offline
 from tests.test_cluster_nodes import Node, befriend, nodes, until_available
-from tests.test_faults import IN_FLIGHT, bodies, until
+from tests.test_faults import bodies, send_burst, until
 from tests.test_mam import Archive
 from tests.test_offline import collect
 from tests.test_roster_presence import sync
@@ -71,15 +71,7 @@ async def burst(alice: ClientXMPP, victim: Node, until_acked: bool) -> list[str]
     node survives), else those acknowledged before the kill."""
     plugin = alice.plugin["xep_0198"]
     first = plugin.seq
-
-    async def send() -> None:
-        for i in range(BURST):
-            while plugin.seq - plugin.last_ack >= IN_FLIGHT:
-                await asyncio.sleep(0.001)
-            alice.send_message(mto="bob@localhost", mbody=f"m{i}", mtype="chat")
-            await asyncio.sleep(0)
-
-    sender = asyncio.get_running_loop().create_task(send())
+    sender = asyncio.get_running_loop().create_task(send_burst(alice, "bob@localhost", BURST))
     try:
         await until(lambda: plugin.last_ack - first >= KILL_AFTER, "acknowledgements")
         acked = plugin.last_ack - first

@@ -157,6 +157,16 @@ def bodies(queue: asyncio.Queue[Element]) -> list[str]:
     return found
 
 
+async def send_burst(alice: ClientXMPP, to: str, count: int) -> None:
+    """alice sends chat messages m0, m1... to `to`, with at most IN_FLIGHT of them unacknowledged (XEP-0198)."""
+    plugin = alice.plugin["xep_0198"]
+    for i in range(count):
+        while plugin.seq - plugin.last_ack >= IN_FLIGHT:
+            await asyncio.sleep(0.001)
+        alice.send_message(mto=to, mbody=f"m{i}", mtype="chat")
+        await asyncio.sleep(0)
+
+
 async def burst_until_killed(harness: Harness, parley: Parley, to: str) -> list[str]:
     """Alice sends BURST messages with stream management; the server is killed -9 mid-way. Returns the bodies
     the server acknowledged (the first h of those alice sent since enabling it)."""
@@ -165,15 +175,7 @@ async def burst_until_killed(harness: Harness, parley: Parley, to: str) -> list[
     plugin.window = 5  # ask for an acknowledgement every 5 stanzas
     await until(lambda: plugin.sm_id is not None, "stream management enabled")
     first = plugin.seq
-
-    async def send() -> None:
-        for i in range(BURST):
-            while plugin.seq - plugin.last_ack >= IN_FLIGHT:
-                await asyncio.sleep(0.001)
-            alice.send_message(mto=to, mbody=f"m{i}", mtype="chat")
-            await asyncio.sleep(0)
-
-    sender = asyncio.get_running_loop().create_task(send())
+    sender = asyncio.get_running_loop().create_task(send_burst(alice, to, BURST))
     try:
         await until(lambda: plugin.last_ack - first >= ACKED_BEFORE_KILL, "acknowledgements")
         acked = plugin.last_ack - first
