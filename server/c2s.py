@@ -44,7 +44,7 @@ from server.accounts import verify_plain
 from server.archiving import TURN, Reading, Turn
 from server.c2s_state import NOT_AUTHORIZED, Action, Event, Input, Refusal, Reply, State, advance, input_of, outcome
 from server.jid import JID, JIDError
-from server.limits import TokenBucket
+from server.limits import TokenBucket, login_keys
 from server.router import parse_jid_attr
 from server.sasl import SaslFailure
 from server.sasl.channel_binding import tls_exporter, tls_server_end_point
@@ -495,10 +495,7 @@ class C2SConnection(StreamEdge):
     # --- SASL -------------------------------------------------------------------------------------
 
     def _throttle_keys(self, user: str | None) -> list[str]:
-        keys = [f"ip:{self.remote_ip}"]
-        if user:
-            keys.append(f"ip:{self.remote_ip}|{user}@{self.host.name}")
-        return keys
+        return login_keys(self.remote_ip, f"{user}@{self.host.name}" if user else None)
 
     def _check_throttle(self, user: str | None) -> None:
         throttle = self.server.auth_throttle

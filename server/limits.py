@@ -60,6 +60,16 @@ class Bucket:
         return True
 
 
+def login_keys(address: str, account: str | None) -> list[str]:
+    """The keys `AuthThrottle` counts a login's failures under: its address, and the address with the bare
+    account tried. XMPP logins, the web login and the account page's password check share them, so that
+    guessing through one costs the budget of all."""
+    keys = [f"ip:{address}"]
+    if account:
+        keys.append(f"ip:{address}|{account}")
+    return keys
+
+
 @dataclass
 class _AuthEntry:
     failures: deque[float] = field(default_factory=deque)

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from server.accounts import verify_plain
 from server.jid import JID, JIDError
+from server.limits import login_keys
 from server.sasl.scram import derive_credentials
 from server.web_pages import HEADERS, esc, field, form, hidden, message, page, redirect
 
@@ -211,13 +212,6 @@ class WebLogin:
         self.form_token.set(request, response, token)
         return response
 
-    def _throttle_keys(self, address: str, jid: JID | None) -> list[str]:
-        """The keys the XMPP logins count failures under (`C2SConnection._throttle_keys`): one budget."""
-        keys = [f"ip:{address}"]
-        if jid is not None:
-            keys.append(f"ip:{address}|{jid.bare}")
-        return keys
-
     def _parse_jid(self, request: web.Request, typed: str) -> JID | None:
         """The account typed: a full address, or a username of the host the browser asked for."""
         if "@" not in typed:
@@ -235,8 +229,9 @@ class WebLogin:
             return await self.login_page(request, "The form expired; please send it again.", typed, 403)
         address = self.server.http.peer(request).address
         jid = self._parse_jid(request, typed)
+        keys = login_keys(address, str(jid.bare) if jid is not None else None)  # the XMPP logins' budget
         throttle = self.server.auth_throttle
-        wait = max(throttle.blocked_for(k) for k in self._throttle_keys(address, jid))
+        wait = max(throttle.blocked_for(k) for k in keys)
         if wait > 0:
             return await self.login_page(
                 request, f"Too many failed attempts; try again in {int(wait) + 1} s.", typed, 429)
@@ -248,7 +243,7 @@ class WebLogin:
             if account is None:  # as long as a wrong password: the time taken tells nothing of who exists
                 await asyncio.to_thread(derive_credentials, password or "-", "SHA-256", b"web-login",
                                         self.server.config.scram_iterations)
-            for key in self._throttle_keys(address, jid):
+            for key in keys:
                 throttle.failed(key)
             self.server.stats.authenticated("WEB", "failure")
             log.info("web login failed for %s from %s", typed, address)
@@ -256,7 +251,7 @@ class WebLogin:
         assert jid is not None
         if account.disabled:
             return await self.login_page(request, "This account is disabled.", typed, 403)
-        for key in self._throttle_keys(address, jid):
+        for key in keys:
             throttle.succeeded(key)
         self.server.stats.authenticated("WEB", "success")
         if not self.who_may(jid):

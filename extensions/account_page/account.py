@@ -20,6 +20,7 @@ from extensions.pep import Pep
 from server.accounts import AccountError, password_matches, set_password
 from server.commands import CommandError, Context
 from server.jid import JID, JIDError
+from server.limits import login_keys
 from server.stanza import parse_stored
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ class OwnAccount:
         """The account's current password, under the throttle of XMPP logins from that address (a page left
         open must not be a cheaper way to guess it); PageError if it is wrong or guessing is throttled."""
         throttle = self.server.auth_throttle
-        keys = [f"ip:{address}", f"ip:{address}|{self.user}"]  # as C2SConnection counts failures
+        keys = login_keys(address, str(self.user))
         wait = max(throttle.blocked_for(key) for key in keys)
         if wait > 0:
             raise PageError(f"Too many failed attempts; try again in {int(wait) + 1} s.")
