@@ -12,8 +12,9 @@ ahead of what was stored since, in their order.
 
 A message may be stored just after the user's initial presence took the backlog: its sender's process
 (another member of a cluster, or this one while the store waited for the database) did not know the user
-was available yet. So every store wakes the user's available sessions, here and, in a cluster, on the
-other members (frame 'offline/HOST'), and one of them takes what came.
+was available yet; so may what a session that went hands back. So every store, and every return to storage,
+wakes the user's available sessions, here and, in a cluster, on the other members (frame 'offline/HOST'), and
+one of them takes what came.
 """
 
 from __future__ import annotations
@@ -201,6 +202,7 @@ class Offline(Module):
             restored = self._restored.get(session, 0)
             self._restored[session] = restored + len(back)
             await self.server.storage.offline.restore(session.bare.domain, session.bare.local, back, restored)
+            self._stored(session.bare)  # a resource that came meanwhile took the backlog before these
 
     def _to_other_resources(self, session: Session, message: Element) -> bool:
         others = highest([s for s in self.server.router.candidates(session.bare) if not s.closed and s is not session])

@@ -155,6 +155,7 @@ class Ownership:
         self.on_lost = on_lost or (lambda key: None)
         self.held: dict[str, Lease] = {}
         self.healthy = True  # False while renewals fail
+        self.stopped = False  # set by stop(): a member shutting down takes nothing more
         self._task: asyncio.Task[None] | None = None
         self._loaded = False  # the pipelines' scripts are in Redis's script cache
         self._scripts = {name: client.register_script(text) for name, text in
@@ -198,7 +199,9 @@ class Ownership:
     async def claim(self, key: str, service: str = "") -> tuple[Lease | None, str]:
         """Take or renew the lease on `key` (an entity of the service at domain `service`): (lease, '') when
         this member holds it now, (None, owner member) when another one does. Raises RedisError or OSError when
-        Redis cannot be reached."""
+        Redis cannot be reached, ConnectionError once this member stops (what it took then would outlive it)."""
+        if self.stopped:
+            raise ConnectionError("this member is stopping")
         started = time.monotonic()
         taken, detail = await asyncio.wait_for(self._scripts["claim"](
             keys=[self.owner_key(key)],
@@ -210,6 +213,9 @@ class Ownership:
         if key not in self.held:
             await asyncio.wait_for(self.redis.hset(self.held_key(self.member), key, service), REDIS_TIMEOUT)
         self.held[key] = lease
+        if self.stopped:  # stop() ran while Redis answered: give it back at once
+            await self.release(key)
+            raise ConnectionError("this member is stopping")
         self.healthy = True
         self.start()
         return lease, ""
@@ -275,6 +281,7 @@ class Ownership:
     async def stop(self) -> None:
         """Release every lease, then stop renewing; this member's list of what it holds goes too (what is left
         in it was lost to others meanwhile)."""
+        self.stopped = True
         for key in list(self.held):
             await self.release(key)
         try:

@@ -18,6 +18,7 @@ from server.jid import JID
 from server.sasl.scram import ScramClient
 from server.stream.bosh import HTTPBIND, XBOSH
 from tests.conftest import Harness, free_port, insecure_context
+from tests.test_roster_presence import sync
 
 B = f"{{{HTTPBIND}}}"
 C = "{jabber:client}"
@@ -387,6 +388,38 @@ async def test_gone_client_times_out_and_its_messages_go_offline(server: Harness
     again.send_presence()
     got = await asyncio.wait_for(inbox.get(), 5)
     assert got["body"] == "while you were away"
+
+
+async def test_what_a_gone_client_hands_back_reaches_a_resource_that_came_meanwhile(
+        server: Harness, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message a timed-out BOSH session never delivered goes back to offline storage; another resource that
+    logged in while it was being stored took the (empty) backlog first, and must still get it."""
+    url = await bosh_listener(server, inactivity=1)
+    await server.add_user("web")
+    await server.add_user("tcp")
+    offline = server.server.storage.offline
+    restore = offline.restore
+    storing, stored = asyncio.Event(), asyncio.Event()
+
+    async def slow_restore(*args: Any) -> None:
+        storing.set()
+        await stored.wait()
+        await restore(*args)
+
+    monkeypatch.setattr(offline, "restore", slow_restore)
+    bosh = Bosh(url, http)
+    jid = await bosh.login("web")
+    await bosh.send("<presence xmlns='jabber:client'/>")
+    tcp = await server.client("tcp@localhost")
+    tcp.send_message(mto=jid, mbody="handed back")
+    await asyncio.wait_for(storing.wait(), 10)  # the BOSH session timed out and is storing it
+    again = await server.client("web@localhost", resource="phone")
+    inbox = server.inbox(again)
+    again.send_presence()
+    await sync(again)  # its initial presence found no backlog
+    stored.set()
+    got = await asyncio.wait_for(inbox.get(), 5)
+    assert got["body"] == "handed back"
 
 
 async def test_shutdown_answers_held_requests_at_once(server: Harness, http: aiohttp.ClientSession) -> None:
