@@ -49,6 +49,7 @@ def member(prefix: str, name: str, port: int = REDIS[1]) -> tuple[Ownership, lis
 async def test_one_owner_at_a_time_with_a_larger_token_at_each_takeover(prefix: str) -> None:
     a, lost_a = member(prefix, "n1/0")
     b, _ = member(prefix, "n2/0")
+    c, lost_c = member(prefix, "n3/0")
     try:
         lease_a, _ = await a.claim("room")
         assert lease_a is not None
@@ -60,25 +61,27 @@ async def test_one_owner_at_a_time_with_a_larger_token_at_each_takeover(prefix: 
         assert again is not None and again.token == lease_a.token  # renewal, not a takeover
 
         await a.stop()  # released: B takes it at once, with a larger token, and finds A's state
+        with pytest.raises(ConnectionError):  # a stopped member takes nothing more: it would outlive it
+            await a.claim("room")
         lease_b, _ = await b.claim("room")
         assert lease_b is not None and lease_b.token > lease_a.token
         assert await b.state("room") == {"occupant": "alice"}
         with pytest.raises(NotOwner):
             await a.record(lease_a, {"occupant": "mallory"})
 
-        b._task.cancel()  # type: ignore[union-attr]  # B stalls: its lease lapses, A takes over
+        b._task.cancel()  # type: ignore[union-attr]  # B stalls: its lease lapses, C takes over
         await asyncio.sleep(LEASE + 0.1)
         assert b.holds("room") is None
-        lease_a2, _ = await a.claim("room")
-        assert lease_a2 is not None and lease_a2.token > lease_b.token
+        lease_c, _ = await c.claim("room")
+        assert lease_c is not None and lease_c.token > lease_b.token
         b.held["room"] = lease_b  # as if B had not noticed: Redis refuses its writes all the same
         lease_b.deadline = time.monotonic() + 5
         with pytest.raises(NotOwner):
             await b.guard(lease_b)
-        assert "room" not in b.held and lost_a == []
-        await a.guard(lease_a2)
+        assert "room" not in b.held and lost_a == [] and lost_c == []
+        await c.guard(lease_c)
     finally:
-        for m in (a, b):
+        for m in (a, b, c):
             await m.stop()
             await m.redis.aclose()
 
