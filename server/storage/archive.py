@@ -370,9 +370,11 @@ class ArchiveStore:
         return gone.rowcount or 0
 
 
+# CROSS JOIN keeps the queue as the outer loop (SQLite does not reorder it): a plain join let the planner scan
+# the whole archive for each batch of bodies, so that writing slowed down as the archive grew.
 _INDEX_QUEUED = (
     "INSERT INTO archive_fts(rowid, body) SELECT archive.id, archive.body FROM archive_fts_queue"
-    " JOIN archive ON archive.id = archive_fts_queue.id WHERE archive.body IS NOT NULL",
+    " CROSS JOIN archive ON archive.id = archive_fts_queue.id WHERE archive.body IS NOT NULL",
     "DELETE FROM archive_fts_queue",
 )
 
