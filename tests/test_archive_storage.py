@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from server.storage import Storage, archive, open_storage, schema
+from server.storage import Storage, archive, engine, open_storage, schema
 from server.storage.archive import ArchiveFilter
 from tests.storage_fixtures import storage_fixture, storage_url_fixture  # noqa: F401
 from tests.test_basic_modules import wait_for
@@ -207,6 +209,42 @@ async def test_indexing_and_queueing_read_only_the_new_rows_however_large_the_ar
                 plan = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", (0,) * statement.count("?")))
                 steps = [row[-1] for row in plan]
                 assert "SCAN archive" not in steps, (statement, steps)
+    finally:
+        await storage.close()
+
+
+async def test_the_archive_writer_leaves_checkpoints_to_a_worker_thread(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inline writer runs on the event loop's thread, where SQLite's automatic checkpoints made the loop wait
+    for the copy into the database file and its fsync: it checkpoints from a worker thread instead, and what it
+    committed reaches the database file itself (a copy of the file without its log holds the rows)."""
+    threads: list[int] = []
+    checkpoint = engine._checkpoint
+
+    def spy(path: str) -> None:
+        threads.append(threading.get_ident())
+        checkpoint(path)
+
+    monkeypatch.setattr(engine, "_checkpoint", spy)
+    monkeypatch.setattr(engine, "_CHECKPOINT_INTERVAL", 0.0)
+    path = tmp_path / "p.db"
+    storage = await open_storage(f"sqlite:///{path}")
+    try:
+        await fill(storage, "alice", 3)
+        shared = engine.inline(storage.engine)
+        assert shared is not None
+
+        async def settled() -> bool:
+            return bool(threads) and shared._checkpointing is None
+
+        await wait_for(settled)
+        shared.committed()  # one more, in case the last commit came while a checkpoint was under way
+        await wait_for(settled)
+        assert threading.get_ident() not in threads
+        copy = tmp_path / "copy.db"
+        copy.write_bytes(path.read_bytes())
+        with sqlite3.connect(copy) as conn:
+            assert conn.execute("SELECT count(*) FROM archive").fetchone() == (3,)
     finally:
         await storage.close()
 
