@@ -204,7 +204,7 @@ class C2SConnection(StreamEdge):
             self._counted_ip = False
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
-        self._writable.set()
+        self.wake_writer()
         if self.session is not None:
             session, self.session = self.session, None
             if deliberate or session.hibernate is None or not session.hibernate():
@@ -243,7 +243,7 @@ class C2SConnection(StreamEdge):
         write buffer has drained below its high mark (asyncio's pause_writing/resume_writing)."""
         self.flush()
         if wait:
-            await self._writable.wait()
+            await self.writable()
         return 0 if self._write_paused else sys.maxsize
 
     def close(self) -> None:
