@@ -216,35 +216,38 @@ async def test_indexing_and_queueing_read_only_the_new_rows_however_large_the_ar
 async def test_the_archive_writer_leaves_checkpoints_to_a_worker_thread(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The inline writer runs on the event loop's thread, where SQLite's automatic checkpoints made the loop wait
-    for the copy into the database file and its fsync: it checkpoints from a worker thread instead, and what it
-    committed reaches the database file itself (a copy of the file without its log holds the rows)."""
-    threads: list[int] = []
+    for the copy into the database file and its fsync: it checkpoints from a worker thread instead, holding the
+    writers' lock (with writes going on during the checkpoint, the log was never started afresh and only grew),
+    and what it committed reaches the database file itself (a copy of the file without its log holds the rows)."""
+    path = tmp_path / "p.db"
+    storage = await open_storage(f"sqlite:///{path}")
+    lock = storage.archive._writer._lock
+    assert lock is not None
+    checkpoints: list[tuple[int, bool]] = []
     checkpoint = engine._checkpoint
 
     def spy(path: str) -> None:
-        threads.append(threading.get_ident())
+        checkpoints.append((threading.get_ident(), lock.locked()))
         checkpoint(path)
 
     monkeypatch.setattr(engine, "_checkpoint", spy)
     monkeypatch.setattr(engine, "_CHECKPOINT_INTERVAL", 0.0)
-    path = tmp_path / "p.db"
-    storage = await open_storage(f"sqlite:///{path}")
     try:
-        await fill(storage, "alice", 3)
         shared = engine.inline(storage.engine)
         assert shared is not None
 
         async def settled() -> bool:
-            return bool(threads) and shared._checkpointing is None
+            return bool(checkpoints) and shared._checkpointing is None
 
+        await asyncio.gather(*(fill(storage, user, 20) for user in ("alice", "bob", "carol")))
         await wait_for(settled)
-        shared.committed()  # one more, in case the last commit came while a checkpoint was under way
+        shared.committed(lock)  # one more, in case the last commit came while a checkpoint was under way
         await wait_for(settled)
-        assert threading.get_ident() not in threads
+        assert checkpoints and all(thread != threading.get_ident() and locked for thread, locked in checkpoints)
         copy = tmp_path / "copy.db"
         copy.write_bytes(path.read_bytes())
         with sqlite3.connect(copy) as conn:
-            assert conn.execute("SELECT count(*) FROM archive").fetchone() == (3,)
+            assert conn.execute("SELECT count(*) FROM archive").fetchone() == (60,)
     finally:
         await storage.close()
 

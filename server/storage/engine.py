@@ -92,8 +92,11 @@ _WRITING_CACHE_KIB = 16384
 # Seconds a SQLite writer waits for the database lock before failing with "database is locked".
 _SQLITE_BUSY_TIMEOUT = 30
 # Seconds at least between two checkpoints of the write-ahead log on behalf of the inline writer
-# (InlineSQLite.committed): a page the batches rewrite in the meantime is copied once.
-_CHECKPOINT_INTERVAL = 1.0
+# (InlineSQLite.committed): a page the batches rewrite in the meantime is copied once. A busy archive writes
+# some 100 MB of log a second (each batch rewrites the last pages of four indexes for each of its users).
+_CHECKPOINT_INTERVAL = 0.25
+# Bytes the write-ahead log file is cut back to once a checkpoint has emptied it (it is reused, not shrunk).
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 def make_engine(url: str) -> tuple[AsyncEngine, str | None]:
@@ -176,7 +179,7 @@ class InlineSQLite:
         _sqlite_setup(self.engine, time.sleep)
         self._writing: Any = None
         self._path = url.database or ""
-        self._checkpointing: asyncio.Future[None] | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
         self._last_checkpoint = 0.0
 
     def writing(self) -> sqlite3.Connection:
@@ -185,24 +188,30 @@ class InlineSQLite:
             conn = self._writing.driver_connection
             conn.execute(f"PRAGMA cache_size = -{_WRITING_CACHE_KIB}")
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # see committed()
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
         return self._writing.driver_connection
 
-    def committed(self) -> None:
+    def committed(self, lock: asyncio.Lock) -> None:
         """After an inline write transaction: checkpoint the write-ahead log in a thread, at most once per
         `_CHECKPOINT_INTERVAL`. SQLite runs its automatic checkpoints in the committing connection, here
         the event loop's thread, which then waited for the copy into the database file and its fsync (a
-        tenth of a busy archive's time)."""
+        tenth of a busy archive's time). The checkpoint holds the writers' `lock`, so that it copies the
+        whole log and the next write starts the log afresh: with writes going on during it, the log only
+        grew (800 MB in half a minute of archiving). The writers wait for it; the event loop does not."""
         now = time.monotonic()
         if self._checkpointing is not None or now - self._last_checkpoint < _CHECKPOINT_INTERVAL:
             return
         self._last_checkpoint = now
-        self._checkpointing = asyncio.get_running_loop().run_in_executor(None, _checkpoint, self._path)
-        self._checkpointing.add_done_callback(self._checkpointed)
+        self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint(lock))
 
-    def _checkpointed(self, done: asyncio.Future[None]) -> None:
-        self._checkpointing = None
-        if not done.cancelled() and done.exception() is not None:
-            log.warning("checkpoint of %s failed: %s", self._path, done.exception())
+    async def _checkpoint(self, lock: asyncio.Lock) -> None:
+        try:
+            async with lock:
+                await asyncio.get_running_loop().run_in_executor(None, _checkpoint, self._path)
+        except Exception as exc:
+            log.warning("checkpoint of %s failed: %s", self._path, exc)
+        finally:
+            self._checkpointing = None
 
     def dispose(self) -> None:
         if self._writing is not None:
@@ -314,7 +323,7 @@ class Writer:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            self.inline.committed()
+            self.inline.committed(self._lock)
 
 
 # One lock per SQLite engine, shared by every store writing through it.
