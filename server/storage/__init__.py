@@ -72,7 +72,7 @@ class Storage:
 
     async def close(self) -> None:
         self.archive.close()
-        dispose_inline(self.engine)
+        await dispose_inline(self.engine)
         await self.engine.dispose()
 
 

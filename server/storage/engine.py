@@ -258,10 +258,13 @@ async def read(engine: AsyncEngine, query: Callable[[Connection], T]) -> T:
         return await conn.run_sync(query)
 
 
-def dispose_inline(engine: AsyncEngine) -> None:
-    """Close the inline connections, when the async engine is disposed of."""
+async def dispose_inline(engine: AsyncEngine) -> None:
+    """Close the inline connections, when the async engine is disposed of, once a checkpoint under way is done
+    (it holds the writers' lock and a worker thread)."""
     shared = _INLINE.pop(engine.sync_engine, None)
     if shared is not None:
+        if shared._checkpointing is not None:
+            await asyncio.gather(shared._checkpointing, return_exceptions=True)
         shared.dispose()
 
 
