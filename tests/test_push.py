@@ -283,7 +283,8 @@ async def test_a_message_queued_then_stored_offline_is_pushed_once(server: Harne
         await lose(server, raw)
         send(bob, "while detached")
         assert (await app.next())[1]["last-message-body"] == ["while detached"]
-        await until(lambda: len(ended) == 1)  # not resumed: the queue goes to offline storage
+        # Not resumed: once the session has ended, its queue goes to offline storage.
+        await until(lambda: len(ended) == 1 and ended[0].flushed)
         assert await server.server.storage.offline.count("localhost", "alice") == 1
         send(bob, "later")
         summary = (await app.next())[1]
