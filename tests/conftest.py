@@ -8,7 +8,9 @@ with 'postgresql' to run a test on PostgreSQL (a fresh schema, dropped afterward
 from __future__ import annotations
 
 import asyncio
+import asyncio.runners
 import contextlib
+import io
 import os
 import socket
 import ssl
@@ -303,7 +305,35 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return factories
 
 
+# Seconds the end of a test's event loop waits for its tasks to finish once cancelled.
+TEARDOWN_GRACE = 20.0
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """asyncio's end-of-loop cancellation (asyncio.runners._cancel_all_tasks, which pytest-asyncio's runner
+    calls after every test) with a bound: asyncio's waits for ever for a task that ignores its cancellation,
+    and one CI run hung so after a test had passed, with pytest-timeout's alarm spent. A task still running
+    after TEARDOWN_GRACE is named with its stack in the RuntimeError, which pytest-asyncio reports as a
+    warning of that test; the loop is then closed."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    done, stuck = loop.run_until_complete(asyncio.wait(tasks, timeout=TEARDOWN_GRACE))
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler({"message": "unhandled exception during the test's loop shutdown",
+                                         "exception": task.exception(), "task": task})
+    if stuck:
+        stacks = io.StringIO()
+        for task in stuck:
+            task.print_stack(file=stacks)
+        raise RuntimeError(f"{len(stuck)} task(s) ignored their cancellation:\n{stacks.getvalue()}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    asyncio.runners._cancel_all_tasks = _cancel_all_tasks  # type: ignore[attr-defined]
     config.addinivalue_line("markers", "parley_config(**overrides): top-level config keys for the server fixture")
 
 
